@@ -1,0 +1,53 @@
+// Every operator schema of tfm_kernels, in one place, and the pybind11 module `_C` for what is not an
+// operator (build information). Kernels register per device elsewhere with TORCH_LIBRARY_IMPL:
+// CPU in csrc/cpu/, CUDA in csrc/cuda/*/api.cpp. Fake kernels and autograd live in tfm_kernels/ops.py.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#ifdef TFM_KERNELS_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+TORCH_LIBRARY(tfm_kernels, m) {
+  // Attention. Layout contract (shared with the Triton operators in tfm_kernels/ops.py):
+  //   q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv), Hq % Hk == 0, any strides with stride(-1) == 1.
+  //   mask: None, or (B, Hq, L, S) with any strides (zero strides for broadcast dims), bool (True = the key
+  //         takes part) or floating (added to the scaled scores).
+  //   key_lengths: None, or int32/int64 (B,): keys j >= key_lengths[b] take no part.
+  //   is_causal: key j takes part in query row i only if j <= i (top-left aligned, as torch).
+  //   seed: int64 tensor of shape () on q's device, read only when dropout_p > 0 (see tfm_kernels/rng.py).
+  // Returns out (B, Hq, L, Dv) in q's dtype, stored as (B, L, Hq, Dv), and lse (B, Hq, L) float32, the
+  // natural-log sum of exp of the scaled, masked scores; lse = +inf for a row where no key takes part
+  // (its output and gradients are 0). Gradients come back in the layout of out: (B, L, H, D) memory.
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_lengths, float dropout_p, "
+        "bool is_causal, float scale, Tensor seed) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+        "Tensor? key_lengths, float dropout_p, bool is_causal, float scale, Tensor seed) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = TFM_KERNELS_VERSION;
+  info["torch_version"] = TORCH_VERSION;
+#ifdef TFM_KERNELS_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = TFM_KERNELS_CUDA_ARCHS;
+  info["head_dims"] = TFM_KERNELS_HEAD_DIMS;
+  info["cuda_runtime_version"] = CUDART_VERSION;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+  info["head_dims"] = "";
+  info["cuda_runtime_version"] = 0;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "tfm_kernels compiled operators; the operators themselves live under torch.ops.tfm_kernels";
+  module.def("build_info", &build_info, "How this extension was built: version, CUDA archs, head dims");
+}

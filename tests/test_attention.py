@@ -1,0 +1,182 @@
+"""scaled_dot_product_attention on every backend against the float64 oracle (tolerance rule), over the feature
+matrix: odd sizes, L != S, masks of each kind and broadcast, causal, key lengths, GQA, head dims, dtypes,
+strided views. On the CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16, small shapes); the
+`gpu` tests repeat the matrix on CUDA with bf16 and larger shapes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_within_tolerance, poison_allocator
+
+import tfm_kernels
+from tfm_kernels import backends
+
+CPU_BACKENDS = ["triton", "cpu"]
+GPU_BACKENDS = ["triton", "cuda"]
+
+
+def sdpa(backend, q, k, v, **kwargs):
+    return tfm_kernels.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+
+
+def require(backend, q, k, v, mask=None, **kwargs):
+    """Skips only where the environment lacks the backend (no build, no GPU), never a feature it should run."""
+    q4 = q if q.dim() == 4 else q.reshape(-1, *q.shape[-3:])
+    reasons = backends.not_supported_reasons(backend, q4, k.reshape(q4.shape[0], -1, *k.shape[-2:]),
+                                             v.reshape(q4.shape[0], -1, *v.shape[-2:]))
+    environment = [r for r in reasons if "not built" in r or "needs CUDA" in r or "built without CUDA" in r
+                   or "not installed" in r]
+    if environment:
+        pytest.skip("; ".join(environment))
+
+
+def check_against_oracle(backend, q, k, v, **kwargs):
+    """Output and dq, dk, dv of `backend` against the float64 oracle, with torch in q's dtype as baseline."""
+    require(backend, q, k, v, **kwargs)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    poison_allocator(q.device)
+    out = sdpa(backend, *inputs, **kwargs)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    def run_torch(dtype):
+        cast = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        extra = {n: (a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a)
+                 for n, a in kwargs.items()}
+        o = sdpa("torch", *cast, **extra)
+        return (o, *torch.autograd.grad(o, cast, grad_out.to(dtype)))
+
+    baseline = run_torch(q.dtype)
+    oracle = run_torch(torch.float64)
+    for name, result, base, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), baseline, oracle):
+        assert_within_tolerance(f"{backend} {name}", result, base, ref)
+    return out
+
+
+def rand(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+# (B, Hq, Hk, L, S, E, Ev)
+CPU_SHAPES = [
+    (1, 1, 1, 1, 1, 8, 8),
+    (2, 3, 3, 17, 97, 40, 40),
+    (1, 2, 2, 97, 17, 100, 64),
+    (2, 2, 2, 33, 33, 64, 64),
+    (1, 4, 2, 19, 23, 16, 16),  # GQA
+    (1, 3, 1, 9, 40, 32, 24),  # MQA, Ev != E
+    (1, 1, 1, 5, 7, 256, 256),
+    (1, 2, 2, 3, 5, 1, 3),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_shapes_dtypes_causal(backend, dtype, shape, is_causal):
+    B, Hq, Hk, L, S, E, Ev = shape
+    q, k, v = rand(B, Hq, L, E, dtype=dtype), rand(B, Hk, S, E, dtype=dtype), rand(B, Hk, S, Ev, dtype=dtype)
+    check_against_oracle(backend, q, k, v, is_causal=is_causal, enable_gqa=Hq != Hk)
+
+
+def masks(B, H, L, S, dtype):
+    """Each mask kind and broadcast, named; some with fully masked rows."""
+    bool_full = torch.rand(B, H, L, S) > 0.3
+    with_empty_rows = bool_full.clone()
+    with_empty_rows[:, :, ::3] = False
+    key_padding = (torch.arange(S) < torch.randint(1, S + 1, (B,)).view(B, 1)).view(B, 1, 1, S)
+    additive = torch.randn(1, H, L, S, dtype=dtype)
+    additive_inf = additive.masked_fill(torch.rand(1, H, L, S) > 0.7, float("-inf"))
+    additive_inf[..., 1, :] = float("-inf")
+    return {
+        "bool_BHLS": bool_full,
+        "bool_LS": torch.rand(L, S) > 0.5,
+        "bool_key_padding_B11S": key_padding,
+        "bool_empty_rows": with_empty_rows,
+        "float_1HLS": additive,
+        "float_LS_f32": torch.randn(L, S),
+        "float_with_neg_inf": additive_inf,
+    }
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", list(masks(1, 1, 2, 2, torch.float32)))
+def test_masks(backend, dtype, kind):
+    B, H, L, S, E = 2, 3, 13, 29, 24
+    q, k, v = rand(B, H, L, E, dtype=dtype), rand(B, H, S, E, dtype=dtype), rand(B, H, S, E, dtype=dtype)
+    mask = masks(B, H, L, S, dtype)[kind]
+    out = check_against_oracle(backend, q, k, v, attn_mask=mask)
+    if mask.dtype == torch.bool:
+        empty_rows = ~mask.expand(B, H, L, S).any(-1)
+        assert (out[empty_rows] == 0).all(), "rows with no key taking part must give 0"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_key_lengths(backend):
+    B, H, L, S, E = 3, 2, 11, 37, 32
+    q, k, v = rand(B, H, L, E), rand(B, H, S, E), rand(B, H, S, E)
+    lengths = torch.tensor([S, 5, 0])
+    out = check_against_oracle(backend, q, k, v, key_lengths=lengths)
+    assert (out[2] == 0).all()
+    masked = sdpa("torch", q, k, v, attn_mask=(torch.arange(S) < lengths.view(B, 1)).view(B, 1, 1, S))
+    torch.testing.assert_close(out, masked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_views_of_packed_qkv(backend):
+    B, L, H, E = 2, 21, 3, 40
+    qkv = rand(B, L, 3, H, E)  # a packed projection, as (B, L, 3, H, E)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, E) views, stride(-1) == 1
+    assert not q.is_contiguous()
+    check_against_oracle(backend, q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rank", [2, 3, 5])
+def test_ranks(backend, rank):
+    shape = {2: (17, 16), 3: (3, 17, 16), 5: (2, 2, 3, 17, 16)}[rank]
+    q, k, v = rand(*shape), rand(*shape), rand(*shape)
+    out = check_against_oracle(backend, q, k, v)
+    assert out.shape == shape
+
+
+def test_oracle_matches_torch_sdpa():
+    """The oracle itself agrees with torch's SDPA (math) wherever torch gives numbers."""
+    q, k, v = rand(2, 4, 9, 16, dtype=torch.float64), rand(2, 2, 12, 16, dtype=torch.float64), rand(
+        2, 2, 12, 8, dtype=torch.float64)
+    mask = torch.randn(2, 1, 9, 12, dtype=torch.float64)
+    for kwargs in ({}, {"is_causal": True}, {"attn_mask": mask}, {"attn_mask": mask > 0}, {"scale": 0.3}):
+        if "attn_mask" in kwargs and kwargs["attn_mask"].dtype == torch.bool:
+            kwargs["attn_mask"][..., 0] = True  # no empty rows: torch gives NaN there
+        ours = sdpa("torch", q, k, v, enable_gqa=True, **kwargs)
+        theirs = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), **kwargs)
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 257, 257, 64, 64), (1, 8, 2, 1024, 997, 128, 128),
+                                   (2, 4, 4, 97, 1031, 96, 96), (1, 2, 2, 300, 200, 256, 256),
+                                   (4, 4, 1, 1, 512, 128, 128)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gpu_matrix(backend, dtype, shape, is_causal):
+    B, Hq, Hk, L, S, E, Ev = shape
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the cuda backend is float16/bfloat16 only (float32 runs on triton)")
+    q, k, v = (rand(B, h, n, d, dtype=dtype, device="cuda") for h, n, d in ((Hq, L, E), (Hk, S, E), (Hk, S, Ev)))
+    check_against_oracle(backend, q, k, v, is_causal=is_causal, enable_gqa=Hq != Hk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(masks(1, 1, 2, 2, torch.float32)))
+def test_gpu_masks_triton(dtype, kind):
+    B, H, L, S, E = 2, 4, 200, 333, 64
+    q, k, v = (rand(B, H, n, E, dtype=dtype, device="cuda") for n in (L, S, S))
+    mask = masks(B, H, L, S, dtype)[kind].cuda()
+    if mask.is_floating_point() and mask.dtype != torch.float32:
+        mask = mask.to(dtype)
+    check_against_oracle("triton", q, k, v, attn_mask=mask)

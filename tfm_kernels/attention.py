@@ -1,0 +1,151 @@
+"""scaled_dot_product_attention: validation, normalisation to (B, H, L, D), and dispatch to a backend."""
+
+import math
+
+import torch
+
+from . import backends, reference
+from .rng import draw_seed
+
+
+def _forward_op(backend):
+    """The operator handle of a kernel backend (registered in tfm_kernels.ops)."""
+    if backend == "triton":
+        return torch.ops.tfm_kernels.triton_attention_forward
+    return torch.ops.tfm_kernels.attention_forward  # C++: dispatches to the CPU or CUDA kernel by device
+
+
+def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., seq, head_dim); got shape {tuple(t.shape)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query, key and value must be on one device; got {query.device}, {key.device}, {value.device}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key and value must have the same number of dimensions; got shapes "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
+        raise ValueError(f"query, key and value must share batch dimensions; got shapes {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value must have the same sequence length; got key {tuple(key.shape)} and value "
+                         f"{tuple(value.shape)}")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key must have the same head dim; got {query.shape[-1]} and {key.shape[-1]}")
+    for name, d in (("query/key head dim", query.shape[-1]), ("value head dim", value.shape[-1])):
+        if not 1 <= d <= backends.MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be in [1, {backends.MAX_HEAD_DIM}]; got {d}")
+    if query.dim() >= 3:
+        hq, hk = query.shape[-3], key.shape[-3]
+        if key.shape[-3] != value.shape[-3]:
+            raise ValueError(f"key and value must have the same number of heads; got {hk} and {value.shape[-3]}")
+        if hq != hk and not (enable_gqa and hk > 0 and hq % hk == 0):
+            expected = "a divisor of the query heads (enable_gqa=True)" if enable_gqa else "equal (or enable_gqa=True)"
+            raise ValueError(f"query heads and key/value heads must be {expected}; got {hq} and {hk}")
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("is_causal=True cannot be combined with attn_mask; pass one or the other")
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None; got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
+            raise TypeError(f"attn_mask must be bool, float32 or the query dtype {query.dtype}; got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask must be on {query.device}; got {attn_mask.device}")
+        if attn_mask.requires_grad:
+            raise ValueError("attn_mask requires grad; gradients with respect to the mask are not supported")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1); got {dropout_p!r}")
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"key_lengths must be an int32 or int64 tensor; got {getattr(key_lengths, 'dtype', key_lengths)}")
+        if key_lengths.device != query.device:
+            raise ValueError(f"key_lengths must be on {query.device}; got {key_lengths.device}")
+
+
+def _to_4d(t):
+    """(..., H, N, D) -> (B, H, N, D), a view wherever the strides allow."""
+    if t.dim() == 2:
+        return t[None, None]  # (1, 1, N, D)
+    if t.dim() == 3:
+        return t[None]  # (1, H, N, D)
+    return t.reshape(-1, *t.shape[-3:])  # (B, H, N, D)
+
+
+def _mask_to_4d(attn_mask, batch_shape, B, H, L, S):
+    """Broadcasts attn_mask to (B, H, L, S) through zero strides, never copying the broadcast dims."""
+    full = (*batch_shape, H, L, S)
+    try:
+        torch.broadcast_shapes(attn_mask.shape, full)
+        if attn_mask.dim() > len(full):
+            raise RuntimeError
+    except RuntimeError:
+        shown = tuple(batch_shape) + ((H,) if H != 1 or len(batch_shape) else ()) + (L, S)
+        raise ValueError(f"attn_mask must broadcast to {shown}; got {tuple(attn_mask.shape)}") from None
+    expanded = attn_mask.expand(full)
+    return expanded.reshape(B, H, L, S)  # a view for the usual (B, H, L, S) and 3-D cases
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, key_lengths=None, backend="auto"):
+    """Fused scaled dot-product attention, a drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+    Args:
+        query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev). float16, bfloat16 or float32
+            (float64 on the "torch" backend); E, Ev in [1, 256]. The leading dimensions are batch dimensions,
+            equal across the three. Hk == Hq, or Hq % Hk == 0 with enable_gqa=True (grouped-query attention;
+            key/value heads are never repeated in memory). Any strides; only a non-contiguous last dim is copied.
+        attn_mask: None, or broadcastable to (..., Hq, L, S): bool, where True means "takes part in attention",
+            or floating (bool, float32 or the query dtype), added to the scaled scores. Broadcast dims are read
+            through zero strides, never expanded in memory. No gradient flows to the mask.
+        dropout_p: dropout probability on the attention weights, in [0, 1); applied whenever > 0 (as torch).
+            The keep-mask comes from a counter-based RNG seeded from torch's generator (tfm_kernels.rng), so
+            runs repeat under torch.manual_seed and every backend draws the same mask.
+        is_causal: key j takes part in query row i only if j <= i (top-left aligned, as torch when L != S).
+            Not together with attn_mask.
+        scale: multiplier of q @ k^T; default 1 / sqrt(E).
+        enable_gqa: allow Hq != Hk (grouped-query and multi-query attention).
+        key_lengths: optional int32/int64 tensor (B,), B the product of the batch dims (1 for 3-D inputs):
+            keys j >= key_lengths[b] take no part (right padding), without any mask tensor.
+        backend: "auto" (fastest backend that supports the inputs), "cuda" (CUDA C++), "triton", "cpu"
+            (C++ CPU kernel) or "torch" (the eager reference path). An explicit backend never falls back: it
+            runs or raises NotImplementedError with the reasons.
+
+    Returns:
+        (..., Hq, L, Ev) in the query dtype. A row in which no key takes part (all masked) gives output 0 and
+        zero gradients, where torch gives NaN.
+    """
+    _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths)
+    out_shape = (*query.shape[:-1], value.shape[-1])
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    q, k, v = _to_4d(q), _to_4d(k), _to_4d(v)  # (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev)
+    B, H, L, E = q.shape
+    S = k.shape[2]
+    if key_lengths is not None and key_lengths.shape != (B,):
+        raise ValueError(f"key_lengths must have shape ({B},); got {tuple(key_lengths.shape)}")
+    mask = None
+    if attn_mask is not None:
+        mask = _mask_to_4d(attn_mask, query.shape[:-3], B, H, L, S)  # (B, Hq, L, S), zero-stride broadcasts
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    seed = draw_seed(q.device) if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64, device=q.device)
+
+    if backend == "auto":
+        backend = backends.choose(q, k, v, mask, key_lengths, dropout_p, is_causal)
+    else:
+        reasons = backends.not_supported_reasons(backend, q, k, v, mask, key_lengths, dropout_p, is_causal)
+        if reasons:
+            raise NotImplementedError(f"backend={backend!r} cannot run these inputs: " + "; ".join(reasons))
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return query.new_zeros(out_shape)  # empty batch, sequence or head dim: nothing to attend
+    if backend == "torch":
+        out, _ = reference.attention(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
+    else:
+        out, _ = _forward_op(backend)(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
+    return out.reshape(out_shape)
+

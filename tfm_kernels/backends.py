@@ -1,0 +1,98 @@
+"""What each backend supports, and the automatic choice between them.
+
+`not_supported_reasons(...)` returns the reasons a backend cannot run some inputs (empty: it can). An explicit
+`backend=` runs or raises with these reasons; `backend="auto"` takes the first supporting backend in the
+preference order below.
+"""
+
+import importlib.util
+import os
+
+import torch
+
+from . import ops
+
+ATTENTION_BACKENDS = ("cuda", "triton", "cpu", "torch")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+# Preference of backend="auto" per device type. CPU: the C++ kernel; torch's reference path is the last resort.
+# CUDA: the CUDA C++ kernel where it supports the inputs, else Triton (order to be confirmed by measurement on a
+# GPU; see benchmarks/RESULTS.md). The Triton interpreter on CPU is never chosen automatically.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reasons(q, k, v) -> list[str]:
+    reasons = []
+    if not triton_available():
+        reasons.append("triton is not installed")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpreting()):
+        reasons.append(f"triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {q.device.type}")
+    if q.dtype not in KERNEL_DTYPES:
+        reasons.append(f"triton supports float16, bfloat16, float32; got {q.dtype}")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        reasons.append("triton's CPU interpreter computes tl.dot wrongly in bfloat16")
+    return reasons
+
+
+def _cpu_reasons(q, k, v) -> list[str]:
+    reasons = []
+    if ops._C is None:
+        reasons.append(f"the compiled extension tfm_kernels._C is not built ({ops.C_IMPORT_ERROR})")
+    if q.device.type != "cpu":
+        reasons.append(f"the cpu backend needs CPU tensors; got {q.device.type}")
+    if q.dtype not in KERNEL_DTYPES:
+        reasons.append(f"the cpu backend supports float16, bfloat16, float32; got {q.dtype}")
+    return reasons
+
+
+def _cuda_reasons(q, k, v, mask) -> list[str]:
+    reasons = []
+    if not ops.has_compiled_cuda():
+        reasons.append("tfm_kernels._C was built without CUDA kernels")
+    if q.device.type != "cuda":
+        reasons.append(f"the cuda backend needs CUDA tensors; got {q.device.type}")
+    elif torch.cuda.get_device_capability(q.device) < (8, 0):
+        reasons.append(f"the cuda backend needs compute capability >= 8.0; got "
+                       f"{torch.cuda.get_device_capability(q.device)}")
+    if q.dtype not in LOW_PRECISION:
+        reasons.append(f"the cuda backend supports float16 and bfloat16; got {q.dtype}")
+    if ops.has_compiled_cuda():
+        head_dims = [int(d) for d in ops.build_info()["head_dims"].split(",") if d]
+        if q.shape[-1] != v.shape[-1] or q.shape[-1] not in head_dims:
+            reasons.append(f"the cuda backend was built for head dims {head_dims} with Ev == E; got "
+                           f"E={q.shape[-1]}, Ev={v.shape[-1]}")
+    if mask is not None:
+        reasons.append("the cuda backend takes no attn_mask (key_lengths and is_causal are supported)")
+    return reasons
+
+
+def not_supported_reasons(backend, q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False) -> list[str]:
+    """Why `backend` cannot run attention on these normalised inputs: q (B, Hq, L, E), k (B, Hk, S, E),
+    v (B, Hk, S, Ev), mask (B, Hq, L, S) or None. An empty list means it can."""
+    if backend == "torch":
+        return []
+    if backend == "triton":
+        return _triton_reasons(q, k, v)
+    if backend == "cpu":
+        return _cpu_reasons(q, k, v)
+    if backend == "cuda":
+        return _cuda_reasons(q, k, v, mask)
+    raise ValueError(f"backend must be one of {('auto',) + ATTENTION_BACKENDS}; got {backend!r}")
+
+
+def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False) -> str:
+    """The backend `backend="auto"` runs for these inputs."""
+    for backend in AUTO_ORDER.get(q.device.type, ("torch",)):
+        if not not_supported_reasons(backend, q, k, v, mask, key_lengths, dropout_p, is_causal):
+            return backend
+    return "torch"

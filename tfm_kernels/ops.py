@@ -1,0 +1,99 @@
+"""Operator registration: loads the compiled extension `_C`, defines the Triton operators, and gives every
+operator a fake (meta) kernel and autograd. The public functions in attention.py and mlp.py call the op
+handles defined here; kernels themselves live in csrc/ and tfm_kernels/triton/.
+
+Every op keeps one autograd boundary: forward op -> (outputs, saved state), backward op -> gradients.
+"""
+
+import torch
+
+try:
+    from . import _C  # registers the C++ operators (TORCH_LIBRARY) and their CPU/CUDA kernels
+except ImportError as error:  # a source checkout without a build: the Triton and torch backends still work
+    _C = None
+    C_IMPORT_ERROR = str(error)
+else:
+    C_IMPORT_ERROR = ""
+
+
+def build_info() -> dict:
+    """How the compiled extension was built (version, CUDA archs, head dims), or why it is missing."""
+    if _C is None:
+        return {"built": False, "error": C_IMPORT_ERROR, "cuda": False}
+    return {"built": True, **_C.build_info()}
+
+
+def has_compiled_cuda() -> bool:
+    return _C is not None and bool(_C.build_info()["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention: tfm_kernels::attention_forward/backward (C++, CPU and CUDA) and
+# tfm_kernels::triton_attention_forward/backward (Triton). Layout contract: csrc/ops.cpp.
+
+
+@torch.library.custom_op("tfm_kernels::triton_attention_forward", mutates_args=())
+def triton_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                             key_lengths: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float,
+                             seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton.attention import attention_forward
+
+    return attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
+
+
+@torch.library.custom_op("tfm_kernels::triton_attention_backward", mutates_args=())
+def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                              key_lengths: torch.Tensor | None, dropout_p: float, is_causal: bool,
+                              scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton.attention import attention_backward
+
+    return attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p, is_causal, scale, seed)
+
+
+def _attention_forward_fake(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed):
+    B, H, L, _ = q.shape
+    out = q.new_empty(B, L, H, v.shape[-1]).transpose(1, 2)  # (B, H, L, Dv), stored (B, L, H, Dv)
+    lse = q.new_empty(B, H, L, dtype=torch.float32)
+    return out, lse
+
+
+def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p, is_causal, scale, seed):
+    def like(t):  # (B, H, N, D) logical, stored (B, N, H, D)
+        B, H, N, D = t.shape
+        return t.new_empty(B, N, H, D).transpose(1, 2)
+
+    return like(q), like(k), like(v)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, seed)
+    ctx.attention_args = (dropout_p, is_causal, scale)
+
+
+def _make_attention_backward(backward_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, mask, key_lengths, seed = ctx.saved_tensors
+        dropout_p, is_causal, scale = ctx.attention_args
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p, is_causal, scale, seed)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    return backward
+
+
+def _register_attention(forward_name, backward_name):
+    backward_op = getattr(torch.ops.tfm_kernels, backward_name)
+    torch.library.register_fake(f"tfm_kernels::{forward_name}")(_attention_forward_fake)
+    torch.library.register_fake(f"tfm_kernels::{backward_name}")(_attention_backward_fake)
+    torch.library.register_autograd(f"tfm_kernels::{forward_name}", _make_attention_backward(backward_op),
+                                    setup_context=_attention_setup_context)
+
+
+_register_attention("triton_attention_forward", "triton_attention_backward")
+if _C is not None:
+    _register_attention("attention_forward", "attention_backward")

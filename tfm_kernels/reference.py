@@ -1,0 +1,49 @@
+"""Readable eager oracles. Tests compare every kernel with these (in float64 on the CPU, or float32 upcast on a
+GPU) and the "torch" backend runs them; fast paths never call them."""
+
+import torch
+
+from .rng import dropout_keep_mask
+
+
+def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False, scale=None, seed=None,
+              keep_mask=None):
+    """Attention in plain torch ops, differentiable, computed in the inputs' dtype.
+
+    q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv) with Hq % Hk == 0 (grouped-query attention repeats
+    each key/value head over Hq // Hk query heads); mask broadcastable to (B, Hq, L, S), bool (True = takes
+    part) or floating (added to the scaled scores); key_lengths (B,): keys j >= key_lengths[b] take no part;
+    is_causal: key j takes part in row i only if j <= i. Dropout keeps `keep_mask` (B, Hq, L, S) if given,
+    else the mask every backend draws from `seed` (tfm_kernels.rng). Rows where no key takes part give 0.
+    Returns (out (B, Hq, L, Dv), lse (B, Hq, L)); lse is +inf for rows where no key takes part.
+    """
+    B, Hq, L, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    k = k.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S, D)
+    v = v.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S, Dv)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, L, S)
+    takes_part = torch.ones(L, S, dtype=torch.bool, device=q.device)
+    if is_causal:
+        takes_part = takes_part.tril()
+    if key_lengths is not None:
+        in_length = torch.arange(S, device=q.device) < key_lengths.view(B, 1, 1, 1).to(q.device)  # (B, 1, 1, S)
+        takes_part = takes_part & in_length
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            takes_part = takes_part & mask
+        else:
+            scores = scores + mask.to(scores.dtype)
+    scores = scores.masked_fill(~takes_part, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)  # (B, Hq, L, 1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)  # (B, Hq, L, 1)
+    empty = denom == 0
+    lse = torch.where(empty, torch.full_like(denom, float("inf")), row_max + torch.log(denom)).squeeze(-1)
+    probs = weights / torch.where(empty, torch.ones_like(denom), denom)
+    if dropout_p > 0.0:
+        if keep_mask is None:
+            keep_mask = dropout_keep_mask(seed, B * Hq, L, S, dropout_p, device=q.device).view(B, Hq, L, S)
+        probs = probs * keep_mask.to(probs.dtype) / (1.0 - dropout_p)
+    return probs @ v, lse

@@ -1,0 +1,1 @@
+"""Triton kernels. Imported lazily by tfm_kernels.ops, so importing tfm_kernels does not import triton."""
