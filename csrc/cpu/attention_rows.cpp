@@ -6,9 +6,9 @@
 
 #include "common/philox.h"
 
-// One copy per instruction set, chosen at load time (GCC function multi-versioning). Elsewhere the baseline
-// build is used as is.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// One copy per instruction set, chosen at load time (GCC function multi-versioning; GCC 12 and newer, where
+// these arch= names were checked to build). Other compilers build the baseline copy only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
 #define TFM_ROW_LOOP __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TFM_ROW_LOOP
