@@ -56,7 +56,8 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
           for (int64_t j = 0; j < N; ++j) {
             const acc_t zij = z_ptr[i * N + j];
             if (preact_ptr) preact_ptr[i * N + j] = static_cast<scalar_t>(zij);
-            out_ptr[i * N + j] = static_cast<scalar_t>(activate<A>(static_cast<float>(zij)) * dropout.multiplier(i, j));
+            const float h = activate<A>(static_cast<float>(zij));
+            out_ptr[i * N + j] = static_cast<scalar_t>(h * dropout.multiplier(i, j));
           }
         }
       });

@@ -34,7 +34,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kWorkspaceBytes = 32 << 20;  // Hopper's cuBLASLt kernels use up to 32 MiB (torch's default too)
+constexpr int64_t kWorkspaceBytes = 32 << 20;  // the most any algorithm may use (Hopper kernels ask up to 32 MiB)
 constexpr int64_t kAuxLdMultiple = 8;          // CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD for GELU must divide by 8
 constexpr uintptr_t kMaxAlignment = 256;       // the alignment cuBLASLt's heuristics assume by default
 
@@ -156,11 +156,13 @@ bool run_gemm(const LtGemm& g, at::ScalarType dtype, const Tensor& like) {
                                                                d_layout.get(), d_layout.get(), raw_preference, 1,
                                                                &heuristic, &found);
   if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
-  const Tensor workspace = at::empty({kWorkspaceBytes}, like.options().dtype(at::kByte));
+  // From torch's caching allocator: stream-ordered, so freeing it after the asynchronous launch is safe.
+  const int64_t used_bytes = static_cast<int64_t>(heuristic.workspaceSize);
+  const Tensor workspace = at::empty({std::max<int64_t>(used_bytes, 1)}, like.options().dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
   TFM_CUBLASLT_CHECK(cublasLtMatmul(handle, raw_desc, &alpha, g.a, a_layout.get(), g.b, b_layout.get(), &beta, g.d,
                                     d_layout.get(), g.d, d_layout.get(), &heuristic.algo, workspace.data_ptr(),
-                                    kWorkspaceBytes, at::cuda::getCurrentCUDAStream()));
+                                    heuristic.workspaceSize, at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
@@ -169,11 +171,19 @@ void run_gemm_or_fail(const LtGemm& g, at::ScalarType dtype, const Tensor& like)
               " GEMM in ", dtype);
 }
 
+// A 2-D operand whose row stride cuBLASLt accepts as a leading dimension (>= the row length): rows read
+// through a zero or overlapping stride (an expanded tensor) are copied; a single row may have any stride.
+Tensor gemm_operand(const Tensor& t) {
+  return t.dim() == 2 && t.size(0) > 1 && t.stride(0) < t.size(1) ? t.contiguous() : t;
+}
+
+int64_t leading_dim(const Tensor& t) { return std::max(t.stride(0), t.size(1)); }
+
 // out (M, N) row-major = x (M, K) @ weight^T, weight (N, K) row-major: column-major out^T = weight^T' @ x^T.
 LtGemm forward_gemm(const Tensor& x, const Tensor& weight, Tensor& out) {
   return LtGemm{.transpose_a = true, .m = weight.size(0), .n = x.size(0), .k = x.size(1), .a = weight.data_ptr(),
-                .lda = weight.stride(0), .b = x.data_ptr(), .ldb = x.stride(0), .d = out.data_ptr(),
-                .ldd = out.stride(0)};
+                .lda = leading_dim(weight), .b = x.data_ptr(), .ldb = leading_dim(x), .d = out.data_ptr(),
+                .ldd = out.size(1)};
 }
 
 MlpDropoutParams dropout_params(double dropout_p, const Tensor& seed) {
@@ -213,8 +223,10 @@ bool gemm_with_bias(const Tensor& x, const Tensor& weight, const Tensor& bias, T
   return bias.defined();
 }
 
-std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                          std::string activation_name, double dropout_p, const Tensor& seed) {
+std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weight_in,
+                                          const std::optional<Tensor>& bias, std::string activation_name,
+                                          double dropout_p, const Tensor& seed) {
+  const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
   const int64_t M = x.size(0), N = weight.size(0);
   check_mlp_operands(x, weight, bias, N);
   const Activation activation = checked_activation(activation_name);
@@ -255,8 +267,10 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
   return {out, preact};
 }
 
-std::tuple<Tensor, Tensor> gated_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                         std::string activation_name, double dropout_p, const Tensor& seed) {
+std::tuple<Tensor, Tensor> gated_forward(const Tensor& x_in, const Tensor& weight_in,
+                                         const std::optional<Tensor>& bias, std::string activation_name,
+                                         double dropout_p, const Tensor& seed) {
+  const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
   const int64_t M = x.size(0), N2 = weight.size(0);
   check_mlp_operands(x, weight, bias, N2);
   TORCH_CHECK(N2 % 2 == 0, "weight must have an even number of rows (2F: gate then up); got ", weight.sizes());
@@ -291,11 +305,11 @@ std::tuple<Tensor, Tensor, Tensor> weight_grads(const Tensor& dz, const Tensor& 
   Tensor grad_weight = at::empty({N, K}, x.options());
   Tensor grad_bias = at::empty({N}, x.options());
   // grad_x^T (K, M) = weight^T (K, N) @ dz^T (N, M); the row-major weight is column-major (K, N).
-  const LtGemm dx{.m = K, .n = M, .k = N, .a = weight.data_ptr(), .lda = weight.stride(0), .b = dz.data_ptr(),
+  const LtGemm dx{.m = K, .n = M, .k = N, .a = weight.data_ptr(), .lda = leading_dim(weight), .b = dz.data_ptr(),
                   .ldb = N, .d = grad_x.data_ptr(), .ldd = K};
   run_gemm_or_fail(dx, x.scalar_type(), x);
   // grad_weight^T (K, N) = x^T (K, M) @ dz (M, N); BGRADB reduces op(B) = dz over k = M into grad_bias (N,).
-  LtGemm dw{.transpose_b = true, .m = K, .n = N, .k = M, .a = x.data_ptr(), .lda = x.stride(0), .b = dz.data_ptr(),
+  LtGemm dw{.transpose_b = true, .m = K, .n = N, .k = M, .a = x.data_ptr(), .lda = leading_dim(x), .b = dz.data_ptr(),
             .ldb = N, .d = grad_weight.data_ptr(), .ldd = K, .epilogue = CUBLASLT_EPILOGUE_BGRADB,
             .bias = grad_bias.data_ptr()};
   if (!run_gemm(dw, x.scalar_type(), x)) {
@@ -333,9 +347,11 @@ Tensor grad_preact(const Tensor& grad_out, const Tensor& z, int64_t width, Activ
   return dz;
 }
 
-std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
-                                                   const Tensor& preact, std::string activation_name,
+std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const Tensor& x_in,
+                                                   const Tensor& weight_in, const Tensor& preact,
+                                                   std::string activation_name,
                                                    double dropout_p, const Tensor& seed) {
+  const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
   const int64_t M = x.size(0), N = weight.size(0);
   check_mlp_operands(x, weight, std::nullopt, N);
   const Activation activation = checked_activation(activation_name);
@@ -349,9 +365,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
   return weight_grads(grad_preact(dy, preact, N, activation, false, dropout), x, weight);
 }
 
-std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& weight_in,
                                                   const Tensor& gate_up, std::string activation_name,
                                                   double dropout_p, const Tensor& seed) {
+  const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
   const int64_t M = x.size(0), N2 = weight.size(0);
   check_mlp_operands(x, weight, std::nullopt, N2);
   const Activation activation = checked_activation(activation_name);
