@@ -1,0 +1,169 @@
+// Attention forward: out = softmax(scale * q k^T, masked) v with optional dropout on the weights, and the
+// natural-log sum of exp of each row's scaled scores (lse), FlashAttention-2 style: one pass over the keys
+// with an online softmax in registers, nothing of size L x S in memory.
+//
+// Work split: grid (ceil(L / 64), Hq, B); block = 4 warps; warp w owns query rows 16w..16w+15 of the block's
+// 64-row tile. Per key block of kBlockN rows: S = Q K^T (mma.m16n8k16, fp32 accumulate), scaled into base 2,
+// masked (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles), P = exp2(S - m),
+// optional dropout of P (Philox, common/philox.h), O += P V. K/V tiles go through a two-stage cp.async
+// pipeline: block j+1 is in flight while block j is multiplied. Causal blocks skip key blocks entirely above
+// the diagonal; only blocks crossing the diagonal or the key length pay for masking.
+//
+// Rows with no key (key length 0) get out = 0 and lse = +inf; the running max uses 0 in place of -inf, so
+// exp2 never sees (-inf) - (-inf).
+//
+// Test: python -m pytest tests/test_attention_cuda.py -m gpu (against the float64 oracle);
+// compute-sanitizer --tool memcheck python benchmarks/sanitize_attention.py.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/philox.h"
+#include "cuda/attention/kernel_traits.h"
+#include "cuda/attention/params.h"
+#include "cuda/attention/tile_math.cuh"
+#include "cuda/common/memory.cuh"
+#include "cuda/common/reductions.cuh"
+
+namespace tfm_kernels::attention {
+
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D, typename T>
+__global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_kernel(const ForwardParams params) {
+  using Traits = ForwardTraits<D>;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kStride = Traits::kSmemStride;
+  constexpr int kThreads = Traits::kThreads;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // (kBlockM, kStride)
+  T* sK = sQ + kBlockM * kStride;      // (kStages, kBlockN, kStride)
+  T* sV = sK + Traits::kStages * kBlockN * kStride;
+
+  const int m_block = blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int hk = h / (params.heads_q / params.heads_k);
+  const int L = params.q_len;
+  const int keys = keys_taking_part(params.key_lengths, params.kv_len, b);
+  const int m_start = m_block * kBlockM;
+
+  // Key blocks this query block sees: none past the key length, none wholly above the diagonal.
+  int n_blocks = ceil_div(keys, kBlockN);
+  if (params.causal) n_blocks = min(n_blocks, ceil_div(min(L, m_start + kBlockM), kBlockN));
+
+  const T* q = static_cast<const T*>(params.q) + b * params.q_strides.batch + h * params.q_strides.head +
+               m_start * params.q_strides.row;
+  const T* k = static_cast<const T*>(params.k) + b * params.k_strides.batch + hk * params.k_strides.head;
+  const T* v = static_cast<const T*>(params.v) + b * params.v_strides.batch + hk * params.v_strides.head;
+  const int64_t k_row = params.k_strides.row;
+  const int64_t v_row = params.v_strides.row;
+
+  auto load_kv = [&](int n_block, int stage) {
+    const int n_start = n_block * kBlockN;
+    load_tile_async<kBlockN, D, kStride, kThreads>(sK + stage * kBlockN * kStride, k + n_start * k_row, k_row,
+                                                   keys - n_start);
+    load_tile_async<kBlockN, D, kStride, kThreads>(sV + stage * kBlockN * kStride, v + n_start * v_row, v_row,
+                                                   keys - n_start);
+  };
+
+  load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
+  if (n_blocks > 0) load_kv(0, 0);
+  cuda::cp_async_commit();
+
+  const uint64_t seed = params.dropout ? static_cast<uint64_t>(*params.seed) : 0;
+  const uint64_t z = static_cast<uint64_t>(b) * params.heads_q + h;
+  const int row0 = m_start + warp * kRowsPerWarp;  // first query row of this warp
+  const T* sQ_warp = sQ + warp * kRowsPerWarp * kStride;
+
+  float o_acc[D / 8][4];
+  zero(o_acc);
+  // Per lane: rows row0 + lane/4 (index 0) and row0 + lane/4 + 8 (index 1); max in base-2 scaled units.
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};  // this lane's partial sums; reduced over the quad at the end
+
+  for (int n_block = 0; n_block < n_blocks; ++n_block) {
+    const int stage = n_block % 2;
+    if (n_block + 1 < n_blocks) {
+      load_kv(n_block + 1, 1 - stage);  // the stage computed on in the previous iteration, released below
+      cuda::cp_async_commit();
+      cuda::cp_async_wait<1>();
+    } else {
+      cuda::cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    const int n_start = n_block * kBlockN;
+    float s[kBlockN / 8][4];
+    zero(s);
+    gemm_smem_nt<T, kBlockN, D, kStride>(s, sQ_warp, sK + stage * kBlockN * kStride, lane);
+
+    // Scale before masking: a negative scale must not turn -inf into +inf.
+    const bool needs_mask = n_start + kBlockN > keys || (params.causal && n_start + kBlockN - 1 > m_start);
+    for_each_element(s, row0, n_start, lane, [&](float& x, int row, int col, int) {
+      x *= params.scale_log2;
+      if (needs_mask && (col >= keys || (params.causal && col > row))) x = -INFINITY;
+    });
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float block_max = row_max[r];
+#pragma unroll
+      for (int t = 0; t < kBlockN / 8; ++t) block_max = fmaxf(block_max, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
+      const float new_max = cuda::quad_max(block_max);
+      const float safe_max = new_max == -INFINITY ? 0.0f : new_max;  // all masked so far: every p is 0
+      const float correction = exp2f(row_max[r] - safe_max);          // exp2(-inf) = 0 on the first block
+      row_max[r] = new_max;
+      row_sum[r] *= correction;
+#pragma unroll
+      for (int t = 0; t < D / 8; ++t) {
+        o_acc[t][2 * r] *= correction;
+        o_acc[t][2 * r + 1] *= correction;
+      }
+#pragma unroll
+      for (int t = 0; t < kBlockN / 8; ++t) {
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          s[t][e] = exp2f(s[t][e] - safe_max);
+          row_sum[r] += s[t][e];
+        }
+      }
+    }
+
+    // The normaliser sums every weight; dropout zeroes some of them in the product with V only.
+    if (params.dropout) {
+      for_each_element(s, row0, n_start, lane, [&](float& p, int row, int col, int) {
+        if (!dropout_keep(seed, z, static_cast<uint32_t>(row), static_cast<uint32_t>(col), params.dropout_threshold))
+          p = 0.0f;
+      });
+    }
+
+    gemm_reg_nn<T, D, kBlockN, kStride>(o_acc, s, sV + stage * kBlockN * kStride, lane);
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+  }
+
+  const int warp_rows = L - row0;  // rows of this warp inside the sequence (may be <= 0)
+  float* lse = params.lse + (static_cast<int64_t>(b) * params.heads_q + h) * L;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = cuda::quad_sum(row_sum[r]);
+    const bool empty = !(sum > 0.0f);
+    const float inverse = empty ? 0.0f : params.dropout_rescale / sum;
+    const int row = lane / 4 + 8 * r;
+    if (lane % 4 == 0 && row < warp_rows) lse[row0 + row] = empty ? INFINITY : row_max[r] * kLn2 + logf(sum);
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+      o_acc[t][2 * r] *= inverse;
+      o_acc[t][2 * r + 1] *= inverse;
+    }
+  }
+  T* out = static_cast<T*>(params.out) + b * params.out_strides.batch + h * params.out_strides.head +
+           static_cast<int64_t>(row0) * params.out_strides.row;
+  store_tile<T>(o_acc, out, params.out_strides.row, warp_rows, 1.0f, lane);
+}
+
+}  // namespace tfm_kernels::attention
