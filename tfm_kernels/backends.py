@@ -16,6 +16,7 @@ ATTENTION_BACKENDS = ("cuda", "triton", "cpu", "torch")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y and batch on gridDim.z
 
 # Preference of backend="auto" per device type. CPU: the C++ kernel; torch's reference path is the last resort.
 # CUDA: the CUDA C++ kernel where it supports the inputs, else Triton (order to be confirmed by measurement on a
@@ -73,6 +74,9 @@ def _cuda_reasons(q, k, v, mask) -> list[str]:
                            f"E={q.shape[-1]}, Ev={v.shape[-1]}")
     if mask is not None:
         reasons.append("the cuda backend takes no attn_mask (key_lengths and is_causal are supported)")
+    if q.shape[0] > CUDA_MAX_GRID_YZ or q.shape[1] > CUDA_MAX_GRID_YZ:
+        reasons.append(f"the cuda backend takes batch and heads up to {CUDA_MAX_GRID_YZ} (grid limits); got "
+                       f"batch {q.shape[0]}, heads {q.shape[1]}")
     return reasons
 
 
