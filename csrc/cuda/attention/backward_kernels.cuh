@@ -23,7 +23,6 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common/philox.h"
 #include "cuda/attention/kernel_traits.h"
 #include "cuda/attention/params.h"
 #include "cuda/attention/tile_math.cuh"
@@ -181,16 +180,14 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
     gemm_smem_nt<T, kBlockM, D, kStride>(dp_t, sV_warp, sdO_stage, lane);
 
     // dp_t becomes dS^T = P^T (dP~^T - delta); p_t becomes P~^T, the weights dropout kept (rescaled).
-    for_each_element_pair(p_t, dp_t, key0, m_start, lane, [&](float& p, float& dp, int key, int query, int) {
-      float keep_scale = 1.0f;
-      if (params.dropout) {
-        const bool keep = dropout_keep(seed, z, static_cast<uint32_t>(query), static_cast<uint32_t>(key),
-                                       params.dropout_threshold);
-        keep_scale = keep ? params.dropout_rescale : 0.0f;
-      }
-      dp = p * (dp * keep_scale - delta[query - m_start]);
-      p *= keep_scale;
-    });
+    uint32_t keep_bits = 0;
+    if (params.dropout) {
+      keep_bits = dropout_keep_bits<kBlockM / 8, true>(seed, z, key0, m_start, lane, params.dropout_threshold);
+      apply_keep_bits(dp_t, keep_bits, params.dropout_rescale);
+    }
+    for_each_element_pair(p_t, dp_t, key0, m_start, lane,
+                          [&](float& p, float& dp, int, int query, int) { dp = p * (dp - delta[query - m_start]); });
+    if (params.dropout) apply_keep_bits(p_t, keep_bits, params.dropout_rescale);
 
     gemm_reg_nn<T, kAccCols, kBlockM, kStride>(dv_acc, p_t, sdO_stage + d_slice * kAccCols, lane);
     gemm_reg_nn<T, kAccCols, kBlockM, kStride>(dk_acc, dp_t, sQ_stage + d_slice * kAccCols, lane);
@@ -251,9 +248,11 @@ __global__ void __launch_bounds__(BackwardQTraits<D>::kThreads)
                                                    keys - n_start);
   };
 
-  load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
-  load_tile_async<kBlockM, D, kStride, kThreads>(sdO, grad_out, params.grad_out_strides.row, L - m_start);
-  if (n_blocks > 0) load_kv(0, 0);
+  if (n_blocks > 0) {  // with no key block the loop below never waits, so nothing may be in flight
+    load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
+    load_tile_async<kBlockM, D, kStride, kThreads>(sdO, grad_out, params.grad_out_strides.row, L - m_start);
+    load_kv(0, 0);
+  }
   cuda::cp_async_commit();
 
   const uint64_t seed = params.dropout ? static_cast<uint64_t>(*params.seed) : 0;
@@ -306,15 +305,12 @@ __global__ void __launch_bounds__(BackwardQTraits<D>::kThreads)
     gemm_smem_nt<T, kBlockN, D, kStride>(dp, sdO_warp, sV_stage, lane);
 
     // p becomes dS = P (dP~ - delta).
-    for_each_element_pair(p, dp, row0, n_start, lane, [&](float& x, float& dp_x, int row, int col, int half) {
-      float keep_scale = 1.0f;
-      if (params.dropout) {
-        const bool keep = dropout_keep(seed, z, static_cast<uint32_t>(row), static_cast<uint32_t>(col),
-                                       params.dropout_threshold);
-        keep_scale = keep ? params.dropout_rescale : 0.0f;
-      }
-      x = x * (dp_x * keep_scale - delta[half]);
-    });
+    if (params.dropout) {
+      apply_keep_bits(dp, dropout_keep_bits<kBlockN / 8, false>(seed, z, row0, n_start, lane, params.dropout_threshold),
+                      params.dropout_rescale);
+    }
+    for_each_element_pair(p, dp, row0, n_start, lane,
+                          [&](float& x, float& dp_x, int, int, int half) { x = x * (dp_x - delta[half]); });
 
     gemm_reg_nn<T, D, kBlockN, kStride>(dq_acc, p, sK_stage, lane);
     __syncthreads();  // every warp is done with this stage before the next iteration refills it

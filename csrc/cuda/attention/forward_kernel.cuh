@@ -18,7 +18,6 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common/philox.h"
 #include "cuda/attention/kernel_traits.h"
 #include "cuda/attention/params.h"
 #include "cuda/attention/tile_math.cuh"
@@ -71,8 +70,10 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
                                                    keys - n_start);
   };
 
-  load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
-  if (n_blocks > 0) load_kv(0, 0);
+  if (n_blocks > 0) {  // with no key block the loop below never waits, so nothing may be in flight
+    load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
+    load_kv(0, 0);
+  }
   cuda::cp_async_commit();
 
   const uint64_t seed = params.dropout ? static_cast<uint64_t>(*params.seed) : 0;
@@ -136,10 +137,8 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
 
     // The normaliser sums every weight; dropout zeroes some of them in the product with V only.
     if (params.dropout) {
-      for_each_element(s, row0, n_start, lane, [&](float& p, int row, int col, int) {
-        if (!dropout_keep(seed, z, static_cast<uint32_t>(row), static_cast<uint32_t>(col), params.dropout_threshold))
-          p = 0.0f;
-      });
+      apply_keep_bits(s, dropout_keep_bits<kBlockN / 8, false>(seed, z, row0, n_start, lane, params.dropout_threshold),
+                      1.0f);
     }
 
     gemm_reg_nn<T, D, kBlockN, kStride>(o_acc, s, sV + stage * kBlockN * kStride, lane);

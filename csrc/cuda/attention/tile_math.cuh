@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/philox.h"
 #include "cuda/common/memory.cuh"
 #include "cuda/common/mma.cuh"
 
@@ -95,6 +96,39 @@ __device__ __forceinline__ void for_each_element_pair(float (&acc_a)[kNTiles][4]
     for (int e = 0; e < 4; ++e) {
       fn(acc_a[t][e], acc_b[t][e], row0 + lane / 4 + 8 * (e / 2), col0 + t * 8 + 2 * (lane % 4) + e % 2, e / 2);
     }
+  }
+}
+
+// The dropout keep-mask of the elements this lane holds of a 16 x (8 kNTiles) tile at (row0, col0): bit 4t + e
+// is set iff element [t][e] is kept (common/philox.h). Tiles are query-major (rows = queries, columns = keys)
+// or, with kKeyMajor, key-major (the transposed tiles of the dk/dv pass); the mask is always drawn at
+// (query i, key j). The outer loop is not unrolled: four Philox streams at a time give enough parallelism
+// without holding 32 of them in registers.
+template <int kNTiles, bool kKeyMajor>
+__device__ __forceinline__ uint32_t dropout_keep_bits(uint64_t seed, uint64_t z, int row0, int col0, int lane,
+                                                      uint32_t threshold) {
+  static_assert(kNTiles * 4 <= 32, "one bit per element of a 32-bit mask");
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t row = static_cast<uint32_t>(row0 + lane / 4 + 8 * (e / 2));
+      const uint32_t col = static_cast<uint32_t>(col0 + t * 8 + 2 * (lane % 4) + e % 2);
+      const bool keep = kKeyMajor ? dropout_keep(seed, z, col, row, threshold) : dropout_keep(seed, z, row, col, threshold);
+      bits |= static_cast<uint32_t>(keep) << (4 * t + e);
+    }
+  }
+  return bits;
+}
+
+// acc[t][e] *= kept ? multiplier : 0, with the keep bits of dropout_keep_bits.
+template <int kNTiles>
+__device__ __forceinline__ void apply_keep_bits(float (&acc)[kNTiles][4], uint32_t bits, float multiplier) {
+#pragma unroll
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] *= ((bits >> (4 * t + e)) & 1u) ? multiplier : 0.0f;
   }
 }
 
