@@ -15,9 +15,9 @@
 //   backward dq (128)      128  246 / 248                  104448 B                2 on H100, 1 on A100 (smem)
 //   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: dq 158, dk/dv 156; D = 96: dq 234, dk/dv 201;
 //   D = 256: forward 255 with 96 B spilled (101376 B smem), dq 252 (135168 B), dk/dv 236 (256 threads, 135680 B).
-// Registers bound the occupancy on H100 (8 to 12 warps per SM); on A100 shared memory halves it at D = 128. Drawing the dropout mask as a bit
-// mask four Philox streams at a time (tile_math.cuh) took the d128 forward from 255 registers with 24 B
-// spilled to 184 without spills.
+// Registers bound the occupancy on H100 (8 to 12 warps per SM); on A100 shared memory halves it at D = 128.
+// Drawing the dropout mask as a bit mask four Philox streams at a time (tile_math.cuh) took the d128 forward
+// from 255 registers with 24 B spilled to 184 without spills.
 #pragma once
 
 namespace tfm_kernels::attention {
