@@ -248,3 +248,12 @@ def test_cuda_backend_reasons_on_cpu_tensors():
     q = torch.randn(1, 2, 8, 64)
     reasons = tfm_kernels.backends.not_supported_reasons("cuda", q, q, q)
     assert any("CUDA tensors" in r for r in reasons) or not ops.has_compiled_cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_opcheck(dropout_p):
+    """Schema, fake kernel, autograd registration and AOT dispatch of the CUDA operator."""
+    q, k, v = cuda_inputs(1, 4, 2, 70, 90, 64, torch.bfloat16, requires_grad=True)
+    args = (q, k, v, None, torch.tensor([50], device="cuda"), dropout_p, True, 0.125, rng.draw_seed("cuda"))
+    torch.library.opcheck(torch.ops.tfm_kernels.attention_forward.default, args)
