@@ -146,14 +146,7 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
 
   for (int step = 0; step < steps; ++step) {
     const int stage = step % 2;
-    if (step + 1 < steps) {
-      load_step(step + 1, 1 - stage);
-      cuda::cp_async_commit();
-      cuda::cp_async_wait<1>();
-    } else {
-      cuda::cp_async_wait<0>();
-    }
-    __syncthreads();
+    cuda::cp_async_pipeline_step(step, steps, load_step);
 
     const int h = hk * group + step / m_blocks;
     const int m_start = (m_first + step % m_blocks) * kBlockM;
@@ -223,35 +216,18 @@ __global__ void __launch_bounds__(BackwardQTraits<D>::kThreads)
   const int b = blockIdx.z;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int hk = h / (params.heads_q / params.heads_k);
   const int L = params.q_len;
-  const int keys = keys_taking_part(params.key_lengths, params.kv_len, b);
   const int m_start = m_block * kBlockM;
+  const KeyValueBlocks<D, kBlockM, kBlockN, kStride, kThreads, T> kv(params, b, h, m_start, sK, sV);
 
-  int n_blocks = ceil_div(keys, kBlockN);
-  if (params.causal) n_blocks = min(n_blocks, ceil_div(min(L, m_start + kBlockM), kBlockN));
-
-  const T* q = static_cast<const T*>(params.q) + b * params.q_strides.batch + h * params.q_strides.head +
-               m_start * params.q_strides.row;
-  const T* grad_out = static_cast<const T*>(params.grad_out) + b * params.grad_out_strides.batch +
-                      h * params.grad_out_strides.head + m_start * params.grad_out_strides.row;
-  const T* k = static_cast<const T*>(params.k) + b * params.k_strides.batch + hk * params.k_strides.head;
-  const T* v = static_cast<const T*>(params.v) + b * params.v_strides.batch + hk * params.v_strides.head;
-  const int64_t k_row = params.k_strides.row;
-  const int64_t v_row = params.v_strides.row;
-
-  auto load_kv = [&](int n_block, int stage) {
-    const int n_start = n_block * kBlockN;
-    load_tile_async<kBlockN, D, kStride, kThreads>(sK + stage * kBlockN * kStride, k + n_start * k_row, k_row,
-                                                   keys - n_start);
-    load_tile_async<kBlockN, D, kStride, kThreads>(sV + stage * kBlockN * kStride, v + n_start * v_row, v_row,
-                                                   keys - n_start);
-  };
-
-  if (n_blocks > 0) {  // with no key block the loop below never waits, so nothing may be in flight
+  if (kv.count > 0) {  // with no key block the loop below never waits, so nothing may be in flight
+    const T* q = static_cast<const T*>(params.q) + b * params.q_strides.batch + h * params.q_strides.head +
+                 m_start * params.q_strides.row;
+    const T* grad_out = static_cast<const T*>(params.grad_out) + b * params.grad_out_strides.batch +
+                        h * params.grad_out_strides.head + m_start * params.grad_out_strides.row;
     load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sdO, grad_out, params.grad_out_strides.row, L - m_start);
-    load_kv(0, 0);
+    kv.load(0, 0);
   }
   cuda::cp_async_commit();
 
@@ -275,30 +251,19 @@ __global__ void __launch_bounds__(BackwardQTraits<D>::kThreads)
   float dq_acc[D / 8][4];
   zero(dq_acc);
 
-  for (int n_block = 0; n_block < n_blocks; ++n_block) {
+  for (int n_block = 0; n_block < kv.count; ++n_block) {
     const int stage = n_block % 2;
-    if (n_block + 1 < n_blocks) {
-      load_kv(n_block + 1, 1 - stage);
-      cuda::cp_async_commit();
-      cuda::cp_async_wait<1>();
-    } else {
-      cuda::cp_async_wait<0>();
-    }
-    __syncthreads();
+    cuda::cp_async_pipeline_step(n_block, kv.count, [&](int next, int next_stage) { kv.load(next, next_stage); });
 
     const int n_start = n_block * kBlockN;
-    const T* sK_stage = sK + stage * kBlockN * kStride;
-    const T* sV_stage = sV + stage * kBlockN * kStride;
+    const T* sK_stage = kv.k_tile(stage);
+    const T* sV_stage = kv.v_tile(stage);
 
     float p[kBlockN / 8][4];
     zero(p);
     gemm_smem_nt<T, kBlockN, D, kStride>(p, sQ_warp, sK_stage, lane);
-    const bool needs_mask = n_start + kBlockN > keys || (params.causal && n_start + kBlockN - 1 > m_start);
-    for_each_element(p, row0, n_start, lane, [&](float& x, int row, int col, int half) {
-      x *= params.scale_log2;
-      if (needs_mask && (col >= keys || (params.causal && col > row))) x = -INFINITY;
-      x = exp2f(x - lse_log2[half]);
-    });
+    scale_and_mask_scores(p, params, kv.keys, m_start, row0, n_start, lane);
+    for_each_element(p, row0, n_start, lane, [&](float& x, int, int, int half) { x = exp2f(x - lse_log2[half]); });
 
     float dp[kBlockN / 8][4];
     zero(dp);

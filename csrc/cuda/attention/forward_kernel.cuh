@@ -46,33 +46,15 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
   const int b = blockIdx.z;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int hk = h / (params.heads_q / params.heads_k);
   const int L = params.q_len;
-  const int keys = keys_taking_part(params.key_lengths, params.kv_len, b);
   const int m_start = m_block * kBlockM;
+  const KeyValueBlocks<D, kBlockM, kBlockN, kStride, kThreads, T> kv(params, b, h, m_start, sK, sV);
 
-  // Key blocks this query block sees: none past the key length, none wholly above the diagonal.
-  int n_blocks = ceil_div(keys, kBlockN);
-  if (params.causal) n_blocks = min(n_blocks, ceil_div(min(L, m_start + kBlockM), kBlockN));
-
-  const T* q = static_cast<const T*>(params.q) + b * params.q_strides.batch + h * params.q_strides.head +
-               m_start * params.q_strides.row;
-  const T* k = static_cast<const T*>(params.k) + b * params.k_strides.batch + hk * params.k_strides.head;
-  const T* v = static_cast<const T*>(params.v) + b * params.v_strides.batch + hk * params.v_strides.head;
-  const int64_t k_row = params.k_strides.row;
-  const int64_t v_row = params.v_strides.row;
-
-  auto load_kv = [&](int n_block, int stage) {
-    const int n_start = n_block * kBlockN;
-    load_tile_async<kBlockN, D, kStride, kThreads>(sK + stage * kBlockN * kStride, k + n_start * k_row, k_row,
-                                                   keys - n_start);
-    load_tile_async<kBlockN, D, kStride, kThreads>(sV + stage * kBlockN * kStride, v + n_start * v_row, v_row,
-                                                   keys - n_start);
-  };
-
-  if (n_blocks > 0) {  // with no key block the loop below never waits, so nothing may be in flight
+  if (kv.count > 0) {  // with no key block the loop below never waits, so nothing may be in flight
+    const T* q = static_cast<const T*>(params.q) + b * params.q_strides.batch + h * params.q_strides.head +
+                 m_start * params.q_strides.row;
     load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
-    load_kv(0, 0);
+    kv.load(0, 0);
   }
   cuda::cp_async_commit();
 
@@ -87,28 +69,15 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this lane's partial sums; reduced over the quad at the end
 
-  for (int n_block = 0; n_block < n_blocks; ++n_block) {
+  for (int n_block = 0; n_block < kv.count; ++n_block) {
     const int stage = n_block % 2;
-    if (n_block + 1 < n_blocks) {
-      load_kv(n_block + 1, 1 - stage);  // the stage computed on in the previous iteration, released below
-      cuda::cp_async_commit();
-      cuda::cp_async_wait<1>();
-    } else {
-      cuda::cp_async_wait<0>();
-    }
-    __syncthreads();
+    cuda::cp_async_pipeline_step(n_block, kv.count, [&](int next, int next_stage) { kv.load(next, next_stage); });
 
     const int n_start = n_block * kBlockN;
     float s[kBlockN / 8][4];
     zero(s);
-    gemm_smem_nt<T, kBlockN, D, kStride>(s, sQ_warp, sK + stage * kBlockN * kStride, lane);
-
-    // Scale before masking: a negative scale must not turn -inf into +inf.
-    const bool needs_mask = n_start + kBlockN > keys || (params.causal && n_start + kBlockN - 1 > m_start);
-    for_each_element(s, row0, n_start, lane, [&](float& x, int row, int col, int) {
-      x *= params.scale_log2;
-      if (needs_mask && (col >= keys || (params.causal && col > row))) x = -INFINITY;
-    });
+    gemm_smem_nt<T, kBlockN, D, kStride>(s, sQ_warp, kv.k_tile(stage), lane);
+    scale_and_mask_scores(s, params, kv.keys, m_start, row0, n_start, lane);
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -141,7 +110,7 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
                       1.0f);
     }
 
-    gemm_reg_nn<T, D, kBlockN, kStride>(o_acc, s, sV + stage * kBlockN * kStride, lane);
+    gemm_reg_nn<T, D, kBlockN, kStride>(o_acc, s, kv.v_tile(stage), lane);
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 

@@ -1,6 +1,7 @@
-// Per-warp building blocks of the attention kernels: the two tensor-core products every pass is made of,
-// element-wise visits of an accumulator tile with its (row, column) coordinates, and the store of an
-// accumulator tile to global memory. A warp always owns 16 rows of the tiles it multiplies (mma M = 16).
+// Building blocks of the attention kernels: the two per-warp tensor-core products every pass is made of,
+// element-wise visits of an accumulator tile with its (row, column) coordinates, the dropout keep-mask of a
+// tile, score scaling and masking, the store of an accumulator tile to global memory, and the key/value block
+// ring of the query-block kernels. A warp always owns 16 rows of the tiles it multiplies (mma M = 16).
 //
 //   gemm_smem_nt:  acc (16 x N) += A (16 x K, shared, row-major) * B^T, B stored (N x K) row-major in shared.
 //                  Scores S = Q K^T, dP = dO V^T (query-major) and S^T = K Q^T, dP^T = V dO^T (key-major).
@@ -12,6 +13,7 @@
 #include <cstdint>
 
 #include "common/philox.h"
+#include "cuda/attention/params.h"
 #include "cuda/common/memory.cuh"
 #include "cuda/common/mma.cuh"
 
@@ -157,5 +159,53 @@ __device__ __forceinline__ int keys_taking_part(const int32_t* key_lengths, int 
 }
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The key/value side of a kernel that owns kBlockM query rows (forward, dq): which key blocks the rows see
+// (none past the key length, none wholly above the causal diagonal) and their loads into a two-stage
+// shared-memory ring of K and V tiles, (2, kBlockN, kStride) each.
+template <int D, int kBlockM, int kBlockN, int kStride, int kThreads, typename T>
+struct KeyValueBlocks {
+  const T* k;
+  const T* v;
+  int64_t k_row;
+  int64_t v_row;
+  T* sK;
+  T* sV;
+  int keys;   // keys taking part in batch b
+  int count;  // key blocks to visit
+
+  __device__ __forceinline__ KeyValueBlocks(const ForwardParams& params, int b, int h, int m_start, T* sK_, T* sV_)
+      : k_row(params.k_strides.row), v_row(params.v_strides.row), sK(sK_), sV(sV_) {
+    const int hk = h / (params.heads_q / params.heads_k);
+    k = static_cast<const T*>(params.k) + b * params.k_strides.batch + hk * params.k_strides.head;
+    v = static_cast<const T*>(params.v) + b * params.v_strides.batch + hk * params.v_strides.head;
+    keys = keys_taking_part(params.key_lengths, params.kv_len, b);
+    count = ceil_div(keys, kBlockN);
+    if (params.causal) count = min(count, ceil_div(min(params.q_len, m_start + kBlockM), kBlockN));
+  }
+
+  __device__ __forceinline__ void load(int n_block, int stage) const {
+    const int n_start = n_block * kBlockN;
+    load_tile_async<kBlockN, D, kStride, kThreads>(k_tile(stage), k + n_start * k_row, k_row, keys - n_start);
+    load_tile_async<kBlockN, D, kStride, kThreads>(v_tile(stage), v + n_start * v_row, v_row, keys - n_start);
+  }
+  __device__ __forceinline__ T* k_tile(int stage) const { return sK + stage * kBlockN * kStride; }
+  __device__ __forceinline__ T* v_tile(int stage) const { return sV + stage * kBlockN * kStride; }
+};
+
+// Scales a query-major score tile (16 rows from row0 x 8 kNTiles keys from n_start) into base 2 and sets the
+// scores of keys that take no part (past the key length; causal: j > i) to -inf. Scaling comes first: a
+// negative scale must not turn -inf into +inf. Only tiles crossing the key length or the diagonal (m_start is
+// the block's first row) pay for the mask.
+template <int kNTiles>
+__device__ __forceinline__ void scale_and_mask_scores(float (&s)[kNTiles][4], const ForwardParams& params, int keys,
+                                                      int m_start, int row0, int n_start, int lane) {
+  constexpr int kBlockN = kNTiles * 8;
+  const bool needs_mask = n_start + kBlockN > keys || (params.causal && n_start + kBlockN - 1 > m_start);
+  for_each_element(s, row0, n_start, lane, [&](float& x, int row, int col, int) {
+    x *= params.scale_log2;
+    if (needs_mask && (col >= keys || (params.causal && col > row))) x = -INFINITY;
+  });
+}
 
 }  // namespace tfm_kernels::attention

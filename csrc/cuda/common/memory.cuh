@@ -1,5 +1,5 @@
 // Shared-memory staging primitives for sm_80+: asynchronous global->shared copies (cp.async) with
-// zero-fill of out-of-bounds rows, ldmatrix fragment loads, and a tiled copy of a (rows x cols) block of
+// zero-fill of out-of-bounds rows, a two-stage pipeline step, ldmatrix fragment loads, and a tiled copy of a (rows x cols) block of
 // 16-bit elements into a padded shared-memory tile. Every helper is called by a whole thread block (tiles)
 // or a whole warp (ldmatrix). Tested through the attention kernels (tests/test_attention_cuda.py).
 #pragma once
@@ -51,6 +51,23 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&frag)[4], const voi
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
                : "r"(shared_address(smem_row)));
+}
+
+// The top of iteration `step` (of `steps`) of a two-stage cp.async ring, run by the whole thread block: issues
+// the copies of step + 1 into the other stage (load_next(step + 1, stage)), waits for this thread's copies of
+// `step` and then for every thread's, so all warps can read the stage. The caller ends each iteration with
+// __syncthreads(), so the stage refilled here is no longer being read. Loads of step 0 are issued and
+// committed before the loop.
+template <typename LoadNext>
+__device__ __forceinline__ void cp_async_pipeline_step(int step, int steps, LoadNext&& load_next) {
+  if (step + 1 < steps) {
+    load_next(step + 1, (step + 1) % 2);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
 }
 
 // Issues cp.async copies of a (kRows x kCols) tile of 16-bit elements, rows `row_stride` elements apart in
