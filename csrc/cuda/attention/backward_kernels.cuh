@@ -46,10 +46,8 @@ __global__ void __launch_bounds__(BackwardDeltaTraits::kThreads)
 
   float sum = 0.0f;
   if (row < L) {
-    const T* out = static_cast<const T*>(params.out) + b * params.out_strides.batch + h * params.out_strides.head +
-                   row * params.out_strides.row;
-    const T* grad_out = static_cast<const T*>(params.grad_out) + b * params.grad_out_strides.batch +
-                        h * params.grad_out_strides.head + row * params.grad_out_strides.row;
+    const T* out = row_pointer<T>(params.out, params.out_strides, b, h, row);
+    const T* grad_out = row_pointer<T>(params.grad_out, params.grad_out_strides, b, h, row);
     for (int col = lane_in_row * kElemsPerChunk; col < D; col += Traits::kLanesPerRow * kElemsPerChunk) {
       const uint4 o = *reinterpret_cast<const uint4*>(out + col);
       const uint4 g = *reinterpret_cast<const uint4*>(grad_out + col);
@@ -107,10 +105,8 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
   auto load_step = [&](int step, int stage) {
     const int h = hk * group + step / m_blocks;
     const int m_start = (m_first + step % m_blocks) * kBlockM;
-    const T* q = static_cast<const T*>(params.q) + b * params.q_strides.batch + h * params.q_strides.head +
-                 m_start * params.q_strides.row;
-    const T* grad_out = static_cast<const T*>(params.grad_out) + b * params.grad_out_strides.batch +
-                        h * params.grad_out_strides.head + m_start * params.grad_out_strides.row;
+    const T* q = row_pointer<T>(params.q, params.q_strides, b, h, m_start);
+    const T* grad_out = row_pointer<T>(params.grad_out, params.grad_out_strides, b, h, m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sQ + stage * kBlockM * kStride, q, params.q_strides.row,
                                                    L - m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sdO + stage * kBlockM * kStride, grad_out,
@@ -125,10 +121,8 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
   };
 
   if (steps > 0) {
-    const T* k = static_cast<const T*>(params.k) + b * params.k_strides.batch + hk * params.k_strides.head +
-                 n_start * params.k_strides.row;
-    const T* v = static_cast<const T*>(params.v) + b * params.v_strides.batch + hk * params.v_strides.head +
-                 n_start * params.v_strides.row;
+    const T* k = row_pointer<T>(params.k, params.k_strides, b, hk, n_start);
+    const T* v = row_pointer<T>(params.v, params.v_strides, b, hk, n_start);
     load_tile_async<kBlockN, D, kStride, kThreads>(sK, k, params.k_strides.row, keys - n_start);
     load_tile_async<kBlockN, D, kStride, kThreads>(sV, v, params.v_strides.row, keys - n_start);
     load_step(0, 0);
@@ -188,10 +182,8 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
   }
 
   const int warp_rows = params.kv_len - key0;  // keys past the key length are written as 0
-  T* grad_k = static_cast<T*>(params.grad_k) + b * params.grad_k_strides.batch + hk * params.grad_k_strides.head +
-              static_cast<int64_t>(key0) * params.grad_k_strides.row + d_slice * kAccCols;
-  T* grad_v = static_cast<T*>(params.grad_v) + b * params.grad_v_strides.batch + hk * params.grad_v_strides.head +
-              static_cast<int64_t>(key0) * params.grad_v_strides.row + d_slice * kAccCols;
+  T* grad_k = row_pointer<T>(params.grad_k, params.grad_k_strides, b, hk, key0) + d_slice * kAccCols;
+  T* grad_v = row_pointer<T>(params.grad_v, params.grad_v_strides, b, hk, key0) + d_slice * kAccCols;
   store_tile<T>(dk_acc, grad_k, params.grad_k_strides.row, warp_rows, params.scale, lane);
   store_tile<T>(dv_acc, grad_v, params.grad_v_strides.row, warp_rows, 1.0f, lane);
 }
@@ -221,10 +213,8 @@ __global__ void __launch_bounds__(BackwardQTraits<D>::kThreads)
   const KeyValueBlocks<D, kBlockM, kBlockN, kStride, kThreads, T> kv(params, b, h, m_start, sK, sV);
 
   if (kv.count > 0) {  // with no key block the loop below never waits, so nothing may be in flight
-    const T* q = static_cast<const T*>(params.q) + b * params.q_strides.batch + h * params.q_strides.head +
-                 m_start * params.q_strides.row;
-    const T* grad_out = static_cast<const T*>(params.grad_out) + b * params.grad_out_strides.batch +
-                        h * params.grad_out_strides.head + m_start * params.grad_out_strides.row;
+    const T* q = row_pointer<T>(params.q, params.q_strides, b, h, m_start);
+    const T* grad_out = row_pointer<T>(params.grad_out, params.grad_out_strides, b, h, m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sdO, grad_out, params.grad_out_strides.row, L - m_start);
     kv.load(0, 0);
@@ -281,8 +271,7 @@ __global__ void __launch_bounds__(BackwardQTraits<D>::kThreads)
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 
-  T* grad_q = static_cast<T*>(params.grad_q) + b * params.grad_q_strides.batch + h * params.grad_q_strides.head +
-              static_cast<int64_t>(row0) * params.grad_q_strides.row;
+  T* grad_q = row_pointer<T>(params.grad_q, params.grad_q_strides, b, h, row0);
   store_tile<T>(dq_acc, grad_q, params.grad_q_strides.row, L - row0, params.scale, lane);
 }
 

@@ -51,8 +51,7 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
   const KeyValueBlocks<D, kBlockM, kBlockN, kStride, kThreads, T> kv(params, b, h, m_start, sK, sV);
 
   if (kv.count > 0) {  // with no key block the loop below never waits, so nothing may be in flight
-    const T* q = static_cast<const T*>(params.q) + b * params.q_strides.batch + h * params.q_strides.head +
-                 m_start * params.q_strides.row;
+    const T* q = row_pointer<T>(params.q, params.q_strides, b, h, m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
     kv.load(0, 0);
   }
@@ -129,8 +128,7 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
       o_acc[t][2 * r + 1] *= inverse;
     }
   }
-  T* out = static_cast<T*>(params.out) + b * params.out_strides.batch + h * params.out_strides.head +
-           static_cast<int64_t>(row0) * params.out_strides.row;
+  T* out = row_pointer<T>(params.out, params.out_strides, b, h, row0);
   store_tile<T>(o_acc, out, params.out_strides.row, warp_rows, 1.0f, lane);
 }
 

@@ -153,6 +153,16 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kNTiles][4], T* gm
   }
 }
 
+// Row `row` of head h of batch b of a (B, H, N, D) tensor; 64-bit offsets.
+template <typename T>
+__device__ __forceinline__ const T* row_pointer(const void* base, const Strides& strides, int b, int h, int64_t row) {
+  return static_cast<const T*>(base) + b * strides.batch + h * strides.head + row * strides.row;
+}
+template <typename T>
+__device__ __forceinline__ T* row_pointer(void* base, const Strides& strides, int b, int h, int64_t row) {
+  return static_cast<T*>(base) + b * strides.batch + h * strides.head + row * strides.row;
+}
+
 // The number of keys of batch b that take part: min(S, key_lengths[b]) clamped at 0 (api.cpp clamps too).
 __device__ __forceinline__ int keys_taking_part(const int32_t* key_lengths, int kv_len, int b) {
   return key_lengths == nullptr ? kv_len : max(0, min(kv_len, key_lengths[b]));
@@ -177,8 +187,8 @@ struct KeyValueBlocks {
   __device__ __forceinline__ KeyValueBlocks(const ForwardParams& params, int b, int h, int m_start, T* sK_, T* sV_)
       : k_row(params.k_strides.row), v_row(params.v_strides.row), sK(sK_), sV(sV_) {
     const int hk = h / (params.heads_q / params.heads_k);
-    k = static_cast<const T*>(params.k) + b * params.k_strides.batch + hk * params.k_strides.head;
-    v = static_cast<const T*>(params.v) + b * params.v_strides.batch + hk * params.v_strides.head;
+    k = row_pointer<T>(params.k, params.k_strides, b, hk, 0);
+    v = row_pointer<T>(params.v, params.v_strides, b, hk, 0);
     keys = keys_taking_part(params.key_lengths, params.kv_len, b);
     count = ceil_div(keys, kBlockN);
     if (params.causal) count = min(count, ceil_div(min(params.q_len, m_start + kBlockM), kBlockN));
