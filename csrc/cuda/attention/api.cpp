@@ -79,7 +79,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepar
     ForwardParams& params, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& key_lengths, double dropout_p,
     bool is_causal, double scale, const at::Tensor& seed) {
-  TORCH_CHECK(q_in.is_cuda(), "attention (CUDA): q must be a CUDA tensor; got device ", q_in.device());
   TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
               "attention (CUDA): q must be float16 or bfloat16; got ", q_in.scalar_type());
   check_attention_tensor(q_in, "q", q_in);
@@ -178,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           const std::optional<at::Tensor>& key_lengths,
                                                           double dropout_p, bool is_causal, double scale,
                                                           const at::Tensor& seed) {
+  TORCH_CHECK(q.is_cuda(), "attention (CUDA): q must be a CUDA tensor; got device ", q.device());
   const at::cuda::CUDAGuard guard(q.device());
   ForwardParams params;
   auto [q_a, k_a, v_a, lengths] = prepare(params, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed);
@@ -197,6 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& key_lengths,
     double dropout_p, bool is_causal, double scale, const at::Tensor& seed) {
+  TORCH_CHECK(q.is_cuda(), "attention (CUDA): q must be a CUDA tensor; got device ", q.device());
   const at::cuda::CUDAGuard guard(q.device());
   BackwardParams params;
   auto [q_a, k_a, v_a, lengths] = prepare(params, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed);
