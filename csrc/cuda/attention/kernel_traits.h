@@ -13,8 +13,9 @@
 //   backward dk/dv (128)   128  229 / 235                  70144 B                 2 (registers)
 //   backward dq (128)      64   168 / 163                  55296 B                 3 (registers)
 //   backward dq (128)      128  237 / 241                  104448 B                2 on H100, 1 on A100 (smem)
-//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: dq 158, dk/dv 156; D = 96: dq 234, dk/dv 201;
-//   D = 256: forward 255 with 96 B spilled (101376 B smem), dq 252 (135168 B), dk/dv 236 (256 threads, 135680 B).
+//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a, no spills): D = 32: forward 96, dq 128, dk/dv 156; D = 96: forward
+//   161, dq 219, dk/dv 201; D = 256: forward 252 (101376 B), dq 253 (135168 B), dk/dv 236 (256 threads,
+//   135680 B).
 // 8 to 16 warps per SM on H100, bound by registers except the d64 forward; A100's smaller shared memory
 // halves the d128 forward and dq.
 // Drawing the dropout mask as a bit mask four Philox streams at a time (tile_math.cuh) took the d128 forward
