@@ -3,11 +3,12 @@ TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder, Transforme
 
 Each keeps torch's constructor (plus a keyword-only `backend`), submodules and state_dict keys, and draws its
 initial weights exactly as torch's does (torch's constructor runs, then its attention modules become ours in
-place), so that under one seed both hold the same weights. Attention runs in tfm_kernels.nn.MultiheadAttention;
-the feed-forward block linear2(dropout(activation(linear1(x)))) runs in the fused MLP (tfm_kernels.mlp.mlp) for
-the activations it fuses. Torch's inference fast paths (`torch._transformer_encoder_layer_fwd`, nested tensors in
-TransformerEncoder) are never taken, so the kernels run in training and inference alike; padded positions
-(key_padding_mask) therefore hold computed values where torch's nested-tensor path gives 0.
+place), so that under one seed both hold the same weights. Attention runs in
+tfm_kernels.nn.MultiheadAttention; the feed-forward block linear2(dropout(activation(linear1(x)))) runs in the
+fused MLP (tfm_kernels.mlp.mlp) for the activations it fuses. Torch's inference fast paths
+(`torch._transformer_encoder_layer_fwd`, nested tensors in TransformerEncoder) are never taken, so the kernels
+run in training and inference alike; padded positions (key_padding_mask) therefore hold computed values where
+torch's nested-tensor path gives 0.
 """
 
 import torch
@@ -36,8 +37,8 @@ def fused_activation_name(activation):
 
 
 def _autocast(*tensors):
-    """The tensors in the autocast dtype where autocast is on (our operators have no autocast rule of their own,
-    and torch's layers would run these linears in it)."""
+    """The tensors in the autocast dtype where autocast is on (our operators have no autocast rule of their
+    own, and torch's layers would run these linears in it)."""
     x = tensors[0]
     if not torch.is_autocast_enabled(x.device.type):
         return tensors
@@ -98,9 +99,9 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                  layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
                  *, backend="auto"):
         _check_layer_args(d_model, nhead, backend)
-        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
-                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
-                         bias=bias, device=device, dtype=dtype)
+        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+                         activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
+                         norm_first=norm_first, bias=bias, device=device, dtype=dtype)
         _to_fused_attention(self.self_attn, backend)
         self.backend = backend
 
@@ -115,8 +116,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         return x
 
     def _self_attention(self, x, attn_mask, key_padding_mask, is_causal):
-        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
-                             is_causal=is_causal)[0]
+        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                             need_weights=False, is_causal=is_causal)[0]
         return self.dropout1(out)
 
 
@@ -138,9 +139,9 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                  layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
                  *, backend="auto"):
         _check_layer_args(d_model, nhead, backend)
-        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
-                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
-                         bias=bias, device=device, dtype=dtype)
+        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+                         activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
+                         norm_first=norm_first, bias=bias, device=device, dtype=dtype)
         _to_fused_attention(self.self_attn, backend)
         _to_fused_attention(self.multihead_attn, backend)
         self.backend = backend
@@ -161,8 +162,8 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         return x
 
     def _self_attention(self, x, attn_mask, key_padding_mask, is_causal):
-        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
-                             is_causal=is_causal)[0]
+        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                             need_weights=False, is_causal=is_causal)[0]
         return self.dropout1(out)
 
     def _cross_attention(self, x, memory, attn_mask, key_padding_mask, is_causal):
@@ -220,12 +221,14 @@ class Transformer(nn.Transformer):
     in place after torch's constructor has drawn the weights."""
 
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
-                 dropout=0.1, activation=F.relu, custom_encoder=None, custom_decoder=None, layer_norm_eps=1e-5,
-                 batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend="auto"):
+                 dropout=0.1, activation=F.relu, custom_encoder=None, custom_decoder=None,
+                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
+                 *, backend="auto"):
         _check_layer_args(d_model, nhead, backend)
         super().__init__(d_model=d_model, nhead=nhead, num_encoder_layers=num_encoder_layers,
-                         num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
-                         activation=activation, custom_encoder=custom_encoder, custom_decoder=custom_decoder,
-                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
-                         bias=bias, device=device, dtype=dtype)
+                         num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
+                         dropout=dropout, activation=activation, custom_encoder=custom_encoder,
+                         custom_decoder=custom_decoder, layer_norm_eps=layer_norm_eps,
+                         batch_first=batch_first, norm_first=norm_first, bias=bias, device=device,
+                         dtype=dtype)
         _convert_subtree(self, backend)
