@@ -119,6 +119,23 @@ def test_encoder_layer_unbatched_and_without_bias():
         check_against_torch(reference, ours, encoder_inputs("padding", True, batched), encoder_layer_call())
 
 
+def test_encoder_layer_under_autocast(monkeypatch):
+    """Under autocast (CPU, bfloat16) the fused MLP runs in the autocast dtype, as torch's linears do."""
+    dtypes = []
+    original = fused_transformer.mlp
+    monkeypatch.setattr(fused_transformer, "mlp", lambda *a, **k: dtypes.append(a[0].dtype) or original(*a, **k))
+    reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
+                                **layer_kwargs(batch_first=True, activation="gelu"))
+
+    def call(module, t):
+        autocast = next(module.parameters()).dtype == torch.float32  # the float64 oracle runs without
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return (module(t["src"], src_key_padding_mask=t["src_key_padding_mask"]),)
+
+    check_against_torch(reference, ours, encoder_inputs("padding", True), call)
+    assert dtypes == [torch.bfloat16]
+
+
 def decoder_inputs(masks, batch_first):
     inputs = {"tgt": seq(T, batch_first), "memory": seq(S, batch_first)}
     if masks == "causal":

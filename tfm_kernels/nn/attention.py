@@ -62,7 +62,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     explicit softmax in torch ops, (N, H, L, S) in memory, and the output as weights @ v; the fused kernel
     runs for need_weights=False (as the Transformer layers call it).
 
-    Rows in which every key is masked give output 0 (and weights 0) where torch gives NaN.
+    A query row in which every key is masked attends to nothing: attention output 0 (so attn_output is the
+    out-projection bias), weights 0 and finite gradients, on both paths. torch gives NaN there with
+    need_weights=True, and NaN or 0 with need_weights=False depending on its version and kernel.
     """
 
     backend = "auto"  # class default, so that modules converted in place by tfm_kernels.patch have one

@@ -18,6 +18,7 @@ from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..mlp import mlp
 from .attention import MultiheadAttention, check_backend
+from .mlp import _CALLABLE_ACTIVATIONS
 
 
 def fused_activation_name(activation):
@@ -25,15 +26,13 @@ def fused_activation_name(activation):
 
     relu: F.relu, torch.relu, nn.ReLU; gelu: F.gelu, nn.GELU(); gelu_tanh: nn.GELU(approximate="tanh");
     silu: F.silu, nn.SiLU."""
-    if activation in (F.relu, torch.relu) or isinstance(activation, nn.ReLU):
+    if isinstance(activation, nn.ReLU):
         return "relu"
-    if activation is F.gelu:
-        return "gelu"
     if isinstance(activation, nn.GELU):
         return "gelu" if activation.approximate == "none" else "gelu_tanh"
-    if activation is F.silu or isinstance(activation, nn.SiLU):
+    if isinstance(activation, nn.SiLU):
         return "silu"
-    return None
+    return next((name for fn, name in _CALLABLE_ACTIVATIONS.items() if fn is activation), None)
 
 
 def _autocast(*tensors):
