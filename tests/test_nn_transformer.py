@@ -292,6 +292,19 @@ def test_torch_layers_given_to_our_containers_become_ours():
     assert all(type(layer.multihead_attn) is MultiheadAttention for layer in decoder.layers)
 
 
+def test_decoder_layer_compiles_in_one_graph():
+    """torch.compile(fullgraph=True): both attentions and the fused MLP trace without graph breaks."""
+    layer = TransformerDecoderLayer(**layer_kwargs(batch_first=True, norm_first=True))
+    tgt, memory = torch.randn(N, T, D_MODEL, requires_grad=True), torch.randn(N, S, D_MODEL)
+    tgt_mask, memory_padding = causal_mask(T).float(), padding_mask(S)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    outs = [module(tgt, memory, tgt_mask=tgt_mask, memory_key_padding_mask=memory_padding, tgt_is_causal=True)
+            for module in (layer, compiled)]
+    torch.testing.assert_close(outs[1], outs[0])
+    grads = [torch.autograd.grad(out.square().sum(), tgt)[0] for out in outs]
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="d_model must be divisible by nhead; got d_model=10 and nhead=3"):
         TransformerEncoderLayer(10, 3)
