@@ -149,6 +149,20 @@ def test_without_bias():
     check_against_torch(reference, ours, inputs, self_attention_call(False))
 
 
+def test_under_autocast():
+    """CPU autocast (bfloat16): the projections run in bfloat16 and so does the kernel, as torch's."""
+    reference, ours = make_pair(batch_first=True)
+
+    def call(module, t):
+        autocast = module.in_proj_weight.dtype == torch.float32  # the float64 oracle runs without
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return module(t["x"], t["x"], t["x"], key_padding_mask=t["key_padding_mask"], need_weights=False)
+
+    inputs = {"x": seq_tensor(True, True, L, E), "key_padding_mask": make_mask("bool", (N, L))}
+    results = check_against_torch(reference, ours, inputs, call)
+    assert results["out0"].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"kdim": 10, "vdim": 6}, {"add_bias_kv": True}, {"bias": False}],
                          ids=["packed", "kdim_vdim", "bias_kv", "no_bias"])
 def test_state_dict_round_trip(kwargs):
