@@ -97,8 +97,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         check_backend(self.backend)
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
-            raise ValueError("is_causal=True is a hint that attn_mask is causal and needs attn_mask (as in "
-                             "torch); nn.Transformer.generate_square_subsequent_mask(L) makes one")
+            raise ValueError("is_causal=True is a hint that attn_mask is causal and needs it (as in torch); "
+                             "nn.Transformer.generate_square_subsequent_mask(L) makes one")
         # torch's rule for the hint: attn_mask gives way to causal attention only where nothing is merged into
         # it and no weights are returned; otherwise attn_mask is authoritative.
         run_causal = is_causal and key_padding_mask is None and not need_weights

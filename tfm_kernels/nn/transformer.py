@@ -47,7 +47,7 @@ def feed_forward(layer, x):
     dropout_p = layer.dropout.p if layer.dropout.training else 0.0
     args = (x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):  # run in the autocast dtype, as torch's layers run these linears
+    if torch.is_autocast_enabled(device_type):  # torch's layers run these linears in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)
         args = tuple(t if t is None else t.to(dtype) for t in args)
     with outside_autocast(device_type):
