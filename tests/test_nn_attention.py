@@ -263,15 +263,28 @@ def test_runs_the_fused_attention(monkeypatch):
     assert len(calls) == 2
 
 
-def test_triton_backend_under_the_interpreter():
+@pytest.mark.parametrize("case", ["padding+float_mask", "float_padding+bool_3d_mask", "cross_extra_keys"])
+def test_triton_backend_under_the_interpreter(case):
     pytest.importorskip("tfm_kernels.triton.attention", reason="no Triton attention kernel in this tree")
     if not torch.cuda.is_available() and not tfm_kernels.backends.triton_interpreting():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    reference, ours = make_pair(batch_first=True)
+    cross = case == "cross_extra_keys"  # with kdim/vdim, add_bias_kv and add_zero_attn
+    extra = {"kdim": 10, "vdim": 6, "add_bias_kv": True, "add_zero_attn": True} if cross else {}
+    reference, ours = make_pair(batch_first=True, **extra)
     ours.backend = "triton"
-    inputs = {"x": seq_tensor(True, True, L, E), "key_padding_mask": make_mask("bool", (N, L)),
-              "attn_mask": make_mask("float", (L, L))}
-    check_against_torch(reference, ours, inputs, self_attention_call(False))
+    if cross:
+        inputs = {"query": seq_tensor(True, True, L, E), "key": seq_tensor(True, True, S, 10),
+                  "value": seq_tensor(True, True, S, 6), "key_padding_mask": make_mask("bool", (N, S))}
+
+        def call(module, t):
+            return module(t["query"], t["key"], t["value"], key_padding_mask=t["key_padding_mask"],
+                          need_weights=False)
+    else:
+        padding, mask = ("bool", "float") if case == "padding+float_mask" else ("float", "bool")
+        inputs = {"x": seq_tensor(True, True, L, E), "key_padding_mask": make_mask(padding, (N, L)),
+                  "attn_mask": make_mask(mask, attn_mask_shape(mask == "bool", True, L, L))}
+        call = self_attention_call(False)
+    check_against_torch(reference, ours, inputs, call)
 
 
 def test_torch_compile_matches_eager():
