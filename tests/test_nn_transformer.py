@@ -139,6 +139,24 @@ def test_encoder_layer_under_autocast(monkeypatch):
     assert dtypes == [torch.bfloat16]
 
 
+def test_encoder_layer_dropout():
+    """Dropout (attention weights, MLP hidden, residuals) only in training, repeatable under manual_seed."""
+    reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
+                                **layer_kwargs(batch_first=True, dropout=0.3))
+    src = torch.randn(N, S, D_MODEL)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(ours(src))
+    torch.testing.assert_close(runs[0], runs[1])
+    ours.eval()
+    reference.eval()
+    with torch.no_grad():
+        evaluated = ours(src)
+        torch.testing.assert_close(evaluated, reference(src))
+    assert (runs[0] - evaluated).abs().max() > 0.1
+
+
 def decoder_inputs(masks, batch_first):
     inputs = {"tgt": seq(T, batch_first), "memory": seq(S, batch_first)}
     if masks == "causal":
