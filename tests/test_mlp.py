@@ -4,6 +4,8 @@ dropout (shared Philox mask), opcheck on every operator, torch.compile, state_di
 On the CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16, small shapes); `gpu` tests repeat the
 checks on CUDA with bf16 and 16384-token shapes."""
 
+import copy
+
 import pytest
 import torch
 from tolerance import assert_within_tolerance, poison_allocator
@@ -285,6 +287,22 @@ def test_gated_mlp_loads_separate_gate_and_up(backend):
     other.down_proj.load_state_dict(down.state_dict())
     torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-5)
     assert set(GatedMLP(d_model, d_ff).state_dict()) == {"gate_up_proj.weight", "down_proj.weight"}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_modules_under_autocast(backend):
+    """Under bf16 autocast the modules compute in bf16 as torch's linears do, the parameters staying float32:
+    the same result as a bf16 copy of the module on bf16 input."""
+    x = rand(2, 5, 16)
+    for module in (FusedMLP(16, 32, activation="gelu", dropout=0.0, backend=backend),
+                   GatedMLP(16, 24, backend=backend)):
+        first_weight = next(module.parameters())
+        require(backend, x, first_weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        assert out.dtype == torch.bfloat16 and first_weight.dtype == torch.float32
+        bf16_copy = copy.deepcopy(module).bfloat16()
+        torch.testing.assert_close(out, bf16_copy(x.bfloat16()), rtol=0, atol=0)
 
 
 def test_bad_inputs():
