@@ -109,20 +109,27 @@ def test_without_bias(backend):
     check_against_oracle("linear", backend, x, weight, None, None)
 
 
+def check_strided_inputs(backend, dtype=torch.float32, device="cpu"):
+    """x a strided view (row stride != K; a single row with stride 1; a transposed view whose last dim is
+    not contiguous; rows broadcast through stride 0), weight a slice of a wider matrix (row stride > K, start
+    off 16-byte alignment), a strided bias."""
+    def r(*shape, scale=1.0):
+        return rand(*shape, dtype=dtype, device=device, scale=scale)
+
+    x = r(6, 9, 3 * 40)[:, 1:8, 40:80]  # (6, 7, 40), row stride 120
+    weight = r(70, 64, scale=0.15)[3:53, 5:45]  # (50, 40), row stride 64, offset 197 elements
+    bias = r(100)[::2]  # (50,), stride 2
+    check_against_oracle("linear", backend, x, weight, bias, "silu")
+    check_against_oracle("linear", backend, r(40, 11).t(), weight, bias, "gelu")  # (11, 40), copied
+    check_against_oracle("linear", backend, r(40, 1).t(), weight, bias, "relu")  # (1, 40), strides (1, 1)
+    check_against_oracle("linear", backend, r(1, 40).expand(5, 40), weight, bias, "gelu_tanh")  # stride 0
+    gated_weight = r(100, 90, scale=0.15)[:, 10:50]  # (100, 40), row stride 90
+    check_against_oracle("gated", backend, x, gated_weight, r(100), "gelu_tanh")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_strided_inputs(backend):
-    """x a strided view (row stride != K, and a transposed view whose last dim is not contiguous), weight a
-    slice of a wider matrix (row stride > K)."""
-    packed = rand(6, 9, 3 * 40)
-    x = packed[:, 1:8, 40:80]  # (6, 7, 40), row stride 120
-    wide = rand(70, 64, scale=0.15)
-    weight = wide[3:53, 5:45]  # (50, 40), row stride 64
-    bias = rand(100)[::2]  # (50,), stride 2
-    check_against_oracle("linear", backend, x, weight, bias, "silu")
-    x_t = rand(40, 11).t()  # (11, 40), last dim not contiguous: copied
-    check_against_oracle("linear", backend, x_t, weight, bias, "gelu")
-    gated_weight = rand(100, 90, scale=0.15)[:, 10:50]  # (100, 40), row stride 90
-    check_against_oracle("gated", backend, x, gated_weight, rand(100), "gelu_tanh")
+    check_strided_inputs(backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
@@ -365,6 +372,35 @@ def test_gpu_gated_and_dropout(backend, dtype, activation, dropout_p):
     check_against_oracle("gated", backend, x, weight, None, activation, dropout_p)
     x, weight, bias = linear_inputs((2, 999), 512, 2048, dtype, device="cuda")
     check_against_oracle("linear", backend, x, weight, bias, activation, dropout_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_strided_inputs(backend, dtype):
+    check_strided_inputs(backend, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_cuda_graph_replay(backend):
+    """The kernels launch on the current stream and read the dropout seed on the device: a captured graph
+    replays to the eager result."""
+    x, w1, b1 = linear_inputs((512,), 256, 1024, torch.bfloat16, device="cuda")
+    w2 = rand(256, 1024, dtype=torch.bfloat16, device="cuda", scale=1 / 32)
+    b2 = rand(256, dtype=torch.bfloat16, device="cuda")
+    require(backend, x, w1)
+    expected = tfm_kernels.mlp(x, w1, b1, w2, b2, "gelu", backend=backend)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (and autotune) outside the capture
+        tfm_kernels.mlp(x, w1, b1, w2, b2, "gelu", backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = tfm_kernels.mlp(x, w1, b1, w2, b2, "gelu", backend=backend)
+    graph.replay()
+    torch.testing.assert_close(captured, expected, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
