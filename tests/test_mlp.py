@@ -23,7 +23,7 @@ ENVIRONMENT_MARKERS = ("not built", "needs CUDA", "built without CUDA", "not ins
 def require(backend, x, weight):
     """Skips only where the environment lacks the backend (no build, no GPU), never a feature it should
     run."""
-    reasons = backends.mlp_not_supported_reasons(backend, x.reshape(-1, x.shape[-1]), weight)
+    reasons = backends.mlp_not_supported_reasons(backend, x, weight)  # reads device and dtype only
     environment = [r for r in reasons if any(marker in r for marker in ENVIRONMENT_MARKERS)]
     if environment:
         pytest.skip("; ".join(environment))
@@ -75,7 +75,7 @@ def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
 
 def linear_inputs(batch_shape, in_features, out_features, dtype, device="cpu", bias=True):
     x = rand(*batch_shape, in_features, dtype=dtype, device=device)
-    weight = rand(out_features, in_features, dtype=dtype, device=device, scale=in_features**-0.5)
+    weight = rand(out_features, in_features, dtype=dtype, device=device, scale=max(in_features, 1) ** -0.5)
     b = rand(out_features, dtype=dtype, device=device) if bias else None
     return x, weight, b
 
@@ -100,6 +100,14 @@ def test_odd_shapes(backend, shape):
     gated_weight = rand(2 * out_features, in_features, scale=in_features**-0.5)
     out = check_against_oracle("gated", backend, x, gated_weight, None, "silu")
     assert out.shape == (*batch_shape, out_features)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_inputs(backend):
+    """No tokens, or in_features = 0 (the output is act(bias)): shapes and gradients as torch."""
+    for batch_shape, in_features in (((0, 3), 8), ((4,), 0)):
+        x, weight, bias = linear_inputs(batch_shape, in_features, 5, torch.float32)
+        check_against_oracle("linear", backend, x, weight, bias, "gelu")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

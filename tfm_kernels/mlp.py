@@ -14,6 +14,8 @@ Backends (all: float16, bfloat16, float32; every activation; dropout; gated; any
 Every kernel backend saves the pre-activation (M, N) in x's dtype for backward, as eager PyTorch does.
 """
 
+import math
+
 import torch
 
 from . import backends, reference
@@ -89,7 +91,8 @@ def _last_dim_contiguous(t):
 
 
 def _run(gated, x, weight, bias, activation, dropout_p, backend, out_features):
-    x2 = _last_dim_contiguous(x).reshape(-1, x.shape[-1])  # (M, K): M tokens, a view wherever strides allow
+    tokens = math.prod(x.shape[:-1])
+    x2 = _last_dim_contiguous(x).reshape(tokens, x.shape[-1])  # (M, K): a view wherever strides allow
     weight = _last_dim_contiguous(weight)
     bias = bias.contiguous() if bias is not None else None  # (N,): a copy of N elements at most
     backend = _resolve(backend, x2, weight)
