@@ -45,6 +45,15 @@ TORCH_LIBRARY(tfm_kernels, m) {
         "-> (Tensor, Tensor)");
   m.def("mlp_gated_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor gate_up, str activation, "
         "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  // mlp_block_forward: the feed-forward block out = dropout(act(x @ w1^T + b1)) @ w2^T + b2, w1 (F, K),
+  //   w2 (N, F); returns out (M, N), preact (M, F) (empty (0,) for activation "none") and hidden (M, F), the
+  //   dropout output that w2 multiplies. One autograd boundary for both projections, so that the backward can
+  //   fuse act' into the GEMM that produces the hidden gradient (cuBLASLt DGELU_BGRAD for gelu_tanh).
+  // mlp_block_backward: (grad_x, grad_w1, grad_b1 (F,), grad_w2, grad_b2 (N,)).
+  m.def("mlp_block_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, "
+        "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  m.def("mlp_block_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor preact, Tensor hidden, Tensor w2, "
+        "str activation, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

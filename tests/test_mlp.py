@@ -177,37 +177,39 @@ def test_dropout_determinism_and_keep_rate(backend):
     assert abs(keep_rate - 0.6) < 5 * (0.24 / n) ** 0.5, f"keep rate {keep_rate:.4f} for p=0.4 over {n} draws"
 
 
+def check_mlp_block(backend, gated, activation, dropout_p, dtype=torch.float32, device="cpu", tokens=(2, 5),
+                    d_model=24, d_ff=40):
+    """mlp() = linear2(dropout(act(linear1(x)))): output and the gradients of x, w1, b1, w2, b2."""
+    x = rand(*tokens, d_model, dtype=dtype, device=device)
+    w1 = rand(2 * d_ff if gated else d_ff, d_model, dtype=dtype, device=device, scale=d_model**-0.5)
+    b1 = rand(w1.shape[0], dtype=dtype, device=device)
+    w2 = rand(d_model, d_ff, dtype=dtype, device=device, scale=d_ff**-0.5)
+    b2 = rand(d_model, dtype=dtype, device=device)
+    require(backend, x, w1)
+    leaves = (x, w1, b1, w2, b2)
+
+    def run(run_backend, run_dtype):
+        cast = [t.detach().to(run_dtype).requires_grad_() for t in leaves]
+        torch.manual_seed(99)
+        out = tfm_kernels.mlp(*cast, activation, dropout_p, gated=gated, backend=run_backend)
+        return out, cast
+
+    out, inputs = run(backend, dtype)
+    grad_out = torch.randn_like(out)
+    results = [(out, *torch.autograd.grad(out, inputs, grad_out))]
+    for run_dtype in (dtype, torch.float64):
+        reference, cast = run("torch", run_dtype)
+        results.append((reference, *torch.autograd.grad(reference, cast, grad_out.to(run_dtype))))
+    for name, result, base, ref in zip(("out", "x", "w1", "b1", "w2", "b2"), *results):
+        assert_within_tolerance(f"{backend} mlp {activation} {name}", result, base, ref)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("gated", [False, True])
 def test_mlp_block(backend, gated):
-    """mlp() = linear2(dropout(act(linear1(x)))) with every gradient."""
-    d_model, d_ff = 24, 40
-    x = rand(2, 5, d_model)
-    w1 = rand(2 * d_ff if gated else d_ff, d_model, scale=d_model**-0.5)
-    b1 = rand(w1.shape[0])
-    w2 = rand(d_model, d_ff, scale=d_ff**-0.5)
-    b2 = rand(d_model)
-    require(backend, x, w1)
-    leaves = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
-    activation = "silu" if gated else "gelu"
-
-    def run(run_backend, dtype):
-        cast = [t.detach().to(dtype).requires_grad_() for t in leaves]
-        torch.manual_seed(99)
-        out = tfm_kernels.mlp(*cast, activation, 0.2, gated=gated, backend=run_backend)
-        return out, cast
-
-    out, inputs = run(backend, torch.float32)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    baseline, base_inputs = run("torch", torch.float32)
-    oracle, oracle_inputs = run("torch", torch.float64)
-    base_grads = torch.autograd.grad(baseline, base_inputs, grad_out)
-    oracle_grads = torch.autograd.grad(oracle, oracle_inputs, grad_out.double())
-    names = ("out", "x", "w1", "b1", "w2", "b2")
-    for name, result, base, ref in zip(names, (out, *grads), (baseline, *base_grads),
-                                       (oracle, *oracle_grads)):
-        assert_within_tolerance(f"{backend} mlp {name}", result, base, ref)
+    check_mlp_block(backend, gated, "silu" if gated else "gelu", 0.2)
+    if not gated:  # the block operator's fused-epilogue case on CUDA: GELU-tanh, no dropout, d_ff % 8 == 0
+        check_mlp_block(backend, gated, "gelu_tanh", 0.0)
 
 
 def _op_samples(prefix):
@@ -230,6 +232,14 @@ def _op_samples(prefix):
         samples.append((gated_fwd, (*leaves, b, activation, dropout_p, seed)))
         out, gate_up = gated_fwd(x, weight, b, activation, dropout_p, seed)
         samples.append((gated_bwd, (torch.randn_like(out), x, weight, gate_up, activation, dropout_p, seed)))
+        if prefix == "":  # the block operators are C++ only
+            w2, b2 = rand(7, 10), (rand(7) if with_bias else None)
+            block_args = (x, weight, b, w2, b2, activation, dropout_p, seed)
+            samples.append((ops.mlp_block_forward, (*leaves, b, w2.clone().requires_grad_(), b2, activation,
+                                                    dropout_p, seed)))
+            out, preact, hidden = ops.mlp_block_forward(*block_args)
+            samples.append((ops.mlp_block_backward, (torch.randn_like(out), x, weight, preact, hidden, w2,
+                                                     activation, dropout_p, seed)))
     return samples
 
 
@@ -380,6 +390,18 @@ def test_gpu_gated_and_dropout(backend, dtype, activation, dropout_p):
     check_against_oracle("gated", backend, x, weight, None, activation, dropout_p)
     x, weight, bias = linear_inputs((2, 999), 512, 2048, dtype, device="cuda")
     check_against_oracle("linear", backend, x, weight, bias, activation, dropout_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_gpu_mlp_block(backend, dtype, activation, dropout_p):
+    """Whole feed-forward blocks at 16384 tokens (cuda: the DGELU_BGRAD fused backward for gelu_tanh without
+    dropout) and at an odd width (d_ff % 8 != 0: the unfused path)."""
+    check_mlp_block(backend, False, activation, dropout_p, dtype, "cuda", (4, 4096), 1024, 4096)
+    check_mlp_block(backend, False, activation, dropout_p, dtype, "cuda", (3, 77), 96, 100)
 
 
 @pytest.mark.gpu

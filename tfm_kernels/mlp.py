@@ -90,11 +90,19 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _flatten(x):
+    """(..., K) -> (M, K) with stride(-1) == 1: a view wherever the strides allow."""
+    return _last_dim_contiguous(x).reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (M, K)
+
+
+def _contiguous_bias(bias):
+    return bias.contiguous() if bias is not None else None  # (N,): a copy of N elements at most
+
+
 def _run(gated, x, weight, bias, activation, dropout_p, backend, out_features):
-    tokens = math.prod(x.shape[:-1])
-    x2 = _last_dim_contiguous(x).reshape(tokens, x.shape[-1])  # (M, K): a view wherever strides allow
+    x2 = _flatten(x)  # (M, K)
     weight = _last_dim_contiguous(weight)
-    bias = bias.contiguous() if bias is not None else None  # (N,): a copy of N elements at most
+    bias = _contiguous_bias(bias)
     backend = _resolve(backend, x2, weight)
     seed = _seed(float(dropout_p), x.device)
     out_shape = (*x.shape[:-1], out_features)
@@ -187,6 +195,16 @@ def mlp(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, *, gated=False, bac
     _check_bias("b2", b2, x, w2.shape[0])
     if gated:
         hidden = gated_linear(x, w1, activation, dropout_p, bias=b1, backend=backend)
-    else:
+        return fused_linear(hidden, w2, b2, None, backend=backend)
+    x2 = _flatten(x)  # (M, K)
+    w1, w2 = _last_dim_contiguous(w1), _last_dim_contiguous(w2)
+    backend = _resolve(backend, x2, w1)
+    if backend not in ("cpu", "cuda") or 0 in (*x2.shape, d_ff, w2.shape[0]):
         hidden = fused_linear(x, w1, b1, activation, dropout_p, backend=backend)
-    return fused_linear(hidden, w2, b2, None, backend=backend)
+        return fused_linear(hidden, w2, b2, None, backend=backend)
+    # The C++ backends run the block as one operator: its backward fuses act' into the hidden-gradient GEMM.
+    seed = _seed(float(dropout_p), x.device)
+    b1, b2 = _contiguous_bias(b1), _contiguous_bias(b2)
+    block = torch.ops.tfm_kernels.mlp_block_forward
+    out, _, _ = block(x2, w1, b1, w2, b2, activation or "none", float(dropout_p), seed)
+    return out.reshape(*x.shape[:-1], w2.shape[0])

@@ -184,6 +184,39 @@ def _register_mlp(prefix):
                                         setup_context=_mlp_setup_context)
 
 
+def _mlp_block_forward_fake(x, w1, b1, w2, b2, activation, dropout_p, seed):
+    M, F = x.shape[0], w1.shape[0]
+    preact = x.new_empty(M, F) if activation != "none" else x.new_empty(0)
+    return x.new_empty(M, w2.shape[0]), preact, x.new_empty(M, F)
+
+
+def _mlp_block_backward_fake(grad_out, x, w1, preact, hidden, w2, activation, dropout_p, seed):
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape),
+            w2.new_empty(w2.shape[0]))
+
+
+def _mlp_block_setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, activation, dropout_p, seed = inputs
+    _, preact, hidden = output
+    ctx.mark_non_differentiable(preact, hidden)
+    ctx.save_for_backward(x, w1, preact, hidden, w2, seed)
+    ctx.mlp_args = (activation, dropout_p)
+
+
+def _mlp_block_backward(ctx, grad_out, _grad_preact, _grad_hidden):
+    x, w1, preact, hidden, w2, seed = ctx.saved_tensors
+    activation, dropout_p = ctx.mlp_args
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.tfm_kernels.mlp_block_backward(
+        grad_out.contiguous(), x, w1, preact, hidden, w2, activation, dropout_p, seed)
+    needs = ctx.needs_input_grad
+    return (grad_x, grad_w1, grad_b1 if needs[2] else None, grad_w2, grad_b2 if needs[4] else None,
+            None, None, None)
+
+
 _register_mlp("triton_")
 if _C is not None:
     _register_mlp("")
+    torch.library.register_fake("tfm_kernels::mlp_block_forward")(_mlp_block_forward_fake)
+    torch.library.register_fake("tfm_kernels::mlp_block_backward")(_mlp_block_backward_fake)
+    torch.library.register_autograd("tfm_kernels::mlp_block_forward", _mlp_block_backward,
+                                    setup_context=_mlp_block_setup_context)

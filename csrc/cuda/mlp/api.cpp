@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "common/mlp_checks.h"
+#include "common/mlp_block.h"
 #include "cuda/mlp/params.h"
 
 namespace tfm_kernels {
@@ -298,24 +299,19 @@ std::tuple<Tensor, Tensor> gated_forward(const Tensor& x_in, const Tensor& weigh
   return {out, gate_up};
 }
 
-// grad_x = dz @ weight, grad_weight = dz^T @ x and grad_bias = column sums of dz (M, width), contiguous.
-std::tuple<Tensor, Tensor, Tensor> weight_grads(const Tensor& dz, const Tensor& x, const Tensor& weight) {
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  Tensor grad_x = at::empty({M, K}, x.options());
+// grad_weight (N, K) = dz^T @ x; with `grad_bias` defined, also its column sums of dz (M, N) into grad_bias (N,).
+Tensor weight_grad(const Tensor& dz, const Tensor& x, const Tensor& grad_bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = dz.size(1);
   Tensor grad_weight = at::empty({N, K}, x.options());
-  Tensor grad_bias = at::empty({N}, x.options());
-  // grad_x^T (K, M) = weight^T (K, N) @ dz^T (N, M); the row-major weight is column-major (K, N).
-  const LtGemm dx{.m = K, .n = M, .k = N, .a = weight.data_ptr(), .lda = leading_dim(weight), .b = dz.data_ptr(),
-                  .ldb = N, .d = grad_x.data_ptr(), .ldd = K};
-  run_gemm_or_fail(dx, x.scalar_type(), x);
   // grad_weight^T (K, N) = x^T (K, M) @ dz (M, N); BGRADB reduces op(B) = dz over k = M into grad_bias (N,).
   LtGemm dw{.transpose_b = true, .m = K, .n = N, .k = M, .a = x.data_ptr(), .lda = leading_dim(x), .b = dz.data_ptr(),
-            .ldb = N, .d = grad_weight.data_ptr(), .ldd = K, .epilogue = CUBLASLT_EPILOGUE_BGRADB,
-            .bias = grad_bias.data_ptr()};
-  if (!run_gemm(dw, x.scalar_type(), x)) {
+            .ldb = N, .d = grad_weight.data_ptr(), .ldd = K};
+  if (grad_bias.defined()) {
+    dw.epilogue = CUBLASLT_EPILOGUE_BGRADB;
+    dw.bias = grad_bias.data_ptr();
+    if (run_gemm(dw, x.scalar_type(), x)) return grad_weight;
     dw.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
     dw.bias = nullptr;
-    run_gemm_or_fail(dw, x.scalar_type(), x);
     ColumnSumParams sum;
     sum.x = dz.data_ptr();
     sum.out = grad_bias.data_ptr();
@@ -325,7 +321,25 @@ std::tuple<Tensor, Tensor, Tensor> weight_grads(const Tensor& dz, const Tensor& 
     launch_column_sum(sum, at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {grad_x, grad_weight, grad_bias};
+  run_gemm_or_fail(dw, x.scalar_type(), x);
+  return grad_weight;
+}
+
+// grad_x (M, K) = dz (M, N) @ weight (N, K): column-major grad_x^T (K, M) = weight^T (K, N) @ dz^T (N, M).
+Tensor input_grad(const Tensor& dz, const Tensor& weight) {
+  const int64_t M = dz.size(0), N = weight.size(0), K = weight.size(1);
+  Tensor grad_x = at::empty({M, K}, dz.options());
+  const LtGemm dx{.m = K, .n = M, .k = N, .a = weight.data_ptr(), .lda = leading_dim(weight), .b = dz.data_ptr(),
+                  .ldb = N, .d = grad_x.data_ptr(), .ldd = K};
+  run_gemm_or_fail(dx, dz.scalar_type(), dz);
+  return grad_x;
+}
+
+// grad_x = dz @ weight, grad_weight = dz^T @ x and grad_bias = column sums of dz (M, N contiguous).
+std::tuple<Tensor, Tensor, Tensor> weight_grads(const Tensor& dz, const Tensor& x, const Tensor& weight) {
+  Tensor grad_bias = at::empty({weight.size(0)}, x.options());
+  Tensor grad_weight = weight_grad(dz, x, grad_bias);
+  return {input_grad(dz, weight), grad_weight, grad_bias};
 }
 
 Tensor grad_preact(const Tensor& grad_out, const Tensor& z, int64_t width, Activation activation, bool gated,
@@ -381,9 +395,45 @@ std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const 
   return weight_grads(dgu, x, weight);
 }
 
+// The block's backward with the up projection's GELU-tanh derivative and bias gradient fused into the GEMM that
+// produces the hidden gradient (cuBLASLt DGELU_BGRAD, the pre-activation as its aux input); every other case
+// (another activation, dropout, F not a multiple of 8, no algorithm) takes the generic composition.
+MlpBlockGrads block_backward_cuda(const Tensor& grad_out, const Tensor& x_in, const Tensor& w1_in,
+                                  const Tensor& preact, const Tensor& hidden_in, const Tensor& w2_in,
+                                  std::string activation_name, double dropout_p, const Tensor& seed) {
+  const Activation activation = checked_activation(activation_name);
+  const int64_t M = x_in.size(0), F = w1_in.size(0), N = w2_in.size(0);
+  const bool fusable = activation == Activation::kGeluTanh && dropout_p == 0.0 && F % kAuxLdMultiple == 0;
+  if (!fusable) return block_backward(grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p,
+                                      seed);
+  const Tensor x = gemm_operand(x_in), w1 = gemm_operand(w1_in), hidden = gemm_operand(hidden_in);
+  const Tensor w2 = gemm_operand(w2_in);
+  check_mlp_operands(x, w1, std::nullopt, F);
+  check_mlp_operands(hidden, w2, std::nullopt, N);
+  check_grad_out(grad_out, M, N);
+  TORCH_CHECK(preact.is_contiguous() && preact.numel() == M * F, "preact must be a contiguous (", M, ", ", F,
+              ") tensor; got ", preact.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor dy = grad_out.contiguous();
+  Tensor grad_b1 = at::empty({F}, x.options());
+  Tensor dz = at::empty({M, F}, x.options());
+  // dz^T (F, M) = dGELU(w2^T (F, N) @ dy^T (N, M), preact^T), grad_b1 = its sums over tokens.
+  const LtGemm hidden_grad{.m = F, .n = M, .k = N, .a = w2.data_ptr(), .lda = leading_dim(w2), .b = dy.data_ptr(),
+                           .ldb = N, .d = dz.data_ptr(), .ldd = F, .epilogue = CUBLASLT_EPILOGUE_DGELU_BGRAD,
+                           .bias = grad_b1.data_ptr(), .aux = preact.data_ptr(), .ld_aux = F};
+  if (!run_gemm(hidden_grad, x.scalar_type(), x)) {
+    return block_backward(grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p, seed);
+  }
+  Tensor grad_b2 = at::empty({N}, x.options());
+  Tensor grad_w2 = weight_grad(dy, hidden, grad_b2);
+  Tensor grad_w1 = weight_grad(dz, x, Tensor());
+  return {input_grad(dz, w1), grad_w1, grad_b1, grad_w2, grad_b2};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tfm_kernels, CUDA, m) {
+  m.impl("mlp_block_backward", &block_backward_cuda);
   m.impl("mlp_linear_forward", &linear_forward);
   m.impl("mlp_linear_backward", &linear_backward);
   m.impl("mlp_gated_forward", &gated_forward);
