@@ -5,11 +5,14 @@ ops.py.
 
 Backends (all: float16, bfloat16, float32; every activation; dropout; gated; any leading shape and strides):
   "cuda"    cuBLASLt GEMMs with fused epilogues (bias; GELU-tanh with the pre-activation as aux output; bias
-            gradient in the weight-gradient GEMM) plus CUDA kernels for the other activations, gating and
-            dropout. CUDA tensors, extension built with CUDA.
+            gradient in the weight-gradient GEMM; in mlp(), GELU-tanh' and the bias gradient in the GEMM that
+            produces the hidden gradient) plus CUDA kernels for the other activations, gating and dropout.
+            CUDA tensors, extension built with CUDA.
   "triton"  one tiled GEMM kernel with bias/activation/gate/dropout epilogues and a fused bias-gradient
             reduction. CUDA tensors (CPU tensors under TRITON_INTERPRET=1, float16/float32 only).
   "cpu"     at::matmul plus fused C++ elementwise passes. CPU tensors, extension built.
+mlp() without gating runs as one block operator on "cpu" and "cuda" (tfm_kernels::mlp_block_forward), and as
+two fused linears elsewhere.
   "torch"   plain torch ops (also float64), autograd by torch; the reference the others are tested against.
 Every kernel backend saves the pre-activation (M, N) in x's dtype for backward, as eager PyTorch does.
 """

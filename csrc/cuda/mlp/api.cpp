@@ -8,9 +8,11 @@
 //                                     (cuBLASLt has no erf-GELU, SiLU or dropout epilogue; its GELU is the tanh
 //                                     approximation, and its ReLU aux is a bit mask, not the pre-activation);
 //            gated:                   BIAS into [g, u], then out = dropout(act(g) * u) in our kernel.
-//   backward dz = grad_out * dropout * act'(z) in our kernel (DGELU_BGRAD needs the GEMM that produces grad_out,
-//            which belongs to the next layer's backward), then grad_x = dz @ W (DEFAULT) and
-//            grad_weight = dz^T @ x with BGRADB, which sums dz's rows into grad_bias inside the same GEMM.
+//   backward dz = grad_out * dropout * act'(z) in our kernel, then grad_x = dz @ W (DEFAULT) and
+//            grad_weight = dz^T @ x with BGRADB, which sums dz's rows into grad_bias inside the same GEMM;
+//   block    (mlp_block_backward, both projections) for gelu_tanh without dropout: the GEMM that produces the
+//            hidden gradient, grad_out @ W2, applies GELU' from the saved pre-activation and sums the bias
+//            gradient in its epilogue (DGELU_BGRAD), so dz never takes a separate pass.
 // Each fused epilogue falls back to the plain GEMM plus our kernel (bias add, column sum) when cuBLASLt offers
 // no algorithm for it (dtype, alignment, leading dimension), so every input shape runs.
 //
