@@ -220,3 +220,12 @@ def test_dropout_trains_stochastically_and_evaluates_deterministically():
     assert not torch.equal(model(tokens), model(tokens))
     model.eval()
     assert torch.equal(model(tokens), model(tokens))
+
+
+def test_lm_compiles_to_one_graph():
+    """torch.compile(fullgraph=True) traces the model through the package's operators (no graph breaks) and
+    computes the same logits."""
+    model = TransformerLM(LMConfig.preset("tiny", n_layers=1))
+    tokens = torch.randint(0, 256, (2, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(tokens), model(tokens), rtol=0, atol=0)
