@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from threads import one_thread  # noqa: F401  (fixture)
 from tolerance import assert_within_tolerance
 
 from tfm_kernels.models import (
@@ -20,14 +21,7 @@ from tfm_kernels.models import (
 from tfm_kernels.models.baseline import TorchLM, build_torch_lm
 from tfm_kernels.models.seq2seq import sinusoidal_positions
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread is ~40x faster for these tiny models than oversubscribed OpenMP."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_presets_hold_the_published_shapes():

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from threads import one_thread  # noqa: F401  (fixture)
 
 from tfm_kernels.models import LMConfig, Seq2SeqConfig, TransformerLM, checkpoint, data, distributed
 from tfm_kernels.models.cli import generate_main, train_copy_main, train_main
@@ -22,12 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(context_length=32, d_model=32, n_layers=2, n_heads=2, d_ff=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(**overrides):
@@ -76,6 +72,10 @@ def test_resume_continues_bit_identically(tmp_path, dropout):
     assert saved["step"] == 12 and set(saved) >= {"model", "optimizer", "scheduler", "rng", "config",
                                                   "data_generator", "train_config"}
     assert os.listdir(tmp_path) == [checkpoint.CHECKPOINT_NAME]
+    again = train_lm(config, _quiet(steps=12, checkpoint_dir=str(tmp_path), resume=True, **common))
+    assert again.step == 12 and again.evaluations[-1][0] == 12 and not again.train_losses
+    with pytest.raises(ValueError, match="steps 5 is behind the checkpoint, which is at step 12"):
+        train_lm(config, _quiet(steps=5, checkpoint_dir=str(tmp_path), resume=True, **common))
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):

@@ -250,6 +250,8 @@ class Trainer:
                 or (config.checkpoint_interval and self.step % config.checkpoint_interval == 0)
             ):
                 self.save()
+        if not result.evaluations or result.evaluations[-1][0] != self.step:
+            self._evaluate(progress, result)  # a resumed run with no steps left still reports where it stands
         progress.close()
         result.step = self.step
         return result
@@ -264,7 +266,10 @@ def _prepare_resume(config: TrainConfig, kind, model_config):
     """The checkpoint to resume from (validated against the model configuration), or None for a fresh run."""
     if not config.resume:
         return None
-    return ckpt.load_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir), kind, model_config)
+    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir), kind, model_config)
+    if saved["step"] > config.steps:
+        raise ValueError(f"steps {config.steps} is behind the checkpoint, which is at step {saved['step']}")
+    return saved
 
 
 def _build(model_class, model_config, config, env):
