@@ -223,3 +223,21 @@ def test_lm_compiles_to_one_graph():
     tokens = torch.randint(0, 256, (2, 16))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_autocast_runs_attention_and_mlp_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast (as training on a GPU) both kernels receive bf16 inputs, and the logits stay close
+    to the float32 model's."""
+    dtypes = []
+    mlp = layers.mlp
+    attention = layers.scaled_dot_product_attention
+    monkeypatch.setattr(layers, "mlp", lambda x, *a, **k: dtypes.append(("mlp", x.dtype)) or mlp(x, *a, **k))
+    monkeypatch.setattr(layers, "scaled_dot_product_attention",
+                        lambda q, *a, **k: dtypes.append(("attention", q.dtype)) or attention(q, *a, **k))
+    model = TransformerLM(LMConfig.preset("tiny", n_layers=1))
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(tokens)
+    assert dtypes == [("attention", torch.bfloat16), ("mlp", torch.bfloat16)]
+    reference = model(tokens)
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
