@@ -148,6 +148,9 @@ class Trainer:
         self.data_generator = data_generator
         self.tokens_per_step = tokens_per_step
         self.step = 0
+        # FSDP keys optimizer state by parameter name, torch's optimizers by index: a checkpoint resumes only
+        # under the layout that wrote it (its model weights load anywhere).
+        self.optimizer_layout = "fsdp" if train_config.fsdp and env.distributed else "torch"
         self.autocast = torch.autocast(
             env.device.type, dtype=torch.bfloat16, enabled=train_config.amp and env.device.type == "cuda"
         )
@@ -156,7 +159,7 @@ class Trainer:
 
     def _state_dicts(self):
         """(model, optimizer) state dicts with full, unsharded tensors (collective under FSDP)."""
-        if self.config.fsdp and self.env.distributed:
+        if self.optimizer_layout == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
             return get_state_dict(
@@ -177,6 +180,7 @@ class Trainer:
                     "train_config": dataclasses.asdict(self.config),
                     "model": model_state,
                     "optimizer": optimizer_state,
+                    "optimizer_layout": self.optimizer_layout,
                     "scheduler": self.scheduler.state_dict(),
                     "step": self.step,
                     "rng": rng_states,
@@ -186,7 +190,11 @@ class Trainer:
         distributed.barrier(self.env)
 
     def load(self, checkpoint):
-        if self.config.fsdp and self.env.distributed:
+        if checkpoint["optimizer_layout"] != self.optimizer_layout:
+            saved = checkpoint["optimizer_layout"]
+            raise ValueError(f"the checkpoint's optimizer state was written by a {saved!r} run; resume it as "
+                             f"one (fsdp=True under torchrun for 'fsdp'), not as {self.optimizer_layout!r}")
+        if self.optimizer_layout == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             set_state_dict(
