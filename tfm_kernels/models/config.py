@@ -62,10 +62,12 @@ class _Presets:
         return cls(**fields)
 
     def to_dict(self) -> dict:
+        """Plain field values (what checkpoints store)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict):
+        """The config of a to_dict() result, validated again."""
         return cls(**values)
 
 

@@ -190,6 +190,7 @@ class Trainer:
         distributed.barrier(self.env)
 
     def load(self, checkpoint):
+        """Continues from a checkpoint's state: parameters, optimizer, schedule, step, data stream, RNGs."""
         if checkpoint["optimizer_layout"] != self.optimizer_layout:
             saved = checkpoint["optimizer_layout"]
             raise ValueError(f"the checkpoint's optimizer state was written by a {saved!r} run; resume it as "
@@ -227,6 +228,7 @@ class Trainer:
         progress.message(f"step {self.step}: {shown}")
 
     def run(self) -> TrainResult:
+        """Trains from the current step to config.steps; evaluates, logs and saves on the way."""
         config = self.config
         result = TrainResult(model=self.module, step=self.step)
         progress = ProgressLine(config.steps, enabled=config.progress and self.env.is_main)
