@@ -114,9 +114,10 @@ def _param_groups(model, weight_decay):
 class Trainer:
     """The optimisation loop shared by both models.
 
-    next_batch() -> tuple of CPU tensors for this process; loss_fn(model, *batch) -> scalar loss;
-    evaluate(model) -> {metric: value} (run on every process; called at step 0 of a fresh run, every
-    eval_interval steps and at the end); tokens_per_step: global tokens per step for the progress line."""
+    next_batch() -> tuple of CPU tensors for this process; loss_fn(wrapped model, *batch) -> scalar loss;
+    evaluate(model) -> {metric: value} (the model itself, not its DDP wrapper; run on every process; called
+    at step 0 of a fresh run, every eval_interval steps and at the end); tokens_per_step: global tokens per
+    step for the progress line."""
 
     def __init__(
         self,
@@ -221,7 +222,7 @@ class Trainer:
     def _evaluate(self, progress, result):
         self.model.eval()
         with torch.no_grad(), self.autocast:
-            metrics = self.evaluate(self.model)
+            metrics = self.evaluate(self.module)
         self.model.train()
         result.evaluations.append((self.step, metrics))
         shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
@@ -282,6 +283,15 @@ def _prepare_resume(config: TrainConfig, kind, model_config):
     return saved
 
 
+def _train(kind, model, model_config, config, env, resume_from, **parts) -> TrainResult:
+    """Wraps `model` for the job, continues from `resume_from` if given, and runs the Trainer."""
+    trainer = Trainer(kind=kind, model=model, model_config=model_config, train_config=config, env=env,
+                      **parts)
+    if resume_from is not None:
+        trainer.load(resume_from)
+    return trainer.run()
+
+
 def _build(model_class, model_config, config, env):
     """The model, built identically on every process from config.seed, then each process's own RNG stream."""
     _seed_everything(config.seed)
@@ -329,23 +339,10 @@ def train_lm(
     def optimizer_factory(wrapped):
         return torch.optim.AdamW(_param_groups(wrapped, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
 
-    trainer = Trainer(
-        kind="lm",
-        model=model,
-        model_config=model_config,
-        train_config=config,
-        env=env,
-        optimizer_factory=optimizer_factory,
-        schedule=warmup_cosine(config.warmup_steps, config.decay_steps or config.steps, config.min_lr_ratio),
-        next_batch=batches.next,
-        loss_fn=lm_loss,
-        evaluate=evaluate,
-        data_generator=generator,
-        tokens_per_step=config.batch_size * model_config.context_length,
-    )
-    if resume_from is not None:
-        trainer.load(resume_from)
-    return trainer.run()
+    schedule = warmup_cosine(config.warmup_steps, config.decay_steps or config.steps, config.min_lr_ratio)
+    return _train("lm", model, model_config, config, env, resume_from, optimizer_factory=optimizer_factory,
+                  schedule=schedule, next_batch=batches.next, loss_fn=lm_loss, evaluate=evaluate,
+                  data_generator=generator, tokens_per_step=config.batch_size * model_config.context_length)
 
 
 def copy_accuracy(model: EncoderDecoderTransformer, src, tgt_out):
@@ -393,16 +390,8 @@ def train_copy(
     c = model_config
     symbols = data.copy_symbols()
     generator = torch.Generator().manual_seed(config.seed)
-    held_out = data.copy_task_batch(
-        eval_examples,
-        min_length,
-        max_length,
-        symbols,
-        c.pad_id,
-        c.bos_id,
-        c.eos_id,
-        torch.Generator().manual_seed(config.seed + 1),
-    )
+    held_out = data.copy_task_batch(eval_examples, min_length, max_length, symbols, c.pad_id, c.bos_id,
+                                    c.eos_id, torch.Generator().manual_seed(config.seed + 1))
     local = slice(
         env.rank * config.batch_size // env.world_size, (env.rank + 1) * config.batch_size // env.world_size
     )
@@ -416,28 +405,15 @@ def train_copy(
     def loss_fn(wrapped, src, tgt_in, tgt_out):
         return seq2seq_loss(wrapped, src, tgt_in, tgt_out, c.label_smoothing, c.pad_id)
 
-    def evaluate(wrapped):
+    def evaluate(trained):
         src, _, tgt_out = (t.to(env.device) for t in held_out)
-        token_accuracy, sequence_accuracy = copy_accuracy(model, src, tgt_out)
+        token_accuracy, sequence_accuracy = copy_accuracy(trained, src, tgt_out)
         return {"token_accuracy": token_accuracy, "sequence_accuracy": sequence_accuracy}
 
     def optimizer_factory(wrapped):
         return torch.optim.Adam(wrapped.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=1e-9)
 
-    trainer = Trainer(
-        kind="seq2seq",
-        model=model,
-        model_config=model_config,
-        train_config=config,
-        env=env,
-        optimizer_factory=optimizer_factory,
-        schedule=inverse_sqrt(c.d_model, c.warmup_steps),
-        next_batch=next_batch,
-        loss_fn=loss_fn,
-        evaluate=evaluate,
-        data_generator=generator,
-        tokens_per_step=config.batch_size * (max_length + 1),
-    )
-    if resume_from is not None:
-        trainer.load(resume_from)
-    return trainer.run()
+    return _train("seq2seq", model, model_config, config, env, resume_from,
+                  optimizer_factory=optimizer_factory, schedule=inverse_sqrt(c.d_model, c.warmup_steps),
+                  next_batch=next_batch, loss_fn=loss_fn, evaluate=evaluate, data_generator=generator,
+                  tokens_per_step=config.batch_size * (max_length + 1))
