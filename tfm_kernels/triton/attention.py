@@ -154,9 +154,9 @@ def _program_ids(num_row_blocks, REVERSE: tl.constexpr):
 @triton.jit
 def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, offs_n, d_ok, dv_ok, col_end, mask_bh,
                    stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z, threshold,
-                   MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr, HAS_DROPOUT:
-                   tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs (BLOCK_N, BLOCK_DV)
     point at key lo. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -188,9 +188,9 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
                     stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                     stride_mb, stride_mh, stride_ml, stride_ms, H, GROUP, L, S, scale_log2, threshold,
                     inv_keep, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS:
-                    tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M:
-                    tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                    HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
@@ -257,8 +257,8 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
 
 @triton.jit
 def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om, stride_gb, stride_gh,
-                           stride_gm, H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M:
-                           tl.constexpr):
+                           stride_gm, H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32: the rowsum(P * dP) of softmax's
     backward (dropout included, since O already carries the dropped and rescaled P)."""
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), False)
@@ -278,10 +278,10 @@ def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om,
 @triton.jit
 def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols, offs_m, offs_d, offs_dv,
                        d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S,
-                       scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL:
-                       tl.constexpr, APPLY_COL_END: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D:
-                       tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M:
-                       tl.constexpr):
+                       scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr,
+                       APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
     """Accumulates dK, dV of the BLOCK_N keys `cols` (BLOCK_N, 1) over query blocks [lo, hi) of one head.
     Tiles are transposed, (keys, rows), so dK and dV accumulate without a transpose of the scores."""
     lo64 = lo.to(tl.int64)
@@ -321,10 +321,10 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
                         stride_vn, stride_gb, stride_gh, stride_gm, stride_dkb, stride_dkh, stride_dkn,
                         stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_ml, stride_ms, H,
                         GROUP, L, S, scale, scale_log2, threshold, inv_keep, HEAD_DIM: tl.constexpr,
-                        HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL:
-                        tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT:
-                        tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
-                        tl.constexpr):
+                        HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     H_KV = H // GROUP
     pid_n, pid_bkv = _program_ids(tl.cdiv(S, BLOCK_N), False)
     b = pid_bkv // H_KV
@@ -397,9 +397,9 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
 @triton.jit
 def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, offs_n, d_ok, dv_ok, col_end,
                       mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z,
-                      threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY:
-                      tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                      threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+                      BOUNDARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr,
+                      CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulates dQ of BLOCK_M rows over key blocks [lo, hi); k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs
     (BLOCK_DV, BLOCK_N) point at key lo, both transposed."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -425,11 +425,11 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, 
 def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Seed, stride_qb, stride_qh,
                        stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_gb,
                        stride_gh, stride_gm, stride_dqb, stride_dqh, stride_dqm, stride_mb, stride_mh,
-                       stride_ml, stride_ms, H, GROUP, L, S, scale, scale_log2, threshold, inv_keep, HEAD_DIM:
-                       tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
-                       tl.constexpr):
+                       stride_ml, stride_ms, H, GROUP, L, S, scale, scale_log2, threshold, inv_keep,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                       HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
