@@ -149,6 +149,25 @@ def _program_ids(num_row_blocks, REVERSE: tl.constexpr):
     return block, pid // num_row_blocks
 
 
+@triton.jit
+def _query_block_program(L, H, GROUP, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A program owning BLOCK_M query rows of one (batch, head): b, and as int64 h, its kv head h // GROUP
+    and the flat batch*head index b * H + h (also the dropout z); plus the first row."""
+    pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h.to(tl.int64), (h // GROUP).to(tl.int64), pid_bh.to(tl.int64), pid_m * BLOCK_M
+
+
+@triton.jit
+def _dropout_key(Seed, HAS_DROPOUT: tl.constexpr):
+    """The Philox key of this call's seed when dropout is on (unused placeholders otherwise)."""
+    if HAS_DROPOUT:
+        return philox_key(Seed)
+    else:
+        return 0, 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Forward
 
@@ -193,13 +212,8 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
                     BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                     HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    kv_h64 = (h // GROUP).to(tl.int64)
-    m_start = pid_m * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -217,10 +231,7 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
     k_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
     v_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
     mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
-    k0, k1 = 0, 0
-    if HAS_DROPOUT:
-        k0, k1 = philox_key(Seed)
-    z = b64 * H + h64
+    k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
 
     col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     full_end, end = _key_blocks(m_start, col_end, IS_CAUSAL, BLOCK_M, BLOCK_N)
@@ -229,13 +240,13 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base, v_base, 0, full_end, rows, m_start, offs_n, d_ok,
                                    dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
-                                   scale_log2, k0, k1, z, threshold, MASK_KIND, False, False, HAS_DROPOUT,
+                                   scale_log2, k0, k1, bh64, threshold, MASK_KIND, False, False, HAS_DROPOUT,
                                    CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     k_diagonal = k_base + full_end.to(tl.int64) * stride_kn
     v_diagonal = v_base + full_end.to(tl.int64) * stride_vn
     acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_diagonal, v_diagonal, full_end, end, rows, m_start,
                                    offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn,
-                                   stride_vn, L, S, scale_log2, k0, k1, z, threshold, MASK_KIND, IS_CAUSAL,
+                                   stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, MASK_KIND, IS_CAUSAL,
                                    True, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
 
     # l == 0 exactly when no key takes part in the row: output 0, lse = +inf (its backward p is then 0).
@@ -249,7 +260,7 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
     o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + m_start.to(tl.int64) * stride_om
               + offs_m[:, None] * stride_om + offs_dv[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok & dv_ok[None, :])
-    lse_ptrs = Lse + pid_bh.to(tl.int64) * L + m_start + offs_m
+    lse_ptrs = Lse + bh64 * L + m_start + offs_m
     tl.store(lse_ptrs, lse, mask=(m_start + offs_m) < L)
 
 
@@ -354,9 +365,7 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
                    + offs_dv[None, :], col_in_s, dv_ok[None, :], True, CHECK_DV)  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    k0, k1 = 0, 0
-    if HAS_DROPOUT:
-        k0, k1 = philox_key(Seed)
+    k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
 
     col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     if IS_CAUSAL:
@@ -433,13 +442,8 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
                        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                        HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    kv_h64 = (h // GROUP).to(tl.int64)
-    m_start = pid_m * BLOCK_M
     m_start64 = m_start.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -458,29 +462,25 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
     do = _load_tile(GradOut + b64 * stride_gb + h64 * stride_gh + m_start64 * stride_gm
                     + offs_m[:, None] * stride_gm + offs_dv[None, :], row_ok[:, None], dv_ok[None, :], True,
                     CHECK_DV)
-    bh64 = pid_bh.to(tl.int64)
     lse_log2 = tl.load(Lse + bh64 * L + row_ids, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + bh64 * L + row_ids, mask=row_ok, other=0.0)
     kT_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None]
     mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
-    k0, k1 = 0, 0
-    if HAS_DROPOUT:
-        k0, k1 = philox_key(Seed)
-    z = b64 * H + h64
+    k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
 
     col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     full_end, end = _key_blocks(m_start, col_end, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, 0, full_end, rows, m_start, offs_n,
                            d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
-                           scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND, False, False, HAS_DROPOUT,
-                           CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+                           scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, False, False,
+                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     kT_diagonal = kT_base + full_end.to(tl.int64) * stride_kn
     vT_diagonal = vT_base + full_end.to(tl.int64) * stride_vn
     dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_diagonal, vT_diagonal, full_end, end, rows, m_start,
                            offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn,
-                           L, S, scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND, IS_CAUSAL, True,
+                           L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, IS_CAUSAL, True,
                            HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     dq_ptrs = (GradQ + b64 * stride_dqb + h64 * stride_dqh + m_start64 * stride_dqm
                + offs_m[:, None] * stride_dqm + offs_d[None, :])
