@@ -110,30 +110,30 @@ def _config(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-def _config_list(gpu_configs, interpreter_config):
-    # The interpreter runs on CPU and cannot autotune more than one config.
-    return [interpreter_config] if triton_interpreting() else gpu_configs
+def _config_lists(hopper_configs, fallback, interpreter_config):
+    """(configs, fallback). The interpreter runs on CPU and cannot autotune more than one config."""
+    if triton_interpreting():
+        return [interpreter_config], interpreter_config
+    return hopper_configs, fallback
 
 
-# Tile configs for Hopper (sm_90a). The first config that fits shared memory is the default for problems too
-# small to autotune; the last one is a fallback that fits even float32 at head dim 256. Register use by ptxas
-# (bf16, head dim 128): forward 128x64 with 8 warps uses 230 registers and no spills, with 4 warps it spills
-# 1.3 KB; dK/dV 32x128 with 8 warps has no spills, 64x128 spills 0.2 KB; dQ 128x64 with 8 warps none.
+# Tile configs for Hopper (sm_90a), few so that autotuning compiles little. The first config that fits shared
+# memory is the default for problems too small to autotune; the fallback is used only where none fits (float32
+# at head dim 256). Register use by ptxas (bf16, head dim 128): forward 128x64 with 8 warps 230 registers and
+# no spills, with 4 warps it spills 1.3 KB; dK/dV 32x128 with 8 warps no spills, 64x128 spills 0.2 KB, 64x64
+# with 4 warps 0.6 KB; dQ 128x64 with 8 warps none.
 # Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
-FORWARD_CONFIGS = _config_list(
-    [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(128, 64, 8, 4), _config(64, 64, 4, 3),
-     _config(64, 32, 4, 2), _config(32, 32, 4, 1)],
-    _config(32, 16, 4, 1))
+FORWARD_CONFIGS, FORWARD_FALLBACK = _config_lists(
+    [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    _config(32, 32, 4, 1), _config(32, 16, 4, 1))
 # dK/dV: BLOCK_N keys resident while BLOCK_M query rows stream past.
-BACKWARD_KV_CONFIGS = _config_list(
-    [_config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(64, 64, 8, 2), _config(32, 64, 4, 3),
-     _config(16, 64, 4, 3), _config(16, 32, 4, 1)],
-    _config(16, 32, 4, 1))
+BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK = _config_lists(
+    [_config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(64, 64, 8, 2), _config(16, 64, 4, 3)],
+    _config(16, 32, 4, 1), _config(16, 32, 4, 1))
 # dQ: BLOCK_M query rows resident while BLOCK_N keys stream past.
-BACKWARD_Q_CONFIGS = _config_list(
-    [_config(128, 64, 8, 2), _config(128, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2),
-     _config(32, 16, 4, 1)],
-    _config(32, 16, 4, 1))
+BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK = _config_lists(
+    [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    _config(32, 16, 4, 1), _config(32, 16, 4, 1))
 AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "DOT_PRECISION"]
 
 
@@ -494,39 +494,40 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
 class _TiledKernel:
     """A kernel with its config list: autotuned for big problems, else the first config that fits."""
 
-    def __init__(self, kernel, configs, resident):
+    def __init__(self, kernel, configs, fallback, resident):
         self.kernel = kernel
         self.configs = configs
+        self.fallback = fallback
         self.resident = resident  # the block that stays in shared memory: "BLOCK_M" or "BLOCK_N"
         self.streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
-        self.tuned = triton.autotune(configs=configs, key=AUTOTUNE_KEY,
+        all_configs = configs if fallback in configs else [*configs, fallback]
+        self.tuned = triton.autotune(configs=all_configs, key=AUTOTUNE_KEY,
                                      prune_configs_by={"early_config_prune": self._prune})(kernel)
 
-    def fitting(self, configs, element_size, head_dims):
+    def fitting(self, element_size, head_dims):
         """The configs whose resident tile plus pipelined streamed tiles fit the shared memory budget."""
         def estimate(config):
             tiles = config.kwargs[self.resident] + max(config.num_stages, 1) * config.kwargs[self.streamed]
             return element_size * head_dims * tiles
 
-        fit = [c for c in configs if estimate(c) <= SHARED_MEMORY_BUDGET]
-        return fit or [min(configs, key=estimate)]
+        return [c for c in self.configs if estimate(c) <= SHARED_MEMORY_BUDGET] or [self.fallback]
 
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return self.fitting(configs, args["Q"].element_size(), args["BLOCK_D"] + args["BLOCK_DV"])
+        return self.fitting(args["Q"].element_size(), args["BLOCK_D"] + args["BLOCK_DV"])
 
     def launch(self, grid, work, element_size, args, constexprs):
         if AUTOTUNE and not triton_interpreting() and work >= AUTOTUNE_MIN_WORK:
             self.tuned[grid](*args, **constexprs)
             return
-        config = self.fitting(self.configs, element_size, constexprs["BLOCK_D"] + constexprs["BLOCK_DV"])[0]
+        config = self.fitting(element_size, constexprs["BLOCK_D"] + constexprs["BLOCK_DV"])[0]
         self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
                           num_stages=config.num_stages)
 
 
-_FORWARD = _TiledKernel(_forward_kernel, FORWARD_CONFIGS, "BLOCK_M")
-_BACKWARD_KV = _TiledKernel(_backward_kv_kernel, BACKWARD_KV_CONFIGS, "BLOCK_N")
-_BACKWARD_Q = _TiledKernel(_backward_q_kernel, BACKWARD_Q_CONFIGS, "BLOCK_M")
+_FORWARD = _TiledKernel(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M")
+_BACKWARD_KV = _TiledKernel(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N")
+_BACKWARD_Q = _TiledKernel(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M")
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
 
 
