@@ -151,6 +151,18 @@ def test_dropout_matches_reference_under_keep_mask(backend, dtype, case):
     check_dropout_against_reference(backend, q, k, v, 0.25, **kwargs)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["group_per_program", "head_per_program"])
+def test_triton_grouped_query_dkdv_split(monkeypatch, split):
+    """Triton's dK/dV programs loop over a kv head's query group, or, where that leaves multiprocessors idle,
+    take one query head each and sum the partial gradients: both against the oracle, dropout and mask on."""
+    import tfm_kernels.triton.attention as triton_attention
+
+    monkeypatch.setattr(triton_attention, "_multiprocessor_count", lambda device: 1 << 30 if split else 0)
+    q, k, v = qkv(2, 6, 2, 13, 21, 16, 24)
+    check_against_oracle("triton", q, k, v, attn_mask=torch.rand(13, 21) > 0.2, enable_gqa=True)
+    check_dropout_against_reference("triton", q, k, v, 0.3, is_causal=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Operator registration: opcheck and torch.compile
 

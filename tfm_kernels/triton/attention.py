@@ -333,17 +333,20 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
                         stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                         stride_vn, stride_gb, stride_gh, stride_gm, stride_dkb, stride_dkh, stride_dkn,
                         stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_ml, stride_ms, H,
-                        GROUP, L, S, scale, scale_log2, threshold, inv_keep, HEAD_DIM: tl.constexpr,
-                        HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-                        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    H_KV = H // GROUP
-    pid_n, pid_bkv = _program_ids(tl.cdiv(S, BLOCK_N), False)
-    b = pid_bkv // H_KV
-    kv_h = pid_bkv % H_KV
+                        GROUP, HEADS_PER_PROGRAM, L, S, scale, scale_log2, threshold, inv_keep,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                        HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A program owns BLOCK_N keys of one kv head and HEADS_PER_PROGRAM of its query heads: the whole group
+    # (dK, dV final), or fewer where the group is split for parallelism (partial dK, dV per head slice).
+    SLICES = H // HEADS_PER_PROGRAM
+    pid_n, pid_slice = _program_ids(tl.cdiv(S, BLOCK_N), False)
+    b = pid_slice // SLICES
     b64 = b.to(tl.int64)
-    kv_h64 = kv_h.to(tl.int64)
+    slice64 = (pid_slice % SLICES).to(tl.int64)
+    first_h64 = slice64 * HEADS_PER_PROGRAM
+    kv_h64 = first_h64 // GROUP
     n_start = pid_n * BLOCK_N
     n_start64 = n_start.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -357,12 +360,12 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
     CHECK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     CHECK_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
 
-    k = _load_tile(K + b64 * stride_kb + kv_h64 * stride_kh + n_start64 * stride_kn + offs_n[:,
-                   None] * stride_kn
-                   + offs_d[None, :], col_in_s, d_ok[None, :], True, CHECK_D)  # (BLOCK_N, BLOCK_D)
-    v = _load_tile(V + b64 * stride_vb + kv_h64 * stride_vh + n_start64 * stride_vn + offs_n[:,
-                   None] * stride_vn
-                   + offs_dv[None, :], col_in_s, dv_ok[None, :], True, CHECK_DV)  # (BLOCK_N, BLOCK_DV)
+    k_ptrs = (K + b64 * stride_kb + kv_h64 * stride_kh + n_start64 * stride_kn + offs_n[:, None] * stride_kn
+              + offs_d[None, :])
+    k = _load_tile(k_ptrs, col_in_s, d_ok[None, :], True, CHECK_D)  # (BLOCK_N, BLOCK_D)
+    v_ptrs = (V + b64 * stride_vb + kv_h64 * stride_vh + n_start64 * stride_vn + offs_n[:, None] * stride_vn
+              + offs_dv[None, :])
+    v = _load_tile(v_ptrs, col_in_s, dv_ok[None, :], True, CHECK_DV)  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
@@ -379,8 +382,8 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
     no_row = n_start >= col_end
     start = tl.where(no_row, L, start)
     full_start = tl.where(no_row, L, tl.minimum(full_start, L))
-    for g in range(0, GROUP):  # the query heads sharing this key/value head
-        h64 = kv_h64 * GROUP + g
+    for g in range(0, HEADS_PER_PROGRAM):
+        h64 = first_h64 + g
         bh64 = b64 * H + h64
         q_bh = Q + b64 * stride_qb + h64 * stride_qh
         do_bh = GradOut + b64 * stride_gb + h64 * stride_gh
@@ -398,10 +401,10 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
                                     bh64, threshold, inv_keep, MASK_KIND, False, HAS_KEY_LENGTHS, HAS_DROPOUT,
                                     CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M)
 
-    dk_ptrs = (GradK + b64 * stride_dkb + kv_h64 * stride_dkh + n_start64 * stride_dkn
+    dk_ptrs = (GradK + b64 * stride_dkb + slice64 * stride_dkh + n_start64 * stride_dkn
                + offs_n[:, None] * stride_dkn + offs_d[None, :])
     tl.store(dk_ptrs, (dk * scale).to(GradK.dtype.element_ty), mask=col_in_s & d_ok[None, :])
-    dv_ptrs = (GradV + b64 * stride_dvb + kv_h64 * stride_dvh + n_start64 * stride_dvn
+    dv_ptrs = (GradV + b64 * stride_dvb + slice64 * stride_dvh + n_start64 * stride_dvn
                + offs_n[:, None] * stride_dvn + offs_dv[None, :])
     tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=col_in_s & dv_ok[None, :])
 
@@ -606,8 +609,12 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
     lse = lse.contiguous()
     c = _Common(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
     dq = q.new_empty(c.B, c.L, c.H, c.E).transpose(1, 2)  # (B, H, L, E), stored (B, L, H, E)
-    dk = k.new_empty(c.B, c.S, c.Hk, c.E).transpose(1, 2)  # (B, Hk, S, E), stored (B, S, Hk, E)
-    dv = v.new_empty(c.B, c.S, c.Hk, c.Ev).transpose(1, 2)  # (B, Hk, S, Ev), stored (B, S, Hk, Ev)
+    heads_per_program = _heads_per_kv_program(c, q.device)
+    slices = c.H // heads_per_program
+    partial = slices != c.Hk  # the dK/dV programs split each query group: float32 partial sums per slice
+    grad_kv_dtype = torch.float32 if partial else k.dtype
+    dk = k.new_empty(c.B, c.S, slices, c.E, dtype=grad_kv_dtype).transpose(1, 2)  # (B, slices, S, E)
+    dv = v.new_empty(c.B, c.S, slices, c.Ev, dtype=grad_kv_dtype).transpose(1, 2)  # (B, slices, S, Ev)
     delta = torch.empty_like(lse)  # (B, H, L) float32
     block_dv = c.constexprs["BLOCK_DV"]
     with _device_guard(q):
@@ -616,12 +623,41 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
             HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=DELTA_BLOCK_M)
         shared = (q, k, v, grad_out, lse, delta)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
-        tail = (*c.scalars, c.scale, c.scale_log2, *c.dropout)
-        kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * c.Hk,)
+        H, group, L, S = c.scalars
+        tail = (c.scale, c.scale_log2, *c.dropout)
+        kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * slices,)
         _BACKWARD_KV.launch(kv_grid, c.work, q.element_size(), (*shared, dk, dv, c.mask, c.key_lengths, seed,
-                            *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, *tail),
-                            c.constexprs)
+                            *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, H, group,
+                            heads_per_program, L, S, *tail), c.constexprs)
         q_grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
         _BACKWARD_Q.launch(q_grid, c.work, q.element_size(), (*shared, dq, c.mask, c.key_lengths, seed,
-                           *strides, *dq.stride()[:3], *c.mask_strides, *tail), c.constexprs)
+                           *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail), c.constexprs)
+    if partial:
+        dk, dv = (_sum_slices(t, c.Hk, k.dtype) for t in (dk, dv))
     return dq, dk, dv
+
+
+def _sum_slices(partial, kv_heads, dtype):
+    """(B, slices, S, D) float32 partial gradients, stored (B, S, slices, D) -> (B, Hk, S, D) in `dtype`,
+    stored (B, S, Hk, D). Slices of one kv head are adjacent: the sum runs over a (Hk, slices / Hk) view."""
+    B, slices, S, D = partial.shape
+    stored = partial.transpose(1, 2)  # (B, S, slices, D), contiguous
+    summed = stored.view(B, S, kv_heads, slices // kv_heads, D).sum(3)  # (B, S, Hk, D)
+    return summed.to(dtype).transpose(1, 2)  # (B, Hk, S, D)
+
+
+def _heads_per_kv_program(c, device):
+    """Query heads per dK/dV program: the whole group, unless B * Hk * (S / 128) programs would leave
+    multiprocessors idle; then one (each query head's partial dK, dV, summed afterwards)."""
+    group = c.H // c.Hk
+    if group > 1 and c.B * c.Hk * triton.cdiv(c.S, 128) < _multiprocessor_count(device):
+        return 1
+    return group
+
+
+def _multiprocessor_count(device):
+    """Streaming multiprocessors of a CUDA device; 0 on the CPU, where the interpreter gains nothing from
+    more programs."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
