@@ -14,7 +14,9 @@ Dropout keeps element (b * Hq + h, i, j) by the shared Philox scheme (tfm_kernel
 forward and backward draw the same mask without storing it. Layout contract: csrc/ops.cpp.
 
 Head dims are padded to a power of two >= 16 with masked loads. Batch/head offsets are 64-bit; in-tile
-offsets stay 32-bit and pointers advance block by block.
+offsets stay 32-bit and pointers advance block by block. Problems of at least AUTOTUNE_MIN_WORK score
+elements autotune over a short Hopper config list (once per head dims, causal, mask kind, dropout, dtype);
+smaller ones, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed config that fits.
 Tests: tests/test_attention.py, tests/test_attention_ops.py.
 """
 
