@@ -87,7 +87,9 @@ def markdown_table(rows: list[dict]) -> str:
     blocks = []
     for suite, suite_rows in by_suite.items():
         unit = suite_rows[0]["unit"]
-        header = f"| config | mode | provider | {unit} | ms median [p20, p80] | peak MiB | vs best peer | note |"
+        columns = ["config", "mode", "provider", unit, "ms median [p20, p80]", "peak MiB", "vs best peer",
+                   "note"]
+        header = "| " + " | ".join(columns) + " |"
         lines = [f"### {suite}", "", header,
                  "|---|---|---|---:|---:|---:|---:|---|"]
         for row in suite_rows:
