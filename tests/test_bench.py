@@ -119,7 +119,8 @@ def test_flop_counts():
 
 def test_design_shapes_keep_the_token_and_width_budget():
     for shape in configs.attention_shapes(configs.SWEEP_SEQ_LENS):
-        assert shape.batch * shape.seq == configs.TOKENS and shape.heads * shape.head_dim == configs.MODEL_WIDTH
+        assert shape.batch * shape.seq == configs.TOKENS
+        assert shape.heads * shape.head_dim == configs.MODEL_WIDTH
     headline = [s for s in configs.attention_shapes() if s.headline]
     assert {(s.head_dim, s.seq) for s in headline} == {(128, 4096)}
 
@@ -183,7 +184,8 @@ def test_environment_without_git(monkeypatch):
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
-    monkeypatch.setattr(report, "matplotlib_missing", lambda: "--plot needs matplotlib, which is not installed")
+    why = "--plot needs matplotlib, which is not installed"
+    monkeypatch.setattr(report, "matplotlib_missing", lambda: why)
     with pytest.raises(SystemExit):
         cli.parse_args(["--plot", "plots"])
     assert "needs matplotlib" in capsys.readouterr().err

@@ -190,3 +190,9 @@ def timed_step(
         return torch.autograd.grad(forward(*inputs), _grad_leaves(inputs, params), grad_output)
 
     return timing.rotating(with_grad_output, train_step, cache)
+
+
+def labelled_providers(cases: list[Case]) -> list[tuple[str, Provider]]:
+    """(id, provider) for every provider of every case, the id naming config, mode and provider without
+    spaces (pytest parameter ids)."""
+    return [(f"{c.config}-{c.mode}-{p.name}".replace(" ", "_"), p) for c in cases for p in c.providers]
