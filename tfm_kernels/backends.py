@@ -96,3 +96,44 @@ def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False)
         if not not_supported_reasons(backend, q, k, v, mask, key_lengths, dropout_p, is_causal):
             return backend
     return "torch"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MLP (tfm_kernels/mlp.py): the same backends and rules as attention.
+
+MLP_BACKENDS = ("cuda", "triton", "cpu", "torch")
+# cuBLASLt (cuda) first on GPUs, Triton next (order to be confirmed by measurement, see benchmarks/RESULTS.md).
+MLP_AUTO_ORDER = {"cuda": ("torch",), "cpu": ("torch",)}
+
+
+def _mlp_cuda_reasons(x) -> list[str]:
+    reasons = []
+    if not ops.has_compiled_cuda():
+        reasons.append("tfm_kernels._C was built without CUDA kernels")
+    if x.device.type != "cuda":
+        reasons.append(f"the cuda backend needs CUDA tensors; got {x.device.type}")
+    if x.dtype not in KERNEL_DTYPES:
+        reasons.append(f"the cuda backend supports float16, bfloat16, float32; got {x.dtype}")
+    return reasons
+
+
+def mlp_not_supported_reasons(backend, x, weight) -> list[str]:
+    """Why `backend` cannot run a fused linear / gated linear on x (M, K) and weight (N, K) (validated inputs).
+    An empty list means it can."""
+    if backend == "torch":
+        return []
+    if backend == "triton":
+        return _triton_reasons(x, weight, weight)
+    if backend == "cpu":
+        return _cpu_reasons(x, weight, weight)
+    if backend == "cuda":
+        return _mlp_cuda_reasons(x)
+    raise ValueError(f"backend must be one of {('auto',) + MLP_BACKENDS}; got {backend!r}")
+
+
+def choose_mlp(x, weight) -> str:
+    """The backend `backend="auto"` runs for a fused linear on these inputs."""
+    for backend in MLP_AUTO_ORDER.get(x.device.type, ("torch",)):
+        if not mlp_not_supported_reasons(backend, x, weight):
+            return backend
+    return "torch"

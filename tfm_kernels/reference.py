@@ -47,3 +47,44 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
             keep_mask = dropout_keep_mask(seed, B * Hq, L, S, dropout_p, device=q.device).view(B, Hq, L, S)
         probs = probs * keep_mask.to(probs.dtype) / (1.0 - dropout_p)
     return probs @ v, lse
+
+
+def activation(z, name):
+    """act(z) for an MLP activation name: "gelu" (erf), "gelu_tanh", "relu", "silu" or None (identity)."""
+    if name is None:
+        return z
+    if name == "gelu":
+        return torch.nn.functional.gelu(z)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if name == "relu":
+        return torch.relu(z)
+    if name == "silu":
+        return torch.nn.functional.silu(z)
+    raise ValueError(f"activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu', None; got {name!r}")
+
+
+def _mlp_dropout(h, dropout_p, seed, keep_mask):
+    """Dropout of an (M, N) activation with the shared counter-based mask (z = 0, row = token, col = feature)."""
+    if dropout_p == 0.0:
+        return h
+    if keep_mask is None:
+        keep_mask = dropout_keep_mask(seed, 1, h.shape[0], h.shape[1], dropout_p, device=h.device)[0]  # (M, N)
+    return h * keep_mask.to(h.dtype) / (1.0 - dropout_p)
+
+
+def linear(x, weight, bias=None, activation_name=None, dropout_p=0.0, seed=None, keep_mask=None):
+    """dropout(act(x @ weight^T + bias)) in plain torch ops, differentiable, in the inputs' dtype.
+
+    x (M, K), weight (N, K), bias (N,) or None; the dropout keep-mask is `keep_mask` (M, N) if given, else the
+    mask every backend draws from `seed`. Returns (M, N)."""
+    z = torch.nn.functional.linear(x, weight, bias)
+    return _mlp_dropout(activation(z, activation_name), dropout_p, seed, keep_mask)
+
+
+def gated_linear(x, weight, bias=None, activation_name="silu", dropout_p=0.0, seed=None, keep_mask=None):
+    """dropout(act(x Wg^T + bg) * (x Wu^T + bu)) with weight (2F, K) = [Wg; Wu] and bias (2F,) = [bg; bu] or None.
+
+    x (M, K). Returns (M, F)."""
+    gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)  # (M, F) each
+    return _mlp_dropout(activation(gate, activation_name) * up, dropout_p, seed, keep_mask)

@@ -1,0 +1,15 @@
+"""Drop-in nn modules built on the fused operators."""
+
+from .attention import MultiheadAttention
+from .mlp import FusedMLP, GatedMLP
+from .transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
+
+__all__ = ["FusedMLP", "GatedMLP"]
+__all__ += ["MultiheadAttention", "Transformer", "TransformerDecoder", "TransformerDecoderLayer",
+            "TransformerEncoder", "TransformerEncoderLayer"]

@@ -1,0 +1,113 @@
+"""Feed-forward modules on the fused MLP operators: FusedMLP (the linear1/linear2 block of
+nn.TransformerEncoderLayer, state_dict compatible) and GatedMLP (SwiGLU / GeGLU with a packed gate+up weight)."""
+
+import torch
+from torch import nn
+
+from ..mlp import ACTIVATIONS, mlp
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+
+
+def _check_dropout(dropout):
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1); got {dropout!r}")
+
+
+class FusedMLP(nn.Module):
+    """linear2(dropout(act(linear1(x)))) in fused kernels: the feed-forward of nn.TransformerEncoderLayer.
+
+    Parameters are `linear1` (d_ff, d_model) and `linear2` (d_model, d_ff) nn.Linear modules, so the state_dict
+    keys (`linear1.weight`, `linear1.bias`, `linear2.weight`, `linear2.bias`) are those of the encoder layer's
+    feed-forward. Dropout (probability `dropout`, training mode only) follows the activation; the layer's
+    second dropout, after linear2, is not part of this module.
+
+    Args:
+        d_model: input and output features; d_ff: hidden features.
+        activation: "relu" (default, as nn.TransformerEncoderLayer), "gelu" (erf), "gelu_tanh", "silu" or None.
+        dropout: in [0, 1). bias: whether both linears have a bias.
+        backend: "auto", "cuda", "triton", "cpu" or "torch" (see tfm_kernels.fused_linear).
+    Input (..., d_model) -> output (..., d_model), in the parameters' dtype.
+    """
+
+    def __init__(self, d_model, d_ff, activation="relu", dropout=0.1, bias=True, device=None, dtype=None, *,
+                 backend="auto"):
+        super().__init__()
+        _check_activation(activation)
+        _check_dropout(dropout)
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+        self.dropout = float(dropout)
+        self.backend = backend
+
+    def forward(self, x):
+        return mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                   self.activation, self.dropout if self.training else 0.0, backend=self.backend)
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}, dropout={self.dropout}, backend={self.backend!r}"
+
+
+class GatedMLP(nn.Module):
+    """down_proj(dropout(act(x Wg^T) * (x Wu^T))): SwiGLU ("silu", default), GeGLU ("gelu", "gelu_tanh").
+
+    Parameters: `gate_up_proj` nn.Linear(d_model, 2 d_ff) whose weight rows [0, d_ff) are the gate projection
+    and rows [d_ff, 2 d_ff) the up projection, and `down_proj` nn.Linear(d_ff, d_model).
+
+    Separate gate/up weights load in either of two ways:
+      - `module.load_gate_up(gate_weight, up_weight, gate_bias=None, up_bias=None)` copies them in;
+      - `module.load_state_dict(sd)` where sd holds `gate_proj.weight` and `up_proj.weight` (and biases) in
+        place of `gate_up_proj.*`, the layout of LLaMA-style MLPs (gate_proj, up_proj, down_proj): a load
+        hook packs them as torch.cat([gate, up]).
+
+    Args:
+        d_model: input and output features; d_ff: hidden features (width of the gated product).
+        activation: as FusedMLP; dropout: after the gated product, training mode only; bias: on both linears.
+        backend: as FusedMLP.
+    Input (..., d_model) -> output (..., d_model).
+    """
+
+    def __init__(self, d_model, d_ff, activation="silu", dropout=0.0, bias=False, device=None, dtype=None, *,
+                 backend="auto"):
+        super().__init__()
+        _check_activation(activation)
+        _check_dropout(dropout)
+        self.gate_up_proj = nn.Linear(d_model, 2 * d_ff, bias=bias, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+        self.dropout = float(dropout)
+        self.backend = backend
+        self.register_load_state_dict_pre_hook(_pack_gate_up_keys)
+
+    def forward(self, x):
+        return mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight, self.down_proj.bias,
+                   self.activation, self.dropout if self.training else 0.0, gated=True, backend=self.backend)
+
+    @torch.no_grad()
+    def load_gate_up(self, gate_weight, up_weight, gate_bias=None, up_bias=None):
+        """Copies separate gate (d_ff, d_model) and up (d_ff, d_model) weights (and (d_ff,) biases) into
+        gate_up_proj."""
+        self.gate_up_proj.weight.copy_(torch.cat([gate_weight, up_weight]))  # (2 d_ff, d_model)
+        if (gate_bias is None) != (self.gate_up_proj.bias is None) or (gate_bias is None) != (up_bias is None):
+            raise ValueError(f"gate_bias and up_bias must both be given iff the module has biases "
+                             f"(bias={self.gate_up_proj.bias is not None}); got gate_bias "
+                             f"{'set' if gate_bias is not None else 'None'}, up_bias "
+                             f"{'set' if up_bias is not None else 'None'}")
+        if gate_bias is not None:
+            self.gate_up_proj.bias.copy_(torch.cat([gate_bias, up_bias]))  # (2 d_ff,)
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}, dropout={self.dropout}, backend={self.backend!r}"
+
+
+def _pack_gate_up_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs):
+    """Load hook: `gate_proj.*` + `up_proj.*` entries become one packed `gate_up_proj.*` entry."""
+    for name in ("weight", "bias"):
+        gate_key, up_key = f"{prefix}gate_proj.{name}", f"{prefix}up_proj.{name}"
+        if gate_key in state_dict and up_key in state_dict:
+            state_dict[f"{prefix}gate_up_proj.{name}"] = torch.cat([state_dict.pop(gate_key), state_dict.pop(up_key)])

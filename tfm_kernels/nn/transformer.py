@@ -1,0 +1,231 @@
+"""Transformer layers and containers on the fused kernels: drop-in subclasses of torch.nn's
+TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder, TransformerDecoder and Transformer.
+
+Each keeps torch's constructor (plus a keyword-only `backend`), submodules and state_dict keys, and draws its
+initial weights exactly as torch's does (torch's constructor runs, then its attention modules become ours in
+place), so that under one seed both hold the same weights. Attention runs in tfm_kernels.nn.MultiheadAttention;
+the feed-forward block linear2(dropout(activation(linear1(x)))) runs in the fused MLP (tfm_kernels.mlp.mlp) for
+the activations it fuses. Torch's inference fast paths (`torch._transformer_encoder_layer_fwd`, nested tensors in
+TransformerEncoder) are never taken, so the kernels run in training and inference alike; padded positions
+(key_padding_mask) therefore hold computed values where torch's nested-tensor path gives 0.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
+
+from ..mlp import mlp
+from .attention import MultiheadAttention, check_backend
+
+
+def fused_activation_name(activation):
+    """The name under which the fused MLP computes `activation` (a layer's callable), or None if it does not.
+
+    relu: F.relu, torch.relu, nn.ReLU; gelu: F.gelu, nn.GELU(); gelu_tanh: nn.GELU(approximate="tanh");
+    silu: F.silu, nn.SiLU."""
+    if activation in (F.relu, torch.relu) or isinstance(activation, nn.ReLU):
+        return "relu"
+    if activation is F.gelu:
+        return "gelu"
+    if isinstance(activation, nn.GELU):
+        return "gelu" if activation.approximate == "none" else "gelu_tanh"
+    if activation is F.silu or isinstance(activation, nn.SiLU):
+        return "silu"
+    return None
+
+
+def _autocast(*tensors):
+    """The tensors in the autocast dtype where autocast is on (our operators have no autocast rule of their own,
+    and torch's layers would run these linears in it)."""
+    x = tensors[0]
+    if not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
+def feed_forward(layer, x):
+    """layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))), the feed-forward of torch's layers.
+
+    Runs in the fused MLP when layer.activation is one it fuses (fused_activation_name); any other callable
+    runs in plain torch ops (layer.linear1, the callable, layer.dropout, layer.linear2). The dropout after
+    linear2 belongs to the caller. The fused dropout draws from tfm_kernels.rng, not from torch's dropout."""
+    name = fused_activation_name(layer.activation)
+    if name is None:
+        return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+    dropout_p = layer.dropout.p if layer.dropout.training else 0.0
+    inputs = _autocast(x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+    return mlp(*inputs, name, dropout_p, backend=layer.backend)
+
+
+def _check_layer_args(d_model, nhead, backend):
+    if d_model > 0 and nhead > 0 and d_model % nhead:
+        raise ValueError(f"d_model must be divisible by nhead; got d_model={d_model} and nhead={nhead}")
+    check_backend(backend)
+
+
+def _to_fused_attention(module, backend):
+    """Turns a torch.nn.MultiheadAttention into ours in place: same object, Parameters, hooks and mode."""
+    module.__class__ = MultiheadAttention
+    module.backend = backend
+
+
+def _convert_subtree(root, backend):
+    """Every torch.nn Transformer module and MultiheadAttention under `root` becomes ours in place."""
+    from .patch import patch  # patch maps torch's classes to the classes of this module
+
+    patch(root, backend=backend)
+
+
+class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """torch.nn.TransformerEncoderLayer on the fused attention and MLP kernels.
+
+    Constructor: torch's (d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu ("relu", "gelu"
+    or a callable), layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device, dtype) plus
+    `backend` for both the attention and the MLP. Submodules and state_dict keys are torch's (self_attn,
+    linear1, dropout, linear2, norm1, norm2, dropout1, dropout2).
+
+    forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False) -> same shape as src:
+    src (S, N, E), (N, S, E) with batch_first, or (S, E); masks as in MultiheadAttention (src_mask (S, S) or
+    (N*nhead, S, S), src_key_padding_mask (N, S); bool True = masked out, or float added); is_causal is a hint
+    that src_mask is causal, as in torch.
+    """
+
+    backend = "auto"
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu,
+                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
+                 *, backend="auto"):
+        _check_layer_args(d_model, nhead, backend)
+        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
+                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
+                         bias=bias, device=device, dtype=dtype)
+        _to_fused_attention(self.self_attn, backend)
+        self.backend = backend
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        x = src
+        if self.norm_first:
+            x = x + self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            x = x + self.dropout2(feed_forward(self, self.norm2(x)))
+        else:
+            x = self.norm1(x + self._self_attention(x, src_mask, src_key_padding_mask, is_causal))
+            x = self.norm2(x + self.dropout2(feed_forward(self, x)))
+        return x
+
+    def _self_attention(self, x, attn_mask, key_padding_mask, is_causal):
+        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
+                             is_causal=is_causal)[0]
+        return self.dropout1(out)
+
+
+class TransformerDecoderLayer(nn.TransformerDecoderLayer):
+    """torch.nn.TransformerDecoderLayer on the fused attention and MLP kernels.
+
+    Constructor: torch's (as TransformerEncoderLayer's) plus `backend`. Submodules and state_dict keys are
+    torch's (self_attn, multihead_attn, linear1, dropout, linear2, norm1..3, dropout1..3).
+
+    forward(tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+            memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False) -> same shape as tgt:
+    tgt (T, N, E) and memory (S, N, E) (batch first with batch_first); tgt_mask (T, T), memory_mask (T, S)
+    (or per batch*head); key padding masks (N, T) and (N, S); masks and causal hints as in MultiheadAttention.
+    """
+
+    backend = "auto"
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu,
+                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
+                 *, backend="auto"):
+        _check_layer_args(d_model, nhead, backend)
+        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
+                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
+                         bias=bias, device=device, dtype=dtype)
+        _to_fused_attention(self.self_attn, backend)
+        _to_fused_attention(self.multihead_attn, backend)
+        self.backend = backend
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        x = tgt
+        if self.norm_first:
+            x = x + self._self_attention(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._cross_attention(self.norm2(x), memory, memory_mask, memory_key_padding_mask,
+                                          memory_is_causal)
+            x = x + self.dropout3(feed_forward(self, self.norm3(x)))
+        else:
+            x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
+                                                     memory_is_causal))
+            x = self.norm3(x + self.dropout3(feed_forward(self, x)))
+        return x
+
+    def _self_attention(self, x, attn_mask, key_padding_mask, is_causal):
+        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
+                             is_causal=is_causal)[0]
+        return self.dropout1(out)
+
+    def _cross_attention(self, x, memory, attn_mask, key_padding_mask, is_causal):
+        out = self.multihead_attn(x, memory, memory, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                  need_weights=False, is_causal=is_causal)[0]
+        return self.dropout2(out)
+
+
+class TransformerEncoder(nn.TransformerEncoder):
+    """torch.nn.TransformerEncoder whose forward runs every layer as given, without torch's nested-tensor fast
+    path. Constructor: torch's (encoder_layer, num_layers, norm=None, enable_nested_tensor=True,
+    mask_check=True); torch.nn layers among the clones become ours in place (backend "auto").
+
+    forward(src, mask=None, src_key_padding_mask=None, is_causal=None): as torch's; is_causal=None detects
+    a causal `mask` (bool or float) as torch does, so the kernels run causal attention without reading it.
+    """
+
+    def __init__(self, encoder_layer, num_layers, norm=None, enable_nested_tensor=True, mask_check=True):
+        super().__init__(encoder_layer, num_layers, norm=norm, enable_nested_tensor=enable_nested_tensor,
+                         mask_check=mask_check)
+        _convert_subtree(self, "auto")
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        if is_causal is None and mask is not None:
+            # torch detects on the mask turned into src's float dtype (a bool causal mask counts too)
+            canonical = F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="",
+                                          target_type=src.dtype, check_other=False)
+            is_causal = _detect_is_causal_mask(canonical, None, _get_seq_len(src, self._batch_first()))
+        output = src
+        for layer in self.layers:
+            output = layer(output, src_mask=mask, is_causal=bool(is_causal),
+                           src_key_padding_mask=src_key_padding_mask)
+        return output if self.norm is None else self.norm(output)
+
+    def _batch_first(self):
+        attention = getattr(self.layers[0], "self_attn", None)
+        return getattr(attention, "batch_first", False)
+
+
+class TransformerDecoder(nn.TransformerDecoder):
+    """torch.nn.TransformerDecoder over our layers. Constructor and forward are torch's (decoder_layer,
+    num_layers, norm=None); torch.nn layers among the clones become ours in place (backend "auto")."""
+
+    def __init__(self, decoder_layer, num_layers, norm=None):
+        super().__init__(decoder_layer, num_layers, norm=norm)
+        _convert_subtree(self, "auto")
+
+
+class Transformer(nn.Transformer):
+    """torch.nn.Transformer on the fused kernels: torch's constructor (d_model=512, nhead=8,
+    num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048, dropout=0.1, activation=F.relu,
+    custom_encoder=None, custom_decoder=None, layer_norm_eps=1e-5, batch_first=False, norm_first=False,
+    bias=True, device, dtype) plus `backend`; torch's forward, masks and state_dict keys. Every torch.nn
+    Transformer module and MultiheadAttention inside, custom encoders and decoders included, becomes ours
+    in place after torch's constructor has drawn the weights."""
+
+    def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
+                 dropout=0.1, activation=F.relu, custom_encoder=None, custom_decoder=None, layer_norm_eps=1e-5,
+                 batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend="auto"):
+        _check_layer_args(d_model, nhead, backend)
+        super().__init__(d_model=d_model, nhead=nhead, num_encoder_layers=num_encoder_layers,
+                         num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
+                         activation=activation, custom_encoder=custom_encoder, custom_decoder=custom_decoder,
+                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
+                         bias=bias, device=device, dtype=dtype)
+        _convert_subtree(self, backend)
