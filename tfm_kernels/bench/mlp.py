@@ -1,12 +1,12 @@
-"""MLP cases: tfm_kernels.mlp (each backend) against the same MLP in eager PyTorch and under torch.compile.
-
-The eager functions here are the peer and, evaluated in float64, the self-check's oracle."""
+"""MLP cases: tfm_kernels.mlp (each backend) against the same MLP in eager PyTorch and under torch.compile."""
 
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
 
+from .. import reference
 from . import configs
 from .suite import Case, Provider, Unavailable, raise_recompile_limit, timed_step
 from .timing import randn
@@ -14,29 +14,15 @@ from .timing import randn
 OUR_BACKENDS = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton")}
 COMPILE_RECOMPILE_LIMIT = 64
 
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    None: lambda x: x,
-}
-
-
-def eager_fused_linear(x, weight, bias=None, activation="gelu"):
-    """act(x @ weight^T + bias): x (..., K), weight (N, K) in nn.Linear layout, bias (N,) or None."""
-    return ACTIVATIONS[activation](F.linear(x, weight, bias))
-
-
-def eager_gated_linear(x, weight, activation="silu"):
-    """act(x Wg^T) * (x Wu^T) with weight = cat([Wg, Wu]) of shape (2*N, K): SwiGLU (silu), GeGLU (gelu)."""
-    gate, up = F.linear(x, weight).chunk(2, dim=-1)  # (..., N) each
-    return ACTIVATIONS[activation](gate) * up
-
 
 def eager_mlp(x, w1, b1, w2, b2, activation="gelu", gated=False):
-    """The whole block: up-projection (gated or not), activation, down-projection (no dropout)."""
-    hidden = eager_gated_linear(x, w1, activation) if gated else eager_fused_linear(x, w1, b1, activation)
+    """The MLP block in plain torch ops (tfm_kernels.reference, no dropout): the eager peer, the function
+    torch.compile compiles, and in float64 the self-check's oracle. x (..., d_model); w1 (d_ff, d_model), or
+    (2*d_ff, d_model) packed [gate; up] when gated; w2 (d_model, d_ff); biases or None."""
+    if gated:
+        hidden = reference.gated_linear(x, w1, b1, activation)  # (..., d_ff)
+    else:
+        hidden = reference.linear(x, w1, b1, activation)  # (..., d_ff)
     return F.linear(hidden, w2, b2)
 
 
@@ -58,11 +44,10 @@ def mlp_weights(shape: configs.MLPShape, device, requires_grad, dtype=None):
 
 
 def _our_mlp_module():
-    try:
-        from .. import mlp
+    try:  # the module: the package re-exports its function mlp under the same name
+        return importlib.import_module("tfm_kernels.mlp")
     except ImportError as error:
         raise Unavailable(f"tfm_kernels.mlp is not available ({error})") from None
-    return mlp
 
 
 def ours(shape, mode, device, backend) -> Provider:
