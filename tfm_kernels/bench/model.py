@@ -64,20 +64,22 @@ def encoder(shape: configs.EncoderShape, mode, device, which, compiled) -> Provi
 
 
 def _language_models(preset: str):
-    """(config, our model class, baseline model class) from tfm_kernels.models, or Unavailable saying what
-    is missing. Contract: config.PRESETS[preset] is a config; both classes take it and map token ids
-    (B, S) int64 to logits (B, S, vocab)."""
+    """(config, our model class, baseline model class) from tfm_kernels.models, or Unavailable saying what is
+    missing. Contract: LMConfig.preset(name) is the config; TransformerLM(config) and the torch-layer
+    baseline.BaselineLM(config) both map token ids (B, S) int64 to logits (B, S, vocab)."""
     try:
-        from ..models import LanguageModel, baseline, config
+        from ..models import LMConfig, TransformerLM
     except ImportError as error:
         raise Unavailable(f"tfm_kernels.models is not available ({error})") from None
-    presets = getattr(config, "PRESETS", None)
-    if not presets or preset not in presets:
-        raise Unavailable(f"tfm_kernels.models.config has no preset {preset!r}")
-    baseline_class = getattr(baseline, "BaselineLanguageModel", None)
-    if baseline_class is None:
-        raise Unavailable("tfm_kernels.models.baseline has no BaselineLanguageModel")
-    return presets[preset], LanguageModel, baseline_class
+    try:
+        from ..models import baseline
+    except ImportError as error:
+        raise Unavailable(f"tfm_kernels.models.baseline is not available ({error})") from None
+    if preset not in LMConfig.PRESETS:
+        raise Unavailable(f"LMConfig has no preset {preset!r}; presets: {sorted(LMConfig.PRESETS)}")
+    if not hasattr(baseline, "BaselineLM"):
+        raise Unavailable("tfm_kernels.models.baseline has no BaselineLM")
+    return LMConfig.preset(preset), TransformerLM, baseline.BaselineLM
 
 
 def language_model(preset, batch, seq, mode, device, which, compiled, dtype) -> Provider:
@@ -86,11 +88,7 @@ def language_model(preset, batch, seq, mode, device, which, compiled, dtype) -> 
         model_class = ours_class if which == "ours" else baseline_class
         model = model_class(config).to(device=device, dtype=dtype).train(mode != "fwd")
         run = _maybe_compiled(model, compiled)
-        vocab = (
-            model.get_output_embeddings().weight.shape[0]
-            if hasattr(model, "get_output_embeddings")
-            else config.vocab_size
-        )
+        vocab = config.vocab_size
 
         def loss(tokens, targets):
             logits = run(tokens)  # (B, S, vocab)
