@@ -6,7 +6,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+from .. import backends, reference
 from . import configs
 from .suite import Case, Provider, Unavailable, raise_recompile_limit, timed_step
 from .timing import randn
@@ -55,6 +55,11 @@ def ours(shape, mode, device, backend) -> Provider:
         if backend == "triton" and device.type == "cpu":
             raise Unavailable("the Triton interpreter on CPU checks correctness; its speed means nothing")
         our_mlp = _our_mlp_module().mlp
+        probe_x = torch.empty(shape.tokens, shape.d_model, dtype=shape.dtype, device=device)  # (M, K)
+        probe_w = torch.empty(shape.d_ff, shape.d_model, dtype=shape.dtype, device=device)  # (N, K)
+        reasons = backends.mlp_not_supported_reasons(backend, probe_x, probe_w)
+        if reasons:
+            raise Unavailable("; ".join(reasons))
 
         def forward(x, w1, b1, w2, b2):
             return our_mlp(x, w1, b1, w2, b2, shape.activation, gated=shape.gated, backend=backend)
