@@ -96,7 +96,7 @@ def nvidia_wheel_dirs(kind):
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx += ["-fopenmp", "-DTFM_KERNELS_VERSION=\"0.1.0\""]
+    cxx += ["-fopenmp", "-fno-trapping-math", "-DTFM_KERNELS_VERSION=\"0.1.0\""]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda(CUDA_HOME):
         return CppExtension("tfm_kernels._C", sources, include_dirs=include_dirs,

@@ -1,0 +1,156 @@
+// CPU attention backward in float32: recomputes the probabilities of each (query block, key block) tile from
+// the saved log-sum-exp, P = exp2(s * scale * log2(e) - lse * log2(e)), and forms
+//   dV += P_drop^T dO,  dP = dO V^T (dropped like P),  dS = P * (dP - delta),  dK += scale dS^T Q,
+//   dQ += scale dS K,   with delta = rowsum(dO * O) computed by the host.
+// Work split: at::parallel_for over units (batch, kv head, chunk of key blocks). A unit accumulates dK and dV
+// of one key block in local buffers over every query head of its group and every query row that can see the
+// block, then writes them: it owns those dK/dV rows. dQ sums over key blocks; when a head's key blocks are
+// split into several chunks (too few batch x kv-head units to keep the threads busy), each chunk adds into its
+// own float32 dQ buffer and the buffers are summed in chunk order afterwards. The chunk count depends only on
+// the shapes, so results are bit-identical from run to run and across thread counts.
+// Tests: tests/test_attention.py -k cpu, tests/test_attention_cpu.py.
+#include <ATen/Parallel.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/copy.h>
+#include <ATen/ops/zero.h>
+#include <ATen/ops/zeros.h>
+
+#include <vector>
+
+#include "cpu/attention_cpu.h"
+#include "cpu/attention_rows.h"
+#include "cpu/block_gemm.h"
+
+namespace tfm_kernels::cpu {
+namespace {
+
+// 128 x 128 tiles: five BLAS products per tile, each ~2 MFLOP at E = 64, large enough that the per-call cost
+// of the ATen kernel stays small beside the product.
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kKeyBlock = 128;
+// Below this many batch x kv-head units the key blocks of a head are split into chunks (see above).
+constexpr int64_t kMinUnits = 16;
+
+struct BackwardScratch {
+  std::vector<float> probs, grad_scores, keep, dk_acc, dv_acc;
+  BackwardScratch(int64_t E, int64_t Ev, bool dropout)
+      : probs(kRowBlock * kKeyBlock),
+        grad_scores(kRowBlock * kKeyBlock),
+        keep(dropout ? kRowBlock * kKeyBlock : 0),
+        dk_acc(kKeyBlock * E),
+        dv_acc(kKeyBlock * Ev) {}
+};
+
+// The contributions of query rows [i0, i0 + rows) of head h to the key block [j0, j0 + cols) of kv head hk:
+// adds into scratch.dk_acc (unscaled), scratch.dv_acc and the dQ rows in dq_rows.
+void backward_tile(const AttentionProblem& problem, const HeadTensor& q_rows, const HeadTensor& k_rows,
+                   const HeadTensor& v_rows, const HeadTensor& grad_rows, const HeadTensor& dq_rows,
+                   const float* lse_log2, const float* delta, BackwardScratch& scratch, int64_t b, int64_t h,
+                   int64_t hk, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+  const int64_t E = problem.head_dim, Ev = problem.value_dim, L = problem.q_len;
+  const int64_t row_offset = (b * problem.q_heads + h) * L;  // of (b, h, 0) in lse_log2 and delta
+  const at::Tensor q_block = matrix(q_rows.row(b, h, i0), rows, E, q_rows.row_stride);
+  const at::Tensor grad_block = matrix(grad_rows.row(b, h, i0), rows, Ev, grad_rows.row_stride);
+  at::Tensor probs = matrix(scratch.probs.data(), rows, cols, cols);
+  at::Tensor grad_scores = matrix(scratch.grad_scores.data(), rows, cols, cols);
+
+  matmul_accumulate(probs, q_block, transposed(k_rows.row(b, hk, j0), cols, E, k_rows.row_stride), 1.0f, 0.0f);
+  matmul_accumulate(grad_scores, grad_block, transposed(v_rows.row(b, hk, j0), cols, Ev, v_rows.row_stride),
+                    1.0f, 0.0f);
+  const Dropout& dropout = problem.dropout;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* p = scratch.probs.data() + r * cols;
+    float* ds = scratch.grad_scores.data() + r * cols;
+    prepare_score_row(problem, p, cols, problem.visible_keys(b, i) - j0, b, h, i, j0);
+    exp2_row(p, cols, lse_log2[row_offset + i]);  // lse = +inf (a row with no key) gives P = 0
+    if (dropout.enabled) {
+      float* keep = scratch.keep.data() + r * cols;
+      dropout_row(keep, cols, dropout.seed, static_cast<uint64_t>(b * problem.q_heads + h),
+                  static_cast<uint32_t>(i), static_cast<uint32_t>(j0), dropout.threshold, dropout.keep_scale);
+      multiply_row(ds, keep, cols);
+      softmax_grad_row(ds, p, cols, delta[row_offset + i]);
+      multiply_row(p, keep, cols);  // from here on p holds the dropped weights dV needs
+    } else {
+      softmax_grad_row(ds, p, cols, delta[row_offset + i]);
+    }
+  }
+  at::Tensor dv_block = matrix(scratch.dv_acc.data(), cols, Ev, Ev);
+  at::Tensor dk_block = matrix(scratch.dk_acc.data(), cols, E, E);
+  at::Tensor dq_block = matrix(dq_rows.row(b, h, i0), rows, E, dq_rows.row_stride);
+  matmul_accumulate(dv_block, transposed(scratch.probs.data(), rows, cols, cols), grad_block, 1.0f, 1.0f);
+  matmul_accumulate(dk_block, transposed(scratch.grad_scores.data(), rows, cols, cols), q_block, 1.0f, 1.0f);
+  matmul_accumulate(dq_block, grad_scores, matrix(k_rows.row(b, hk, j0), cols, E, k_rows.row_stride),
+                    problem.scale, 1.0f);
+}
+
+}  // namespace
+
+void attention_backward_kernel(const AttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& grad_out, const at::Tensor& lse_log2,
+                               const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
+                               const at::Tensor& dv) {
+  const int64_t B = problem.batch, Hq = problem.q_heads, Hk = problem.kv_heads, L = problem.q_len;
+  const int64_t S = problem.kv_len, E = problem.head_dim, Ev = problem.value_dim;
+  const HeadTensor q_rows = head_tensor(q), k_rows = head_tensor(k), v_rows = head_tensor(v);
+  const HeadTensor grad_rows = head_tensor(grad_out), dk_rows = head_tensor(dk), dv_rows = head_tensor(dv);
+  const float* lse_data = lse_log2.data_ptr<float>();
+  const float* delta_data = delta.data_ptr<float>();
+
+  const int64_t key_blocks = (S + kKeyBlock - 1) / kKeyBlock;
+  const int64_t head_units = B * Hk;
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min(key_blocks, (kMinUnits + head_units - 1) / std::max<int64_t>(head_units, 1)));
+  // dQ accumulators: dq itself for one chunk, else (chunks, B, L, Hq, E) float32 buffers summed below.
+  at::Tensor dq_partial;
+  if (chunks == 1) {
+    dq.zero_();
+  } else {
+    dq_partial = at::zeros({chunks, B, L, Hq, E}, dq.options()).permute({0, 1, 3, 2, 4});  // (C, B, Hq, L, E)
+  }
+
+  at::parallel_for(0, head_units * chunks, 1, [&](int64_t begin, int64_t end) {
+    BackwardScratch scratch(E, Ev, problem.dropout.enabled);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / (Hk * chunks), hk = unit / chunks % Hk, chunk = unit % chunks;
+      const HeadTensor dq_rows = chunks == 1 ? head_tensor(dq) : head_tensor(dq_partial[chunk]);
+      const int64_t length = problem.key_lengths[b];
+      for (int64_t kb = chunk * key_blocks / chunks; kb < (chunk + 1) * key_blocks / chunks; ++kb) {
+        const int64_t j0 = kb * kKeyBlock;
+        const int64_t cols = std::min(kKeyBlock, S - j0);
+        // Keys at or beyond the key length take part nowhere: their gradients stay 0.
+        const int64_t active_cols = std::clamp<int64_t>(length - j0, 0, cols);
+        std::fill(scratch.dk_acc.begin(), scratch.dk_acc.end(), 0.0f);
+        std::fill(scratch.dv_acc.begin(), scratch.dv_acc.end(), 0.0f);
+        // Causal: rows before j0 see none of these keys.
+        const int64_t first_row = problem.is_causal ? std::min(j0, L) : 0;
+        for (int64_t h = hk * problem.group_size(); active_cols > 0 && h < (hk + 1) * problem.group_size(); ++h) {
+          for (int64_t i0 = first_row; i0 < L; i0 += kRowBlock) {
+            backward_tile(problem, q_rows, k_rows, v_rows, grad_rows, dq_rows, lse_data, delta_data, scratch, b,
+                          h, hk, i0, std::min(kRowBlock, L - i0), j0, active_cols);
+          }
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          float* dk_row = dk_rows.row(b, hk, j0 + c);
+          float* dv_row = dv_rows.row(b, hk, j0 + c);
+          for (int64_t d = 0; d < E; ++d) {
+            dk_row[d] = scratch.dk_acc[c * E + d] * problem.scale;
+          }
+          for (int64_t d = 0; d < Ev; ++d) {
+            dv_row[d] = scratch.dv_acc[c * Ev + d];
+          }
+        }
+      }
+    }
+  });
+
+  if (chunks > 1) {
+    at::Tensor total = dq_partial[0];
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+      total.add_(dq_partial[chunk]);  // in chunk order: the same sum every run
+    }
+    dq.copy_(total);
+  }
+}
+
+}  // namespace tfm_kernels::cpu

@@ -1,0 +1,99 @@
+// CPU attention forward: tiled online softmax (FlashAttention-style) in float32.
+// Work split: at::parallel_for over units (batch, query head, block of kRowBlock query rows); a unit walks the
+// key blocks its rows may see (causal rows stop at the diagonal, key_lengths cut the tail), computes the score
+// block with one BLAS product, turns it into probabilities against a running row maximum, rescales its
+// accumulator when the maximum grows and adds probs @ V with a second product. Each unit owns its output rows,
+// so there are no races and results do not depend on the thread count.
+// Tests: tests/test_attention.py -k cpu, tests/test_attention_cpu.py.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/attention_cpu.h"
+#include "cpu/attention_rows.h"
+#include "cpu/block_gemm.h"
+
+namespace tfm_kernels::cpu {
+namespace {
+
+// 64 rows give B * Hq * L / 64 units (256 at B=4, H=8, L=512) to spread over the threads; 512-key blocks keep
+// a 64 x 512 float32 score block (128 KiB) in L2 and halve the number of BLAS calls against 256-key blocks.
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kKeyBlock = 512;
+
+}  // namespace
+
+void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+  const HeadTensor q_rows = head_tensor(q), k_rows = head_tensor(k), v_rows = head_tensor(v);
+  const HeadTensor out_rows = head_tensor(out);
+  float* lse_data = lse.data_ptr<float>();  // (B, Hq, L) contiguous
+  const int64_t L = problem.q_len, E = problem.head_dim, Ev = problem.value_dim, Hq = problem.q_heads;
+  const int64_t row_blocks = (L + kRowBlock - 1) / kRowBlock;
+  const int64_t units = problem.batch * Hq * row_blocks;
+
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(kRowBlock * kKeyBlock), acc(kRowBlock * Ev), keep(kKeyBlock);
+    std::vector<float> running_max(kRowBlock), running_sum(kRowBlock);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / (Hq * row_blocks), h = unit / row_blocks % Hq, i0 = unit % row_blocks * kRowBlock;
+      const int64_t hk = h / problem.group_size();
+      const int64_t rows = std::min(kRowBlock, L - i0);
+      // Keys beyond what the last row of the block sees take part in no row: skip their blocks.
+      const int64_t key_end = problem.visible_keys(b, i0 + rows - 1);
+      std::fill(acc.begin(), acc.begin() + rows * Ev, 0.0f);
+      std::fill(running_max.begin(), running_max.end(), -kInfinity);
+      std::fill(running_sum.begin(), running_sum.end(), 0.0f);
+      const at::Tensor q_block = matrix(q_rows.row(b, h, i0), rows, E, q_rows.row_stride);
+      at::Tensor acc_block = matrix(acc.data(), rows, Ev, Ev);
+
+      for (int64_t j0 = 0; j0 < key_end; j0 += kKeyBlock) {
+        const int64_t cols = std::min(kKeyBlock, key_end - j0);
+        at::Tensor score_block = matrix(scores.data(), rows, cols, cols);
+        matmul_accumulate(score_block, q_block, transposed(k_rows.row(b, hk, j0), cols, E, k_rows.row_stride),
+                          1.0f, 0.0f);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          float* s = scores.data() + r * cols;
+          prepare_score_row(problem, s, cols, problem.visible_keys(b, i) - j0, b, h, i, j0);
+          const float block_max = row_max(s, cols);
+          const float new_max = std::max(running_max[r], block_max);
+          if (new_max == -kInfinity) {  // no key of the row has taken part yet: its accumulator stays 0
+            fill_row(s, cols, 0.0f);
+            continue;
+          }
+          const float rescale = std::exp2(running_max[r] - new_max);  // 0 when the old maximum was -inf
+          running_sum[r] = running_sum[r] * rescale + exp2_row_sum(s, cols, new_max);
+          running_max[r] = new_max;
+          if (rescale != 1.0f) {
+            scale_row(acc.data() + r * Ev, Ev, rescale);
+          }
+          if (problem.dropout.enabled) {  // the normaliser counts every weight; dropout acts on the output
+            const Dropout& d = problem.dropout;
+            dropout_row(keep.data(), cols, d.seed, static_cast<uint64_t>(b * Hq + h), static_cast<uint32_t>(i),
+                        static_cast<uint32_t>(j0), d.threshold, d.keep_scale);
+            multiply_row(s, keep.data(), cols);
+          }
+        }
+        matmul_accumulate(acc_block, score_block, matrix(v_rows.row(b, hk, j0), cols, Ev, v_rows.row_stride),
+                          1.0f, 1.0f);
+      }
+
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        const bool empty = running_sum[r] == 0.0f;
+        float* out_row = out_rows.row(b, h, i);
+        const float* acc_row = acc.data() + r * Ev;
+        const float inverse_sum = empty ? 0.0f : 1.0f / running_sum[r];
+        for (int64_t d = 0; d < Ev; ++d) {
+          out_row[d] = acc_row[d] * inverse_sum;
+        }
+        lse_data[(b * Hq + h) * L + i] =
+            empty ? kInfinity : (running_max[r] + std::log2(running_sum[r])) * kLn2;
+      }
+    }
+  });
+}
+
+}  // namespace tfm_kernels::cpu

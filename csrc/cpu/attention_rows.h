@@ -1,0 +1,37 @@
+// Vectorised loops over one row of a score block, the elementwise part of the CPU attention kernels (the
+// matrix products run in BLAS, see block_gemm.h). On x86-64 each function is compiled for AVX-512, AVX2 and
+// baseline x86-64 and the best one the CPU supports is picked at load time; the loops are plain C++ that the
+// compiler vectorises (built with -O3 -fno-trapping-math, see setup.py).
+#pragma once
+
+#include <cstdint>
+
+namespace tfm_kernels::cpu {
+
+// x[c] *= factor.
+void scale_row(float* x, int64_t n, float factor);
+
+// x[c] *= y[c].
+void multiply_row(float* x, const float* y, int64_t n);
+
+// x[c] = value.
+void fill_row(float* x, int64_t n, float value);
+
+// max over x[0, n); -inf for n == 0.
+float row_max(const float* x, int64_t n);
+
+// x[c] = 2^(x[c] - offset); returns the sum of the new x. exp2(-inf) == 0.
+float exp2_row_sum(float* x, int64_t n, float offset);
+
+// x[c] = 2^(x[c] - offset). offset may be +inf (then every x[c] becomes 0).
+void exp2_row(float* x, int64_t n, float offset);
+
+// The softmax gradient of one row: grad[c] = probs[c] * (grad[c] - delta), delta = rowsum(dO * O).
+void softmax_grad_row(float* grad, const float* probs, int64_t n, float delta);
+
+// Dropout multipliers of query row i against keys [j0, j0 + n) of head z = b * Hq + h:
+// keep[c] = keep_scale if the shared Philox rule keeps (z, i, j0 + c), else 0.
+void dropout_row(float* keep, int64_t n, uint64_t seed, uint64_t z, uint32_t i, uint32_t j0, uint32_t threshold,
+                 float keep_scale);
+
+}  // namespace tfm_kernels::cpu

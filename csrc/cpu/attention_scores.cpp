@@ -1,0 +1,65 @@
+// Score preparation shared by the CPU attention forward and backward: scaling into base-2 logits and the
+// attention mask, read elementwise through its strides (broadcast dims have stride 0 and are never expanded).
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cpu/attention_cpu.h"
+#include "cpu/attention_rows.h"
+
+namespace tfm_kernels::cpu {
+namespace {
+
+// scores[c] = scores[c] * scale_log2 + mask[c] * log2(e) for an additive mask of element type T.
+template <typename T>
+void add_mask_row(float* scores, int64_t n, float scale_log2, const T* mask, int64_t mask_stride) {
+  for (int64_t c = 0; c < n; ++c) {
+    scores[c] = scores[c] * scale_log2 + static_cast<float>(mask[c * mask_stride]) * kLog2e;
+  }
+}
+
+// scores[c] = scores[c] * scale_log2 where the key takes part (mask true), -inf elsewhere.
+void apply_bool_mask_row(float* scores, int64_t n, float scale_log2, const bool* mask, int64_t mask_stride) {
+  for (int64_t c = 0; c < n; ++c) {
+    scores[c] = mask[c * mask_stride] ? scores[c] * scale_log2 : -kInfinity;
+  }
+}
+
+}  // namespace
+
+HeadTensor head_tensor(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.scalar_type() == at::kFloat && (t.stride(3) == 1 || t.size(3) <= 1));
+  return HeadTensor{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+void prepare_score_row(const AttentionProblem& problem, float* scores, int64_t n, int64_t valid, int64_t b,
+                       int64_t h, int64_t i, int64_t j0) {
+  const int64_t taking_part = std::clamp<int64_t>(valid, 0, n);
+  fill_row(scores + taking_part, n - taking_part, -kInfinity);
+  const float scale_log2 = problem.scale * kLog2e;
+  const MaskView& mask = problem.mask;
+  if (mask.data == nullptr) {
+    scale_row(scores, taking_part, scale_log2);
+    return;
+  }
+  const int64_t offset = b * mask.stride[0] + h * mask.stride[1] + i * mask.stride[2] + j0 * mask.stride[3];
+  const int64_t stride = mask.stride[3];
+  switch (mask.dtype) {
+    case at::kBool:
+      apply_bool_mask_row(scores, taking_part, scale_log2, static_cast<const bool*>(mask.data) + offset, stride);
+      break;
+    case at::kFloat:
+      add_mask_row(scores, taking_part, scale_log2, static_cast<const float*>(mask.data) + offset, stride);
+      break;
+    case at::kHalf:
+      add_mask_row(scores, taking_part, scale_log2, static_cast<const c10::Half*>(mask.data) + offset, stride);
+      break;
+    case at::kBFloat16:
+      add_mask_row(scores, taking_part, scale_log2, static_cast<const c10::BFloat16*>(mask.data) + offset, stride);
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "unexpected mask dtype ", mask.dtype);
+  }
+}
+
+}  // namespace tfm_kernels::cpu
