@@ -23,6 +23,28 @@ TORCH_LIBRARY(tfm_kernels, m) {
         "bool is_causal, float scale, Tensor seed) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
         "Tensor? key_lengths, float dropout_p, bool is_causal, float scale, Tensor seed) -> (Tensor, Tensor, Tensor)");
+
+  // MLP. Layout contract (shared with the Triton operators triton_mlp_* in tfm_kernels/ops.py):
+  //   x (M, K): M tokens, stride(-1) == 1, any row stride; weight (N, K) in nn.Linear layout, stride(-1) == 1;
+  //   bias (N,) or None; all one dtype (float16, bfloat16, float32).
+  //   activation: "none", "gelu" (erf), "gelu_tanh", "relu" or "silu".
+  //   dropout after the activation, element (token i, feature j) drawn as tfm_kernels/rng.py with z = 0;
+  //   seed: int64 tensor of shape () on x's device, read only when dropout_p > 0.
+  // mlp_linear_forward: out = dropout(act(x @ weight^T + bias)) (M, N) contiguous, and preact = x @ weight^T +
+  //   bias (M, N) contiguous for backward, or an empty (0,) tensor when activation == "none".
+  // mlp_linear_backward: (grad_x (M, K), grad_weight (N, K), grad_bias (N,)), contiguous, in x's dtype;
+  //   grad_bias is the column sum of dz = grad_out * dropout * act'(preact), returned with or without a bias.
+  // mlp_gated_forward: weight (2F, K) = [gate; up], bias (2F,) or None; out = dropout(act(g) * u) (M, F), and
+  //   gate_up = [g, u] = x @ weight^T + bias (M, 2F) for backward.
+  // mlp_gated_backward: (grad_x (M, K), grad_weight (2F, K), grad_bias (2F,)).
+  m.def("mlp_linear_forward(Tensor x, Tensor weight, Tensor? bias, str activation, float dropout_p, Tensor seed) "
+        "-> (Tensor, Tensor)");
+  m.def("mlp_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor preact, str activation, "
+        "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  m.def("mlp_gated_forward(Tensor x, Tensor weight, Tensor? bias, str activation, float dropout_p, Tensor seed) "
+        "-> (Tensor, Tensor)");
+  m.def("mlp_gated_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor gate_up, str activation, "
+        "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -103,7 +103,7 @@ def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False)
 
 MLP_BACKENDS = ("cuda", "triton", "cpu", "torch")
 # cuBLASLt (cuda) first on GPUs, Triton next (order to be confirmed by measurement, see benchmarks/RESULTS.md).
-MLP_AUTO_ORDER = {"cuda": ("torch",), "cpu": ("torch",)}
+MLP_AUTO_ORDER = AUTO_ORDER
 
 
 def _mlp_cuda_reasons(x) -> list[str]:

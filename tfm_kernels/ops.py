@@ -97,3 +97,91 @@ def _register_attention(forward_name, backward_name):
 _register_attention("triton_attention_forward", "triton_attention_backward")
 if _C is not None:
     _register_attention("attention_forward", "attention_backward")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MLP: tfm_kernels::mlp_{linear,gated}_{forward,backward} (C++, CPU and CUDA) and
+# tfm_kernels::triton_mlp_{linear,gated}_{forward,backward} (Triton). Layout contract: csrc/ops.cpp.
+
+
+@torch.library.custom_op("tfm_kernels::triton_mlp_linear_forward", mutates_args=())
+def triton_mlp_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+                              dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton.mlp import linear_forward
+
+    return linear_forward(x, weight, bias, activation, dropout_p, seed)
+
+
+@torch.library.custom_op("tfm_kernels::triton_mlp_linear_backward", mutates_args=())
+def triton_mlp_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
+                               activation: str, dropout_p: float,
+                               seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton.mlp import linear_backward
+
+    return linear_backward(grad_out, x, weight, preact, activation, dropout_p, seed)
+
+
+@torch.library.custom_op("tfm_kernels::triton_mlp_gated_forward", mutates_args=())
+def triton_mlp_gated_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+                             dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton.mlp import gated_forward
+
+    return gated_forward(x, weight, bias, activation, dropout_p, seed)
+
+
+@torch.library.custom_op("tfm_kernels::triton_mlp_gated_backward", mutates_args=())
+def triton_mlp_gated_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor,
+                              activation: str, dropout_p: float,
+                              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton.mlp import gated_backward
+
+    return gated_backward(grad_out, x, weight, gate_up, activation, dropout_p, seed)
+
+
+def _mlp_linear_forward_fake(x, weight, bias, activation, dropout_p, seed):
+    M, N = x.shape[0], weight.shape[0]
+    preact = x.new_empty(M, N) if activation != "none" else x.new_empty(0)
+    return x.new_empty(M, N), preact
+
+
+def _mlp_gated_forward_fake(x, weight, bias, activation, dropout_p, seed):
+    M, N2 = x.shape[0], weight.shape[0]
+    return x.new_empty(M, N2 // 2), x.new_empty(M, N2)
+
+
+def _mlp_backward_fake(grad_out, x, weight, saved, activation, dropout_p, seed):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x, weight, bias, activation, dropout_p, seed = inputs
+    _, saved = output  # the pre-activation (linear) or [gate, up] (gated)
+    ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(x, weight, saved, seed)
+    ctx.mlp_args = (activation, dropout_p)
+
+
+def _make_mlp_backward(backward_op):
+    def backward(ctx, grad_out, _grad_saved):
+        x, weight, saved, seed = ctx.saved_tensors
+        activation, dropout_p = ctx.mlp_args
+        grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, saved, activation, dropout_p,
+                                                     seed)
+        return grad_x, grad_weight, grad_bias if ctx.needs_input_grad[2] else None, None, None, None
+
+    return backward
+
+
+def _register_mlp(prefix):
+    for kind, forward_fake in (("linear", _mlp_linear_forward_fake), ("gated", _mlp_gated_forward_fake)):
+        forward_name, backward_name = f"{prefix}mlp_{kind}_forward", f"{prefix}mlp_{kind}_backward"
+        torch.library.register_fake(f"tfm_kernels::{forward_name}")(forward_fake)
+        torch.library.register_fake(f"tfm_kernels::{backward_name}")(_mlp_backward_fake)
+        torch.library.register_autograd(f"tfm_kernels::{forward_name}",
+                                        _make_mlp_backward(getattr(torch.ops.tfm_kernels, backward_name)),
+                                        setup_context=_mlp_setup_context)
+
+
+_register_mlp("triton_")
+if _C is not None:
+    _register_mlp("")

@@ -1,0 +1,108 @@
+// Elementwise math of the MLP epilogues shared by the CPU (csrc/cpu/mlp.cpp) and CUDA (csrc/cuda/mlp/) kernels:
+// the activations and their derivatives in float, and the dropout rule of the MLP operators (philox.h with
+// z = 0, row = token index, column = feature index). The Triton kernels (tfm_kernels/triton/mlp.py) and the
+// torch reference (tfm_kernels/reference.py) compute the same functions.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common/philox.h"
+
+namespace tfm_kernels {
+
+enum class Activation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSilu = 4 };
+
+constexpr float kInvSqrt2 = 0.70710678118654752f;      // 1 / sqrt(2): erf-GELU argument
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;    // 1 / sqrt(2 pi): normal density
+constexpr float kSqrt2OverPi = 0.79788456080286536f;   // sqrt(2 / pi): tanh-GELU argument
+constexpr float kGeluTanhCubic = 0.044715f;             // cubic coefficient of the tanh approximation
+
+// Parses an operator's activation argument; false for an unknown name.
+inline bool parse_activation(const char* name, Activation* activation) {
+  static const struct { const char* name; Activation value; } kNames[] = {
+      {"none", Activation::kNone}, {"gelu", Activation::kGelu}, {"gelu_tanh", Activation::kGeluTanh},
+      {"relu", Activation::kRelu}, {"silu", Activation::kSilu}};
+  for (const auto& entry : kNames) {
+    if (std::strcmp(name, entry.name) == 0) {
+      *activation = entry.value;
+      return true;
+    }
+  }
+  return false;
+}
+
+TFM_HOST_DEVICE float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+template <Activation A>
+TFM_HOST_DEVICE float activate(float z) {
+  if constexpr (A == Activation::kGelu) {
+    return 0.5f * z * (1.0f + erff(z * kInvSqrt2));
+  } else if constexpr (A == Activation::kGeluTanh) {
+    return 0.5f * z * (1.0f + tanhf(kSqrt2OverPi * (z + kGeluTanhCubic * z * z * z)));
+  } else if constexpr (A == Activation::kRelu) {
+    return z > 0.0f ? z : 0.0f;
+  } else if constexpr (A == Activation::kSilu) {
+    return z * sigmoid(z);
+  } else {
+    return z;
+  }
+}
+
+// d act(z) / dz.
+template <Activation A>
+TFM_HOST_DEVICE float activation_grad(float z) {
+  if constexpr (A == Activation::kGelu) {
+    return 0.5f * (1.0f + erff(z * kInvSqrt2)) + z * kInvSqrt2Pi * expf(-0.5f * z * z);
+  } else if constexpr (A == Activation::kGeluTanh) {
+    const float t = tanhf(kSqrt2OverPi * (z + kGeluTanhCubic * z * z * z));
+    return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * z * z);
+  } else if constexpr (A == Activation::kRelu) {
+    return z > 0.0f ? 1.0f : 0.0f;
+  } else if constexpr (A == Activation::kSilu) {
+    const float s = sigmoid(z);
+    return s * (1.0f + z * (1.0f - s));
+  } else {
+    return 1.0f;
+  }
+}
+
+// Calls fn(std::integral_constant<Activation, A>{}) for the runtime value `activation`, so kernels are
+// compiled once per activation with the branch resolved at compile time.
+template <typename Fn>
+decltype(auto) dispatch_activation(Activation activation, Fn&& fn) {
+  switch (activation) {
+    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kSilu: return fn(std::integral_constant<Activation, Activation::kSilu>{});
+    default: return fn(std::integral_constant<Activation, Activation::kNone>{});
+  }
+}
+
+// Dropout of the MLP operators: the multiplier of element (row, col), 0 (dropped) or 1 / (1 - p) (kept).
+// threshold = floor(p * 2^24) and keep_scale = 1 / (1 - p) come from the host; p == 0 keeps everything.
+struct MlpDropout {
+  uint64_t seed;
+  uint32_t threshold;
+  float keep_scale;
+  bool active;
+
+  TFM_HOST_DEVICE float multiplier(int64_t row, int64_t col) const {
+    if (!active) return 1.0f;
+    return dropout_keep(seed, 0, static_cast<uint32_t>(row), static_cast<uint32_t>(col), threshold) ? keep_scale
+                                                                                                     : 0.0f;
+  }
+};
+
+inline MlpDropout make_mlp_dropout(double dropout_p, int64_t seed) {
+  MlpDropout dropout;
+  dropout.active = dropout_p > 0.0;
+  dropout.seed = static_cast<uint64_t>(seed);
+  dropout.threshold = static_cast<uint32_t>(dropout_p * static_cast<double>(1u << kDropoutBits));
+  dropout.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  return dropout;
+}
+
+}  // namespace tfm_kernels

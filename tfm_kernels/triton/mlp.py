@@ -1,0 +1,278 @@
+"""Triton kernels of the MLP operators (contract: csrc/ops.cpp; registered in tfm_kernels/ops.py).
+
+One tiled GEMM kernel, C = A @ B with arbitrary strides, serves every product:
+  forward          out = dropout(act(x @ W^T + b)), storing the pre-activation z for backward;
+  gated forward    the gate and up tiles of x @ [Wg; Wu]^T in one program (two accumulators), storing [g, u]
+                   and writing dropout(act(g) * u);
+  backward         dz = dy * dropout * act'(z) in one elementwise kernel (gated: dg, du), then
+                   dx = dz @ W and dW = dz^T @ x, the latter also summing dz's columns into db while it streams
+                   dz through (the bias gradient costs no extra pass over memory).
+Programs walk the output in GROUP_M-row bands so neighbouring programs share A and B tiles in L2. Accumulation
+is float32; float32 inputs multiply in IEEE precision unless torch allows TF32.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation codes, equal to csrc/common/mlp_epilogue.h's Activation enum.
+ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+INV_SQRT2 = tl.constexpr(0.70710678118654752)
+INV_SQRT_2PI = tl.constexpr(0.39894228040143268)
+SQRT_2_OVER_PI = tl.constexpr(0.79788456080286536)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
+PHILOX_ROUNDS = tl.constexpr(10)
+DROPOUT_SHIFT = tl.constexpr(8)  # keep iff the top 24 bits of the word >= threshold (tfm_kernels/rng.py)
+
+
+def _gemm_configs():
+    """A small list for Hopper/Ampere (bf16/fp16 128x128-256 tiles); one config under the CPU interpreter, where
+    autotuning over several fails."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+              (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+@triton.jit
+def _tanh(u):
+    # sign(u) (1 - a) / (1 + a) with a = e^{-2|u|} in (0, 1]: never overflows, and keeps tanh's relative
+    # accuracy for large |u|, where 1 - tanh^2 in GELU's derivative depends on it.
+    a = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - a) / (1.0 + a)
+    return tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        return 0.5 * z * (1.0 + tl.erf(z * INV_SQRT2))
+    elif ACTIVATION == 2:
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * GELU_TANH_CUBIC) * SQRT_2_OVER_PI))
+    elif ACTIVATION == 3:
+        return tl.where(z > 0.0, z, 0.0)
+    elif ACTIVATION == 4:
+        return z * tl.sigmoid(z)
+    else:
+        return z
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        return 0.5 * (1.0 + tl.erf(z * INV_SQRT2)) + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+    elif ACTIVATION == 2:
+        t = _tanh((z + z * z * z * GELU_TANH_CUBIC) * SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * (1.0 + z * z * GELU_TANH_CUBIC * 3.0) * SQRT_2_OVER_PI
+    elif ACTIVATION == 3:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 4:
+        s = tl.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale):
+    """(BLOCK_M, BLOCK_N) float32: keep_scale where element (row, col) is kept, else 0 (z = 0 in the scheme)."""
+    seed = tl.load(seed_ptr)
+    col_counter = (cols[None, :] + 0 * rows[:, None]).to(tl.int32)
+    row_counter = (rows[:, None] + 0 * cols[None, :]).to(tl.int32)
+    zero = col_counter * 0
+    word, _, _, _ = tl.philox(seed, col_counter, row_counter, zero, zero, PHILOX_ROUNDS)
+    keep = (word >> DROPOUT_SHIFT).to(tl.int32) >= threshold
+    return tl.where(keep, keep_scale, 0.0)
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "GATED", "ROWSUM_A"])
+@triton.jit
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr, M, N, K,
+                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset,
+                 threshold, keep_scale,
+                 HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
+                 DROPOUT: tl.constexpr, GATED: tl.constexpr, ROWSUM_A: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """c (M, N) = epilogue(a (M, K) @ b (K, N)).
+
+    GATED: b's columns [gate_offset, gate_offset + N) are the up projection (and bias[gate_offset:] its bias); the output
+    is act(g) * u and preact holds g at column j and u at column N + j. Otherwise the output is act(z).
+    Epilogue order: + bias, store preact, activation (gated product), dropout, cast to c's dtype.
+    ROWSUM_A: rowsum[m] = sum_k a[m, k] in float32, written by the programs of the first column band.
+    """
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * grid_n
+    first_m = (pid // band) * GROUP_M
+    group_rows = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % group_rows
+    pid_n = (pid % band) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks.to(tl.int64)[None, :] * stride_ak
+    b_ptrs = b_ptr + ks.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+    row_in = rows < M
+    col_in = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = ks < K - k0
+        a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if GATED:
+            b_up = tl.load(b_ptrs + gate_offset * stride_bn, mask=k_in[:, None] & col_in[None, :], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
+        if ROWSUM_A:
+            if pid_n == 0:
+                rowsum += tl.sum(a.to(tl.float32), axis=1)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if ROWSUM_A:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + rows, rowsum, mask=row_in)
+    out_mask = row_in[:, None] & col_in[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_ptr + gate_offset + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    if STORE_PREACT:
+        p_ptrs = preact_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
+        tl.store(p_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=out_mask)
+        if GATED:
+            tl.store(p_ptrs + N, acc_up.to(preact_ptr.dtype.element_ty), mask=out_mask)
+    h = _activate(acc, ACTIVATION)
+    if GATED:
+        h = h * acc_up
+    if DROPOUT:
+        h = h * _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale)
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _grad_preact_kernel(dy_ptr, preact_ptr, dz_ptr, seed_ptr, M, N, stride_dym, threshold, keep_scale,
+                        ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, GATED: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dz = dy * dropout * act'(z), (M, N). GATED: preact and dz are (M, 2N) [gate, up]; with h = dy * dropout,
+    dg = h * u * act'(g) goes to column j and du = h * act(g) to column N + j."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    row_offsets = rows.to(tl.int64)[:, None]
+    dh = tl.load(dy_ptr + row_offsets * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:
+        dh = dh * _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale)
+    width = 2 * N if GATED else N
+    z_ptrs = preact_ptr + row_offsets * width + cols[None, :]
+    dz_ptrs = dz_ptr + row_offsets * width + cols[None, :]
+    if ACTIVATION == 0 and not GATED:  # identity: nothing stored in preact, act' = 1
+        tl.store(dz_ptrs, dh.to(dz_ptr.dtype.element_ty), mask=mask)
+        return
+    z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        u = tl.load(z_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dz_ptrs, (dh * u * _activation_grad(z, ACTIVATION)).to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptrs + N, (dh * _activate(z, ACTIVATION)).to(dz_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(dz_ptrs, (dh * _activation_grad(z, ACTIVATION)).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+GRAD_BLOCK = 64  # 64x64 elementwise tiles: 4096 elements per program, enough work to hide the Philox cost
+
+
+def _input_precision(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # Triton's default; only float32 inputs read it
+
+
+def _dropout_args(dropout_p):
+    threshold = int(dropout_p * (1 << 24))  # as tfm_kernels.rng.dropout_threshold
+    return threshold, 1.0 / (1.0 - dropout_p)
+
+
+def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation="none", dropout_p=0.0,
+          gated=False, gate_offset=0):
+    """Launches _gemm_kernel: c (M, N) = epilogue(a (M, K) @ b (K, N)); a and b are any strided views."""
+    M, K = a.shape
+    N = c.shape[1]
+    threshold, keep_scale = _dropout_args(dropout_p)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_kernel[grid](
+        a, b, c, bias if bias is not None else c, preact if preact is not None else c,
+        rowsum if rowsum is not None else c, seed if seed is not None else c, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+        preact.stride(0) if preact is not None else 0, gate_offset, threshold, keep_scale,
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation], STORE_PREACT=preact is not None,
+        DROPOUT=dropout_p > 0.0, GATED=gated, ROWSUM_A=rowsum is not None,
+        INPUT_PRECISION=_input_precision(a.dtype))
+
+
+def linear_forward(x, weight, bias, activation, dropout_p, seed):
+    """x (M, K), weight (N, K) -> (out (M, N), preact (M, N) or (0,) when activation == "none")."""
+    M, N = x.shape[0], weight.shape[0]
+    out = x.new_empty(M, N)
+    preact = x.new_empty(M, N) if activation != "none" else x.new_empty(0)
+    _gemm(x, weight.t(), out, bias=bias, preact=preact if activation != "none" else None, seed=seed,
+          activation=activation, dropout_p=dropout_p)
+    return out, preact
+
+
+def gated_forward(x, weight, bias, activation, dropout_p, seed):
+    """x (M, K), weight (2F, K) = [gate; up] -> (out (M, F), gate_up (M, 2F))."""
+    M, F = x.shape[0], weight.shape[0] // 2
+    out = x.new_empty(M, F)
+    gate_up = x.new_empty(M, 2 * F)
+    _gemm(x, weight[:F].t(), out, bias=bias, preact=gate_up, seed=seed, activation=activation,
+          dropout_p=dropout_p, gated=True, gate_offset=F)
+    return out, gate_up
+
+
+def _grad_preact(grad_out, preact, activation, dropout_p, seed, gated):
+    """dz (M, width) in grad_out's dtype; width = N, or 2F for the gated [dg, du]."""
+    M, N = grad_out.shape
+    dz = grad_out.new_empty(M, 2 * N if gated else N)
+    threshold, keep_scale = _dropout_args(dropout_p)
+    grid = (triton.cdiv(M, GRAD_BLOCK), triton.cdiv(N, GRAD_BLOCK))
+    _grad_preact_kernel[grid](grad_out, preact, dz, seed, M, N, grad_out.stride(0), threshold, keep_scale,
+                              ACTIVATION=ACTIVATION_CODES[activation], DROPOUT=dropout_p > 0.0, GATED=gated,
+                              BLOCK_M=GRAD_BLOCK, BLOCK_N=GRAD_BLOCK)
+    return dz
+
+
+def _weight_grads(dz, x, weight):
+    """grad_x = dz @ W (M, K), grad_weight = dz^T @ x (N, K) and grad_bias = column sums of dz (N,)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    grad_x = x.new_empty(M, K)
+    grad_weight = weight.new_empty(N, K)
+    grad_bias = torch.empty(N, dtype=torch.float32, device=x.device)
+    _gemm(dz, weight, grad_x)
+    _gemm(dz.t(), x, grad_weight, rowsum=grad_bias)
+    return grad_x, grad_weight, grad_bias.to(x.dtype)
+
+
+def linear_backward(grad_out, x, weight, preact, activation, dropout_p, seed):
+    """-> (grad_x (M, K), grad_weight (N, K), grad_bias (N,))."""
+    if activation == "none" and dropout_p == 0.0:
+        dz = grad_out
+    else:
+        dz = _grad_preact(grad_out, preact, activation, dropout_p, seed, gated=False)
+    return _weight_grads(dz, x, weight)
+
+
+def gated_backward(grad_out, x, weight, gate_up, activation, dropout_p, seed):
+    """-> (grad_x (M, K), grad_weight (2F, K), grad_bias (2F,))."""
+    dgu = _grad_preact(grad_out, gate_up, activation, dropout_p, seed, gated=True)  # (M, 2F)
+    return _weight_grads(dgu, x, weight)
