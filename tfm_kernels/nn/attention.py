@@ -57,9 +57,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         heads, or (N, num_heads, L, S) with average_attn_weights=False ((L, S) or (num_heads, L, S)
         unbatched), in the query dtype.
 
-    need_weights=True takes the output from the kernel and the weights from an explicit softmax in torch ops
-    (extra time and an (N, H, L, S) tensor). In training mode with dropout > 0 both come from the explicit path,
-    so that the returned weights are the ones the output used.
+    need_weights=True (torch's default) is the slower path: like torch, it computes the weights with an explicit
+    softmax in torch ops, (N, H, L, S) in memory, and the output as weights @ v; the fused kernel runs for
+    need_weights=False (as the Transformer layers call it).
 
     Rows in which every key is masked give output 0 (and weights 0) where torch gives NaN.
     """
@@ -109,12 +109,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         mask = self._kernel_mask(attn_mask, key_padding_mask, N, L, S, k.shape[2] - S, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
 
-        weights = self._attention_weights(q, k, mask) if need_weights else None  # (N, H, L, S')
-        if need_weights and dropout_p > 0.0:
-            # the returned weights must be the ones the output used, so both come from the explicit path
-            weights = F.dropout(weights, p=dropout_p)
+        if need_weights:  # the slower explicit path: weights (N, H, L, S') in torch ops, as torch computes them
+            weights = self._attention_weights(q, k, mask)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
             out = weights @ v  # (N, H, L, D)
         else:
+            weights = None
             out = _attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                           is_causal=run_causal, backend=self.backend)
         if batch_first:
