@@ -11,7 +11,7 @@ from .. import backends
 from ..attention import scaled_dot_product_attention
 from . import configs
 from .suite import Case, Provider, Unavailable, raise_recompile_limit, timed_step
-from .timing import randn
+from .timing import randn, random_inputs
 
 # torch SDPA backends by provider name; math only where its (B, H, L, S) score matrices fit (see _math_fits).
 SDPA_PEERS = {"cuda": ("flash", "efficient", "cudnn", "math"), "cpu": ("flash", "math")}
@@ -27,21 +27,8 @@ FLEX_RECOMPILE_LIMIT = 64  # one compiled FlexAttention per (shape, causal, grad
 
 
 def _qkv_maker(shape: configs.AttentionShape, device):
-    def make(requires_grad):
-        return tuple(
-            randn(
-                shape.batch,
-                shape.heads,
-                shape.seq,
-                shape.head_dim,
-                dtype=shape.dtype,
-                device=device,
-                requires_grad=requires_grad,
-            )
-            for _ in range(3)
-        )  # (B, H, S, D) each
-
-    return make
+    qkv_shape = (shape.batch, shape.heads, shape.seq, shape.head_dim)  # (B, H, S, D)
+    return random_inputs(qkv_shape, qkv_shape, qkv_shape, dtype=shape.dtype, device=device)
 
 
 def ours(shape, mode, device, backend) -> Provider:
@@ -147,18 +134,7 @@ def attention_cases(shapes, modes, device, with_flex="headline", with_math=False
             ]
             if with_flex == "all" or (with_flex == "headline" and shape.headline):
                 providers.append(flex(shape, mode, device))
-            cases.append(
-                Case(
-                    "attention",
-                    shape.label,
-                    shape.as_dict(),
-                    mode,
-                    shape.flops(mode),
-                    "TFLOP/s",
-                    device,
-                    providers,
-                )
-            )
+            cases.append(Case.of_shape("attention", shape, mode, device, providers))
     return cases
 
 
@@ -193,21 +169,9 @@ def mha(shape: configs.MHAShape, mode, device, which) -> Provider:
         def forward(x):
             return module(x, x, x, need_weights=False, attn_mask=mask, is_causal=shape.causal)[0]
 
-        def make(requires_grad):
-            return (
-                randn(
-                    shape.batch,
-                    shape.seq,
-                    shape.embed_dim,
-                    dtype=shape.dtype,
-                    device=device,
-                    requires_grad=requires_grad,
-                ),
-            )  # (B, S, E)
-
-        return timed_step(
-            forward, make, mode, device, params=list(module.parameters()) if mode != "fwd" else ()
-        )
+        x_shape = (shape.batch, shape.seq, shape.embed_dim)  # (B, S, E)
+        make = random_inputs(x_shape, dtype=shape.dtype, device=device)
+        return timed_step(forward, make, mode, device, params=list(module.parameters()))
 
     name = "ours nn.MultiheadAttention" if which == "ours" else "torch nn.MultiheadAttention"
     return Provider(name, which == "ours", prepare)
@@ -216,16 +180,7 @@ def mha(shape: configs.MHAShape, mode, device, which) -> Provider:
 def mha_cases(shapes, modes, device) -> list[Case]:
     device = torch.device(device)
     return [
-        Case(
-            "mha",
-            shape.label,
-            shape.as_dict(),
-            mode,
-            shape.flops(mode),
-            "TFLOP/s",
-            device,
-            [mha(shape, mode, device, "ours"), mha(shape, mode, device, "torch")],
-        )
+        Case.of_shape("mha", shape, mode, device, [mha(shape, mode, device, w) for w in ("ours", "torch")])
         for shape in shapes
         for mode in modes
     ]

@@ -97,9 +97,5 @@ def mlp_cases(shapes, modes, device, with_compile=True) -> list[Case]:
             providers.append(torch_mlp(shape, mode, device, compiled=False))
             if with_compile:
                 providers.append(torch_mlp(shape, mode, device, compiled=True))
-            cases.append(
-                Case(
-                    "mlp", shape.label, shape.as_dict(), mode, shape.flops(mode), "TFLOP/s", device, providers
-                )
-            )
+            cases.append(Case.of_shape("mlp", shape, mode, device, providers))
     return cases

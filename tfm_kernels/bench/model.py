@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import configs
 from .suite import Case, Provider, Unavailable, raise_recompile_limit, timed_step
-from .timing import randn
+from .timing import random_inputs
 
 COMPILE_RECOMPILE_LIMIT = 16  # eager/compiled x ours/torch x grad modes of one module class
 
@@ -45,19 +45,8 @@ def encoder(shape: configs.EncoderShape, mode, device, which, compiled) -> Provi
         model = _encoder(layers_module, shape, device).train(mode != "fwd")
         run = _maybe_compiled(model, compiled)
 
-        def make(requires_grad):
-            return (
-                randn(
-                    shape.batch,
-                    shape.seq,
-                    shape.d_model,
-                    dtype=shape.dtype,
-                    device=device,
-                    requires_grad=requires_grad,
-                ),
-            )  # (B, S, d_model)
-
-        return timed_step(run, make, mode, device, params=list(model.parameters()) if mode != "fwd" else ())
+        make = random_inputs((shape.batch, shape.seq, shape.d_model), dtype=shape.dtype, device=device)
+        return timed_step(run, make, mode, device, params=list(model.parameters()))  # x: (B, S, d_model)
 
     owner = "ours tfm_kernels.nn" if which == "ours" else "torch nn"
     return Provider(f"{owner}{' compiled' if compiled else ''}", which == "ours", prepare)
@@ -98,7 +87,7 @@ def language_model(preset, batch, seq, mode, device, which, compiled, dtype) -> 
             tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
             return tokens[:, :-1], tokens[:, 1:]  # inputs and next-token targets, (B, S) each
 
-        return timed_step(loss, make, mode, device, params=list(model.parameters()) if mode != "fwd" else ())
+        return timed_step(loss, make, mode, device, params=list(model.parameters()))
 
     owner = "ours tfm_kernels.models" if which == "ours" else "torch-layer baseline"
     return Provider(f"{owner}{' compiled' if compiled else ''}", which == "ours", prepare)

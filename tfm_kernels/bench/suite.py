@@ -45,6 +45,11 @@ class Case:
     device: torch.device
     providers: list[Provider] = field(default_factory=list)
 
+    @classmethod
+    def of_shape(cls, suite: str, shape, mode: str, device, providers) -> "Case":
+        """A TFLOP/s case for a configs shape (its label, as_dict() and flops(mode))."""
+        return cls(suite, shape.label, shape.as_dict(), mode, shape.flops(mode), "TFLOP/s", device, providers)
+
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
@@ -150,7 +155,7 @@ def timed_step(
     """The callable timed for `mode`, over rotating input sets.
 
     forward(*inputs) -> one tensor; make_inputs(requires_grad) -> a fresh tuple of inputs; params: extra
-    leaves (module parameters) whose gradients the backward computes too.
+    leaves (module parameters) whose gradients the backward modes compute too.
       fwd:     forward under no_grad (inference);
       bwd:     torch.autograd.grad of a forward made up front (retain_graph), so only the backward is timed;
       fwd+bwd: forward then autograd.grad, a training step without the optimizer.

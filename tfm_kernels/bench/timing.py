@@ -53,6 +53,15 @@ def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=Fa
     return t.requires_grad_(requires_grad)
 
 
+def random_inputs(*shapes, dtype, device):
+    """make(requires_grad) -> a fresh tuple of `randn` tensors of `shapes`: the input factory of a case."""
+
+    def make(requires_grad):
+        return tuple(randn(*s, dtype=dtype, device=device, requires_grad=requires_grad) for s in shapes)
+
+    return make
+
+
 def tensor_bytes(obj) -> int:
     """Bytes held by the tensors inside `obj` (a tensor or nested tuples/lists/dicts of them)."""
     if isinstance(obj, torch.Tensor):
