@@ -152,6 +152,19 @@ def test_measure_provider_statuses():
     assert ok["value"] == pytest.approx(1e9 / (ok["median_ms"] * 1e-3) / 1e12)
 
 
+def test_a_stopped_run_keeps_its_rows_and_lists_the_rest():
+    def stop():
+        raise KeyboardInterrupt  # what the CLI raises on SIGTERM (a `timeout` cap)
+
+    def quick():
+        return lambda: None
+
+    rows = suite.run_cases([_case(suite.Provider("a", False, quick), suite.Provider("b", True, stop),
+                                  suite.Provider("c", True, quick))], warmup_ms=1, rep_ms=2)
+    assert [r["status"] for r in rows] == ["ok", "n/a", "n/a"]
+    assert rows[1]["reason"] == rows[2]["reason"] == suite.NOT_RUN
+
+
 def test_ratios_are_against_the_best_peer():
     rows = [{"suite": "s", "config": "c", "mode": "fwd", "ours": o, "status": "ok", "value": v}
             for o, v in ((True, 300.0), (False, 200.0), (False, 100.0))]

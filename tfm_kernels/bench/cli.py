@@ -7,6 +7,7 @@ torch's CPU implementations. The Markdown table goes to stdout, last; progress t
 the run is appended to --json (default benchmarks/results/bench.jsonl)."""
 
 import argparse
+import signal
 import sys
 import time
 
@@ -17,6 +18,7 @@ from .attention import attention_cases, mha_cases
 from .mlp import mlp_cases
 from .model import model_cases
 from .selfcheck import self_check
+from .suite import NOT_RUN, run_cases
 
 SUITES = ("attention", "mlp", "mha", "model")
 
@@ -38,6 +40,10 @@ class Progress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def parse_args(argv):
@@ -191,9 +197,12 @@ def main(argv=None) -> int:
 
     cases = gpu_cases(args, suites, device) if on_gpu else cpu_cases(args, suites, device)
     warmup_ms, rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
-    from .suite import run_cases
-
-    rows = run_cases(cases, Progress(), warmup_ms, rep_ms)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` stops the run; the table still prints
+    try:
+        rows = run_cases(cases, Progress(), warmup_ms, rep_ms)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stopped = any(r["reason"] == NOT_RUN for r in rows)
     env = report.environment(device)
     if args.json:
         path = report.append_record(args.json, env, rows, checks)
@@ -209,6 +218,8 @@ def main(argv=None) -> int:
             )
 
     title = "CPU timing (this machine; not a GPU result)" if not on_gpu else "GPU timing"
+    if stopped:
+        title += " - STOPPED before the end, see the rows marked not run"
     print(
         f"## {title}: {env['card']}, torch {env['torch']}, triton {env['triton']}, "
         f"commit {env['commit'][:12]}, "
@@ -218,4 +229,4 @@ def main(argv=None) -> int:
     failed = (checks is not None and any(c.status == "FAIL" for c in checks)) or any(
         r["status"] == "error" for r in rows
     )
-    return 1 if failed else 0
+    return 1 if failed or stopped else 0

@@ -62,9 +62,11 @@ def throughput(work: float, unit: str, milliseconds: float) -> float:
     return per_second / 1e12 if unit == "TFLOP/s" else per_second
 
 
-def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: float) -> dict:
-    """One table row: the provider's timing on the case, or why it has none."""
-    row = {
+NOT_RUN = "not run: the benchmark was stopped (time limit or interrupt) before this case"
+
+
+def _empty_row(case: Case, provider: Provider) -> dict:
+    return {
         "suite": case.suite,
         "config": case.config,
         "shape": case.shape,
@@ -81,6 +83,11 @@ def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: f
         "peak_mib": None,
         "ratio": None,
     }
+
+
+def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: float) -> dict:
+    """One table row: the provider's timing on the case, or why it has none."""
+    row = _empty_row(case, provider)
     fn = None
     try:
         fn = provider.prepare()
@@ -123,17 +130,20 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def run_cases(cases: list[Case], progress=None, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> list[dict]:
-    """Measures every provider of every case; progress(done, total, text) is called before each."""
-    total = sum(len(c.providers) for c in cases)
-    rows, done = [], 0
-    for case in cases:
-        for provider in case.providers:
+    """Measures every provider of every case; progress(done, total, text) is called before each. A
+    KeyboardInterrupt (Ctrl-C, or SIGTERM where the CLI maps it so) stops the run: the rows measured so far
+    are kept and every remaining provider gets an "n/a" row saying it was not run."""
+    pending = [(case, provider) for case in cases for provider in case.providers]
+    rows = []
+    try:
+        for case, provider in pending:
             if progress is not None:
-                progress(done, total, f"{case.suite} {case.config} {case.mode} {provider.name}")
+                progress(len(rows), len(pending), f"{case.suite} {case.config} {case.mode} {provider.name}")
             rows.append(measure_provider(case, provider, warmup_ms, rep_ms))
-            done += 1
+    except KeyboardInterrupt:
+        rows += [{**_empty_row(c, p), "status": "n/a", "reason": NOT_RUN} for c, p in pending[len(rows):]]
     if progress is not None:
-        progress(total, total, "done")
+        progress(len(pending), len(pending), "done")
     return add_ratios(rows)
 
 
