@@ -26,7 +26,7 @@ TORCH_LIBRARY(tfm_kernels, m) {
 
   // MLP. Layout contract (shared with the Triton operators triton_mlp_* in tfm_kernels/ops.py):
   //   x (M, K): M tokens, stride(-1) == 1, any row stride; weight (N, K) in nn.Linear layout, stride(-1) == 1;
-  //   bias (N,) or None; all one dtype (float16, bfloat16, float32).
+  //   bias (N,) contiguous or None; all one dtype (float16, bfloat16, float32).
   //   activation: "none", "gelu" (erf), "gelu_tanh", "relu" or "silu".
   //   dropout after the activation, element (token i, feature j) drawn as tfm_kernels/rng.py with z = 0;
   //   seed: int64 tensor of shape () on x's device, read only when dropout_p > 0.

@@ -79,6 +79,7 @@ def _last_dim_contiguous(t):
 def _run(gated, x, weight, bias, activation, dropout_p, backend, out_features):
     x2 = _last_dim_contiguous(x).reshape(-1, x.shape[-1])  # (M, K): M tokens, a view wherever strides allow
     weight = _last_dim_contiguous(weight)
+    bias = bias.contiguous() if bias is not None else None  # (N,): a copy of N elements at most
     backend = _resolve(backend, x2, weight)
     seed = _seed(float(dropout_p), x.device)
     out_shape = (*x.shape[:-1], out_features)

@@ -6,9 +6,9 @@
 
 #include "common/philox.h"
 
-// One copy per instruction set, chosen at load time (GCC function multi-versioning). Elsewhere the baseline
-// build is used as is.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// One copy per instruction set, chosen at load time (GCC function multi-versioning; GCC 12 and newer, where
+// these arch= names were checked to build). Other compilers build the baseline copy only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
 #define TFM_ROW_LOOP __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TFM_ROW_LOOP
@@ -66,16 +66,17 @@ TFM_ROW_LOOP void fill_row(float* __restrict x, int64_t n, float value) {
 }
 
 TFM_ROW_LOOP float row_max(const float* __restrict x, int64_t n) {
+  // A GCC vector type: the compiler does not vectorise a float max reduction written with scalars (NaN and
+  // signed-zero rules), but it lowers this one to the widest max instruction of each clone.
+  using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  float lanes[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    lanes[l] = kNegInf;
-  }
+  Lanes lanes = {};
+  lanes += kNegInf;
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      lanes[l] = x[c + l] > lanes[l] ? x[c + l] : lanes[l];
-    }
+    Lanes block;
+    std::memcpy(&block, x + c, sizeof(block));
+    lanes = block > lanes ? block : lanes;
   }
   float result = kNegInf;
   for (; c < n; ++c) {

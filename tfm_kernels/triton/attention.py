@@ -14,7 +14,8 @@ Dropout keeps element (b * Hq + h, i, j) by the shared Philox scheme (tfm_kernel
 forward and backward draw the same mask without storing it. Layout contract: csrc/ops.cpp.
 
 Head dims are padded to a power of two >= 16 with masked loads. Batch/head offsets are 64-bit; in-tile
-offsets stay 32-bit and pointers advance block by block. Tests: tests/test_attention.py, test_attention_ops.py.
+offsets stay 32-bit and pointers advance block by block.
+Tests: tests/test_attention.py, tests/test_attention_ops.py.
 """
 
 import contextlib
@@ -46,7 +47,7 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 
 @triton.jit
 def _load_tile(ptrs, dim0_ok, dim1_ok, CHECK0: tl.constexpr, CHECK1: tl.constexpr):
-    """Loads a 2-D tile, zero where a checked dimension is out of range (unchecked ones are known in range)."""
+    """Loads a 2-D tile, 0 where a checked dimension is out of range (unchecked ones are known in range)."""
     if CHECK0 and CHECK1:
         return tl.load(ptrs, mask=dim0_ok & dim1_ok, other=0.0)
     elif CHECK0:
@@ -58,8 +59,8 @@ def _load_tile(ptrs, dim0_ok, dim1_ok, CHECK0: tl.constexpr, CHECK1: tl.constexp
 
 
 @triton.jit
-def _masked_scores(s, rows, cols, col_end, mask_bh, stride_ml, stride_ms, L, S,
-                   MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr):
+def _masked_scores(s, rows, cols, col_end, mask_bh, stride_ml, stride_ms, L, S, MASK_KIND: tl.constexpr,
+                   APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr):
     """Scores tile s (log2 units) with every mask applied: -inf where key `cols` takes no part in row `rows`.
 
     rows, cols: int32 tensors broadcasting to s's shape, either orientation ((M, 1) x (1, N) or transposed).
@@ -103,20 +104,6 @@ def _key_blocks(m_start, col_end, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
     return full_end, end
 
 
-def _smem_fits(configs, named_args, **kwargs):
-    """Autotune pruning: drops configs whose pipelined Q/K/V tiles exceed the shared memory budget."""
-    args = {**named_args, **kwargs}
-    element_size = args["Q"].element_size()
-    head = args["BLOCK_D"] + args["BLOCK_DV"]
-
-    def estimate(config):
-        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        return element_size * (block_m * head + max(config.num_stages, 1) * block_n * head)
-
-    fitting = [c for c in configs if estimate(c) <= SHARED_MEMORY_BUDGET]
-    return fitting or [min(configs, key=estimate)]
-
-
 def _config(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
@@ -126,19 +113,24 @@ def _config_list(gpu_configs, interpreter_config):
     return [interpreter_config] if triton_interpreting() else gpu_configs
 
 
-# Tile configs for Hopper; the first entry of each list is the default for problems too small to autotune.
-# Forward: 128 query rows per program keeps the wgmma M dimension full; 64-128 keys per step.
+# Tile configs for Hopper (sm_90a). The first config that fits shared memory is the default for problems too
+# small to autotune; the last one is a fallback that fits even float32 at head dim 256. Register use by ptxas
+# (bf16, head dim 128): forward 128x64 with 8 warps uses 230 registers and no spills, with 4 warps it spills
+# 1.3 KB; dK/dV 32x128 with 8 warps has no spills, 64x128 spills 0.2 KB; dQ 128x64 with 8 warps none.
+# Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
 FORWARD_CONFIGS = _config_list(
-    [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 3),
-     _config(64, 32, 4, 2)],
+    [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(128, 64, 8, 4), _config(64, 64, 4, 3),
+     _config(64, 32, 4, 2), _config(32, 32, 4, 1)],
     _config(32, 16, 4, 1))
-# dK/dV: BLOCK_N keys stay resident while BLOCK_M query rows stream past.
+# dK/dV: BLOCK_N keys resident while BLOCK_M query rows stream past.
 BACKWARD_KV_CONFIGS = _config_list(
-    [_config(64, 128, 8, 2), _config(32, 128, 4, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 2)],
+    [_config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(64, 64, 8, 2), _config(32, 64, 4, 3),
+     _config(16, 64, 4, 3), _config(16, 32, 4, 1)],
     _config(16, 32, 4, 1))
-# dQ: BLOCK_M query rows stay resident while BLOCK_N key blocks stream past.
+# dQ: BLOCK_M query rows resident while BLOCK_N keys stream past.
 BACKWARD_Q_CONFIGS = _config_list(
-    [_config(128, 64, 8, 2), _config(128, 32, 4, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    [_config(128, 64, 8, 2), _config(128, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2),
+     _config(32, 16, 4, 1)],
     _config(32, 16, 4, 1))
 AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "DOT_PRECISION"]
 
@@ -160,11 +152,11 @@ def _program_ids(num_row_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, offs_n, d_ok, dv_ok, col_end,
-                   mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z, threshold,
-                   MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
-                   HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, offs_n, d_ok, dv_ok, col_end, mask_bh,
+                   stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z, threshold,
+                   MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr, HAS_DROPOUT:
+                   tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs (BLOCK_N, BLOCK_DV)
     point at key lo. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -192,15 +184,13 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, offs_n, d_ok,
 
 
 @triton.jit(do_not_specialize=["L", "S"])
-def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed,
-                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                    stride_mb, stride_mh, stride_ml, stride_ms,
-                    H, GROUP, L, S, scale_log2, threshold, inv_keep,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride_qh, stride_qm, stride_kb,
+                    stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                    stride_mb, stride_mh, stride_ml, stride_ms, H, GROUP, L, S, scale_log2, threshold,
+                    inv_keep, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS:
+                    tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M:
+                    tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
@@ -236,15 +226,15 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base, v_base, 0, full_end, rows, offs_n, d_ok, dv_ok,
-                                   col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2,
-                                   k0, k1, z, threshold, MASK_KIND, False, False, HAS_DROPOUT, CHECK_D, CHECK_DV,
-                                   DOT_PRECISION, BLOCK_N)
-    full_end64 = full_end.to(tl.int64)
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base + full_end64 * stride_kn,
-                                   v_base + full_end64 * stride_vn, full_end, end, rows, offs_n, d_ok, dv_ok,
-                                   col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2,
-                                   k0, k1, z, threshold, MASK_KIND, IS_CAUSAL, True, HAS_DROPOUT, CHECK_D, CHECK_DV,
-                                   DOT_PRECISION, BLOCK_N)
+                                   col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
+                                   scale_log2, k0, k1, z, threshold, MASK_KIND, False, False, HAS_DROPOUT,
+                                   CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    k_diagonal = k_base + full_end.to(tl.int64) * stride_kn
+    v_diagonal = v_base + full_end.to(tl.int64) * stride_vn
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_diagonal, v_diagonal, full_end, end, rows, offs_n,
+                                   d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn,
+                                   L, S, scale_log2, k0, k1, z, threshold, MASK_KIND, IS_CAUSAL, True,
+                                   HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
 
     # l == 0 exactly when no key takes part in the row: output 0, lse = +inf (its backward p is then 0).
     empty = l_i == 0.0
@@ -266,8 +256,9 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed,
 
 
 @triton.jit
-def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om, stride_gb, stride_gh, stride_gm,
-                           H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om, stride_gb, stride_gh,
+                           stride_gm, H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M:
+                           tl.constexpr):
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32: the rowsum(P * dP) of softmax's
     backward (dropout included, since O already carries the dropped and rescaled P)."""
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), False)
@@ -276,7 +267,8 @@ def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     ok = (rows < L)[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
-    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows.to(tl.int64)[:, None] * stride_om + offs_dv[None, :],
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows.to(tl.int64)[:,
+                None] * stride_om + offs_dv[None, :],
                 mask=ok, other=0.0).to(tl.float32)
     do = tl.load(GradOut + b64 * stride_gb + h64 * stride_gh + rows.to(tl.int64)[:, None] * stride_gm
                  + offs_dv[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -284,11 +276,12 @@ def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om,
 
 
 @triton.jit
-def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols, offs_m, offs_d, offs_dv, d_ok, dv_ok,
-                       col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S, scale_log2,
-                       k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
-                       APPLY_COL_END: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr,
-                       CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols, offs_m, offs_d, offs_dv,
+                       d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S,
+                       scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL:
+                       tl.constexpr, APPLY_COL_END: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D:
+                       tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M:
+                       tl.constexpr):
     """Accumulates dK, dV of the BLOCK_N keys `cols` (BLOCK_N, 1) over query blocks [lo, hi) of one head.
     Tiles are transposed, (keys, rows), so dK and dV accumulate without a transpose of the scores."""
     lo64 = lo.to(tl.int64)
@@ -323,16 +316,15 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols
 
 
 @triton.jit(do_not_specialize=["L", "S"])
-def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLengths, Seed,
-                        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                        stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gm,
-                        stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                        stride_mb, stride_mh, stride_ml, stride_ms,
-                        H, GROUP, L, S, scale, scale_log2, threshold, inv_keep,
-                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                        HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLengths, Seed, stride_qb,
+                        stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                        stride_vn, stride_gb, stride_gh, stride_gm, stride_dkb, stride_dkh, stride_dkn,
+                        stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_ml, stride_ms, H,
+                        GROUP, L, S, scale, scale_log2, threshold, inv_keep, HEAD_DIM: tl.constexpr,
+                        HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL:
+                        tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT:
+                        tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
+                        tl.constexpr):
     H_KV = H // GROUP
     pid_n, pid_bkv = _program_ids(tl.cdiv(S, BLOCK_N), False)
     b = pid_bkv // H_KV
@@ -352,9 +344,11 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
     CHECK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     CHECK_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
 
-    k = _load_tile(K + b64 * stride_kb + kv_h64 * stride_kh + n_start64 * stride_kn + offs_n[:, None] * stride_kn
+    k = _load_tile(K + b64 * stride_kb + kv_h64 * stride_kh + n_start64 * stride_kn + offs_n[:,
+                   None] * stride_kn
                    + offs_d[None, :], col_in_s, d_ok[None, :], True, CHECK_D)  # (BLOCK_N, BLOCK_D)
-    v = _load_tile(V + b64 * stride_vb + kv_h64 * stride_vh + n_start64 * stride_vn + offs_n[:, None] * stride_vn
+    v = _load_tile(V + b64 * stride_vb + kv_h64 * stride_vh + n_start64 * stride_vn + offs_n[:,
+                   None] * stride_vn
                    + offs_dv[None, :], col_in_s, dv_ok[None, :], True, CHECK_DV)  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -381,16 +375,16 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
         do_bh = GradOut + b64 * stride_gb + h64 * stride_gh
         mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
         if IS_CAUSAL:
-            dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, start, full_start,
-                                        cols, offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end, mask_bh, stride_ml,
-                                        stride_ms, stride_qm, stride_gm, L, S, scale_log2, k0, k1, bh64, threshold,
-                                        inv_keep, MASK_KIND, True, HAS_KEY_LENGTHS, HAS_DROPOUT, CHECK_D, CHECK_DV,
-                                        DOT_PRECISION, BLOCK_M)
-        dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, full_start, L,
-                                    cols, offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end, mask_bh, stride_ml,
-                                    stride_ms, stride_qm, stride_gm, L, S, scale_log2, k0, k1, bh64, threshold,
-                                    inv_keep, MASK_KIND, False, HAS_KEY_LENGTHS, HAS_DROPOUT, CHECK_D, CHECK_DV,
-                                    DOT_PRECISION, BLOCK_M)
+            dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, start,
+                                        full_start, cols, offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end,
+                                        mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S, scale_log2,
+                                        k0, k1, bh64, threshold, inv_keep, MASK_KIND, True, HAS_KEY_LENGTHS,
+                                        HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M)
+        dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, full_start,
+                                    L, cols, offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end, mask_bh,
+                                    stride_ml, stride_ms, stride_qm, stride_gm, L, S, scale_log2, k0, k1,
+                                    bh64, threshold, inv_keep, MASK_KIND, False, HAS_KEY_LENGTHS, HAS_DROPOUT,
+                                    CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M)
 
     dk_ptrs = (GradK + b64 * stride_dkb + kv_h64 * stride_dkh + n_start64 * stride_dkn
                + offs_n[:, None] * stride_dkn + offs_d[None, :])
@@ -402,9 +396,9 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
 
 @triton.jit
 def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, offs_n, d_ok, dv_ok, col_end,
-                      mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z, threshold,
-                      inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
-                      HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
+                      mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z,
+                      threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY:
+                      tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulates dQ of BLOCK_M rows over key blocks [lo, hi); k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs
     (BLOCK_DV, BLOCK_N) point at key lo, both transposed."""
@@ -428,15 +422,14 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, 
 
 
 @triton.jit(do_not_specialize=["L", "S"])
-def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Seed,
-                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                       stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gm,
-                       stride_dqb, stride_dqh, stride_dqm, stride_mb, stride_mh, stride_ml, stride_ms,
-                       H, GROUP, L, S, scale, scale_log2, threshold, inv_keep,
-                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                       HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Seed, stride_qb, stride_qh,
+                       stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_gb,
+                       stride_gh, stride_gm, stride_dqb, stride_dqh, stride_dqm, stride_mb, stride_mh,
+                       stride_ml, stride_ms, H, GROUP, L, S, scale, scale_log2, threshold, inv_keep, HEAD_DIM:
+                       tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
+                       tl.constexpr):
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
@@ -460,7 +453,8 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
     q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + m_start64 * stride_qm + offs_m[:, None] * stride_qm
                    + offs_d[None, :], row_ok[:, None], d_ok[None, :], True, CHECK_D)  # (BLOCK_M, BLOCK_D)
     do = _load_tile(GradOut + b64 * stride_gb + h64 * stride_gh + m_start64 * stride_gm
-                    + offs_m[:, None] * stride_gm + offs_dv[None, :], row_ok[:, None], dv_ok[None, :], True, CHECK_DV)
+                    + offs_m[:, None] * stride_gm + offs_dv[None, :], row_ok[:, None], dv_ok[None, :], True,
+                    CHECK_DV)
     bh64 = pid_bh.to(tl.int64)
     lse_log2 = tl.load(Lse + bh64 * L + row_ids, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + bh64 * L + row_ids, mask=row_ok, other=0.0)
@@ -475,16 +469,16 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
     col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     full_end, end = _key_blocks(m_start, col_end, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, 0, full_end, rows, offs_n, d_ok, dv_ok,
-                           col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z,
-                           threshold, inv_keep, MASK_KIND, False, False, HAS_DROPOUT, CHECK_D, CHECK_DV,
-                           DOT_PRECISION, BLOCK_N)
-    full_end64 = full_end.to(tl.int64)
-    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base + full_end64 * stride_kn,
-                           vT_base + full_end64 * stride_vn, full_end, end, rows, offs_n, d_ok, dv_ok,
-                           col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z,
-                           threshold, inv_keep, MASK_KIND, IS_CAUSAL, True, HAS_DROPOUT, CHECK_D, CHECK_DV,
-                           DOT_PRECISION, BLOCK_N)
+    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, 0, full_end, rows, offs_n, d_ok,
+                           dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
+                           scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND, False, False, HAS_DROPOUT,
+                           CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    kT_diagonal = kT_base + full_end.to(tl.int64) * stride_kn
+    vT_diagonal = vT_base + full_end.to(tl.int64) * stride_vn
+    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_diagonal, vT_diagonal, full_end, end, rows, offs_n,
+                           d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
+                           scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND, IS_CAUSAL, True,
+                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     dq_ptrs = (GradQ + b64 * stride_dqb + h64 * stride_dqh + m_start64 * stride_dqm
                + offs_m[:, None] * stride_dqm + offs_d[None, :])
     tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -494,25 +488,43 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
 # Launchers
 
 
-def _autotuned(kernel, configs):
-    return triton.autotune(configs=configs, key=AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": _smem_fits})(kernel)
+class _TiledKernel:
+    """A kernel with its config list: autotuned for big problems, else the first config that fits."""
+
+    def __init__(self, kernel, configs, resident):
+        self.kernel = kernel
+        self.configs = configs
+        self.resident = resident  # the block that stays in shared memory: "BLOCK_M" or "BLOCK_N"
+        self.streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
+        self.tuned = triton.autotune(configs=configs, key=AUTOTUNE_KEY,
+                                     prune_configs_by={"early_config_prune": self._prune})(kernel)
+
+    def fitting(self, configs, element_size, head_dims):
+        """The configs whose resident tile plus pipelined streamed tiles fit the shared memory budget."""
+        def estimate(config):
+            tiles = config.kwargs[self.resident] + max(config.num_stages, 1) * config.kwargs[self.streamed]
+            return element_size * head_dims * tiles
+
+        fit = [c for c in configs if estimate(c) <= SHARED_MEMORY_BUDGET]
+        return fit or [min(configs, key=estimate)]
+
+    def _prune(self, configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return self.fitting(configs, args["Q"].element_size(), args["BLOCK_D"] + args["BLOCK_DV"])
+
+    def launch(self, grid, work, element_size, args, constexprs):
+        if AUTOTUNE and not triton_interpreting() and work >= AUTOTUNE_MIN_WORK:
+            self.tuned[grid](*args, **constexprs)
+            return
+        config = self.fitting(self.configs, element_size, constexprs["BLOCK_D"] + constexprs["BLOCK_DV"])[0]
+        self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
+                          num_stages=config.num_stages)
 
 
-_FORWARD = (_forward_kernel, _autotuned(_forward_kernel, FORWARD_CONFIGS), FORWARD_CONFIGS[0])
-_BACKWARD_KV = (_backward_kv_kernel, _autotuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS), BACKWARD_KV_CONFIGS[0])
-_BACKWARD_Q = (_backward_q_kernel, _autotuned(_backward_q_kernel, BACKWARD_Q_CONFIGS), BACKWARD_Q_CONFIGS[0])
+_FORWARD = _TiledKernel(_forward_kernel, FORWARD_CONFIGS, "BLOCK_M")
+_BACKWARD_KV = _TiledKernel(_backward_kv_kernel, BACKWARD_KV_CONFIGS, "BLOCK_N")
+_BACKWARD_Q = _TiledKernel(_backward_q_kernel, BACKWARD_Q_CONFIGS, "BLOCK_M")
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
-
-
-def _launch(kernels, grid, work, args, constexprs):
-    """Runs the autotuned kernel for big problems, else the default config (no tuning cost)."""
-    plain, tuned, default = kernels
-    if AUTOTUNE and not triton_interpreting() and work >= AUTOTUNE_MIN_WORK:
-        tuned[grid](*args, **constexprs)
-    else:
-        plain[grid](*args, **constexprs, **default.kwargs, num_warps=default.num_warps,
-                    num_stages=default.num_stages)
 
 
 def _device_guard(t):
@@ -578,7 +590,7 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     args = (q, k, v, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
     with _device_guard(q):
-        _launch(_FORWARD, grid, c.work, args, c.constexprs)
+        _FORWARD.launch(grid, c.work, q.element_size(), args, c.constexprs)
     return out, lse
 
 
@@ -602,11 +614,10 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
         tail = (*c.scalars, c.scale, c.scale_log2, *c.dropout)
         kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * c.Hk,)
-        _launch(_BACKWARD_KV, kv_grid, c.work,
-                (*shared, dk, dv, c.mask, c.key_lengths, seed, *strides, *dk.stride()[:3], *dv.stride()[:3],
-                 *c.mask_strides, *tail), c.constexprs)
+        _BACKWARD_KV.launch(kv_grid, c.work, q.element_size(), (*shared, dk, dv, c.mask, c.key_lengths, seed,
+                            *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, *tail),
+                            c.constexprs)
         q_grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
-        _launch(_BACKWARD_Q, q_grid, c.work,
-                (*shared, dq, c.mask, c.key_lengths, seed, *strides, *dq.stride()[:3], *c.mask_strides, *tail),
-                c.constexprs)
+        _BACKWARD_Q.launch(q_grid, c.work, q.element_size(), (*shared, dq, c.mask, c.key_lengths, seed,
+                           *strides, *dq.stride()[:3], *c.mask_strides, *tail), c.constexprs)
     return dq, dk, dv

@@ -31,7 +31,7 @@ def philox_key(seed_ptr):
 
 @triton.jit
 def philox_first_word(c0, c1, c2, c3, k0, k1):
-    """First 32-bit output word of Philox-4x32-10 for uint32 counters (c0..c3, same shape) and key (k0, k1)."""
+    """First 32-bit output word of Philox-4x32-10, uint32 counters c0..c3 (one shape), key (k0, k1)."""
     for _ in tl.static_range(PHILOX_ROUNDS):
         hi0 = tl.umulhi(c0, PHILOX_M0)
         lo0 = c0 * PHILOX_M0

@@ -1,0 +1,301 @@
+"""The C++ CPU attention kernel (csrc/cpu/): bfloat16 and multi-block shapes against the float64 oracle, the
+dropout keep-mask bit for bit against tfm_kernels.rng, determinism, opcheck, torch.compile, the automatic
+backend choice, argument errors, and its speed beside torch's own CPU SDPA."""
+
+import math
+import re
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_attention import check_against_oracle, masks, rand, sdpa
+from tolerance import assert_within_tolerance
+
+import tfm_kernels
+from tfm_kernels import backends, ops, rng
+
+pytestmark = pytest.mark.skipif(ops._C is None, reason="tfm_kernels._C is not built")
+
+forward_op = torch.ops.tfm_kernels.attention_forward
+backward_op = torch.ops.tfm_kernels.attention_backward
+
+
+def no_seed():
+    return torch.zeros((), dtype=torch.int64)
+
+
+def qkv(B, Hq, Hk, L, S, E, Ev, dtype=torch.float32):
+    return rand(B, Hq, L, E, dtype=dtype), rand(B, Hk, S, E, dtype=dtype), rand(B, Hk, S, Ev, dtype=dtype)
+
+
+# (B, Hq, Hk, L, S, E, Ev): several query blocks (64 rows forward, 128 backward) and key blocks (512 keys
+# forward, 128 backward); B * Hk < 16 splits the backward's key blocks into chunks with separate dQ buffers.
+MULTI_BLOCK_SHAPES = [
+    (1, 2, 1, 200, 600, 64, 64),
+    (2, 2, 2, 130, 129, 32, 48),
+    (1, 1, 1, 300, 70, 16, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", MULTI_BLOCK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_multi_block_against_oracle(dtype, shape, is_causal):
+    B, Hq, Hk, L, S, E, Ev = shape
+    check_against_oracle("cpu", *qkv(*shape, dtype=dtype), is_causal=is_causal, enable_gqa=Hq != Hk)
+
+
+def test_multi_block_key_lengths_and_mask():
+    B, H, L, S, E = 3, 2, 150, 530, 32
+    q, k, v = qkv(B, H, H, L, S, E, E)
+    check_against_oracle("cpu", q, k, v, key_lengths=torch.tensor([S, 513, 0], dtype=torch.int32))
+    bool_mask = torch.rand(B, 1, L, S) > 0.4  # broadcast over heads
+    bool_mask[:, :, 7] = False
+    check_against_oracle("cpu", q, k, v, attn_mask=bool_mask)
+    check_against_oracle("cpu", q, k, v, attn_mask=torch.randn(L, S), key_lengths=torch.tensor([1, 129, 400]))
+
+
+BF16_SHAPES = [(2, 3, 3, 17, 97, 40, 40), (1, 4, 2, 19, 23, 16, 16), (1, 3, 1, 9, 40, 32, 24),
+               (1, 1, 1, 5, 7, 256, 256), (1, 2, 2, 1, 1, 8, 8)]
+
+
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_bfloat16_shapes(shape, is_causal):
+    B, Hq, Hk, L, S, E, Ev = shape
+    check_against_oracle("cpu", *qkv(*shape, dtype=torch.bfloat16), is_causal=is_causal, enable_gqa=Hq != Hk)
+
+
+@pytest.mark.parametrize("kind", ["bool_BHLS", "bool_key_padding_B11S", "bool_empty_rows", "float_1HLS",
+                                  "float_LS_f32", "float_with_neg_inf"])
+def test_bfloat16_masks(kind):
+    B, H, L, S, E = 2, 3, 13, 29, 24
+    q, k, v = qkv(B, H, H, L, S, E, E, dtype=torch.bfloat16)
+    check_against_oracle("cpu", q, k, v, attn_mask=masks(B, H, L, S, torch.bfloat16)[kind])
+
+
+def test_bfloat16_strided_views():
+    qkv_packed = rand(2, 21, 3, 3, 40, dtype=torch.bfloat16)  # (B, L, 3, H, E)
+    q, k, v = (qkv_packed[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, E) views
+    check_against_oracle("cpu", q, k, v, is_causal=True)
+
+
+def test_auto_prefers_cpu_kernel():
+    q, k, v = qkv(2, 2, 2, 9, 11, 16, 16)
+    assert backends.choose(q, k, v) == "cpu"
+    assert torch.equal(sdpa("auto", q, k, v), sdpa("cpu", q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dropout: the keep-mask read back exactly. With q = 0 every weight is 1/S; with v = identity (Ev = S) the
+# output row i is the dropped weight row, nonzero exactly where the key is kept. In the backward,
+# dO = identity (Ev = L) makes dV[j, i] the dropped weight of (i, j), again nonzero exactly where kept.
+
+DROPOUT_CASES = [(0.1, 12345), (0.5, -(2**62) + 17), (0.3, 2**40 + 3), (0.9, 7)]
+
+
+@pytest.mark.parametrize("p,seed", DROPOUT_CASES)
+def test_dropout_keep_mask_is_rng_scheme(p, seed):
+    B, H, L, S, E = 2, 3, 70, 600, 8  # two forward key blocks, two forward row blocks
+    expected = rng.dropout_keep_mask(seed, B * H, L, S, p).view(B, H, L, S)
+    seed_t = torch.tensor(seed, dtype=torch.int64)
+    q, k = torch.zeros(B, H, L, E), rand(B, H, S, E)
+    v = torch.eye(S).expand(B, H, S, S)  # zero strides over (B, H)
+    out, lse = forward_op(q, k, v, None, None, p, False, 1.0, seed_t)
+    assert torch.equal(out != 0, expected)
+    torch.testing.assert_close(out[expected], torch.full_like(out[expected], 1 / (S * (1 - p))))
+    torch.testing.assert_close(lse, torch.full_like(lse, math.log(S)))
+
+    v_rows = rand(B, H, S, L)
+    out_rows, lse_rows = forward_op(q, k, v_rows, None, None, p, False, 1.0, seed_t)
+    grad_out = torch.eye(L).expand(B, H, L, L)
+    _, _, dv = backward_op(grad_out, q, k, v_rows, out_rows, lse_rows, None, None, p, False, 1.0, seed_t)
+    assert torch.equal(dv.transpose(-2, -1) != 0, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_against_oracle(dtype):
+    """Output and gradients with dropout against the oracle run on the same keep-mask (same drawn seed)."""
+    B, Hq, Hk, L, S, E, p = 2, 4, 2, 150, 140, 32, 0.25
+    q, k, v = qkv(B, Hq, Hk, L, S, E, E, dtype=dtype)
+    grad_out = rand(B, Hq, L, E, dtype=dtype)
+
+    def run(backend, cast):
+        inputs = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(2024)  # the seed is the first draw of the call: equal for every run
+        out = sdpa(backend, *inputs, dropout_p=p, is_causal=True, enable_gqa=True)
+        return (out, *torch.autograd.grad(out, inputs, grad_out.to(cast)))
+
+    result, baseline, oracle = run("cpu", dtype), run("torch", dtype), run("torch", torch.float64)
+    for name, r, b, o in zip(("out", "dq", "dk", "dv"), result, baseline, oracle):
+        assert_within_tolerance(f"cpu dropout {name}", r, b, o)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def forward_backward(q, k, v, grad_out, **kwargs):
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = sdpa("cpu", *inputs, **kwargs)
+    return (out, *torch.autograd.grad(out, inputs, grad_out))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1, 150, 700, 32, 32), (2, 8, 8, 140, 140, 64, 64)],
+                         ids=["chunked_dq", "one_chunk"])
+def test_deterministic_across_runs_and_thread_counts(shape):
+    q, k, v = qkv(*shape)
+    grad_out = rand(shape[0], shape[1], shape[3], shape[6])
+    kwargs = {"is_causal": True, "enable_gqa": True, "dropout_p": 0.2}
+    threads = torch.get_num_threads()
+
+    def run():
+        torch.manual_seed(5)
+        return forward_backward(q, k, v, grad_out, **kwargs)
+
+    first, second = run(), run()
+    torch.set_num_threads(1)
+    try:
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, single):
+        assert torch.equal(a, b), "two runs differ"
+        assert torch.equal(a, c), "one thread and several threads differ"
+
+
+def opcheck_samples():
+    """(forward args, name): every optional input, a zero-stride mask, dropout, GQA, bfloat16."""
+    B, Hq, Hk, L, S, E, Ev = 2, 4, 2, 19, 23, 16, 8
+    samples = []
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = qkv(B, Hq, Hk, L, S, E, Ev, dtype=dtype)
+        seed = rng.draw_seed("cpu")
+        bool_mask = (torch.rand(B, 1, 1, S) > 0.3).expand(B, Hq, L, S)  # zero strides
+        float_mask = torch.randn(L, S, dtype=dtype).expand(B, Hq, L, S)
+        lengths = torch.tensor([S, 3], dtype=torch.int64)
+        samples += [
+            ((q, k, v, None, None, 0.0, False, 0.25, no_seed()), f"plain_{dtype}"),
+            ((q, k, v, None, lengths, 0.0, True, 0.25, no_seed()), f"causal_lengths_{dtype}"),
+            ((q, k, v, bool_mask, None, 0.1, False, 0.3, seed), f"bool_mask_dropout_{dtype}"),
+            ((q, k, v, float_mask, lengths.int(), 0.0, False, 0.3, no_seed()), f"float_mask_{dtype}"),
+        ]
+    return samples
+
+
+@pytest.mark.parametrize("args,name", opcheck_samples(), ids=lambda x: x if isinstance(x, str) else "")
+def test_opcheck(args, name):
+    q, k, v, *rest = args
+    grad_args = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(forward_op.default, (*grad_args, *rest))
+    out, lse = forward_op(q, k, v, *rest)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(backward_op.default, (grad_out, q, k, v, out, lse, *rest))
+
+
+def test_torch_compile_matches_eager():
+    q, k, v = qkv(2, 4, 2, 33, 45, 32, 16)
+    mask = torch.rand(2, 1, 33, 45) > 0.2
+    grad_out = rand(2, 4, 33, 16)
+
+    def attention(q, k, v):
+        return tfm_kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                        backend="cpu")
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    eager_results = forward_backward(q, k, v, grad_out, attn_mask=mask, enable_gqa=True)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = compiled(*inputs)
+    compiled_results = (out, *torch.autograd.grad(out, inputs, grad_out))
+    for name, e, c in zip(("out", "dq", "dk", "dv"), eager_results, compiled_results):
+        assert torch.equal(e, c), f"{name}: compiled differs from eager"
+
+
+def forward_args(**changes):
+    """Valid attention_forward arguments (B=2, Hq=4, Hk=2, L=5, S=7, E=Ev=8) with `changes` applied; a
+    callable change receives the valid value."""
+    q, k, v = qkv(2, 4, 2, 5, 7, 8, 8)
+    args = {"q": q, "k": k, "v": v, "mask": None, "key_lengths": None, "dropout_p": 0.0, "is_causal": False,
+            "scale": 1.0, "seed": no_seed()}
+    for name, change in changes.items():
+        args[name] = change(args[name]) if callable(change) else change
+    return list(args.values())
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"q": lambda q: q[0]}, "q must be 4-D"),
+    ({"q": torch.Tensor.double, "k": torch.Tensor.double, "v": torch.Tensor.double},
+     "q must be float32, float16 or bfloat16; got Double"),
+    ({"k": torch.Tensor.half}, "k and v must have q's dtype"),
+    ({"k": lambda k: k[..., :4]}, "k must have q's head dim 8; got 4"),
+    ({"q": lambda q: q[:, :3]}, "the kv heads must divide the query heads; got Hq=3, Hk=2"),
+    ({"mask": torch.ones(2, 4, 5, dtype=torch.bool)}, "mask must have shape (B, Hq, L, S) = (2, 4, 5, 7)"),
+    ({"mask": torch.ones(2, 4, 5, 7, dtype=torch.int32)}, "mask must be bool, float32 or q's dtype"),
+    ({"key_lengths": torch.ones(3, dtype=torch.int32)}, "key_lengths must have shape (2,)"),
+    ({"key_lengths": torch.ones(2)}, "key_lengths must be int32 or int64"),
+    ({"dropout_p": 1.0}, "dropout_p must be in [0, 1); got 1"),
+    ({"dropout_p": 0.5, "seed": torch.zeros(2, dtype=torch.int64)},
+     "seed must be an int64 tensor with one element"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_argument_errors(changes, message):
+    with pytest.raises(RuntimeError, match=re.escape("attention_forward: " + message)):
+        forward_op(*forward_args(**changes))
+
+
+def test_backward_argument_errors():
+    q, k, v = qkv(1, 2, 2, 5, 7, 8, 8)
+    out, lse = forward_op(q, k, v, None, None, 0.0, False, 1.0, no_seed())
+    with pytest.raises(RuntimeError, match=r"attention_backward: grad_out must have shape \(B, Hq, L, Ev\)"):
+        backward_op(out[..., :4], q, k, v, out, lse, None, None, 0.0, False, 1.0, no_seed())
+    with pytest.raises(RuntimeError, match="attention_backward: lse must be float32; got Half"):
+        backward_op(out, q, k, v, out, lse.half(), None, None, 0.0, False, 1.0, no_seed())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed beside torch's CPU SDPA (fused flash kernel on CPU), measured interleaved in one run.
+
+SPEED_SHAPE = (4, 8, 512, 64)  # (B, H, L, D), float32: the shape of the speed target (within 1.5x of torch)
+
+
+def measure_speed_ratio(shape=SPEED_SHAPE, repetitions=5, is_causal=False):
+    """Median forward+backward seconds of the cpu backend and of torch's F.scaled_dot_product_attention on
+    float32 inputs of shape (B, H, L, D), alternating the two in every repetition (a shared machine's load
+    drifts). Returns (ours, torch's, ours / torch's)."""
+    B, H, L, D = shape
+    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(B, H, L, D)
+
+    def ours():
+        out = tfm_kernels.scaled_dot_product_attention(q, k, v, is_causal=is_causal, backend="cpu")
+        out.backward(grad_out)
+
+    def theirs():
+        F.scaled_dot_product_attention(q, k, v, is_causal=is_causal).backward(grad_out)
+
+    times = {ours: [], theirs: []}
+    for run in (ours, theirs):
+        run()  # warm-up
+    for _ in range(repetitions):
+        for run in (ours, theirs):
+            start = time.perf_counter()
+            run()
+            times[run].append(time.perf_counter() - start)
+    ours_s, theirs_s = statistics.median(times[ours]), statistics.median(times[theirs])
+    return ours_s, theirs_s, ours_s / theirs_s
+
+
+def test_speed_beside_torch_sdpa():
+    """Prints the ratio (the target is <= 1.5x); fails only on a pathological slowdown, since a shared 2-core
+    machine makes timings noisy."""
+    ours_s, theirs_s, ratio = measure_speed_ratio()
+    print(f"\ncpu attention fwd+bwd {SPEED_SHAPE} float32: ours {ours_s * 1e3:.1f} ms, torch SDPA "
+          f"{theirs_s * 1e3:.1f} ms, ratio {ratio:.2f}")
+    assert ratio < 4.0, f"cpu backend {ratio:.2f}x slower than torch's CPU SDPA"
+
+
+if __name__ == "__main__":
+    for causal in (False, True):
+        ours_s, theirs_s, ratio = measure_speed_ratio(repetitions=15, is_causal=causal)
+        print(f"fwd+bwd {SPEED_SHAPE} float32 causal={causal}: ours {ours_s * 1e3:.1f} ms, "
+              f"torch SDPA {theirs_s * 1e3:.1f} ms, ratio {ratio:.2f}")

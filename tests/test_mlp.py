@@ -1,0 +1,368 @@
+"""fused_linear, gated_linear, mlp and the MLP modules on every backend against the float64 oracle (tolerance
+rule): outputs and the gradients of x, weight and bias; odd sizes, strided inputs, every activation and dtype,
+dropout (shared Philox mask), opcheck on every operator, torch.compile, state_dict compatibility, bad input.
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16, small shapes); `gpu` tests repeat the
+checks on CUDA with bf16 and 16384-token shapes."""
+
+import pytest
+import torch
+from tolerance import assert_within_tolerance, poison_allocator
+
+import tfm_kernels
+from tfm_kernels import backends, rng
+from tfm_kernels.nn import FusedMLP, GatedMLP
+
+ACTIVATIONS = ["gelu", "gelu_tanh", "relu", "silu", None]
+CPU_BACKENDS = ["cpu", "triton"]
+GPU_BACKENDS = ["cuda", "triton"]
+ENVIRONMENT_MARKERS = ("not built", "needs CUDA", "built without CUDA", "not installed")
+
+
+def require(backend, x, weight):
+    """Skips only where the environment lacks the backend (no build, no GPU), never a feature it should run."""
+    reasons = backends.mlp_not_supported_reasons(backend, x.reshape(-1, x.shape[-1]), weight)
+    environment = [r for r in reasons if any(marker in r for marker in ENVIRONMENT_MARKERS)]
+    if environment:
+        pytest.skip("; ".join(environment))
+
+
+def dtypes_for(backend):
+    # bfloat16 tl.dot is wrong in triton's CPU interpreter; bf16 Triton runs in the gpu tests.
+    return [torch.float32, torch.float16] + ([] if backend == "triton" else [torch.bfloat16])
+
+
+def call(kind, backend, x, weight, bias, activation, dropout_p):
+    if kind == "gated":
+        return tfm_kernels.gated_linear(x, weight, activation, dropout_p, bias=bias, backend=backend)
+    return tfm_kernels.fused_linear(x, weight, bias, activation, dropout_p, backend=backend)
+
+
+def check_against_oracle(kind, backend, x, weight, bias=None, activation="gelu", dropout_p=0.0):
+    """Output and grad x, weight, bias of `backend` against the float64 oracle, torch in x's dtype as baseline.
+    Every call draws its dropout seed after the same manual_seed, so all three use one mask."""
+    require(backend, x, weight)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    seed = int(torch.randint(0, 2**31, ()))
+
+    def run(run_backend, dtype):
+        cast = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        cx, cw, cb = cast[0], cast[1], (cast[2] if bias is not None else None)
+        torch.manual_seed(seed)
+        out = call(kind, run_backend, cx, cw, cb, activation, dropout_p)
+        return out, cast
+
+    poison_allocator(x.device)
+    out, inputs = run(backend, x.dtype)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    results = {"out": (out,)}
+    for name, dtype in (("baseline", x.dtype), ("oracle", torch.float64)):
+        o, cast = run("torch", dtype)
+        results[name] = (o, *torch.autograd.grad(o, cast, grad_out.to(dtype)))
+    names = ("out", "grad_x", "grad_weight", "grad_bias")[: 1 + len(leaves)]
+    for name, result, base, ref in zip(names, (out, *grads), results["baseline"], results["oracle"]):
+        assert result.dtype == x.dtype, f"{name}: dtype {result.dtype} != {x.dtype}"
+        assert_within_tolerance(f"{backend} {kind} {activation} {name}", result, base, ref)
+    return out
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return torch.randn(*shape, dtype=dtype, device=device) * scale
+
+
+def linear_inputs(batch_shape, in_features, out_features, dtype, device="cpu", bias=True):
+    x = rand(*batch_shape, in_features, dtype=dtype, device=device)
+    weight = rand(out_features, in_features, dtype=dtype, device=device, scale=in_features**-0.5)
+    b = rand(out_features, dtype=dtype, device=device) if bias else None
+    return x, weight, b
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("kind", ["linear", "gated"])
+def test_activations_dtypes(backend, activation, kind):
+    for dtype in dtypes_for(backend):
+        x, weight, bias = linear_inputs((1, 7), 33, 100, dtype)
+        check_against_oracle(kind, backend, x, weight, bias, activation)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [((1,), 1, 1), ((5,), 1, 3), ((2, 3), 17, 64), ((97,), 40, 257), ((), 8, 6),
+                                   ((2, 1, 3), 65, 31)], ids=str)
+def test_odd_shapes(backend, shape):
+    batch_shape, in_features, out_features = shape
+    x, weight, bias = linear_inputs(batch_shape, in_features, out_features, torch.float32)
+    out = check_against_oracle("linear", backend, x, weight, bias, "gelu")
+    assert out.shape == (*batch_shape, out_features)
+    gated_weight = rand(2 * out_features, in_features, scale=in_features**-0.5)
+    out = check_against_oracle("gated", backend, x, gated_weight, None, "silu")
+    assert out.shape == (*batch_shape, out_features)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_without_bias(backend):
+    x, weight, _ = linear_inputs((3, 5), 24, 40, torch.float16, bias=False)
+    check_against_oracle("linear", backend, x, weight, None, "relu")
+    check_against_oracle("linear", backend, x, weight, None, None)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_inputs(backend):
+    """x a strided view (row stride != K, and a transposed view whose last dim is not contiguous), weight a
+    slice of a wider matrix (row stride > K)."""
+    packed = rand(6, 9, 3 * 40)
+    x = packed[:, 1:8, 40:80]  # (6, 7, 40), row stride 120
+    wide = rand(70, 64, scale=0.15)
+    weight = wide[3:53, 5:45]  # (50, 40), row stride 64
+    bias = rand(100)[::2]  # (50,), stride 2
+    check_against_oracle("linear", backend, x, weight, bias, "silu")
+    x_t = rand(40, 11).t()  # (11, 40), last dim not contiguous: copied
+    check_against_oracle("linear", backend, x_t, weight, bias, "gelu")
+    gated_weight = rand(100, 90, scale=0.15)[:, 10:50]  # (100, 40), row stride 90
+    check_against_oracle("gated", backend, x, gated_weight, rand(100), "gelu_tanh")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("kind", ["linear", "gated"])
+def test_dropout_matches_shared_mask(backend, kind):
+    """Output equals act(...) * keep / (1 - p) with rng.dropout_keep_mask for the drawn seed; gradients too."""
+    x, weight, bias = linear_inputs((3, 7), 20, 36, torch.float32)
+    check_against_oracle(kind, backend, x, weight, bias, "gelu", dropout_p=0.3)
+    p = 0.25
+    torch.manual_seed(1234)
+    seed = rng.draw_seed("cpu")
+    torch.manual_seed(1234)
+    out = call(kind, backend, x, weight, bias, "relu", p)
+    out2 = call(kind, backend, x, weight, bias, "relu", p)
+    rows, features = 21, out.shape[-1]
+    keep = rng.dropout_keep_mask(seed, 1, rows, features, p)[0].view(3, 7, features)
+    no_dropout = call(kind, "torch", x, weight, bias, "relu", 0.0)
+    expected = no_dropout * keep / (1 - p)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, out2), "a second call must draw a fresh seed"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_determinism_and_keep_rate(backend):
+    x, weight, bias = linear_inputs((64,), 16, 96 if backend == "triton" else 512, torch.float32)
+    x = x.abs() + 1.0
+    weight, bias = weight.abs(), bias.abs()  # every pre-activation > 0: relu keeps it, so zeros are dropped
+    require(backend, x, weight)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        outs.append(tfm_kernels.fused_linear(x, weight, bias, "relu", 0.4, backend=backend))
+    assert torch.equal(outs[0], outs[1]), "the same torch seed must give the same dropout mask"
+    keep_rate = (outs[0] != 0).double().mean().item()
+    n = outs[0].numel()
+    assert abs(keep_rate - 0.6) < 5 * (0.24 / n) ** 0.5, f"keep rate {keep_rate:.4f} for p=0.4 over {n} draws"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_mlp_block(backend, gated):
+    """mlp() = linear2(dropout(act(linear1(x)))) with every gradient."""
+    d_model, d_ff = 24, 40
+    x = rand(2, 5, d_model)
+    w1 = rand(2 * d_ff if gated else d_ff, d_model, scale=d_model**-0.5)
+    b1 = rand(w1.shape[0])
+    w2 = rand(d_model, d_ff, scale=d_ff**-0.5)
+    b2 = rand(d_model)
+    require(backend, x, w1)
+    leaves = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    activation = "silu" if gated else "gelu"
+
+    def run(run_backend, dtype):
+        cast = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        torch.manual_seed(99)
+        out = tfm_kernels.mlp(*cast, activation, 0.2, gated=gated, backend=run_backend)
+        return out, cast
+
+    out, inputs = run(backend, torch.float32)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    baseline, base_inputs = run("torch", torch.float32)
+    oracle, oracle_inputs = run("torch", torch.float64)
+    base_grads = torch.autograd.grad(baseline, base_inputs, grad_out)
+    oracle_grads = torch.autograd.grad(oracle, oracle_inputs, grad_out.double())
+    for name, result, base, ref in zip(("out", "x", "w1", "b1", "w2", "b2"), (out, *grads), (baseline, *base_grads),
+                                       (oracle, *oracle_grads)):
+        assert_within_tolerance(f"{backend} mlp {name}", result, base, ref)
+
+
+def _op_samples(prefix):
+    x = rand(9, 12)
+    weight = rand(10, 12)
+    bias = rand(10)
+    seed = torch.tensor(123456789, dtype=torch.int64)
+    ops = torch.ops.tfm_kernels
+    linear_fwd, linear_bwd = getattr(ops, f"{prefix}mlp_linear_forward"), getattr(ops, f"{prefix}mlp_linear_backward")
+    gated_fwd, gated_bwd = getattr(ops, f"{prefix}mlp_gated_forward"), getattr(ops, f"{prefix}mlp_gated_backward")
+    samples = []
+    for activation, dropout_p, with_bias in (("gelu", 0.0, True), ("none", 0.3, False), ("silu", 0.2, True)):
+        b = bias if with_bias else None
+        samples.append((linear_fwd, (x.clone().requires_grad_(), weight.clone().requires_grad_(), b, activation,
+                                     dropout_p, seed)))
+        out, preact = linear_fwd(x, weight, b, activation, dropout_p, seed)
+        samples.append((linear_bwd, (torch.randn_like(out), x, weight, preact, activation, dropout_p, seed)))
+        samples.append((gated_fwd, (x.clone().requires_grad_(), weight.clone().requires_grad_(), b, activation,
+                                    dropout_p, seed)))
+        out, gate_up = gated_fwd(x, weight, b, activation, dropout_p, seed)
+        samples.append((gated_bwd, (torch.randn_like(out), x, weight, gate_up, activation, dropout_p, seed)))
+    return samples
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    require(backend, rand(2, 2), rand(2, 2))
+    for op, args in _op_samples("triton_" if backend == "triton" else ""):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_compile_fullgraph(backend, gated):
+    d_model, d_ff = 16, 24
+    x = rand(3, 4, d_model, scale=1.0)
+    w1 = rand(2 * d_ff if gated else d_ff, d_model, scale=0.25)
+    b1, w2, b2 = rand(w1.shape[0]), rand(d_model, d_ff, scale=0.2), rand(d_model)
+    require(backend, x, w1)
+
+    def block(*tensors):
+        return tfm_kernels.mlp(*tensors, "gelu", 0.0, gated=gated, backend=backend)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (block, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+        out = fn(*leaves)
+        results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_fused_mlp_loads_transformer_encoder_layer(backend):
+    d_model, d_ff = 32, 80
+    layer = torch.nn.TransformerEncoderLayer(d_model, 4, d_ff, dropout=0.1, activation="gelu", batch_first=True)
+    module = FusedMLP(d_model, d_ff, activation="gelu", dropout=0.1, backend=backend)
+    feed_forward = {k: v for k, v in layer.state_dict().items() if k.startswith(("linear1.", "linear2."))}
+    assert set(module.state_dict()) == set(feed_forward)
+    module.load_state_dict(feed_forward)
+    layer.eval()
+    module.eval()
+    x = rand(2, 9, d_model)
+    require(backend, x, module.linear1.weight)
+    expected = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    module.train()
+    torch.manual_seed(3)
+    train_out = module(x)
+    assert not torch.allclose(train_out, expected), "dropout must act in training mode"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_gated_mlp_loads_separate_gate_and_up(backend):
+    d_model, d_ff = 24, 40
+    gate, up, down = torch.nn.Linear(d_model, d_ff), torch.nn.Linear(d_model, d_ff), torch.nn.Linear(d_ff, d_model)
+    x = rand(3, 5, d_model)
+    expected = down(torch.nn.functional.silu(gate(x)) * up(x))
+    module = GatedMLP(d_model, d_ff, bias=True, backend=backend)
+    require(backend, x, module.gate_up_proj.weight)
+    state = {f"{name}.{p}": t for name, lin in (("gate_proj", gate), ("up_proj", up), ("down_proj", down))
+             for p, t in lin.state_dict().items()}
+    module.load_state_dict(state)
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    other = GatedMLP(d_model, d_ff, bias=True, backend=backend)
+    other.load_gate_up(gate.weight, up.weight, gate.bias, up.bias)
+    other.down_proj.load_state_dict(down.state_dict())
+    torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-5)
+    assert set(GatedMLP(d_model, d_ff).state_dict()) == {"gate_up_proj.weight", "down_proj.weight"}
+
+
+def test_bad_inputs():
+    x, weight, bias = linear_inputs((2, 3), 8, 5, torch.float32)
+    cases = [
+        (lambda: tfm_kernels.fused_linear(x, rand(5, 7)), ValueError, r"weight must have shape \(out_features, 8\).*got \(5, 7\)"),
+        (lambda: tfm_kernels.fused_linear(x, weight, rand(4)), ValueError, r"bias must have shape \(5,\).*got \(4,\)"),
+        (lambda: tfm_kernels.fused_linear(x, weight, activation="tanh"), ValueError, "activation must be one of.*'tanh'"),
+        (lambda: tfm_kernels.fused_linear(x, weight.double()), TypeError, "weight must have x's dtype torch.float32; got torch.float64"),
+        (lambda: tfm_kernels.fused_linear(x, weight.to("meta")), ValueError, "weight must be on x's device cpu; got meta"),
+        (lambda: tfm_kernels.fused_linear(x, weight, dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\); got 1.0"),
+        (lambda: tfm_kernels.fused_linear(x, weight, dropout_p=-0.1), ValueError, "dropout_p.*got -0.1"),
+        (lambda: tfm_kernels.fused_linear(x.long(), weight), TypeError, "x must be a floating-point tensor; got torch.int64"),
+        (lambda: tfm_kernels.gated_linear(x, rand(5, 8)), ValueError, "even number of rows"),
+        (lambda: tfm_kernels.mlp(x, rand(6, 8), None, rand(8, 5), None), ValueError, r"w2 must have shape \(d_out, 6\).*got \(8, 5\)"),
+        (lambda: tfm_kernels.fused_linear(x, weight, backend="cuda"), NotImplementedError, "backend='cuda' cannot run"),
+        (lambda: tfm_kernels.fused_linear(x, weight, backend="fast"), ValueError, "backend must be one of"),
+        (lambda: FusedMLP(8, 16, activation="swish"), ValueError, "activation must be one of"),
+        (lambda: GatedMLP(8, 16, dropout=1.5), ValueError, r"dropout must be a float in \[0, 1\); got 1.5"),
+    ]
+    for fn, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            fn()
+
+
+def test_auto_picks_cpu_kernel_when_built():
+    x, weight, _ = linear_inputs((4,), 8, 8, torch.float32)
+    expected = "cpu" if tfm_kernels.ops._C is not None else "torch"
+    assert backends.choose_mlp(x, weight) == expected
+
+
+# --------------------------------------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = [((16384,), 1024, 4096), ((4, 4096), 4096, 1024), ((3, 77), 200, 333)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu", None])
+def test_gpu_linear(backend, dtype, shape, activation):
+    batch_shape, in_features, out_features = shape
+    x, weight, bias = linear_inputs(batch_shape, in_features, out_features, dtype, device="cuda")
+    check_against_oracle("linear", backend, x, weight, bias, activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_gpu_gated_and_dropout(backend, dtype, activation, dropout_p):
+    x, weight, bias = linear_inputs((16384,), 1024, 2 * 2752, dtype, device="cuda", bias=False)
+    check_against_oracle("gated", backend, x, weight, None, activation, dropout_p)
+    x, weight, bias = linear_inputs((2, 999), 512, 2048, dtype, device="cuda")
+    check_against_oracle("linear", backend, x, weight, bias, activation, dropout_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_dropout_mask_matches_cpu_scheme(backend):
+    x, weight, bias = linear_inputs((300,), 64, 130, torch.float16, device="cuda")
+    require(backend, x, weight)
+    torch.manual_seed(5)
+    seed = rng.draw_seed("cuda")
+    torch.manual_seed(5)
+    out = tfm_kernels.fused_linear(x, weight, bias, "relu", 0.3, backend=backend)
+    keep = rng.dropout_keep_mask(seed, 1, 300, 130, 0.3, device="cuda")[0]
+    reference = tfm_kernels.fused_linear(x, weight, bias, "relu", 0.0, backend="torch")
+    dropped = (out == 0) & (reference != 0)
+    assert not (dropped & keep).any(), "an element the shared mask keeps was dropped"
+    assert not ((out != 0) & ~keep).any(), "an element the shared mask drops was kept"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_compile_fullgraph(backend):
+    x, w1, b1 = linear_inputs((8, 128), 256, 1024, torch.bfloat16, device="cuda")
+    w2, b2 = rand(256, 1024, dtype=torch.bfloat16, device="cuda", scale=1 / 32), rand(256, dtype=torch.bfloat16,
+                                                                                       device="cuda")
+    require(backend, x, w1)
+
+    def block(*tensors):
+        return tfm_kernels.mlp(*tensors, "gelu", 0.0, backend=backend)
+
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w1, b1, w2, b2), block(x, w1, b1, w2, b2), rtol=0, atol=0)
