@@ -235,3 +235,14 @@ def test_bench_quick_on_cpu(tmp_path, capsys):
     failed = [c for c in run["checks"] if c["status"] == "FAIL"]
     assert not failed, failed
     assert code == 0
+
+
+def test_model_suite_times_our_language_model_and_its_torch_peer():
+    from tfm_kernels.bench import model
+
+    cases = model.model_cases([], ("fwd+bwd",), "cpu", lm_presets=["tiny"], lm_batch=2, lm_seq=32,
+                              dtype=torch.float32, with_compile=False)
+    rows = suite.run_cases(cases, warmup_ms=1, rep_ms=5)
+    assert [(r["provider"], r["status"]) for r in rows] == [("ours tfm_kernels.models", "ok"),
+                                                           ("torch-layer baseline", "ok")], rows
+    assert all(r["unit"] == "tokens/s" and r["value"] > 0 for r in rows)

@@ -55,7 +55,8 @@ def encoder(shape: configs.EncoderShape, mode, device, which, compiled) -> Provi
 def _language_models(preset: str):
     """(config, our model class, baseline model class) from tfm_kernels.models, or Unavailable saying what is
     missing. Contract: LMConfig.preset(name) is the config; TransformerLM(config) and the torch-layer
-    baseline.BaselineLM(config) both map token ids (B, S) int64 to logits (B, S, vocab)."""
+    baseline.TorchLM(config) (the same model from torch's nn layers) map token ids (B, S) int64 to logits
+    (B, S, vocab)."""
     try:
         from ..models import LMConfig, TransformerLM
     except ImportError as error:
@@ -66,9 +67,7 @@ def _language_models(preset: str):
         raise Unavailable(f"tfm_kernels.models.baseline is not available ({error})") from None
     if preset not in LMConfig.PRESETS:
         raise Unavailable(f"LMConfig has no preset {preset!r}; presets: {sorted(LMConfig.PRESETS)}")
-    if not hasattr(baseline, "BaselineLM"):
-        raise Unavailable("tfm_kernels.models.baseline has no BaselineLM")
-    return LMConfig.preset(preset), TransformerLM, baseline.BaselineLM
+    return LMConfig.preset(preset), TransformerLM, baseline.TorchLM
 
 
 def language_model(preset, batch, seq, mode, device, which, compiled, dtype) -> Provider:
