@@ -49,7 +49,7 @@ def quantile(values, q: float) -> float:
 
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False) -> torch.Tensor:
     """Standard normal values times `scale`: benchmark inputs are never zeros or constants."""
-    t = torch.randn(shape, dtype=torch.float32, device=device)  # shape (): a scalar.mul_(scale).to(dtype)
+    t = torch.randn(shape, dtype=torch.float32, device=device).mul_(scale).to(dtype)  # shape (): a scalar
     return t.requires_grad_(requires_grad)
 
 
