@@ -173,6 +173,13 @@ def test_ratios_are_against_the_best_peer():
     assert ratios == [1.5, 1.0, 0.5, None]
 
 
+def test_ratio_summary_is_a_geometric_mean():
+    rows = [{"ours": True, "provider": "ours-x", "mode": "fwd", "ratio": r} for r in (0.5, 2.0, 1.0)]
+    rows.append({"ours": False, "provider": "peer", "mode": "fwd", "ratio": 1.0})
+    (line,) = report.ratio_summary(rows)
+    assert line.startswith("- ours-x fwd: 1.00x") and "of 3 cases; min 0.50x, max 2.00x" in line
+
+
 def test_self_check_fails_a_wrong_kernel():
     x = timing.randn(6, 5)
 
@@ -219,7 +226,8 @@ def test_bench_quick_on_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "## Self-check" in out and "## CPU timing" in out
     assert "| config | mode | provider | TFLOP/s |" in out and "torch-flash" in out and "torch eager" in out
-    assert out.rstrip().endswith("|")  # the table comes last
+    assert out.index("## Self-check") < out.index("## CPU timing")  # the table comes last
+    assert out.rstrip().splitlines()[-1].startswith(("|", "- ours"))
     lines = record.read_text().splitlines()
     assert len(lines) == 1
     run = json.loads(lines[0])

@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -101,8 +102,23 @@ def markdown_table(rows: list[dict]) -> str:
             note = row["reason"].replace("|", "/")
             cells = [row["config"], row["mode"], provider, _format_value(row), ms, peak, ratio, note]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += [""] + ratio_summary(suite_rows)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def ratio_summary(rows: list[dict]) -> list[str]:
+    """One line per provider of ours: geometric mean, min and max of its ratio to the best peer, per mode."""
+    ratios = defaultdict(list)
+    for row in rows:
+        if row["ours"] and row["ratio"] is not None:
+            ratios[(row["provider"], row["mode"])].append(row["ratio"])
+    lines = []
+    for (provider, mode), values in ratios.items():
+        geomean = math.exp(sum(math.log(v) for v in values) / len(values))
+        lines.append(f"- {provider} {mode}: {geomean:.2f}x the best peer (geometric mean of {len(values)} "
+                     f"cases; min {min(values):.2f}x, max {max(values):.2f}x)")
+    return lines
 
 
 def append_record(path, env: dict, rows: list[dict], checks=None) -> Path:
