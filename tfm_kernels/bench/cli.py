@@ -7,9 +7,11 @@ torch's CPU implementations. The Markdown table goes to stdout, last; progress t
 the run is appended to --json (default benchmarks/results/bench.jsonl)."""
 
 import argparse
+import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -91,6 +93,13 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--plot", default=None, metavar="DIR", help="write attention PNG plots here (matplotlib)"
+    )
+    parser.add_argument(
+        "--replay",
+        default=None,
+        metavar="RECORD",
+        help="measure nothing: print the table (and --plot) of the last run in a JSON Lines record, e.g. "
+        "one brought back from a GPU machine without matplotlib",
     )
     args = parser.parse_args(argv)
     if args.plot and report.matplotlib_missing():
@@ -176,10 +185,35 @@ def print_checks(checks, stream=None):
         print("WARNING: no operator could be checked here (see the reasons above)", file=stream)
 
 
+def _title(env, seconds=None) -> str:
+    kind = "GPU timing" if env["device_type"] == "cuda" else "CPU timing (this machine; not a GPU result)"
+    took = f" ({seconds:.0f} s)" if seconds is not None else ""
+    return (
+        f"## {kind}: {env['card']}, torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['commit'][:12]}, {env['date']}{took}"
+    )
+
+
+def replay(record_path, plot_dir) -> int:
+    """Prints the table of the last run recorded in record_path and draws its plots into plot_dir."""
+    lines = Path(record_path).read_text().splitlines()
+    if not lines:
+        raise SystemExit(f"--replay: {record_path} holds no record")
+    run = json.loads(lines[-1])
+    if plot_dir:
+        for path in report.plot_attention(run["rows"], plot_dir, run["card"]):
+            print(f"plot written to {path}", file=sys.stderr)
+    print(_title(run) + "\n")
+    print(report.markdown_table(run["rows"]))
+    return 0
+
+
 def main(argv=None) -> int:
     """Runs the benchmark (and, without a GPU, the self-check). Returns 1 if a check failed or one of our
     providers raised an error, else 0."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.replay:
+        return replay(args.replay, args.plot)
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     suites = SUITES if args.full else ("attention", "mlp")
@@ -219,14 +253,8 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
 
-    title = "CPU timing (this machine; not a GPU result)" if not on_gpu else "GPU timing"
-    if stopped:
-        title += " - STOPPED before the end, see the rows marked not run"
-    print(
-        f"## {title}: {env['card']}, torch {env['torch']}, triton {env['triton']}, "
-        f"commit {env['commit'][:12]}, "
-        f"{env['date']} ({time.perf_counter() - started:.0f} s)\n"
-    )
+    stop_note = "\nSTOPPED before the end: see the rows marked not run.\n" if stopped else ""
+    print(_title(env, time.perf_counter() - started) + "\n" + stop_note)
     print(report.markdown_table(rows))
     failed = (checks is not None and any(c.status == "FAIL" for c in checks)) or any(
         r["status"] == "error" for r in rows

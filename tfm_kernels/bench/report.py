@@ -154,12 +154,13 @@ def plot_attention(rows: list[dict], directory, card: str) -> list[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     panels = defaultdict(lambda: defaultdict(list))  # (head_dim, causal, mode) -> provider -> [(seq, value)]
+    tokens = defaultdict(set)  # (head_dim, causal, mode) -> {batch * seq}
     for row in rows:
         if row["suite"] == "attention" and row["status"] == "ok":
             shape = row["shape"]
-            panels[(shape["head_dim"], shape["causal"], row["mode"])][row["provider"]].append(
-                (shape["seq"], row["value"])
-            )
+            panel = (shape["head_dim"], shape["causal"], row["mode"])
+            panels[panel][row["provider"]].append((shape["seq"], row["value"]))
+            tokens[panel].add(shape.get("batch", 1) * shape["seq"])
     written = []
     for (head_dim, causal, mode), providers in sorted(panels.items()):
         figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -173,7 +174,11 @@ def plot_attention(rows: list[dict], directory, card: str) -> list[Path]:
                 label=provider,
             )
         axes.set_xscale("log", base=2)
-        axes.set_xlabel("sequence length (B*S = 16k tokens)")
+        seqs = sorted({seq for points in providers.values() for seq, _ in points})
+        axes.set_xticks(seqs, [str(s) for s in seqs])
+        batch_tokens = tokens[(head_dim, causal, mode)]
+        fixed = f" (B*S = {batch_tokens.pop()} tokens)" if len(batch_tokens) == 1 else ""
+        axes.set_xlabel(f"sequence length{fixed}")
         axes.set_ylabel("TFLOP/s")
         kind = "causal" if causal else "full"
         axes.set_title(f"attention {mode}, d{head_dim}, {kind} ({card})")
