@@ -76,7 +76,7 @@ def _format_value(row) -> str:
         return row["status"]
     if row["unit"] == "tokens/s":
         return f"{row['value'] / 1e3:,.1f}k"
-    return f"{row['value']:.3f}" if row["value"] < 1 else f"{row['value']:.1f}"
+    return f"{row['value']:.3g}" if row["value"] < 10 else f"{row['value']:.1f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
