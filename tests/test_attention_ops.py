@@ -8,7 +8,7 @@ again, so a test knows the seed and, with rng.dropout_keep_mask, the keep-mask e
 
 import pytest
 import torch
-from test_attention import rand, require, sdpa
+from test_attention import check_against_oracle, rand, require, sdpa
 from tolerance import assert_within_tolerance
 
 import tfm_kernels
@@ -346,3 +346,17 @@ def test_gpu_compile_inductor_matches_eager(backend):
         results.append((out.detach(), *torch.autograd.grad(out, inputs, grad_out)))
     for name, eager, comp in zip(("out", "dq", "dk", "dv"), *results):
         torch.testing.assert_close(comp, eager, rtol=0, atol=0, msg=f"compiled {name} differs from eager")
+
+
+@pytest.mark.gpu
+def test_gpu_batch_offsets_beyond_32_bits():
+    """Inputs whose batch stride is 2**31 elements: element offsets need 64 bits (4 GiB of memory)."""
+    B, H, L, E = 2, 2, 130, 64
+    batch_stride = 2**31
+    buffer = torch.empty(batch_stride + 3 * L * H * E, dtype=torch.float16, device="cuda")
+    q, k, v = (
+        buffer[i * L * H * E :].as_strided((B, H, L, E), (batch_stride, E, H * E, 1)) for i in range(3)
+    )  # (B, H, L, E) views; batch 1 starts 2**31 elements into the buffer
+    for t in (q, k, v):
+        t.copy_(torch.randn(B, H, L, E, device="cuda"))
+    check_against_oracle("triton", q, k, v, is_causal=True)

@@ -59,14 +59,16 @@ def _load_tile(ptrs, dim0_ok, dim1_ok, CHECK0: tl.constexpr, CHECK1: tl.constexp
 
 
 @triton.jit
-def _masked_scores(s, rows, cols, col_end, mask_bh, stride_ml, stride_ms, L, S, MASK_KIND: tl.constexpr,
-                   APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr):
+def _masked_scores(s, rows, cols, row0, col0, col_end, mask_bh, stride_ml, stride_ms, L, S,
+                   MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr):
     """Scores tile s (log2 units) with every mask applied: -inf where key `cols` takes no part in row `rows`.
 
-    rows, cols: int32 tensors broadcasting to s's shape, either orientation ((M, 1) x (1, N) or transposed).
-    mask_bh: the attn_mask pointer already offset to this batch and head."""
+    rows, cols: int32 tensors broadcasting to s's shape, either orientation ((M, 1) x (1, N) or transposed);
+    row0, col0: the tile's first row and column. mask_bh: the attn_mask pointer at this batch and head."""
     if MASK_KIND != 0:
-        mask_ptrs = mask_bh + rows.to(tl.int64) * stride_ml + cols.to(tl.int64) * stride_ms
+        # 64-bit offset of the tile, 32-bit offsets inside it: a tile of 64-bit pointers costs 64 registers.
+        mask_tile = mask_bh + tl.cast(row0, tl.int64) * stride_ml + tl.cast(col0, tl.int64) * stride_ms
+        mask_ptrs = mask_tile + ((rows - row0) * stride_ml + (cols - col0) * stride_ms)
         in_bounds = (rows < L) & (cols < S)
         if MASK_KIND == 1:
             takes_part = tl.load(mask_ptrs, mask=in_bounds, other=0) != 0
@@ -152,11 +154,11 @@ def _program_ids(num_row_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, offs_n, d_ok, dv_ok, col_end, mask_bh,
-                   stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z, threshold,
-                   MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr, HAS_DROPOUT:
-                   tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, row0, offs_n, d_ok, dv_ok, col_end,
+                   mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z,
+                   threshold, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs (BLOCK_N, BLOCK_DV)
     point at key lo. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -164,7 +166,7 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, offs_n, d_ok,
         col_ok = cols < col_end
         k = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
-        s = _masked_scores(s, rows, cols, col_end, mask_bh, stride_ml, stride_ms, L, S,
+        s = _masked_scores(s, rows, cols, row0, start_n, col_end, mask_bh, stride_ml, stride_ms, L, S,
                            MASK_KIND, APPLY_CAUSAL, BOUNDARY)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key so far keeps m = -inf; shifting by 0 keeps its p and alpha at 0, not NaN.
@@ -188,9 +190,9 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
                     stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                     stride_mb, stride_mh, stride_ml, stride_ms, H, GROUP, L, S, scale_log2, threshold,
                     inv_keep, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS:
-                    tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M:
-                    tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                    HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
@@ -225,16 +227,16 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base, v_base, 0, full_end, rows, offs_n, d_ok, dv_ok,
-                                   col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base, v_base, 0, full_end, rows, m_start, offs_n, d_ok,
+                                   dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
                                    scale_log2, k0, k1, z, threshold, MASK_KIND, False, False, HAS_DROPOUT,
                                    CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     k_diagonal = k_base + full_end.to(tl.int64) * stride_kn
     v_diagonal = v_base + full_end.to(tl.int64) * stride_vn
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_diagonal, v_diagonal, full_end, end, rows, offs_n,
-                                   d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn,
-                                   L, S, scale_log2, k0, k1, z, threshold, MASK_KIND, IS_CAUSAL, True,
-                                   HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_diagonal, v_diagonal, full_end, end, rows, m_start,
+                                   offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn,
+                                   stride_vn, L, S, scale_log2, k0, k1, z, threshold, MASK_KIND, IS_CAUSAL,
+                                   True, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
 
     # l == 0 exactly when no key takes part in the row: output 0, lse = +inf (its backward p is then 0).
     empty = l_i == 0.0
@@ -257,8 +259,8 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
 
 @triton.jit
 def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om, stride_gb, stride_gh,
-                           stride_gm, H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M:
-                           tl.constexpr):
+                           stride_gm, H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32: the rowsum(P * dP) of softmax's
     backward (dropout included, since O already carries the dropped and rescaled P)."""
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), False)
@@ -276,12 +278,12 @@ def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om,
 
 
 @triton.jit
-def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols, offs_m, offs_d, offs_dv,
-                       d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S,
-                       scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL:
-                       tl.constexpr, APPLY_COL_END: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D:
-                       tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M:
-                       tl.constexpr):
+def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols, col0, offs_m, offs_d,
+                       offs_dv, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L,
+                       S, scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr,
+                       APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
     """Accumulates dK, dV of the BLOCK_N keys `cols` (BLOCK_N, 1) over query blocks [lo, hi) of one head.
     Tiles are transposed, (keys, rows), so dK and dV accumulate without a transpose of the scores."""
     lo64 = lo.to(tl.int64)
@@ -295,7 +297,7 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols
         # Rows past L read lse = +inf, which makes their p exactly 0.
         lse_log2 = tl.load(lse_bh + row_ids, mask=row_ok, other=float("inf")) * LOG2E
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
-        sT = _masked_scores(sT, rows, cols, col_end, mask_bh, stride_ml, stride_ms, L, S,
+        sT = _masked_scores(sT, rows, cols, start_m, col0, col_end, mask_bh, stride_ml, stride_ms, L, S,
                             MASK_KIND, APPLY_CAUSAL, APPLY_COL_END)
         pT = tl.math.exp2(sT - lse_log2[None, :])
         do = _load_tile(do_ptrs, row_ok[:, None], dv_ok[None, :], True, CHECK_DV)
@@ -321,10 +323,10 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
                         stride_vn, stride_gb, stride_gh, stride_gm, stride_dkb, stride_dkh, stride_dkn,
                         stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_ml, stride_ms, H,
                         GROUP, L, S, scale, scale_log2, threshold, inv_keep, HEAD_DIM: tl.constexpr,
-                        HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL:
-                        tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT:
-                        tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
-                        tl.constexpr):
+                        HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     H_KV = H // GROUP
     pid_n, pid_bkv = _program_ids(tl.cdiv(S, BLOCK_N), False)
     b = pid_bkv // H_KV
@@ -376,12 +378,13 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
         mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
         if IS_CAUSAL:
             dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, start,
-                                        full_start, cols, offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end,
-                                        mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S, scale_log2,
-                                        k0, k1, bh64, threshold, inv_keep, MASK_KIND, True, HAS_KEY_LENGTHS,
-                                        HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M)
+                                        full_start, cols, n_start, offs_m, offs_d, offs_dv, d_ok, dv_ok,
+                                        col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S,
+                                        scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, True,
+                                        HAS_KEY_LENGTHS, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION,
+                                        BLOCK_M)
         dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, full_start,
-                                    L, cols, offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end, mask_bh,
+                                    L, cols, n_start, offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end, mask_bh,
                                     stride_ml, stride_ms, stride_qm, stride_gm, L, S, scale_log2, k0, k1,
                                     bh64, threshold, inv_keep, MASK_KIND, False, HAS_KEY_LENGTHS, HAS_DROPOUT,
                                     CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M)
@@ -395,11 +398,11 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
 
 
 @triton.jit
-def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, offs_n, d_ok, dv_ok, col_end,
-                      mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z,
-                      threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY:
-                      tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, row0, offs_n, d_ok, dv_ok,
+                      col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1,
+                      z, threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+                      BOUNDARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr,
+                      CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulates dQ of BLOCK_M rows over key blocks [lo, hi); k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs
     (BLOCK_DV, BLOCK_N) point at key lo, both transposed."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -408,7 +411,7 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, 
         kT = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
         vT = _load_tile(v_ptrs, dv_ok[:, None], col_ok, CHECK_DV, BOUNDARY)  # (BLOCK_DV, BLOCK_N)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
-        s = _masked_scores(s, rows, cols, col_end, mask_bh, stride_ml, stride_ms, L, S,
+        s = _masked_scores(s, rows, cols, row0, start_n, col_end, mask_bh, stride_ml, stride_ms, L, S,
                            MASK_KIND, APPLY_CAUSAL, BOUNDARY)
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -425,11 +428,11 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, 
 def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Seed, stride_qb, stride_qh,
                        stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_gb,
                        stride_gh, stride_gm, stride_dqb, stride_dqh, stride_dqm, stride_mb, stride_mh,
-                       stride_ml, stride_ms, H, GROUP, L, S, scale, scale_log2, threshold, inv_keep, HEAD_DIM:
-                       tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
-                       tl.constexpr):
+                       stride_ml, stride_ms, H, GROUP, L, S, scale, scale_log2, threshold, inv_keep,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                       HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
@@ -469,15 +472,15 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
     col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     full_end, end = _key_blocks(m_start, col_end, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, 0, full_end, rows, offs_n, d_ok,
-                           dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
+    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, 0, full_end, rows, m_start, offs_n,
+                           d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
                            scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND, False, False, HAS_DROPOUT,
                            CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     kT_diagonal = kT_base + full_end.to(tl.int64) * stride_kn
     vT_diagonal = vT_base + full_end.to(tl.int64) * stride_vn
-    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_diagonal, vT_diagonal, full_end, end, rows, offs_n,
-                           d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
-                           scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND, IS_CAUSAL, True,
+    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_diagonal, vT_diagonal, full_end, end, rows, m_start,
+                           offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn,
+                           L, S, scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND, IS_CAUSAL, True,
                            HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     dq_ptrs = (GradQ + b64 * stride_dqb + h64 * stride_dqh + m_start64 * stride_dqm
                + offs_m[:, None] * stride_dqm + offs_d[None, :])
