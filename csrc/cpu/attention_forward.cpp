@@ -18,8 +18,8 @@ namespace tfm_kernels::cpu {
 namespace {
 
 // 64 rows give B * Hq * L / 64 units (256 at B=4, H=8, L=512) to spread over the threads. A 64 x 512 float32
-// score block (128 KiB) fits L2; 512 keys take S = 512 in one block, so the accumulator is never rescaled
-// there (256-key blocks timed the same within the noise of a shared 2-core machine: ~31 ms per forward on one
+// score block (128 KiB) fits L2; 512 keys take S = 512 in one block, one pass of the online softmax
+// (256-key blocks timed the same within the noise of a shared 2-core machine: ~31 ms per forward on one
 // thread at that shape, as torch's own CPU kernel).
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kKeyBlock = 512;
