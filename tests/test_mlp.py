@@ -19,7 +19,8 @@ ENVIRONMENT_MARKERS = ("not built", "needs CUDA", "built without CUDA", "not ins
 
 
 def require(backend, x, weight):
-    """Skips only where the environment lacks the backend (no build, no GPU), never a feature it should run."""
+    """Skips only where the environment lacks the backend (no build, no GPU), never a feature it should
+    run."""
     reasons = backends.mlp_not_supported_reasons(backend, x.reshape(-1, x.shape[-1]), weight)
     environment = [r for r in reasons if any(marker in r for marker in ENVIRONMENT_MARKERS)]
     if environment:
@@ -38,8 +39,8 @@ def call(kind, backend, x, weight, bias, activation, dropout_p):
 
 
 def check_against_oracle(kind, backend, x, weight, bias=None, activation="gelu", dropout_p=0.0):
-    """Output and grad x, weight, bias of `backend` against the float64 oracle, torch in x's dtype as baseline.
-    Every call draws its dropout seed after the same manual_seed, so all three use one mask."""
+    """Output and grad x, weight, bias of `backend` against the float64 oracle, torch in x's dtype as
+    baseline. Every call draws its dropout seed after the same manual_seed, so all three use one mask."""
     require(backend, x, weight)
     leaves = [t for t in (x, weight, bias) if t is not None]
     seed = int(torch.randint(0, 2**31, ()))
@@ -125,7 +126,8 @@ def test_strided_inputs(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
 @pytest.mark.parametrize("kind", ["linear", "gated"])
 def test_dropout_matches_shared_mask(backend, kind):
-    """Output equals act(...) * keep / (1 - p) with rng.dropout_keep_mask for the drawn seed; gradients too."""
+    """Output equals act(...) * keep / (1 - p) with rng.dropout_keep_mask for the drawn seed; gradients
+    too."""
     x, weight, bias = linear_inputs((3, 7), 20, 36, torch.float32)
     check_against_oracle(kind, backend, x, weight, bias, "gelu", dropout_p=0.3)
     p = 0.25
@@ -185,7 +187,8 @@ def test_mlp_block(backend, gated):
     oracle, oracle_inputs = run("torch", torch.float64)
     base_grads = torch.autograd.grad(baseline, base_inputs, grad_out)
     oracle_grads = torch.autograd.grad(oracle, oracle_inputs, grad_out.double())
-    for name, result, base, ref in zip(("out", "x", "w1", "b1", "w2", "b2"), (out, *grads), (baseline, *base_grads),
+    names = ("out", "x", "w1", "b1", "w2", "b2")
+    for name, result, base, ref in zip(names, (out, *grads), (baseline, *base_grads),
                                        (oracle, *oracle_grads)):
         assert_within_tolerance(f"{backend} mlp {name}", result, base, ref)
 
@@ -196,17 +199,18 @@ def _op_samples(prefix):
     bias = rand(10)
     seed = torch.tensor(123456789, dtype=torch.int64)
     ops = torch.ops.tfm_kernels
-    linear_fwd, linear_bwd = getattr(ops, f"{prefix}mlp_linear_forward"), getattr(ops, f"{prefix}mlp_linear_backward")
-    gated_fwd, gated_bwd = getattr(ops, f"{prefix}mlp_gated_forward"), getattr(ops, f"{prefix}mlp_gated_backward")
+    linear_fwd = getattr(ops, f"{prefix}mlp_linear_forward")
+    linear_bwd = getattr(ops, f"{prefix}mlp_linear_backward")
+    gated_fwd = getattr(ops, f"{prefix}mlp_gated_forward")
+    gated_bwd = getattr(ops, f"{prefix}mlp_gated_backward")
     samples = []
     for activation, dropout_p, with_bias in (("gelu", 0.0, True), ("none", 0.3, False), ("silu", 0.2, True)):
         b = bias if with_bias else None
-        samples.append((linear_fwd, (x.clone().requires_grad_(), weight.clone().requires_grad_(), b, activation,
-                                     dropout_p, seed)))
+        leaves = (x.clone().requires_grad_(), weight.clone().requires_grad_())
+        samples.append((linear_fwd, (*leaves, b, activation, dropout_p, seed)))
         out, preact = linear_fwd(x, weight, b, activation, dropout_p, seed)
         samples.append((linear_bwd, (torch.randn_like(out), x, weight, preact, activation, dropout_p, seed)))
-        samples.append((gated_fwd, (x.clone().requires_grad_(), weight.clone().requires_grad_(), b, activation,
-                                    dropout_p, seed)))
+        samples.append((gated_fwd, (*leaves, b, activation, dropout_p, seed)))
         out, gate_up = gated_fwd(x, weight, b, activation, dropout_p, seed)
         samples.append((gated_bwd, (torch.randn_like(out), x, weight, gate_up, activation, dropout_p, seed)))
     return samples
@@ -244,8 +248,10 @@ def test_compile_fullgraph(backend, gated):
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_fused_mlp_loads_transformer_encoder_layer(backend):
     d_model, d_ff = 32, 80
-    layer = torch.nn.TransformerEncoderLayer(d_model, 4, d_ff, dropout=0.1, activation="gelu", batch_first=True)
-    module = FusedMLP(d_model, d_ff, activation="gelu", dropout=0.1, backend=backend)
+    layer = torch.nn.TransformerEncoderLayer(d_model, 4, d_ff, dropout=0.1, activation="gelu",
+                                             batch_first=True)
+    module = FusedMLP(d_model, d_ff, activation=torch.nn.functional.gelu, dropout=0.1, backend=backend)
+    assert module.activation == "gelu"
     feed_forward = {k: v for k, v in layer.state_dict().items() if k.startswith(("linear1.", "linear2."))}
     assert set(module.state_dict()) == set(feed_forward)
     module.load_state_dict(feed_forward)
@@ -264,7 +270,8 @@ def test_fused_mlp_loads_transformer_encoder_layer(backend):
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_gated_mlp_loads_separate_gate_and_up(backend):
     d_model, d_ff = 24, 40
-    gate, up, down = torch.nn.Linear(d_model, d_ff), torch.nn.Linear(d_model, d_ff), torch.nn.Linear(d_ff, d_model)
+    gate, up = torch.nn.Linear(d_model, d_ff), torch.nn.Linear(d_model, d_ff)
+    down = torch.nn.Linear(d_ff, d_model)
     x = rand(3, 5, d_model)
     expected = down(torch.nn.functional.silu(gate(x)) * up(x))
     module = GatedMLP(d_model, d_ff, bias=True, backend=backend)
@@ -282,19 +289,21 @@ def test_gated_mlp_loads_separate_gate_and_up(backend):
 
 def test_bad_inputs():
     x, weight, bias = linear_inputs((2, 3), 8, 5, torch.float32)
+    linear = tfm_kernels.fused_linear
     cases = [
-        (lambda: tfm_kernels.fused_linear(x, rand(5, 7)), ValueError, r"weight must have shape \(out_features, 8\).*got \(5, 7\)"),
-        (lambda: tfm_kernels.fused_linear(x, weight, rand(4)), ValueError, r"bias must have shape \(5,\).*got \(4,\)"),
-        (lambda: tfm_kernels.fused_linear(x, weight, activation="tanh"), ValueError, "activation must be one of.*'tanh'"),
-        (lambda: tfm_kernels.fused_linear(x, weight.double()), TypeError, "weight must have x's dtype torch.float32; got torch.float64"),
-        (lambda: tfm_kernels.fused_linear(x, weight.to("meta")), ValueError, "weight must be on x's device cpu; got meta"),
-        (lambda: tfm_kernels.fused_linear(x, weight, dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\); got 1.0"),
-        (lambda: tfm_kernels.fused_linear(x, weight, dropout_p=-0.1), ValueError, "dropout_p.*got -0.1"),
-        (lambda: tfm_kernels.fused_linear(x.long(), weight), TypeError, "x must be a floating-point tensor; got torch.int64"),
+        (lambda: linear(x, rand(5, 7)), ValueError, r"weight must have shape \(out_features, 8\).*\(5, 7\)"),
+        (lambda: linear(x, weight, rand(4)), ValueError, r"bias must have shape \(5,\).*got \(4,\)"),
+        (lambda: linear(x, weight, activation="tanh"), ValueError, "activation must be one of.*'tanh'"),
+        (lambda: linear(x, weight.double()), TypeError, "weight must have x's dtype torch.float32; got .*64"),
+        (lambda: linear(x, weight.to("meta")), ValueError, "weight must be on x's device cpu; got meta"),
+        (lambda: linear(x, weight, dropout_p=1.0), ValueError, r"dropout_p must be .*\[0, 1\); got 1.0"),
+        (lambda: linear(x, weight, dropout_p=-0.1), ValueError, "dropout_p.*got -0.1"),
+        (lambda: linear(x.long(), weight), TypeError, "x must be a floating-point tensor; got torch.int64"),
         (lambda: tfm_kernels.gated_linear(x, rand(5, 8)), ValueError, "even number of rows"),
-        (lambda: tfm_kernels.mlp(x, rand(6, 8), None, rand(8, 5), None), ValueError, r"w2 must have shape \(d_out, 6\).*got \(8, 5\)"),
-        (lambda: tfm_kernels.fused_linear(x, weight, backend="cuda"), NotImplementedError, "backend='cuda' cannot run"),
-        (lambda: tfm_kernels.fused_linear(x, weight, backend="fast"), ValueError, "backend must be one of"),
+        (lambda: tfm_kernels.mlp(x, rand(6, 8), None, rand(8, 5), None), ValueError,
+         r"w2 must have shape \(d_out, 6\).*got \(8, 5\)"),
+        (lambda: linear(x, weight, backend="cuda"), NotImplementedError, "backend='cuda' cannot run"),
+        (lambda: linear(x, weight, backend="fast"), ValueError, "backend must be one of"),
         (lambda: FusedMLP(8, 16, activation="swish"), ValueError, "activation must be one of"),
         (lambda: GatedMLP(8, 16, dropout=1.5), ValueError, r"dropout must be a float in \[0, 1\); got 1.5"),
     ]
@@ -309,20 +318,23 @@ def test_auto_picks_cpu_kernel_when_built():
     assert backends.choose_mlp(x, weight) == expected
 
 
-# --------------------------------------------------------------------------------------------------------- GPU
+# ------------------------------------------------------------------------------------------------------ GPU
 
-GPU_SHAPES = [((16384,), 1024, 4096), ((4, 4096), 4096, 1024), ((3, 77), 200, 333)]
+# (batch shape, in, out, dtypes): LLM shapes at 16384 tokens in half precision; an odd one in every dtype.
+GPU_SHAPES = [((16384,), 1024, 4096, (torch.bfloat16, torch.float16)),
+              ((4, 4096), 4096, 1024, (torch.bfloat16,)),
+              ((3, 77), 200, 333, (torch.bfloat16, torch.float16, torch.float32))]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, (*s[0], s[1], s[2]))))
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu", None])
-def test_gpu_linear(backend, dtype, shape, activation):
-    batch_shape, in_features, out_features = shape
-    x, weight, bias = linear_inputs(batch_shape, in_features, out_features, dtype, device="cuda")
-    check_against_oracle("linear", backend, x, weight, bias, activation)
+def test_gpu_linear(backend, shape, activation):
+    batch_shape, in_features, out_features, dtypes = shape
+    for dtype in dtypes:
+        x, weight, bias = linear_inputs(batch_shape, in_features, out_features, dtype, device="cuda")
+        check_against_oracle("linear", backend, x, weight, bias, activation)
 
 
 @pytest.mark.gpu
@@ -357,8 +369,8 @@ def test_gpu_dropout_mask_matches_cpu_scheme(backend):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_compile_fullgraph(backend):
     x, w1, b1 = linear_inputs((8, 128), 256, 1024, torch.bfloat16, device="cuda")
-    w2, b2 = rand(256, 1024, dtype=torch.bfloat16, device="cuda", scale=1 / 32), rand(256, dtype=torch.bfloat16,
-                                                                                       device="cuda")
+    w2 = rand(256, 1024, dtype=torch.bfloat16, device="cuda", scale=1 / 32)
+    b2 = rand(256, dtype=torch.bfloat16, device="cuda")
     require(backend, x, w1)
 
     def block(*tensors):

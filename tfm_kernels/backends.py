@@ -105,13 +105,17 @@ def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False)
 # MLP (tfm_kernels/mlp.py): the same backends and rules as attention.
 
 MLP_BACKENDS = ("cuda", "triton", "cpu", "torch")
-# cuBLASLt (cuda) first on GPUs, Triton next (order to be confirmed by measurement, see benchmarks/RESULTS.md).
+# cuBLASLt (cuda) first on GPUs, Triton next (order to be confirmed by measurement, benchmarks/RESULTS.md).
 MLP_AUTO_ORDER = AUTO_ORDER
+
+
+# Read once: a call into the pybind11 module inside a torch.compile'd region would break the graph.
+_MLP_COMPILED_CUDA = ops.has_compiled_cuda()
 
 
 def _mlp_cuda_reasons(x) -> list[str]:
     reasons = []
-    if not ops.has_compiled_cuda():
+    if not _MLP_COMPILED_CUDA:
         reasons.append("tfm_kernels._C was built without CUDA kernels")
     if x.device.type != "cuda":
         reasons.append(f"the cuda backend needs CUDA tensors; got {x.device.type}")
@@ -121,7 +125,7 @@ def _mlp_cuda_reasons(x) -> list[str]:
 
 
 def mlp_not_supported_reasons(backend, x, weight) -> list[str]:
-    """Why `backend` cannot run a fused linear / gated linear on x (M, K) and weight (N, K) (validated inputs).
+    """Why `backend` cannot run a fused linear / gated linear on validated x (M, K) and weight (N, K).
     An empty list means it can."""
     if backend == "torch":
         return []

@@ -1,6 +1,7 @@
-"""Fused MLP building blocks: linear + bias + activation + dropout, gated linears (SwiGLU, GeGLU) and the whole
-feed-forward block. Validation, flattening to (tokens, features) and dispatch to a backend; the kernels live
-in csrc/ (C++ CPU, CUDA with cuBLASLt) and tfm_kernels/triton/mlp.py, registered as operators in ops.py."""
+"""Fused MLP building blocks: linear + bias + activation + dropout, gated linears (SwiGLU, GeGLU) and the
+whole feed-forward block. Validation, flattening to (tokens, features) and dispatch to a backend; the kernels
+live in csrc/ (C++ CPU, CUDA with cuBLASLt) and tfm_kernels/triton/mlp.py, registered as operators in
+ops.py."""
 
 import torch
 
@@ -46,8 +47,8 @@ def _check_weight(name, weight, x, rows=None):
     in_features = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != in_features or (rows is not None and weight.shape[0] != rows):
         expected = f"({rows if rows is not None else 'out_features'}, {in_features})"
-        raise ValueError(f"{name} must have shape {expected} (nn.Linear layout, in_features = x.shape[-1]); got "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(f"{name} must have shape {expected} (nn.Linear layout, in_features = x.shape[-1]); "
+                         f"got {tuple(weight.shape)}")
 
 
 def _check_bias(name, bias, x, features):
@@ -83,7 +84,7 @@ def _run(gated, x, weight, bias, activation, dropout_p, backend, out_features):
     backend = _resolve(backend, x2, weight)
     seed = _seed(float(dropout_p), x.device)
     out_shape = (*x.shape[:-1], out_features)
-    if backend == "torch" or x2.shape[0] == 0 or out_features == 0:  # empty: nothing for a kernel to do
+    if backend == "torch" or 0 in (x2.shape[0], x2.shape[1], out_features):  # empty: no kernel work
         oracle = reference.gated_linear if gated else reference.linear
         return oracle(x2, weight, bias, activation, float(dropout_p), seed).reshape(out_shape)
     linear_op, gated_op = _linear_ops(backend)
@@ -96,8 +97,8 @@ def fused_linear(x, weight, bias=None, activation="gelu", dropout_p=0.0, *, back
     """dropout(act(x @ weight^T + bias)), with bias, activation and dropout fused into the GEMM's epilogue.
 
     Args:
-        x: (..., K), float16, bfloat16 or float32 (float64 on the "torch" backend); any leading batch shape and
-            strides (copied only when the last dimension is not contiguous).
+        x: (..., K), float16, bfloat16 or float32 (float64 on the "torch" backend); any leading batch shape
+            and strides (copied only when the last dimension is not contiguous).
         weight: (N, K) in nn.Linear layout, x's dtype and device.
         bias: (N,) or None.
         activation: "gelu" (exact, erf), "gelu_tanh" (tanh approximation), "relu", "silu" or None.
@@ -105,9 +106,9 @@ def fused_linear(x, weight, bias=None, activation="gelu", dropout_p=0.0, *, back
             The keep-mask is the counter-based one every backend shares (tfm_kernels.rng): z = 0, row = the
             flattened token index, column = the output feature; the seed comes from torch's generator, so runs
             repeat under torch.manual_seed.
-        backend: "auto" (fastest backend that supports the inputs), "cuda" (cuBLASLt + CUDA kernels), "triton",
-            "cpu" (C++ CPU kernels) or "torch" (plain torch ops). An explicit backend never falls back: it runs
-            or raises NotImplementedError with the reasons.
+        backend: "auto" (fastest backend that supports the inputs), "cuda" (cuBLASLt + CUDA kernels),
+            "triton", "cpu" (C++ CPU kernels) or "torch" (plain torch ops). An explicit backend never falls
+            back: it runs or raises NotImplementedError with the reasons.
 
     Returns:
         (..., N) in x's dtype. Differentiable with respect to x, weight and bias.
@@ -126,7 +127,8 @@ def gated_linear(x, weight, activation="silu", dropout_p=0.0, *, bias=None, back
         x: (..., K), float16, bfloat16 or float32; any leading batch shape.
         weight: (2F, K): rows [0, F) are the gate projection Wg, rows [F, 2F) the up projection Wu
             (torch.cat([Wg, Wu]) of two nn.Linear weights).
-        activation, dropout_p, backend: as in fused_linear (dropout after the product; column = feature in [0, F)).
+        activation, dropout_p, backend: as in fused_linear (dropout after the product; column = feature
+            in [0, F)).
         bias: (2F,) = [bg; bu] or None (keyword only).
 
     Returns:
@@ -135,7 +137,8 @@ def gated_linear(x, weight, activation="silu", dropout_p=0.0, *, bias=None, back
     _check_common(x, activation, dropout_p)
     _check_weight("weight", weight, x)
     if weight.shape[0] % 2:
-        raise ValueError(f"weight must have an even number of rows (2F: gate then up); got {tuple(weight.shape)}")
+        raise ValueError(f"weight must have an even number of rows (2F: gate then up); got "
+                         f"{tuple(weight.shape)}")
     _check_bias("bias", bias, x, weight.shape[0])
     return _run(True, x, weight, bias, activation, dropout_p, backend, weight.shape[0] // 2)
 
@@ -146,7 +149,8 @@ def mlp(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, *, gated=False, bac
 
     Args:
         x: (..., d_model), float16, bfloat16 or float32; any leading batch shape.
-        w1: (d_ff, d_model), or (2 d_ff, d_model) packed [gate; up] when gated; b1: (d_ff,) / (2 d_ff,) or None.
+        w1: (d_ff, d_model), or (2 d_ff, d_model) packed [gate; up] when gated;
+        b1: (d_ff,) / (2 d_ff,) or None.
         w2: (d_out, d_ff); b2: (d_out,) or None.
         activation: as in fused_linear; gated=True makes the up-projection a gated_linear (SwiGLU: "silu").
         dropout_p: dropout after the activation (of the gated product when gated), in [0, 1).

@@ -105,16 +105,17 @@ if _C is not None:
 
 
 @torch.library.custom_op("tfm_kernels::triton_mlp_linear_forward", mutates_args=())
-def triton_mlp_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-                              dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_mlp_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              activation: str, dropout_p: float,
+                              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton.mlp import linear_forward
 
     return linear_forward(x, weight, bias, activation, dropout_p, seed)
 
 
 @torch.library.custom_op("tfm_kernels::triton_mlp_linear_backward", mutates_args=())
-def triton_mlp_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
-                               activation: str, dropout_p: float,
+def triton_mlp_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               preact: torch.Tensor, activation: str, dropout_p: float,
                                seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton.mlp import linear_backward
 
@@ -122,16 +123,17 @@ def triton_mlp_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
 
 
 @torch.library.custom_op("tfm_kernels::triton_mlp_gated_forward", mutates_args=())
-def triton_mlp_gated_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-                             dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_mlp_gated_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             activation: str, dropout_p: float,
+                             seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton.mlp import gated_forward
 
     return gated_forward(x, weight, bias, activation, dropout_p, seed)
 
 
 @torch.library.custom_op("tfm_kernels::triton_mlp_gated_backward", mutates_args=())
-def triton_mlp_gated_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor,
-                              activation: str, dropout_p: float,
+def triton_mlp_gated_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                              gate_up: torch.Tensor, activation: str, dropout_p: float,
                               seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton.mlp import gated_backward
 
@@ -165,8 +167,8 @@ def _make_mlp_backward(backward_op):
     def backward(ctx, grad_out, _grad_saved):
         x, weight, saved, seed = ctx.saved_tensors
         activation, dropout_p = ctx.mlp_args
-        grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, saved, activation, dropout_p,
-                                                     seed)
+        grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, saved, activation,
+                                                     dropout_p, seed)
         return grad_x, grad_weight, grad_bias if ctx.needs_input_grad[2] else None, None, None, None
 
     return backward

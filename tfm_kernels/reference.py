@@ -65,11 +65,13 @@ def activation(z, name):
 
 
 def _mlp_dropout(h, dropout_p, seed, keep_mask):
-    """Dropout of an (M, N) activation with the shared counter-based mask (z = 0, row = token, col = feature)."""
+    """Dropout of an (M, N) activation with the shared counter-based mask (z = 0, row = token,
+    col = feature)."""
     if dropout_p == 0.0:
         return h
     if keep_mask is None:
-        keep_mask = dropout_keep_mask(seed, 1, h.shape[0], h.shape[1], dropout_p, device=h.device)[0]  # (M, N)
+        rows, cols = h.shape
+        keep_mask = dropout_keep_mask(seed, 1, rows, cols, dropout_p, device=h.device)[0]  # (M, N)
     return h * keep_mask.to(h.dtype) / (1.0 - dropout_p)
 
 
@@ -83,8 +85,7 @@ def linear(x, weight, bias=None, activation_name=None, dropout_p=0.0, seed=None,
 
 
 def gated_linear(x, weight, bias=None, activation_name="silu", dropout_p=0.0, seed=None, keep_mask=None):
-    """dropout(act(x Wg^T + bg) * (x Wu^T + bu)) with weight (2F, K) = [Wg; Wu] and bias (2F,) = [bg; bu] or None.
-
-    x (M, K). Returns (M, F)."""
+    """dropout(act(x Wg^T + bg) * (x Wu^T + bu)) with weight (2F, K) = [Wg; Wu] and bias (2F,) = [bg; bu]
+    or None. x (M, K). Returns (M, F)."""
     gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)  # (M, F) each
     return _mlp_dropout(activation(gate, activation_name) * up, dropout_p, seed, keep_mask)

@@ -1,15 +1,25 @@
 """Feed-forward modules on the fused MLP operators: FusedMLP (the linear1/linear2 block of
-nn.TransformerEncoderLayer, state_dict compatible) and GatedMLP (SwiGLU / GeGLU with a packed gate+up weight)."""
+nn.TransformerEncoderLayer, state_dict compatible) and GatedMLP (SwiGLU / GeGLU with a packed gate+up
+weight)."""
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..mlp import ACTIVATIONS, mlp
 
+# The activation callables nn.TransformerEncoderLayer accepts, by the name the fused kernels use.
+_CALLABLE_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
 
-def _check_activation(activation):
+
+def _activation_name(activation):
+    """A name from ACTIVATIONS, also for F.relu / F.gelu / F.silu as passed to nn.TransformerEncoderLayer."""
+    if callable(activation) and activation in _CALLABLE_ACTIVATIONS:
+        return _CALLABLE_ACTIVATIONS[activation]
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or F.relu, F.gelu, F.silu; got "
+                         f"{activation!r}")
+    return activation
 
 
 def _check_dropout(dropout):
@@ -20,14 +30,15 @@ def _check_dropout(dropout):
 class FusedMLP(nn.Module):
     """linear2(dropout(act(linear1(x)))) in fused kernels: the feed-forward of nn.TransformerEncoderLayer.
 
-    Parameters are `linear1` (d_ff, d_model) and `linear2` (d_model, d_ff) nn.Linear modules, so the state_dict
-    keys (`linear1.weight`, `linear1.bias`, `linear2.weight`, `linear2.bias`) are those of the encoder layer's
-    feed-forward. Dropout (probability `dropout`, training mode only) follows the activation; the layer's
-    second dropout, after linear2, is not part of this module.
+    Parameters are `linear1` (d_ff, d_model) and `linear2` (d_model, d_ff) nn.Linear modules, so the
+    state_dict keys (`linear1.weight`, `linear1.bias`, `linear2.weight`, `linear2.bias`) are those of the
+    encoder layer's feed-forward. Dropout (probability `dropout`, training mode only) follows the
+    activation; the layer's second dropout, after linear2, is not part of this module.
 
     Args:
         d_model: input and output features; d_ff: hidden features.
-        activation: "relu" (default, as nn.TransformerEncoderLayer), "gelu" (erf), "gelu_tanh", "silu" or None.
+        activation: "relu" (default, as nn.TransformerEncoderLayer), "gelu" (erf), "gelu_tanh", "silu",
+            None, or the callables F.relu, F.gelu, F.silu.
         dropout: in [0, 1). bias: whether both linears have a bias.
         backend: "auto", "cuda", "triton", "cpu" or "torch" (see tfm_kernels.fused_linear).
     Input (..., d_model) -> output (..., d_model), in the parameters' dtype.
@@ -36,7 +47,7 @@ class FusedMLP(nn.Module):
     def __init__(self, d_model, d_ff, activation="relu", dropout=0.1, bias=True, device=None, dtype=None, *,
                  backend="auto"):
         super().__init__()
-        _check_activation(activation)
+        activation = _activation_name(activation)
         _check_dropout(dropout)
         self.linear1 = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
         self.linear2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
@@ -74,7 +85,7 @@ class GatedMLP(nn.Module):
     def __init__(self, d_model, d_ff, activation="silu", dropout=0.0, bias=False, device=None, dtype=None, *,
                  backend="auto"):
         super().__init__()
-        _check_activation(activation)
+        activation = _activation_name(activation)
         _check_dropout(dropout)
         self.gate_up_proj = nn.Linear(d_model, 2 * d_ff, bias=bias, device=device, dtype=dtype)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
@@ -84,17 +95,19 @@ class GatedMLP(nn.Module):
         self.register_load_state_dict_pre_hook(_pack_gate_up_keys)
 
     def forward(self, x):
-        return mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight, self.down_proj.bias,
-                   self.activation, self.dropout if self.training else 0.0, gated=True, backend=self.backend)
+        gate_up, down = self.gate_up_proj, self.down_proj
+        return mlp(x, gate_up.weight, gate_up.bias, down.weight, down.bias, self.activation,
+                   self.dropout if self.training else 0.0, gated=True, backend=self.backend)
 
     @torch.no_grad()
     def load_gate_up(self, gate_weight, up_weight, gate_bias=None, up_bias=None):
         """Copies separate gate (d_ff, d_model) and up (d_ff, d_model) weights (and (d_ff,) biases) into
         gate_up_proj."""
         self.gate_up_proj.weight.copy_(torch.cat([gate_weight, up_weight]))  # (2 d_ff, d_model)
-        if (gate_bias is None) != (self.gate_up_proj.bias is None) or (gate_bias is None) != (up_bias is None):
+        has_bias = self.gate_up_proj.bias is not None
+        if (gate_bias is not None) != has_bias or (up_bias is not None) != has_bias:
             raise ValueError(f"gate_bias and up_bias must both be given iff the module has biases "
-                             f"(bias={self.gate_up_proj.bias is not None}); got gate_bias "
+                             f"(bias={has_bias}); got gate_bias "
                              f"{'set' if gate_bias is not None else 'None'}, up_bias "
                              f"{'set' if up_bias is not None else 'None'}")
         if gate_bias is not None:
@@ -110,4 +123,5 @@ def _pack_gate_up_keys(module, state_dict, prefix, local_metadata, strict, missi
     for name in ("weight", "bias"):
         gate_key, up_key = f"{prefix}gate_proj.{name}", f"{prefix}up_proj.{name}"
         if gate_key in state_dict and up_key in state_dict:
-            state_dict[f"{prefix}gate_up_proj.{name}"] = torch.cat([state_dict.pop(gate_key), state_dict.pop(up_key)])
+            packed = torch.cat([state_dict.pop(gate_key), state_dict.pop(up_key)])  # (2 d_ff, ...)
+            state_dict[f"{prefix}gate_up_proj.{name}"] = packed

@@ -5,8 +5,8 @@ One tiled GEMM kernel, C = A @ B with arbitrary strides, serves every product:
   gated forward    the gate and up tiles of x @ [Wg; Wu]^T in one program (two accumulators), storing [g, u]
                    and writing dropout(act(g) * u);
   backward         dz = dy * dropout * act'(z) in one elementwise kernel (gated: dg, du), then
-                   dx = dz @ W and dW = dz^T @ x, the latter also summing dz's columns into db while it streams
-                   dz through (the bias gradient costs no extra pass over memory).
+                   dx = dz @ W and dW = dz^T @ x, the latter also summing dz's columns into db while it
+                   streams dz through (the bias gradient costs no extra pass over memory).
 Programs walk the output in GROUP_M-row bands so neighbouring programs share A and B tiles in L2. Accumulation
 is float32; float32 inputs multiply in IEEE precision unless torch allows TF32.
 """
@@ -28,14 +28,14 @@ DROPOUT_SHIFT = tl.constexpr(8)  # keep iff the top 24 bits of the word >= thres
 
 
 def _gemm_configs():
-    """A small list for Hopper/Ampere (bf16/fp16 128x128-256 tiles); one config under the CPU interpreter, where
-    autotuning over several fails."""
+    """A small list for Hopper/Ampere (bf16/fp16 128x128-256 tiles); one config under the CPU interpreter,
+    where autotuning over several fails."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
+                          num_stages=s) for bm, bn, bk, w, s in shapes]
 
 
 @triton.jit
@@ -67,7 +67,8 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
         return 0.5 * (1.0 + tl.erf(z * INV_SQRT2)) + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
     elif ACTIVATION == 2:
         t = _tanh((z + z * z * z * GELU_TANH_CUBIC) * SQRT_2_OVER_PI)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * (1.0 + z * z * GELU_TANH_CUBIC * 3.0) * SQRT_2_OVER_PI
+        inner_grad = (1.0 + z * z * GELU_TANH_CUBIC * 3.0) * SQRT_2_OVER_PI
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * inner_grad
     elif ACTIVATION == 3:
         return tl.where(z > 0.0, 1.0, 0.0)
     elif ACTIVATION == 4:
@@ -79,7 +80,8 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale):
-    """(BLOCK_M, BLOCK_N) float32: keep_scale where element (row, col) is kept, else 0 (z = 0 in the scheme)."""
+    """(BLOCK_M, BLOCK_N) float32: keep_scale where element (row, col) is kept, else 0 (z = 0 in the
+    scheme)."""
     seed = tl.load(seed_ptr)
     col_counter = (cols[None, :] + 0 * rows[:, None]).to(tl.int32)
     row_counter = (rows[:, None] + 0 * cols[None, :]).to(tl.int32)
@@ -100,8 +102,8 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """c (M, N) = epilogue(a (M, K) @ b (K, N)).
 
-    GATED: b's columns [gate_offset, gate_offset + N) are the up projection (and bias[gate_offset:] its bias); the output
-    is act(g) * u and preact holds g at column j and u at column N + j. Otherwise the output is act(z).
+    GATED: b's columns [gate_offset, gate_offset + N) are the up projection (bias[gate_offset:] its bias);
+    the output is act(g) * u and preact holds g at column j and u at column N + j. Otherwise act(z).
     Epilogue order: + bias, store preact, activation (gated product), dropout, cast to c's dtype.
     ROWSUM_A: rowsum[m] = sum_k a[m, k] in float32, written by the programs of the first column band.
     """
@@ -164,8 +166,8 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr
 def _grad_preact_kernel(dy_ptr, preact_ptr, dz_ptr, seed_ptr, M, N, stride_dym, threshold, keep_scale,
                         ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, GATED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dz = dy * dropout * act'(z), (M, N). GATED: preact and dz are (M, 2N) [gate, up]; with h = dy * dropout,
-    dg = h * u * act'(g) goes to column j and du = h * act(g) to column N + j."""
+    """dz = dy * dropout * act'(z), (M, N). GATED: preact and dz are (M, 2N) [gate, up]; with
+    h = dy * dropout, dg = h * u * act'(g) goes to column j and du = h * act(g) to column N + j."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]

@@ -1,0 +1,430 @@
+// CUDA implementation of the MLP operators (schemas and layout contract: csrc/ops.cpp): every GEMM runs through
+// cuBLASLt with the epilogue that fuses the most, on torch's current stream and cuBLASLt handle, with its
+// workspace from torch's caching allocator; the elementwise remainder runs in epilogue_kernels.cu.
+//
+//   forward  gelu_tanh, no dropout:   GELU_AUX_BIAS (out = GELU(z + b), z kept as the aux output), one kernel;
+//            none, no dropout:        BIAS (out = z + b);
+//            otherwise:               BIAS into z, then out = dropout(act(z)) in our epilogue kernel
+//                                     (cuBLASLt has no erf-GELU, SiLU or dropout epilogue; its GELU is the tanh
+//                                     approximation, and its ReLU aux is a bit mask, not the pre-activation);
+//            gated:                   BIAS into [g, u], then out = dropout(act(g) * u) in our kernel.
+//   backward dz = grad_out * dropout * act'(z) in our kernel (DGELU_BGRAD needs the GEMM that produces grad_out,
+//            which belongs to the next layer's backward), then grad_x = dz @ W (DEFAULT) and
+//            grad_weight = dz^T @ x with BGRADB, which sums dz's rows into grad_bias inside the same GEMM.
+// Each fused epilogue falls back to the plain GEMM plus our kernel (bias add, column sum) when cuBLASLt offers
+// no algorithm for it (dtype, alignment, leading dimension), so every input shape runs.
+//
+// Row-major (M, N) = (M, K) @ (K, N) is the column-major GEMM D^T (N, M) = B^T (N, K) @ A^T (K, M): every call
+// below passes the row-major operands swapped, and "m" is the column-major row count (our column count).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublasLt.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "cuda/mlp/params.h"
+
+namespace tfm_kernels {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kWorkspaceBytes = 32 << 20;  // Hopper's cuBLASLt kernels use up to 32 MiB (torch's default too)
+constexpr int64_t kAuxLdMultiple = 8;          // CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD for GELU must divide by 8
+constexpr uintptr_t kMaxAlignment = 256;       // the alignment cuBLASLt's heuristics assume by default
+
+#define TFM_CUBLASLT_CHECK(expr)                                                                             \
+  do {                                                                                                       \
+    const cublasStatus_t status = (expr);                                                                    \
+    TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, #expr " failed: ", cublasLtGetStatusString(status), " (", \
+                static_cast<int>(status), ")");                                                             \
+  } while (0)
+
+struct MatmulDescDeleter {
+  void operator()(cublasLtMatmulDescOpaque_t* p) const { cublasLtMatmulDescDestroy(p); }
+};
+struct LayoutDeleter {
+  void operator()(cublasLtMatrixLayoutOpaque_t* p) const { cublasLtMatrixLayoutDestroy(p); }
+};
+struct PreferenceDeleter {
+  void operator()(cublasLtMatmulPreferenceOpaque_t* p) const { cublasLtMatmulPreferenceDestroy(p); }
+};
+
+cudaDataType_t cuda_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    default: return CUDA_R_32F;
+  }
+}
+
+MlpDType mlp_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return MlpDType::kFloat16;
+    case at::kBFloat16: return MlpDType::kBFloat16;
+    default: return MlpDType::kFloat32;
+  }
+}
+
+uint32_t alignment_of(const void* pointer) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(pointer);
+  uintptr_t alignment = kMaxAlignment;
+  while (alignment > 1 && address % alignment != 0) alignment /= 2;
+  return static_cast<uint32_t>(alignment);
+}
+
+// One column-major cuBLASLt GEMM D (m, n) = op(A) @ op(B) with an optional epilogue.
+struct LtGemm {
+  bool transpose_a = false, transpose_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int64_t lda = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  void* d = nullptr;
+  int64_t ldd = 0;
+  cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  void* bias = nullptr;  // BIAS*: the (m,) bias read; BGRADB: the (n,) bias gradient written
+  void* aux = nullptr;   // GELU_AUX*: the pre-activation written, (m, n) with leading dimension ld_aux
+  int64_t ld_aux = 0;
+};
+
+template <typename T>
+void set_attribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attribute, const T& value) {
+  TFM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc, attribute, &value, sizeof(value)));
+}
+
+std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LayoutDeleter> make_layout(cudaDataType_t type, int64_t rows,
+                                                                          int64_t cols, int64_t ld) {
+  cublasLtMatrixLayout_t layout = nullptr;
+  TFM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&layout, type, rows, cols, ld));
+  return std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LayoutDeleter>(layout);
+}
+
+// Runs the GEMM; false (nothing launched) when cuBLASLt has no algorithm for this epilogue and these operands.
+bool run_gemm(const LtGemm& g, at::ScalarType dtype, const Tensor& like) {
+  const cudaDataType_t type = cuda_type(dtype);
+  const bool tf32 = dtype == at::kFloat && at::globalContext().allowTF32CuBLAS();
+  cublasLtMatmulDesc_t raw_desc = nullptr;
+  TFM_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&raw_desc, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+                                              CUDA_R_32F));
+  std::unique_ptr<cublasLtMatmulDescOpaque_t, MatmulDescDeleter> desc(raw_desc);
+  const cublasOperation_t op_a = g.transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = g.transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_TRANSA, op_a);
+  set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_TRANSB, op_b);
+  set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_EPILOGUE, g.epilogue);
+  if (g.bias != nullptr) {
+    set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+    set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(type));
+  }
+  if (g.aux != nullptr) {
+    set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux);
+    set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.ld_aux);
+  }
+  auto a_layout = g.transpose_a ? make_layout(type, g.k, g.m, g.lda) : make_layout(type, g.m, g.k, g.lda);
+  auto b_layout = g.transpose_b ? make_layout(type, g.n, g.k, g.ldb) : make_layout(type, g.k, g.n, g.ldb);
+  auto d_layout = make_layout(type, g.m, g.n, g.ldd);
+
+  cublasLtMatmulPreference_t raw_preference = nullptr;
+  TFM_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&raw_preference));
+  std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, PreferenceDeleter> preference(raw_preference);
+  const uint64_t workspace_bytes = kWorkspaceBytes;
+  TFM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(raw_preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                          &workspace_bytes, sizeof(workspace_bytes)));
+  // Strided views (a weight slice, a row of a packed tensor) may start off the 256-byte alignment that the
+  // heuristics otherwise assume.
+  const uint32_t align_a = alignment_of(g.a), align_b = alignment_of(g.b), align_d = alignment_of(g.d);
+  TFM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(raw_preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                          &align_a, sizeof(align_a)));
+  TFM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(raw_preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                          &align_b, sizeof(align_b)));
+  TFM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(raw_preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                          &align_d, sizeof(align_d)));
+  TFM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(raw_preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                          &align_d, sizeof(align_d)));
+
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  cublasLtMatmulHeuristicResult_t heuristic = {};
+  int found = 0;
+  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, raw_desc, a_layout.get(), b_layout.get(),
+                                                               d_layout.get(), d_layout.get(), raw_preference, 1,
+                                                               &heuristic, &found);
+  if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+  const Tensor workspace = at::empty({kWorkspaceBytes}, like.options().dtype(at::kByte));
+  const float alpha = 1.0f, beta = 0.0f;
+  TFM_CUBLASLT_CHECK(cublasLtMatmul(handle, raw_desc, &alpha, g.a, a_layout.get(), g.b, b_layout.get(), &beta, g.d,
+                                    d_layout.get(), g.d, d_layout.get(), &heuristic.algo, workspace.data_ptr(),
+                                    kWorkspaceBytes, at::cuda::getCurrentCUDAStream()));
+  return true;
+}
+
+void run_gemm_or_fail(const LtGemm& g, at::ScalarType dtype, const Tensor& like) {
+  TORCH_CHECK(run_gemm(g, dtype, like), "cuBLASLt found no algorithm for a plain ", g.m, "x", g.n, "x", g.k,
+              " GEMM in ", dtype);
+}
+
+// out (M, N) row-major = x (M, K) @ weight^T, weight (N, K) row-major: column-major out^T = weight^T' @ x^T.
+LtGemm forward_gemm(const Tensor& x, const Tensor& weight, Tensor& out) {
+  LtGemm g;
+  g.transpose_a = true;
+  g.m = weight.size(0);
+  g.n = x.size(0);
+  g.k = x.size(1);
+  g.a = weight.data_ptr();
+  g.lda = weight.stride(0);
+  g.b = x.data_ptr();
+  g.ldb = x.stride(0);
+  g.d = out.data_ptr();
+  g.ldd = out.stride(0);
+  return g;
+}
+
+Activation checked_activation(const std::string& name) {
+  Activation activation;
+  TORCH_CHECK(parse_activation(name.c_str(), &activation),
+              "activation must be one of none, gelu, gelu_tanh, relu, silu; got ", name);
+  return activation;
+}
+
+void check_operands(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, int64_t bias_size) {
+  TORCH_CHECK(x.is_cuda() && weight.is_cuda(), "x and weight must be CUDA tensors; got ", x.device(), " and ",
+              weight.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "x must be float16, bfloat16 or float32; got ", x.dtype());
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D (M, K) with stride(-1) == 1; got shape ", x.sizes(),
+              " strides ", x.strides());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.stride(1) == 1,
+              "weight must be (N, K) with K = ", x.size(1), " and stride(-1) == 1; got shape ", weight.sizes(),
+              " strides ", weight.strides());
+  TORCH_CHECK(weight.dtype() == x.dtype(), "weight must have x's dtype ", x.dtype(), "; got ", weight.dtype());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == bias_size, "bias must be (", bias_size, ",); got ",
+                bias->sizes());
+    TORCH_CHECK(bias->dtype() == x.dtype(), "bias must have x's dtype ", x.dtype(), "; got ", bias->dtype());
+    TORCH_CHECK(bias->device() == x.device(), "bias must be on ", x.device(), "; got ", bias->device());
+  }
+}
+
+MlpDropoutParams dropout_params(double dropout_p, const Tensor& seed) {
+  MlpDropoutParams params;
+  params.active = dropout_p > 0.0;
+  if (params.active) {
+    TORCH_CHECK(seed.device() == at::Device(at::kCUDA, at::cuda::current_device()) &&
+                    seed.scalar_type() == at::kLong && seed.numel() == 1,
+                "seed must be an int64 tensor of one element on the current CUDA device; got ", seed.dtype(), " on ",
+                seed.device());
+    const MlpDropout host = make_mlp_dropout(dropout_p, 0);
+    params.seed = seed.data_ptr<int64_t>();
+    params.threshold = host.threshold;
+    params.keep_scale = host.keep_scale;
+  }
+  return params;
+}
+
+// A bias cuBLASLt can read: contiguous and 16-byte aligned (a view into a larger tensor may not be).
+Tensor gemm_ready_bias(const std::optional<Tensor>& bias) {
+  if (!bias.has_value()) return Tensor();
+  Tensor b = bias->contiguous();
+  return alignment_of(b.data_ptr()) >= 16 ? b : b.clone();
+}
+
+// z (M, width) = x @ weight^T (+ bias in the GEMM when cuBLASLt can); returns whether the bias is still to add.
+bool gemm_with_bias(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& z) {
+  LtGemm g = forward_gemm(x, weight, z);
+  if (bias.defined()) {
+    g.epilogue = CUBLASLT_EPILOGUE_BIAS;
+    g.bias = bias.data_ptr();
+    if (run_gemm(g, x.scalar_type(), x)) return false;
+    g.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    g.bias = nullptr;
+  }
+  run_gemm_or_fail(g, x.scalar_type(), x);
+  return bias.defined();
+}
+
+std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                          std::string activation_name, double dropout_p, const Tensor& seed) {
+  const int64_t M = x.size(0), N = weight.size(0);
+  check_operands(x, weight, bias, N);
+  const Activation activation = checked_activation(activation_name);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool store_preact = activation != Activation::kNone;
+  Tensor out = at::empty({M, N}, x.options());
+  Tensor preact = store_preact ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+  const Tensor b = gemm_ready_bias(bias);
+  const MlpDropoutParams dropout = dropout_params(dropout_p, seed);
+
+  if (!dropout.active && activation == Activation::kGeluTanh && N % kAuxLdMultiple == 0) {
+    LtGemm g = forward_gemm(x, weight, out);
+    g.epilogue = b.defined() ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    g.bias = b.defined() ? b.data_ptr() : nullptr;
+    g.aux = preact.data_ptr();
+    g.ld_aux = N;
+    if (run_gemm(g, x.scalar_type(), x)) return {out, preact};
+  }
+  if (!dropout.active && activation == Activation::kNone && !gemm_with_bias(x, weight, b, out)) {
+    return {out, preact};
+  }
+  Tensor z = store_preact ? preact : out;
+  const bool bias_pending = (!dropout.active && activation == Activation::kNone) || gemm_with_bias(x, weight, b, z);
+  MlpForwardEpilogueParams params;
+  params.z = z.data_ptr();
+  params.bias = bias_pending ? b.data_ptr() : nullptr;
+  params.out = out.data_ptr();
+  params.rows = M;
+  params.cols = N;
+  params.ld_z = N;
+  params.ld_out = N;
+  params.store_preact = store_preact;
+  params.dtype = mlp_dtype(x.scalar_type());
+  params.activation = activation;
+  params.dropout = dropout;
+  launch_mlp_forward_epilogue(params, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, preact};
+}
+
+std::tuple<Tensor, Tensor> gated_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                         std::string activation_name, double dropout_p, const Tensor& seed) {
+  const int64_t M = x.size(0), N2 = weight.size(0);
+  check_operands(x, weight, bias, N2);
+  TORCH_CHECK(N2 % 2 == 0, "weight must have an even number of rows (2F: gate then up); got ", weight.sizes());
+  const Activation activation = checked_activation(activation_name);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor out = at::empty({M, N2 / 2}, x.options());
+  Tensor gate_up = at::empty({M, N2}, x.options());
+  const Tensor b = gemm_ready_bias(bias);
+  const bool bias_pending = gemm_with_bias(x, weight, b, gate_up);
+  MlpForwardEpilogueParams params;
+  params.z = gate_up.data_ptr();
+  params.bias = bias_pending ? b.data_ptr() : nullptr;
+  params.out = out.data_ptr();
+  params.rows = M;
+  params.cols = N2 / 2;
+  params.ld_z = N2;
+  params.ld_out = N2 / 2;
+  params.store_preact = true;
+  params.gated = true;
+  params.dtype = mlp_dtype(x.scalar_type());
+  params.activation = activation;
+  params.dropout = dropout_params(dropout_p, seed);
+  launch_mlp_forward_epilogue(params, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, gate_up};
+}
+
+// grad_x = dz @ weight, grad_weight = dz^T @ x and grad_bias = column sums of dz (M, width), contiguous.
+std::tuple<Tensor, Tensor, Tensor> weight_grads(const Tensor& dz, const Tensor& x, const Tensor& weight) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  Tensor grad_x = at::empty({M, K}, x.options());
+  Tensor grad_weight = at::empty({N, K}, x.options());
+  Tensor grad_bias = at::empty({N}, x.options());
+  // grad_x^T (K, M) = weight^T (K, N) @ dz^T (N, M); the row-major weight is column-major (K, N).
+  LtGemm dx;
+  dx.m = K;
+  dx.n = M;
+  dx.k = N;
+  dx.a = weight.data_ptr();
+  dx.lda = weight.stride(0);
+  dx.b = dz.data_ptr();
+  dx.ldb = N;
+  dx.d = grad_x.data_ptr();
+  dx.ldd = K;
+  run_gemm_or_fail(dx, x.scalar_type(), x);
+  // grad_weight^T (K, N) = x^T (K, M) @ dz (M, N); BGRADB reduces op(B) = dz over k = M into grad_bias (N,).
+  LtGemm dw;
+  dw.transpose_b = true;
+  dw.m = K;
+  dw.n = N;
+  dw.k = M;
+  dw.a = x.data_ptr();
+  dw.lda = x.stride(0);
+  dw.b = dz.data_ptr();
+  dw.ldb = N;
+  dw.d = grad_weight.data_ptr();
+  dw.ldd = K;
+  dw.epilogue = CUBLASLT_EPILOGUE_BGRADB;
+  dw.bias = grad_bias.data_ptr();
+  if (!run_gemm(dw, x.scalar_type(), x)) {
+    dw.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    dw.bias = nullptr;
+    run_gemm_or_fail(dw, x.scalar_type(), x);
+    ColumnSumParams sum;
+    sum.x = dz.data_ptr();
+    sum.out = grad_bias.data_ptr();
+    sum.rows = M;
+    sum.cols = N;
+    sum.dtype = mlp_dtype(x.scalar_type());
+    launch_column_sum(sum, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {grad_x, grad_weight, grad_bias};
+}
+
+Tensor grad_preact(const Tensor& grad_out, const Tensor& z, int64_t width, Activation activation, bool gated,
+                   const MlpDropoutParams& dropout) {
+  Tensor dz = at::empty({grad_out.size(0), width}, grad_out.options());
+  MlpBackwardEpilogueParams params;
+  params.grad_out = grad_out.data_ptr();
+  params.z = z.numel() > 0 ? z.data_ptr() : nullptr;
+  params.dz = dz.data_ptr();
+  params.rows = grad_out.size(0);
+  params.cols = grad_out.size(1);
+  params.ld_grad_out = grad_out.stride(0);
+  params.gated = gated;
+  params.dtype = mlp_dtype(grad_out.scalar_type());
+  params.activation = activation;
+  params.dropout = dropout;
+  launch_mlp_backward_epilogue(params, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dz;
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                                                   const Tensor& preact, std::string activation_name,
+                                                   double dropout_p, const Tensor& seed) {
+  const int64_t M = x.size(0), N = weight.size(0);
+  check_operands(x, weight, std::nullopt, N);
+  const Activation activation = checked_activation(activation_name);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == N, "grad_out must be (", M, ", ",
+              N, "); got ", grad_out.sizes());
+  TORCH_CHECK(activation == Activation::kNone || (preact.is_contiguous() && preact.numel() == M * N),
+              "preact must be a contiguous (", M, ", ", N, ") tensor; got ", preact.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const MlpDropoutParams dropout = dropout_params(dropout_p, seed);
+  const Tensor dy = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
+  if (activation == Activation::kNone && !dropout.active) return weight_grads(dy.contiguous(), x, weight);
+  return weight_grads(grad_preact(dy, preact, N, activation, false, dropout), x, weight);
+}
+
+std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                                                  const Tensor& gate_up, std::string activation_name,
+                                                  double dropout_p, const Tensor& seed) {
+  const int64_t M = x.size(0), N2 = weight.size(0);
+  check_operands(x, weight, std::nullopt, N2);
+  const Activation activation = checked_activation(activation_name);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == N2 / 2, "grad_out must be (", M,
+              ", ", N2 / 2, "); got ", grad_out.sizes());
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.dim() == 2 && gate_up.size(0) == M && gate_up.size(1) == N2,
+              "gate_up must be a contiguous (", M, ", ", N2, ") tensor; got ", gate_up.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor dy = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
+  const Tensor dgu = grad_preact(dy, gate_up, N2, activation, true, dropout_params(dropout_p, seed));
+  return weight_grads(dgu, x, weight);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tfm_kernels, CUDA, m) {
+  m.impl("mlp_linear_forward", &linear_forward);
+  m.impl("mlp_linear_backward", &linear_backward);
+  m.impl("mlp_gated_forward", &gated_forward);
+  m.impl("mlp_gated_backward", &gated_backward);
+}
+
+}  // namespace tfm_kernels
