@@ -2,6 +2,7 @@
 
 from .attention import MultiheadAttention
 from .mlp import FusedMLP, GatedMLP
+from .patch import PatchReport, patch, unpatch
 from .transformer import (
     Transformer,
     TransformerDecoder,
@@ -12,4 +13,4 @@ from .transformer import (
 
 __all__ = ["FusedMLP", "GatedMLP"]
 __all__ += ["MultiheadAttention", "Transformer", "TransformerDecoder", "TransformerDecoderLayer",
-            "TransformerEncoder", "TransformerEncoderLayer"]
+            "TransformerEncoder", "TransformerEncoderLayer", "PatchReport", "patch", "unpatch"]

@@ -50,18 +50,21 @@ class MultiheadAttention(nn.MultiheadAttention):
         query (L, N, E), or (N, L, E) with batch_first, or (L, E) unbatched; key (S, N, kdim) and value
         (S, N, vdim) likewise. key_padding_mask (N, S), or (S,) unbatched; attn_mask (L, S) or
         (N*num_heads, L, S), or (num_heads, L, S) unbatched. Masks are bool (True = masked out) or floating
-        (added to the scaled scores); both together are merged by broadcasting, at most (N, num_heads or 1, L, S).
+        (added to the scaled scores); both together are merged by broadcasting, at most
+        (N, num_heads or 1, L, S).
         is_causal is torch's hint: it needs attn_mask, and without key_padding_mask and need_weights the
         kernel runs causal attention instead of reading attn_mask. Dropout only in training mode.
         attn_output has query's layout and dtype. attn_weights (need_weights=True): (N, L, S) averaged over
         heads, or (N, num_heads, L, S) with average_attn_weights=False ((L, S) or (num_heads, L, S)
         unbatched), in the query dtype.
 
-    need_weights=True (torch's default) is the slower path: like torch, it computes the weights with an explicit
-    softmax in torch ops, (N, H, L, S) in memory, and the output as weights @ v; the fused kernel runs for
-    need_weights=False (as the Transformer layers call it).
+    need_weights=True (torch's default) is the slower path: like torch, it computes the weights with an
+    explicit softmax in torch ops, (N, H, L, S) in memory, and the output as weights @ v; the fused kernel
+    runs for need_weights=False (as the Transformer layers call it).
 
-    Rows in which every key is masked give output 0 (and weights 0) where torch gives NaN.
+    A query row in which every key is masked attends to nothing: attention output 0 (so attn_output is the
+    out-projection bias), weights 0 and finite gradients, on both paths. torch gives NaN there with
+    need_weights=True, and NaN or 0 with need_weights=False depending on its version and kernel.
     """
 
     backend = "auto"  # class default, so that modules converted in place by tfm_kernels.patch have one
@@ -109,7 +112,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         mask = self._kernel_mask(attn_mask, key_padding_mask, N, L, S, k.shape[2] - S, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
 
-        if need_weights:  # the slower explicit path: weights (N, H, L, S') in torch ops, as torch computes them
+        if need_weights:  # the slower explicit path: weights (N, H, L, S') in torch ops, as torch does
             weights = self._attention_weights(q, k, mask)
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
@@ -154,7 +157,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             N, L, S = query.shape[batch_dim], query.shape[1 - batch_dim], key.shape[1 - batch_dim]
             if key.shape[batch_dim] != N:
                 raise ValueError(f"query and key must have the same batch size (batch_first="
-                                 f"{self.batch_first}); got shapes {tuple(query.shape)} and {tuple(key.shape)}")
+                                 f"{self.batch_first}); got shapes {tuple(query.shape)} and "
+                                 f"{tuple(key.shape)}")
         else:
             N, L, S = 1, query.shape[0], key.shape[0]
         _check_mask_dtype("key_padding_mask", key_padding_mask)
@@ -193,7 +197,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         return q, F.linear(key, w[E:2 * E], b_k), F.linear(value, w[2 * E:], b_v)
 
     def _extra_keys(self, k, v):
-        """Appends the learned bias key/value (add_bias_kv), then a zero key/value (add_zero_attn), as torch."""
+        """Appends the learned bias key/value (add_bias_kv), then a zero key/value (add_zero_attn), as
+        torch does."""
         N, H, _, D = k.shape
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.view(1, H, 1, D).expand(N, H, 1, D)], dim=2)  # (N, H, S + 1, D)

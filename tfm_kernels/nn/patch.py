@@ -1,4 +1,5 @@
-"""tfm_kernels.patch(model) and unpatch(model): put the fused kernels into an existing model, and take them out.
+"""tfm_kernels.patch(model) and unpatch(model): put the fused kernels into an existing model, and take them
+out again.
 
 Patching converts modules in place: every torch.nn.MultiheadAttention, TransformerEncoderLayer,
 TransformerDecoderLayer, TransformerEncoder, TransformerDecoder and Transformer inside the model becomes the
@@ -73,8 +74,8 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
                 module.backend = backend
         elif cls not in TORCH_CLASSES and isinstance(module, tuple(FUSED_CLASSES)):
             base = next(c for c in FUSED_CLASSES if isinstance(module, c))
-            report.skipped.append((name, f"{_class_name(cls)} subclasses {_class_name(base)}; its own forward "
-                                         f"is kept"))
+            reason = f"{_class_name(cls)} subclasses {_class_name(base)}; its own forward is kept"
+            report.skipped.append((name, reason))
     return report
 
 

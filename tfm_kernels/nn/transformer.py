@@ -3,11 +3,12 @@ TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder, Transforme
 
 Each keeps torch's constructor (plus a keyword-only `backend`), submodules and state_dict keys, and draws its
 initial weights exactly as torch's does (torch's constructor runs, then its attention modules become ours in
-place), so that under one seed both hold the same weights. Attention runs in tfm_kernels.nn.MultiheadAttention;
-the feed-forward block linear2(dropout(activation(linear1(x)))) runs in the fused MLP (tfm_kernels.mlp.mlp) for
-the activations it fuses. Torch's inference fast paths (`torch._transformer_encoder_layer_fwd`, nested tensors in
-TransformerEncoder) are never taken, so the kernels run in training and inference alike; padded positions
-(key_padding_mask) therefore hold computed values where torch's nested-tensor path gives 0.
+place), so that under one seed both hold the same weights. Attention runs in
+tfm_kernels.nn.MultiheadAttention; the feed-forward block linear2(dropout(activation(linear1(x)))) runs in the
+fused MLP (tfm_kernels.mlp.mlp) for the activations it fuses. Torch's inference fast paths
+(`torch._transformer_encoder_layer_fwd`, nested tensors in TransformerEncoder) are never taken, so the kernels
+run in training and inference alike; padded positions (key_padding_mask) therefore hold computed values where
+torch's nested-tensor path gives 0.
 """
 
 import torch
@@ -16,7 +17,8 @@ from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..mlp import mlp
-from .attention import MultiheadAttention, check_backend
+from .attention import check_backend
+from .mlp import _CALLABLE_ACTIVATIONS
 
 
 def fused_activation_name(activation):
@@ -24,20 +26,18 @@ def fused_activation_name(activation):
 
     relu: F.relu, torch.relu, nn.ReLU; gelu: F.gelu, nn.GELU(); gelu_tanh: nn.GELU(approximate="tanh");
     silu: F.silu, nn.SiLU."""
-    if activation in (F.relu, torch.relu) or isinstance(activation, nn.ReLU):
+    if isinstance(activation, nn.ReLU):
         return "relu"
-    if activation is F.gelu:
-        return "gelu"
     if isinstance(activation, nn.GELU):
         return "gelu" if activation.approximate == "none" else "gelu_tanh"
-    if activation is F.silu or isinstance(activation, nn.SiLU):
+    if isinstance(activation, nn.SiLU):
         return "silu"
-    return None
+    return next((name for fn, name in _CALLABLE_ACTIVATIONS.items() if fn is activation), None)
 
 
 def _autocast(*tensors):
-    """The tensors in the autocast dtype where autocast is on (our operators have no autocast rule of their own,
-    and torch's layers would run these linears in it)."""
+    """The tensors in the autocast dtype where autocast is on (our operators have no autocast rule of their
+    own, and torch's layers would run these linears in it)."""
     x = tensors[0]
     if not torch.is_autocast_enabled(x.device.type):
         return tensors
@@ -65,12 +65,6 @@ def _check_layer_args(d_model, nhead, backend):
     check_backend(backend)
 
 
-def _to_fused_attention(module, backend):
-    """Turns a torch.nn.MultiheadAttention into ours in place: same object, Parameters, hooks and mode."""
-    module.__class__ = MultiheadAttention
-    module.backend = backend
-
-
 def _convert_subtree(root, backend):
     """Every torch.nn Transformer module and MultiheadAttention under `root` becomes ours in place."""
     from .patch import patch  # patch maps torch's classes to the classes of this module
@@ -78,7 +72,29 @@ def _convert_subtree(root, backend):
     patch(root, backend=backend)
 
 
-class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+class _FusedLayer:
+    """What both layers share: torch's constructor, after which their attention modules become ours, and the
+    self-attention block. Mixed in before torch's layer class."""
+
+    backend = "auto"
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu,
+                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
+                 *, backend="auto"):
+        _check_layer_args(d_model, nhead, backend)
+        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+                         activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
+                         norm_first=norm_first, bias=bias, device=device, dtype=dtype)
+        _convert_subtree(self, backend)
+        self.backend = backend
+
+    def _self_attention(self, x, attn_mask, key_padding_mask, is_causal):
+        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                             need_weights=False, is_causal=is_causal)[0]
+        return self.dropout1(out)
+
+
+class TransformerEncoderLayer(_FusedLayer, nn.TransformerEncoderLayer):
     """torch.nn.TransformerEncoderLayer on the fused attention and MLP kernels.
 
     Constructor: torch's (d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu ("relu", "gelu"
@@ -92,18 +108,6 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     that src_mask is causal, as in torch.
     """
 
-    backend = "auto"
-
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu,
-                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
-                 *, backend="auto"):
-        _check_layer_args(d_model, nhead, backend)
-        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
-                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
-                         bias=bias, device=device, dtype=dtype)
-        _to_fused_attention(self.self_attn, backend)
-        self.backend = backend
-
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         x = src
         if self.norm_first:
@@ -114,13 +118,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             x = self.norm2(x + self.dropout2(feed_forward(self, x)))
         return x
 
-    def _self_attention(self, x, attn_mask, key_padding_mask, is_causal):
-        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
-                             is_causal=is_causal)[0]
-        return self.dropout1(out)
 
-
-class TransformerDecoderLayer(nn.TransformerDecoderLayer):
+class TransformerDecoderLayer(_FusedLayer, nn.TransformerDecoderLayer):
     """torch.nn.TransformerDecoderLayer on the fused attention and MLP kernels.
 
     Constructor: torch's (as TransformerEncoderLayer's) plus `backend`. Submodules and state_dict keys are
@@ -131,19 +130,6 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     tgt (T, N, E) and memory (S, N, E) (batch first with batch_first); tgt_mask (T, T), memory_mask (T, S)
     (or per batch*head); key padding masks (N, T) and (N, S); masks and causal hints as in MultiheadAttention.
     """
-
-    backend = "auto"
-
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu,
-                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
-                 *, backend="auto"):
-        _check_layer_args(d_model, nhead, backend)
-        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
-                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
-                         bias=bias, device=device, dtype=dtype)
-        _to_fused_attention(self.self_attn, backend)
-        _to_fused_attention(self.multihead_attn, backend)
-        self.backend = backend
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
@@ -159,11 +145,6 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                                                      memory_is_causal))
             x = self.norm3(x + self.dropout3(feed_forward(self, x)))
         return x
-
-    def _self_attention(self, x, attn_mask, key_padding_mask, is_causal):
-        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
-                             is_causal=is_causal)[0]
-        return self.dropout1(out)
 
     def _cross_attention(self, x, memory, attn_mask, key_padding_mask, is_causal):
         out = self.multihead_attn(x, memory, memory, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
@@ -220,12 +201,14 @@ class Transformer(nn.Transformer):
     in place after torch's constructor has drawn the weights."""
 
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
-                 dropout=0.1, activation=F.relu, custom_encoder=None, custom_decoder=None, layer_norm_eps=1e-5,
-                 batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend="auto"):
+                 dropout=0.1, activation=F.relu, custom_encoder=None, custom_decoder=None,
+                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
+                 *, backend="auto"):
         _check_layer_args(d_model, nhead, backend)
         super().__init__(d_model=d_model, nhead=nhead, num_encoder_layers=num_encoder_layers,
-                         num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
-                         activation=activation, custom_encoder=custom_encoder, custom_decoder=custom_decoder,
-                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first,
-                         bias=bias, device=device, dtype=dtype)
+                         num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
+                         dropout=dropout, activation=activation, custom_encoder=custom_encoder,
+                         custom_decoder=custom_decoder, layer_norm_eps=layer_norm_eps,
+                         batch_first=batch_first, norm_first=norm_first, bias=bias, device=device,
+                         dtype=dtype)
         _convert_subtree(self, backend)

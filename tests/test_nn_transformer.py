@@ -1,0 +1,337 @@
+"""tfm_kernels.nn Transformer layers and containers against torch.nn's (tolerance rule: torch's module in float64
+is the oracle, torch's in the test dtype the baseline): batch_first, norm_first, activations (fused and not),
+masks and causal hints, bias; same initial weights and state_dict; inference without torch's fast paths; the
+kernels really run."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from nn_check import check_against_torch, randomize_parameters
+from torch import nn
+
+import tfm_kernels
+import tfm_kernels.nn.transformer as fused_transformer
+from tfm_kernels.nn import (
+    MultiheadAttention,
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
+
+D_MODEL, NHEAD, D_FF, N, S, T = 24, 3, 40, 2, 6, 5
+
+pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True", "ignore:Support for mismatched")
+
+
+def layer_kwargs(**kwargs):
+    return {"d_model": D_MODEL, "nhead": NHEAD, "dim_feedforward": D_FF, "dropout": 0.0, **kwargs}
+
+
+def make_pair(torch_class, fused_class, dtype=torch.float32, device="cpu", **kwargs):
+    """torch's module with random weights and biases, and ours loaded from its state_dict."""
+    reference = randomize_parameters(torch_class(**kwargs, dtype=dtype, device=device))
+    ours = fused_class(**kwargs, dtype=dtype, device=device)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def seq(length, batch_first, batched=True, device="cpu", batch=N, d_model=D_MODEL):
+    if not batched:
+        return torch.randn(length, d_model, dtype=torch.float64, device=device)
+    shape = (batch, length, d_model) if batch_first else (length, batch, d_model)
+    return torch.randn(shape, dtype=torch.float64, device=device)
+
+
+def padding_mask(length, kind="bool", batch=N, device="cpu"):
+    """(batch, length), True = padding; right padding of random lengths, the first key always kept."""
+    lengths = torch.randint(1, length + 1, (batch,), device=device)
+    mask = torch.arange(length, device=device) >= lengths[:, None]
+    if kind == "bool":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float64, device=device).masked_fill(mask, float("-inf"))
+
+
+def random_attn_mask(L, S_, kind="bool"):
+    mask = torch.rand(L, S_) < 0.3
+    mask[:, 0] = False
+    if kind == "bool":
+        return mask
+    return torch.randn(L, S_, dtype=torch.float64).masked_fill(mask, float("-inf"))
+
+
+def causal_mask(length, kind="float"):
+    mask = nn.Transformer.generate_square_subsequent_mask(length, dtype=torch.float64)
+    return mask.isinf() if kind == "bool" else mask
+
+
+def encoder_inputs(masks, batch_first, batched=True):
+    inputs = {"src": seq(S, batch_first, batched)}
+    if masks == "padding":
+        inputs["src_key_padding_mask"] = padding_mask(S) if batched else padding_mask(S, batch=1)[0]
+    elif masks == "both":
+        inputs["src_key_padding_mask"] = padding_mask(S, "float")
+        inputs["src_mask"] = random_attn_mask(S, S, "bool")
+    elif masks == "causal":
+        inputs["src_mask"] = causal_mask(S, "bool")
+    return inputs
+
+
+def encoder_layer_call(is_causal=False):
+    def call(module, t):
+        return (module(t["src"], src_mask=t.get("src_mask"), src_key_padding_mask=t.get("src_key_padding_mask"),
+                       is_causal=is_causal),)
+
+    return call
+
+
+@pytest.mark.parametrize("masks", [None, "padding", "both", "causal"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+def test_encoder_layer(batch_first, norm_first, activation, masks):
+    reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
+                                **layer_kwargs(batch_first=batch_first, norm_first=norm_first,
+                                               activation=activation))
+    inputs = encoder_inputs(masks, batch_first)
+    check_against_torch(reference, ours, inputs, encoder_layer_call(is_causal=masks == "causal"))
+
+
+@pytest.mark.parametrize("activation, fused_name", [
+    (F.gelu, "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"), (nn.SiLU(), "silu"), (nn.ReLU(), "relu"),
+    (F.softplus, None)], ids=["F.gelu", "GELU-tanh", "SiLU", "ReLU", "softplus"])
+def test_encoder_layer_activations(activation, fused_name, monkeypatch):
+    """Callables the MLP fuses run fused; any other runs in torch ops (softplus here)."""
+    fused_calls = []
+    original = fused_transformer.mlp
+    monkeypatch.setattr(fused_transformer, "mlp", lambda *a, **k: fused_calls.append(a[5]) or original(*a, **k))
+    reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
+                                **layer_kwargs(batch_first=True, activation=activation))
+    check_against_torch(reference, ours, encoder_inputs("padding", True), encoder_layer_call())
+    assert fused_calls == ([] if fused_name is None else [fused_name])
+
+
+def test_encoder_layer_unbatched_and_without_bias():
+    for kwargs, batched in (({}, False), ({"bias": False}, True)):
+        reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
+                                    **layer_kwargs(batch_first=True, **kwargs))
+        check_against_torch(reference, ours, encoder_inputs("padding", True, batched), encoder_layer_call())
+
+
+def test_encoder_layer_under_autocast(monkeypatch):
+    """Under autocast (CPU, bfloat16) the fused MLP runs in the autocast dtype, as torch's linears do."""
+    dtypes = []
+    original = fused_transformer.mlp
+    monkeypatch.setattr(fused_transformer, "mlp", lambda *a, **k: dtypes.append(a[0].dtype) or original(*a, **k))
+    reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
+                                **layer_kwargs(batch_first=True, activation="gelu"))
+
+    def call(module, t):
+        autocast = next(module.parameters()).dtype == torch.float32  # the float64 oracle runs without
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return (module(t["src"], src_key_padding_mask=t["src_key_padding_mask"]),)
+
+    check_against_torch(reference, ours, encoder_inputs("padding", True), call)
+    assert dtypes == [torch.bfloat16]
+
+
+def decoder_inputs(masks, batch_first):
+    inputs = {"tgt": seq(T, batch_first), "memory": seq(S, batch_first)}
+    if masks == "causal":
+        inputs["tgt_mask"] = causal_mask(T)
+        inputs["memory_key_padding_mask"] = padding_mask(S)
+    elif masks == "all":
+        inputs["tgt_mask"] = random_attn_mask(T, T, "float")
+        inputs["memory_mask"] = random_attn_mask(T, S, "bool")
+        inputs["tgt_key_padding_mask"] = padding_mask(T, "float")
+        inputs["memory_key_padding_mask"] = padding_mask(S, "bool")
+    return inputs
+
+
+def decoder_call(tgt_is_causal=False):
+    def call(module, t):
+        return (module(t["tgt"], t["memory"], tgt_mask=t.get("tgt_mask"), memory_mask=t.get("memory_mask"),
+                       tgt_key_padding_mask=t.get("tgt_key_padding_mask"),
+                       memory_key_padding_mask=t.get("memory_key_padding_mask"), tgt_is_causal=tgt_is_causal),)
+
+    return call
+
+
+@pytest.mark.parametrize("masks", [None, "causal", "all"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+def test_decoder_layer(batch_first, norm_first, masks):
+    reference, ours = make_pair(nn.TransformerDecoderLayer, TransformerDecoderLayer,
+                                **layer_kwargs(batch_first=batch_first, norm_first=norm_first, activation="gelu"))
+    check_against_torch(reference, ours, decoder_inputs(masks, batch_first), decoder_call(masks == "causal"))
+
+
+def stack_pair(kind, batch_first, norm_first=False, layers=2):
+    """torch's TransformerEncoder/Decoder (random weights) and ours, built from our layer, loaded from it."""
+    torch_layer, fused_layer, torch_stack, fused_stack = {
+        "encoder": (nn.TransformerEncoderLayer, TransformerEncoderLayer, nn.TransformerEncoder, TransformerEncoder),
+        "decoder": (nn.TransformerDecoderLayer, TransformerDecoderLayer, nn.TransformerDecoder, TransformerDecoder),
+    }[kind]
+    kwargs = layer_kwargs(batch_first=batch_first, norm_first=norm_first)
+    reference = randomize_parameters(torch_stack(torch_layer(**kwargs), layers, norm=nn.LayerNorm(D_MODEL)))
+    ours = fused_stack(fused_layer(**kwargs), layers, norm=nn.LayerNorm(D_MODEL))
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+@pytest.mark.parametrize("masks", [None, "padding", "both", "causal"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+def test_encoder(batch_first, masks):
+    """is_causal=None detects the causal mask (a bool one too), so the kernels run causal attention."""
+    reference, ours = stack_pair("encoder", batch_first)
+
+    def call(module, t):
+        return (module(t["src"], mask=t.get("src_mask"), src_key_padding_mask=t.get("src_key_padding_mask")),)
+
+    check_against_torch(reference, ours, encoder_inputs(masks, batch_first), call)
+
+
+def test_encoder_detects_causal_masks(monkeypatch):
+    seen = []
+    original = tfm_kernels.attention.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["is_causal"], kwargs["attn_mask"] is None))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tfm_kernels.attention, "scaled_dot_product_attention", recording)
+    _, ours = stack_pair("encoder", True)
+    src = torch.randn(N, S, D_MODEL)
+    for kind in ("bool", "float"):
+        ours(src, mask=causal_mask(S, kind).float() if kind == "float" else causal_mask(S, kind))
+    ours(src, mask=random_attn_mask(S, S))
+    assert seen == [(True, True)] * 4 + [(False, False)] * 2
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+def test_decoder(batch_first):
+    reference, ours = stack_pair("decoder", batch_first, norm_first=True)
+    check_against_torch(reference, ours, decoder_inputs("causal", batch_first), decoder_call())
+
+
+def test_inference_runs_the_kernels_without_torch_fast_paths(monkeypatch):
+    """In eval mode without grad torch's encoder runs `_transformer_encoder_layer_fwd` on nested tensors; ours
+    runs the kernels and agrees with torch at every non-padded position (torch's nested path writes 0 at
+    padded ones)."""
+    calls = {"attention": 0, "mlp": 0}
+    original_attention, original_mlp = tfm_kernels.attention.scaled_dot_product_attention, fused_transformer.mlp
+
+    def count(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(tfm_kernels.attention, "scaled_dot_product_attention", count("attention",
+                                                                                       original_attention))
+    monkeypatch.setattr(fused_transformer, "mlp", count("mlp", original_mlp))
+    reference, ours = stack_pair("encoder", batch_first=True, layers=3)
+    reference.eval()
+    ours.eval()
+    src = torch.randn(N, S, D_MODEL)
+    kpm = padding_mask(S)
+    kpm[0] = False  # one full-length sequence, so torch's nested output keeps the full length
+    with torch.inference_mode():
+        expected = reference(src, src_key_padding_mask=kpm)
+        out = ours(src, src_key_padding_mask=kpm)
+    assert calls == {"attention": 3, "mlp": 3}
+    torch.testing.assert_close(out[~kpm], expected[~kpm])
+    assert (expected[kpm] == 0).all()  # torch took its nested-tensor path, which ours does not
+
+
+def test_same_initial_weights_and_state_dict_as_torch():
+    kwargs = {"d_model": D_MODEL, "nhead": NHEAD, "num_encoder_layers": 2, "num_decoder_layers": 1,
+              "dim_feedforward": D_FF}
+    torch.manual_seed(0)
+    theirs = nn.Transformer(**kwargs)
+    torch.manual_seed(0)
+    ours = Transformer(**kwargs)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    back = nn.Transformer(**kwargs)
+    back.load_state_dict(ours.state_dict())
+    torch.manual_seed(0)
+    layer = TransformerEncoderLayer(**layer_kwargs())
+    torch.manual_seed(0)
+    torch_layer = nn.TransformerEncoderLayer(**layer_kwargs())
+    for name, tensor in torch_layer.state_dict().items():
+        assert torch.equal(layer.state_dict()[name], tensor), name
+    assert all(type(m) is MultiheadAttention for m in ours.modules() if isinstance(m, nn.MultiheadAttention))
+    assert all(type(m).__module__.startswith("tfm_kernels") for m in ours.modules()
+               if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)))
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+def test_transformer(batch_first):
+    kwargs = {"d_model": D_MODEL, "nhead": NHEAD, "num_encoder_layers": 2, "num_decoder_layers": 2,
+              "dim_feedforward": D_FF, "dropout": 0.0, "batch_first": batch_first, "activation": "gelu"}
+    reference, ours = make_pair(nn.Transformer, Transformer, **kwargs)
+    inputs = {"src": seq(S, batch_first), "tgt": seq(T, batch_first), "tgt_mask": causal_mask(T),
+              "src_key_padding_mask": padding_mask(S), "memory_key_padding_mask": padding_mask(S)}
+
+    def call(module, t):
+        return (module(t["src"], t["tgt"], tgt_mask=t["tgt_mask"], src_key_padding_mask=t["src_key_padding_mask"],
+                       memory_key_padding_mask=t["memory_key_padding_mask"]),)
+
+    check_against_torch(reference, ours, inputs, call)
+
+
+def test_torch_layers_given_to_our_containers_become_ours():
+    encoder = TransformerEncoder(nn.TransformerEncoderLayer(**layer_kwargs()), 2)
+    decoder = TransformerDecoder(nn.TransformerDecoderLayer(**layer_kwargs()), 2)
+    assert all(type(layer) is TransformerEncoderLayer for layer in encoder.layers)
+    assert all(type(layer) is TransformerDecoderLayer for layer in decoder.layers)
+    assert all(type(layer.multihead_attn) is MultiheadAttention for layer in decoder.layers)
+
+
+def test_decoder_layer_compiles_in_one_graph():
+    """torch.compile(fullgraph=True): both attentions and the fused MLP trace without graph breaks."""
+    layer = TransformerDecoderLayer(**layer_kwargs(batch_first=True, norm_first=True))
+    tgt, memory = torch.randn(N, T, D_MODEL, requires_grad=True), torch.randn(N, S, D_MODEL)
+    tgt_mask, memory_padding = causal_mask(T).float(), padding_mask(S)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    outs = [module(tgt, memory, tgt_mask=tgt_mask, memory_key_padding_mask=memory_padding, tgt_is_causal=True)
+            for module in (layer, compiled)]
+    torch.testing.assert_close(outs[1], outs[0])
+    grads = [torch.autograd.grad(out.square().sum(), tgt)[0] for out in outs]
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="d_model must be divisible by nhead; got d_model=10 and nhead=3"):
+        TransformerEncoderLayer(10, 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        TransformerDecoderLayer(D_MODEL, NHEAD, backend="nope")
+    layer = TransformerEncoderLayer(**layer_kwargs(batch_first=True))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(2, 6\)"):
+        layer(torch.randn(N, S, D_MODEL), src_key_padding_mask=torch.zeros(N, S + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attn_mask must have shape \(6, 6\) or \(6, 6, 6\)"):
+        layer(torch.randn(N, S, D_MODEL), src_mask=torch.zeros(S, S - 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="is_causal=True is a hint"):
+        layer(torch.randn(N, S, D_MODEL), is_causal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_encoder_bf16():
+    """A 2-layer encoder at d 1024, 16 heads, bf16 on the GPU (seq 256 keeps the float64 oracle quick)."""
+    d_model, heads, seq_len = 1024, 16, 256
+    kwargs = {"d_model": d_model, "nhead": heads, "dim_feedforward": 4 * d_model, "dropout": 0.0,
+              "batch_first": True, "device": "cuda", "dtype": torch.bfloat16}
+    reference = randomize_parameters(nn.TransformerEncoder(nn.TransformerEncoderLayer(**kwargs), 2))
+    ours = TransformerEncoder(TransformerEncoderLayer(**kwargs), 2)
+    ours.load_state_dict(reference.state_dict())
+    inputs = {"src": seq(seq_len, True, device="cuda", d_model=d_model),
+              "src_mask": nn.Transformer.generate_square_subsequent_mask(seq_len, device="cuda")}
+
+    def call(module, t):
+        return (module(t["src"], mask=t["src_mask"], is_causal=True),)
+
+    check_against_torch(reference, ours, inputs, call, torch.bfloat16)
