@@ -93,6 +93,17 @@ def nvidia_wheel_dirs(kind):
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def cublaslt_library(library_dirs):
+    """The linker name of cuBLASLt: "cublasLt" where libcublasLt.so exists, else the versioned file the nvidia
+    wheels ship (":libcublasLt.so.13"), which `-lcublasLt` alone does not find."""
+    dirs = library_dirs + [os.path.join(CUDA_HOME, "lib64")] if CUDA_HOME else library_dirs
+    if any(os.path.exists(os.path.join(d, "libcublasLt.so")) for d in dirs):
+        return "cublasLt"
+    versioned = sorted(glob.glob(os.path.join(d, "libcublasLt.so.*")) for d in dirs)
+    versioned = [os.path.basename(f) for files in versioned for f in files]
+    return ":" + versioned[0] if versioned else "cublasLt"
+
+
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
@@ -113,7 +124,7 @@ def extension():
     include_dirs += nvidia_wheel_dirs("include")
     library_dirs = nvidia_wheel_dirs("lib")
     return CUDAExtension("tfm_kernels._C", sources + cuda_sources(), include_dirs=include_dirs,
-                         library_dirs=library_dirs, libraries=["cublasLt"],
+                         library_dirs=library_dirs, libraries=[cublaslt_library(library_dirs)],
                          runtime_library_dirs=library_dirs,
                          extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
                          extra_link_args=["-fopenmp"])

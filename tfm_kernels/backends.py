@@ -16,6 +16,11 @@ ATTENTION_BACKENDS = ("cuda", "triton", "cpu", "torch")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # csrc/generate_kernels.py can build these
+# The most dynamic shared memory one CUDA attention kernel (forward, dk/dv or dq) asks for, per head dim: the
+# kSmemElems of csrc/cuda/attention/kernel_traits.h in bytes (sm_86/89 allow 101376 per block, sm_80 166912).
+CUDA_SHARED_MEMORY_BYTES = {32: 31744, 64: 56320, 96: 79872, 128: 104448, 256: 135680}
+CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y and batch on gridDim.z
 
 # Preference of backend="auto" per device type. CPU: the C++ kernel; torch's reference path is the last resort.
 # CUDA: the CUDA C++ kernel where it supports the inputs, else Triton (order to be confirmed by measurement on a
@@ -58,6 +63,31 @@ def _cpu_reasons(q, k, v) -> list[str]:
     return reasons
 
 
+def _runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether SASS built for `arch` ("80", "90a") runs on a device of `capability`: same major and a minor at
+    least as high, or exactly that device for arch-specific ("a") builds. The build embeds no PTX."""
+    digits = arch.rstrip("af")
+    major, minor = int(digits[:-1]), int(digits[-1])
+    if arch != digits:
+        return capability == (major, minor)
+    return capability[0] == major and capability[1] >= minor
+
+
+def _cuda_device_reasons(device, head_dim) -> list[str]:
+    reasons = []
+    capability = torch.cuda.get_device_capability(device)
+    archs = [a for a in ops.build_info()["cuda_archs"].split(";") if a]
+    if not any(_runs_on(a, capability) for a in archs):
+        reasons.append(f"tfm_kernels._C has CUDA code for archs {archs}, none of which runs on compute "
+                       f"capability {capability}")
+    needed = CUDA_SHARED_MEMORY_BYTES.get(head_dim, 0)
+    available = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", needed)
+    if available < needed:
+        reasons.append(f"the cuda backend needs {needed} bytes of shared memory per block at head dim "
+                       f"{head_dim}; this device allows {available}")
+    return reasons
+
+
 def _cuda_reasons(q, k, v, mask) -> list[str]:
     reasons = []
     if not ops.has_compiled_cuda():
@@ -67,15 +97,25 @@ def _cuda_reasons(q, k, v, mask) -> list[str]:
     elif torch.cuda.get_device_capability(q.device) < (8, 0):
         reasons.append(f"the cuda backend needs compute capability >= 8.0; got "
                        f"{torch.cuda.get_device_capability(q.device)}")
+    elif ops.has_compiled_cuda():
+        reasons += _cuda_device_reasons(q.device, q.shape[-1])
     if q.dtype not in LOW_PRECISION:
         reasons.append(f"the cuda backend supports float16 and bfloat16; got {q.dtype}")
-    if ops.has_compiled_cuda():
+    E, Ev = q.shape[-1], v.shape[-1]
+    if E != Ev or E not in CUDA_HEAD_DIMS:
+        reasons.append(f"the cuda backend supports head dims {CUDA_HEAD_DIMS} with Ev == E; got E={E}, "
+                       f"Ev={Ev}")
+    elif ops.has_compiled_cuda():
         head_dims = [int(d) for d in ops.build_info()["head_dims"].split(",") if d]
-        if q.shape[-1] != v.shape[-1] or q.shape[-1] not in head_dims:
-            reasons.append(f"the cuda backend was built for head dims {head_dims} with Ev == E; got "
-                           f"E={q.shape[-1]}, Ev={v.shape[-1]}")
+        if E not in head_dims:  # a build choice, not a limit of the kernels
+            wanted = ",".join(map(str, sorted(set(head_dims) | {E})))
+            reasons.append(f"the cuda backend was not built for head dim {E} (built: {head_dims}; rebuild "
+                           f"with TFM_KERNELS_HEAD_DIMS={wanted})")
     if mask is not None:
         reasons.append("the cuda backend takes no attn_mask (key_lengths and is_causal are supported)")
+    if q.shape[0] > CUDA_MAX_GRID_YZ or q.shape[1] > CUDA_MAX_GRID_YZ:
+        reasons.append(f"the cuda backend takes batch and heads up to {CUDA_MAX_GRID_YZ} (grid limits); got "
+                       f"batch {q.shape[0]}, heads {q.shape[1]}")
     return reasons
 
 

@@ -1,0 +1,36 @@
+"""A small run of the CUDA attention kernels for compute-sanitizer (out-of-bounds and misaligned accesses,
+races in shared memory with --tool racecheck): forward and backward, both dtypes, every compiled head dim,
+causal, key lengths with a zero, GQA, dropout, sizes that leave partial tiles.
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_attention.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_attention.py
+"""
+
+import torch
+
+import tfm_kernels
+from tfm_kernels import rng
+
+
+def main():
+    info = tfm_kernels.build_info()
+    if not info.get("cuda") or not torch.cuda.is_available():
+        raise SystemExit(f"needs the CUDA build and a GPU; build_info={info}")
+    head_dims = [int(d) for d in info["head_dims"].split(",")]
+    B, Hq, Hk, L, S = 3, 4, 2, 37, 70
+    lengths = torch.tensor([S, 0, 23], device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in head_dims:
+            for is_causal in (False, True):
+                q, k, v = (torch.randn(B, h, n, head_dim, dtype=dtype, device="cuda", requires_grad=True)
+                           for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+                out, _ = torch.ops.tfm_kernels.attention_forward(q, k, v, None, lengths, 0.25, is_causal,
+                                                                 head_dim**-0.5, rng.draw_seed("cuda"))
+                out.backward(torch.randn_like(out))
+                torch.cuda.synchronize()
+                assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    print(f"sanitize_attention: ran forward and backward for head dims {head_dims}, float16 and bfloat16")
+
+
+if __name__ == "__main__":
+    main()

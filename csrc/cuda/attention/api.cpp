@@ -1,0 +1,247 @@
+// CUDA implementations of tfm_kernels::attention_forward / attention_backward (schemas and layout contract in
+// csrc/ops.cpp): argument checks with errors naming the argument, output allocation in the contract's layout
+// ((B, L, H, D) memory returned as (B, H, L, D) views), the plain-data params of params.h, and dispatch over
+// the compiled head dims and element types to the launchers of launch.h. The only file of the CUDA attention
+// kernels that includes ATen. Kernels run on the current stream under a device guard; the dropout seed stays
+// on the device (no host synchronisation), so the ops can be captured in CUDA graphs.
+//
+// Test: python -m pytest tests/test_attention_cuda.py (bad-input errors and everything else need a GPU).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include "cuda/attention/instantiations/head_dims.h"
+#include "cuda/attention/launch.h"
+#include "cuda/attention/params.h"
+
+namespace tfm_kernels::attention {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kDropoutScale = 16777216.0;  // 2^24: the keep rule compares the top 24 bits of a Philox word
+constexpr int64_t kMaxGridYZ = 65535;         // heads go to gridDim.y, batch to gridDim.z
+// 16-byte cp.async and vector loads: data pointers and batch/head/row strides must be multiples of 16 bytes.
+constexpr int64_t kAlignmentBytes = 16;
+
+std::string compiled_head_dims() {
+  std::string dims;
+#define TFM_APPEND_HEAD_DIM(D) dims += (dims.empty() ? "" : ", ") + std::to_string(D);
+  TFM_ATTENTION_FOR_EACH_HEAD_DIM(TFM_APPEND_HEAD_DIM)
+#undef TFM_APPEND_HEAD_DIM
+  return dims;
+}
+
+bool is_compiled_head_dim(int64_t head_dim) {
+#define TFM_MATCH_HEAD_DIM(D) \
+  if (head_dim == D) return true;
+  TFM_ATTENTION_FOR_EACH_HEAD_DIM(TFM_MATCH_HEAD_DIM)
+#undef TFM_MATCH_HEAD_DIM
+  return false;
+}
+
+void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda(), "attention (CUDA): ", name, " must be a CUDA tensor; got device ", t.device());
+  TORCH_CHECK(t.device() == q.device(), "attention (CUDA): ", name, " must be on ", q.device(), " like q; got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "attention (CUDA): ", name, " must have q's dtype ",
+              q.scalar_type(), "; got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, "attention (CUDA): ", name, " must be 4-D (B, H, N, D); got shape ", t.sizes());
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "attention (CUDA): ", name,
+              " must have a contiguous last dimension (stride 1); got strides ", t.strides());
+}
+
+// A view the kernels can read with 16-byte copies, copying only when the pointer or a stride is misaligned.
+at::Tensor aligned(const at::Tensor& t) {
+  const int64_t element = static_cast<int64_t>(t.element_size());
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlignmentBytes == 0;
+  for (int dim = 0; dim < 3; ++dim) ok = ok && (t.size(dim) <= 1 || (t.stride(dim) * element) % kAlignmentBytes == 0);
+  return ok ? t : t.contiguous();
+}
+
+Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(1), t.stride(2)}; }
+
+ElementType element_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kHalf ? ElementType::kFloat16 : ElementType::kBFloat16;
+}
+
+// Checks q, k, v, the options, and fills every field of `params` but the output pointers. Returns the
+// aligned (possibly copied) q, k, v and the int32 key lengths, which must outlive the launch.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepare(
+    ForwardParams& params, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& key_lengths, double dropout_p,
+    bool is_causal, double scale, const at::Tensor& seed) {
+  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
+              "attention (CUDA): q must be float16 or bfloat16; got ", q_in.scalar_type());
+  check_attention_tensor(q_in, "q", q_in);
+  check_attention_tensor(k_in, "k", q_in);
+  check_attention_tensor(v_in, "v", q_in);
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), L = q_in.size(2), D = q_in.size(3);
+  const int64_t Hk = k_in.size(1), S = k_in.size(2);
+  TORCH_CHECK(k_in.size(0) == B && v_in.size(0) == B, "attention (CUDA): k and v must have q's batch size ", B,
+              "; got k ", k_in.sizes(), ", v ", v_in.sizes());
+  TORCH_CHECK(v_in.size(1) == Hk && v_in.size(2) == S, "attention (CUDA): v must have k's heads and length (", Hk,
+              ", ", S, "); got v ", v_in.sizes());
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "attention (CUDA): k's heads must divide q's heads ", Hq, "; got ", Hk);
+  TORCH_CHECK(k_in.size(3) == D && v_in.size(3) == D, "attention (CUDA): k and v must have q's head dim ", D,
+              "; got k ", k_in.size(3), ", v ", v_in.size(3));
+  TORCH_CHECK(is_compiled_head_dim(D), "attention (CUDA): q's head dim must be one of the compiled head dims (",
+              compiled_head_dims(), "; set TFM_KERNELS_HEAD_DIMS when building); got ", D);
+  TORCH_CHECK(!mask.has_value(), "attention (CUDA): mask is not supported by the CUDA kernels (use key_lengths, "
+              "is_causal, or the triton/cpu backends); got a mask of shape ",
+              mask.has_value() ? mask->sizes() : at::IntArrayRef{});
+  TORCH_CHECK(B <= kMaxGridYZ && Hq <= kMaxGridYZ, "attention (CUDA): batch and heads must be <= ", kMaxGridYZ,
+              "; got batch ", B, ", heads ", Hq);
+  TORCH_CHECK(L <= std::numeric_limits<int>::max() / 2 && S <= std::numeric_limits<int>::max() / 2,
+              "attention (CUDA): sequence lengths must be < 2^30; got L ", L, ", S ", S);
+  TORCH_CHECK(std::isfinite(scale), "attention (CUDA): scale must be finite; got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (CUDA): dropout_p must be in [0, 1); got ", dropout_p);
+
+  std::optional<at::Tensor> lengths;
+  if (key_lengths.has_value()) {
+    const at::Tensor& kl = *key_lengths;
+    TORCH_CHECK(kl.device() == q_in.device(), "attention (CUDA): key_lengths must be on ", q_in.device(), "; got ",
+                kl.device());
+    TORCH_CHECK(kl.scalar_type() == at::kInt || kl.scalar_type() == at::kLong,
+                "attention (CUDA): key_lengths must be int32 or int64; got ", kl.scalar_type());
+    TORCH_CHECK(kl.dim() == 1 && kl.size(0) == B, "attention (CUDA): key_lengths must have shape (", B, ",); got ",
+                kl.sizes());
+    lengths = kl.clamp(0, S).to(at::kInt).contiguous();  // stays on the device: no synchronisation
+  }
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.device() == q_in.device(), "attention (CUDA): seed must be on ", q_in.device(), "; got ",
+                seed.device());
+    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                "attention (CUDA): seed must be an int64 tensor with one element; got ", seed.scalar_type(),
+                " of shape ", seed.sizes());
+  }
+
+  at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  params.v = v.data_ptr();
+  params.q_strides = strides_of(q);
+  params.k_strides = strides_of(k);
+  params.v_strides = strides_of(v);
+  params.batch = static_cast<int>(B);
+  params.heads_q = static_cast<int>(Hq);
+  params.heads_k = static_cast<int>(Hk);
+  params.q_len = static_cast<int>(L);
+  params.kv_len = static_cast<int>(S);
+  params.key_lengths = lengths.has_value() ? lengths->data_ptr<int32_t>() : nullptr;
+  params.causal = is_causal;
+  params.scale = static_cast<float>(scale);
+  params.scale_log2 = static_cast<float>(scale * kLog2e);
+  params.dropout = dropout_p > 0.0;
+  params.dropout_threshold = static_cast<uint32_t>(dropout_p * kDropoutScale);
+  params.dropout_rescale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  params.seed = params.dropout ? seed.data_ptr<int64_t>() : nullptr;
+  return {q, k, v, lengths};
+}
+
+// (B, N, H, D) memory viewed as (B, H, N, D): the layout of every output of the contract.
+at::Tensor empty_bnhd(const at::Tensor& like, int64_t B, int64_t H, int64_t N, int64_t D) {
+  return at::empty({B, N, H, D}, like.options()).transpose(1, 2);
+}
+
+template <typename Params>
+using Launcher = int (*)(const Params&, CUstream_st*);
+
+template <typename Params>
+Launcher<Params> select_launcher(int64_t head_dim, ElementType type, bool forward) {
+#define TFM_SELECT(D)                                                                                        \
+  if (head_dim == D) {                                                                                       \
+    if constexpr (std::is_same_v<Params, ForwardParams>) {                                                   \
+      return type == ElementType::kFloat16 ? &launch_forward<D, ElementType::kFloat16>                       \
+                                           : &launch_forward<D, ElementType::kBFloat16>;                     \
+    } else {                                                                                                 \
+      return type == ElementType::kFloat16 ? &launch_backward<D, ElementType::kFloat16>                      \
+                                           : &launch_backward<D, ElementType::kBFloat16>;                    \
+    }                                                                                                        \
+  }
+  TFM_ATTENTION_FOR_EACH_HEAD_DIM(TFM_SELECT)
+#undef TFM_SELECT
+  TORCH_CHECK(false, "attention (CUDA): no kernel for head dim ", head_dim, (forward ? " (forward)" : " (backward)"));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                                          const std::optional<at::Tensor>& key_lengths,
+                                                          double dropout_p, bool is_causal, double scale,
+                                                          const at::Tensor& seed) {
+  TORCH_CHECK(q.is_cuda(), "attention (CUDA): q must be a CUDA tensor; got device ", q.device());
+  const at::cuda::CUDAGuard guard(q.device());
+  ForwardParams params;
+  auto [q_a, k_a, v_a, lengths] = prepare(params, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  at::Tensor out = empty_bnhd(q, B, H, L, D);  // (B, H, L, D), stored (B, L, H, D)
+  at::Tensor lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
+  params.out = out.data_ptr();
+  params.out_strides = strides_of(out);
+  params.lse = lse.data_ptr<float>();
+  const int error = select_launcher<ForwardParams>(D, element_type(q), true)(params, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(static_cast<cudaError_t>(error));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& key_lengths,
+    double dropout_p, bool is_causal, double scale, const at::Tensor& seed) {
+  TORCH_CHECK(q.is_cuda(), "attention (CUDA): q must be a CUDA tensor; got device ", q.device());
+  const at::cuda::CUDAGuard guard(q.device());
+  BackwardParams params;
+  auto [q_a, k_a, v_a, lengths] = prepare(params, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed);
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t Hk = k.size(1), S = k.size(2);
+  check_attention_tensor(grad_out, "grad_out", q);
+  check_attention_tensor(out, "out", q);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "attention (CUDA): grad_out must have shape ", q.sizes(), "; got ",
+              grad_out.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "attention (CUDA): out must have shape ", q.sizes(), "; got ", out.sizes());
+  TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::kFloat &&
+                  lse.sizes() == at::IntArrayRef({B, Hq, L}),
+              "attention (CUDA): lse must be a float32 tensor of shape (", B, ", ", Hq, ", ", L, ") on ", q.device(),
+              "; got ", lse.scalar_type(), " of shape ", lse.sizes(), " on ", lse.device());
+  const at::Tensor grad_out_a = aligned(grad_out), out_a = aligned(out), lse_c = lse.contiguous();
+  at::Tensor grad_q = empty_bnhd(q, B, Hq, L, D);  // (B, Hq, L, D), stored (B, L, Hq, D)
+  at::Tensor grad_k = empty_bnhd(k, B, Hk, S, D);  // (B, Hk, S, D), stored (B, S, Hk, D)
+  at::Tensor grad_v = empty_bnhd(v, B, Hk, S, D);
+  at::Tensor delta = at::empty({B, Hq, L}, q.options().dtype(at::kFloat));
+
+  params.out = out_a.data_ptr();
+  params.out_strides = strides_of(out_a);
+  params.lse = lse_c.data_ptr<float>();
+  params.grad_out = grad_out_a.data_ptr();
+  params.grad_out_strides = strides_of(grad_out_a);
+  params.grad_q = grad_q.data_ptr();
+  params.grad_k = grad_k.data_ptr();
+  params.grad_v = grad_v.data_ptr();
+  params.grad_q_strides = strides_of(grad_q);
+  params.grad_k_strides = strides_of(grad_k);
+  params.grad_v_strides = strides_of(grad_v);
+  params.delta = delta.data_ptr<float>();
+  const int error =
+      select_launcher<BackwardParams>(D, element_type(q), false)(params, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(static_cast<cudaError_t>(error));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tfm_kernels, CUDA, m) {
+  m.impl("attention_forward", &attention_forward_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+}
+
+}  // namespace tfm_kernels::attention

@@ -1,0 +1,135 @@
+// Attention forward: out = softmax(scale * q k^T, masked) v with optional dropout on the weights, and the
+// natural-log sum of exp of each row's scaled scores (lse), FlashAttention-2 style: one pass over the keys
+// with an online softmax in registers, nothing of size L x S in memory.
+//
+// Work split: grid (ceil(L / 64), Hq, B); block = 4 warps; warp w owns query rows 16w..16w+15 of the block's
+// 64-row tile. Per key block of kBlockN rows: S = Q K^T (mma.m16n8k16, fp32 accumulate), scaled into base 2,
+// masked (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles), P = exp2(S - m),
+// optional dropout of P (Philox, common/philox.h), O += P V. K/V tiles go through a two-stage cp.async
+// pipeline: block j+1 is in flight while block j is multiplied. Causal blocks skip key blocks entirely above
+// the diagonal; only blocks crossing the diagonal or the key length pay for masking.
+//
+// Rows with no key (key length 0) get out = 0 and lse = +inf; the running max uses 0 in place of -inf, so
+// exp2 never sees (-inf) - (-inf).
+//
+// Test: python -m pytest tests/test_attention_cuda.py -m gpu (against the float64 oracle);
+// compute-sanitizer --tool memcheck python benchmarks/sanitize_attention.py.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/attention/kernel_traits.h"
+#include "cuda/attention/params.h"
+#include "cuda/attention/tile_math.cuh"
+#include "cuda/common/memory.cuh"
+#include "cuda/common/reductions.cuh"
+
+namespace tfm_kernels::attention {
+
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D, typename T>
+__global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_kernel(const ForwardParams params) {
+  using Traits = ForwardTraits<D>;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kStride = Traits::kSmemStride;
+  constexpr int kThreads = Traits::kThreads;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // (kBlockM, kStride)
+  T* sK = sQ + kBlockM * kStride;      // (kStages, kBlockN, kStride)
+  T* sV = sK + Traits::kStages * kBlockN * kStride;
+
+  const int m_block = blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int L = params.q_len;
+  const int m_start = m_block * kBlockM;
+  const KeyValueBlocks<D, kBlockM, kBlockN, kStride, kThreads, T> kv(params, b, h, m_start, sK, sV);
+
+  if (kv.count > 0) {  // with no key block the loop below never waits, so nothing may be in flight
+    const T* q = row_pointer<T>(params.q, params.q_strides, b, h, m_start);
+    load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
+    kv.load(0, 0);
+  }
+  cuda::cp_async_commit();
+
+  const uint64_t seed = params.dropout ? static_cast<uint64_t>(*params.seed) : 0;
+  const uint64_t z = static_cast<uint64_t>(b) * params.heads_q + h;
+  const int row0 = m_start + warp * kRowsPerWarp;  // first query row of this warp
+  const T* sQ_warp = sQ + warp * kRowsPerWarp * kStride;
+
+  float o_acc[D / 8][4];
+  zero(o_acc);
+  // Per lane: rows row0 + lane/4 (index 0) and row0 + lane/4 + 8 (index 1); max in base-2 scaled units.
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};  // this lane's partial sums; reduced over the quad at the end
+
+  for (int n_block = 0; n_block < kv.count; ++n_block) {
+    const int stage = n_block % 2;
+    cuda::cp_async_pipeline_step(n_block, kv.count, [&](int next, int next_stage) { kv.load(next, next_stage); });
+
+    const int n_start = n_block * kBlockN;
+    float s[kBlockN / 8][4];
+    zero(s);
+    gemm_smem_nt<T, kBlockN, D, kStride>(s, sQ_warp, kv.k_tile(stage), lane);
+    scale_and_mask_scores(s, params, kv.keys, m_start, row0, n_start, lane);
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float block_max = row_max[r];
+#pragma unroll
+      for (int t = 0; t < kBlockN / 8; ++t) block_max = fmaxf(block_max, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
+      const float new_max = cuda::quad_max(block_max);
+      const float safe_max = new_max == -INFINITY ? 0.0f : new_max;  // all masked so far: every p is 0
+      const float correction = exp2f(row_max[r] - safe_max);          // exp2(-inf) = 0 on the first block
+      row_max[r] = new_max;
+      row_sum[r] *= correction;
+#pragma unroll
+      for (int t = 0; t < D / 8; ++t) {
+        o_acc[t][2 * r] *= correction;
+        o_acc[t][2 * r + 1] *= correction;
+      }
+#pragma unroll
+      for (int t = 0; t < kBlockN / 8; ++t) {
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          s[t][e] = exp2f(s[t][e] - safe_max);
+          row_sum[r] += s[t][e];
+        }
+      }
+    }
+
+    // The normaliser sums every weight; dropout zeroes some of them in the product with V only.
+    if (params.dropout) {
+      apply_keep_bits(s, dropout_keep_bits<kBlockN / 8, false>(seed, z, row0, n_start, lane, params.dropout_threshold),
+                      1.0f);
+    }
+
+    gemm_reg_nn<T, D, kBlockN, kStride>(o_acc, s, kv.v_tile(stage), lane);
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+  }
+
+  const int warp_rows = L - row0;  // rows of this warp inside the sequence (may be <= 0)
+  float* lse = params.lse + (static_cast<int64_t>(b) * params.heads_q + h) * L;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = cuda::quad_sum(row_sum[r]);
+    const bool empty = !(sum > 0.0f);
+    const float inverse = empty ? 0.0f : params.dropout_rescale / sum;
+    const int row = lane / 4 + 8 * r;
+    if (lane % 4 == 0 && row < warp_rows) lse[row0 + row] = empty ? INFINITY : row_max[r] * kLn2 + logf(sum);
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+      o_acc[t][2 * r] *= inverse;
+      o_acc[t][2 * r + 1] *= inverse;
+    }
+  }
+  T* out = row_pointer<T>(params.out, params.out_strides, b, h, row0);
+  store_tile<T>(o_acc, out, params.out_strides.row, warp_rows, 1.0f, lane);
+}
+
+}  // namespace tfm_kernels::attention

@@ -1,0 +1,221 @@
+// Building blocks of the attention kernels: the two per-warp tensor-core products every pass is made of,
+// element-wise visits of an accumulator tile with its (row, column) coordinates, the dropout keep-mask of a
+// tile, score scaling and masking, the store of an accumulator tile to global memory, and the key/value block
+// ring of the query-block kernels. A warp always owns 16 rows of the tiles it multiplies (mma M = 16).
+//
+//   gemm_smem_nt:  acc (16 x N) += A (16 x K, shared, row-major) * B^T, B stored (N x K) row-major in shared.
+//                  Scores S = Q K^T, dP = dO V^T (query-major) and S^T = K Q^T, dP^T = V dO^T (key-major).
+//   gemm_reg_nn:   acc (16 x N) += A (16 x K, an fp32 accumulator tile rounded to T) * B, B stored (K x N)
+//                  row-major in shared (read with ldmatrix.trans). O += P V, dQ += dS K, dV += P^T dO,
+//                  dK += dS^T Q.
+// Tested through the attention kernels (tests/test_attention_cuda.py).
+#pragma once
+#include <cstdint>
+
+#include "common/philox.h"
+#include "cuda/attention/params.h"
+#include "cuda/common/memory.cuh"
+#include "cuda/common/mma.cuh"
+
+namespace tfm_kernels::attention {
+
+using cuda::load_tile_async;
+using cuda::MmaOps;
+
+// A's 16 rows start at sA; B's N rows start at sB; both kStride elements apart.
+template <typename T, int kN, int kK, int kStride>
+__device__ __forceinline__ void gemm_smem_nt(float (&acc)[kN / 8][4], const T* sA, const T* sB, int lane) {
+  static_assert(kN % 16 == 0 && kK % 16 == 0, "whole 16x16 steps");
+  // ldmatrix lane addresses. A, x4 = (rows 0-7 | 8-15) x (cols 0-7 | 8-15) in the a0..a3 order.
+  const T* a_row = sA + (lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16);
+  // B, x4 = b0, b1 of n-tile 2j (matrices 0, 1: k cols 0-7, 8-15) then of n-tile 2j+1 (rows 8-15).
+  const T* b_row = sB + (lane % 8 + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2);
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    uint32_t a[4];
+    cuda::ldmatrix_x4(a, a_row + ks * 16);
+#pragma unroll
+    for (int nj = 0; nj < kN / 16; ++nj) {
+      uint32_t b[4];
+      cuda::ldmatrix_x4(b, b_row + nj * 16 * kStride + ks * 16);
+      MmaOps<T>::mma(acc[2 * nj], a, b[0], b[1]);
+      MmaOps<T>::mma(acc[2 * nj + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// a_tile is 16 x kK fp32 (kK / 8 n-tiles); sB points at B's row 0, first of the kN columns this warp owns.
+template <typename T, int kN, int kK, int kStride>
+__device__ __forceinline__ void gemm_reg_nn(float (&acc)[kN / 8][4], const float (&a_tile)[kK / 8][4], const T* sB,
+                                            int lane) {
+  static_assert(kN % 16 == 0 && kK % 16 == 0, "whole 16x16 steps");
+  // B, x4.trans = b0, b1 of n-tile 2j (matrices 0, 1: k rows 0-7, 8-15) then of n-tile 2j+1 (cols 8-15).
+  const T* b_row = sB + (lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16);
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    uint32_t a[4];
+    cuda::accumulator_to_a<T>(a, a_tile, ks);
+#pragma unroll
+    for (int nj = 0; nj < kN / 16; ++nj) {
+      uint32_t b[4];
+      cuda::ldmatrix_x4_trans(b, b_row + ks * 16 * kStride + nj * 16);
+      MmaOps<T>::mma(acc[2 * nj], a, b[0], b[1]);
+      MmaOps<T>::mma(acc[2 * nj + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <int kNTiles>
+__device__ __forceinline__ void zero(float (&acc)[kNTiles][4]) {
+#pragma unroll
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.0f;
+  }
+}
+
+// Calls fn(value&, row, col, half) for every element this lane holds of a 16 x (8 kNTiles) accumulator tile
+// whose element (0, 0) has coordinates (row0, col0); half (0 or 1, a constant after unrolling) says whether the
+// element lies in the lane's first row (row0 + lane/4) or second (row0 + lane/4 + 8), for per-row registers.
+template <int kNTiles, typename Fn>
+__device__ __forceinline__ void for_each_element(float (&acc)[kNTiles][4], int row0, int col0, int lane, Fn&& fn) {
+#pragma unroll
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      fn(acc[t][e], row0 + lane / 4 + 8 * (e / 2), col0 + t * 8 + 2 * (lane % 4) + e % 2, e / 2);
+    }
+  }
+}
+
+// As for_each_element, over the same element of two tiles of equal shape: fn(a&, b&, row, col, half).
+template <int kNTiles, typename Fn>
+__device__ __forceinline__ void for_each_element_pair(float (&acc_a)[kNTiles][4], float (&acc_b)[kNTiles][4], int row0,
+                                                      int col0, int lane, Fn&& fn) {
+#pragma unroll
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      fn(acc_a[t][e], acc_b[t][e], row0 + lane / 4 + 8 * (e / 2), col0 + t * 8 + 2 * (lane % 4) + e % 2, e / 2);
+    }
+  }
+}
+
+// The dropout keep-mask of the elements this lane holds of a 16 x (8 kNTiles) tile at (row0, col0): bit 4t + e
+// is set iff element [t][e] is kept (common/philox.h). Tiles are query-major (rows = queries, columns = keys)
+// or, with kKeyMajor, key-major (the transposed tiles of the dk/dv pass); the mask is always drawn at
+// (query i, key j). The outer loop is not unrolled: four Philox streams at a time give enough parallelism
+// without holding 32 of them in registers.
+template <int kNTiles, bool kKeyMajor>
+__device__ __forceinline__ uint32_t dropout_keep_bits(uint64_t seed, uint64_t z, int row0, int col0, int lane,
+                                                      uint32_t threshold) {
+  static_assert(kNTiles * 4 <= 32, "one bit per element of a 32-bit mask");
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t row = static_cast<uint32_t>(row0 + lane / 4 + 8 * (e / 2));
+      const uint32_t col = static_cast<uint32_t>(col0 + t * 8 + 2 * (lane % 4) + e % 2);
+      const bool keep = kKeyMajor ? dropout_keep(seed, z, col, row, threshold) : dropout_keep(seed, z, row, col, threshold);
+      bits |= static_cast<uint32_t>(keep) << (4 * t + e);
+    }
+  }
+  return bits;
+}
+
+// acc[t][e] *= kept ? multiplier : 0, with the keep bits of dropout_keep_bits.
+template <int kNTiles>
+__device__ __forceinline__ void apply_keep_bits(float (&acc)[kNTiles][4], uint32_t bits, float multiplier) {
+#pragma unroll
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] *= ((bits >> (4 * t + e)) & 1u) ? multiplier : 0.0f;
+  }
+}
+
+// Writes acc * multiplier (16 x 8 kNTiles, this warp's rows) as T to gmem: row r of the tile goes to
+// gmem + r * row_stride; rows >= valid_rows are not written. Each lane stores pairs of adjacent columns.
+template <typename T, int kNTiles>
+__device__ __forceinline__ void store_tile(const float (&acc)[kNTiles][4], T* gmem, int64_t row_stride, int valid_rows,
+                                           float multiplier, int lane) {
+  const int row = lane / 4;
+#pragma unroll
+  for (int t = 0; t < kNTiles; ++t) {
+    const int col = t * 8 + 2 * (lane % 4);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (row + 8 * half < valid_rows) {
+        *reinterpret_cast<uint32_t*>(gmem + (row + 8 * half) * row_stride + col) =
+            MmaOps<T>::pack(acc[t][2 * half] * multiplier, acc[t][2 * half + 1] * multiplier);
+      }
+    }
+  }
+}
+
+// Row `row` of head h of batch b of a (B, H, N, D) tensor; 64-bit offsets.
+template <typename T>
+__device__ __forceinline__ const T* row_pointer(const void* base, const Strides& strides, int b, int h, int64_t row) {
+  return static_cast<const T*>(base) + b * strides.batch + h * strides.head + row * strides.row;
+}
+template <typename T>
+__device__ __forceinline__ T* row_pointer(void* base, const Strides& strides, int b, int h, int64_t row) {
+  return static_cast<T*>(base) + b * strides.batch + h * strides.head + row * strides.row;
+}
+
+// The number of keys of batch b that take part: min(S, key_lengths[b]) clamped at 0 (api.cpp clamps too).
+__device__ __forceinline__ int keys_taking_part(const int32_t* key_lengths, int kv_len, int b) {
+  return key_lengths == nullptr ? kv_len : max(0, min(kv_len, key_lengths[b]));
+}
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The key/value side of a kernel that owns kBlockM query rows (forward, dq): which key blocks the rows see
+// (none past the key length, none wholly above the causal diagonal) and their loads into a two-stage
+// shared-memory ring of K and V tiles, (2, kBlockN, kStride) each.
+template <int D, int kBlockM, int kBlockN, int kStride, int kThreads, typename T>
+struct KeyValueBlocks {
+  const T* k;
+  const T* v;
+  int64_t k_row;
+  int64_t v_row;
+  T* sK;
+  T* sV;
+  int keys;   // keys taking part in batch b
+  int count;  // key blocks to visit
+
+  __device__ __forceinline__ KeyValueBlocks(const ForwardParams& params, int b, int h, int m_start, T* sK_, T* sV_)
+      : k_row(params.k_strides.row), v_row(params.v_strides.row), sK(sK_), sV(sV_) {
+    const int hk = h / (params.heads_q / params.heads_k);
+    k = row_pointer<T>(params.k, params.k_strides, b, hk, 0);
+    v = row_pointer<T>(params.v, params.v_strides, b, hk, 0);
+    keys = keys_taking_part(params.key_lengths, params.kv_len, b);
+    count = ceil_div(keys, kBlockN);
+    if (params.causal) count = min(count, ceil_div(min(params.q_len, m_start + kBlockM), kBlockN));
+  }
+
+  __device__ __forceinline__ void load(int n_block, int stage) const {
+    const int n_start = n_block * kBlockN;
+    load_tile_async<kBlockN, D, kStride, kThreads>(k_tile(stage), k + n_start * k_row, k_row, keys - n_start);
+    load_tile_async<kBlockN, D, kStride, kThreads>(v_tile(stage), v + n_start * v_row, v_row, keys - n_start);
+  }
+  __device__ __forceinline__ T* k_tile(int stage) const { return sK + stage * kBlockN * kStride; }
+  __device__ __forceinline__ T* v_tile(int stage) const { return sV + stage * kBlockN * kStride; }
+};
+
+// Scales a query-major score tile (16 rows from row0 x 8 kNTiles keys from n_start) into base 2 and sets the
+// scores of keys that take no part (past the key length; causal: j > i) to -inf. Scaling comes first: a
+// negative scale must not turn -inf into +inf. Only tiles crossing the key length or the diagonal (m_start is
+// the block's first row) pay for the mask.
+template <int kNTiles>
+__device__ __forceinline__ void scale_and_mask_scores(float (&s)[kNTiles][4], const ForwardParams& params, int keys,
+                                                      int m_start, int row0, int n_start, int lane) {
+  constexpr int kBlockN = kNTiles * 8;
+  const bool needs_mask = n_start + kBlockN > keys || (params.causal && n_start + kBlockN - 1 > m_start);
+  for_each_element(s, row0, n_start, lane, [&](float& x, int row, int col, int) {
+    x *= params.scale_log2;
+    if (needs_mask && (col >= keys || (params.causal && col > row))) x = -INFINITY;
+  });
+}
+
+}  // namespace tfm_kernels::attention
