@@ -83,8 +83,9 @@ PY
         if sanitizer="$(find_sanitizer)"; then
             echo "== compute-sanitizer memcheck"
             sanitizer_rc=0
-            timeout "$(cap "$BENCH_RESERVE_S" 20 "$SANITIZER_TIMEOUT_S")" "$sanitizer" --tool memcheck --error-exitcode 1 python benchmarks/sanitize_attention.py \
-                || sanitizer_rc=$?
+            limit=$(cap "$BENCH_RESERVE_S" 20 "$SANITIZER_TIMEOUT_S")
+            timeout "$limit" "$sanitizer" --tool memcheck --error-exitcode 1 \
+                python benchmarks/sanitize_attention.py || sanitizer_rc=$?
         else
             sanitizer_rc="skipped (compute-sanitizer not found)"
         fi
