@@ -264,3 +264,27 @@ def test_replay_prints_a_recorded_run(tmp_path, capsys):
     assert cli.main(["--replay", str(record)]) == 0
     out = capsys.readouterr().out
     assert "## CPU timing" in out and "| **ours-x** | 300.0 |" in out and "| 1.50x |" in out
+
+
+@pytest.mark.gpu
+def test_measure_on_cuda_reports_time_and_memory():
+    x = timing.randn(2048, 2048, dtype=torch.bfloat16, device="cuda")
+    result = timing.measure(lambda: x @ x, "cuda", warmup_ms=5, rep_ms=20)
+    assert 0 < result.p20_ms <= result.median_ms <= result.p80_ms
+    assert result.peak_bytes >= 2048 * 2048 * 2  # the product's output
+    assert timing.cache_bytes("cuda") > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_attention_providers_run_on_cuda(mode):
+    from tfm_kernels.bench import attention
+
+    shape = configs.AttentionShape("test", 2, 4, 256, 64, True, torch.bfloat16, headline=True)
+    rows = suite.run_cases(attention.attention_cases([shape], (mode,), "cuda", with_flex="all"), warmup_ms=2,
+                           rep_ms=5)
+    by_name = {r["provider"]: r for r in rows}
+    assert not [r for r in rows if r["status"] == "error"], rows
+    for peer in ("torch-flash", "torch-efficient", "torch-flex (compiled)"):
+        assert by_name[peer]["status"] == "ok", by_name[peer]
+    assert by_name["ours-triton"]["status"] == "ok", by_name["ours-triton"]
