@@ -288,3 +288,22 @@ def test_attention_providers_run_on_cuda(mode):
     for peer in ("torch-flash", "torch-efficient", "torch-flex (compiled)"):
         assert by_name[peer]["status"] == "ok", by_name[peer]
     assert by_name["ours-triton"]["status"] == "ok", by_name["ours-triton"]
+
+
+def test_a_time_budget_measures_compiling_providers_last():
+    order = []
+
+    def provider(name, compiles, seconds=0.0):
+        def prepare():
+            order.append(name)
+            time.sleep(seconds)
+            return lambda: None
+
+        return suite.Provider(name, False, prepare, compiles=compiles)
+
+    cases = [_case(provider("compiled", True), provider("eager-slow", False, 0.6)),
+             _case(provider("eager", False, 0.6), provider("compiled-2", True))]
+    rows = suite.run_cases(cases, warmup_ms=1, rep_ms=2, budget_s=1.0)
+    assert order == ["eager-slow", "eager"]  # compile-free first; the budget ran out before the compiled ones
+    assert [r["provider"] for r in rows] == ["compiled", "eager-slow", "eager", "compiled-2"]  # case order
+    assert [r["reason"] == suite.OVER_BUDGET for r in rows] == [True, False, False, True]

@@ -116,7 +116,7 @@ def flex(shape, mode, device) -> Provider:
 
         return timed_step(forward, _qkv_maker(shape, device), mode, device)
 
-    return Provider("torch-flex (compiled)", False, prepare)
+    return Provider("torch-flex (compiled)", False, prepare, compiles=True)
 
 
 def attention_cases(shapes, modes, device, with_flex="headline", with_math=False) -> list[Case]:

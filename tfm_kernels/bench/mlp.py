@@ -84,7 +84,7 @@ def torch_mlp(shape, mode, device, compiled) -> Provider:
 
         return timed_step(forward, lambda grad: mlp_weights(shape, device, grad), mode, device)
 
-    return Provider("torch.compile" if compiled else "torch eager", False, prepare)
+    return Provider("torch.compile" if compiled else "torch eager", False, prepare, compiles=compiled)
 
 
 def mlp_cases(shapes, modes, device, with_compile=True) -> list[Case]:

@@ -49,7 +49,7 @@ def encoder(shape: configs.EncoderShape, mode, device, which, compiled) -> Provi
         return timed_step(run, make, mode, device, params=list(model.parameters()))  # x: (B, S, d_model)
 
     owner = "ours tfm_kernels.nn" if which == "ours" else "torch nn"
-    return Provider(f"{owner}{' compiled' if compiled else ''}", which == "ours", prepare)
+    return Provider(f"{owner}{' compiled' if compiled else ''}", which == "ours", prepare, compiles=compiled)
 
 
 def _language_models(preset: str):
@@ -89,7 +89,7 @@ def language_model(preset, batch, seq, mode, device, which, compiled, dtype) -> 
         return timed_step(loss, make, mode, device, params=list(model.parameters()))
 
     owner = "ours tfm_kernels.models" if which == "ours" else "torch-layer baseline"
-    return Provider(f"{owner}{' compiled' if compiled else ''}", which == "ours", prepare)
+    return Provider(f"{owner}{' compiled' if compiled else ''}", which == "ours", prepare, compiles=compiled)
 
 
 def model_cases(

@@ -7,6 +7,7 @@ becomes an "error" row (and a non-zero exit of the CLI); a peer's exception is i
 """
 
 import gc
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,11 +26,13 @@ class Unavailable(Exception):
 @dataclass
 class Provider:
     """name: shown in the table; ours: our implementation (else a peer); prepare(): builds inputs and returns
-    the zero-argument callable that is timed, or raises Unavailable."""
+    the zero-argument callable that is timed, or raises Unavailable; compiles: its first call runs
+    torch.compile (tens of seconds), so a time-budgeted run measures it after everything else."""
 
     name: str
     ours: bool
     prepare: Callable[[], Callable[[], Any]]
+    compiles: bool = False
 
 
 @dataclass
@@ -63,6 +66,7 @@ def throughput(work: float, unit: str, milliseconds: float) -> float:
 
 
 NOT_RUN = "not run: the benchmark was stopped (time limit or interrupt) before this case"
+OVER_BUDGET = "not run: the run's time budget was spent (--budget 0 lifts it)"
 
 
 def _empty_row(case: Case, provider: Provider) -> dict:
@@ -129,19 +133,31 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def run_cases(cases: list[Case], progress=None, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> list[dict]:
-    """Measures every provider of every case; progress(done, total, text) is called before each. A
-    KeyboardInterrupt (Ctrl-C, or SIGTERM where the CLI maps it so) stops the run: the rows measured so far
-    are kept and every remaining provider gets an "n/a" row saying it was not run."""
+def run_cases(cases: list[Case], progress=None, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+              budget_s: float = 0.0) -> list[dict]:
+    """Measures every provider of every case; the rows come back in case order.
+
+    progress(done, total, text) is called before each measurement. budget_s > 0 bounds the run: providers
+    are measured compile-free first, and those not started within the budget get an "n/a" row saying so.
+    A KeyboardInterrupt (Ctrl-C, or SIGTERM where the CLI maps it so) stops the run the same way: the rows
+    measured so far are kept and every remaining provider gets a row saying it was not run."""
     pending = [(case, provider) for case in cases for provider in case.providers]
-    rows = []
+    order = sorted(range(len(pending)), key=lambda i: pending[i][1].compiles)  # stable: case order otherwise
+    rows = [None] * len(pending)
+    started = time.perf_counter()
     try:
-        for case, provider in pending:
+        for done, index in enumerate(order):
+            case, provider = pending[index]
+            if budget_s > 0 and time.perf_counter() - started > budget_s:
+                rows[index] = {**_empty_row(case, provider), "status": "n/a", "reason": OVER_BUDGET}
+                continue
             if progress is not None:
-                progress(len(rows), len(pending), f"{case.suite} {case.config} {case.mode} {provider.name}")
-            rows.append(measure_provider(case, provider, warmup_ms, rep_ms))
+                progress(done, len(pending), f"{case.suite} {case.config} {case.mode} {provider.name}")
+            rows[index] = measure_provider(case, provider, warmup_ms, rep_ms)
     except KeyboardInterrupt:
-        rows += [{**_empty_row(c, p), "status": "n/a", "reason": NOT_RUN} for c, p in pending[len(rows):]]
+        pass
+    not_run = {"status": "n/a", "reason": NOT_RUN}
+    rows = [row or {**_empty_row(c, p), **not_run} for row, (c, p) in zip(rows, pending)]
     if progress is not None:
         progress(len(pending), len(pending), "done")
     return add_ratios(rows)
