@@ -1,7 +1,8 @@
 """`python -m tfm_kernels bench`: the benchmark tables against PyTorch.
 
-With a GPU: the attention and MLP tables against torch's kernels, with ratios to the best peer (--full adds
-the sequence sweep, FlexAttention everywhere, torch's math backend, nn.MultiheadAttention and whole models).
+With a GPU: the attention and MLP tables against torch's kernels, with ratios to the best peer, within a
+time budget (--budget; compiled peers are measured last) (--full adds the sequence sweep, FlexAttention
+everywhere, torch's math backend, nn.MultiheadAttention and whole models, with no budget).
 Without one: a correctness self-check of every operator that can run here, then a CPU timing table against
 torch's CPU implementations. The Markdown table goes to stdout, last; progress to stderr; a JSON record of
 the run is appended to --json (default benchmarks/results/bench.jsonl)."""
