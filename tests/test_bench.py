@@ -4,6 +4,7 @@ mode steps' gradients, the rows and ratios, the self-check's ability to fail, an
 
 import json
 import time
+import types
 
 import pytest
 import torch
@@ -290,20 +291,21 @@ def test_attention_providers_run_on_cuda(mode):
     assert by_name["ours-triton"]["status"] == "ok", by_name["ours-triton"]
 
 
-def test_a_time_budget_measures_compiling_providers_last():
-    order = []
+def test_a_time_budget_measures_compiling_providers_last(monkeypatch):
+    clock, order = [0.0], []
+    cost = {"eager-slow": 0.6, "eager": 0.6}
 
-    def provider(name, compiles, seconds=0.0):
-        def prepare():
-            order.append(name)
-            time.sleep(seconds)
-            return lambda: None
+    def fake_measure(case, provider, warmup_ms, rep_ms):  # a measurement that takes `cost` on a fake clock
+        order.append(provider.name)
+        clock[0] += cost.get(provider.name, 0.1)
+        return suite._empty_row(case, provider)
 
-        return suite.Provider(name, False, prepare, compiles=compiles)
-
-    cases = [_case(provider("compiled", True), provider("eager-slow", False, 0.6)),
-             _case(provider("eager", False, 0.6), provider("compiled-2", True))]
-    rows = suite.run_cases(cases, warmup_ms=1, rep_ms=2, budget_s=1.0)
+    monkeypatch.setattr(suite, "measure_provider", fake_measure)
+    monkeypatch.setattr(suite, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    provider = lambda name, compiles: suite.Provider(name, False, None, compiles=compiles)  # noqa: E731
+    cases = [_case(provider("compiled", True), provider("eager-slow", False)),
+             _case(provider("eager", False), provider("compiled-2", True))]
+    rows = suite.run_cases(cases, budget_s=1.0)
     assert order == ["eager-slow", "eager"]  # compile-free first; the budget ran out before the compiled ones
     assert [r["provider"] for r in rows] == ["compiled", "eager-slow", "eager", "compiled-2"]  # case order
     assert [r["reason"] == suite.OVER_BUDGET for r in rows] == [True, False, False, True]
