@@ -1,7 +1,7 @@
-"""Compares a tfm_kernels.nn module with the torch.nn module it replaces under the tolerance rule: the oracle is
-torch's module in float64, the baseline torch's module in the test dtype, the result ours in the test dtype, all
-holding the same (test-dtype) weights and fed the same inputs. Outputs and the gradients of every input and
-parameter are checked."""
+"""Compares a tfm_kernels.nn module with the torch.nn module it replaces under the tolerance rule: the
+oracle is torch's module in float64, the baseline torch's module in the test dtype, the result ours in the
+test dtype, all holding the same (test-dtype) weights and fed the same inputs. Outputs and the gradients of
+every input and parameter are checked."""
 
 import copy
 
@@ -46,8 +46,8 @@ def _run(module, inputs, call, dtype, grad_outs):
 def check_against_torch(torch_module, ours, inputs, call, dtype=torch.float32, compare=None):
     """torch_module and ours: modules in `dtype` with equal state; inputs: name -> tensor (float tensors are
     cast to each run's dtype and, unless their name holds "mask", take gradients); call(module, inputs) ->
-    tuple of outputs (None entries ignored). `compare(name, tensor)` may select the part of an output to compare
-    (e.g. the positions where torch's output is defined). Returns ours' results by name."""
+    tuple of outputs (None entries ignored). `compare(name, tensor)` may select the part of an output to
+    compare (e.g. the positions where torch's output is defined). Returns ours' results by name."""
     oracle_module = copy.deepcopy(torch_module).double()
     ours_results, grad_outs = _run(ours, inputs, call, dtype, None)
     base_results, _ = _run(torch_module, inputs, call, dtype, grad_outs)

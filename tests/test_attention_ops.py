@@ -151,6 +151,18 @@ def test_dropout_matches_reference_under_keep_mask(backend, dtype, case):
     check_dropout_against_reference(backend, q, k, v, 0.25, **kwargs)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["group_per_program", "head_per_program"])
+def test_triton_grouped_query_dkdv_split(monkeypatch, split):
+    """Triton's dK/dV programs loop over a kv head's query group, or, where that leaves multiprocessors idle,
+    take one query head each and sum the partial gradients: both against the oracle, dropout and mask on."""
+    import tfm_kernels.triton.attention as triton_attention
+
+    monkeypatch.setattr(triton_attention, "_multiprocessor_count", lambda device: 1 << 30 if split else 0)
+    q, k, v = qkv(2, 6, 2, 13, 21, 16, 24)
+    check_against_oracle("triton", q, k, v, attn_mask=torch.rand(13, 21) > 0.2, enable_gqa=True)
+    check_dropout_against_reference("triton", q, k, v, 0.3, is_causal=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Operator registration: opcheck and torch.compile
 
@@ -192,6 +204,19 @@ def test_opcheck(backend, case):
     torch.library.opcheck(backward_op, (grad_out, q.detach(), k.detach(), v.detach(), out, lse, *rest))
 
 
+def assert_compiled_equals_eager(attend, compiled, q, k, v):
+    """Output and gradients of `compiled` equal those of `attend` exactly (same kernels, same seed)."""
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    results = []
+    for fn in (attend, compiled):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(5)
+        out = fn(*inputs)
+        results.append((out.detach(), *torch.autograd.grad(out, inputs, grad_out)))
+    for name, eager, comp in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(comp, eager, rtol=0, atol=0, msg=f"compiled {name} differs from eager")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", ["causal", "bool_mask", "float_mask_gqa", "dropout"])
 def test_compile_fullgraph_matches_eager(backend, case):
@@ -210,16 +235,7 @@ def test_compile_fullgraph_matches_eager(backend, case):
     def attend(q, k, v):
         return tfm_kernels.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
 
-    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
-    grad_out = rand(B, Hq, L, E)
-    results = []
-    for fn in (attend, compiled):
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        torch.manual_seed(5)
-        out = fn(*inputs)
-        results.append((out.detach(), *torch.autograd.grad(out, inputs, grad_out)))
-    for name, eager, comp in zip(("out", "dq", "dk", "dv"), *results):
-        torch.testing.assert_close(comp, eager, rtol=0, atol=0, msg=f"compiled {name} differs from eager")
+    assert_compiled_equals_eager(attend, torch.compile(attend, fullgraph=True, backend="aot_eager"), q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,15 +353,7 @@ def test_gpu_compile_inductor_matches_eager(backend):
         )
 
     require(backend, q, k, v)
-    grad_out = torch.randn_like(q)
-    results = []
-    for fn in (attend, torch.compile(attend, fullgraph=True)):
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        torch.manual_seed(3)
-        out = fn(*inputs)
-        results.append((out.detach(), *torch.autograd.grad(out, inputs, grad_out)))
-    for name, eager, comp in zip(("out", "dq", "dk", "dv"), *results):
-        torch.testing.assert_close(comp, eager, rtol=0, atol=0, msg=f"compiled {name} differs from eager")
+    assert_compiled_equals_eager(attend, torch.compile(attend, fullgraph=True), q, k, v)
 
 
 @pytest.mark.gpu

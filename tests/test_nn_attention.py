@@ -1,8 +1,9 @@
-"""tfm_kernels.nn.MultiheadAttention against torch.nn.MultiheadAttention (tolerance rule: torch's module in float64
-is the oracle, torch's module in the test dtype the baseline) over the argument matrix: batch_first, batched and
-unbatched, key_padding_mask and attn_mask of each kind, need_weights and average_attn_weights, is_causal,
-cross attention with kdim/vdim, add_bias_kv, add_zero_attn; plus state_dict round trips, dropout, fully masked
-rows, kernel call counts, torch.compile and bad input."""
+"""tfm_kernels.nn.MultiheadAttention against torch.nn.MultiheadAttention (tolerance rule: torch's module in
+float64 is the oracle, torch's module in the test dtype the baseline) over the argument matrix: batch_first,
+batched and unbatched, key_padding_mask and attn_mask of each kind, need_weights and
+average_attn_weights, is_causal, cross attention with kdim/vdim, add_bias_kv, add_zero_attn; plus
+state_dict round trips, dropout, fully masked rows, autocast, kernel call counts, torch.compile and bad
+input."""
 
 import pytest
 import torch
@@ -60,8 +61,8 @@ def self_attention_call(need_weights, **kwargs):
 
     def call(module, t):
         return module(t["x"], t["x"], t["x"], key_padding_mask=t.get("key_padding_mask"),
-                      attn_mask=t.get("attn_mask"), need_weights=bool(need_weights), average_attn_weights=average,
-                      **kwargs)
+                      attn_mask=t.get("attn_mask"), need_weights=bool(need_weights),
+                      average_attn_weights=average, **kwargs)
 
     return call
 
@@ -105,7 +106,8 @@ def test_cross_attention(inputs_kind, batch_first, batched, masks, need_weights)
     """Encoder-decoder attention (key is value: two GEMMs), distinct q/k/v, and kdim/vdim projections."""
     kdim, vdim = (10, 6) if inputs_kind == "kdim_vdim" else (E, E)
     reference, ours = make_pair(batch_first=batch_first, kdim=kdim, vdim=vdim)
-    inputs = {"query": seq_tensor(batched, batch_first, L, E), "key": seq_tensor(batched, batch_first, S, kdim)}
+    inputs = {"query": seq_tensor(batched, batch_first, L, E),
+              "key": seq_tensor(batched, batch_first, S, kdim)}
     if inputs_kind != "key_is_value":
         inputs["value"] = seq_tensor(batched, batch_first, S, vdim)
     if masks:
@@ -138,7 +140,8 @@ def test_bias_kv_and_zero_attn(extra, batched, masks, need_weights):
 def test_bias_kv_with_is_causal(need_weights):
     """The causal hint with the added keys: top-left causal over S + 1 keys, as torch."""
     reference, ours = make_pair(add_bias_kv=True, add_zero_attn=True, batch_first=True)
-    inputs = {"x": seq_tensor(True, True, L, E), "attn_mask": nn.Transformer.generate_square_subsequent_mask(L)}
+    inputs = {"x": seq_tensor(True, True, L, E),
+              "attn_mask": nn.Transformer.generate_square_subsequent_mask(L)}
     check_against_torch(reference, ours, inputs, self_attention_call(need_weights, is_causal=True))
 
 
@@ -147,6 +150,20 @@ def test_without_bias():
     assert ours.in_proj_bias is None and ours.out_proj.bias is None
     inputs = {"x": seq_tensor(True, True, L, E), "key_padding_mask": make_mask("bool", (N, L))}
     check_against_torch(reference, ours, inputs, self_attention_call(False))
+
+
+def test_under_autocast():
+    """CPU autocast (bfloat16): the projections run in bfloat16 and so does the kernel, as torch's."""
+    reference, ours = make_pair(batch_first=True)
+
+    def call(module, t):
+        autocast = module.in_proj_weight.dtype == torch.float32  # the float64 oracle runs without
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return module(t["x"], t["x"], t["x"], key_padding_mask=t["key_padding_mask"], need_weights=False)
+
+    inputs = {"x": seq_tensor(True, True, L, E), "key_padding_mask": make_mask("bool", (N, L))}
+    results = check_against_torch(reference, ours, inputs, call)
+    assert results["out0"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"kdim": 10, "vdim": 6}, {"add_bias_kv": True}, {"bias": False}],
@@ -199,7 +216,8 @@ def test_dropout_only_in_training():
     ours.eval()
     reference.eval()
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], reference(x, x, x, need_weights=False)[0])
+        expected = reference(x, x, x, need_weights=False)[0]
+        torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], expected)
     ours.train()
     torch.manual_seed(1)
     first = ours(x, x, x, need_weights=False)[0]
@@ -245,15 +263,28 @@ def test_runs_the_fused_attention(monkeypatch):
     assert len(calls) == 2
 
 
-def test_triton_backend_under_the_interpreter():
-    pytest.importorskip("tfm_kernels.triton.attention", reason="the Triton attention kernel is not in this tree")
+@pytest.mark.parametrize("case", ["padding+float_mask", "float_padding+bool_3d_mask", "cross_extra_keys"])
+def test_triton_backend_under_the_interpreter(case):
+    pytest.importorskip("tfm_kernels.triton.attention", reason="no Triton attention kernel in this tree")
     if not torch.cuda.is_available() and not tfm_kernels.backends.triton_interpreting():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    reference, ours = make_pair(batch_first=True)
+    cross = case == "cross_extra_keys"  # with kdim/vdim, add_bias_kv and add_zero_attn
+    extra = {"kdim": 10, "vdim": 6, "add_bias_kv": True, "add_zero_attn": True} if cross else {}
+    reference, ours = make_pair(batch_first=True, **extra)
     ours.backend = "triton"
-    inputs = {"x": seq_tensor(True, True, L, E), "key_padding_mask": make_mask("bool", (N, L)),
-              "attn_mask": make_mask("float", (L, L))}
-    check_against_torch(reference, ours, inputs, self_attention_call(False))
+    if cross:
+        inputs = {"query": seq_tensor(True, True, L, E), "key": seq_tensor(True, True, S, 10),
+                  "value": seq_tensor(True, True, S, 6), "key_padding_mask": make_mask("bool", (N, S))}
+
+        def call(module, t):
+            return module(t["query"], t["key"], t["value"], key_padding_mask=t["key_padding_mask"],
+                          need_weights=False)
+    else:
+        padding, mask = ("bool", "float") if case == "padding+float_mask" else ("float", "bool")
+        inputs = {"x": seq_tensor(True, True, L, E), "key_padding_mask": make_mask(padding, (N, L)),
+                  "attn_mask": make_mask(mask, attn_mask_shape(mask == "bool", True, L, L))}
+        call = self_attention_call(False)
+    check_against_torch(reference, ours, inputs, call)
 
 
 def test_torch_compile_matches_eager():
@@ -276,7 +307,7 @@ def test_bad_input():
     x = torch.randn(N, L, E)
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(2, 5\).*got \(5, 2\)"):
         ours(x, x, x, key_padding_mask=torch.zeros(L, N, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"attn_mask must have shape \(5, 5\) or \(6, 5, 5\).*got \(2, 5, 5\)"):
+    with pytest.raises(ValueError, match=r"attn_mask must have shape \(5, 5\) or \(6, 5, 5\).*\(2, 5, 5\)"):
         ours(x, x, x, attn_mask=torch.zeros(N, L, L, dtype=torch.bool))
     with pytest.raises(TypeError, match="attn_mask must be a bool or floating-point tensor; got torch.int64"):
         ours(x, x, x, attn_mask=torch.zeros(L, L, dtype=torch.long))
@@ -286,7 +317,7 @@ def test_bad_input():
         ours(x, x[0], x)
     with pytest.raises(ValueError, match="query and key must have the same batch size"):
         ours(x, x[:1], x[:1])
-    with pytest.raises(ValueError, match="is_causal=True is a hint that attn_mask is causal and needs attn_mask"):
+    with pytest.raises(ValueError, match="is_causal=True is a hint that attn_mask is causal and needs it"):
         ours(x, x, x, is_causal=True)
 
 
@@ -301,4 +332,5 @@ def test_gpu_bf16(is_causal):
         inputs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(seq, device="cuda")
     else:
         inputs["key_padding_mask"] = make_mask("bool", (batch, seq), device="cuda")
-    check_against_torch(reference, ours, inputs, self_attention_call(False, is_causal=is_causal), torch.bfloat16)
+    call = self_attention_call(False, is_causal=is_causal)
+    check_against_torch(reference, ours, inputs, call, torch.bfloat16)

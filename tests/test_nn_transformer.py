@@ -1,7 +1,7 @@
-"""tfm_kernels.nn Transformer layers and containers against torch.nn's (tolerance rule: torch's module in float64
-is the oracle, torch's in the test dtype the baseline): batch_first, norm_first, activations (fused and not),
-masks and causal hints, bias; same initial weights and state_dict; inference without torch's fast paths; the
-kernels really run."""
+"""tfm_kernels.nn Transformer layers and containers against torch.nn's (tolerance rule: torch's module in
+float64 is the oracle, torch's in the test dtype the baseline): batch_first, norm_first, activations (fused
+and not), masks and causal hints, bias, autocast; same initial weights and state_dict; inference without
+torch's fast paths; the kernels really run; torch.compile."""
 
 import pytest
 import torch
@@ -22,7 +22,8 @@ from tfm_kernels.nn import (
 
 D_MODEL, NHEAD, D_FF, N, S, T = 24, 3, 40, 2, 6, 5
 
-pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True", "ignore:Support for mismatched")
+pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True",
+                                        "ignore:Support for mismatched")
 
 
 def layer_kwargs(**kwargs):
@@ -80,8 +81,8 @@ def encoder_inputs(masks, batch_first, batched=True):
 
 def encoder_layer_call(is_causal=False):
     def call(module, t):
-        return (module(t["src"], src_mask=t.get("src_mask"), src_key_padding_mask=t.get("src_key_padding_mask"),
-                       is_causal=is_causal),)
+        return (module(t["src"], src_mask=t.get("src_mask"),
+                       src_key_padding_mask=t.get("src_key_padding_mask"), is_causal=is_causal),)
 
     return call
 
@@ -105,7 +106,8 @@ def test_encoder_layer_activations(activation, fused_name, monkeypatch):
     """Callables the MLP fuses run fused; any other runs in torch ops (softplus here)."""
     fused_calls = []
     original = fused_transformer.mlp
-    monkeypatch.setattr(fused_transformer, "mlp", lambda *a, **k: fused_calls.append(a[5]) or original(*a, **k))
+    monkeypatch.setattr(fused_transformer, "mlp",
+                        lambda *a, **k: fused_calls.append(a[5]) or original(*a, **k))
     reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
                                 **layer_kwargs(batch_first=True, activation=activation))
     check_against_torch(reference, ours, encoder_inputs("padding", True), encoder_layer_call())
@@ -123,7 +125,8 @@ def test_encoder_layer_under_autocast(monkeypatch):
     """Under autocast (CPU, bfloat16) the fused MLP runs in the autocast dtype, as torch's linears do."""
     dtypes = []
     original = fused_transformer.mlp
-    monkeypatch.setattr(fused_transformer, "mlp", lambda *a, **k: dtypes.append(a[0].dtype) or original(*a, **k))
+    monkeypatch.setattr(fused_transformer, "mlp",
+                        lambda *a, **k: dtypes.append(a[0].dtype) or original(*a, **k))
     reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
                                 **layer_kwargs(batch_first=True, activation="gelu"))
 
@@ -134,6 +137,24 @@ def test_encoder_layer_under_autocast(monkeypatch):
 
     check_against_torch(reference, ours, encoder_inputs("padding", True), call)
     assert dtypes == [torch.bfloat16]
+
+
+def test_encoder_layer_dropout():
+    """Dropout (attention weights, MLP hidden, residuals) only in training, repeatable under manual_seed."""
+    reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
+                                **layer_kwargs(batch_first=True, dropout=0.3))
+    src = torch.randn(N, S, D_MODEL)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(ours(src))
+    torch.testing.assert_close(runs[0], runs[1])
+    ours.eval()
+    reference.eval()
+    with torch.no_grad():
+        evaluated = ours(src)
+        torch.testing.assert_close(evaluated, reference(src))
+    assert (runs[0] - evaluated).abs().max() > 0.1
 
 
 def decoder_inputs(masks, batch_first):
@@ -153,7 +174,8 @@ def decoder_call(tgt_is_causal=False):
     def call(module, t):
         return (module(t["tgt"], t["memory"], tgt_mask=t.get("tgt_mask"), memory_mask=t.get("memory_mask"),
                        tgt_key_padding_mask=t.get("tgt_key_padding_mask"),
-                       memory_key_padding_mask=t.get("memory_key_padding_mask"), tgt_is_causal=tgt_is_causal),)
+                       memory_key_padding_mask=t.get("memory_key_padding_mask"),
+                       tgt_is_causal=tgt_is_causal),)
 
     return call
 
@@ -163,15 +185,18 @@ def decoder_call(tgt_is_causal=False):
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 def test_decoder_layer(batch_first, norm_first, masks):
     reference, ours = make_pair(nn.TransformerDecoderLayer, TransformerDecoderLayer,
-                                **layer_kwargs(batch_first=batch_first, norm_first=norm_first, activation="gelu"))
+                                **layer_kwargs(batch_first=batch_first, norm_first=norm_first,
+                                               activation="gelu"))
     check_against_torch(reference, ours, decoder_inputs(masks, batch_first), decoder_call(masks == "causal"))
 
 
 def stack_pair(kind, batch_first, norm_first=False, layers=2):
     """torch's TransformerEncoder/Decoder (random weights) and ours, built from our layer, loaded from it."""
     torch_layer, fused_layer, torch_stack, fused_stack = {
-        "encoder": (nn.TransformerEncoderLayer, TransformerEncoderLayer, nn.TransformerEncoder, TransformerEncoder),
-        "decoder": (nn.TransformerDecoderLayer, TransformerDecoderLayer, nn.TransformerDecoder, TransformerDecoder),
+        "encoder": (nn.TransformerEncoderLayer, TransformerEncoderLayer, nn.TransformerEncoder,
+                    TransformerEncoder),
+        "decoder": (nn.TransformerDecoderLayer, TransformerDecoderLayer, nn.TransformerDecoder,
+                    TransformerDecoder),
     }[kind]
     kwargs = layer_kwargs(batch_first=batch_first, norm_first=norm_first)
     reference = randomize_parameters(torch_stack(torch_layer(**kwargs), layers, norm=nn.LayerNorm(D_MODEL)))
@@ -220,7 +245,8 @@ def test_inference_runs_the_kernels_without_torch_fast_paths(monkeypatch):
     runs the kernels and agrees with torch at every non-padded position (torch's nested path writes 0 at
     padded ones)."""
     calls = {"attention": 0, "mlp": 0}
-    original_attention, original_mlp = tfm_kernels.attention.scaled_dot_product_attention, fused_transformer.mlp
+    original_attention = tfm_kernels.attention.scaled_dot_product_attention
+    original_mlp = fused_transformer.mlp
 
     def count(name, fn):
         def counted(*args, **kwargs):
@@ -278,7 +304,8 @@ def test_transformer(batch_first):
               "src_key_padding_mask": padding_mask(S), "memory_key_padding_mask": padding_mask(S)}
 
     def call(module, t):
-        return (module(t["src"], t["tgt"], tgt_mask=t["tgt_mask"], src_key_padding_mask=t["src_key_padding_mask"],
+        return (module(t["src"], t["tgt"], tgt_mask=t["tgt_mask"],
+                       src_key_padding_mask=t["src_key_padding_mask"],
                        memory_key_padding_mask=t["memory_key_padding_mask"]),)
 
     check_against_torch(reference, ours, inputs, call)

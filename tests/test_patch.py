@@ -1,6 +1,6 @@
-"""tfm_kernels.patch / unpatch: in-place conversion of nn.Transformer, of the model of PyTorch's language-modeling
-tutorial and of a user's model; weights, hooks and modes kept; the kernels run; training follows the same loss
-curve as torch's modules; torch.compile agrees with eager."""
+"""tfm_kernels.patch / unpatch: in-place conversion of nn.Transformer, of the model of PyTorch's
+language-modeling tutorial and of a user's model; weights, hooks and modes kept; the kernels run; training
+follows the same loss curve as torch's modules; torch.compile agrees with eager."""
 
 import copy
 import math
@@ -25,8 +25,8 @@ def patched_copy(model, **kwargs):
 
 
 def small_transformer(**kwargs):
-    kwargs = {"d_model": 24, "nhead": 3, "num_encoder_layers": 2, "num_decoder_layers": 2, "dim_feedforward": 40,
-              "dropout": 0.0, **kwargs}
+    kwargs = {"d_model": 24, "nhead": 3, "num_encoder_layers": 2, "num_decoder_layers": 2,
+              "dim_feedforward": 40, "dropout": 0.0, **kwargs}
     return randomize_parameters(nn.Transformer(**kwargs))
 
 
@@ -37,7 +37,8 @@ class PositionalEncoding(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         position = torch.arange(max_len, dtype=torch.float32)[:, None]  # (max_len, 1)
-        frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        even = torch.arange(0, d_model, 2, dtype=torch.float32)  # (E / 2,)
+        frequency = torch.exp(even * (-math.log(10000.0) / d_model))
         table = torch.zeros(max_len, 1, d_model)
         table[:, 0, 0::2] = torch.sin(position * frequency)
         table[:, 0, 1::2] = torch.cos(position * frequency)
@@ -48,16 +49,17 @@ class PositionalEncoding(nn.Module):
 
 
 class TutorialLanguageModel(nn.Module):
-    """The model of PyTorch's language-modeling tutorial: embedding, positional encoding, an nn.TransformerEncoder
-    of 2 layers (d_model 200, 2 heads of dim 100, feed-forward 200) and a linear head; inputs (S, N) token ids."""
+    """The model of PyTorch's language-modeling tutorial: embedding, positional encoding, an
+    nn.TransformerEncoder of 2 layers (d_model 200, 2 heads of dim 100, feed-forward 200) and a linear head;
+    inputs (S, N) token ids."""
 
     def __init__(self, vocab=50, d_model=200, nhead=2, d_hid=200, nlayers=2, dropout=0.2):
         super().__init__()
         self.d_model = d_model
         self.embedding = nn.Embedding(vocab, d_model)
         self.pos_encoder = PositionalEncoding(d_model, dropout)
-        self.transformer_encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(d_model, nhead, d_hid, dropout),
-                                                         nlayers)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, d_hid, dropout)
+        self.transformer_encoder = nn.TransformerEncoder(layer, nlayers)
         self.linear = nn.Linear(d_model, vocab)
 
     def forward(self, src, src_mask=None):
@@ -74,13 +76,14 @@ class UserModel(nn.Module):
         super().__init__()
         self.proj = nn.Linear(16, 24)
         self.attn = nn.MultiheadAttention(24, 4, batch_first=True)
-        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(24, 4, 48, 0.0, batch_first=True, norm_first=True,
-                                                                activation="gelu")])
+        block = nn.TransformerEncoderLayer(24, 4, 48, 0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.ModuleList([block])
         self.tagged = TaggedAttention(24, 2, batch_first=True)
 
     def forward(self, x, key_padding_mask):
         h = self.proj(x)
-        h = h + self.attn(h, h, h, key_padding_mask=key_padding_mask)[0]  # need_weights=True: the explicit path
+        h = h + self.attn(h, h, h, key_padding_mask=key_padding_mask)[0]  # need_weights=True: explicit path
         for block in self.blocks:
             h = block(h, src_key_padding_mask=key_padding_mask)
         return h + self.tagged(h, h, h, need_weights=False)[0]
@@ -88,7 +91,8 @@ class UserModel(nn.Module):
 
 def count_kernel_calls(monkeypatch):
     calls = {"attention": 0, "mlp": 0}
-    originals = {"attention": tfm_kernels.attention.scaled_dot_product_attention, "mlp": fused_transformer.mlp}
+    originals = {"attention": tfm_kernels.attention.scaled_dot_product_attention,
+                 "mlp": fused_transformer.mlp}
 
     def counted(name):
         def call(*args, **kwargs):
@@ -115,9 +119,9 @@ def test_patch_transformer_in_place():
 
     names = [name for name, _, _ in report.swapped]
     assert names == ["", "encoder", "encoder.layers.0", "encoder.layers.0.self_attn", "encoder.layers.1",
-                     "encoder.layers.1.self_attn", "decoder", "decoder.layers.0", "decoder.layers.0.self_attn",
-                     "decoder.layers.0.multihead_attn", "decoder.layers.1", "decoder.layers.1.self_attn",
-                     "decoder.layers.1.multihead_attn"]
+                     "encoder.layers.1.self_attn", "decoder", "decoder.layers.0",
+                     "decoder.layers.0.self_attn", "decoder.layers.0.multihead_attn", "decoder.layers.1",
+                     "decoder.layers.1.self_attn", "decoder.layers.1.multihead_attn"]
     assert report.skipped == []
     assert "encoder.layers.0.self_attn: torch.nn.modules.activation.MultiheadAttention -> " \
            "tfm_kernels.nn.attention.MultiheadAttention" in str(report)
@@ -150,7 +154,8 @@ def test_patched_transformer_matches_torch(monkeypatch):
     model = small_transformer(batch_first=True)
     ours = patched_copy(model)
     calls = count_kernel_calls(monkeypatch)
-    inputs = {"src": torch.randn(2, 6, 24, dtype=torch.float64), "tgt": torch.randn(2, 5, 24, dtype=torch.float64),
+    inputs = {"src": torch.randn(2, 6, 24, dtype=torch.float64),
+              "tgt": torch.randn(2, 5, 24, dtype=torch.float64),
               "tgt_mask": nn.Transformer.generate_square_subsequent_mask(5)}
 
     def call(module, t):
@@ -161,8 +166,8 @@ def test_patched_transformer_matches_torch(monkeypatch):
 
 
 def test_patched_transformer_trains_like_torch():
-    """Five SGD steps: the loss curve of the patched float32 model against torch's in float32 (baseline) and in
-    float64 (oracle), under the tolerance rule; the trained weights too."""
+    """Five SGD steps: the loss curve of the patched float32 model against torch's in float32 (baseline) and
+    in float64 (oracle), under the tolerance rule; the trained weights too."""
     model = small_transformer()
     ours = patched_copy(model)
     oracle = copy.deepcopy(model).double()
@@ -193,12 +198,13 @@ def test_patched_transformer_trains_like_torch():
 
 
 def test_tutorial_language_model(monkeypatch):
-    """d_model 200, 2 heads of dim 100, causal mask, as in the tutorial; dropout off (eval) for the comparison."""
+    """d_model 200, 2 heads of dim 100, causal mask, as in the tutorial; dropout off (eval) to compare."""
     model = randomize_parameters(TutorialLanguageModel()).eval()
     ours = patched_copy(model)
     assert type(ours.transformer_encoder) is fused_nn.TransformerEncoder
     calls = count_kernel_calls(monkeypatch)
-    inputs = {"tokens": torch.randint(0, 50, (35, 3)), "mask": nn.Transformer.generate_square_subsequent_mask(35)}
+    inputs = {"tokens": torch.randint(0, 50, (35, 3)),
+              "mask": nn.Transformer.generate_square_subsequent_mask(35)}
 
     def call(module, t):
         return (module(t["tokens"], t["mask"]),)

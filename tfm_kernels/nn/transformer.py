@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..mlp import mlp
-from .attention import check_backend
+from .attention import check_backend, outside_autocast
 from .mlp import _CALLABLE_ACTIVATIONS
 
 
@@ -35,16 +35,6 @@ def fused_activation_name(activation):
     return next((name for fn, name in _CALLABLE_ACTIVATIONS.items() if fn is activation), None)
 
 
-def _autocast(*tensors):
-    """The tensors in the autocast dtype where autocast is on (our operators have no autocast rule of their
-    own, and torch's layers would run these linears in it)."""
-    x = tensors[0]
-    if not torch.is_autocast_enabled(x.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
-
-
 def feed_forward(layer, x):
     """layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))), the feed-forward of torch's layers.
 
@@ -55,8 +45,13 @@ def feed_forward(layer, x):
     if name is None:
         return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
     dropout_p = layer.dropout.p if layer.dropout.training else 0.0
-    inputs = _autocast(x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
-    return mlp(*inputs, name, dropout_p, backend=layer.backend)
+    args = (x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):  # torch's layers run these linears in the autocast dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        args = tuple(t if t is None else t.to(dtype) for t in args)
+    with outside_autocast(device_type):
+        return mlp(*args, name, dropout_p, backend=layer.backend)
 
 
 def _check_layer_args(d_model, nhead, backend):

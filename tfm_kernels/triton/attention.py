@@ -14,7 +14,9 @@ Dropout keeps element (b * Hq + h, i, j) by the shared Philox scheme (tfm_kernel
 forward and backward draw the same mask without storing it. Layout contract: csrc/ops.cpp.
 
 Head dims are padded to a power of two >= 16 with masked loads. Batch/head offsets are 64-bit; in-tile
-offsets stay 32-bit and pointers advance block by block.
+offsets stay 32-bit and pointers advance block by block. Problems of at least AUTOTUNE_MIN_WORK score
+elements autotune over a short Hopper config list (once per head dims, causal, mask kind, dropout, dtype);
+smaller ones, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed config that fits.
 Tests: tests/test_attention.py, tests/test_attention_ops.py.
 """
 
@@ -110,30 +112,30 @@ def _config(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-def _config_list(gpu_configs, interpreter_config):
-    # The interpreter runs on CPU and cannot autotune more than one config.
-    return [interpreter_config] if triton_interpreting() else gpu_configs
+def _config_lists(hopper_configs, fallback, interpreter_config):
+    """(configs, fallback). The interpreter runs on CPU and cannot autotune more than one config."""
+    if triton_interpreting():
+        return [interpreter_config], interpreter_config
+    return hopper_configs, fallback
 
 
-# Tile configs for Hopper (sm_90a). The first config that fits shared memory is the default for problems too
-# small to autotune; the last one is a fallback that fits even float32 at head dim 256. Register use by ptxas
-# (bf16, head dim 128): forward 128x64 with 8 warps uses 230 registers and no spills, with 4 warps it spills
-# 1.3 KB; dK/dV 32x128 with 8 warps has no spills, 64x128 spills 0.2 KB; dQ 128x64 with 8 warps none.
+# Tile configs for Hopper (sm_90a), few so that autotuning compiles little. The first config that fits shared
+# memory is the default for problems too small to autotune; the fallback is used only where none fits (float32
+# at head dim 256). Register use by ptxas (bf16, head dim 128): forward 128x64 with 8 warps 230 registers and
+# no spills, with 4 warps it spills 1.3 KB; dK/dV 32x128 with 8 warps no spills, 64x128 spills 0.2 KB, 64x64
+# with 4 warps 0.6 KB; dQ 128x64 with 8 warps none.
 # Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
-FORWARD_CONFIGS = _config_list(
-    [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(128, 64, 8, 4), _config(64, 64, 4, 3),
-     _config(64, 32, 4, 2), _config(32, 32, 4, 1)],
-    _config(32, 16, 4, 1))
+FORWARD_CONFIGS, FORWARD_FALLBACK = _config_lists(
+    [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    _config(32, 32, 4, 1), _config(32, 16, 4, 1))
 # dK/dV: BLOCK_N keys resident while BLOCK_M query rows stream past.
-BACKWARD_KV_CONFIGS = _config_list(
-    [_config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(64, 64, 8, 2), _config(32, 64, 4, 3),
-     _config(16, 64, 4, 3), _config(16, 32, 4, 1)],
-    _config(16, 32, 4, 1))
+BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK = _config_lists(
+    [_config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(64, 64, 8, 2), _config(16, 64, 4, 3)],
+    _config(16, 32, 4, 1), _config(16, 32, 4, 1))
 # dQ: BLOCK_M query rows resident while BLOCK_N keys stream past.
-BACKWARD_Q_CONFIGS = _config_list(
-    [_config(128, 64, 8, 2), _config(128, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2),
-     _config(32, 16, 4, 1)],
-    _config(32, 16, 4, 1))
+BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK = _config_lists(
+    [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    _config(32, 16, 4, 1), _config(32, 16, 4, 1))
 AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "DOT_PRECISION"]
 
 
@@ -147,6 +149,25 @@ def _program_ids(num_row_blocks, REVERSE: tl.constexpr):
     if REVERSE:
         block = num_row_blocks - 1 - block
     return block, pid // num_row_blocks
+
+
+@triton.jit
+def _query_block_program(L, H, GROUP, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A program owning BLOCK_M query rows of one (batch, head): b, and as int64 h, its kv head h // GROUP
+    and the flat batch*head index b * H + h (also the dropout z); plus the first row."""
+    pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h.to(tl.int64), (h // GROUP).to(tl.int64), pid_bh.to(tl.int64), pid_m * BLOCK_M
+
+
+@triton.jit
+def _dropout_key(Seed, HAS_DROPOUT: tl.constexpr):
+    """The Philox key of this call's seed when dropout is on (unused placeholders otherwise)."""
+    if HAS_DROPOUT:
+        return philox_key(Seed)
+    else:
+        return 0, 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,13 +214,8 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
                     BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                     HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    kv_h64 = (h // GROUP).to(tl.int64)
-    m_start = pid_m * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -217,10 +233,7 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
     k_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
     v_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
     mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
-    k0, k1 = 0, 0
-    if HAS_DROPOUT:
-        k0, k1 = philox_key(Seed)
-    z = b64 * H + h64
+    k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
 
     col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     full_end, end = _key_blocks(m_start, col_end, IS_CAUSAL, BLOCK_M, BLOCK_N)
@@ -229,13 +242,13 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base, v_base, 0, full_end, rows, m_start, offs_n, d_ok,
                                    dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
-                                   scale_log2, k0, k1, z, threshold, MASK_KIND, False, False, HAS_DROPOUT,
+                                   scale_log2, k0, k1, bh64, threshold, MASK_KIND, False, False, HAS_DROPOUT,
                                    CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     k_diagonal = k_base + full_end.to(tl.int64) * stride_kn
     v_diagonal = v_base + full_end.to(tl.int64) * stride_vn
     acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_diagonal, v_diagonal, full_end, end, rows, m_start,
                                    offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn,
-                                   stride_vn, L, S, scale_log2, k0, k1, z, threshold, MASK_KIND, IS_CAUSAL,
+                                   stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, MASK_KIND, IS_CAUSAL,
                                    True, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
 
     # l == 0 exactly when no key takes part in the row: output 0, lse = +inf (its backward p is then 0).
@@ -249,7 +262,7 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
     o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + m_start.to(tl.int64) * stride_om
               + offs_m[:, None] * stride_om + offs_dv[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok & dv_ok[None, :])
-    lse_ptrs = Lse + pid_bh.to(tl.int64) * L + m_start + offs_m
+    lse_ptrs = Lse + bh64 * L + m_start + offs_m
     tl.store(lse_ptrs, lse, mask=(m_start + offs_m) < L)
 
 
@@ -322,17 +335,20 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
                         stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                         stride_vn, stride_gb, stride_gh, stride_gm, stride_dkb, stride_dkh, stride_dkn,
                         stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_ml, stride_ms, H,
-                        GROUP, L, S, scale, scale_log2, threshold, inv_keep, HEAD_DIM: tl.constexpr,
-                        HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-                        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    H_KV = H // GROUP
-    pid_n, pid_bkv = _program_ids(tl.cdiv(S, BLOCK_N), False)
-    b = pid_bkv // H_KV
-    kv_h = pid_bkv % H_KV
+                        GROUP, HEADS_PER_PROGRAM, L, S, scale, scale_log2, threshold, inv_keep,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                        HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A program owns BLOCK_N keys of one kv head and HEADS_PER_PROGRAM of its query heads: the whole group
+    # (dK, dV final), or fewer where the group is split for parallelism (partial dK, dV per head slice).
+    SLICES = H // HEADS_PER_PROGRAM
+    pid_n, pid_slice = _program_ids(tl.cdiv(S, BLOCK_N), False)
+    b = pid_slice // SLICES
     b64 = b.to(tl.int64)
-    kv_h64 = kv_h.to(tl.int64)
+    slice64 = (pid_slice % SLICES).to(tl.int64)
+    first_h64 = slice64 * HEADS_PER_PROGRAM
+    kv_h64 = first_h64 // GROUP
     n_start = pid_n * BLOCK_N
     n_start64 = n_start.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -346,17 +362,15 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
     CHECK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     CHECK_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
 
-    k = _load_tile(K + b64 * stride_kb + kv_h64 * stride_kh + n_start64 * stride_kn + offs_n[:,
-                   None] * stride_kn
-                   + offs_d[None, :], col_in_s, d_ok[None, :], True, CHECK_D)  # (BLOCK_N, BLOCK_D)
-    v = _load_tile(V + b64 * stride_vb + kv_h64 * stride_vh + n_start64 * stride_vn + offs_n[:,
-                   None] * stride_vn
-                   + offs_dv[None, :], col_in_s, dv_ok[None, :], True, CHECK_DV)  # (BLOCK_N, BLOCK_DV)
+    k_ptrs = (K + b64 * stride_kb + kv_h64 * stride_kh + n_start64 * stride_kn + offs_n[:, None] * stride_kn
+              + offs_d[None, :])
+    k = _load_tile(k_ptrs, col_in_s, d_ok[None, :], True, CHECK_D)  # (BLOCK_N, BLOCK_D)
+    v_ptrs = (V + b64 * stride_vb + kv_h64 * stride_vh + n_start64 * stride_vn + offs_n[:, None] * stride_vn
+              + offs_dv[None, :])
+    v = _load_tile(v_ptrs, col_in_s, dv_ok[None, :], True, CHECK_DV)  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    k0, k1 = 0, 0
-    if HAS_DROPOUT:
-        k0, k1 = philox_key(Seed)
+    k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
 
     col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     if IS_CAUSAL:
@@ -370,8 +384,8 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
     no_row = n_start >= col_end
     start = tl.where(no_row, L, start)
     full_start = tl.where(no_row, L, tl.minimum(full_start, L))
-    for g in range(0, GROUP):  # the query heads sharing this key/value head
-        h64 = kv_h64 * GROUP + g
+    for g in range(0, HEADS_PER_PROGRAM):
+        h64 = first_h64 + g
         bh64 = b64 * H + h64
         q_bh = Q + b64 * stride_qb + h64 * stride_qh
         do_bh = GradOut + b64 * stride_gb + h64 * stride_gh
@@ -389,10 +403,10 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
                                     bh64, threshold, inv_keep, MASK_KIND, False, HAS_KEY_LENGTHS, HAS_DROPOUT,
                                     CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M)
 
-    dk_ptrs = (GradK + b64 * stride_dkb + kv_h64 * stride_dkh + n_start64 * stride_dkn
+    dk_ptrs = (GradK + b64 * stride_dkb + slice64 * stride_dkh + n_start64 * stride_dkn
                + offs_n[:, None] * stride_dkn + offs_d[None, :])
     tl.store(dk_ptrs, (dk * scale).to(GradK.dtype.element_ty), mask=col_in_s & d_ok[None, :])
-    dv_ptrs = (GradV + b64 * stride_dvb + kv_h64 * stride_dvh + n_start64 * stride_dvn
+    dv_ptrs = (GradV + b64 * stride_dvb + slice64 * stride_dvh + n_start64 * stride_dvn
                + offs_n[:, None] * stride_dvn + offs_dv[None, :])
     tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=col_in_s & dv_ok[None, :])
 
@@ -433,13 +447,8 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
                        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                        HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    kv_h64 = (h // GROUP).to(tl.int64)
-    m_start = pid_m * BLOCK_M
     m_start64 = m_start.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -458,29 +467,25 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
     do = _load_tile(GradOut + b64 * stride_gb + h64 * stride_gh + m_start64 * stride_gm
                     + offs_m[:, None] * stride_gm + offs_dv[None, :], row_ok[:, None], dv_ok[None, :], True,
                     CHECK_DV)
-    bh64 = pid_bh.to(tl.int64)
     lse_log2 = tl.load(Lse + bh64 * L + row_ids, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + bh64 * L + row_ids, mask=row_ok, other=0.0)
     kT_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None]
     mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
-    k0, k1 = 0, 0
-    if HAS_DROPOUT:
-        k0, k1 = philox_key(Seed)
-    z = b64 * H + h64
+    k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
 
     col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     full_end, end = _key_blocks(m_start, col_end, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, 0, full_end, rows, m_start, offs_n,
                            d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
-                           scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND, False, False, HAS_DROPOUT,
-                           CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+                           scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, False, False,
+                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     kT_diagonal = kT_base + full_end.to(tl.int64) * stride_kn
     vT_diagonal = vT_base + full_end.to(tl.int64) * stride_vn
     dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_diagonal, vT_diagonal, full_end, end, rows, m_start,
                            offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn,
-                           L, S, scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND, IS_CAUSAL, True,
+                           L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, IS_CAUSAL, True,
                            HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
     dq_ptrs = (GradQ + b64 * stride_dqb + h64 * stride_dqh + m_start64 * stride_dqm
                + offs_m[:, None] * stride_dqm + offs_d[None, :])
@@ -494,39 +499,40 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
 class _TiledKernel:
     """A kernel with its config list: autotuned for big problems, else the first config that fits."""
 
-    def __init__(self, kernel, configs, resident):
+    def __init__(self, kernel, configs, fallback, resident):
         self.kernel = kernel
         self.configs = configs
+        self.fallback = fallback
         self.resident = resident  # the block that stays in shared memory: "BLOCK_M" or "BLOCK_N"
         self.streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
-        self.tuned = triton.autotune(configs=configs, key=AUTOTUNE_KEY,
+        all_configs = configs if fallback in configs else [*configs, fallback]
+        self.tuned = triton.autotune(configs=all_configs, key=AUTOTUNE_KEY,
                                      prune_configs_by={"early_config_prune": self._prune})(kernel)
 
-    def fitting(self, configs, element_size, head_dims):
+    def fitting(self, element_size, head_dims):
         """The configs whose resident tile plus pipelined streamed tiles fit the shared memory budget."""
         def estimate(config):
             tiles = config.kwargs[self.resident] + max(config.num_stages, 1) * config.kwargs[self.streamed]
             return element_size * head_dims * tiles
 
-        fit = [c for c in configs if estimate(c) <= SHARED_MEMORY_BUDGET]
-        return fit or [min(configs, key=estimate)]
+        return [c for c in self.configs if estimate(c) <= SHARED_MEMORY_BUDGET] or [self.fallback]
 
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return self.fitting(configs, args["Q"].element_size(), args["BLOCK_D"] + args["BLOCK_DV"])
+        return self.fitting(args["Q"].element_size(), args["BLOCK_D"] + args["BLOCK_DV"])
 
     def launch(self, grid, work, element_size, args, constexprs):
         if AUTOTUNE and not triton_interpreting() and work >= AUTOTUNE_MIN_WORK:
             self.tuned[grid](*args, **constexprs)
             return
-        config = self.fitting(self.configs, element_size, constexprs["BLOCK_D"] + constexprs["BLOCK_DV"])[0]
+        config = self.fitting(element_size, constexprs["BLOCK_D"] + constexprs["BLOCK_DV"])[0]
         self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
                           num_stages=config.num_stages)
 
 
-_FORWARD = _TiledKernel(_forward_kernel, FORWARD_CONFIGS, "BLOCK_M")
-_BACKWARD_KV = _TiledKernel(_backward_kv_kernel, BACKWARD_KV_CONFIGS, "BLOCK_N")
-_BACKWARD_Q = _TiledKernel(_backward_q_kernel, BACKWARD_Q_CONFIGS, "BLOCK_M")
+_FORWARD = _TiledKernel(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M")
+_BACKWARD_KV = _TiledKernel(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N")
+_BACKWARD_Q = _TiledKernel(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M")
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
 
 
@@ -605,8 +611,12 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
     lse = lse.contiguous()
     c = _Common(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
     dq = q.new_empty(c.B, c.L, c.H, c.E).transpose(1, 2)  # (B, H, L, E), stored (B, L, H, E)
-    dk = k.new_empty(c.B, c.S, c.Hk, c.E).transpose(1, 2)  # (B, Hk, S, E), stored (B, S, Hk, E)
-    dv = v.new_empty(c.B, c.S, c.Hk, c.Ev).transpose(1, 2)  # (B, Hk, S, Ev), stored (B, S, Hk, Ev)
+    heads_per_program = _heads_per_kv_program(c, q.device)
+    slices = c.H // heads_per_program
+    partial = slices != c.Hk  # the dK/dV programs split each query group: float32 partial sums per slice
+    grad_kv_dtype = torch.float32 if partial else k.dtype
+    dk = k.new_empty(c.B, c.S, slices, c.E, dtype=grad_kv_dtype).transpose(1, 2)  # (B, slices, S, E)
+    dv = v.new_empty(c.B, c.S, slices, c.Ev, dtype=grad_kv_dtype).transpose(1, 2)  # (B, slices, S, Ev)
     delta = torch.empty_like(lse)  # (B, H, L) float32
     block_dv = c.constexprs["BLOCK_DV"]
     with _device_guard(q):
@@ -615,12 +625,41 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
             HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=DELTA_BLOCK_M)
         shared = (q, k, v, grad_out, lse, delta)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
-        tail = (*c.scalars, c.scale, c.scale_log2, *c.dropout)
-        kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * c.Hk,)
+        H, group, L, S = c.scalars
+        tail = (c.scale, c.scale_log2, *c.dropout)
+        kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * slices,)
         _BACKWARD_KV.launch(kv_grid, c.work, q.element_size(), (*shared, dk, dv, c.mask, c.key_lengths, seed,
-                            *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, *tail),
-                            c.constexprs)
+                            *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, H, group,
+                            heads_per_program, L, S, *tail), c.constexprs)
         q_grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
         _BACKWARD_Q.launch(q_grid, c.work, q.element_size(), (*shared, dq, c.mask, c.key_lengths, seed,
-                           *strides, *dq.stride()[:3], *c.mask_strides, *tail), c.constexprs)
+                           *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail), c.constexprs)
+    if partial:
+        dk, dv = (_sum_slices(t, c.Hk, k.dtype) for t in (dk, dv))
     return dq, dk, dv
+
+
+def _sum_slices(partial, kv_heads, dtype):
+    """(B, slices, S, D) float32 partial gradients, stored (B, S, slices, D) -> (B, Hk, S, D) in `dtype`,
+    stored (B, S, Hk, D). Slices of one kv head are adjacent: the sum runs over a (Hk, slices / Hk) view."""
+    B, slices, S, D = partial.shape
+    stored = partial.transpose(1, 2)  # (B, S, slices, D), contiguous
+    summed = stored.view(B, S, kv_heads, slices // kv_heads, D).sum(3)  # (B, S, Hk, D)
+    return summed.to(dtype).transpose(1, 2)  # (B, Hk, S, D)
+
+
+def _heads_per_kv_program(c, device):
+    """Query heads per dK/dV program: the whole group, unless B * Hk * (S / 128) programs would leave
+    multiprocessors idle; then one (each query head's partial dK, dV, summed afterwards)."""
+    group = c.H // c.Hk
+    if group > 1 and c.B * c.Hk * triton.cdiv(c.S, 128) < _multiprocessor_count(device):
+        return 1
+    return group
+
+
+def _multiprocessor_count(device):
+    """Streaming multiprocessors of a CUDA device; 0 on the CPU, where the interpreter gains nothing from
+    more programs."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -22,6 +22,7 @@
 #include "cuda/attention/instantiations/head_dims.h"
 #include "cuda/attention/launch.h"
 #include "cuda/attention/params.h"
+#include "cuda/common/static_switch.h"
 
 namespace tfm_kernels::attention {
 namespace {
@@ -155,22 +156,22 @@ at::Tensor empty_bnhd(const at::Tensor& like, int64_t B, int64_t H, int64_t N, i
 template <typename Params>
 using Launcher = int (*)(const Params&, CUstream_st*);
 
-template <typename Params>
-Launcher<Params> select_launcher(int64_t head_dim, ElementType type, bool forward) {
-#define TFM_SELECT(D)                                                                                        \
-  if (head_dim == D) {                                                                                       \
-    if constexpr (std::is_same_v<Params, ForwardParams>) {                                                   \
-      return type == ElementType::kFloat16 ? &launch_forward<D, ElementType::kFloat16>                       \
-                                           : &launch_forward<D, ElementType::kBFloat16>;                     \
-    } else {                                                                                                 \
-      return type == ElementType::kFloat16 ? &launch_backward<D, ElementType::kFloat16>                      \
-                                           : &launch_backward<D, ElementType::kBFloat16>;                    \
-    }                                                                                                        \
+// The launcher of the compiled head dim `head_dim` for element type kType, from the generated list.
+#define TFM_SELECT_HEAD_DIM(D)                                                          \
+  if (head_dim == D) {                                                                  \
+    if constexpr (std::is_same_v<Params, ForwardParams>) return &launch_forward<D, kType>; \
+    else return &launch_backward<D, kType>;                                             \
   }
-  TFM_ATTENTION_FOR_EACH_HEAD_DIM(TFM_SELECT)
-#undef TFM_SELECT
-  TORCH_CHECK(false, "attention (CUDA): no kernel for head dim ", head_dim, (forward ? " (forward)" : " (backward)"));
+
+template <typename Params>
+Launcher<Params> select_launcher(int64_t head_dim, ElementType type) {
+  return BOOL_SWITCH(type == ElementType::kFloat16, kIsHalf, [&]() -> Launcher<Params> {
+    constexpr ElementType kType = kIsHalf ? ElementType::kFloat16 : ElementType::kBFloat16;
+    TFM_ATTENTION_FOR_EACH_HEAD_DIM(TFM_SELECT_HEAD_DIM)
+    TORCH_CHECK(false, "attention (CUDA): no kernel for head dim ", head_dim);
+  });
 }
+#undef TFM_SELECT_HEAD_DIM
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
@@ -187,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
   params.out = out.data_ptr();
   params.out_strides = strides_of(out);
   params.lse = lse.data_ptr<float>();
-  const int error = select_launcher<ForwardParams>(D, element_type(q), true)(params, at::cuda::getCurrentCUDAStream());
+  const int error = select_launcher<ForwardParams>(D, element_type(q))(params, at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(error));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
@@ -231,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   params.grad_v_strides = strides_of(grad_v);
   params.delta = delta.data_ptr<float>();
   const int error =
-      select_launcher<BackwardParams>(D, element_type(q), false)(params, at::cuda::getCurrentCUDAStream());
+      select_launcher<BackwardParams>(D, element_type(q))(params, at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(error));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_q, grad_k, grad_v};

@@ -5,19 +5,21 @@
 //
 // Resource report (nvcc 13.0 -O3 --use_fast_math, -Xptxas=-v; no static shared memory, no spills unless said):
 //   kernel (threads)       D    registers sm_80 / sm_90a   dynamic shared memory   blocks per SM (regs, smem)
-//   forward (128)          64   133 / 140                  46080 B                 3 on H100 (registers)
-//   forward (128)          128  180 / 184                  87040 B                 2 on H100, 1 on A100 (smem)
+//   forward (128)          64   128 / 128                  46080 B                 4 on H100, 3 on A100 (smem)
+//   forward (128)          128  168 / 180                  87040 B                 2 on H100, 1 on A100 (smem)
 //   backward delta (128)   64   26 / 22                    0
 //   backward delta (128)   128  36 / 34                    0
 //   backward dk/dv (128)   64   208 / 210                  56320 B                 2 (registers)
 //   backward dk/dv (128)   128  229 / 235                  70144 B                 2 (registers)
-//   backward dq (128)      64   168 / 168                  55296 B                 2 (registers)
-//   backward dq (128)      128  246 / 248                  104448 B                2 on H100, 1 on A100 (smem)
-//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: dq 158, dk/dv 156; D = 96: dq 234, dk/dv 201;
-//   D = 256: forward 255 with 96 B spilled (101376 B smem), dq 252 (135168 B), dk/dv 236 (256 threads, 135680 B).
-// Registers bound the occupancy on H100 (8 to 12 warps per SM); on A100 shared memory halves it at D = 128.
+//   backward dq (128)      64   168 / 163                  55296 B                 3 (registers)
+//   backward dq (128)      128  237 / 241                  104448 B                2 on H100, 1 on A100 (smem)
+//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a, no spills): D = 32: forward 96, dq 128, dk/dv 156; D = 96: forward
+//   161, dq 219, dk/dv 201; D = 256: forward 252 (101376 B), dq 253 (135168 B), dk/dv 236 (256 threads,
+//   135680 B).
+// 8 to 16 warps per SM on H100, bound by registers except the d64 forward; A100's smaller shared memory
+// halves the d128 forward and dq.
 // Drawing the dropout mask as a bit mask four Philox streams at a time (tile_math.cuh) took the d128 forward
-// from 255 registers with 24 B spilled to 184 without spills.
+// from 255 registers with 24 B spilled to 184 without spills (180 after later changes).
 #pragma once
 
 namespace tfm_kernels::attention {
