@@ -3,17 +3,12 @@ sampling controls do what they say, and bad arguments raise clear errors."""
 
 import pytest
 import torch
+from threads import one_thread  # noqa: F401  (fixture)
 
 from tfm_kernels.models import EncoderDecoderTransformer, LMConfig, Seq2SeqConfig, TransformerLM
 from tfm_kernels.models.generation import beam_search, generate, greedy_decode, length_penalty
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from threads import one_thread  # noqa: F401  (fixture)
 from tolerance import assert_within_tolerance
 
 from tfm_kernels.models import (
@@ -20,14 +21,7 @@ from tfm_kernels.models import (
 from tfm_kernels.models.baseline import TorchLM, build_torch_lm
 from tfm_kernels.models.seq2seq import sinusoidal_positions
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread is ~40x faster for these tiny models than oversubscribed OpenMP."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_presets_hold_the_published_shapes():
@@ -220,3 +214,30 @@ def test_dropout_trains_stochastically_and_evaluates_deterministically():
     assert not torch.equal(model(tokens), model(tokens))
     model.eval()
     assert torch.equal(model(tokens), model(tokens))
+
+
+def test_lm_compiles_to_one_graph():
+    """torch.compile(fullgraph=True) traces the model through the package's operators (no graph breaks) and
+    computes the same logits."""
+    model = TransformerLM(LMConfig.preset("tiny", n_layers=1))
+    tokens = torch.randint(0, 256, (2, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_autocast_runs_attention_and_mlp_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast (as training on a GPU) both kernels receive bf16 inputs, and the logits stay close
+    to the float32 model's."""
+    dtypes = []
+    mlp = layers.mlp
+    attention = layers.scaled_dot_product_attention
+    monkeypatch.setattr(layers, "mlp", lambda x, *a, **k: dtypes.append(("mlp", x.dtype)) or mlp(x, *a, **k))
+    monkeypatch.setattr(layers, "scaled_dot_product_attention",
+                        lambda q, *a, **k: dtypes.append(("attention", q.dtype)) or attention(q, *a, **k))
+    model = TransformerLM(LMConfig.preset("tiny", n_layers=1))
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(tokens)
+    assert dtypes == [("attention", torch.bfloat16), ("mlp", torch.bfloat16)]
+    reference = model(tokens)
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()

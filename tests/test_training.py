@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from threads import one_thread  # noqa: F401  (fixture)
 
 from tfm_kernels.models import LMConfig, Seq2SeqConfig, TransformerLM, checkpoint, data, distributed
 from tfm_kernels.models.cli import generate_main, train_copy_main, train_main
+from tfm_kernels.models.generation import generate
 from tfm_kernels.models.schedules import inverse_sqrt, warmup_cosine
 from tfm_kernels.models.tokenizer import ByteTokenizer
 from tfm_kernels.models.training import TrainConfig, lm_loss, train_copy, train_lm
@@ -21,12 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(context_length=32, d_model=32, n_layers=2, n_heads=2, d_ff=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(**overrides):
@@ -46,7 +43,7 @@ def test_tiny_lm_lowers_validation_loss_on_the_default_corpus():
 
 def test_copy_task_reaches_high_accuracy():
     result = train_copy(Seq2SeqConfig.preset("tiny", warmup_steps=100),
-                        _quiet(steps=300, batch_size=32, lr=0.5, eval_interval=300), max_length=8,
+                        _quiet(steps=400, batch_size=32, lr=0.5, eval_interval=400), max_length=8,
                         eval_examples=128)
     accuracy = result.evaluations[-1][1]["token_accuracy"]
     assert result.evaluations[0][1]["token_accuracy"] < 0.2
@@ -75,6 +72,10 @@ def test_resume_continues_bit_identically(tmp_path, dropout):
     assert saved["step"] == 12 and set(saved) >= {"model", "optimizer", "scheduler", "rng", "config",
                                                   "data_generator", "train_config"}
     assert os.listdir(tmp_path) == [checkpoint.CHECKPOINT_NAME]
+    again = train_lm(config, _quiet(steps=12, checkpoint_dir=str(tmp_path), resume=True, **common))
+    assert again.step == 12 and again.evaluations[-1][0] == 12 and not again.train_losses
+    with pytest.raises(ValueError, match="steps 5 is behind the checkpoint, which is at step 12"):
+        train_lm(config, _quiet(steps=5, checkpoint_dir=str(tmp_path), resume=True, **common))
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):
@@ -266,3 +267,29 @@ def test_cli_train_copy_reports_accuracy(capsys):
     assert train_copy_main(["--steps", "3", "--batch-size", "4", "--max-length", "4", "--eval-examples", "8",
                             "--device", "cpu", "--no-progress"]) == 0
     assert "step 3: copy token accuracy" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU (benchmarks/device_check.sh)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_training_and_cached_generation(tmp_path):
+    """bf16 autocast training on the GPU kernels lowers the loss, checkpoints resume there, and cached greedy
+    decoding equals uncached decoding on the GPU; decode-step attention runs on a kernel backend."""
+    from tfm_kernels import backends
+
+    config = LMConfig.preset("tiny")
+    run = dict(batch_size=16, lr=3e-3, warmup_steps=10, eval_interval=60, eval_windows=32, device="cuda",
+               checkpoint_dir=str(tmp_path))
+    first = train_lm(config, _quiet(steps=40, **run))
+    result = train_lm(config, _quiet(steps=60, resume=True, **run))
+    assert next(result.model.parameters()).is_cuda
+    assert result.evaluations[-1][1]["val_loss"] < first.evaluations[0][1]["val_loss"] - 1.5
+    model = result.model.eval()
+    prompt = torch.randint(0, 256, (4, 9), device="cuda")
+    assert torch.equal(generate(model, prompt, 40, greedy=True), generate(model, prompt, 40, greedy=True,
+                                                                         use_cache=False))
+    q = torch.randn(4, 4, 1, 16, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(4, 4, 49, 16, device="cuda", dtype=torch.bfloat16)
+    assert backends.choose(q, k, k) in ("cuda", "triton")

@@ -12,6 +12,7 @@ FORMAT_VERSION = 1
 
 
 def checkpoint_path(directory: str) -> str:
+    """The checkpoint file of a run's folder (one file, replaced at every save)."""
     return os.path.join(directory, CHECKPOINT_NAME)
 
 
@@ -24,6 +25,7 @@ def capture_rng() -> dict:
 
 
 def restore_rng(state: dict):
+    """Puts back the generator states that capture_rng returned."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

@@ -62,10 +62,12 @@ class _Presets:
         return cls(**fields)
 
     def to_dict(self) -> dict:
+        """Plain field values (what checkpoints store)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict):
+        """The config of a to_dict() result, validated again."""
         return cls(**values)
 
 
@@ -121,28 +123,11 @@ class Seq2SeqConfig(_Presets):
     eos_id: int = ByteTokenizer.eos_id
 
     PRESETS = {
-        "tiny": dict(
-            max_length=64,
-            d_model=64,
-            n_heads=4,
-            d_ff=256,
-            n_encoder_layers=2,
-            n_decoder_layers=2,
-            dropout=0.0,
-            warmup_steps=100,
-        ),
+        "tiny": dict(max_length=64, d_model=64, n_heads=4, d_ff=256, n_encoder_layers=2, n_decoder_layers=2,
+                     dropout=0.0, warmup_steps=100),
         # The paper's base model (Table 3): N=6, d_model 512, d_ff 2048, 8 heads, P_drop 0.1, eps_ls 0.1.
-        "base": dict(
-            max_length=512,
-            d_model=512,
-            n_heads=8,
-            d_ff=2048,
-            n_encoder_layers=6,
-            n_decoder_layers=6,
-            dropout=0.1,
-            label_smoothing=0.1,
-            warmup_steps=4000,
-        ),
+        "base": dict(max_length=512, d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6,
+                     n_decoder_layers=6, dropout=0.1, label_smoothing=0.1, warmup_steps=4000),
     }
 
     def __post_init__(self):

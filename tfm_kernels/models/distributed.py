@@ -68,6 +68,7 @@ def init_from_env(device: str = "auto") -> DistributedEnv:
 
 
 def shutdown(env: DistributedEnv):
+    """Leaves the process group joined by init_from_env (nothing to do in one process)."""
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -97,10 +98,6 @@ def _repeated_blocks(model: nn.Module):
             yield from module
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def all_reduce_sum(values: torch.Tensor, env: DistributedEnv) -> torch.Tensor:
     """Sum of `values` over all processes (itself in one process)."""
     if env.distributed:
@@ -119,5 +116,6 @@ def all_gather_objects(obj, env: DistributedEnv) -> list:
 
 
 def barrier(env: DistributedEnv):
+    """Waits until every process gets here (the checkpoint is complete before anyone goes on)."""
     if env.distributed:
         dist.barrier()

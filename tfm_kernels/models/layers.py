@@ -88,7 +88,8 @@ class FeedForward(nn.Module):
     """Position-wise feed-forward network linear2(dropout(act(linear1(x)))) as one fused MLP call.
 
     x (..., d_model) -> (..., d_model). Under autocast the inputs and weights are cast to the autocast dtype,
-    as autocast would do for the two matmuls."""
+    as autocast would do for the two matmuls, and the fused op runs with autocast off: its kernels pick their
+    own accumulation dtypes, which autocast must not recast inside them."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, dropout: float, bias: bool = True):
         super().__init__()
@@ -99,8 +100,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         args = (x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
             args = tuple(None if t is None else t.to(dtype) for t in args)
         dropout_p = self.dropout if self.training else 0.0
-        return mlp(*args, activation=self.activation, dropout_p=dropout_p)
+        with torch.autocast(device_type, enabled=False):
+            return mlp(*args, activation=self.activation, dropout_p=dropout_p)

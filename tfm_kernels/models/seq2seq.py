@@ -39,6 +39,8 @@ class _Residual(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    """Self-attention over the source (pad keys excluded by src_lengths), then the feed-forward network."""
+
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
         c = config
@@ -53,6 +55,9 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Causal self-attention (cached when decoding), attention over the encoder's keys/values, then the
+    feed-forward network."""
+
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
         c = config

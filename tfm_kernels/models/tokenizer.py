@@ -16,6 +16,7 @@ class ByteTokenizer:
     vocab_size = 259
 
     def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of `text` as ids."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str; got {type(text).__name__}")
         return list(text.encode("utf-8"))
@@ -25,5 +26,6 @@ class ByteTokenizer:
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(torch.int64)
 
     def decode(self, ids) -> str:
+        """Text of byte ids (a list or 1-D tensor); special ids are dropped."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")

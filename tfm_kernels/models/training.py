@@ -114,9 +114,10 @@ def _param_groups(model, weight_decay):
 class Trainer:
     """The optimisation loop shared by both models.
 
-    next_batch() -> tuple of CPU tensors for this process; loss_fn(model, *batch) -> scalar loss;
-    evaluate(model) -> {metric: value} (run on every process; called at step 0 of a fresh run, every
-    eval_interval steps and at the end); tokens_per_step: global tokens per step for the progress line."""
+    next_batch() -> tuple of CPU tensors for this process; loss_fn(wrapped model, *batch) -> scalar loss;
+    evaluate(model) -> {metric: value} (the model itself, not its DDP wrapper; run on every process; called
+    at step 0 of a fresh run, every eval_interval steps and at the end); tokens_per_step: global tokens per
+    step for the progress line."""
 
     def __init__(
         self,
@@ -148,6 +149,9 @@ class Trainer:
         self.data_generator = data_generator
         self.tokens_per_step = tokens_per_step
         self.step = 0
+        # FSDP keys optimizer state by parameter name, torch's optimizers by index: a checkpoint resumes only
+        # under the layout that wrote it (its model weights load anywhere).
+        self.optimizer_layout = "fsdp" if train_config.fsdp and env.distributed else "torch"
         self.autocast = torch.autocast(
             env.device.type, dtype=torch.bfloat16, enabled=train_config.amp and env.device.type == "cuda"
         )
@@ -156,7 +160,7 @@ class Trainer:
 
     def _state_dicts(self):
         """(model, optimizer) state dicts with full, unsharded tensors (collective under FSDP)."""
-        if self.config.fsdp and self.env.distributed:
+        if self.optimizer_layout == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
             return get_state_dict(
@@ -177,6 +181,7 @@ class Trainer:
                     "train_config": dataclasses.asdict(self.config),
                     "model": model_state,
                     "optimizer": optimizer_state,
+                    "optimizer_layout": self.optimizer_layout,
                     "scheduler": self.scheduler.state_dict(),
                     "step": self.step,
                     "rng": rng_states,
@@ -186,7 +191,12 @@ class Trainer:
         distributed.barrier(self.env)
 
     def load(self, checkpoint):
-        if self.config.fsdp and self.env.distributed:
+        """Continues from a checkpoint's state: parameters, optimizer, schedule, step, data stream, RNGs."""
+        if checkpoint["optimizer_layout"] != self.optimizer_layout:
+            saved = checkpoint["optimizer_layout"]
+            raise ValueError(f"the checkpoint's optimizer state was written by a {saved!r} run; resume it as "
+                             f"one (fsdp=True under torchrun for 'fsdp'), not as {self.optimizer_layout!r}")
+        if self.optimizer_layout == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             set_state_dict(
@@ -212,13 +222,14 @@ class Trainer:
     def _evaluate(self, progress, result):
         self.model.eval()
         with torch.no_grad(), self.autocast:
-            metrics = self.evaluate(self.model)
+            metrics = self.evaluate(self.module)
         self.model.train()
         result.evaluations.append((self.step, metrics))
         shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
         progress.message(f"step {self.step}: {shown}")
 
     def run(self) -> TrainResult:
+        """Trains from the current step to config.steps; evaluates, logs and saves on the way."""
         config = self.config
         result = TrainResult(model=self.module, step=self.step)
         progress = ProgressLine(config.steps, enabled=config.progress and self.env.is_main)
@@ -250,6 +261,8 @@ class Trainer:
                 or (config.checkpoint_interval and self.step % config.checkpoint_interval == 0)
             ):
                 self.save()
+        if not result.evaluations or result.evaluations[-1][0] != self.step:
+            self._evaluate(progress, result)  # a resumed run with no steps left still reports where it stands
         progress.close()
         result.step = self.step
         return result
@@ -264,7 +277,19 @@ def _prepare_resume(config: TrainConfig, kind, model_config):
     """The checkpoint to resume from (validated against the model configuration), or None for a fresh run."""
     if not config.resume:
         return None
-    return ckpt.load_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir), kind, model_config)
+    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir), kind, model_config)
+    if saved["step"] > config.steps:
+        raise ValueError(f"steps {config.steps} is behind the checkpoint, which is at step {saved['step']}")
+    return saved
+
+
+def _train(kind, model, model_config, config, env, resume_from, **parts) -> TrainResult:
+    """Wraps `model` for the job, continues from `resume_from` if given, and runs the Trainer."""
+    trainer = Trainer(kind=kind, model=model, model_config=model_config, train_config=config, env=env,
+                      **parts)
+    if resume_from is not None:
+        trainer.load(resume_from)
+    return trainer.run()
 
 
 def _build(model_class, model_config, config, env):
@@ -314,23 +339,10 @@ def train_lm(
     def optimizer_factory(wrapped):
         return torch.optim.AdamW(_param_groups(wrapped, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
 
-    trainer = Trainer(
-        kind="lm",
-        model=model,
-        model_config=model_config,
-        train_config=config,
-        env=env,
-        optimizer_factory=optimizer_factory,
-        schedule=warmup_cosine(config.warmup_steps, config.decay_steps or config.steps, config.min_lr_ratio),
-        next_batch=batches.next,
-        loss_fn=lm_loss,
-        evaluate=evaluate,
-        data_generator=generator,
-        tokens_per_step=config.batch_size * model_config.context_length,
-    )
-    if resume_from is not None:
-        trainer.load(resume_from)
-    return trainer.run()
+    schedule = warmup_cosine(config.warmup_steps, config.decay_steps or config.steps, config.min_lr_ratio)
+    return _train("lm", model, model_config, config, env, resume_from, optimizer_factory=optimizer_factory,
+                  schedule=schedule, next_batch=batches.next, loss_fn=lm_loss, evaluate=evaluate,
+                  data_generator=generator, tokens_per_step=config.batch_size * model_config.context_length)
 
 
 def copy_accuracy(model: EncoderDecoderTransformer, src, tgt_out):
@@ -378,16 +390,8 @@ def train_copy(
     c = model_config
     symbols = data.copy_symbols()
     generator = torch.Generator().manual_seed(config.seed)
-    held_out = data.copy_task_batch(
-        eval_examples,
-        min_length,
-        max_length,
-        symbols,
-        c.pad_id,
-        c.bos_id,
-        c.eos_id,
-        torch.Generator().manual_seed(config.seed + 1),
-    )
+    held_out = data.copy_task_batch(eval_examples, min_length, max_length, symbols, c.pad_id, c.bos_id,
+                                    c.eos_id, torch.Generator().manual_seed(config.seed + 1))
     local = slice(
         env.rank * config.batch_size // env.world_size, (env.rank + 1) * config.batch_size // env.world_size
     )
@@ -401,28 +405,15 @@ def train_copy(
     def loss_fn(wrapped, src, tgt_in, tgt_out):
         return seq2seq_loss(wrapped, src, tgt_in, tgt_out, c.label_smoothing, c.pad_id)
 
-    def evaluate(wrapped):
+    def evaluate(trained):
         src, _, tgt_out = (t.to(env.device) for t in held_out)
-        token_accuracy, sequence_accuracy = copy_accuracy(model, src, tgt_out)
+        token_accuracy, sequence_accuracy = copy_accuracy(trained, src, tgt_out)
         return {"token_accuracy": token_accuracy, "sequence_accuracy": sequence_accuracy}
 
     def optimizer_factory(wrapped):
         return torch.optim.Adam(wrapped.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=1e-9)
 
-    trainer = Trainer(
-        kind="seq2seq",
-        model=model,
-        model_config=model_config,
-        train_config=config,
-        env=env,
-        optimizer_factory=optimizer_factory,
-        schedule=inverse_sqrt(c.d_model, c.warmup_steps),
-        next_batch=next_batch,
-        loss_fn=loss_fn,
-        evaluate=evaluate,
-        data_generator=generator,
-        tokens_per_step=config.batch_size * (max_length + 1),
-    )
-    if resume_from is not None:
-        trainer.load(resume_from)
-    return trainer.run()
+    return _train("seq2seq", model, model_config, config, env, resume_from,
+                  optimizer_factory=optimizer_factory, schedule=inverse_sqrt(c.d_model, c.warmup_steps),
+                  next_batch=next_batch, loss_fn=loss_fn, evaluate=evaluate, data_generator=generator,
+                  tokens_per_step=config.batch_size * (max_length + 1))
