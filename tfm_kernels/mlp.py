@@ -1,7 +1,18 @@
 """Fused MLP building blocks: linear + bias + activation + dropout, gated linears (SwiGLU, GeGLU) and the
 whole feed-forward block. Validation, flattening to (tokens, features) and dispatch to a backend; the kernels
 live in csrc/ (C++ CPU, CUDA with cuBLASLt) and tfm_kernels/triton/mlp.py, registered as operators in
-ops.py."""
+ops.py.
+
+Backends (all: float16, bfloat16, float32; every activation; dropout; gated; any leading shape and strides):
+  "cuda"    cuBLASLt GEMMs with fused epilogues (bias; GELU-tanh with the pre-activation as aux output; bias
+            gradient in the weight-gradient GEMM) plus CUDA kernels for the other activations, gating and
+            dropout. CUDA tensors, extension built with CUDA.
+  "triton"  one tiled GEMM kernel with bias/activation/gate/dropout epilogues and a fused bias-gradient
+            reduction. CUDA tensors (CPU tensors under TRITON_INTERPRET=1, float16/float32 only).
+  "cpu"     at::matmul plus fused C++ elementwise passes. CPU tensors, extension built.
+  "torch"   plain torch ops (also float64), autograd by torch; the reference the others are tested against.
+Every kernel backend saves the pre-activation (M, N) in x's dtype for backward, as eager PyTorch does.
+"""
 
 import torch
 

@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "common/mlp_checks.h"
 #include "common/mlp_epilogue.h"
 
 namespace tfm_kernels {
@@ -19,28 +20,6 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kRowsPerTask = 16;  // rows of one parallel task: >= 16 * N elements amortise the fork
-
-Activation checked_activation(const std::string& name) {
-  Activation activation;
-  TORCH_CHECK(parse_activation(name.c_str(), &activation),
-              "activation must be one of none, gelu, gelu_tanh, relu, silu; got ", name);
-  return activation;
-}
-
-void check_operands(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, int64_t bias_size) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D (M, K) with stride(-1) == 1; got shape ",
-              x.sizes(), " strides ", x.strides());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be (N, K) with K = ", x.size(1),
-              "; got ", weight.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-              "x must be float16, bfloat16 or float32; got ", x.dtype());
-  TORCH_CHECK(weight.dtype() == x.dtype(), "weight must have x's dtype ", x.dtype(), "; got ", weight.dtype());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == bias_size, "bias must be (", bias_size, ",); got ",
-                bias->sizes());
-    TORCH_CHECK(bias->dtype() == x.dtype(), "bias must have x's dtype ", x.dtype(), "; got ", bias->dtype());
-  }
-}
 
 MlpDropout dropout_of(double dropout_p, const Tensor& seed) {
   return make_mlp_dropout(dropout_p, dropout_p > 0.0 ? seed.item<int64_t>() : 0);
@@ -57,7 +36,7 @@ Tensor linear_acc(const Tensor& x, const Tensor& weight, const std::optional<Ten
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                           std::string activation_name, double dropout_p, const Tensor& seed) {
   const int64_t N = weight.size(0);
-  check_operands(x, weight, bias, N);
+  check_mlp_operands(x, weight, bias, N);
   const Activation activation = checked_activation(activation_name);
   const int64_t M = x.size(0);
   const MlpDropout dropout = dropout_of(dropout_p, seed);
@@ -77,7 +56,8 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
           for (int64_t j = 0; j < N; ++j) {
             const acc_t zij = z_ptr[i * N + j];
             if (preact_ptr) preact_ptr[i * N + j] = static_cast<scalar_t>(zij);
-            out_ptr[i * N + j] = static_cast<scalar_t>(activate<A>(static_cast<float>(zij)) * dropout.multiplier(i, j));
+            const float h = activate<A>(static_cast<float>(zij));
+            out_ptr[i * N + j] = static_cast<scalar_t>(h * dropout.multiplier(i, j));
           }
         }
       });
@@ -100,11 +80,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
                                                    const Tensor& preact, std::string activation_name,
                                                    double dropout_p, const Tensor& seed) {
   const int64_t N = weight.size(0);
-  check_operands(x, weight, std::nullopt, N);
+  check_mlp_operands(x, weight, std::nullopt, N);
   const Activation activation = checked_activation(activation_name);
   const int64_t M = x.size(0);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == N, "grad_out must be (", M,
-              ", ", N, "); got ", grad_out.sizes());
+  check_grad_out(grad_out, M, N);
   const MlpDropout dropout = dropout_of(dropout_p, seed);
   const Tensor dy = grad_out.contiguous();
   const Tensor z = activation != Activation::kNone ? preact.contiguous() : Tensor();
@@ -134,7 +113,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
 std::tuple<Tensor, Tensor> gated_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                          std::string activation_name, double dropout_p, const Tensor& seed) {
   const int64_t N2 = weight.size(0);
-  check_operands(x, weight, bias, N2);
+  check_mlp_operands(x, weight, bias, N2);
   TORCH_CHECK(N2 % 2 == 0, "weight must have an even number of rows (2F: gate then up); got ", weight.sizes());
   const Activation activation = checked_activation(activation_name);
   const int64_t M = x.size(0), F = N2 / 2;
@@ -170,11 +149,10 @@ std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const 
                                                   const Tensor& gate_up, std::string activation_name,
                                                   double dropout_p, const Tensor& seed) {
   const int64_t N2 = weight.size(0);
-  check_operands(x, weight, std::nullopt, N2);
+  check_mlp_operands(x, weight, std::nullopt, N2);
   const Activation activation = checked_activation(activation_name);
   const int64_t M = x.size(0), F = N2 / 2;
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == F, "grad_out must be (", M,
-              ", ", F, "); got ", grad_out.sizes());
+  check_grad_out(grad_out, M, F);
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(0) == M && gate_up.size(1) == N2, "gate_up must be (", M, ", ",
               N2, "); got ", gate_up.sizes());
   const MlpDropout dropout = dropout_of(dropout_p, seed);

@@ -26,6 +26,7 @@
 #include <string>
 #include <tuple>
 
+#include "common/mlp_checks.h"
 #include "cuda/mlp/params.h"
 
 namespace tfm_kernels {
@@ -33,7 +34,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kWorkspaceBytes = 32 << 20;  // Hopper's cuBLASLt kernels use up to 32 MiB (torch's default too)
+constexpr int64_t kWorkspaceBytes = 32 << 20;  // the most any algorithm may use (Hopper kernels ask up to 32 MiB)
 constexpr int64_t kAuxLdMultiple = 8;          // CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD for GELU must divide by 8
 constexpr uintptr_t kMaxAlignment = 256;       // the alignment cuBLASLt's heuristics assume by default
 
@@ -155,11 +156,13 @@ bool run_gemm(const LtGemm& g, at::ScalarType dtype, const Tensor& like) {
                                                                d_layout.get(), d_layout.get(), raw_preference, 1,
                                                                &heuristic, &found);
   if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
-  const Tensor workspace = at::empty({kWorkspaceBytes}, like.options().dtype(at::kByte));
+  // From torch's caching allocator: stream-ordered, so freeing it after the asynchronous launch is safe.
+  const int64_t used_bytes = static_cast<int64_t>(heuristic.workspaceSize);
+  const Tensor workspace = at::empty({std::max<int64_t>(used_bytes, 1)}, like.options().dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
   TFM_CUBLASLT_CHECK(cublasLtMatmul(handle, raw_desc, &alpha, g.a, a_layout.get(), g.b, b_layout.get(), &beta, g.d,
                                     d_layout.get(), g.d, d_layout.get(), &heuristic.algo, workspace.data_ptr(),
-                                    kWorkspaceBytes, at::cuda::getCurrentCUDAStream()));
+                                    heuristic.workspaceSize, at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
@@ -168,46 +171,19 @@ void run_gemm_or_fail(const LtGemm& g, at::ScalarType dtype, const Tensor& like)
               " GEMM in ", dtype);
 }
 
+// A 2-D operand whose row stride cuBLASLt accepts as a leading dimension (>= the row length): rows read
+// through a zero or overlapping stride (an expanded tensor) are copied; a single row may have any stride.
+Tensor gemm_operand(const Tensor& t) {
+  return t.dim() == 2 && t.size(0) > 1 && t.stride(0) < t.size(1) ? t.contiguous() : t;
+}
+
+int64_t leading_dim(const Tensor& t) { return std::max(t.stride(0), t.size(1)); }
+
 // out (M, N) row-major = x (M, K) @ weight^T, weight (N, K) row-major: column-major out^T = weight^T' @ x^T.
 LtGemm forward_gemm(const Tensor& x, const Tensor& weight, Tensor& out) {
-  LtGemm g;
-  g.transpose_a = true;
-  g.m = weight.size(0);
-  g.n = x.size(0);
-  g.k = x.size(1);
-  g.a = weight.data_ptr();
-  g.lda = weight.stride(0);
-  g.b = x.data_ptr();
-  g.ldb = x.stride(0);
-  g.d = out.data_ptr();
-  g.ldd = out.stride(0);
-  return g;
-}
-
-Activation checked_activation(const std::string& name) {
-  Activation activation;
-  TORCH_CHECK(parse_activation(name.c_str(), &activation),
-              "activation must be one of none, gelu, gelu_tanh, relu, silu; got ", name);
-  return activation;
-}
-
-void check_operands(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, int64_t bias_size) {
-  TORCH_CHECK(x.is_cuda() && weight.is_cuda(), "x and weight must be CUDA tensors; got ", x.device(), " and ",
-              weight.device());
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-              "x must be float16, bfloat16 or float32; got ", x.dtype());
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D (M, K) with stride(-1) == 1; got shape ", x.sizes(),
-              " strides ", x.strides());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.stride(1) == 1,
-              "weight must be (N, K) with K = ", x.size(1), " and stride(-1) == 1; got shape ", weight.sizes(),
-              " strides ", weight.strides());
-  TORCH_CHECK(weight.dtype() == x.dtype(), "weight must have x's dtype ", x.dtype(), "; got ", weight.dtype());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == bias_size, "bias must be (", bias_size, ",); got ",
-                bias->sizes());
-    TORCH_CHECK(bias->dtype() == x.dtype(), "bias must have x's dtype ", x.dtype(), "; got ", bias->dtype());
-    TORCH_CHECK(bias->device() == x.device(), "bias must be on ", x.device(), "; got ", bias->device());
-  }
+  return LtGemm{.transpose_a = true, .m = weight.size(0), .n = x.size(0), .k = x.size(1), .a = weight.data_ptr(),
+                .lda = leading_dim(weight), .b = x.data_ptr(), .ldb = leading_dim(x), .d = out.data_ptr(),
+                .ldd = out.size(1)};
 }
 
 MlpDropoutParams dropout_params(double dropout_p, const Tensor& seed) {
@@ -247,10 +223,12 @@ bool gemm_with_bias(const Tensor& x, const Tensor& weight, const Tensor& bias, T
   return bias.defined();
 }
 
-std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                          std::string activation_name, double dropout_p, const Tensor& seed) {
+std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weight_in,
+                                          const std::optional<Tensor>& bias, std::string activation_name,
+                                          double dropout_p, const Tensor& seed) {
+  const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
   const int64_t M = x.size(0), N = weight.size(0);
-  check_operands(x, weight, bias, N);
+  check_mlp_operands(x, weight, bias, N);
   const Activation activation = checked_activation(activation_name);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool store_preact = activation != Activation::kNone;
@@ -289,10 +267,12 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
   return {out, preact};
 }
 
-std::tuple<Tensor, Tensor> gated_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                         std::string activation_name, double dropout_p, const Tensor& seed) {
+std::tuple<Tensor, Tensor> gated_forward(const Tensor& x_in, const Tensor& weight_in,
+                                         const std::optional<Tensor>& bias, std::string activation_name,
+                                         double dropout_p, const Tensor& seed) {
+  const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
   const int64_t M = x.size(0), N2 = weight.size(0);
-  check_operands(x, weight, bias, N2);
+  check_mlp_operands(x, weight, bias, N2);
   TORCH_CHECK(N2 % 2 == 0, "weight must have an even number of rows (2F: gate then up); got ", weight.sizes());
   const Activation activation = checked_activation(activation_name);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -325,31 +305,13 @@ std::tuple<Tensor, Tensor, Tensor> weight_grads(const Tensor& dz, const Tensor& 
   Tensor grad_weight = at::empty({N, K}, x.options());
   Tensor grad_bias = at::empty({N}, x.options());
   // grad_x^T (K, M) = weight^T (K, N) @ dz^T (N, M); the row-major weight is column-major (K, N).
-  LtGemm dx;
-  dx.m = K;
-  dx.n = M;
-  dx.k = N;
-  dx.a = weight.data_ptr();
-  dx.lda = weight.stride(0);
-  dx.b = dz.data_ptr();
-  dx.ldb = N;
-  dx.d = grad_x.data_ptr();
-  dx.ldd = K;
+  const LtGemm dx{.m = K, .n = M, .k = N, .a = weight.data_ptr(), .lda = leading_dim(weight), .b = dz.data_ptr(),
+                  .ldb = N, .d = grad_x.data_ptr(), .ldd = K};
   run_gemm_or_fail(dx, x.scalar_type(), x);
   // grad_weight^T (K, N) = x^T (K, M) @ dz (M, N); BGRADB reduces op(B) = dz over k = M into grad_bias (N,).
-  LtGemm dw;
-  dw.transpose_b = true;
-  dw.m = K;
-  dw.n = N;
-  dw.k = M;
-  dw.a = x.data_ptr();
-  dw.lda = x.stride(0);
-  dw.b = dz.data_ptr();
-  dw.ldb = N;
-  dw.d = grad_weight.data_ptr();
-  dw.ldd = K;
-  dw.epilogue = CUBLASLT_EPILOGUE_BGRADB;
-  dw.bias = grad_bias.data_ptr();
+  LtGemm dw{.transpose_b = true, .m = K, .n = N, .k = M, .a = x.data_ptr(), .lda = leading_dim(x), .b = dz.data_ptr(),
+            .ldb = N, .d = grad_weight.data_ptr(), .ldd = K, .epilogue = CUBLASLT_EPILOGUE_BGRADB,
+            .bias = grad_bias.data_ptr()};
   if (!run_gemm(dw, x.scalar_type(), x)) {
     dw.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
     dw.bias = nullptr;
@@ -385,14 +347,15 @@ Tensor grad_preact(const Tensor& grad_out, const Tensor& z, int64_t width, Activ
   return dz;
 }
 
-std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
-                                                   const Tensor& preact, std::string activation_name,
+std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const Tensor& x_in,
+                                                   const Tensor& weight_in, const Tensor& preact,
+                                                   std::string activation_name,
                                                    double dropout_p, const Tensor& seed) {
+  const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
   const int64_t M = x.size(0), N = weight.size(0);
-  check_operands(x, weight, std::nullopt, N);
+  check_mlp_operands(x, weight, std::nullopt, N);
   const Activation activation = checked_activation(activation_name);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == N, "grad_out must be (", M, ", ",
-              N, "); got ", grad_out.sizes());
+  check_grad_out(grad_out, M, N);
   TORCH_CHECK(activation == Activation::kNone || (preact.is_contiguous() && preact.numel() == M * N),
               "preact must be a contiguous (", M, ", ", N, ") tensor; got ", preact.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -402,14 +365,14 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
   return weight_grads(grad_preact(dy, preact, N, activation, false, dropout), x, weight);
 }
 
-std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& weight_in,
                                                   const Tensor& gate_up, std::string activation_name,
                                                   double dropout_p, const Tensor& seed) {
+  const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
   const int64_t M = x.size(0), N2 = weight.size(0);
-  check_operands(x, weight, std::nullopt, N2);
+  check_mlp_operands(x, weight, std::nullopt, N2);
   const Activation activation = checked_activation(activation_name);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == N2 / 2, "grad_out must be (", M,
-              ", ", N2 / 2, "); got ", grad_out.sizes());
+  check_grad_out(grad_out, M, N2 / 2);
   TORCH_CHECK(gate_up.is_contiguous() && gate_up.dim() == 2 && gate_up.size(0) == M && gate_up.size(1) == N2,
               "gate_up must be a contiguous (", M, ", ", N2, ") tensor; got ", gate_up.sizes());
   const c10::cuda::CUDAGuard guard(x.device());

@@ -116,6 +116,21 @@ void dispatch_dtype(MlpDType dtype, Fn&& fn) {
   }
 }
 
+// Calls launch(T{}, integral_constant<Activation>, bool_constant<gated>) for the runtime dtype, activation and
+// gated flag: one kernel instantiation per combination.
+template <typename Launch>
+void dispatch_elementwise(MlpDType dtype, Activation activation, bool gated, Launch&& launch) {
+  dispatch_dtype(dtype, [&](auto zero) {
+    dispatch_activation(activation, [&](auto act) {
+      if (gated) {
+        launch(zero, act, std::true_type{});
+      } else {
+        launch(zero, act, std::false_type{});
+      }
+    });
+  });
+}
+
 dim3 elementwise_grid(int64_t rows, int64_t cols) {
   const int64_t column_blocks = std::min<int64_t>((cols + kThreads - 1) / kThreads, kMaxColumnBlocks);
   return dim3(static_cast<unsigned>(std::max<int64_t>(column_blocks, 1)),
@@ -126,31 +141,17 @@ dim3 elementwise_grid(int64_t rows, int64_t cols) {
 
 void launch_mlp_forward_epilogue(const MlpForwardEpilogueParams& params, cudaStream_t stream) {
   const dim3 grid = elementwise_grid(params.rows, params.cols);
-  dispatch_dtype(params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    dispatch_activation(params.activation, [&](auto act) {
-      constexpr Activation A = decltype(act)::value;
-      if (params.gated) {
-        forward_epilogue_kernel<T, A, true><<<grid, kThreads, 0, stream>>>(params);
-      } else {
-        forward_epilogue_kernel<T, A, false><<<grid, kThreads, 0, stream>>>(params);
-      }
-    });
+  dispatch_elementwise(params.dtype, params.activation, params.gated, [&](auto zero, auto act, auto gated) {
+    forward_epilogue_kernel<decltype(zero), decltype(act)::value, decltype(gated)::value>
+        <<<grid, kThreads, 0, stream>>>(params);
   });
 }
 
 void launch_mlp_backward_epilogue(const MlpBackwardEpilogueParams& params, cudaStream_t stream) {
   const dim3 grid = elementwise_grid(params.rows, params.cols);
-  dispatch_dtype(params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    dispatch_activation(params.activation, [&](auto act) {
-      constexpr Activation A = decltype(act)::value;
-      if (params.gated) {
-        backward_epilogue_kernel<T, A, true><<<grid, kThreads, 0, stream>>>(params);
-      } else {
-        backward_epilogue_kernel<T, A, false><<<grid, kThreads, 0, stream>>>(params);
-      }
-    });
+  dispatch_elementwise(params.dtype, params.activation, params.gated, [&](auto zero, auto act, auto gated) {
+    backward_epilogue_kernel<decltype(zero), decltype(act)::value, decltype(gated)::value>
+        <<<grid, kThreads, 0, stream>>>(params);
   });
 }
 
