@@ -26,7 +26,8 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"query, key and value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.device == key.device == value.device):
-        raise ValueError(f"query, key and value must be on one device; got {query.device}, {key.device}, {value.device}")
+        raise ValueError(f"query, key and value must be on one device; got {query.device}, {key.device}, "
+                         f"{value.device}")
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(f"query, key and value must have the same number of dimensions; got shapes "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
@@ -63,7 +64,8 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
         raise ValueError(f"dropout_p must be a float in [0, 1); got {dropout_p!r}")
     if key_lengths is not None:
         if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"key_lengths must be an int32 or int64 tensor; got {getattr(key_lengths, 'dtype', key_lengths)}")
+            given = getattr(key_lengths, "dtype", type(key_lengths).__name__)
+            raise TypeError(f"key_lengths must be an int32 or int64 tensor; got {given}")
         if key_lengths.device != query.device:
             raise ValueError(f"key_lengths must be on {query.device}; got {key_lengths.device}")
 
