@@ -62,7 +62,8 @@ CUDA_HOME = find_cuda_home()
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # must precede the import of torch.utils.cpp_extension
 
-ARCHS = [a.strip() for a in os.environ.get("TFM_KERNELS_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a.strip()]
+ARCHS = [a.strip() for a in os.environ.get("TFM_KERNELS_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
+         if a.strip()]
 # torch reads TORCH_CUDA_ARCH_LIST in "8.0;9.0a" form; without it and without a GPU it guesses every arch.
 os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" if a[-1].isdigit() else f"{a[:-2]}.{a[-2:]}"
                                               for a in ARCHS)
@@ -89,7 +90,8 @@ def nvidia_wheel_dirs(kind):
 
     dirs = []
     for base in site.getsitepackages() + [site.getusersitepackages()]:
-        dirs += glob.glob(os.path.join(base, "nvidia", "cu*", kind)) + glob.glob(os.path.join(base, "nvidia", "*", kind))
+        dirs += glob.glob(os.path.join(base, "nvidia", "cu*", kind))
+        dirs += glob.glob(os.path.join(base, "nvidia", "*", kind))
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 

@@ -9,5 +9,5 @@ from .ops import build_info
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "fused_linear", "gated_linear", "mlp", "build_info", "ops", "__version__"]
-__all__ += ["patch", "unpatch"]
+__all__ = ["scaled_dot_product_attention", "fused_linear", "gated_linear", "mlp", "patch", "unpatch", "build_info",
+           "ops", "__version__"]

@@ -15,7 +15,8 @@ COMMANDS = {
 
 
 def info_main(argv):
-    argparse.ArgumentParser(prog="python -m tfm_kernels info", description="build and device information").parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m tfm_kernels info", description="build and device information")
+    parser.parse_args(argv)
     import torch
 
     import tfm_kernels
@@ -31,7 +32,8 @@ def info_main(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m tfm_kernels")
-    parser.add_argument("command", choices=[*COMMANDS, "info"], help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+    parser.add_argument("command", choices=[*COMMANDS, "info"],
+                        help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "info":
         return info_main(argv[1:])

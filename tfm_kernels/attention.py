@@ -26,7 +26,8 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"query, key and value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.device == key.device == value.device):
-        raise ValueError(f"query, key and value must be on one device; got {query.device}, {key.device}, {value.device}")
+        raise ValueError(f"query, key and value must be on one device; got {query.device}, {key.device}, "
+                         f"{value.device}")
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(f"query, key and value must have the same number of dimensions; got shapes "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
@@ -63,7 +64,8 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
         raise ValueError(f"dropout_p must be a float in [0, 1); got {dropout_p!r}")
     if key_lengths is not None:
         if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"key_lengths must be an int32 or int64 tensor; got {getattr(key_lengths, 'dtype', key_lengths)}")
+            given = getattr(key_lengths, "dtype", type(key_lengths).__name__)
+            raise TypeError(f"key_lengths must be an int32 or int64 tensor; got {given}")
         if key_lengths.device != query.device:
             raise ValueError(f"key_lengths must be on {query.device}; got {key_lengths.device}")
 
@@ -77,16 +79,15 @@ def _to_4d(t):
     return t.reshape(-1, *t.shape[-3:])  # (B, H, N, D)
 
 
-def _mask_to_4d(attn_mask, batch_shape, B, H, L, S):
+def _mask_to_4d(attn_mask, query_shape, B, H, L, S):
     """Broadcasts attn_mask to (B, H, L, S) through zero strides, never copying the broadcast dims."""
-    full = (*batch_shape, H, L, S)
+    target = (*query_shape[:-1], S)  # the scores' shape, (..., Hq, L, S)
+    full = (*query_shape[:-3], H, L, S)
     try:
-        torch.broadcast_shapes(attn_mask.shape, full)
-        if attn_mask.dim() > len(full):
+        if attn_mask.dim() > len(target) or torch.broadcast_shapes(attn_mask.shape, target) != target:
             raise RuntimeError
     except RuntimeError:
-        shown = tuple(batch_shape) + ((H,) if H != 1 or len(batch_shape) else ()) + (L, S)
-        raise ValueError(f"attn_mask must broadcast to {shown}; got {tuple(attn_mask.shape)}") from None
+        raise ValueError(f"attn_mask must broadcast to {target}; got {tuple(attn_mask.shape)}") from None
     expanded = attn_mask.expand(full)
     return expanded.reshape(B, H, L, S)  # a view for the usual (B, H, L, S) and 3-D cases
 
@@ -105,7 +106,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             through zero strides, never expanded in memory. No gradient flows to the mask.
         dropout_p: dropout probability on the attention weights, in [0, 1); applied whenever > 0 (as torch).
             The keep-mask comes from a counter-based RNG seeded from torch's generator (tfm_kernels.rng), so
-            runs repeat under torch.manual_seed and every backend draws the same mask.
+            runs repeat under torch.manual_seed and every backend draws the same mask. A call draws exactly one
+            seed, `tfm_kernels.rng.draw_seed(query.device)`, and nothing else from torch's generator: after
+            `torch.manual_seed(s); out = scaled_dot_product_attention(...)`, the same `torch.manual_seed(s);
+            seed = rng.draw_seed(query.device)` gives its seed, and `rng.dropout_keep_mask(seed, B * Hq, L, S,
+            dropout_p)` its keep-mask (B the product of the batch dims).
         is_causal: key j takes part in query row i only if j <= i (top-left aligned, as torch when L != S).
             Not together with attn_mask.
         scale: multiplier of q @ k^T; default 1 / sqrt(E).
@@ -130,7 +135,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise ValueError(f"key_lengths must have shape ({B},); got {tuple(key_lengths.shape)}")
     mask = None
     if attn_mask is not None:
-        mask = _mask_to_4d(attn_mask, query.shape[:-3], B, H, L, S)  # (B, Hq, L, S), zero-stride broadcasts
+        mask = _mask_to_4d(attn_mask, query.shape, B, H, L, S)  # (B, Hq, L, S), zero-stride broadcasts
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     seed = draw_seed(q.device) if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64, device=q.device)

@@ -46,6 +46,9 @@ def _triton_reasons(q, k, v) -> list[str]:
         reasons.append(f"triton supports float16, bfloat16, float32; got {q.dtype}")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         reasons.append("triton's CPU interpreter computes tl.dot wrongly in bfloat16")
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
+        reasons.append(f"the triton kernels need compute capability >= 8.0; got "
+                       f"{torch.cuda.get_device_capability(q.device)}")
     return reasons
 
 

@@ -11,6 +11,5 @@ from .transformer import (
     TransformerEncoderLayer,
 )
 
-__all__ = ["FusedMLP", "GatedMLP"]
-__all__ += ["MultiheadAttention", "Transformer", "TransformerDecoder", "TransformerDecoderLayer",
-            "TransformerEncoder", "TransformerEncoderLayer", "PatchReport", "patch", "unpatch"]
+__all__ = ["FusedMLP", "GatedMLP", "MultiheadAttention", "Transformer", "TransformerDecoder", "TransformerDecoderLayer",
+           "TransformerEncoder", "TransformerEncoderLayer", "PatchReport", "patch", "unpatch"]

@@ -1,0 +1,44 @@
+"""pytest-benchmark over the suite's cases: `pytest benchmarks/ --benchmark-only` on a GPU times the core
+cases (each call synchronised, so the clock sees the kernels, not their launch); CPU CI runs the same
+functions once each with `--benchmark-disable` on tiny shapes, so they keep working.
+
+The bench_*.py files are collected as test modules here (pytest's default pattern is test_*.py)."""
+
+import pytest
+import torch
+
+from tfm_kernels.bench.suite import Unavailable
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+ROUNDS, WARMUP_ROUNDS = (20, 3) if ON_GPU else (3, 1)
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+@pytest.fixture
+def time_provider(benchmark):
+    """time_provider(provider): prepares the provider (skipping only where it cannot run here: no such
+    backend, no GPU) and times its step with pytest-benchmark, synchronising after each call."""
+
+    def run(provider):
+        try:
+            step = provider.prepare()
+        except (Unavailable, NotImplementedError) as why:
+            pytest.skip(f"{provider.name}: {str(why).splitlines()[0]}")
+
+        def synchronised():
+            result = step()
+            if ON_GPU:
+                torch.cuda.synchronize()
+            return result
+
+        synchronised()  # compilation and autotuning stay out of the rounds
+        benchmark.extra_info["provider"] = provider.name
+        return benchmark.pedantic(synchronised, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+
+    return run

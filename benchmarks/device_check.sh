@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine: versions, install (CUDA kernels compiled for this card), the gpu-marked
+# tests, compute-sanitizer memcheck of an attention case, then the short benchmark table, printed last.
+#
+#   bash benchmarks/device_check.sh
+#
+# Knobs: TFM_KERNELS_CUDA_ARCHS (default 90a here, for a fast build on H100/H200; the package's own default is
+# "80;90a"), MAX_JOBS (default 16), SKIP_INSTALL=1 (reuse the installed build, e.g. a second run on the same
+# machine), BUDGET_S (345: the whole script's time; each step's cap comes out of what is left, keeping
+# BENCH_RESERVE_S, 170, for the table, and TESTS_TIMEOUT_S, 150, at most for the tests). A benchmark stopped
+# by its cap still prints the rows it measured. Logs, the JSON record and the table go to $OUT when set (the
+# device tool collects it), else benchmarks/results/. The table:
+# our attention (triton, cuda) against torch SDPA flash, cudnn and efficient (and compiled FlexAttention at
+# d128 s4096), TFLOP/s forward and backward, bf16, d64 and d128, s1024 and s4096, causal and full,
+# B*S = 16k tokens, H*D = 2048; then one LLM MLP (16384 x 4096 -> 16384, GELU) forward and forward+backward
+# against eager PyTorch and torch.compile. Budget: under 6 minutes on an H100.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RESULTS="${OUT:-benchmarks/results}"
+mkdir -p "$RESULTS"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+LOG="$RESULTS/device_check-$STAMP.log"
+TABLE="$RESULTS/device_check-$STAMP.md"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export TFM_KERNELS_CUDA=1
+export TFM_KERNELS_CUDA_ARCHS="${TFM_KERNELS_CUDA_ARCHS:-90a}"
+TESTS_TIMEOUT_S="${TESTS_TIMEOUT_S:-150}"
+BUDGET_S="${BUDGET_S:-345}"
+BENCH_RESERVE_S="${BENCH_RESERVE_S:-170}"
+SANITIZER_TIMEOUT_S=60
+
+# Seconds left of the budget minus $1, at least $2 and at most $3 (when given).
+cap() {
+    local left=$((BUDGET_S - SECONDS - $1))
+    [ "$left" -lt "$2" ] && left=$2
+    [ -n "${3:-}" ] && [ "$left" -gt "$3" ] && left=$3
+    echo "$left"
+}
+
+find_sanitizer() {
+    command -v compute-sanitizer && return 0
+    local dir
+    for dir in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
+        if [ -n "$dir" ] && [ -x "$dir/bin/compute-sanitizer" ]; then
+            echo "$dir/bin/compute-sanitizer"
+            return 0
+        fi
+    done
+    return 1
+}
+
+main() {
+    local tests_rc=0 sanitizer_rc=skipped bench_rc=0 limit
+    echo "== device ($(date -u))"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null \
+        || echo "nvidia-smi: not available"
+    python - <<'PY'
+import platform, torch, triton
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()}), triton {triton.__version__}")
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device visible")
+PY
+
+    local t0=$SECONDS
+    if [ "${SKIP_INSTALL:-0}" = 1 ]; then
+        echo "== install skipped (SKIP_INSTALL=1)"
+    else
+        echo "== install (TFM_KERNELS_CUDA_ARCHS=$TFM_KERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
+        python -m pip install --no-build-isolation --no-deps -q -e .
+        echo "installed in $((SECONDS - t0)) s"
+    fi
+    python -m tfm_kernels info
+
+    limit=$(cap $((BENCH_RESERVE_S + SANITIZER_TIMEOUT_S)) 30 "$TESTS_TIMEOUT_S")
+    echo "== gpu tests (cap $limit s)"
+    t0=$SECONDS
+    timeout "$limit" python -m pytest -q -m gpu tests -p no:cacheprovider || tests_rc=$?
+    echo "gpu tests: exit $tests_rc in $((SECONDS - t0)) s"
+
+    if [ -f benchmarks/sanitize_attention.py ]; then
+        local sanitizer
+        if sanitizer="$(find_sanitizer)"; then
+            echo "== compute-sanitizer memcheck"
+            sanitizer_rc=0
+            limit=$(cap "$BENCH_RESERVE_S" 20 "$SANITIZER_TIMEOUT_S")
+            timeout "$limit" "$sanitizer" --tool memcheck --error-exitcode 1 \
+                python benchmarks/sanitize_attention.py || sanitizer_rc=$?
+        else
+            sanitizer_rc="skipped (compute-sanitizer not found)"
+        fi
+    fi
+
+    limit=$(cap 5 90)
+    echo "== benchmark (cap $limit s)"
+    t0=$SECONDS
+    timeout "$limit" python -m tfm_kernels bench --suite attention,mlp --mlp-shapes "gpt-style d4096" \
+        --json "$RESULTS/bench.jsonl" > "$TABLE" || bench_rc=$?
+    echo "benchmark: exit $bench_rc in $((SECONDS - t0)) s; record appended to $RESULTS/bench.jsonl"
+
+    echo "== summary: gpu tests exit $tests_rc, memcheck $sanitizer_rc, benchmark exit $bench_rc," \
+         "total $SECONDS s"
+    echo
+    cat "$TABLE"
+    [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && { [ "$sanitizer_rc" = 0 ] || [[ "$sanitizer_rc" == skipped* ]]; }
+}
+
+main 2>&1 | tee "$LOG"

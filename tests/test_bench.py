@@ -1,0 +1,311 @@
+"""The benchmark suite on CPU: the timing helper against known durations, rotation of input buffers, the
+mode steps' gradients, the rows and ratios, the self-check's ability to fail, and `python -m tfm_kernels bench
+--quick` end to end (table and JSON record with the expected fields)."""
+
+import json
+import time
+import types
+
+import pytest
+import torch
+
+from tfm_kernels.bench import cli, configs, report, selfcheck, suite, timing
+
+SLEEP_S = 0.005
+
+
+def test_quantile_interpolates_and_orders():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert timing.quantile(values, 0.5) == 3.0
+    assert timing.quantile(values, 0.0) == 1.0 and timing.quantile(values, 1.0) == 5.0
+    assert timing.quantile(values, 0.2) == pytest.approx(1.8)  # 0.2 * 4 = 0.8 of the way from 1 to 2
+    assert timing.quantile([7.0], 0.8) == 7.0
+    with pytest.raises(ValueError, match="q must be in"):
+        timing.quantile(values, 1.5)
+    with pytest.raises(ValueError, match="at least one value"):
+        timing.quantile([], 0.5)
+
+
+def test_cpu_timer_measures_a_sleep():
+    result = timing.cpu_timing(lambda: time.sleep(SLEEP_S), warmup_ms=10, rep_ms=60)
+    assert SLEEP_S * 1e3 <= result.median_ms < SLEEP_S * 1e3 + 20  # a loaded machine oversleeps, never under
+    assert result.p20_ms <= result.median_ms <= result.p80_ms
+    assert result.calls >= timing.MIN_TIMED_CALLS and result.peak_bytes is None
+
+
+def test_cpu_timer_warms_up_before_timing():
+    calls = []
+
+    def first_call_slow():
+        calls.append(None)
+        time.sleep(0.05 if len(calls) == 1 else 0.001)
+
+    result = timing.cpu_timing(first_call_slow, warmup_ms=5, rep_ms=20)
+    assert result.median_ms < 25  # the slow first call (compilation, say) is not in the median
+    assert len(calls) == 1 + result.calls + (len(calls) - 1 - result.calls)
+
+
+def test_measure_on_cpu_uses_host_timer():
+    result = timing.measure(lambda: time.sleep(SLEEP_S), "cpu", warmup_ms=5, rep_ms=30)
+    assert result.median_ms >= SLEEP_S * 1e3 and result.peak_bytes is None
+
+
+def test_rotation_count():
+    assert timing.rotation_count(100, 0) == 1  # no cache to defeat (CPU)
+    assert timing.rotation_count(2_000, 1_000) == 1  # one set already exceeds the cache
+    assert timing.rotation_count(1_000, 10_000) == 20  # spans twice the cache
+    assert timing.rotation_count(1, 10**9) == timing.MAX_ROTATION
+
+
+def test_rotating_cycles_through_distinct_sets():
+    made = []
+
+    def make():
+        made.append(torch.randn(4))
+        return (made[-1],)
+
+    step = timing.rotating(make, lambda t: t, cache=4 * 4 * 3)  # 16-byte sets, 48-byte cache -> 6 sets
+    assert len(made) == len(step.sets) == 6
+    seen = [step() for _ in range(12)]
+    for i, t in enumerate(seen):
+        assert t is made[i % 6]
+    assert len({id(t) for t in made}) == 6
+
+
+def test_randn_is_never_zero_and_keeps_dtype():
+    t = timing.randn(64, 64, dtype=torch.float16, scale=0.5)
+    assert t.dtype == torch.float16 and t.abs().sum() > 0 and t.std() > 0.3
+
+
+def _linear(x, w):
+    return x @ w.t()
+
+
+def _make(requires_grad):
+    return (timing.randn(5, 3, requires_grad=requires_grad), timing.randn(4, 3, requires_grad=requires_grad))
+
+
+@pytest.mark.parametrize("mode", suite.MODES)
+def test_timed_step_modes(mode):
+    step = suite.timed_step(_linear, _make, mode, "cpu")
+    result = step()
+    if mode == "fwd":
+        assert result.shape == (5, 4) and not result.requires_grad
+        return
+    grad_x, grad_w = result
+    assert grad_x.shape == (5, 3) and grad_w.shape == (4, 3)
+    again = step()  # the same set again: no accumulation, the same gradients
+    assert torch.equal(again[0], grad_x) and torch.equal(again[1], grad_w)
+    if mode == "bwd":
+        output, grad_output, (x, w) = step.sets[0]
+        assert torch.allclose(grad_x, grad_output @ w.detach())
+
+
+def test_timed_step_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        suite.timed_step(_linear, _make, "backward", "cpu")
+
+
+def test_flop_counts():
+    shape = configs.AttentionShape("t", 2, 4, 128, 64, False, torch.bfloat16)
+    assert shape.flops("fwd") == 4 * 2 * 4 * 128 * 128 * 64
+    assert shape.flops("bwd") == 2.5 * shape.flops("fwd")
+    causal = configs.AttentionShape("t", 2, 4, 128, 64, True, torch.bfloat16)
+    assert causal.flops("fwd") == shape.flops("fwd") / 2
+    mlp = configs.MLPShape("t", 16, 8, 32, "gelu", False, torch.float32)
+    assert mlp.flops("fwd") == 2 * (2 * 16 * 32 * 8) and mlp.flops("fwd+bwd") == 3 * mlp.flops("fwd")
+    gated = configs.MLPShape("t", 16, 8, 32, "silu", True, torch.float32)
+    assert gated.flops("fwd") == 3 * (2 * 16 * 32 * 8)
+
+
+def test_design_shapes_keep_the_token_and_width_budget():
+    for shape in configs.attention_shapes(configs.SWEEP_SEQ_LENS):
+        assert shape.batch * shape.seq == configs.TOKENS
+        assert shape.heads * shape.head_dim == configs.MODEL_WIDTH
+    headline = [s for s in configs.attention_shapes() if s.headline]
+    assert {(s.head_dim, s.seq) for s in headline} == {(128, 4096)}
+
+
+def _case(*providers, unit="TFLOP/s"):
+    return suite.Case("attention", "c", {}, "fwd", 1e9, unit, torch.device("cpu"), list(providers))
+
+
+def test_measure_provider_statuses():
+    def unavailable():
+        raise suite.Unavailable("no such backend here")
+
+    def broken():
+        raise RuntimeError("kernel exploded")
+
+    def slow():
+        return lambda: time.sleep(0.002)
+
+    rows = suite.run_cases([_case(suite.Provider("ours-x", True, unavailable),
+                                  suite.Provider("ours-y", True, broken),
+                                  suite.Provider("peer-z", False, broken),
+                                  suite.Provider("peer-ok", False, slow))], warmup_ms=2, rep_ms=10)
+    by_name = {r["provider"]: r for r in rows}
+    assert by_name["ours-x"]["status"] == "n/a" and "no such backend" in by_name["ours-x"]["reason"]
+    assert by_name["ours-y"]["status"] == "error" and "kernel exploded" in by_name["ours-y"]["reason"]
+    assert by_name["peer-z"]["status"] == "n/a"  # a peer that cannot run is unavailable, not our failure
+    ok = by_name["peer-ok"]
+    assert ok["status"] == "ok" and ok["ratio"] == 1.0
+    assert ok["value"] == pytest.approx(1e9 / (ok["median_ms"] * 1e-3) / 1e12)
+
+
+def test_a_stopped_run_keeps_its_rows_and_lists_the_rest():
+    def stop():
+        raise KeyboardInterrupt  # what the CLI raises on SIGTERM (a `timeout` cap)
+
+    def quick():
+        return lambda: None
+
+    rows = suite.run_cases([_case(suite.Provider("a", False, quick), suite.Provider("b", True, stop),
+                                  suite.Provider("c", True, quick))], warmup_ms=1, rep_ms=2)
+    assert [r["status"] for r in rows] == ["ok", "n/a", "n/a"]
+    assert rows[1]["reason"] == rows[2]["reason"] == suite.NOT_RUN
+
+
+def test_ratios_are_against_the_best_peer():
+    rows = [{"suite": "s", "config": "c", "mode": "fwd", "ours": o, "status": "ok", "value": v}
+            for o, v in ((True, 300.0), (False, 200.0), (False, 100.0))]
+    rows.append({"suite": "s", "config": "c", "mode": "fwd", "ours": True, "status": "n/a", "value": None})
+    ratios = [r["ratio"] for r in suite.add_ratios(rows)]
+    assert ratios == [1.5, 1.0, 0.5, None]
+
+
+def test_ratio_summary_is_a_geometric_mean():
+    rows = [{"ours": True, "provider": "ours-x", "mode": "fwd", "ratio": r} for r in (0.5, 2.0, 1.0)]
+    rows.append({"ours": False, "provider": "peer", "mode": "fwd", "ratio": 1.0})
+    (line,) = report.ratio_summary(rows)
+    assert line.startswith("- ours-x fwd: 1.00x") and "of 3 cases; min 0.50x, max 2.00x" in line
+
+
+def test_self_check_fails_a_wrong_kernel():
+    x = timing.randn(6, 5)
+
+    def oracle(t):
+        return torch.tanh(t)
+
+    right = selfcheck._run_check("tanh", "b", "c", oracle, oracle, oracle, [x], ["out", "dx"])
+    assert right.status == "pass"
+    wrong = selfcheck._run_check("tanh", "b", "c", lambda t: torch.tanh(t) * 1.001, oracle, oracle, [x],
+                                 ["out", "dx"])
+    assert wrong.status == "FAIL" and "out" in wrong.detail
+    crashing = selfcheck._run_check("tanh", "b", "c", lambda t: t[99], oracle, oracle, [x], ["out", "dx"])
+    assert crashing.status == "FAIL" and "IndexError" in crashing.detail
+
+
+def test_environment_without_git(monkeypatch):
+    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    env = report.environment("cpu")
+    assert env["commit"] == "unknown"
+    for key in ("card", "torch", "triton", "cuda", "date", "device_type"):
+        assert key in env
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
+    why = "--plot needs matplotlib, which is not installed"
+    monkeypatch.setattr(report, "matplotlib_missing", lambda: why)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--plot", "plots"])
+    assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_plots_one_png_per_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"suite": "attention", "status": "ok", "provider": p, "mode": "fwd", "value": v * s / 1024,
+             "shape": {"head_dim": 64, "causal": False, "seq": s}}
+            for p, v in (("ours-triton", 300), ("torch-flash", 250)) for s in (1024, 4096)]
+    written = report.plot_attention(rows, tmp_path, "test card")
+    assert [p.name for p in written] == ["attention_d64_full_fwd.png"] and written[0].stat().st_size > 0
+
+
+def test_bench_quick_on_cpu(tmp_path, capsys):
+    record = tmp_path / "bench.jsonl"
+    code = cli.main(["--quick", "--device", "cpu", "--json", str(record)])
+    out = capsys.readouterr().out
+    assert "## Self-check" in out and "## CPU timing" in out
+    assert "| config | mode | provider | TFLOP/s |" in out and "torch-flash" in out and "torch eager" in out
+    assert out.index("## Self-check") < out.index("## CPU timing")  # the table comes last
+    assert out.rstrip().splitlines()[-1].startswith(("|", "- ours"))
+    lines = record.read_text().splitlines()
+    assert len(lines) == 1
+    run = json.loads(lines[0])
+    for key in ("card", "torch", "triton", "cuda", "commit", "date", "rows", "checks"):
+        assert key in run, key
+    assert {"attention", "mlp"} <= {r["suite"] for r in run["rows"]}
+    for row in run["rows"]:
+        for key in ("provider", "shape", "mode", "value", "ratio", "status", "config", "unit"):
+            assert key in row
+        assert row["status"] in ("ok", "n/a"), row  # no provider of ours raised
+    timed = [r for r in run["rows"] if r["status"] == "ok"]
+    assert timed and all(r["value"] > 0 and r["median_ms"] > 0 for r in timed)
+    failed = [c for c in run["checks"] if c["status"] == "FAIL"]
+    assert not failed, failed
+    assert code == 0
+
+
+def test_model_suite_times_our_language_model_and_its_torch_peer():
+    from tfm_kernels.bench import model
+
+    cases = model.model_cases([], ("fwd+bwd",), "cpu", lm_presets=["tiny"], lm_batch=2, lm_seq=32,
+                              dtype=torch.float32, with_compile=False)
+    rows = suite.run_cases(cases, warmup_ms=1, rep_ms=5)
+    assert [(r["provider"], r["status"]) for r in rows] == [("ours tfm_kernels.models", "ok"),
+                                                           ("torch-layer baseline", "ok")], rows
+    assert all(r["unit"] == "tokens/s" and r["value"] > 0 for r in rows)
+
+
+def test_replay_prints_a_recorded_run(tmp_path, capsys):
+    rows = suite.add_ratios([{**suite._empty_row(_case(), suite.Provider(p, o, None)), "value": v,
+                              "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1}
+                             for p, o, v in (("ours-x", True, 300.0), ("peer", False, 200.0))])
+    record = report.append_record(tmp_path / "r.jsonl", report.environment("cpu"), rows)
+    assert cli.main(["--replay", str(record)]) == 0
+    out = capsys.readouterr().out
+    assert "## CPU timing" in out and "| **ours-x** | 300.0 |" in out and "| 1.50x |" in out
+
+
+@pytest.mark.gpu
+def test_measure_on_cuda_reports_time_and_memory():
+    x = timing.randn(2048, 2048, dtype=torch.bfloat16, device="cuda")
+    result = timing.measure(lambda: x @ x, "cuda", warmup_ms=5, rep_ms=20)
+    assert 0 < result.p20_ms <= result.median_ms <= result.p80_ms
+    assert result.peak_bytes >= 2048 * 2048 * 2  # the product's output
+    assert timing.cache_bytes("cuda") > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_attention_providers_run_on_cuda(mode):
+    from tfm_kernels.bench import attention
+
+    shape = configs.AttentionShape("test", 2, 4, 256, 64, True, torch.bfloat16, headline=True)
+    rows = suite.run_cases(attention.attention_cases([shape], (mode,), "cuda", with_flex="all"), warmup_ms=2,
+                           rep_ms=5)
+    by_name = {r["provider"]: r for r in rows}
+    assert not [r for r in rows if r["status"] == "error"], rows
+    for peer in ("torch-flash", "torch-efficient", "torch-flex (compiled)"):
+        assert by_name[peer]["status"] == "ok", by_name[peer]
+    assert by_name["ours-triton"]["status"] == "ok", by_name["ours-triton"]
+
+
+def test_a_time_budget_measures_compiling_providers_last(monkeypatch):
+    clock, order = [0.0], []
+    cost = {"eager-slow": 0.6, "eager": 0.6}
+
+    def fake_measure(case, provider, warmup_ms, rep_ms):  # a measurement that takes `cost` on a fake clock
+        order.append(provider.name)
+        clock[0] += cost.get(provider.name, 0.1)
+        return {**suite._empty_row(case, provider), "status": "n/a", "reason": "measured"}
+
+    monkeypatch.setattr(suite, "measure_provider", fake_measure)
+    monkeypatch.setattr(suite, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    provider = lambda name, compiles: suite.Provider(name, False, None, compiles=compiles)  # noqa: E731
+    cases = [_case(provider("compiled", True), provider("eager-slow", False)),
+             _case(provider("eager", False), provider("compiled-2", True))]
+    rows = suite.run_cases(cases, budget_s=1.0)
+    assert order == ["eager-slow", "eager"]  # compile-free first; the budget ran out before the compiled ones
+    assert [r["provider"] for r in rows] == ["compiled", "eager-slow", "eager", "compiled-2"]  # case order
+    assert [r["reason"] == suite.OVER_BUDGET for r in rows] == [True, False, False, True]

@@ -1,0 +1,124 @@
+"""Generation: cached decoding equals uncached decoding token for token (greedy, sampling, beam search), the
+sampling controls do what they say, and bad arguments raise clear errors."""
+
+import pytest
+import torch
+from threads import one_thread  # noqa: F401  (fixture)
+
+from tfm_kernels.models import EncoderDecoderTransformer, LMConfig, Seq2SeqConfig, TransformerLM
+from tfm_kernels.models.generation import beam_search, generate, greedy_decode, length_penalty
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def lm():
+    return TransformerLM(LMConfig.preset("tiny", context_length=48)).eval()
+
+
+@pytest.fixture
+def seq2seq():
+    return EncoderDecoderTransformer(Seq2SeqConfig.preset("tiny")).eval()
+
+
+def test_lm_greedy_cached_equals_uncached(lm):
+    prompt = torch.randint(0, 256, (3, 7))
+    cached = generate(lm, prompt, 30, greedy=True)
+    uncached = generate(lm, prompt, 30, greedy=True, use_cache=False)
+    assert cached.shape == (3, 37)
+    assert torch.equal(cached[:, :7], prompt)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 5), (1.3, 1)])
+def test_lm_sampling_cached_equals_uncached(lm, temperature, top_k):
+    prompt = torch.randint(0, 256, (2, 4))
+    runs = []
+    for use_cache in (True, False):
+        generator = torch.Generator().manual_seed(1234)
+        runs.append(generate(lm, prompt, 25, temperature=temperature, top_k=top_k, generator=generator,
+                             use_cache=use_cache))
+    assert torch.equal(*runs)
+    if top_k == 1:  # only the most likely token can be drawn
+        assert torch.equal(runs[0], generate(lm, prompt, 25, greedy=True))
+
+
+def test_lm_sampling_differs_between_seeds_and_repeats_with_one(lm):
+    prompt = torch.randint(0, 256, (1, 3))
+    draw = lambda seed: generate(lm, prompt, 20, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
+
+
+def test_top_k_restricts_samples_to_the_k_most_likely(lm):
+    prompt = torch.randint(0, 256, (64, 2))
+    with torch.no_grad():
+        allowed = torch.topk(lm(prompt)[:, -1], 3, dim=-1).indices  # (64, 3)
+    generator = torch.Generator().manual_seed(0)
+    sampled = generate(lm, prompt, 1, top_k=3, temperature=5.0, generator=generator)[:, -1]
+    assert (sampled[:, None] == allowed).any(dim=1).all()
+
+
+def test_seq2seq_greedy_cached_equals_uncached(seq2seq):
+    src = torch.randint(0, 256, (4, 9))
+    src[2, 5:] = seq2seq.config.pad_id
+    cached = greedy_decode(seq2seq, src, 15)
+    assert torch.equal(cached, greedy_decode(seq2seq, src, 15, use_cache=False))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_beam_search_cached_equals_uncached(seq2seq, beam_size):
+    src = torch.randint(0, 256, (3, 8))
+    src[0, 6:] = seq2seq.config.pad_id
+    tokens, scores = beam_search(seq2seq, src, 12, beam_size=beam_size)
+    tokens_uncached, scores_uncached = beam_search(seq2seq, src, 12, beam_size=beam_size, use_cache=False)
+    assert torch.equal(tokens, tokens_uncached)
+    torch.testing.assert_close(scores, scores_uncached, rtol=1e-5, atol=1e-5)
+    if beam_size == 1:  # one beam is greedy decoding
+        greedy = greedy_decode(seq2seq, src, 12)
+        assert torch.equal(tokens[:, :greedy.shape[1]], greedy)
+
+
+def test_beam_search_scores_are_length_normalised_log_probabilities():
+    """The returned score is the decoder's log-probability of the returned sequence (eos included) divided by
+    the length penalty; and it is at least the greedy sequence's normalised score on a model that ends."""
+    config = Seq2SeqConfig.preset("tiny")
+    model = EncoderDecoderTransformer(config).eval()
+    with torch.no_grad():  # make eos likely so that hypotheses finish at different lengths
+        model.embedding.weight[config.eos_id] *= 6.0
+    src = torch.randint(97, 123, (2, 6))
+    tokens, scores = beam_search(model, src, 10, beam_size=4, alpha=0.6)
+    for row in range(2):
+        sequence = tokens[row]
+        end = (sequence == config.eos_id).nonzero()
+        length = end[0].item() + 1 if len(end) else len(sequence)
+        sequence = sequence[:length]
+        tgt_in = torch.cat([torch.tensor([config.bos_id]), sequence[:-1]])[None]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(src[row:row + 1], tgt_in)[0], dim=-1)
+        total = log_probs[torch.arange(length), sequence].sum()
+        expected = total / length_penalty(torch.tensor(float(length)), 0.6)
+        assert scores[row].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(prompt_length=49, max_new_tokens=0), ValueError, "prompt length 49 exceeds the model's context"),
+    (dict(prompt_length=40, max_new_tokens=9), ValueError, "prompt length 40 \\+ max_new_tokens 9 exceeds"),
+    (dict(prompt_length=0, max_new_tokens=1), ValueError, "prompt must hold at least one token"),
+    (dict(prompt_length=3, max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0; got -1"),
+    (dict(prompt_length=3, max_new_tokens=2, temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(prompt_length=3, max_new_tokens=2, top_k=0), ValueError, "top_k must be an int >= 1; got 0"),
+])
+def test_generate_rejects_bad_arguments(lm, kwargs, error, message):
+    prompt = torch.zeros(1, kwargs.pop("prompt_length"), dtype=torch.int64)
+    with pytest.raises(error, match=message):
+        generate(lm, prompt, kwargs.pop("max_new_tokens"), **kwargs)
+
+
+def test_seq2seq_decoding_rejects_bad_arguments(seq2seq):
+    with pytest.raises(ValueError, match="src must be a \\(batch, length\\) int64 tensor"):
+        greedy_decode(seq2seq, torch.zeros(3, dtype=torch.int64), 5)
+    with pytest.raises(ValueError, match="max_length 64 \\+ 1 \\(bos\\) exceeds the model's max_length 64"):
+        greedy_decode(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 64)
+    with pytest.raises(ValueError, match="beam_size must be an int >= 1; got 0"):
+        beam_search(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 5, beam_size=0)

@@ -1,0 +1,295 @@
+"""Training: the tiny language model learns, the encoder-decoder learns to copy, checkpoints resume
+bit-identically and are written atomically, two gloo processes compute the gradients of one, the command
+lines run, and bad input fails cleanly before anything is written."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from threads import one_thread  # noqa: F401  (fixture)
+
+from tfm_kernels.models import LMConfig, Seq2SeqConfig, TransformerLM, checkpoint, data, distributed
+from tfm_kernels.models.cli import generate_main, train_copy_main, train_main
+from tfm_kernels.models.generation import generate
+from tfm_kernels.models.schedules import inverse_sqrt, warmup_cosine
+from tfm_kernels.models.tokenizer import ByteTokenizer
+from tfm_kernels.models.training import TrainConfig, lm_loss, train_copy, train_lm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(context_length=32, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _quiet(**overrides):
+    return TrainConfig(**{"progress": False, "device": "cpu", **overrides})
+
+
+def test_tiny_lm_lowers_validation_loss_on_the_default_corpus():
+    """From log(259) = 5.56 nats at initialisation, 150 steps must bring validation loss below 2.75 nats
+    (below the ~2.9 nats of a byte-unigram model of English): a drop of more than 2.8 nats."""
+    result = train_lm(LMConfig.preset("tiny"), _quiet(steps=150, batch_size=16, lr=3e-3, warmup_steps=10,
+                                                      eval_interval=150, eval_windows=32))
+    first, last = result.evaluations[0][1]["val_loss"], result.evaluations[-1][1]["val_loss"]
+    assert first == pytest.approx(5.56, abs=0.05)
+    assert last < 2.75, f"validation loss {first:.3f} -> {last:.3f}"
+    assert result.evaluations[-1][1]["val_ppl"] == pytest.approx(torch.tensor(last).exp().item(), rel=1e-6)
+
+
+def test_copy_task_reaches_high_accuracy():
+    result = train_copy(Seq2SeqConfig.preset("tiny", warmup_steps=100),
+                        _quiet(steps=400, batch_size=32, lr=0.5, eval_interval=400), max_length=8,
+                        eval_examples=128)
+    accuracy = result.evaluations[-1][1]["token_accuracy"]
+    assert result.evaluations[0][1]["token_accuracy"] < 0.2
+    assert accuracy >= 0.9, f"copy token accuracy {accuracy:.3f}"
+
+
+def _parameters(model):
+    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_continues_bit_identically(tmp_path, dropout):
+    """N + M steps in one run equal N steps, a checkpoint, and M resumed steps: same parameters and the same
+    logged losses, bit for bit (dropout makes the RNG state part of the bargain)."""
+    config = LMConfig.preset("tiny", dropout=dropout, **TINY)
+    common = dict(batch_size=4, lr=3e-3, warmup_steps=3, decay_steps=12, log_interval=1, eval_interval=100,
+                  eval_windows=4)
+    straight = train_lm(config, _quiet(steps=12, **common))
+    first = train_lm(config, _quiet(steps=7, checkpoint_dir=str(tmp_path), **common))
+    resumed = train_lm(config, _quiet(steps=12, checkpoint_dir=str(tmp_path), resume=True, **common))
+    assert resumed.step == 12 and first.step == 7
+    assert first.train_losses + resumed.train_losses == straight.train_losses
+    for name, value in _parameters(straight.model).items():
+        assert torch.equal(value, _parameters(resumed.model)[name]), name
+    saved = checkpoint.load_checkpoint(str(tmp_path))
+    assert saved["step"] == 12 and set(saved) >= {"model", "optimizer", "scheduler", "rng", "config",
+                                                  "data_generator", "train_config"}
+    assert os.listdir(tmp_path) == [checkpoint.CHECKPOINT_NAME]
+    again = train_lm(config, _quiet(steps=12, checkpoint_dir=str(tmp_path), resume=True, **common))
+    assert again.step == 12 and again.evaluations[-1][0] == 12 and not again.train_losses
+    with pytest.raises(ValueError, match="steps 5 is behind the checkpoint, which is at step 12"):
+        train_lm(config, _quiet(steps=5, checkpoint_dir=str(tmp_path), resume=True, **common))
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    config = LMConfig.preset("tiny", **TINY)
+    train_lm(config, _quiet(steps=2, batch_size=2, eval_windows=2, checkpoint_dir=str(tmp_path)))
+    before = os.path.getmtime(tmp_path / checkpoint.CHECKPOINT_NAME)
+    other = LMConfig.preset("tiny", **{**TINY, "d_model": 64})
+    expected = "another model configuration \\(d_model: checkpoint 32, requested 64"
+    with pytest.raises(ValueError, match=expected):
+        train_lm(other, _quiet(steps=4, batch_size=2, checkpoint_dir=str(tmp_path), resume=True))
+    with pytest.raises(ValueError, match="holds a 'lm' model; expected 'seq2seq'"):
+        train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=4, checkpoint_dir=str(tmp_path), resume=True))
+    assert os.path.getmtime(tmp_path / checkpoint.CHECKPOINT_NAME) == before
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train_lm(config, _quiet(steps=4, checkpoint_dir=str(tmp_path / "elsewhere"), resume=True))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        checkpoint.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    checkpoint.save_checkpoint(path, {"kind": "lm", "step": 1})
+
+    def failing_save(obj, file):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint(path, {"kind": "lm", "step": 2})
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("write, error, message", [
+    (None, FileNotFoundError, "corpus file .* does not exist"),
+    ("", ValueError, "corpus .* is empty"),
+    ("  \n\n ", ValueError, "corpus .* is empty"),
+    ("short text", ValueError, "corpus too small: 10 tokens"),
+    (b"\xff\xfe\x00bad", ValueError, "is not UTF-8 text"),
+])
+def test_bad_corpus_fails_before_anything_is_written(tmp_path, write, error, message):
+    corpus = tmp_path / "corpus.txt"
+    if isinstance(write, str):
+        corpus.write_text(write)
+    elif isinstance(write, bytes):
+        corpus.write_bytes(write)
+    out = tmp_path / "run"
+    with pytest.raises(error, match=message):
+        train_lm(LMConfig.preset("tiny", **TINY),
+                 _quiet(steps=2, corpus=str(corpus), checkpoint_dir=str(out)))
+    assert not out.exists()
+
+
+def test_default_corpus_ships_with_the_package():
+    text = data.load_corpus()
+    assert 40_000 < len(text.encode()) < 200_000
+    assert ByteTokenizer().decode(ByteTokenizer().encode(text)) == text
+
+
+def test_batches_shard_one_global_batch():
+    tokens = torch.arange(1000)
+    whole = data.LMBatches(tokens, 16, 8, generator=torch.Generator().manual_seed(3)).next()
+    shards = [data.LMBatches(tokens, 16, 8, rank, 2, torch.Generator().manual_seed(3)).next()
+              for rank in (0, 1)]
+    assert torch.equal(torch.cat([s[0] for s in shards]), whole[0])
+    assert torch.equal(whole[1], whole[0] + 1)  # targets are the next tokens
+    with pytest.raises(ValueError, match="batch size 7 must be divisible by the number of processes 2"):
+        data.LMBatches(tokens, 16, 7, 0, 2)
+
+
+def test_schedules():
+    paper = inverse_sqrt(512, 4000)
+    peak = max(range(8000), key=paper)
+    assert peak == 3999  # step 4000 counted from 1
+    assert paper(3999) == pytest.approx(512**-0.5 * 4000**-0.5)
+    assert paper(15999) == pytest.approx(paper(3999) / 2)
+    cosine = warmup_cosine(10, 110, min_ratio=0.1)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1) and cosine(500) == 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two processes on the gloo backend
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_runs(world_size, out_dir):
+    """Gradients of one step on a global batch of 8 sequences (this rank's share of it), then 3 training
+    steps with DDP, and with world_size 2 also 2 + 1 resumed steps with FSDP. Rank 0 saves what it saw."""
+    torch.set_num_threads(1)
+    env = distributed.init_from_env("cpu")
+    config = LMConfig.preset("tiny", **TINY)
+    torch.manual_seed(0)
+    model = TransformerLM(config)
+    wrapped = distributed.wrap_model(model, env)
+    tokens = ByteTokenizer().encode_tensor(data.load_corpus())
+    inputs, targets = data.LMBatches(tokens, config.context_length, 8, env.rank, env.world_size,
+                                     torch.Generator().manual_seed(0)).next()
+    lm_loss(wrapped, inputs, targets).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    run = dict(batch_size=8, eval_windows=4, checkpoint_dir=os.path.join(out_dir, f"ddp{world_size}"))
+    result = train_lm(config, _quiet(steps=3, **run), env)
+    if world_size > 1:
+        run["checkpoint_dir"] = os.path.join(out_dir, "fsdp")
+        train_lm(config, _quiet(steps=2, fsdp=True, **run), env)
+        train_lm(config, _quiet(steps=3, fsdp=True, resume=True, **run), env)
+    if env.is_main:
+        torch.save({"grads": grads, "params": _parameters(result.model),
+                    "val_loss": result.evaluations[-1][1]["val_loss"]},
+                   os.path.join(out_dir, f"out{world_size}.pt"))
+    distributed.shutdown(env)
+
+
+def _worker(rank, world_size, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _distributed_runs(world_size, out_dir)
+
+
+def test_two_gloo_ranks_compute_what_one_process_computes(tmp_path):
+    """DDP on two processes: the same gradients as one process on the same global batch, and the same
+    parameters after 3 steps; FSDP (with a save and a resume on the way) reaches the same parameters."""
+    # fork: the children inherit the imported modules instead of importing torch again (seconds each)
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    _distributed_runs(1, str(tmp_path))
+    two, one = torch.load(tmp_path / "out2.pt"), torch.load(tmp_path / "out1.pt")
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    fsdp = checkpoint.load_checkpoint(str(tmp_path / "fsdp"))
+    assert fsdp["step"] == 3 and len(fsdp["rng"]) == 2
+    for name, value in one["params"].items():
+        torch.testing.assert_close(two["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(fsdp["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert sorted(os.listdir(tmp_path / "ddp2")) == [checkpoint.CHECKPOINT_NAME]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command lines
+
+
+def _cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, "-m", "tfm_kernels", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+
+
+def test_cli_trains_then_generates(tmp_path, capsys):
+    run = _cli("train", "--preset", "tiny", "--steps", "5", "--batch-size", "4", "--eval-interval", "5",
+               "--checkpoint-dir", str(tmp_path), "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert "step 5: validation loss" in run.stdout and "tokens/s" in run.stderr
+    # generate in this process: one more interpreter start-up would double the test's time
+    assert generate_main(["--checkpoint", str(tmp_path), "--prompt", "Once upon", "--max-new-tokens", "20",
+                          "--device", "cpu", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Once upon") and len(text.encode()) > len("Once upon")
+    assert generate_main(["--checkpoint", str(tmp_path), "--prompt", "Once upon", "--max-new-tokens", "20",
+                          "--device", "cpu", "--seed", "1", "--no-cache"]) == 0
+    assert capsys.readouterr().out == text
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--corpus", str(tmp_path / "missing.txt"), "--steps", "2", "--checkpoint-dir",
+                    str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    train_main(["--steps", "2", "--batch-size", "2", "--context-length", "16", "--checkpoint-dir",
+                str(tmp_path), "--device", "cpu", "--no-progress", "--eval-windows", "2"])
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--checkpoint", str(tmp_path), "--prompt", "x" * 17, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "--prompt is 17 bytes, longer than the model's context length 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--preset", "enormous"])
+    assert "preset must be one of" in capsys.readouterr().err
+
+
+def test_cli_train_copy_reports_accuracy(capsys):
+    assert train_copy_main(["--steps", "3", "--batch-size", "4", "--max-length", "4", "--eval-examples", "8",
+                            "--device", "cpu", "--no-progress"]) == 0
+    assert "step 3: copy token accuracy" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU (benchmarks/device_check.sh)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_training_and_cached_generation(tmp_path):
+    """bf16 autocast training on the GPU kernels lowers the loss, checkpoints resume there, and cached greedy
+    decoding equals uncached decoding on the GPU; decode-step attention runs on a kernel backend."""
+    from tfm_kernels import backends
+
+    config = LMConfig.preset("tiny")
+    run = dict(batch_size=16, lr=3e-3, warmup_steps=10, eval_interval=60, eval_windows=32, device="cuda",
+               checkpoint_dir=str(tmp_path))
+    first = train_lm(config, _quiet(steps=40, **run))
+    result = train_lm(config, _quiet(steps=60, resume=True, **run))
+    assert next(result.model.parameters()).is_cuda
+    assert result.evaluations[-1][1]["val_loss"] < first.evaluations[0][1]["val_loss"] - 1.5
+    model = result.model.eval()
+    prompt = torch.randint(0, 256, (4, 9), device="cuda")
+    assert torch.equal(generate(model, prompt, 40, greedy=True), generate(model, prompt, 40, greedy=True,
+                                                                         use_cache=False))
+    q = torch.randn(4, 4, 1, 16, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(4, 4, 49, 16, device="cuda", dtype=torch.bfloat16)
+    assert backends.choose(q, k, k) in ("cuda", "triton")

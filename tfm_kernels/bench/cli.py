@@ -1,0 +1,275 @@
+"""`python -m tfm_kernels bench`: the benchmark tables against PyTorch.
+
+With a GPU: the attention and MLP tables against torch's kernels, with ratios to the best peer, within a
+time budget (--budget; compiled peers are measured last) (--full adds the sequence sweep, FlexAttention
+everywhere, torch's math backend, nn.MultiheadAttention and whole models, with no budget).
+Without one: a correctness self-check of every operator that can run here, then a CPU timing table against
+torch's CPU implementations. The Markdown table goes to stdout, last; progress to stderr; a JSON record of
+the run is appended to --json (default benchmarks/results/bench.jsonl)."""
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import configs, report
+from .attention import attention_cases, mha_cases
+from .mlp import mlp_cases
+from .model import model_cases
+from .selfcheck import self_check
+from .suite import NOT_RUN, run_cases
+
+SUITES = ("attention", "mlp", "mha", "model")
+# The default GPU run stays under 3 minutes: measurements start within this budget (a compile begun near its
+# end may run on for tens of seconds); what is left shows as "not run" rows.
+GPU_BUDGET_S = 140.0
+
+
+class Progress:
+    """A one-line progress bar on stderr: redrawn in place on a terminal, one line per step in a log."""
+
+    WIDTH = 24
+
+    def __init__(self, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.in_place = self.stream.isatty()
+
+    def __call__(self, done, total, text):
+        filled = self.WIDTH * done // max(total, 1)
+        line = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} {text}"
+        if self.in_place:
+            self.stream.write("\r\033[K" + line + ("\n" if done == total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m tfm_kernels bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer shapes and shorter timing (CI, a first look)"
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="GPU: the whole sweep (s512..s16384, FlexAttention everywhere, math, MHA and models)",
+    )
+    parser.add_argument(
+        "--suite",
+        default=None,
+        help=f"comma-separated subset of {','.join(SUITES)} (default: attention,mlp; --full: all)",
+    )
+    parser.add_argument(
+        "--mlp-shapes",
+        default=None,
+        help="comma-separated MLP model names from tfm_kernels.bench.configs (default: all)",
+    )
+    parser.add_argument(
+        "--lm-presets",
+        default="gpt2-small",
+        help="tfm_kernels.models presets for the model suite (comma-separated)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="cpu: the CPU self-check and table even where a GPU exists",
+    )
+    parser.add_argument("--self-check", action="store_true", help="run the self-check on the GPU too")
+    parser.add_argument(
+        "--json",
+        "--out",
+        dest="json",
+        default=str(report.DEFAULT_RECORD),
+        help="append the run's JSON record to this file (JSON Lines); '' for none",
+    )
+    parser.add_argument(
+        "--plot", default=None, metavar="DIR", help="write attention PNG plots here (matplotlib)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"start no measurement after this long; compiled peers run last (default: {GPU_BUDGET_S:.0f} "
+        "on a GPU without --full, else none; 0: none)",
+    )
+    parser.add_argument(
+        "--replay",
+        default=None,
+        metavar="RECORD",
+        help="measure nothing: print the table (and --plot) of the last run in a JSON Lines record, e.g. "
+        "one brought back from a GPU machine without matplotlib",
+    )
+    args = parser.parse_args(argv)
+    if args.plot and report.matplotlib_missing():
+        parser.error(report.matplotlib_missing())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    return args
+
+
+def _pick_mlp_shapes(shapes, names):
+    if names is None:
+        return shapes
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {s.model: s for s in shapes}
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        raise SystemExit(f"--mlp-shapes: unknown {missing}; known: {sorted(known)}")
+    return [known[n] for n in wanted]
+
+
+def gpu_cases(args, suites, device):
+    seq_lens = configs.SWEEP_SEQ_LENS if args.full else configs.CORE_SEQ_LENS
+    models = configs.ATTENTION_MODELS
+    if args.quick:
+        seq_lens, models = (4096,), (configs.LLAMA_D128,)
+    attention_modes = ("fwd", "bwd", "fwd+bwd") if args.full else ("fwd", "bwd")
+    mlp_modes = ("fwd", "bwd", "fwd+bwd") if args.full else ("fwd", "fwd+bwd")
+    mlp_names = configs.HEADLINE_MLP if args.quick and args.mlp_shapes is None else args.mlp_shapes
+    cases = []
+    if "attention" in suites:
+        cases += attention_cases(
+            configs.attention_shapes(seq_lens, models),
+            attention_modes,
+            device,
+            with_flex="all" if args.full else "none" if args.quick else "headline",
+            with_math=args.full,
+        )
+    if "mlp" in suites:
+        cases += mlp_cases(_pick_mlp_shapes(configs.MLP_SHAPES, mlp_names), mlp_modes, device)
+    if "mha" in suites:
+        cases += mha_cases(configs.MHA_SHAPES, ("fwd", "fwd+bwd"), device)
+    if "model" in suites:
+        cases += model_cases(
+            configs.ENCODER_SHAPES,
+            ("fwd+bwd",),
+            device,
+            lm_presets=[p for p in args.lm_presets.split(",") if p],
+        )
+    return cases
+
+
+def cpu_cases(args, suites, device):
+    attention_shapes = configs.CPU_QUICK_ATTENTION_SHAPES if args.quick else configs.CPU_ATTENTION_SHAPES
+    mlp_shapes = configs.CPU_QUICK_MLP_SHAPES if args.quick else configs.CPU_MLP_SHAPES
+    modes = ("fwd", "fwd+bwd")
+    cases = []
+    if "attention" in suites:
+        cases += attention_cases(attention_shapes, modes, device, with_flex="none", with_math=True)
+    if "mlp" in suites:
+        cases += mlp_cases(_pick_mlp_shapes(mlp_shapes, args.mlp_shapes), modes, device, with_compile=False)
+    if "mha" in suites:
+        cases += mha_cases(configs.CPU_MHA_SHAPES, modes, device)
+    if "model" in suites:
+        cases += model_cases(configs.CPU_ENCODER_SHAPES, ("fwd+bwd",), device, with_compile=False)
+    return cases
+
+
+def print_checks(checks, stream=None):
+    stream = sys.stdout if stream is None else stream
+    print(
+        "## Self-check: each operator against a float64 oracle; it passes if its error <= 2x torch's error "
+        "in the same dtype (+ rounding noise)\n",
+        file=stream,
+    )
+    for c in checks:
+        print(f"{c.status:>4}  {c.op} [{c.backend}] {c.case}: {c.detail}", file=stream)
+    passed = sum(c.status == "pass" for c in checks)
+    failed = sum(c.status == "FAIL" for c in checks)
+    print(
+        f"\n{passed} passed, {failed} failed, {len(checks) - passed - failed} not available here", file=stream
+    )
+    if passed == 0 and failed == 0:
+        print("WARNING: no operator could be checked here (see the reasons above)", file=stream)
+
+
+def _title(env, seconds=None) -> str:
+    kind = "GPU timing" if env["device_type"] == "cuda" else "CPU timing (this machine; not a GPU result)"
+    took = f" ({seconds:.0f} s)" if seconds is not None else ""
+    return (
+        f"## {kind}: {env['card']}, torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['commit'][:12]}, {env['date']}{took}"
+    )
+
+
+def replay(record_path, plot_dir) -> int:
+    """Prints the table of the last run recorded in record_path and draws its plots into plot_dir."""
+    lines = Path(record_path).read_text().splitlines()
+    if not lines:
+        raise SystemExit(f"--replay: {record_path} holds no record")
+    run = json.loads(lines[-1])
+    if plot_dir:
+        for path in report.plot_attention(run["rows"], plot_dir, run["card"]):
+            print(f"plot written to {path}", file=sys.stderr)
+    print(_title(run) + "\n")
+    print(report.markdown_table(run["rows"]))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Runs the benchmark (and, without a GPU, the self-check). Returns 1 if a check failed or one of our
+    providers raised an error, else 0."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.replay:
+        return replay(args.replay, args.plot)
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    suites = SUITES if args.full else ("attention", "mlp")
+    if args.suite:
+        suites = tuple(s.strip() for s in args.suite.split(","))
+        unknown = set(suites) - set(SUITES)
+        if unknown:
+            raise SystemExit(f"--suite: unknown {sorted(unknown)}; known: {list(SUITES)}")
+    started = time.perf_counter()
+    torch.manual_seed(0)
+
+    checks = None
+    if not on_gpu or args.self_check:
+        checks = self_check(device, torch.float16 if on_gpu else torch.float32)
+        print_checks(checks)
+        print()
+
+    cases = gpu_cases(args, suites, device) if on_gpu else cpu_cases(args, suites, device)
+    warmup_ms, rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` stops the run; the table still prints
+    try:
+        budget = args.budget if args.budget is not None else GPU_BUDGET_S if on_gpu and not args.full else 0.0
+        rows = run_cases(cases, Progress(), warmup_ms, rep_ms, budget)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stopped = any(r["reason"] == NOT_RUN for r in rows)
+    env = report.environment(device)
+    if args.json:
+        path = report.append_record(args.json, env, rows, checks)
+        print(f"record appended to {path}", file=sys.stderr)
+    if args.plot:
+        for path in report.plot_attention(rows, args.plot, env["card"]):
+            print(f"plot written to {path}", file=sys.stderr)
+    for row in rows:
+        if row["status"] == "error":
+            print(
+                f"error in {row['provider']} on {row['config']} {row['mode']}:\n{row['traceback']}",
+                file=sys.stderr,
+            )
+
+    stop_note = "\nSTOPPED before the end: see the rows marked not run.\n" if stopped else ""
+    print(_title(env, time.perf_counter() - started) + "\n" + stop_note)
+    print(report.markdown_table(rows))
+    failed = (checks is not None and any(c.status == "FAIL" for c in checks)) or any(
+        r["status"] == "error" for r in rows
+    )
+    return 1 if failed or stopped else 0

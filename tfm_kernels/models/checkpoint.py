@@ -1,0 +1,83 @@
+"""Checkpoints: written atomically (a temporary file in the same folder, then os.replace), holding everything
+needed to continue a run bit-identically — model, optimizer, schedule, step, configuration, and the random
+number generator states (Python, torch CPU and CUDA) of every process."""
+
+import os
+import random
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+def checkpoint_path(directory: str) -> str:
+    """The checkpoint file of a run's folder (one file, replaced at every save)."""
+    return os.path.join(directory, CHECKPOINT_NAME)
+
+
+def capture_rng() -> dict:
+    """This process's random number generator states."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict):
+    """Puts back the generator states that capture_rng returned."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, payload: dict):
+    """Writes `payload` to `path` atomically: readers see the previous checkpoint or the new one, never part
+    of one, even if the process dies while writing."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(temporary, "wb") as file:
+            torch.save({"format": FORMAT_VERSION, **payload}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_checkpoint(path: str, kind: str | None = None, config=None, map_location="cpu") -> dict:
+    """Reads a checkpoint written by save_checkpoint.
+
+    Raises FileNotFoundError if there is none at `path`, and ValueError if it is not a checkpoint of this
+    package, is of another model `kind` ("lm" or "seq2seq"), or was trained with a model configuration other
+    than `config` (naming the fields that differ)."""
+    if os.path.isdir(path):
+        path = checkpoint_path(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path!r} is not a readable checkpoint: {error}") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path!r} is not a tfm_kernels checkpoint (format {FORMAT_VERSION})")
+    if kind is not None and checkpoint["kind"] != kind:
+        raise ValueError(f"checkpoint {path!r} holds a {checkpoint['kind']!r} model; expected {kind!r}")
+    if config is not None:
+        saved, wanted = checkpoint["config"], config.to_dict()
+        differences = [
+            f"{name}: checkpoint {saved.get(name)!r}, requested {wanted.get(name)!r}"
+            for name in sorted(set(saved) | set(wanted))
+            if saved.get(name) != wanted.get(name)
+        ]
+        if differences:
+            raise ValueError(
+                f"checkpoint {path!r} was trained with another model configuration ("
+                + "; ".join(differences)
+                + ")"
+            )
+    return checkpoint

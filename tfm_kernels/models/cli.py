@@ -1,0 +1,222 @@
+"""Command lines: `python -m tfm_kernels train | generate | train-copy`.
+
+Each runs unchanged under `torchrun --nproc-per-node N -m tfm_kernels train ...`
+(DistributedDataParallel, or FSDP with --fsdp). Bad input ends with a one-line error naming the argument
+and exit status 2."""
+
+import argparse
+import sys
+
+import torch
+
+from . import checkpoint, distributed
+from .config import LMConfig, Seq2SeqConfig
+from .generation import generate
+from .lm import TransformerLM
+from .tokenizer import ByteTokenizer
+from .training import TrainConfig, train_copy, train_lm
+
+DEFAULT_NEW_TOKENS = 200
+
+
+def _add_common_training_args(parser, default_steps, default_batch, default_lr, lr_help):
+    parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    parser.add_argument("--steps", type=int, default=default_steps, help="total optimizer steps")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=default_batch,
+        help="global batch (sequences per step over all processes)",
+    )
+    parser.add_argument("--lr", type=float, default=default_lr, help=lr_help)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--checkpoint-dir", default=None, help="folder for checkpoint.pt (none: no checkpoint)"
+    )
+    parser.add_argument(
+        "--checkpoint-interval", type=int, default=0, help="save every N steps (0: at the end)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"
+    )
+    parser.add_argument("--eval-interval", type=int, default=100)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-amp", action="store_true", help="train in float32 on GPUs (default: bf16 autocast)"
+    )
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP under torchrun")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+
+
+def _train_config(args, **extra) -> TrainConfig:
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_interval=args.checkpoint_interval,
+        resume=args.resume,
+        eval_interval=args.eval_interval,
+        log_interval=args.log_interval,
+        seed=args.seed,
+        amp=not args.no_amp,
+        fsdp=args.fsdp,
+        progress=not args.no_progress,
+        **extra,
+    )
+
+
+def _run(parser, job):
+    """Runs job(start) — start(device) joins the process group — and turns bad input into
+    `prog: error: ...` with exit status 2; the process group is left cleanly either way."""
+    started = []
+
+    def start(device):
+        started.append(distributed.init_from_env(device))
+        return started[-1]
+
+    try:
+        return job(start)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    finally:
+        for env in started:
+            distributed.shutdown(env)
+
+
+def train_main(argv=None):
+    """`python -m tfm_kernels train`: trains the language model and prints the final validation loss."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tfm_kernels train",
+        description="Train the byte-level Transformer language model on a text corpus.",
+    )
+    _add_common_training_args(parser, default_steps=2000, default_batch=32, default_lr=1e-3,
+                              lr_help="peak learning rate (linear warm-up, cosine decay to 0.1x)")
+    parser.add_argument(
+        "--corpus", default=None, help="UTF-8 text file (default: the corpus shipped in the package)"
+    )
+    parser.add_argument(
+        "--context-length", type=int, default=None, help="override the preset's context length"
+    )
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
+    args = parser.parse_args(argv)
+
+    def job(start):
+        overrides = {} if args.context_length is None else {"context_length": args.context_length}
+        model_config = LMConfig.preset(args.preset, **overrides)
+        config = _train_config(
+            args, corpus=args.corpus, warmup_steps=args.warmup_steps, eval_windows=args.eval_windows
+        )
+        env = start(config.device)
+        result = train_lm(model_config, config, env)
+        if env.is_main:
+            metrics = result.evaluations[-1][1]
+            print(
+                f"step {result.step}: validation loss {metrics['val_loss']:.4f}, perplexity "
+                f"{metrics['val_ppl']:.2f}"
+            )
+        return 0
+
+    return _run(parser, job)
+
+
+def generate_main(argv=None):
+    """`python -m tfm_kernels generate`: continues --prompt from a language-model checkpoint."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tfm_kernels generate",
+        description="Sample text from a language-model checkpoint (KV-cached).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or the folder holding it")
+    parser.add_argument("--prompt", default="The ", help="text to continue")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"bytes to generate (default: {DEFAULT_NEW_TOKENS}, or what fits the context)",
+    )
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely byte")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
+    args = parser.parse_args(argv)
+
+    def job(start):
+        device = distributed.resolve_device(args.device)
+        saved = checkpoint.load_checkpoint(args.checkpoint, kind="lm")
+        model_config = LMConfig.from_dict(saved["config"])
+        model = TransformerLM(model_config)
+        model.load_state_dict(saved["model"])
+        model.to(device).eval()
+        tokenizer = ByteTokenizer()
+        prompt = tokenizer.encode_tensor(args.prompt)[None].to(device)  # (1, T)
+        if prompt.shape[1] == 0:
+            raise ValueError("--prompt must not be empty")
+        if prompt.shape[1] > model_config.context_length:
+            raise ValueError(
+                f"--prompt is {prompt.shape[1]} bytes, longer than the model's context length "
+                f"{model_config.context_length}"
+            )
+        new_tokens = args.max_new_tokens
+        if new_tokens is None:
+            new_tokens = min(DEFAULT_NEW_TOKENS, model_config.context_length - prompt.shape[1])
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        tokens = generate(
+            model,
+            prompt,
+            new_tokens,
+            greedy=args.greedy,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            generator=generator,
+            use_cache=not args.no_cache,
+        )
+        sys.stdout.write(tokenizer.decode(tokens[0]) + "\n")
+        return 0
+
+    return _run(parser, job)
+
+
+def train_copy_main(argv=None):
+    """`python -m tfm_kernels train-copy`: trains the encoder-decoder to copy; prints its accuracy."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tfm_kernels train-copy",
+        description="Train the encoder-decoder Transformer to copy random strings.",
+    )
+    # 0.5: the tiny preset learned to copy more reliably than with the paper's 1.0 (0.98 vs 0.90-0.95 token
+    # accuracy after 400 steps of 32 strings, two seeds each).
+    _add_common_training_args(parser, default_steps=600, default_batch=64, default_lr=0.5,
+                              lr_help="multiplier of the paper's inverse-sqrt schedule (1.0: the paper's)")
+    parser.set_defaults(eval_interval=200)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="override the preset's warm-up steps")
+    parser.add_argument("--min-length", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=10)
+    parser.add_argument("--eval-examples", type=int, default=256)
+    args = parser.parse_args(argv)
+
+    def job(start):
+        overrides = {} if args.warmup_steps is None else {"warmup_steps": args.warmup_steps}
+        model_config = Seq2SeqConfig.preset(args.preset, **overrides)
+        config = _train_config(args)
+        env = start(config.device)
+        result = train_copy(
+            model_config,
+            config,
+            min_length=args.min_length,
+            max_length=args.max_length,
+            eval_examples=args.eval_examples,
+            env=env,
+        )
+        if env.is_main:
+            metrics = result.evaluations[-1][1]
+            print(
+                f"step {result.step}: copy token accuracy {metrics['token_accuracy']:.4f}, sequence accuracy "
+                f"{metrics['sequence_accuracy']:.4f}"
+            )
+        return 0
+
+    return _run(parser, job)

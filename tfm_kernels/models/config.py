@@ -1,0 +1,154 @@
+"""Model configurations: dataclasses with named presets and validation.
+
+`LMConfig` describes the decoder-only language model, `Seq2SeqConfig` the encoder-decoder Transformer of
+"Attention Is All You Need". Both validate on construction and raise ValueError naming the field, what was
+expected and what was given. `LMConfig.preset("tiny")` / `Seq2SeqConfig.preset("base", dropout=0.0)` build a
+preset with optional overrides.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from .tokenizer import ByteTokenizer
+
+ACTIVATIONS = ("gelu", "relu")
+
+
+def _check_positive(config, *names):
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive int; got {value!r}")
+
+
+def _check_probability(config, *names):
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{type(config).__name__}.{name} must be a float in [0, 1); got {value!r}")
+
+
+def _check_heads(config):
+    if config.d_model % config.n_heads:
+        raise ValueError(
+            f"{type(config).__name__}.d_model must be divisible by n_heads; got d_model="
+            f"{config.d_model}, n_heads={config.n_heads}"
+        )
+    head_dim = config.d_model // config.n_heads
+    if head_dim > 256:
+        raise ValueError(
+            f"{type(config).__name__}: head dim d_model / n_heads must be at most 256; got {head_dim}"
+        )
+    if config.activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{type(config).__name__}.activation must be one of {ACTIVATIONS}; got {config.activation!r}"
+        )
+
+
+class _Presets:
+    """Shared preset/serialisation helpers of the config dataclasses."""
+
+    PRESETS = {}  # name -> field overrides, set by each config class
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """The named preset with fields replaced by `overrides`."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"{cls.__name__} preset must be one of {sorted(cls.PRESETS)}; got {name!r}")
+        fields = {**cls.PRESETS[name], **overrides}
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {unknown}")
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        """Plain field values (what checkpoints store)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """The config of a to_dict() result, validated again."""
+        return cls(**values)
+
+
+@dataclass
+class LMConfig(_Presets):
+    """Decoder-only language model: token + learned position embeddings, `n_layers` pre-norm blocks of causal
+    self-attention and a fused MLP (`d_ff` hidden units), a final LayerNorm and an output head tied to the
+    token embedding. `context_length` is the longest sequence (prompt + generated tokens) it accepts."""
+
+    vocab_size: int = ByteTokenizer.vocab_size
+    context_length: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.0
+    activation: str = "gelu"
+    bias: bool = True
+
+    PRESETS = {
+        "tiny": dict(context_length=64, d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0),
+        # GPT-2 small's shape (124M parameters with its 50257-token vocabulary; this byte vocabulary has 259).
+        "gpt2-small": dict(context_length=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072, dropout=0.1),
+    }
+
+    def __post_init__(self):
+        _check_positive(self, "vocab_size", "context_length", "d_model", "n_layers", "n_heads", "d_ff")
+        _check_probability(self, "dropout")
+        _check_heads(self)
+
+
+@dataclass
+class Seq2SeqConfig(_Presets):
+    """Encoder-decoder Transformer: shared token embedding (scaled by sqrt(d_model)) for source, target and
+    the output projection, sinusoidal positions, `n_encoder_layers` / `n_decoder_layers` layers, post-norm
+    as in the paper (`norm_first=False`) or pre-norm. `max_length` bounds source and target lengths.
+    `label_smoothing` and `warmup_steps` drive training (the paper's inverse-square-root schedule)."""
+
+    vocab_size: int = ByteTokenizer.vocab_size
+    max_length: int = 64
+    d_model: int = 64
+    n_heads: int = 4
+    d_ff: int = 256
+    n_encoder_layers: int = 2
+    n_decoder_layers: int = 2
+    dropout: float = 0.0
+    label_smoothing: float = 0.1
+    norm_first: bool = False
+    activation: str = "relu"
+    warmup_steps: int = 4000
+    pad_id: int = ByteTokenizer.pad_id
+    bos_id: int = ByteTokenizer.bos_id
+    eos_id: int = ByteTokenizer.eos_id
+
+    PRESETS = {
+        "tiny": dict(max_length=64, d_model=64, n_heads=4, d_ff=256, n_encoder_layers=2, n_decoder_layers=2,
+                     dropout=0.0, warmup_steps=100),
+        # The paper's base model (Table 3): N=6, d_model 512, d_ff 2048, 8 heads, P_drop 0.1, eps_ls 0.1.
+        "base": dict(max_length=512, d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6,
+                     n_decoder_layers=6, dropout=0.1, label_smoothing=0.1, warmup_steps=4000),
+    }
+
+    def __post_init__(self):
+        _check_positive(
+            self,
+            "vocab_size",
+            "max_length",
+            "d_model",
+            "n_heads",
+            "d_ff",
+            "n_encoder_layers",
+            "n_decoder_layers",
+            "warmup_steps",
+        )
+        _check_probability(self, "dropout", "label_smoothing")
+        _check_heads(self)
+        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+        for name, value in ids.items():
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"Seq2SeqConfig.{name} must be an int in [0, vocab_size={self.vocab_size}); got {value!r}"
+                )
+        if len(set(ids.values())) != 3:
+            raise ValueError(f"Seq2SeqConfig pad_id, bos_id and eos_id must differ; got {ids}")

@@ -1,0 +1,121 @@
+"""Multi-process training under torchrun: process-group set-up from the environment, model wrapping with
+DistributedDataParallel or FSDP, and the collectives the training loop needs.
+
+A single process (WORLD_SIZE unset or 1) runs with no process group and an unwrapped model, so the same code
+runs on one device and under `torchrun --nproc-per-node N`."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistributedEnv:
+    """This process's place in the job: rank, world size, and the device it trains on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes checkpoints and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> cuda if available, else cpu; anything else is passed to torch.device with a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def init_from_env(device: str = "auto") -> DistributedEnv:
+    """Joins the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT) when WORLD_SIZE > 1: nccl on GPUs (one per local rank), gloo on CPU. Otherwise returns a
+    single-process environment on `device`."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedEnv(device=resolve_device(device))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", local_rank)
+        torch.cuda.set_device(resolved)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if resolved.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            device_id=resolved if resolved.type == "cuda" else None,
+        )
+    return DistributedEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+
+
+def shutdown(env: DistributedEnv):
+    """Leaves the process group joined by init_from_env (nothing to do in one process)."""
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: DistributedEnv, fsdp: bool = False) -> nn.Module:
+    """DistributedDataParallel (gradients all-reduced, averaged) or, with fsdp=True, FSDP2's fully_shard on
+    every block and the root (parameters, gradients and optimizer state sharded). Unchanged in one process."""
+    if not env.distributed:
+        return model
+    if fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as error:
+            raise RuntimeError("fsdp=True needs torch.distributed.fsdp.fully_shard (torch >= 2.6)") from error
+        for block in _repeated_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _repeated_blocks(model: nn.Module):
+    """The layers of the model's nn.ModuleLists (blocks, encoder/decoder layers): FSDP's units."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            yield from module
+
+
+def all_reduce_sum(values: torch.Tensor, env: DistributedEnv) -> torch.Tensor:
+    """Sum of `values` over all processes (itself in one process)."""
+    if env.distributed:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def all_gather_objects(obj, env: DistributedEnv) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if not env.distributed:
+        return [obj]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier(env: DistributedEnv):
+    """Waits until every process gets here (the checkpoint is complete before anyone goes on)."""
+    if env.distributed:
+        dist.barrier()

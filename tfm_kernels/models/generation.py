@@ -1,0 +1,214 @@
+"""Decoding: greedy, temperature and top-k sampling for the language model; greedy and beam search for the
+encoder-decoder. With use_cache=True every step feeds only the newest token and attends the key/value cache
+on the package's kernels; use_cache=False recomputes the whole prefix each step (the reference the cached
+path must equal token for token)."""
+
+import torch
+
+from .lm import TransformerLM
+from .seq2seq import EncoderDecoderTransformer
+
+
+def _check_count(name, value, minimum=1):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def _next_token(logits, greedy, temperature, top_k, generator):
+    """logits (B, V) -> (B, 1) int64: argmax, or a sample of softmax(logits / temperature) restricted to the
+    top_k largest logits."""
+    if greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerLM,
+    prompt,
+    max_new_tokens: int,
+    *,
+    greedy=False,
+    temperature=1.0,
+    top_k=None,
+    generator=None,
+    use_cache=True,
+):
+    """Continues each prompt row by `max_new_tokens` tokens.
+
+    Args:
+        model: a TransformerLM (put in eval mode by the caller if it has dropout).
+        prompt: (B, T) int64 token ids, T >= 1; T + max_new_tokens must fit the context length.
+        greedy: take the most likely token; otherwise sample from softmax(logits / temperature) over the
+            `top_k` most likely tokens (all if None).
+        generator: torch.Generator for sampling (reproducible runs), on the model's device.
+        use_cache: feed only the newest token per step and attend the key/value cache (prefill: causal
+            attention over the prompt); False recomputes the whole sequence every step.
+
+    Returns:
+        (B, T + max_new_tokens) int64: the prompt followed by the generated tokens.
+    """
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.int64:
+        raise ValueError(
+            f"prompt must be a (batch, length) int64 tensor; got "
+            f"{getattr(prompt, 'shape', type(prompt).__name__)} {getattr(prompt, 'dtype', '')}"
+        )
+    if prompt.shape[1] == 0:
+        raise ValueError("prompt must hold at least one token; got length 0")
+    _check_count("max_new_tokens", max_new_tokens, 0)
+    context = model.config.context_length
+    if prompt.shape[1] > context:
+        raise ValueError(f"prompt length {prompt.shape[1]} exceeds the model's context length {context}")
+    if prompt.shape[1] + max_new_tokens > context:
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context length {context}"
+        )
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling; got {temperature!r}")
+    if top_k is not None:
+        _check_count("top_k", top_k)
+
+    tokens = prompt
+    cache = model.new_cache(prompt.shape[1] + max_new_tokens) if use_cache else None
+    step_input = prompt
+    for _ in range(max_new_tokens):
+        logits = model(step_input if use_cache else tokens, cache)[:, -1]  # (B, V)
+        next_token = _next_token(logits, greedy, temperature, top_k, generator)  # (B, 1)
+        tokens = torch.cat([tokens, next_token], dim=1)
+        step_input = next_token
+    return tokens
+
+
+class _Decoder:
+    """One decoding step of the encoder-decoder: log-probabilities of the next token given the target prefix,
+    cached (only the newest token is fed) or recomputed from the whole prefix."""
+
+    def __init__(self, model: EncoderDecoderTransformer, src, src_lengths, max_steps, use_cache):
+        self.model = model
+        self.src_lengths = model.source_lengths(src) if src_lengths is None else src_lengths
+        self.memory_kv = model.memory_kv(model.encode(src, self.src_lengths))  # computed once per source
+        self.cache = model.new_cache(max_steps) if use_cache else None
+
+    def expand(self, beam_size):
+        """Repeats every source row `beam_size` times (rows b * beam_size + k)."""
+        self.src_lengths = self.src_lengths.repeat_interleave(beam_size)
+        self.memory_kv = [
+            (k.repeat_interleave(beam_size, 0), v.repeat_interleave(beam_size, 0)) for k, v in self.memory_kv
+        ]
+
+    def log_probs(self, prefix):
+        """prefix (N, t) -> (N, V) float32 log-probabilities of token t + 1."""
+        step_input = prefix[:, -1:] if self.cache is not None else prefix
+        logits = self.model.decode(step_input, self.memory_kv, self.src_lengths, self.cache)[:, -1]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def reorder(self, rows):
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
+def _check_source(model, src, max_length):
+    if not isinstance(src, torch.Tensor) or src.dim() != 2 or src.dtype != torch.int64:
+        raise ValueError(
+            f"src must be a (batch, length) int64 tensor; got "
+            f"{getattr(src, 'shape', type(src).__name__)} {getattr(src, 'dtype', '')}"
+        )
+    if src.shape[1] > model.config.max_length:
+        raise ValueError(
+            f"src length {src.shape[1]} exceeds the model's max_length {model.config.max_length}"
+        )
+    _check_count("max_length", max_length)
+    if max_length + 1 > model.config.max_length:
+        raise ValueError(
+            f"max_length {max_length} + 1 (bos) exceeds the model's max_length {model.config.max_length}"
+        )
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: EncoderDecoderTransformer, src, max_length: int, *, src_lengths=None, use_cache=True
+):
+    """Greedy decoding of each right-padded source row of src (B, S).
+
+    Returns (B, n) int64, n <= max_length: the generated tokens after bos, ending with eos where a row
+    finished; positions after a row's eos hold pad_id."""
+    _check_source(model, src, max_length)
+    config = model.config
+    decoder = _Decoder(model, src, src_lengths, max_length + 1, use_cache)
+    tokens = torch.full((src.shape[0], 1), config.bos_id, dtype=torch.int64, device=src.device)
+    finished = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+    for _ in range(max_length):
+        next_token = decoder.log_probs(tokens).argmax(dim=-1)  # (B,)
+        next_token = torch.where(finished, torch.full_like(next_token, config.pad_id), next_token)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        finished |= next_token == config.eos_id
+        if finished.all():
+            break
+    return tokens[:, 1:]
+
+
+def length_penalty(lengths, alpha):
+    """GNMT's length normalisation ((5 + length) / 6) ** alpha, as the paper's beam search (alpha 0.6)."""
+    return ((5.0 + lengths) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(
+    model: EncoderDecoderTransformer,
+    src,
+    max_length: int,
+    *,
+    beam_size=4,
+    alpha=0.6,
+    src_lengths=None,
+    use_cache=True,
+):
+    """Beam search over each right-padded source row of src (B, S).
+
+    Each row keeps `beam_size` hypotheses; a finished hypothesis (ended by eos) is carried unchanged with its
+    score. The answer is the hypothesis with the highest log-probability / length_penalty(length, alpha),
+    length counting the tokens after bos up to and including eos.
+
+    Returns (tokens (B, n) int64 as in greedy_decode, scores (B,) float32 length-normalised
+    log-probabilities).
+    """
+    _check_source(model, src, max_length)
+    _check_count("beam_size", beam_size)
+    config = model.config
+    B, K = src.shape[0], beam_size
+    device = src.device
+    decoder = _Decoder(model, src, src_lengths, max_length + 1, use_cache)
+    decoder.expand(K)
+    tokens = torch.full((B * K, 1), config.bos_id, dtype=torch.int64, device=device)
+    # All beams start as the same prefix: only beam 0 may expand at the first step, or the top-K would be K
+    # copies of one hypothesis.
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    finished = torch.zeros(B * K, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B * K, device=device)
+    for _ in range(max_length):
+        log_probs = decoder.log_probs(tokens)  # (B*K, V)
+        V = log_probs.shape[-1]
+        # A finished beam continues only with pad, at no cost.
+        carried = torch.full_like(log_probs, float("-inf"))
+        carried[:, config.pad_id] = 0.0
+        log_probs = torch.where(finished[:, None], carried, log_probs)
+        candidates = scores.view(B * K, 1) + log_probs  # (B*K, V)
+        scores, flat = candidates.view(B, K * V).topk(K, dim=-1)  # (B, K)
+        parent = flat // V + torch.arange(B, device=device)[:, None] * K  # (B, K) row in the (B*K) layout
+        parent, next_token = parent.flatten(), (flat % V).flatten()  # (B*K,)
+        tokens = torch.cat([tokens[parent], next_token[:, None]], dim=1)
+        decoder.reorder(parent)
+        lengths = lengths[parent] + (~finished[parent]).float()
+        finished = finished[parent] | (next_token == config.eos_id)
+        if finished.all():
+            break
+    normalised = scores.flatten() / length_penalty(lengths, alpha)  # (B*K,)
+    best = normalised.view(B, K).argmax(dim=-1) + torch.arange(B, device=device) * K  # (B,)
+    return tokens[best, 1:], normalised[best]

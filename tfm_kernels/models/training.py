@@ -1,0 +1,419 @@
+"""Training loops: the language model on a text corpus and the encoder-decoder on the copy task.
+
+One `Trainer` runs both: AdamW, a LambdaLR schedule, gradient clipping, bf16 autocast on GPUs, a progress
+line, periodic evaluation, and atomic checkpoints that resume bit-identically. Under torchrun
+(WORLD_SIZE > 1) it trains with DistributedDataParallel (or FSDP with fsdp=True); `batch_size` is the global
+batch, split evenly over the processes, so a job computes the same updates on any number of processes."""
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import data, distributed
+from .config import LMConfig, Seq2SeqConfig
+from .generation import greedy_decode
+from .lm import TransformerLM
+from .progress import ProgressLine
+from .schedules import inverse_sqrt, warmup_cosine
+from .seq2seq import EncoderDecoderTransformer
+from .tokenizer import ByteTokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of a training run.
+
+    batch_size is the global batch (sequences per step over all processes). For the language model `lr` is the
+    peak of a linear warm-up (`warmup_steps`) + cosine decay to `min_lr_ratio * lr` at `decay_steps` (default:
+    `steps`); for the encoder-decoder it multiplies the paper's inverse-square-root schedule (1.0: the
+    paper's).
+    checkpoint_interval 0 saves only at the end; resume continues from checkpoint_dir's checkpoint."""
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    decay_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_windows: int = 64
+    log_interval: int = 10
+    checkpoint_dir: str | None = None
+    checkpoint_interval: int = 0
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0
+    corpus: str | None = None
+    val_fraction: float = 0.1
+    amp: bool = True
+    fsdp: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "warmup_steps", "eval_interval", "eval_windows", "log_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int; got {value!r}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ValueError(
+                f"TrainConfig.decay_steps must be a positive int or None; got {self.decay_steps!r}"
+            )
+        if not isinstance(self.checkpoint_interval, int) or self.checkpoint_interval < 0:
+            raise ValueError(
+                f"TrainConfig.checkpoint_interval must be an int >= 0; got {self.checkpoint_interval!r}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0; got {self.lr!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"TrainConfig.grad_clip and weight_decay must be >= 0; got {self.grad_clip!r}, "
+                f"{self.weight_decay!r}"
+            )
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("TrainConfig.resume needs checkpoint_dir (the folder holding the checkpoint)")
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves: the trained model (unwrapped), the steps done, and (step, value) histories."""
+
+    model: torch.nn.Module
+    step: int
+    train_losses: list = field(default_factory=list)
+    evaluations: list = field(default_factory=list)  # (step, {metric: value})
+
+
+def lm_loss(model, inputs, targets):
+    """Mean next-token cross-entropy in nats; inputs, targets (B, T)."""
+    logits = model(inputs)  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def seq2seq_loss(model, src, tgt_in, tgt_out, label_smoothing, pad_id):
+    """Label-smoothed cross-entropy over the non-pad target positions; src (B, S), tgt_in/tgt_out (B, T)."""
+    logits = model(src, tgt_in)  # (B, T, V)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=pad_id, label_smoothing=label_smoothing
+    )
+
+
+def _param_groups(model, weight_decay):
+    """Weight decay on matrices (linear weights, embeddings); none on biases and LayerNorm parameters."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """The optimisation loop shared by both models.
+
+    next_batch() -> tuple of CPU tensors for this process; loss_fn(wrapped model, *batch) -> scalar loss;
+    evaluate(model) -> {metric: value} (the model itself, not its DDP wrapper; run on every process; called
+    at step 0 of a fresh run, every eval_interval steps and at the end); tokens_per_step: global tokens per
+    step for the progress line."""
+
+    def __init__(
+        self,
+        *,
+        kind,
+        model,
+        model_config,
+        train_config,
+        env,
+        optimizer_factory,
+        schedule,
+        next_batch,
+        loss_fn,
+        evaluate,
+        data_generator,
+        tokens_per_step,
+    ):
+        self.kind = kind
+        self.model_config = model_config
+        self.config = train_config
+        self.env = env
+        self.module = model
+        self.model = distributed.wrap_model(model, env, train_config.fsdp)
+        self.optimizer = optimizer_factory(self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.next_batch = next_batch
+        self.loss_fn = loss_fn
+        self.evaluate = evaluate
+        self.data_generator = data_generator
+        self.tokens_per_step = tokens_per_step
+        self.step = 0
+        # FSDP keys optimizer state by parameter name, torch's optimizers by index: a checkpoint resumes only
+        # under the layout that wrote it (its model weights load anywhere).
+        self.optimizer_layout = "fsdp" if train_config.fsdp and env.distributed else "torch"
+        self.autocast = torch.autocast(
+            env.device.type, dtype=torch.bfloat16, enabled=train_config.amp and env.device.type == "cuda"
+        )
+
+    # ----- checkpoints
+
+    def _state_dicts(self):
+        """(model, optimizer) state dicts with full, unsharded tensors (collective under FSDP)."""
+        if self.optimizer_layout == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            return get_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        return self.module.state_dict(), self.optimizer.state_dict()
+
+    def save(self):
+        """Writes the checkpoint from the main process (every process takes part in gathering its state)."""
+        model_state, optimizer_state = self._state_dicts()
+        rng_states = distributed.all_gather_objects(ckpt.capture_rng(), self.env)
+        if self.env.is_main:
+            ckpt.save_checkpoint(
+                ckpt.checkpoint_path(self.config.checkpoint_dir),
+                {
+                    "kind": self.kind,
+                    "config": self.model_config.to_dict(),
+                    "train_config": dataclasses.asdict(self.config),
+                    "model": model_state,
+                    "optimizer": optimizer_state,
+                    "optimizer_layout": self.optimizer_layout,
+                    "scheduler": self.scheduler.state_dict(),
+                    "step": self.step,
+                    "rng": rng_states,
+                    "data_generator": self.data_generator.get_state(),
+                },
+            )
+        distributed.barrier(self.env)
+
+    def load(self, checkpoint):
+        """Continues from a checkpoint's state: parameters, optimizer, schedule, step, data stream, RNGs."""
+        if checkpoint["optimizer_layout"] != self.optimizer_layout:
+            saved = checkpoint["optimizer_layout"]
+            raise ValueError(f"the checkpoint's optimizer state was written by a {saved!r} run; resume it as "
+                             f"one (fsdp=True under torchrun for 'fsdp'), not as {self.optimizer_layout!r}")
+        if self.optimizer_layout == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=checkpoint["model"],
+                optim_state_dict=checkpoint["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.module.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.step = checkpoint["step"]
+        self.data_generator.set_state(checkpoint["data_generator"])
+        if len(checkpoint["rng"]) == self.env.world_size:
+            ckpt.restore_rng(checkpoint["rng"][self.env.rank])
+        else:  # another number of processes: the data stream continues exactly, dropout draws fresh numbers
+            _seed_everything(self.config.seed + self.env.rank + self.step)
+
+    # ----- the loop
+
+    def _evaluate(self, progress, result):
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            metrics = self.evaluate(self.module)
+        self.model.train()
+        result.evaluations.append((self.step, metrics))
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        progress.message(f"step {self.step}: {shown}")
+
+    def run(self) -> TrainResult:
+        """Trains from the current step to config.steps; evaluates, logs and saves on the way."""
+        config = self.config
+        result = TrainResult(model=self.module, step=self.step)
+        progress = ProgressLine(config.steps, enabled=config.progress and self.env.is_main)
+        self.model.train()
+        if self.step == 0:
+            self._evaluate(progress, result)
+        while self.step < config.steps:
+            batch = tuple(t.to(self.env.device, non_blocking=True) for t in self.next_batch())
+            with self.autocast:
+                loss = self.loss_fn(self.model, *batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            progress.count_tokens(self.tokens_per_step)
+            if self.step % config.log_interval == 0 or self.step == config.steps:
+                loss_value = (
+                    distributed.all_reduce_sum(loss.detach().float(), self.env).item() / self.env.world_size
+                )
+                result.train_losses.append((self.step, loss_value))
+                progress.update(self.step, loss_value, self.scheduler.get_last_lr()[0])
+            if self.step % config.eval_interval == 0 or self.step == config.steps:
+                self._evaluate(progress, result)
+            if config.checkpoint_dir and (
+                self.step == config.steps
+                or (config.checkpoint_interval and self.step % config.checkpoint_interval == 0)
+            ):
+                self.save()
+        if not result.evaluations or result.evaluations[-1][0] != self.step:
+            self._evaluate(progress, result)  # a resumed run with no steps left still reports where it stands
+        progress.close()
+        result.step = self.step
+        return result
+
+
+def _seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_resume(config: TrainConfig, kind, model_config):
+    """The checkpoint to resume from (validated against the model configuration), or None for a fresh run."""
+    if not config.resume:
+        return None
+    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir), kind, model_config)
+    if saved["step"] > config.steps:
+        raise ValueError(f"steps {config.steps} is behind the checkpoint, which is at step {saved['step']}")
+    return saved
+
+
+def _train(kind, model, model_config, config, env, resume_from, **parts) -> TrainResult:
+    """Wraps `model` for the job, continues from `resume_from` if given, and runs the Trainer."""
+    trainer = Trainer(kind=kind, model=model, model_config=model_config, train_config=config, env=env,
+                      **parts)
+    if resume_from is not None:
+        trainer.load(resume_from)
+    return trainer.run()
+
+
+def _build(model_class, model_config, config, env):
+    """The model, built identically on every process from config.seed, then each process's own RNG stream."""
+    _seed_everything(config.seed)
+    model = model_class(model_config).to(env.device)
+    _seed_everything(config.seed + env.rank)  # dropout masks differ between processes, as their data does
+    return model
+
+
+def train_lm(
+    model_config: LMConfig, config: TrainConfig, env: distributed.DistributedEnv | None = None
+) -> TrainResult:
+    """Trains the language model on config.corpus (None: the package's English corpus), byte-tokenised, with
+    the last val_fraction of the text held out. Evaluations report validation loss and perplexity over
+    `eval_windows` fixed windows. Inputs are checked (corpus, checkpoint, configuration) before anything is
+    written."""
+    env = env or distributed.init_from_env(config.device)
+    tokens = ByteTokenizer().encode_tensor(data.load_corpus(config.corpus))
+    train_tokens, val_tokens = data.split_tokens(tokens, config.val_fraction, model_config.context_length)
+    if config.eval_windows < env.world_size:
+        raise ValueError(
+            f"eval_windows {config.eval_windows} must be at least the number of processes {env.world_size}"
+        )
+    resume_from = _prepare_resume(config, "lm", model_config)
+    model = _build(TransformerLM, model_config, config, env)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = data.LMBatches(
+        train_tokens, model_config.context_length, config.batch_size, env.rank, env.world_size, generator
+    )
+    val_inputs, val_targets = data.validation_windows(
+        val_tokens, model_config.context_length, config.eval_windows, env.rank, env.world_size
+    )
+    local_batch = config.batch_size // env.world_size
+
+    def evaluate(wrapped):
+        total = torch.zeros(2, dtype=torch.float64, device=env.device)  # (sum of token losses, token count)
+        for start in range(0, len(val_inputs), local_batch):
+            inputs = val_inputs[start : start + local_batch].to(env.device)
+            targets = val_targets[start : start + local_batch].to(env.device)
+            total[0] += lm_loss(wrapped, inputs, targets).double() * targets.numel()
+            total[1] += targets.numel()
+        loss_sum, count = distributed.all_reduce_sum(total, env).tolist()
+        val_loss = loss_sum / count
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def optimizer_factory(wrapped):
+        return torch.optim.AdamW(_param_groups(wrapped, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+
+    schedule = warmup_cosine(config.warmup_steps, config.decay_steps or config.steps, config.min_lr_ratio)
+    return _train("lm", model, model_config, config, env, resume_from, optimizer_factory=optimizer_factory,
+                  schedule=schedule, next_batch=batches.next, loss_fn=lm_loss, evaluate=evaluate,
+                  data_generator=generator, tokens_per_step=config.batch_size * model_config.context_length)
+
+
+def copy_accuracy(model: EncoderDecoderTransformer, src, tgt_out):
+    """Greedy-decoding accuracy on the copy task: (token accuracy over the non-pad target positions, eos
+    included; sequence accuracy: fraction of rows reproduced exactly)."""
+    pad_id = model.config.pad_id
+    decoded = greedy_decode(model, src, tgt_out.shape[1])  # (B, n), n <= T
+    padded = torch.full_like(tgt_out, pad_id)
+    padded[:, : decoded.shape[1]] = decoded
+    target = tgt_out != pad_id
+    correct = (padded == tgt_out) & target
+    token_accuracy = correct.sum().item() / target.sum().item()
+    sequence_accuracy = (correct | ~target).all(dim=1).float().mean().item()
+    return token_accuracy, sequence_accuracy
+
+
+def train_copy(
+    model_config: Seq2SeqConfig,
+    config: TrainConfig,
+    *,
+    min_length=1,
+    max_length=10,
+    eval_examples=256,
+    env: distributed.DistributedEnv | None = None,
+) -> TrainResult:
+    """Trains the encoder-decoder to copy random strings of lowercase letters (lengths uniform in
+    [min_length, max_length]) with label smoothing (model_config.label_smoothing) and the paper's schedule
+    (Adam betas (0.9, 0.98), eps 1e-9; config.lr multiplies the rate). Evaluations report greedy-decoding
+    token and sequence accuracy on `eval_examples` held-out strings."""
+    env = env or distributed.init_from_env(config.device)
+    if not 1 <= min_length <= max_length:
+        raise ValueError(
+            f"copy lengths must satisfy 1 <= min_length <= max_length; got {min_length}, {max_length}"
+        )
+    if max_length + 1 > model_config.max_length:
+        raise ValueError(
+            f"copy max_length {max_length} + 1 (eos) exceeds the model's max_length {model_config.max_length}"
+        )
+    if config.batch_size % env.world_size:
+        raise ValueError(
+            f"batch size {config.batch_size} must be divisible by the number of processes {env.world_size}"
+        )
+    resume_from = _prepare_resume(config, "seq2seq", model_config)
+    model = _build(EncoderDecoderTransformer, model_config, config, env)
+    c = model_config
+    symbols = data.copy_symbols()
+    generator = torch.Generator().manual_seed(config.seed)
+    held_out = data.copy_task_batch(eval_examples, min_length, max_length, symbols, c.pad_id, c.bos_id,
+                                    c.eos_id, torch.Generator().manual_seed(config.seed + 1))
+    local = slice(
+        env.rank * config.batch_size // env.world_size, (env.rank + 1) * config.batch_size // env.world_size
+    )
+
+    def next_batch():
+        batch = data.copy_task_batch(
+            config.batch_size, min_length, max_length, symbols, c.pad_id, c.bos_id, c.eos_id, generator
+        )
+        return tuple(t[local] for t in batch)
+
+    def loss_fn(wrapped, src, tgt_in, tgt_out):
+        return seq2seq_loss(wrapped, src, tgt_in, tgt_out, c.label_smoothing, c.pad_id)
+
+    def evaluate(trained):
+        src, _, tgt_out = (t.to(env.device) for t in held_out)
+        token_accuracy, sequence_accuracy = copy_accuracy(trained, src, tgt_out)
+        return {"token_accuracy": token_accuracy, "sequence_accuracy": sequence_accuracy}
+
+    def optimizer_factory(wrapped):
+        return torch.optim.Adam(wrapped.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=1e-9)
+
+    return _train("seq2seq", model, model_config, config, env, resume_from,
+                  optimizer_factory=optimizer_factory, schedule=inverse_sqrt(c.d_model, c.warmup_steps),
+                  next_batch=next_batch, loss_fn=loss_fn, evaluate=evaluate, data_generator=generator,
+                  tokens_per_step=config.batch_size * (max_length + 1))

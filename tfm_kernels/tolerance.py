@@ -1,0 +1,43 @@
+"""The tolerance rule (DESIGN.md, FlashAttention's): a kernel's error against the float64 oracle is at most
+twice the error of plain PyTorch in the same dtype against that oracle, plus the oracle's own rounding noise.
+Used by the test suite and by `python -m tfm_kernels bench`'s self-check.
+
+The rounding noise is measured as FlashAttention's tests measure it: the oracle rounded to the result's dtype,
+shifted by 0.3 and back, i.e. about two units in the last place of that dtype at the oracle's magnitude.
+A kernel stores its output in that dtype and its backward reads it back (rowsum(dO * O)), so it carries at
+least this much error whatever the arithmetic inside. float32 results get at least RELATIVE_NOISE, the noise
+of float32 accumulation over the reduction lengths the tests use.
+"""
+
+import torch
+
+RELATIVE_NOISE = 1e-5  # float32-accumulation noise, relative to the largest oracle value
+ROUNDING_SHIFT = 0.3
+
+
+def rounding_noise(oracle, dtype) -> float:
+    """Twice the largest rounding error of the oracle's values expressed in `dtype` (shifted by 0.3)."""
+    if not oracle.numel():
+        return 0.0
+    rounded = oracle.to(dtype)
+    shifted = (rounded + ROUNDING_SHIFT) - ROUNDING_SHIFT  # computed in `dtype`
+    return 2 * (shifted.double() - rounded.double()).abs().max().item()
+
+
+def max_error(x, oracle):
+    return (x.double() - oracle.double()).abs().max().item() if x.numel() else 0.0
+
+
+def tolerance_failure(name, result, baseline, oracle) -> str | None:
+    """Why `result` breaks the rule against `oracle` with `baseline` (plain PyTorch in result's dtype), or
+    None when it keeps it."""
+    if result.shape != oracle.shape:
+        return f"{name}: shape {tuple(result.shape)} != oracle {tuple(oracle.shape)}"
+    if not torch.isfinite(result).all():
+        return f"{name}: non-finite values where the oracle has numbers"
+    noise = max(RELATIVE_NOISE * max(1.0, oracle.abs().max().item() if oracle.numel() else 0.0),
+                rounding_noise(oracle, result.dtype))
+    err, base_err = max_error(result, oracle), max_error(baseline, oracle)
+    if err > 2 * base_err + noise:
+        return f"{name}: error {err:.3e} exceeds 2 x torch's {base_err:.3e} + noise {noise:.1e}"
+    return None

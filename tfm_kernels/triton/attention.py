@@ -1,0 +1,665 @@
+"""Fused attention in Triton, forward and backward (FlashAttention-2 style).
+
+Forward: one program per (BLOCK_M query rows, batch*head); it streams BLOCK_N key/value blocks through an
+online softmax in float32 (exp2, with log2(e) folded into the scale), never writing an L x S matrix, and
+saves the natural-log log-sum-exp of every row. Backward: a preprocessing pass delta = rowsum(dO * O), then
+one program per (BLOCK_N keys, batch*kv-head) accumulating dK, dV over all query rows of the kv head's query
+group (so grouped-query K/V are never repeated and no atomics are needed), and one program per (BLOCK_M rows,
+batch*head) accumulating dQ. P is recomputed from the saved log-sum-exp.
+
+Masking, in every kernel through `_masked_scores`: causal (key j visible to row i iff j <= i; key blocks above
+the diagonal are skipped, only the diagonal blocks are masked), key_lengths (keys j >= key_lengths[b]),
+attn_mask tiles (bool: True takes part; floating: added to the scaled scores) read through arbitrary strides.
+Dropout keeps element (b * Hq + h, i, j) by the shared Philox scheme (tfm_kernels/triton/philox.py), so
+forward and backward draw the same mask without storing it. Layout contract: csrc/ops.cpp.
+
+Head dims are padded to a power of two >= 16 with masked loads. Batch/head offsets are 64-bit; in-tile
+offsets stay 32-bit and pointers advance block by block. Problems of at least AUTOTUNE_MIN_WORK score
+elements autotune over a short Hopper config list (once per head dims, causal, mask kind, dropout, dtype);
+smaller ones, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed config that fits.
+Tests: tests/test_attention.py, tests/test_attention_ops.py.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreting
+from ..rng import dropout_threshold
+from .philox import dropout_keep, philox_key
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+
+# Autotuning compiles and times every config of a list once per key; below this much work (B * H * L * S
+# score elements) the first config is used directly, so small problems and test suites skip that cost.
+AUTOTUNE_MIN_WORK = 1 << 26
+AUTOTUNE = os.environ.get("TFM_KERNELS_AUTOTUNE", "1") != "0"
+# Hopper has 227 KiB of shared memory per block; configs whose pipelined tiles exceed this budget are pruned.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+@triton.jit
+def _load_tile(ptrs, dim0_ok, dim1_ok, CHECK0: tl.constexpr, CHECK1: tl.constexpr):
+    """Loads a 2-D tile, 0 where a checked dimension is out of range (unchecked ones are known in range)."""
+    if CHECK0 and CHECK1:
+        return tl.load(ptrs, mask=dim0_ok & dim1_ok, other=0.0)
+    elif CHECK0:
+        return tl.load(ptrs, mask=dim0_ok, other=0.0)
+    elif CHECK1:
+        return tl.load(ptrs, mask=dim1_ok, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _masked_scores(s, rows, cols, row0, col0, col_end, mask_bh, stride_ml, stride_ms, L, S,
+                   MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr):
+    """Scores tile s (log2 units) with every mask applied: -inf where key `cols` takes no part in row `rows`.
+
+    rows, cols: int32 tensors broadcasting to s's shape, either orientation ((M, 1) x (1, N) or transposed);
+    row0, col0: the tile's first row and column. mask_bh: the attn_mask pointer at this batch and head."""
+    if MASK_KIND != 0:
+        # 64-bit offset of the tile, 32-bit offsets inside it: a tile of 64-bit pointers costs 64 registers.
+        mask_tile = mask_bh + tl.cast(row0, tl.int64) * stride_ml + tl.cast(col0, tl.int64) * stride_ms
+        mask_ptrs = mask_tile + ((rows - row0) * stride_ml + (cols - col0) * stride_ms)
+        in_bounds = (rows < L) & (cols < S)
+        if MASK_KIND == 1:
+            takes_part = tl.load(mask_ptrs, mask=in_bounds, other=0) != 0
+            s = tl.where(takes_part, s, float("-inf"))
+        else:
+            s = s + tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+    if APPLY_CAUSAL:
+        s = tl.where(cols <= rows, s, float("-inf"))
+    if APPLY_COL_END:
+        s = tl.where(cols < col_end, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS: tl.constexpr):
+    """One past the last key that can take part for batch b: min(S, key_lengths[b]), at least 0."""
+    if HAS_KEY_LENGTHS:
+        length = tl.load(KeyLengths + b).to(tl.int64)
+        return tl.minimum(tl.maximum(length, 0), S).to(tl.int32)
+    else:
+        return S
+
+
+@triton.jit
+def _key_blocks(m_start, col_end, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [m_start, m_start + BLOCK_M): keys [0, full_end) need no per-element masking (whole
+    blocks, all visible), keys [full_end, end) are the diagonal/boundary blocks; keys >= end are skipped."""
+    if IS_CAUSAL:
+        end = tl.minimum(col_end, m_start + BLOCK_M)
+        # A key block is entirely visible once its last key j satisfies j <= m_start.
+        full_end = tl.minimum((m_start + 1) // BLOCK_N * BLOCK_N, col_end // BLOCK_N * BLOCK_N)
+    else:
+        end = col_end
+        full_end = col_end // BLOCK_N * BLOCK_N
+    return full_end, end
+
+
+def _config(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+def _config_lists(hopper_configs, fallback, interpreter_config):
+    """(configs, fallback). The interpreter runs on CPU and cannot autotune more than one config."""
+    if triton_interpreting():
+        return [interpreter_config], interpreter_config
+    return hopper_configs, fallback
+
+
+# Tile configs for Hopper (sm_90a), few so that autotuning compiles little. The first config that fits shared
+# memory is the default for problems too small to autotune; the fallback is used only where none fits (float32
+# at head dim 256). Register use by ptxas (bf16, head dim 128): forward 128x64 with 8 warps 230 registers and
+# no spills, with 4 warps it spills 1.3 KB; dK/dV 32x128 with 8 warps no spills, 64x128 spills 0.2 KB, 64x64
+# with 4 warps 0.6 KB; dQ 128x64 with 8 warps none.
+# Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
+FORWARD_CONFIGS, FORWARD_FALLBACK = _config_lists(
+    [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    _config(32, 32, 4, 1), _config(32, 16, 4, 1))
+# dK/dV: BLOCK_N keys resident while BLOCK_M query rows stream past.
+BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK = _config_lists(
+    [_config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(64, 64, 8, 2), _config(16, 64, 4, 3)],
+    _config(16, 32, 4, 1), _config(16, 32, 4, 1))
+# dQ: BLOCK_M query rows resident while BLOCK_N keys stream past.
+BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK = _config_lists(
+    [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    _config(32, 16, 4, 1), _config(32, 16, 4, 1))
+AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "DOT_PRECISION"]
+
+
+@triton.jit
+def _program_ids(num_row_blocks, REVERSE: tl.constexpr):
+    """(row block, batch*head) of this program from a 1-D grid (a 1-D grid has no 65535 limit on the head
+    count). Row blocks vary fastest, so neighbouring programs share K/V in L2. REVERSE starts with the last
+    row blocks, the most work under a causal mask, so the tail of the launch is short."""
+    pid = tl.program_id(0)
+    block = pid % num_row_blocks
+    if REVERSE:
+        block = num_row_blocks - 1 - block
+    return block, pid // num_row_blocks
+
+
+@triton.jit
+def _query_block_program(L, H, GROUP, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A program owning BLOCK_M query rows of one (batch, head): b, and as int64 h, its kv head h // GROUP
+    and the flat batch*head index b * H + h (also the dropout z); plus the first row."""
+    pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), IS_CAUSAL)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h.to(tl.int64), (h // GROUP).to(tl.int64), pid_bh.to(tl.int64), pid_m * BLOCK_M
+
+
+@triton.jit
+def _dropout_key(Seed, HAS_DROPOUT: tl.constexpr):
+    """The Philox key of this call's seed when dropout is on (unused placeholders otherwise)."""
+    if HAS_DROPOUT:
+        return philox_key(Seed)
+    else:
+        return 0, 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, row0, offs_n, d_ok, dv_ok, col_end,
+                   mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z,
+                   threshold, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax steps over key blocks [lo, hi). k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs (BLOCK_N, BLOCK_DV)
+    point at key lo. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n[None, :]  # (1, BLOCK_N)
+        col_ok = cols < col_end
+        k = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        s = _masked_scores(s, rows, cols, row0, start_n, col_end, mask_bh, stride_ml, stride_ms, L, S,
+                           MASK_KIND, APPLY_CAUSAL, BOUNDARY)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key so far keeps m = -inf; shifting by 0 keeps its p and alpha at 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            p = tl.where(dropout_keep(k0, k1, z, rows, cols, threshold), p, 0.0)
+        v = _load_tile(v_ptrs, (start_n + offs_n)[:, None] < col_end, dv_ok[None, :], BOUNDARY, CHECK_DV)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["L", "S"])
+def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride_qh, stride_qm, stride_kb,
+                    stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                    stride_mb, stride_mh, stride_ml, stride_ms, H, GROUP, L, S, scale_log2, threshold,
+                    inv_keep, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                    HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
+    b64 = b.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = m_start + offs_m[:, None]  # (BLOCK_M, 1)
+    row_ok = rows < L
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    CHECK_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    CHECK_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
+
+    q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + m_start.to(tl.int64) * stride_qm
+              + offs_m[:, None] * stride_qm + offs_d[None, :])
+    q = _load_tile(q_ptrs, row_ok, d_ok[None, :], True, CHECK_D)  # (BLOCK_M, BLOCK_D)
+    k_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
+    v_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
+    mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
+    k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
+
+    col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
+    full_end, end = _key_blocks(m_start, col_end, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base, v_base, 0, full_end, rows, m_start, offs_n, d_ok,
+                                   dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
+                                   scale_log2, k0, k1, bh64, threshold, MASK_KIND, False, False, HAS_DROPOUT,
+                                   CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    k_diagonal = k_base + full_end.to(tl.int64) * stride_kn
+    v_diagonal = v_base + full_end.to(tl.int64) * stride_vn
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_diagonal, v_diagonal, full_end, end, rows, m_start,
+                                   offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn,
+                                   stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, MASK_KIND, IS_CAUSAL,
+                                   True, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+
+    # l == 0 exactly when no key takes part in the row: output 0, lse = +inf (its backward p is then 0).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out_scale = 1.0 / l_safe
+    if HAS_DROPOUT:
+        out_scale = out_scale * inv_keep
+    out = acc * out_scale[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + m_start.to(tl.int64) * stride_om
+              + offs_m[:, None] * stride_om + offs_dv[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok & dv_ok[None, :])
+    lse_ptrs = Lse + bh64 * L + m_start + offs_m
+    tl.store(lse_ptrs, lse, mask=(m_start + offs_m) < L)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om, stride_gb, stride_gh,
+                           stride_gm, H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32: the rowsum(P * dP) of softmax's
+    backward (dropout included, since O already carries the dropped and rescaled P)."""
+    pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), False)
+    b64 = (pid_bh // H).to(tl.int64)
+    h64 = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (rows < L)[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows.to(tl.int64)[:,
+                None] * stride_om + offs_dv[None, :],
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(GradOut + b64 * stride_gb + h64 * stride_gh + rows.to(tl.int64)[:, None] * stride_gm
+                 + offs_dv[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
+
+
+@triton.jit
+def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols, col0, offs_m, offs_d,
+                       offs_dv, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L,
+                       S, scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr,
+                       APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    """Accumulates dK, dV of the BLOCK_N keys `cols` (BLOCK_N, 1) over query blocks [lo, hi) of one head.
+    Tiles are transposed, (keys, rows), so dK and dV accumulate without a transpose of the scores."""
+    lo64 = lo.to(tl.int64)
+    qT_ptrs = q_bh + lo64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
+    do_ptrs = do_bh + lo64 * stride_gm + offs_m[:, None] * stride_gm + offs_dv[None, :]  # (BLOCK_M, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        row_ids = start_m + offs_m
+        row_ok = row_ids < L
+        rows = row_ids[None, :]  # (1, BLOCK_M)
+        qT = _load_tile(qT_ptrs, d_ok[:, None], row_ok[None, :], CHECK_D, True)
+        # Rows past L read lse = +inf, which makes their p exactly 0.
+        lse_log2 = tl.load(lse_bh + row_ids, mask=row_ok, other=float("inf")) * LOG2E
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
+        sT = _masked_scores(sT, rows, cols, start_m, col0, col_end, mask_bh, stride_ml, stride_ms, L, S,
+                            MASK_KIND, APPLY_CAUSAL, APPLY_COL_END)
+        pT = tl.math.exp2(sT - lse_log2[None, :])
+        do = _load_tile(do_ptrs, row_ok[:, None], dv_ok[None, :], True, CHECK_DV)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if HAS_DROPOUT:
+            keep = dropout_keep(k0, k1, z, rows, cols, threshold)
+            p_dropped = tl.where(keep, pT * inv_keep, 0.0)
+            dpT = tl.where(keep, dpT * inv_keep, 0.0)
+        else:
+            p_dropped = pT
+        dv = tl.dot(p_dropped.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(delta_bh + row_ids, mask=row_ok, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        qT_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_gm
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["L", "S"])
+def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLengths, Seed, stride_qb,
+                        stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                        stride_vn, stride_gb, stride_gh, stride_gm, stride_dkb, stride_dkh, stride_dkn,
+                        stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_ml, stride_ms, H,
+                        GROUP, HEADS_PER_PROGRAM, L, S, scale, scale_log2, threshold, inv_keep,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                        HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A program owns BLOCK_N keys of one kv head and HEADS_PER_PROGRAM of its query heads: the whole group
+    # (dK, dV final), or fewer where the group is split for parallelism (partial dK, dV per head slice).
+    SLICES = H // HEADS_PER_PROGRAM
+    pid_n, pid_slice = _program_ids(tl.cdiv(S, BLOCK_N), False)
+    b = pid_slice // SLICES
+    b64 = b.to(tl.int64)
+    slice64 = (pid_slice % SLICES).to(tl.int64)
+    first_h64 = slice64 * HEADS_PER_PROGRAM
+    kv_h64 = first_h64 // GROUP
+    n_start = pid_n * BLOCK_N
+    n_start64 = n_start.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = n_start + offs_n[:, None]  # (BLOCK_N, 1)
+    col_in_s = cols < S
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    CHECK_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    CHECK_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
+
+    k_ptrs = (K + b64 * stride_kb + kv_h64 * stride_kh + n_start64 * stride_kn + offs_n[:, None] * stride_kn
+              + offs_d[None, :])
+    k = _load_tile(k_ptrs, col_in_s, d_ok[None, :], True, CHECK_D)  # (BLOCK_N, BLOCK_D)
+    v_ptrs = (V + b64 * stride_vb + kv_h64 * stride_vh + n_start64 * stride_vn + offs_n[:, None] * stride_vn
+              + offs_dv[None, :])
+    v = _load_tile(v_ptrs, col_in_s, dv_ok[None, :], True, CHECK_DV)  # (BLOCK_N, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
+
+    col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
+    if IS_CAUSAL:
+        # Rows below n_start see none of these keys; from full_start on, every row sees all of them.
+        start = n_start // BLOCK_M * BLOCK_M
+        full_start = tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    else:
+        start = n_start * 0
+        full_start = n_start * 0
+    # Keys past key_lengths[b] take part in no row: an empty range leaves dK = dV = 0.
+    no_row = n_start >= col_end
+    start = tl.where(no_row, L, start)
+    full_start = tl.where(no_row, L, tl.minimum(full_start, L))
+    for g in range(0, HEADS_PER_PROGRAM):
+        h64 = first_h64 + g
+        bh64 = b64 * H + h64
+        q_bh = Q + b64 * stride_qb + h64 * stride_qh
+        do_bh = GradOut + b64 * stride_gb + h64 * stride_gh
+        mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
+        if IS_CAUSAL:
+            dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, start,
+                                        full_start, cols, n_start, offs_m, offs_d, offs_dv, d_ok, dv_ok,
+                                        col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S,
+                                        scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, True,
+                                        HAS_KEY_LENGTHS, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION,
+                                        BLOCK_M)
+        dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, full_start,
+                                    L, cols, n_start, offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end, mask_bh,
+                                    stride_ml, stride_ms, stride_qm, stride_gm, L, S, scale_log2, k0, k1,
+                                    bh64, threshold, inv_keep, MASK_KIND, False, HAS_KEY_LENGTHS, HAS_DROPOUT,
+                                    CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M)
+
+    dk_ptrs = (GradK + b64 * stride_dkb + slice64 * stride_dkh + n_start64 * stride_dkn
+               + offs_n[:, None] * stride_dkn + offs_d[None, :])
+    tl.store(dk_ptrs, (dk * scale).to(GradK.dtype.element_ty), mask=col_in_s & d_ok[None, :])
+    dv_ptrs = (GradV + b64 * stride_dvb + slice64 * stride_dvh + n_start64 * stride_dvn
+               + offs_n[:, None] * stride_dvn + offs_dv[None, :])
+    tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=col_in_s & dv_ok[None, :])
+
+
+@triton.jit
+def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, row0, offs_n, d_ok, dv_ok,
+                      col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1,
+                      z, threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+                      BOUNDARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr,
+                      CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulates dQ of BLOCK_M rows over key blocks [lo, hi); k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs
+    (BLOCK_DV, BLOCK_N) point at key lo, both transposed."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n[None, :]  # (1, BLOCK_N)
+        col_ok = cols < col_end
+        kT = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
+        vT = _load_tile(v_ptrs, dv_ok[:, None], col_ok, CHECK_DV, BOUNDARY)  # (BLOCK_DV, BLOCK_N)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        s = _masked_scores(s, rows, cols, row0, start_n, col_end, mask_bh, stride_ml, stride_ms, L, S,
+                           MASK_KIND, APPLY_CAUSAL, BOUNDARY)
+        p = tl.math.exp2(s - lse_log2[:, None])
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            dp = tl.where(dropout_keep(k0, k1, z, rows, cols, threshold), dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@triton.jit(do_not_specialize=["L", "S"])
+def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Seed, stride_qb, stride_qh,
+                       stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_gb,
+                       stride_gh, stride_gm, stride_dqb, stride_dqh, stride_dqm, stride_mb, stride_mh,
+                       stride_ml, stride_ms, H, GROUP, L, S, scale, scale_log2, threshold, inv_keep,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                       HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
+    b64 = b.to(tl.int64)
+    m_start64 = m_start.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ids = m_start + offs_m
+    row_ok = row_ids < L
+    rows = row_ids[:, None]  # (BLOCK_M, 1)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    CHECK_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    CHECK_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
+
+    q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + m_start64 * stride_qm + offs_m[:, None] * stride_qm
+                   + offs_d[None, :], row_ok[:, None], d_ok[None, :], True, CHECK_D)  # (BLOCK_M, BLOCK_D)
+    do = _load_tile(GradOut + b64 * stride_gb + h64 * stride_gh + m_start64 * stride_gm
+                    + offs_m[:, None] * stride_gm + offs_dv[None, :], row_ok[:, None], dv_ok[None, :], True,
+                    CHECK_DV)
+    lse_log2 = tl.load(Lse + bh64 * L + row_ids, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + bh64 * L + row_ids, mask=row_ok, other=0.0)
+    kT_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
+    vT_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None]
+    mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
+    k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
+
+    col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
+    full_end, end = _key_blocks(m_start, col_end, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, 0, full_end, rows, m_start, offs_n,
+                           d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
+                           scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, False, False,
+                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    kT_diagonal = kT_base + full_end.to(tl.int64) * stride_kn
+    vT_diagonal = vT_base + full_end.to(tl.int64) * stride_vn
+    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_diagonal, vT_diagonal, full_end, end, rows, m_start,
+                           offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn,
+                           L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, IS_CAUSAL, True,
+                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    dq_ptrs = (GradQ + b64 * stride_dqb + h64 * stride_dqh + m_start64 * stride_dqm
+               + offs_m[:, None] * stride_dqm + offs_d[None, :])
+    tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+class _TiledKernel:
+    """A kernel with its config list: autotuned for big problems, else the first config that fits."""
+
+    def __init__(self, kernel, configs, fallback, resident):
+        self.kernel = kernel
+        self.configs = configs
+        self.fallback = fallback
+        self.resident = resident  # the block that stays in shared memory: "BLOCK_M" or "BLOCK_N"
+        self.streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
+        all_configs = configs if fallback in configs else [*configs, fallback]
+        self.tuned = triton.autotune(configs=all_configs, key=AUTOTUNE_KEY,
+                                     prune_configs_by={"early_config_prune": self._prune})(kernel)
+
+    def fitting(self, element_size, head_dims):
+        """The configs whose resident tile plus pipelined streamed tiles fit the shared memory budget."""
+        def estimate(config):
+            tiles = config.kwargs[self.resident] + max(config.num_stages, 1) * config.kwargs[self.streamed]
+            return element_size * head_dims * tiles
+
+        return [c for c in self.configs if estimate(c) <= SHARED_MEMORY_BUDGET] or [self.fallback]
+
+    def _prune(self, configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return self.fitting(args["Q"].element_size(), args["BLOCK_D"] + args["BLOCK_DV"])
+
+    def launch(self, grid, work, element_size, args, constexprs):
+        if AUTOTUNE and not triton_interpreting() and work >= AUTOTUNE_MIN_WORK:
+            self.tuned[grid](*args, **constexprs)
+            return
+        config = self.fitting(element_size, constexprs["BLOCK_D"] + constexprs["BLOCK_DV"])[0]
+        self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
+                          num_stages=config.num_stages)
+
+
+_FORWARD = _TiledKernel(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M")
+_BACKWARD_KV = _TiledKernel(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N")
+_BACKWARD_Q = _TiledKernel(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M")
+DELTA_BLOCK_M = 16 if triton_interpreting() else 64
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _dot_precision(dtype):
+    """float32 stays exact ("ieee") unless torch allows TF32 for float32 matmuls."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit inputs
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def _head_block(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Common:
+    """Arguments every attention kernel shares, derived from q, k, v, mask, key_lengths, dropout, causal."""
+
+    def __init__(self, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed):
+        B, H, L, E = q.shape
+        Hk, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
+        if H % Hk != 0:
+            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk})")
+        self.B, self.H, self.Hk, self.L, self.S, self.E, self.Ev = B, H, Hk, L, S, E, Ev
+        if mask is None:
+            self.mask, self.mask_strides, mask_kind = q, (0, 0, 0, 0), MASK_NONE
+        elif mask.dtype == torch.bool:
+            self.mask, mask_kind = mask.view(torch.uint8), MASK_BOOL  # same strides, loadable bytes
+            self.mask_strides = mask.stride()
+        else:
+            self.mask, self.mask_strides, mask_kind = mask, mask.stride(), MASK_ADDITIVE
+        self.key_lengths = key_lengths if key_lengths is not None else q
+        has_dropout = dropout_p > 0.0
+        self.seed = seed
+        self.scalars = (H, H // Hk, L, S)
+        self.dropout = (dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+        self.scale = scale
+        self.scale_log2 = scale * 1.4426950408889634  # log2(e): scores enter exp2 directly
+        self.work = B * H * L * S
+        self.constexprs = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=_head_block(E), BLOCK_DV=_head_block(Ev),
+                               IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind,
+                               HAS_KEY_LENGTHS=key_lengths is not None, HAS_DROPOUT=has_dropout,
+                               DOT_PRECISION=_dot_precision(q.dtype))
+
+
+def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed):
+    """Forward of tfm_kernels::triton_attention_forward (contract: csrc/ops.cpp).
+
+    q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev); returns out (B, Hq, L, Ev) stored as (B, L, Hq, Ev)
+    in q's dtype and lse (B, Hq, L) float32 (+inf where no key takes part)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    c = _Common(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
+    out = q.new_empty(c.B, c.L, c.H, c.Ev).transpose(1, 2)  # (B, H, L, Ev), stored (B, L, H, Ev)
+    lse = q.new_empty(c.B, c.H, c.L, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
+    args = (q, k, v, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
+    with _device_guard(q):
+        _FORWARD.launch(grid, c.work, q.element_size(), args, c.constexprs)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p, is_causal, scale, seed):
+    """Backward of tfm_kernels::triton_attention_backward (contract: csrc/ops.cpp).
+
+    Returns dq, dk, dv shaped like q, k, v, stored as (B, N, H, D) (transposed views)."""
+    grad_out, q, k, v, out = (_last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    lse = lse.contiguous()
+    c = _Common(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
+    dq = q.new_empty(c.B, c.L, c.H, c.E).transpose(1, 2)  # (B, H, L, E), stored (B, L, H, E)
+    heads_per_program = _heads_per_kv_program(c, q.device)
+    slices = c.H // heads_per_program
+    partial = slices != c.Hk  # the dK/dV programs split each query group: float32 partial sums per slice
+    grad_kv_dtype = torch.float32 if partial else k.dtype
+    dk = k.new_empty(c.B, c.S, slices, c.E, dtype=grad_kv_dtype).transpose(1, 2)  # (B, slices, S, E)
+    dv = v.new_empty(c.B, c.S, slices, c.Ev, dtype=grad_kv_dtype).transpose(1, 2)  # (B, slices, S, Ev)
+    delta = torch.empty_like(lse)  # (B, H, L) float32
+    block_dv = c.constexprs["BLOCK_DV"]
+    with _device_guard(q):
+        _backward_delta_kernel[(triton.cdiv(c.L, DELTA_BLOCK_M) * c.B * c.H,)](
+            out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], c.H, c.L,
+            HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=DELTA_BLOCK_M)
+        shared = (q, k, v, grad_out, lse, delta)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+        H, group, L, S = c.scalars
+        tail = (c.scale, c.scale_log2, *c.dropout)
+        kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * slices,)
+        _BACKWARD_KV.launch(kv_grid, c.work, q.element_size(), (*shared, dk, dv, c.mask, c.key_lengths, seed,
+                            *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, H, group,
+                            heads_per_program, L, S, *tail), c.constexprs)
+        q_grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
+        _BACKWARD_Q.launch(q_grid, c.work, q.element_size(), (*shared, dq, c.mask, c.key_lengths, seed,
+                           *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail), c.constexprs)
+    if partial:
+        dk, dv = (_sum_slices(t, c.Hk, k.dtype) for t in (dk, dv))
+    return dq, dk, dv
+
+
+def _sum_slices(partial, kv_heads, dtype):
+    """(B, slices, S, D) float32 partial gradients, stored (B, S, slices, D) -> (B, Hk, S, D) in `dtype`,
+    stored (B, S, Hk, D). Slices of one kv head are adjacent: the sum runs over a (Hk, slices / Hk) view."""
+    B, slices, S, D = partial.shape
+    stored = partial.transpose(1, 2)  # (B, S, slices, D), contiguous
+    summed = stored.view(B, S, kv_heads, slices // kv_heads, D).sum(3)  # (B, S, Hk, D)
+    return summed.to(dtype).transpose(1, 2)  # (B, Hk, S, D)
+
+
+def _heads_per_kv_program(c, device):
+    """Query heads per dK/dV program: the whole group, unless B * Hk * (S / 128) programs would leave
+    multiprocessors idle; then one (each query head's partial dK, dV, summed afterwards)."""
+    group = c.H // c.Hk
+    if group > 1 and c.B * c.Hk * triton.cdiv(c.S, 128) < _multiprocessor_count(device):
+        return 1
+    return group
+
+
+def _multiprocessor_count(device):
+    """Streaming multiprocessors of a CUDA device; 0 on the CPU, where the interpreter gains nothing from
+    more programs."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
