@@ -17,14 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rng import dropout_threshold
+from .philox import dropout_keep, philox_key
+
 # Activation codes, equal to csrc/common/mlp_epilogue.h's Activation enum.
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 INV_SQRT2 = tl.constexpr(0.70710678118654752)
 INV_SQRT_2PI = tl.constexpr(0.39894228040143268)
 SQRT_2_OVER_PI = tl.constexpr(0.79788456080286536)
 GELU_TANH_CUBIC = tl.constexpr(0.044715)
-PHILOX_ROUNDS = tl.constexpr(10)
-DROPOUT_SHIFT = tl.constexpr(8)  # keep iff the top 24 bits of the word >= threshold (tfm_kernels/rng.py)
 
 
 def _gemm_configs():
@@ -80,14 +81,10 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale):
-    """(BLOCK_M, BLOCK_N) float32: keep_scale where element (row, col) is kept, else 0 (z = 0 in the
-    scheme)."""
-    seed = tl.load(seed_ptr)
-    col_counter = (cols[None, :] + 0 * rows[:, None]).to(tl.int32)
-    row_counter = (rows[:, None] + 0 * cols[None, :]).to(tl.int32)
-    zero = col_counter * 0
-    word, _, _, _ = tl.philox(seed, col_counter, row_counter, zero, zero, PHILOX_ROUNDS)
-    keep = (word >> DROPOUT_SHIFT).to(tl.int32) >= threshold
+    """(BLOCK_M, BLOCK_N) float32: keep_scale where element (row, col) is kept, else 0 (z = 0 for MLPs)."""
+    k0, k1 = philox_key(seed_ptr)
+    z = tl.zeros((), dtype=tl.int64)
+    keep = dropout_keep(k0, k1, z, rows[:, None], cols[None, :], threshold)
     return tl.where(keep, keep_scale, 0.0)
 
 
@@ -200,8 +197,7 @@ def _input_precision(dtype):
 
 
 def _dropout_args(dropout_p):
-    threshold = int(dropout_p * (1 << 24))  # as tfm_kernels.rng.dropout_threshold
-    return threshold, 1.0 / (1.0 - dropout_p)
+    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation="none", dropout_p=0.0,
