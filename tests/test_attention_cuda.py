@@ -120,6 +120,19 @@ def test_misaligned_view_is_copied_not_misread():
 
 
 @pytest.mark.gpu
+def test_contiguous_tensor_at_misaligned_offset_is_copied():
+    """A contiguous tensor whose data pointer is one element past a 16-byte boundary (contiguous() would return
+    it unchanged) is copied before the 16-byte loads, forward and backward."""
+    require_head_dim(64)
+    shape = (1, 2, 33, 64)
+    flat = rand(math.prod(shape) + 1, dtype=torch.float16, device="cuda")
+    q = flat[1:].view(shape)  # contiguous, data pointer 2 bytes past the allocation
+    assert q.is_contiguous() and q.data_ptr() % 16 != 0
+    k, v = (rand(*shape, dtype=torch.float16, device="cuda") for _ in range(2))
+    check_against_oracle("cuda", q, k, v, is_causal=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("scale", [0.05, 1.0, -0.3])
 def test_scale(scale):
     q, k, v = cuda_inputs(1, 2, 2, 45, 80, 64, torch.float16)

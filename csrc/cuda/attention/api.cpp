@@ -61,11 +61,13 @@ void check_attention_tensor(const at::Tensor& t, const char* name, const at::Ten
 }
 
 // A view the kernels can read with 16-byte copies, copying only when the pointer or a stride is misaligned.
+// The copy is a fresh allocation: contiguous() would hand back a contiguous tensor whose data pointer is
+// misaligned (a view at an odd storage offset) unchanged.
 at::Tensor aligned(const at::Tensor& t) {
   const int64_t element = static_cast<int64_t>(t.element_size());
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlignmentBytes == 0;
   for (int dim = 0; dim < 3; ++dim) ok = ok && (t.size(dim) <= 1 || (t.stride(dim) * element) % kAlignmentBytes == 0);
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(1), t.stride(2)}; }
