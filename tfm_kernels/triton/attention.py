@@ -125,9 +125,13 @@ def _config_lists(hopper_configs, fallback, interpreter_config):
 
 # Tile configs for Hopper (sm_90a), few so that autotuning compiles little. The first config that fits shared
 # memory is the default for problems too small to autotune; the fallback is used only where none fits (float32
-# at head dim 256). Register use by ptxas (bf16, head dim 128): forward 128x64 with 8 warps 230 registers and
-# no spills, with 4 warps it spills 1.3 KB; dK/dV 32x128 with 8 warps no spills, 64x128 spills 0.2 KB, 64x64
-# with 4 warps 0.6 KB; dQ 128x64 with 8 warps none.
+# at head dim 256). Register use by ptxas (Triton 3.8, sm_90a, bf16, head dim 128, no mask or dropout): forward
+# 128x64 with 8 warps 230 registers and no spills; dK/dV 32x128 255 registers, 4 bytes spilled; dQ 128x64 235,
+# none. With every feature on (additive mask, causal, dropout, key lengths) all configs reach 255 registers and
+# spill, in bytes stored: forward 128x64 1292, 128x128 1328, 64x64 1692, 64x32 28; dK/dV 32x128 456, 64x128
+# 1204, 64x64 896, 16x64 372; dQ 128x64 112, 64x64 384, 64x32 none. Forward 128x128 spills most at small head
+# dims (same features: 3476 at 16, 8244 at 40, 4568 at 64); head dim 40 (strides not multiples of 16 elements,
+# so no asynchronous copies) spills in every config but the smallest (forward 128x64 1500, 64x64 3272).
 # Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
 FORWARD_CONFIGS, FORWARD_FALLBACK = _config_lists(
     [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
