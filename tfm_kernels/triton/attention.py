@@ -132,6 +132,8 @@ def _config_lists(hopper_configs, fallback, interpreter_config):
 # 1204, 64x64 896, 16x64 372; dQ 128x64 112, 64x64 384, 64x32 none. Forward 128x128 spills most at small head
 # dims (same features: 3476 at 16, 8244 at 40, 4568 at 64); head dim 40 (strides not multiples of 16 elements,
 # so no asynchronous copies) spills in every config but the smallest (forward 128x64 1500, 64x64 3272).
+# Float32 without TF32 ("ieee": no tensor cores) spills even without features at head dim 64: forward 128x64
+# 2896, 128x128 51476; dQ 128x64 32528, 64x64 32832, 64x32 852; dK/dV 32x128 976.
 # Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
 FORWARD_CONFIGS, FORWARD_FALLBACK = _config_lists(
     [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
