@@ -39,8 +39,12 @@ MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 # score elements) the first config is used directly, so small problems and test suites skip that cost.
 AUTOTUNE_MIN_WORK = 1 << 26
 AUTOTUNE = os.environ.get("TFM_KERNELS_AUTOTUNE", "1") != "0"
-# Hopper has 227 KiB of shared memory per block; configs whose pipelined tiles exceed this budget are pruned.
-SHARED_MEMORY_BUDGET = 200 * 1024
+# Configs whose pipelined tiles (the estimate of _TiledKernel.fitting) exceed the device's shared memory per
+# block less SHARED_MEMORY_MARGIN are pruned: the margin covers the layout-conversion scratch the estimate
+# leaves out (Triton 3.8, sm_90a, head dim 256: 8.2 KiB for dK/dV 64x64). Hopper: 227 - 27 = 200 KiB;
+# Ampere: 163 - 27 = 136 KiB.
+SHARED_MEMORY_MARGIN = 27 * 1024
+SHARED_MEMORY_BUDGET = 200 * 1024  # the most any device is given, and the budget off the GPU
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,9 +125,15 @@ def _config_lists(hopper_configs, fallback, interpreter_config):
 
 # Tile configs for Hopper (sm_90a), few so that autotuning compiles little. The first config that fits shared
 # memory is the default for problems too small to autotune; the fallback is used only where none fits (float32
-# at head dim 256). Register use by ptxas (bf16, head dim 128): forward 128x64 with 8 warps 230 registers and
-# no spills, with 4 warps it spills 1.3 KB; dK/dV 32x128 with 8 warps no spills, 64x128 spills 0.2 KB, 64x64
-# with 4 warps 0.6 KB; dQ 128x64 with 8 warps none.
+# at head dim 256). Register use by ptxas (Triton 3.8, sm_90a, bf16, head dim 128, no mask or dropout): forward
+# 128x64 with 8 warps 230 registers and no spills; dK/dV 32x128 255 registers, 4 bytes spilled; dQ 128x64 235,
+# none. With every feature on (additive mask, causal, dropout, key lengths) all configs reach 255 registers and
+# spill, in bytes stored: forward 128x64 1292, 128x128 1328, 64x64 1692, 64x32 28; dK/dV 32x128 456, 64x128
+# 1204, 64x64 896, 16x64 372; dQ 128x64 112, 64x64 384, 64x32 none. Forward 128x128 spills most at small head
+# dims (same features: 3476 at 16, 8244 at 40, 4568 at 64); head dim 40 (strides not multiples of 16 elements,
+# so no asynchronous copies) spills in every config but the smallest (forward 128x64 1500, 64x64 3272).
+# Float32 without TF32 ("ieee": no tensor cores) spills even without features at head dim 64: forward 128x64
+# 2896, 128x128 51476; dQ 128x64 32528, 64x64 32832, 64x32 852; dK/dV 32x128 976.
 # Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
 FORWARD_CONFIGS, FORWARD_FALLBACK = _config_lists(
     [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
@@ -509,23 +519,26 @@ class _TiledKernel:
         self.tuned = triton.autotune(configs=all_configs, key=AUTOTUNE_KEY,
                                      prune_configs_by={"early_config_prune": self._prune})(kernel)
 
-    def fitting(self, element_size, head_dims):
-        """The configs whose resident tile plus pipelined streamed tiles fit the shared memory budget."""
+    def fitting(self, element_size, head_dims, budget=SHARED_MEMORY_BUDGET):
+        """The configs whose resident tile plus pipelined streamed tiles fit `budget` bytes of shared memory."""
         def estimate(config):
             tiles = config.kwargs[self.resident] + max(config.num_stages, 1) * config.kwargs[self.streamed]
             return element_size * head_dims * tiles
 
-        return [c for c in self.configs if estimate(c) <= SHARED_MEMORY_BUDGET] or [self.fallback]
+        return [c for c in self.configs if estimate(c) <= budget] or [self.fallback]
 
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return self.fitting(args["Q"].element_size(), args["BLOCK_D"] + args["BLOCK_DV"])
+        q = args["Q"]
+        return self.fitting(q.element_size(), args["BLOCK_D"] + args["BLOCK_DV"], _shared_memory_budget(q.device))
 
-    def launch(self, grid, work, element_size, args, constexprs):
+    def launch(self, grid, work, args, constexprs):
         if AUTOTUNE and not triton_interpreting() and work >= AUTOTUNE_MIN_WORK:
             self.tuned[grid](*args, **constexprs)
             return
-        config = self.fitting(element_size, constexprs["BLOCK_D"] + constexprs["BLOCK_DV"])[0]
+        q = args[0]
+        config = self.fitting(q.element_size(), constexprs["BLOCK_D"] + constexprs["BLOCK_DV"],
+                              _shared_memory_budget(q.device))[0]
         self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
                           num_stages=config.num_stages)
 
@@ -534,6 +547,16 @@ _FORWARD = _TiledKernel(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLO
 _BACKWARD_KV = _TiledKernel(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N")
 _BACKWARD_Q = _TiledKernel(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M")
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
+# At most this many elements per delta tile: 64 rows x 256 float32 O and dO spill 392 bytes with 4 warps.
+DELTA_TILE_ELEMENTS = 64 * 128
+
+
+def _shared_memory_budget(device):
+    """Shared memory bytes a config's tile estimate may take on `device` (see SHARED_MEMORY_MARGIN)."""
+    if device.type != "cuda":
+        return SHARED_MEMORY_BUDGET
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return min(SHARED_MEMORY_BUDGET, limit - SHARED_MEMORY_MARGIN)
 
 
 def _device_guard(t):
@@ -599,7 +622,7 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     args = (q, k, v, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
     with _device_guard(q):
-        _FORWARD.launch(grid, c.work, q.element_size(), args, c.constexprs)
+        _FORWARD.launch(grid, c.work, args, c.constexprs)
     return out, lse
 
 
@@ -620,19 +643,20 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
     delta = torch.empty_like(lse)  # (B, H, L) float32
     block_dv = c.constexprs["BLOCK_DV"]
     with _device_guard(q):
-        _backward_delta_kernel[(triton.cdiv(c.L, DELTA_BLOCK_M) * c.B * c.H,)](
+        delta_rows = min(DELTA_BLOCK_M, DELTA_TILE_ELEMENTS // block_dv)
+        _backward_delta_kernel[(triton.cdiv(c.L, delta_rows) * c.B * c.H,)](
             out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], c.H, c.L,
-            HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=DELTA_BLOCK_M)
+            HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=delta_rows)
         shared = (q, k, v, grad_out, lse, delta)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
         H, group, L, S = c.scalars
         tail = (c.scale, c.scale_log2, *c.dropout)
         kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * slices,)
-        _BACKWARD_KV.launch(kv_grid, c.work, q.element_size(), (*shared, dk, dv, c.mask, c.key_lengths, seed,
+        _BACKWARD_KV.launch(kv_grid, c.work, (*shared, dk, dv, c.mask, c.key_lengths, seed,
                             *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, H, group,
                             heads_per_program, L, S, *tail), c.constexprs)
         q_grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
-        _BACKWARD_Q.launch(q_grid, c.work, q.element_size(), (*shared, dq, c.mask, c.key_lengths, seed,
+        _BACKWARD_Q.launch(q_grid, c.work, (*shared, dq, c.mask, c.key_lengths, seed,
                            *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail), c.constexprs)
     if partial:
         dk, dv = (_sum_slices(t, c.Hk, k.dtype) for t in (dk, dv))

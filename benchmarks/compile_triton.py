@@ -1,0 +1,134 @@
+"""Compiles the Triton attention and MLP kernels ahead of time for a GPU target, without a GPU.
+
+For every config of the kernels' autotune lists (and the fallback), it runs Triton's compiler
+(triton.compile on an ASTSource, target GPUTarget("cuda", arch, 32)) down to a cubin and prints, per
+config: compile success or the error, registers and spilled bytes (ptxas's own report) and shared memory
+against the target's per-block limit. It catches what TRITON_INTERPRET=1 cannot: GPU-only type and tl.dot
+constraints, shared-memory overflow and register spills. Arguments mirror a launch's specialisation
+(16-byte aligned pointers, strides multiples of 16 where the head dims are).
+
+    python benchmarks/compile_triton.py --arch 90 --dtype bf16 --head-dim 128 --mask additive --causal
+    python benchmarks/compile_triton.py --arch 80 --dtype fp16 --mlp --activation gelu --gated --dropout
+
+Needs only triton (with its bundled ptxas); slow on a small CPU (seconds per config).
+"""
+
+import argparse
+import contextlib
+import io
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from tfm_kernels.triton import attention, mlp
+
+SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in (H100 227 KiB, A100 163 KiB)
+MASK_KINDS = {"none": attention.MASK_NONE, "bool": attention.MASK_BOOL, "additive": attention.MASK_ADDITIVE}
+
+
+def _jit_function(kernel):
+    """The JITFunction under autotune / heuristics wrappers."""
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _compile(fn, types, constexprs, aligned, arch, num_warps, num_stages):
+    """Compiles fn with runtime argument types `types` (name -> Triton type) and `constexprs`; returns
+    (shared bytes, registers, spill-store bytes) or raises the compiler's error."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        signature[name] = "constexpr" if name in constexprs else types[name]
+        if name in types and (types[name].startswith("*") or name in aligned):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    log = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed by Triton
+    triton.knobs.compilation.always_compile = True  # a cached kernel would come without that output
+    with contextlib.redirect_stdout(log):
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+    registers = re.search(r"Used (\d+) registers", log.getvalue())
+    spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
+    return kernel.metadata.shared, int(registers.group(1)), int(spills.group(1))
+
+
+def _report(name, fn, types, constexprs, aligned, arch, config):
+    """Compiles one config of fn and prints a line: its registers, spills and shared memory, or the error."""
+    kw = config.kwargs
+    label = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
+    label += f" w{config.num_warps} s{config.num_stages}"
+    try:
+        shared, registers, spilled = _compile(fn, types, {**constexprs, **kw}, aligned, arch, config.num_warps,
+                                              config.num_stages)
+    except Exception as error:  # any compiler failure is the result being reported
+        print(f"{name:8s} {label:18s} FAILED {type(error).__name__}: {str(error).splitlines()[-1][:200]}")
+        return
+    fits = "ok" if shared <= SHARED_MEMORY_LIMIT[arch] else "OVER LIMIT"
+    print(f"{name:8s} {label:18s} registers {registers:3d}  spilled {spilled:6d} B  "
+          f"shared {shared:7d} B ({fits})")
+
+
+def attention_kernels(args):
+    element = "*" + args.dtype
+    E, Ev = args.head_dim, args.head_dim_v or args.head_dim
+    mask_kind = MASK_KINDS[args.mask]
+    aligned_strides = E % 16 == 0 and Ev % 16 == 0
+    features = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=attention._head_block(E), BLOCK_DV=attention._head_block(Ev),
+                    IS_CAUSAL=args.causal, MASK_KIND=mask_kind, HAS_KEY_LENGTHS=args.key_lengths,
+                    HAS_DROPOUT=args.dropout, DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32")
+    pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i64", "Seed": "*i64",
+                     "Mask": "*u8" if mask_kind == attention.MASK_BOOL else element}
+    for name, tiled in [("forward", attention._FORWARD), ("dk_dv", attention._BACKWARD_KV),
+                        ("dq", attention._BACKWARD_Q)]:
+        fn = _jit_function(tiled.kernel)
+        types = {}
+        for arg in fn.arg_names:
+            if arg in ("scale", "scale_log2", "inv_keep"):
+                types[arg] = "fp32"
+            elif arg in pointer_types or arg in ("Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"):
+                types[arg] = pointer_types.get(arg, element)
+            else:
+                types[arg] = "i32"
+        aligned = {a for a in types if aligned_strides and a.startswith("stride") and not a.startswith("stride_m")}
+        for config in [*tiled.configs, tiled.fallback]:
+            _report(name, fn, types, features, aligned, args.arch, config)
+
+
+def mlp_kernel(args):
+    fn = _jit_function(mlp._gemm_kernel)
+    element = "*" + args.dtype
+    types = {a: element for a in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "preact_ptr")}
+    types.update(rowsum_ptr="*fp32", seed_ptr="*i64", keep_scale="fp32")
+    types.update({a: "i32" for a in fn.arg_names if a not in types})
+    # The forward layout: x (M, K) row-major, weight^T (K, N) column-major, both unit strides specialised.
+    features = dict(stride_ak=1, stride_bk=1, HAS_BIAS=args.bias, ACTIVATION=mlp.ACTIVATION_CODES[args.activation],
+                    STORE_PREACT=args.activation != "none" or args.gated, DROPOUT=args.dropout, GATED=args.gated,
+                    ROWSUM_A=False, INPUT_PRECISION="ieee" if args.dtype == "fp32" else "tf32")
+    aligned = {"M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_pm", "gate_offset"}
+    for config in mlp._gemm_kernel.configs:
+        _report("gemm", fn, types, features, aligned, args.arch, config)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, choices=sorted(SHARED_MEMORY_LIMIT), default=90)
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
+    parser.add_argument("--mlp", action="store_true", help="the MLP GEMM instead of the attention kernels")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--head-dim-v", type=int, help="value head dim (default: --head-dim)")
+    parser.add_argument("--mask", choices=sorted(MASK_KINDS), default="none")
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--key-lengths", action="store_true")
+    parser.add_argument("--dropout", action="store_true")
+    parser.add_argument("--activation", choices=sorted(mlp.ACTIVATION_CODES), default="none")
+    parser.add_argument("--gated", action="store_true")
+    parser.add_argument("--bias", action="store_true")
+    args = parser.parse_args(argv)
+    (mlp_kernel if args.mlp else attention_kernels)(args)
+
+
+if __name__ == "__main__":
+    main()
