@@ -355,10 +355,11 @@ def test_bad_inputs():
             fn()
 
 
-def test_auto_picks_cpu_kernel_when_built():
+def test_auto_on_cpu_picks_the_measured_fastest():
+    """On CPU tensors eager torch beats the C++ MLP operators (benchmarks/RESULTS.md), so "auto" runs torch;
+    the C++ operators stay reachable with backend="cpu"."""
     x, weight, _ = linear_inputs((4,), 8, 8, torch.float32)
-    expected = "cpu" if tfm_kernels.ops._C is not None else "torch"
-    assert backends.choose_mlp(x, weight) == expected
+    assert backends.choose_mlp(x, weight) == "torch"
 
 
 # ------------------------------------------------------------------------------------------------------ GPU

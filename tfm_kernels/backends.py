@@ -145,8 +145,11 @@ def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False)
 # MLP (tfm_kernels/mlp.py): the same backends and rules as attention.
 
 MLP_BACKENDS = ("cuda", "triton", "cpu", "torch")
-# cuBLASLt (cuda) first on GPUs, Triton next (order to be confirmed by measurement, benchmarks/RESULTS.md).
-MLP_AUTO_ORDER = AUTO_ORDER
+# GPUs: cuBLASLt (cuda) first, Triton next (order to be confirmed by measurement, benchmarks/RESULTS.md).
+# CPU: torch's own matmul + elementwise path is faster than our C++ MLP operators (ours takes 1.6-2.0x torch's time
+# forward+backward at 512 tokens, d 256 -> 1024, float32, 2-core x86; benchmarks/RESULTS.md), so "auto" runs
+# torch there; backend="cpu" still runs the C++ operators.
+MLP_AUTO_ORDER = {"cuda": AUTO_ORDER["cuda"], "cpu": ("torch",)}
 
 
 # Read once: a call into the pybind11 module inside a torch.compile'd region would break the graph.
