@@ -5,7 +5,8 @@ import math
 import torch
 
 from . import backends, reference
-from .rng import draw_seed
+from .layout import last_dim_contiguous
+from .rng import seed_for
 
 
 def _forward_op(backend):
@@ -127,7 +128,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths)
     out_shape = (*query.shape[:-1], value.shape[-1])
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    q, k, v = (last_dim_contiguous(t) for t in (query, key, value))
     q, k, v = _to_4d(q), _to_4d(k), _to_4d(v)  # (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev)
     B, H, L, E = q.shape
     S = k.shape[2]
@@ -138,7 +139,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         mask = _mask_to_4d(attn_mask, query.shape, B, H, L, S)  # (B, Hq, L, S), zero-stride broadcasts
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    seed = draw_seed(q.device) if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64, device=q.device)
+    seed = seed_for(dropout_p, q.device)
 
     if backend == "auto":
         backend = backends.choose(q, k, v, mask, key_lengths, dropout_p, is_causal)

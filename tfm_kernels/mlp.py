@@ -22,7 +22,8 @@ import math
 import torch
 
 from . import backends, reference
-from .rng import draw_seed
+from .layout import last_dim_contiguous
+from .rng import seed_for
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", None)
 
@@ -75,9 +76,6 @@ def _check_bias(name, bias, x, features):
         raise ValueError(f"{name} must have shape ({features},) or be None; got {tuple(bias.shape)}")
 
 
-def _seed(dropout_p, device):
-    return draw_seed(device) if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64, device=device)
-
 
 def _resolve(backend, x2, weight):
     """The backend to run: the automatic choice, or the requested one if it supports the inputs."""
@@ -89,13 +87,9 @@ def _resolve(backend, x2, weight):
     return backend
 
 
-def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _flatten(x):
     """(..., K) -> (M, K) with stride(-1) == 1: a view wherever the strides allow."""
-    return _last_dim_contiguous(x).reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (M, K)
+    return last_dim_contiguous(x).reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (M, K)
 
 
 def _contiguous_bias(bias):
@@ -104,10 +98,10 @@ def _contiguous_bias(bias):
 
 def _run(gated, x, weight, bias, activation, dropout_p, backend, out_features):
     x2 = _flatten(x)  # (M, K)
-    weight = _last_dim_contiguous(weight)
+    weight = last_dim_contiguous(weight)
     bias = _contiguous_bias(bias)
     backend = _resolve(backend, x2, weight)
-    seed = _seed(float(dropout_p), x.device)
+    seed = seed_for(float(dropout_p), x.device)
     out_shape = (*x.shape[:-1], out_features)
     if backend == "torch" or 0 in (x2.shape[0], x2.shape[1], out_features):  # empty: no kernel work
         oracle = reference.gated_linear if gated else reference.linear
@@ -200,13 +194,13 @@ def mlp(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, *, gated=False, bac
         hidden = gated_linear(x, w1, activation, dropout_p, bias=b1, backend=backend)
         return fused_linear(hidden, w2, b2, None, backend=backend)
     x2 = _flatten(x)  # (M, K)
-    w1, w2 = _last_dim_contiguous(w1), _last_dim_contiguous(w2)
+    w1, w2 = last_dim_contiguous(w1), last_dim_contiguous(w2)
     backend = _resolve(backend, x2, w1)
     if backend not in ("cpu", "cuda") or 0 in (*x2.shape, d_ff, w2.shape[0]):
         hidden = fused_linear(x, w1, b1, activation, dropout_p, backend=backend)
         return fused_linear(hidden, w2, b2, None, backend=backend)
     # The C++ backends run the block as one operator: its backward fuses act' into the hidden-gradient GEMM.
-    seed = _seed(float(dropout_p), x.device)
+    seed = seed_for(float(dropout_p), x.device)
     b1, b2 = _contiguous_bias(b1), _contiguous_bias(b2)
     block = torch.ops.tfm_kernels.mlp_block_forward
     out, _, _ = block(x2, w1, b1, w2, b2, activation or "none", float(dropout_p), seed)

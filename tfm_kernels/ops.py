@@ -7,6 +7,8 @@ Every op keeps one autograd boundary: forward op -> (outputs, saved state), back
 
 import torch
 
+from .layout import last_dim_contiguous
+
 try:
     from . import _C  # registers the C++ operators (TORCH_LIBRARY) and their CPU/CUDA kernels
 except ImportError as error:  # a source checkout without a build: the Triton and torch backends still work
@@ -78,9 +80,8 @@ def _make_attention_backward(backward_op):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse, mask, key_lengths, seed = ctx.saved_tensors
         dropout_p, is_causal, scale = ctx.attention_args
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p, is_causal, scale, seed)
+        dq, dk, dv = backward_op(last_dim_contiguous(grad_out), q, k, v, out, lse, mask, key_lengths, dropout_p,
+                                 is_causal, scale, seed)
         return dq, dk, dv, None, None, None, None, None, None
 
     return backward

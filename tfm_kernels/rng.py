@@ -23,6 +23,12 @@ def draw_seed(device) -> torch.Tensor:
     return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=device)
 
 
+def seed_for(dropout_p: float, device) -> torch.Tensor:
+    """The seed operand of an operator call: a fresh seed when dropout_p > 0, else a zero placeholder that the
+    kernels never read (so calls without dropout leave torch's generator untouched)."""
+    return draw_seed(device) if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64, device=device)
+
+
 def dropout_threshold(p: float) -> int:
     """The 24-bit integer threshold under which a word's top bits drop the element."""
     return int(p * (1 << DROPOUT_BITS))

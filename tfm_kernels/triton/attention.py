@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
+from ..layout import last_dim_contiguous
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
 
@@ -575,10 +576,6 @@ def _head_block(d):
     return max(16, triton.next_power_of_2(d))
 
 
-def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 class _Common:
     """Arguments every attention kernel shares, derived from q, k, v, mask, key_lengths, dropout, causal."""
 
@@ -614,7 +611,7 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
 
     q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev); returns out (B, Hq, L, Ev) stored as (B, L, Hq, Ev)
     in q's dtype and lse (B, Hq, L) float32 (+inf where no key takes part)."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     c = _Common(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
     out = q.new_empty(c.B, c.L, c.H, c.Ev).transpose(1, 2)  # (B, H, L, Ev), stored (B, L, H, Ev)
     lse = q.new_empty(c.B, c.H, c.L, dtype=torch.float32)
@@ -630,7 +627,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
     """Backward of tfm_kernels::triton_attention_backward (contract: csrc/ops.cpp).
 
     Returns dq, dk, dv shaped like q, k, v, stored as (B, N, H, D) (transposed views)."""
-    grad_out, q, k, v, out = (_last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
     c = _Common(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
     dq = q.new_empty(c.B, c.L, c.H, c.E).transpose(1, 2)  # (B, H, L, E), stored (B, L, H, E)
