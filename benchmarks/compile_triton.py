@@ -2,8 +2,9 @@
 
 For every config of the kernels' autotune lists (and the fallback), it runs Triton's compiler
 (triton.compile on an ASTSource, target GPUTarget("cuda", arch, 32)) down to a cubin and prints, per
-config: compile success or the error, registers and spilled bytes (ptxas's own report) and shared memory
-against the target's per-block limit. It catches what TRITON_INTERPRET=1 cannot: GPU-only type and tl.dot
+config: compile success or the error, registers and spilled bytes (ptxas's own report), shared memory
+against the target's per-block limit, and the tensor-core instruction its dots became (wgmma on Hopper,
+mma.sync otherwise). It catches what TRITON_INTERPRET=1 cannot: GPU-only type and tl.dot
 constraints, shared-memory overflow and register spills. Arguments mirror a launch's specialisation
 (16-byte aligned pointers, strides multiples of 16 where the head dims are).
 
@@ -37,7 +38,7 @@ def _jit_function(kernel):
 
 def _compile(fn, types, constexprs, aligned, arch, num_warps, num_stages):
     """Compiles fn with runtime argument types `types` (name -> Triton type) and `constexprs`; returns
-    (shared bytes, registers, spill-store bytes) or raises the compiler's error."""
+    (shared bytes, registers, spill-store bytes, tensor-core instruction) or raises the compiler's error."""
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         signature[name] = "constexpr" if name in constexprs else types[name]
@@ -52,7 +53,9 @@ def _compile(fn, types, constexprs, aligned, arch, num_warps, num_stages):
                                 options={"num_warps": num_warps, "num_stages": num_stages})
     registers = re.search(r"Used (\d+) registers", log.getvalue())
     spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
-    return kernel.metadata.shared, int(registers.group(1)), int(spills.group(1))
+    ptx = kernel.asm["ptx"]
+    tensor_core = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    return kernel.metadata.shared, int(registers.group(1)), int(spills.group(1)), tensor_core
 
 
 def _report(name, fn, types, constexprs, aligned, arch, config):
@@ -61,14 +64,14 @@ def _report(name, fn, types, constexprs, aligned, arch, config):
     label = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
     label += f" w{config.num_warps} s{config.num_stages}"
     try:
-        shared, registers, spilled = _compile(fn, types, {**constexprs, **kw}, aligned, arch, config.num_warps,
-                                              config.num_stages)
+        shared, registers, spilled, tensor_core = _compile(fn, types, {**constexprs, **kw}, aligned, arch,
+                                                           config.num_warps, config.num_stages)
     except Exception as error:  # any compiler failure is the result being reported
         print(f"{name:8s} {label:18s} FAILED {type(error).__name__}: {str(error).splitlines()[-1][:200]}")
         return
     fits = "ok" if shared <= SHARED_MEMORY_LIMIT[arch] else "OVER LIMIT"
     print(f"{name:8s} {label:18s} registers {registers:3d}  spilled {spilled:6d} B  "
-          f"shared {shared:7d} B ({fits})")
+          f"shared {shared:7d} B ({fits})  {tensor_core}")
 
 
 def attention_kernels(args):
@@ -108,7 +111,7 @@ def mlp_kernel(args):
                     STORE_PREACT=args.activation != "none" or args.gated, DROPOUT=args.dropout, GATED=args.gated,
                     ROWSUM_A=False, INPUT_PRECISION="ieee" if args.dtype == "fp32" else "tf32")
     aligned = {"M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_pm", "gate_offset"}
-    for config in mlp._gemm_kernel.configs:
+    for config in mlp._GEMM.configs:
         _report("gemm", fn, types, features, aligned, args.arch, config)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine: versions, install (CUDA kernels compiled for this card), the gpu-marked
-# tests, compute-sanitizer memcheck of an attention case, then the short benchmark table, printed last.
+# tests (four pytest processes at once: benchmarks/run_gpu_tests.py), compute-sanitizer memcheck of an
+# attention case, then the short benchmark table, printed last.
 #
 #   bash benchmarks/device_check.sh
 #
@@ -75,7 +76,7 @@ PY
     limit=$(cap $((BENCH_RESERVE_S + SANITIZER_TIMEOUT_S)) 30 "$TESTS_TIMEOUT_S")
     echo "== gpu tests (cap $limit s)"
     t0=$SECONDS
-    timeout "$limit" python -m pytest -q -m gpu tests -p no:cacheprovider || tests_rc=$?
+    timeout $((limit + 15)) python benchmarks/run_gpu_tests.py --workers 4 --timeout "$limit" || tests_rc=$?
     echo "gpu tests: exit $tests_rc in $((SECONDS - t0)) s"
 
     if [ -f benchmarks/sanitize_attention.py ]; then

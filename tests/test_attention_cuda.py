@@ -35,9 +35,9 @@ def attention_op(q, k, v, key_lengths=None, dropout_p=0.0, is_causal=False, scal
 
 def require_head_dim(D):
     """Skips when the build left head dim D out (a TFM_KERNELS_HEAD_DIMS choice, not a kernel limit)."""
-    built = ops.build_info().get("head_dims", "")
-    if str(D) not in built.split(","):
-        pytest.skip(f"head dim {D} is not built (TFM_KERNELS_HEAD_DIMS gave {built!r})")
+    built = ops.compiled_head_dims()
+    if D not in built:
+        pytest.skip(f"head dim {D} is not built (TFM_KERNELS_HEAD_DIMS gave {built})")
 
 
 def cuda_inputs(B, Hq, Hk, L, S, D, dtype, requires_grad=False):

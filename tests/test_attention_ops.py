@@ -12,7 +12,7 @@ from test_attention import check_against_oracle, rand, require, sdpa
 from tolerance import assert_within_tolerance
 
 import tfm_kernels
-from tfm_kernels import reference, rng
+from tfm_kernels import backends, reference, rng
 
 CPU_BACKENDS = ["triton", "cpu"]
 GPU_BACKENDS = ["triton", "cuda"]
@@ -236,6 +236,20 @@ def test_compile_fullgraph_matches_eager(backend, case):
         return tfm_kernels.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
 
     assert_compiled_equals_eager(attend, torch.compile(attend, fullgraph=True, backend="aot_eager"), q, k, v)
+
+
+def test_backend_checks_trace_without_graph_breaks():
+    """Every backend's support check (including the cuda one, which reads the build of tfm_kernels._C) traces
+    under torch.compile(fullgraph=True), so backend="auto" and explicit backends never break a graph."""
+    q, k, v = qkv(2, 2, 2, 5, 7, 64, 64)
+
+    def count_reasons(q, k, v):
+        counts = [len(backends.not_supported_reasons(b, q, k, v)) for b in backends.ATTENTION_BACKENDS]
+        counts += [len(backends.mlp_not_supported_reasons(b, q[0, 0], k[0, 0])) for b in backends.MLP_BACKENDS]
+        return q.new_tensor(counts)
+
+    compiled = torch.compile(count_reasons, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), count_reasons(q, k, v), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,13 @@
 """The benchmark suite on CPU: the timing helper against known durations, rotation of input buffers, the
 mode steps' gradients, the rows and ratios, the self-check's ability to fail, and `python -m tfm_kernels bench
---quick` end to end (table and JSON record with the expected fields)."""
+--quick` end to end (table and JSON record with the expected fields), and the parallel gpu-test runner of
+benchmarks/device_check.sh."""
 
+import importlib.util
 import json
+import pathlib
+import subprocess
+import sys
 import time
 import types
 
@@ -309,3 +314,25 @@ def test_a_time_budget_measures_compiling_providers_last(monkeypatch):
     assert order == ["eager-slow", "eager"]  # compile-free first; the budget ran out before the compiled ones
     assert [r["provider"] for r in rows] == ["compiled", "eager-slow", "eager", "compiled-2"]  # case order
     assert [r["reason"] == suite.OVER_BUDGET for r in rows] == [True, False, False, True]
+
+
+RUNNER = pathlib.Path(__file__).parents[1] / "benchmarks" / "run_gpu_tests.py"
+
+
+def test_gpu_test_runner_spreads_files_evenly():
+    spec = importlib.util.spec_from_file_location("run_gpu_tests", RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    groups = runner.spread({"a.py": 74, "b.py": 88, "c.py": 13, "d.py": 3, "e.py": 70}, 3)
+    assert groups == [["b.py"], ["a.py", "d.py"], ["e.py", "c.py"]]  # 88, 77, 83 tests
+    assert runner.spread({"a.py": 5}, 4) == [["a.py"]]
+
+
+def test_gpu_test_runner_reports_each_group():
+    tests = pathlib.Path(__file__).parent
+    files = [str(tests / "test_tuning.py"), str(tests / "test_patch.py")]
+    result = subprocess.run([sys.executable, str(RUNNER), "--workers", "2", "--timeout", "120", *files],
+                            capture_output=True, text=True, cwd=tests.parent, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("---- ") == 2
+    assert "gpu tests: 2 of 2 groups passed" in result.stdout

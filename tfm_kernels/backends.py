@@ -28,8 +28,12 @@ CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y an
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
+# Read once at import: importlib's lookup cannot be traced by torch.compile.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:
@@ -76,7 +80,7 @@ def _runs_on(arch: str, capability: tuple[int, int]) -> bool:
 def _cuda_device_reasons(device, head_dim) -> list[str]:
     reasons = []
     capability = torch.cuda.get_device_capability(device)
-    archs = [a for a in ops.build_info()["cuda_archs"].split(";") if a]
+    archs = ops.compiled_cuda_archs()
     if not any(_runs_on(a, capability) for a in archs):
         reasons.append(f"tfm_kernels._C has CUDA code for archs {archs}, none of which runs on compute "
                        f"capability {capability}")
@@ -106,7 +110,7 @@ def _cuda_reasons(q, k, v, mask) -> list[str]:
         reasons.append(f"the cuda backend supports head dims {CUDA_HEAD_DIMS} with Ev == E; got E={E}, "
                        f"Ev={Ev}")
     elif ops.has_compiled_cuda():
-        head_dims = [int(d) for d in ops.build_info()["head_dims"].split(",") if d]
+        head_dims = ops.compiled_head_dims()
         if E not in head_dims:  # a build choice, not a limit of the kernels
             wanted = ",".join(map(str, sorted(set(head_dims) | {E})))
             reasons.append(f"the cuda backend was not built for head dim {E} (built: {head_dims}; rebuild "
@@ -152,13 +156,9 @@ MLP_BACKENDS = ("cuda", "triton", "cpu", "torch")
 MLP_AUTO_ORDER = {"cuda": AUTO_ORDER["cuda"], "cpu": ("torch",)}
 
 
-# Read once: a call into the pybind11 module inside a torch.compile'd region would break the graph.
-_MLP_COMPILED_CUDA = ops.has_compiled_cuda()
-
-
 def _mlp_cuda_reasons(x) -> list[str]:
     reasons = []
-    if not _MLP_COMPILED_CUDA:
+    if not ops.has_compiled_cuda():
         reasons.append("tfm_kernels._C was built without CUDA kernels")
     if x.device.type != "cuda":
         reasons.append(f"the cuda backend needs CUDA tensors; got {x.device.type}")

@@ -18,15 +18,29 @@ else:
     C_IMPORT_ERROR = ""
 
 
+# Read once at import: a call into the pybind11 module inside a torch.compile'd region would break the graph,
+# and the backend checks run inside compiled regions.
+_BUILD_INFO = {"built": False, "error": C_IMPORT_ERROR, "cuda": False} if _C is None else {"built": True,
+                                                                                         **_C.build_info()}
+
+
 def build_info() -> dict:
     """How the compiled extension was built (version, CUDA archs, head dims), or why it is missing."""
-    if _C is None:
-        return {"built": False, "error": C_IMPORT_ERROR, "cuda": False}
-    return {"built": True, **_C.build_info()}
+    return dict(_BUILD_INFO)
 
 
 def has_compiled_cuda() -> bool:
-    return _C is not None and bool(_C.build_info()["cuda"])
+    return bool(_BUILD_INFO["cuda"])
+
+
+def compiled_cuda_archs() -> list[str]:
+    """The archs the CUDA kernels were built for, e.g. ["80", "90a"]; empty without CUDA kernels."""
+    return [a for a in _BUILD_INFO.get("cuda_archs", "").split(";") if a]
+
+
+def compiled_head_dims() -> list[int]:
+    """The head dims the CUDA attention kernels were built for; empty without CUDA kernels."""
+    return [int(d) for d in _BUILD_INFO.get("head_dims", "").split(",") if d]
 
 
 # ---------------------------------------------------------------------------------------------------------

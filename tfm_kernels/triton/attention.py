@@ -21,7 +21,6 @@ Tests: tests/test_attention.py, tests/test_attention_ops.py.
 """
 
 import contextlib
-import os
 
 import torch
 import triton
@@ -31,21 +30,18 @@ from ..backends import triton_interpreting
 from ..layout import last_dim_contiguous
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
+from .tuning import TunedKernel
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
-# Autotuning compiles and times every config of a list once per key; below this much work (B * H * L * S
-# score elements) the first config is used directly, so small problems and test suites skip that cost.
+# Problems of at least this much work (B * H * L * S score elements) are autotuned (tuning.py).
 AUTOTUNE_MIN_WORK = 1 << 26
-AUTOTUNE = os.environ.get("TFM_KERNELS_AUTOTUNE", "1") != "0"
-# Configs whose pipelined tiles (the estimate of _TiledKernel.fitting) exceed the device's shared memory per
-# block less SHARED_MEMORY_MARGIN are pruned: the margin covers the layout-conversion scratch the estimate
-# leaves out (Triton 3.8, sm_90a, head dim 256: 8.2 KiB for dK/dV 64x64). Hopper: 227 - 27 = 200 KiB;
-# Ampere: 163 - 27 = 136 KiB.
+# The tile estimate of _tile_shared_bytes leaves out the layout-conversion scratch (Triton 3.8, sm_90a, head
+# dim 256: 8.2 KiB for dK/dV 64x64); this margin covers it. Hopper: 227 - 27 = 200 KiB; Ampere: 163 - 27 =
+# 136 KiB.
 SHARED_MEMORY_MARGIN = 27 * 1024
-SHARED_MEMORY_BUDGET = 200 * 1024  # the most any device is given, and the budget off the GPU
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -507,57 +503,27 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
 # Launchers
 
 
-class _TiledKernel:
-    """A kernel with its config list: autotuned for big problems, else the first config that fits."""
+def _tile_shared_bytes(resident, streamed):
+    """Shared memory estimate of an attention kernel whose `resident` block stays while num_stages
+    `streamed` blocks are pipelined past it: element size x (E + Ev padded) x rows of those tiles."""
+    def estimate(config, args):
+        rows = config.kwargs[resident] + max(config.num_stages, 1) * config.kwargs[streamed]
+        return args["Q"].element_size() * (args["BLOCK_D"] + args["BLOCK_DV"]) * rows
 
-    def __init__(self, kernel, configs, fallback, resident):
-        self.kernel = kernel
-        self.configs = configs
-        self.fallback = fallback
-        self.resident = resident  # the block that stays in shared memory: "BLOCK_M" or "BLOCK_N"
-        self.streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
-        all_configs = configs if fallback in configs else [*configs, fallback]
-        self.tuned = triton.autotune(configs=all_configs, key=AUTOTUNE_KEY,
-                                     prune_configs_by={"early_config_prune": self._prune})(kernel)
-
-    def fitting(self, element_size, head_dims, budget=SHARED_MEMORY_BUDGET):
-        """The configs whose resident tile plus pipelined streamed tiles fit `budget` bytes of shared memory."""
-        def estimate(config):
-            tiles = config.kwargs[self.resident] + max(config.num_stages, 1) * config.kwargs[self.streamed]
-            return element_size * head_dims * tiles
-
-        return [c for c in self.configs if estimate(c) <= budget] or [self.fallback]
-
-    def _prune(self, configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        q = args["Q"]
-        return self.fitting(q.element_size(), args["BLOCK_D"] + args["BLOCK_DV"], _shared_memory_budget(q.device))
-
-    def launch(self, grid, work, args, constexprs):
-        if AUTOTUNE and not triton_interpreting() and work >= AUTOTUNE_MIN_WORK:
-            self.tuned[grid](*args, **constexprs)
-            return
-        q = args[0]
-        config = self.fitting(q.element_size(), constexprs["BLOCK_D"] + constexprs["BLOCK_DV"],
-                              _shared_memory_budget(q.device))[0]
-        self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
-                          num_stages=config.num_stages)
+    return estimate
 
 
-_FORWARD = _TiledKernel(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M")
-_BACKWARD_KV = _TiledKernel(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N")
-_BACKWARD_Q = _TiledKernel(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M")
+def _tuned(kernel, configs, fallback, resident, streamed):
+    return TunedKernel(kernel, configs, AUTOTUNE_KEY, _tile_shared_bytes(resident, streamed),
+                       min_work=AUTOTUNE_MIN_WORK, probe="Q", fallback=fallback, margin=SHARED_MEMORY_MARGIN)
+
+
+_FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N")
+_BACKWARD_KV = _tuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N", "BLOCK_M")
+_BACKWARD_Q = _tuned(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M", "BLOCK_N")
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
 # At most this many elements per delta tile: 64 rows x 256 float32 O and dO spill 392 bytes with 4 warps.
 DELTA_TILE_ELEMENTS = 64 * 128
-
-
-def _shared_memory_budget(device):
-    """Shared memory bytes a config's tile estimate may take on `device` (see SHARED_MEMORY_MARGIN)."""
-    if device.type != "cuda":
-        return SHARED_MEMORY_BUDGET
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    return min(SHARED_MEMORY_BUDGET, limit - SHARED_MEMORY_MARGIN)
 
 
 def _device_guard(t):

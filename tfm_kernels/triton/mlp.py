@@ -8,17 +8,19 @@ One tiled GEMM kernel, C = A @ B with arbitrary strides, serves every product:
                    dx = dz @ W and dW = dz^T @ x, the latter also summing dz's columns into db while it
                    streams dz through (the bias gradient costs no extra pass over memory).
 Programs walk the output in GROUP_M-row bands so neighbouring programs share A and B tiles in L2. Accumulation
-is float32; float32 inputs multiply in IEEE precision unless torch allows TF32.
+is float32; float32 inputs multiply in IEEE precision unless torch allows TF32. Products of at least
+AUTOTUNE_MIN_WORK multiply-adds are autotuned per shape, smaller ones take the first config that fits
+(tuning.py).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..backends import triton_interpreting
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
+from .tuning import TunedKernel
 
 # Activation codes, equal to csrc/common/mlp_epilogue.h's Activation enum.
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
@@ -31,40 +33,30 @@ GELU_TANH_CUBIC = tl.constexpr(0.044715)
 def _gemm_configs():
     """A small list for Hopper/Ampere (bf16/fp16 128x128-256 tiles); one config under the CPU interpreter,
     where autotuning over several fails."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if triton_interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     # ptxas (Triton 3.8, sm_90a, bf16), plain GEMM: 106-239 registers, no spills, in every config and layout.
     # The gated GELU-tanh epilogue with dropout (two accumulators plus a Philox tile) spills, in bytes:
     # 128x256x64 4460 (and 240 KiB of shared memory: pruned), 128x128x64 580, 256x128x64 3476,
     # 128x128x32 3360, 64x128x64 728, 64x64x64 none. Float32 (IEEE products, no tensor cores) spills tens
     # of KB in every config but 64x64x64; autotuning measures it rather than these lists excluding it.
-    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+    # The first config is the default below AUTOTUNE_MIN_WORK: 128x128x64 keeps a bias + GELU epilogue free
+    # of spills (175 registers), where 128x256x64 spills 100 bytes.
+    shapes = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
                           num_stages=s) for bm, bn, bk, w, s in shapes]
 
 
-def _shared_memory_bytes(config, element_size, gated):
+def _shared_memory_bytes(config, args):
     """Shared memory of one _gemm_kernel program: num_stages pipelined A (BLOCK_M, BLOCK_K) and B (BLOCK_K,
-    BLOCK_N) tiles, two B tiles when gated. Exact for sm_90 (Triton 3.8 compiles); sm_80 keeps one stage
-    fewer in shared memory, so there it is an upper bound."""
+    BLOCK_N) tiles, two B tiles when gated (gated 128x256x64 in three stages: 240 KiB in bf16, over every
+    device's limit; float32 doubles every tile). Exact for sm_90 (Triton 3.8 compiles); sm_80 keeps one
+    stage fewer in shared memory, so there it is an upper bound."""
     kw = config.kwargs
-    b_tiles = 2 if gated else 1
+    b_tiles = 2 if args["GATED"] else 1
     per_stage = kw["BLOCK_M"] * kw["BLOCK_K"] + b_tiles * kw["BLOCK_K"] * kw["BLOCK_N"]
-    return config.num_stages * per_stage * element_size
-
-
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Drops the configs whose pipelined tiles overflow the device's shared memory per block (e.g. gated
-    128x256x64 in three stages needs 240 KiB in bf16; float32 doubles every tile). Keeps the smallest if
-    none fits."""
-    a = named_args["a_ptr"]
-    if not a.is_cuda:
-        return configs
-    limit = torch.cuda.get_device_properties(a.device).shared_memory_per_block_optin
-    gated = kwargs.get("GATED", named_args.get("GATED", False))
-    fitting = [c for c in configs if _shared_memory_bytes(c, a.element_size(), gated) <= limit]
-    return fitting or [min(configs, key=lambda c: _shared_memory_bytes(c, a.element_size(), gated))]
+    return config.num_stages * per_stage * args["a_ptr"].element_size()
 
 
 @triton.jit
@@ -116,8 +108,6 @@ def _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale):
     return tl.where(keep, keep_scale, 0.0)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "GATED", "ROWSUM_A"],
-                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr, M, N, K,
                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset,
@@ -225,6 +215,12 @@ def _input_precision(dtype):
     return "tf32"  # Triton's default; only float32 inputs read it
 
 
+# Products of at least this many multiply-adds (M * N * K) are autotuned, once per shape (tuning.py).
+AUTOTUNE_MIN_WORK = 1 << 30
+_GEMM = TunedKernel(_gemm_kernel, _gemm_configs(), ["M", "N", "K", "GATED", "ROWSUM_A"], _shared_memory_bytes,
+                    min_work=AUTOTUNE_MIN_WORK, probe="a_ptr")
+
+
 def _dropout_args(dropout_p):
     return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
@@ -236,14 +232,14 @@ def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation
     N = c.shape[1]
     threshold, keep_scale = _dropout_args(dropout_p)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_kernel[grid](
-        a, b, c, bias if bias is not None else c, preact if preact is not None else c,
-        rowsum if rowsum is not None else c, seed if seed is not None else c, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-        preact.stride(0) if preact is not None else 0, gate_offset, threshold, keep_scale,
-        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation], STORE_PREACT=preact is not None,
-        DROPOUT=dropout_p > 0.0, GATED=gated, ROWSUM_A=rowsum is not None,
-        INPUT_PRECISION=_input_precision(a.dtype))
+    args = (a, b, c, bias if bias is not None else c, preact if preact is not None else c,
+            rowsum if rowsum is not None else c, seed if seed is not None else c, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+            preact.stride(0) if preact is not None else 0, gate_offset, threshold, keep_scale)
+    constexprs = dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
+                      STORE_PREACT=preact is not None, DROPOUT=dropout_p > 0.0, GATED=gated,
+                      ROWSUM_A=rowsum is not None, INPUT_PRECISION=_input_precision(a.dtype))
+    _GEMM.launch(grid, M * N * K, args, constexprs)
 
 
 def linear_forward(x, weight, bias, activation, dropout_p, seed):

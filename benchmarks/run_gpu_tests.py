@@ -1,0 +1,72 @@
+"""Runs the `gpu`-marked tests in several pytest processes at once, one group of test files each.
+
+On a GPU machine the suite's time goes to compiling Triton kernels, which is single-threaded and CPU-bound
+while the GPU idles, so WORKERS processes finish it about WORKERS times sooner. Files are spread so that the
+groups hold about the same number of tests; a file stays in one process, so its kernels compile once. Each
+group's output is printed whole when it ends; a group still running at --timeout is stopped and counts as
+failed. Exit status: 0 when every group passed.
+
+    python benchmarks/run_gpu_tests.py --workers 4 --timeout 150
+"""
+
+import argparse
+import collections
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def collect(paths):
+    """Test ids of the gpu-marked tests, grouped by file: {file: count}."""
+    listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                              "-p", "no:cacheprovider", *paths], capture_output=True, text=True, check=False)
+    counts = collections.Counter(line.split("::")[0] for line in listing.stdout.splitlines() if "::" in line)
+    if not counts:
+        raise SystemExit(f"no gpu tests collected:\n{listing.stdout}{listing.stderr}")
+    return counts
+
+
+def spread(counts, workers):
+    """Files into at most `workers` groups of about equal test counts (largest file first, to the lightest)."""
+    groups = [[] for _ in range(min(workers, len(counts)))]
+    loads = [0] * len(groups)
+    for path, count in sorted(counts.items(), key=lambda item: -item[1]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(path)
+        loads[lightest] += count
+    return groups
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="*", default=["tests"])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds for the whole run")
+    args = parser.parse_args(argv)
+
+    start = time.monotonic()
+    groups = spread(collect(args.paths), args.workers)
+    logs = [tempfile.TemporaryFile("w+") for _ in groups]  # files, not pipes: a full pipe would stall a worker
+    processes = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                                   *group], stdout=log, stderr=subprocess.STDOUT, text=True)
+                 for group, log in zip(groups, logs)]
+    failed = 0
+    for group, process, log in zip(groups, processes, logs):
+        left = max(1.0, args.timeout - (time.monotonic() - start))
+        try:
+            status = process.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            status = f"stopped after {args.timeout:.0f} s"
+        failed += status != 0
+        log.seek(0)
+        print(f"---- {' '.join(group)}: exit {status} at {time.monotonic() - start:.0f} s")
+        print(log.read(), flush=True)
+    print(f"gpu tests: {len(groups) - failed} of {len(groups)} groups passed in {time.monotonic() - start:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

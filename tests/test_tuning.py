@@ -1,0 +1,132 @@
+"""Tile configs of the Triton kernels (tfm_kernels/triton/tuning.py).
+
+CPU: which config a launch takes (the first that fits the shared-memory budget; the fallback, or the smallest,
+where none fits). GPU: every config of every attention kernel and of the MLP GEMM against the float64 oracle,
+each forced in turn (the rest of the suite runs with autotuning off and so sees only the first config that
+fits), and one autotuned launch of each, through Triton's autotuner and our pruning."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from test_attention import check_against_oracle as check_attention
+from test_mlp import check_against_oracle as check_mlp
+from test_mlp import linear_inputs
+
+from tfm_kernels.triton import attention, mlp, tuning
+
+KIB = 1024
+
+
+@triton.jit
+def _write_block(out_ptr, BLOCK: tl.constexpr):
+    tl.store(out_ptr, BLOCK)
+
+
+def block_configs(*blocks):
+    return [triton.Config({"BLOCK": b}) for b in blocks]
+
+
+def kib_per_block(config, args):
+    """A made-up estimate: BLOCK KiB of shared memory."""
+    return config.kwargs["BLOCK"] * KIB
+
+
+def write_block_kernel(configs, budget, fallback=None):
+    """A TunedKernel over _write_block whose budget off the GPU is `budget` bytes."""
+    margin = tuning.SHARED_MEMORY_OFF_GPU - budget
+    return tuning.TunedKernel(_write_block, configs, [], kib_per_block, min_work=1, probe="out_ptr",
+                              fallback=fallback, margin=margin)
+
+
+def test_fitting_keeps_list_order_and_drops_what_overflows():
+    kernel = write_block_kernel(block_configs(64, 16, 128, 32), 40 * KIB)
+    assert [c.kwargs["BLOCK"] for c in kernel.fitting({}, 40 * KIB)] == [16, 32]
+    assert [c.kwargs["BLOCK"] for c in kernel.fitting({}, 1000 * KIB)] == [64, 16, 128, 32]
+
+
+def test_fitting_falls_back_when_nothing_fits():
+    without = write_block_kernel(block_configs(64, 32), 8 * KIB)
+    assert [c.kwargs["BLOCK"] for c in without.fitting({}, 8 * KIB)] == [32]  # the smallest
+    with_fallback = write_block_kernel(block_configs(64, 32), 8 * KIB, fallback=triton.Config({"BLOCK": 4}))
+    assert [c.kwargs["BLOCK"] for c in with_fallback.fitting({}, 8 * KIB)] == [4]
+
+
+def test_budget_is_the_limit_less_the_margin():
+    assert tuning.shared_memory_budget(torch.device("cpu"), 27 * KIB) == 200 * KIB
+    if torch.cuda.is_available():
+        limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+        assert tuning.shared_memory_budget(torch.device("cuda", 0), 5) == limit - 5
+
+
+def test_launch_runs_the_first_config_that_fits():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = tuning.shared_memory_budget(torch.device(device), 0)
+    kernel = write_block_kernel(block_configs(512, 128, 64), 100 * KIB)
+    kernel.margin = budget - 100 * KIB  # the same 100 KiB budget on the GPU
+    out = torch.zeros(1, dtype=torch.int32, device=device)
+    kernel.launch((1,), 0, (out,), {})  # work below min_work: no autotuning, on any device
+    assert int(out) == 64
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: every config against the oracle
+
+ATTENTION_KERNELS = {"forward": attention._FORWARD, "dk_dv": attention._BACKWARD_KV, "dq": attention._BACKWARD_Q}
+
+
+def every_config(kernel):
+    return [*kernel.configs, *([kernel.fallback] if kernel.fallback not in kernel.configs else [])]
+
+
+def config_id(config):
+    return "x".join(f"{v}" for v in config.kwargs.values()) + f"-w{config.num_warps}-s{config.num_stages}"
+
+
+def attention_case(head_dim):
+    """bf16 GQA, sizes off every block multiple; causal at head dim 128, an additive mask at 64."""
+    B, Hq, Hk, L, S = 2, 4, 2, 299, 317
+    q, k, v = (torch.randn(B, h, n, head_dim, dtype=torch.bfloat16, device="cuda")
+               for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+    options = {"enable_gqa": True}
+    if head_dim == 128:
+        options["is_causal"] = True
+    else:
+        options["attn_mask"] = torch.randn(L, S, dtype=torch.bfloat16, device="cuda")
+    return q, k, v, options
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("name", list(ATTENTION_KERNELS))
+def test_gpu_every_attention_config(monkeypatch, name, head_dim):
+    kernel = ATTENTION_KERNELS[name]
+    q, k, v, options = attention_case(head_dim)
+    budget = tuning.shared_memory_budget(q.device, kernel.margin)
+    shape_args = {"Q": q, "BLOCK_D": head_dim, "BLOCK_DV": head_dim}
+    for config in every_config(kernel):
+        if kernel.shared_bytes(config, shape_args) > budget:
+            continue  # pruned on this device: never runs
+        monkeypatch.setattr(kernel, "configs", [config])
+        check_attention("triton", q, k, v, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["linear", "gated"])
+@pytest.mark.parametrize("config", mlp._GEMM.configs, ids=config_id)
+def test_gpu_every_gemm_config(monkeypatch, config, kind):
+    monkeypatch.setattr(mlp._GEMM, "configs", [config])
+    x, weight, bias = linear_inputs((3, 333), 520, 1000, torch.bfloat16, device="cuda")
+    activation = "gelu" if kind == "linear" else "silu"
+    check_mlp(kind, "triton", x, weight, bias, activation=activation, dropout_p=0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned_launches(monkeypatch):
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    for kernel in (*ATTENTION_KERNELS.values(), mlp._GEMM):
+        monkeypatch.setattr(kernel, "min_work", 0)
+    q, k, v, options = attention_case(128)
+    check_attention("triton", q, k, v, **options)
+    x, weight, bias = linear_inputs((1000,), 512, 2048, torch.bfloat16, device="cuda")
+    check_mlp("linear", "triton", x, weight, bias, activation="gelu_tanh")

@@ -1,0 +1,71 @@
+"""Launching a Triton kernel that has a short list of tile configs.
+
+Problems of at least `min_work` (a kernel-defined measure: score elements for attention, multiply-adds for a
+GEMM) are autotuned: every config that fits the device's shared memory is compiled and timed once per
+autotune key. Smaller problems, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed config
+that fits, so tests and small calls compile one config instead of the whole list (a GPU test suite of a few
+hundred shapes would otherwise compile thousands of variants).
+"""
+
+import os
+
+import torch
+import triton
+
+from ..backends import triton_interpreting
+
+AUTOTUNE = os.environ.get("TFM_KERNELS_AUTOTUNE", "1") != "0"
+# Off the GPU (the interpreter) there is no device limit; the largest any supported device gives is 227 KiB.
+SHARED_MEMORY_OFF_GPU = 227 * 1024
+
+
+def shared_memory_budget(device, margin):
+    """Bytes of shared memory a config's estimate may take on `device`: the per-block opt-in limit less
+    `margin` (what the kernel's estimate leaves out, e.g. layout-conversion scratch)."""
+    if device.type != "cuda":
+        return SHARED_MEMORY_OFF_GPU - margin
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin - margin
+
+
+class TunedKernel:
+    """A Triton kernel with its config list.
+
+    shared_bytes(config, args) estimates one program's shared memory from the launch's named arguments and
+    constexprs; configs over the device budget are never run. `fallback` runs where no config fits (default:
+    the config with the smallest estimate). `probe` names the tensor argument whose device and element size
+    matter."""
+
+    def __init__(self, kernel, configs, key, shared_bytes, *, min_work, probe, fallback=None, margin=0):
+        self.kernel = kernel
+        self.configs = configs
+        self.fallback = fallback
+        self.shared_bytes = shared_bytes
+        self.min_work = min_work
+        self.probe = probe
+        self.margin = margin
+        all_configs = configs if fallback is None or fallback in configs else [*configs, fallback]
+        self.tuned = triton.autotune(configs=all_configs, key=key,
+                                     prune_configs_by={"early_config_prune": self._prune})(kernel)
+
+    def fitting(self, args, budget):
+        """The configs whose shared-memory estimate fits `budget` bytes, in list order (never empty)."""
+        fits = [c for c in self.configs if self.shared_bytes(c, args) <= budget]
+        if fits:
+            return fits
+        if self.fallback is not None:
+            return [self.fallback]
+        return [min(self.configs, key=lambda c: self.shared_bytes(c, args))]
+
+    def _prune(self, configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return self.fitting(args, shared_memory_budget(args[self.probe].device, self.margin))
+
+    def launch(self, grid, work, args, constexprs):
+        """Runs the kernel on positional `args` and keyword `constexprs` (the config's tile sizes excluded)."""
+        if AUTOTUNE and not triton_interpreting() and work >= self.min_work:
+            self.tuned[grid](*args, **constexprs)
+            return
+        named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
+        config = self.fitting(named, shared_memory_budget(named[self.probe].device, self.margin))[0]
+        self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
+                          num_stages=config.num_stages)
