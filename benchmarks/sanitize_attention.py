@@ -1,6 +1,7 @@
 """A small run of the CUDA attention kernels for compute-sanitizer (out-of-bounds and misaligned accesses,
-races in shared memory with --tool racecheck): forward and backward, both dtypes, every compiled head dim,
-causal, key lengths with a zero, GQA, dropout, sizes that leave partial tiles.
+races in shared memory with --tool racecheck): forward and backward (the fused-dQ backward in float16, the
+deterministic one in bfloat16), every compiled head dim, causal, key lengths with a zero, GQA, dropout, sizes
+that leave partial tiles.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_attention.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_attention.py
@@ -19,7 +20,8 @@ def main():
     head_dims = [int(d) for d in info["head_dims"].split(",")]
     B, Hq, Hk, L, S = 3, 4, 2, 37, 70
     lengths = torch.tensor([S, 0, 23], device="cuda")
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype, deterministic in ((torch.float16, False), (torch.bfloat16, True)):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)  # fused-dQ backward, then three-pass
         for head_dim in head_dims:
             for is_causal in (False, True):
                 q, k, v = (torch.randn(B, h, n, head_dim, dtype=dtype, device="cuda", requires_grad=True)
@@ -29,7 +31,7 @@ def main():
                 out.backward(torch.randn_like(out))
                 torch.cuda.synchronize()
                 assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
-    print(f"sanitize_attention: ran forward and backward for head dims {head_dims}, float16 and bfloat16")
+    print(f"sanitize_attention: ran forward and both backwards for head dims {head_dims}")
 
 
 if __name__ == "__main__":

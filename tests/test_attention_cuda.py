@@ -1,7 +1,8 @@
 """The CUDA C++ attention kernels (csrc/cuda/attention/) against the float64 oracle (DESIGN.md tolerance rule)
 over their feature matrix: float16/bfloat16, head dims 64 and 128, odd sizes, L != S, causal, key lengths with
 zeros, GQA/MQA, strided views of a packed projection, scale, dropout (keep-mask bit-identical with
-tfm_kernels.rng and the Triton kernel), deterministic backward, CUDA graphs and bad-input errors. Everything
+tfm_kernels.rng and the Triton kernel), the default backward (dQ by atomics) and the deterministic one,
+CUDA graphs and bad-input errors. Everything
 but the build checks needs a GPU (`gpu` marker; run by benchmarks/device_check.sh)."""
 
 import importlib.util
@@ -188,9 +189,21 @@ def test_dropout_against_oracle(dtype, is_causal):
         assert_within_tolerance(f"cuda dropout {name}", result, base, ref)
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test: the three-pass backward without atomics. Warn-only,
+    so the oracle's cuBLAS products run without CUBLAS_WORKSPACE_CONFIG."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_backward_is_deterministic(head_dim):
+def test_deterministic_backward_repeats_bit_for_bit(head_dim, deterministic_algorithms):
     q, k, v = cuda_inputs(2, 8, 2, 300, 333, head_dim, torch.bfloat16, requires_grad=True)
     seed = rng.draw_seed("cuda")
 
@@ -201,6 +214,16 @@ def test_backward_is_deterministic(head_dim):
     first = grads()
     for _ in range(3):
         assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_deterministic_backward_against_oracle(head_dim, is_causal, deterministic_algorithms):
+    """The rest of this file runs the default backward (dQ summed by atomics in the dk/dv pass); this is the
+    three-pass one."""
+    q, k, v = cuda_inputs(2, 4, 2, 150, 333, head_dim, torch.float16)
+    check_against_oracle("cuda", q, k, v, is_causal=is_causal, enable_gqa=True)
 
 
 @pytest.mark.gpu

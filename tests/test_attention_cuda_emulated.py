@@ -65,11 +65,12 @@ def from_bits(data, shape, dtype):
     return torch.from_numpy(np.frombuffer(data, dtype=np.int16, count=count).copy()).view(dtype).view(shape), count * 2
 
 
-def run_emulated(harness, tmp_path, q, k, v, grad_out, key_lengths, dropout_p, is_causal, scale, packed, deferred):
+def run_emulated(harness, tmp_path, q, k, v, grad_out, key_lengths, dropout_p, is_causal, scale, packed, deferred,
+                 fused_dq):
     B, Hq, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     header = np.array([D, q.dtype == torch.bfloat16, B, Hq, Hk, L, S, is_causal, deferred, packed,
-                       key_lengths is not None, SEED], dtype=np.int64).tobytes()
+                       key_lengths is not None, SEED, fused_dq], dtype=np.int64).tobytes()
     data = header + np.array([scale, dropout_p], dtype=np.float64).tobytes()
     if key_lengths is not None:
         data += key_lengths.clamp(0, S).to(torch.int32).numpy().tobytes()  # clamped as api.cpp does
@@ -98,8 +99,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backward", ["fused_dq", "deterministic"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}Hk{c[2]}L{c[3]}S{c[4]}D{c[5]}")
-def test_emulated_kernels_against_oracle(harness, tmp_path, case):
+def test_emulated_kernels_against_oracle(harness, tmp_path, case, backward):
     B, Hq, Hk, L, S, D, dtype, is_causal, lengths, dropout_p, packed, deferred = case
     torch.manual_seed(L * 1000 + S)
     q, k, v = (torch.randn(B, h, n, D, dtype=dtype) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
@@ -107,7 +109,7 @@ def test_emulated_kernels_against_oracle(harness, tmp_path, case):
     key_lengths = None if lengths is None else torch.tensor(lengths)
     scale = D**-0.5
     out, dq, dk, dv, lse, races, log = run_emulated(harness, tmp_path, q, k, v, grad_out, key_lengths, dropout_p,
-                                                   is_causal, scale, packed, deferred)
+                                                   is_causal, scale, packed, deferred, backward == "fused_dq")
     assert races == 0, log
 
     def oracle(dtype_):

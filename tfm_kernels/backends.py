@@ -17,9 +17,9 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # csrc/generate_kernels.py can build these
-# The most dynamic shared memory one CUDA attention kernel (forward, dk/dv or dq) asks for, per head dim: the
-# kSmemElems of csrc/cuda/attention/kernel_traits.h in bytes (sm_86/89 allow 101376 per block, sm_80 166912).
-CUDA_SHARED_MEMORY_BYTES = {32: 31744, 64: 56320, 96: 79872, 128: 104448, 256: 135680}
+# The most dynamic shared memory one CUDA attention kernel (forward, dk/dv with or without fused dQ, or dq) asks
+# for, per head dim, from csrc/cuda/attention/kernel_traits.h (sm_86/89 allow 101376 per block, sm_80 166912).
+CUDA_SHARED_MEMORY_BYTES = {32: 40960, 64: 65536, 96: 79872, 128: 104448, 256: 140800}
 CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y and batch on gridDim.z
 
 # Preference of backend="auto" per device type. CPU: the C++ kernel; torch's reference path is the last resort.

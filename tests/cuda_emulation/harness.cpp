@@ -1,5 +1,5 @@
 // Runs the CUDA attention kernels of csrc/cuda/attention/ on the CPU emulation of runtime.h: forward, then the
-// three backward passes, with the grids, thread counts, dynamic shared-memory sizes and output layouts of
+// backward passes (fused dQ, or the deterministic three), with the grids, thread counts, dynamic shared-memory sizes and output layouts of
 // launch_templates.cuh and api.cpp. Blocks run one after another; the threads of a block run concurrently.
 // Shared memory is poisoned with NaN bytes before each block, global buffers have their exact sizes (build
 // with -fsanitize=address to catch out-of-bounds accesses), and every block's shared-memory log is checked
@@ -74,7 +74,8 @@ void launch(void (*kernel)(Params), int grid_x, int grid_y, int grid_z, int thre
 
 // Header of the input file, all int64: the fields below in order, then scale and dropout_p as two doubles.
 struct Header {
-  int64_t head_dim, bf16, batch, heads_q, heads_k, q_len, kv_len, causal, deferred, packed, has_key_lengths, seed;
+  int64_t head_dim, bf16, batch, heads_q, heads_k, q_len, kv_len, causal, deferred, packed, has_key_lengths, seed,
+      fused_dq;
 };
 
 // Element strides of a (B, H, N, D) tensor stored (B, H, N, D) or, packed, (B, N, H, D).
@@ -102,10 +103,23 @@ void run(const Header& h, const ForwardParams& forward, const BackwardParams& ba
          FT::kThreads, FT::kSmemElems * sizeof(T), forward);
   launch(attention_backward_delta_kernel<D, T>, ceil_div(int(h.q_len), BackwardDeltaTraits::kRowsPerBlock),
          int(h.heads_q), int(h.batch), BackwardDeltaTraits::kThreads, 0, backward);
-  launch(attention_backward_kv_kernel<D, T>, ceil_div(int(h.kv_len), KT::kBlockN), int(h.heads_k), int(h.batch),
-         KT::kThreads, KT::kSmemElems * sizeof(T) + KT::kSmemFloats * sizeof(float), backward);
+  const bool fused_dq = backward.grad_q_accum != nullptr;
+  launch(fused_dq ? attention_backward_kv_kernel<D, T, true> : attention_backward_kv_kernel<D, T, false>,
+         ceil_div(int(h.kv_len), KT::kBlockN), int(h.heads_k), int(h.batch), KT::kThreads,
+         KT::smem_bytes(fused_dq, sizeof(T)), backward);
+  if (fused_dq) return;
   launch(attention_backward_q_kernel<D, T>, ceil_div(int(h.q_len), QT::kBlockM), int(h.heads_q), int(h.batch),
          QT::kThreads, QT::kSmemElems * sizeof(T), backward);
+}
+
+// grad_q = the float32 dQ sum rounded to T, as api.cpp's copy after the fused backward.
+template <typename T>
+void round_sum(const std::vector<float>& sum, std::vector<uint16_t>& grad_q) {
+  for (size_t i = 0; i < sum.size(); i += 2) {
+    const uint32_t pair = MmaOps<T>::pack(sum[i], sum[i + 1]);
+    grad_q[i] = uint16_t(pair & 0xffffu);
+    grad_q[i + 1] = uint16_t(pair >> 16);
+  }
 }
 
 template <typename T>
@@ -178,6 +192,12 @@ int main(int argc, char** argv) {
   params.grad_k_strides = kv_out_s;
   params.grad_v_strides = kv_out_s;
   params.delta = delta.data();
+  std::vector<float> grad_q_sum;  // (B, L, Hq, D) like grad_q, zeroed, as api.cpp allocates it
+  if (h.fused_dq) {
+    grad_q_sum.assign(grad_q.size(), 0.0f);
+    params.grad_q_accum = grad_q_sum.data();
+    params.grad_q_accum_strides = out_s;
+  }
   tfm_kernels::cuda::deferred_copies = h.deferred != 0;
 
   const ForwardParams& forward = params;
@@ -193,6 +213,10 @@ int main(int argc, char** argv) {
   TFM_EMULATE_HEAD_DIM(128)
   TFM_EMULATE_HEAD_DIM(256)
   EMU_CHECK(known, "head dim not emulated");
+  if (h.fused_dq) {
+    if (h.bf16) round_sum<__nv_bfloat16>(grad_q_sum, grad_q);
+    else round_sum<__half>(grad_q_sum, grad_q);
+  }
 
   // Output: out, grad_q, grad_k, grad_v as contiguous (B, H, N, D) 16-bit words, lse float32, races int64.
   std::ofstream file(argv[2], std::ios::binary);

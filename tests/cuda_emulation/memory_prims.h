@@ -2,9 +2,10 @@
 // or, deferred, only at the cp.async.wait_group that retires its group (the latest the hardware may), with
 // every write logged for race checks; ldmatrix x4 (.trans) per the PTX layout: lanes 8i..8i+7 give the row
 // addresses of matrix i; register i of lane t gets row t/4, columns 2(t%4), 2(t%4)+1 of matrix i (transposed:
-// rows 2(t%4), 2(t%4)+1 of column t/4). The test prepends this to the rest of memory.cuh (pipeline step, tile
+// rows 2(t%4), 2(t%4)+1 of column t/4); logged shared stores; float atomic adds. The test prepends this to the rest of memory.cuh (pipeline step, tile
 // loads), so those run unchanged.
 #pragma once
+#include <atomic>
 #include <deque>
 
 #include "runtime.h"
@@ -76,5 +77,16 @@ inline void ldmatrix(uint32_t (&frag)[4], const void* row, bool transpose) {
 }
 inline void ldmatrix_x4(uint32_t (&frag)[4], const void* row) { ldmatrix(frag, row, false); }
 inline void ldmatrix_x4_trans(uint32_t (&frag)[4], const void* row) { ldmatrix(frag, row, true); }
+
+// A plain store is visible to other threads after the next barrier: logged as a write that completes in its
+// own epoch, so a read of the word by another thread in that epoch (before or after it) counts as a race.
+inline void store_shared_b32(void* smem, uint32_t value) {
+  const long offset = emu::smem_offset(smem, 4);
+  std::memcpy(smem, &value, 4);
+  const long order = emu::order++;
+  emu::log_access({emu::thread(), true, emu::epoch, emu::epoch, order, order, offset / 4}, 4);
+}
+
+inline void atomic_add_global(float* gmem, float value) { std::atomic_ref<float>(*gmem).fetch_add(value); }
 
 }  // namespace tfm_kernels::cuda

@@ -233,10 +233,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   params.grad_k_strides = strides_of(grad_k);
   params.grad_v_strides = strides_of(grad_v);
   params.delta = delta.data_ptr<float>();
+  // By default dQ is summed in float32 by atomics inside the dk/dv pass, which saves the dq pass's second
+  // computation of S and dP (7 -> 5 matrix products per tile) but fixes no order of the adds;
+  // torch.use_deterministic_algorithms(True) selects the bit-reproducible three-pass backward.
+  const bool fused_dq = !at::globalContext().deterministicAlgorithms();
+  at::Tensor grad_q_accum;
+  if (fused_dq) {
+    grad_q_accum = at::zeros({B, L, Hq, D}, q.options().dtype(at::kFloat)).transpose(1, 2);  // (B, Hq, L, D)
+    params.grad_q_accum = grad_q_accum.data_ptr<float>();
+    params.grad_q_accum_strides = strides_of(grad_q_accum);
+  }
   const int error =
       select_launcher<BackwardParams>(D, element_type(q))(params, at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(error));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (fused_dq) grad_q.copy_(grad_q_accum);
   return {grad_q, grad_k, grad_v};
 }
 

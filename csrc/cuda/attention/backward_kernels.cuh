@@ -1,5 +1,7 @@
 // Attention backward, FlashAttention-2 style (P recomputed from q, k and the saved lse; nothing of size
-// L x S in memory), in three deterministic passes with no atomics:
+// L x S in memory). Default (fused): passes 1 and 2, where pass 2 also adds dQ = scale dS K into a float32 sum
+// with atomics (kFusedDq; the order of the adds varies, so dQ may differ in its last bits from run to run).
+// Deterministic (torch.use_deterministic_algorithms): passes 1, 2 and 3, with no atomics:
 //
 //   1. delta kernel:  delta_i = sum_d dO_id O_id (fp32)                grid (ceil(L / 16), Hq, B), 128 threads,
 //                     8 lanes per row with 16-byte loads.
@@ -10,10 +12,13 @@
 //                       dV += P~^T dO, dS^T = P^T (dP~^T - delta), dK += dS^T Q; dK *= scale,
 //                     where P~ = P keep / (1 - p) and dP~ = dP keep / (1 - p) under dropout.
 //                     Q, dO, lse, delta tiles double-buffered by cp.async across (head, query block) steps.
+//                     Fused dQ: dS^T goes to shared memory; warp w adds scale dS K for 16 query rows and
+//                     D / (4 / (kBlockM / 16)) columns (kernel_traits.h) to the float32 sum with atomics.
 //   3. dq kernel:     for one block of 64 query rows, loop over key    grid (ceil(L / 64), Hq, B), 4 warps,
 //                     blocks: S, P, dP = dO V^T, dS = P (dP~ - delta),  warp w owning rows 16w..16w+15.
 //                     dQ += dS K; dQ *= scale. K/V double-buffered.
-// Every gradient element is accumulated by one warp in a fixed order, so results repeat bit for bit.
+// In the deterministic passes every gradient element is accumulated by one warp in a fixed order, so results
+// repeat bit for bit; in the fused pass dK and dV still do, dQ's atomics do not.
 // Masking (key length, causal, rows past L) matches the forward; rows with lse = +inf (no key) get P = 0
 // and so zero gradients; keys past the key length get dk = dv = 0.
 //
@@ -65,7 +70,7 @@ __global__ void __launch_bounds__(BackwardDeltaTraits::kThreads)
   if (row < L && lane_in_row == 0) params.delta[(static_cast<int64_t>(b) * params.heads_q + h) * L + row] = sum;
 }
 
-template <int D, typename T>
+template <int D, typename T, bool kFusedDq>
 __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
     attention_backward_kv_kernel(const BackwardParams params) {
   using Traits = BackwardKVTraits<D>;
@@ -81,8 +86,9 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
   T* sV = sK + kBlockN * kStride;                          // (kBlockN, kStride)
   T* sQ = sV + kBlockN * kStride;                          // (kStages, kBlockM, kStride)
   T* sdO = sQ + Traits::kStages * kBlockM * kStride;       // (kStages, kBlockM, kStride)
-  float* sLse = reinterpret_cast<float*>(sdO + Traits::kStages * kBlockM * kStride);  // (kStages, kBlockM)
-  float* sDelta = sLse + Traits::kStages * kBlockM;                                   // (kStages, kBlockM)
+  T* sdS_t = sdO + Traits::kStages * kBlockM * kStride;    // (kBlockN, kDsStride), fused dQ only
+  float* sLse = reinterpret_cast<float*>(sdS_t + (kFusedDq ? Traits::kSmemDsElems : 0));  // (kStages, kBlockM)
+  float* sDelta = sLse + Traits::kStages * kBlockM;                                        // (kStages, kBlockM)
 
   const int n_block = blockIdx.x;
   const int hk = blockIdx.y;
@@ -176,9 +182,27 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
                           [&](float& p, float& dp, int, int query, int) { dp = p * (dp - delta[query - m_start]); });
     if (params.dropout) apply_keep_bits(p_t, keep_bits, params.dropout_rescale);
 
+    if (kFusedDq && d_slice == 0) {
+      store_tile_shared<T, Traits::kDsStride>(dp_t, sdS_t + key_group * kRowsPerWarp * Traits::kDsStride, lane);
+    }
+
     gemm_reg_nn<T, kAccCols, kBlockM, kStride>(dv_acc, p_t, sdO_stage + d_slice * kAccCols, lane);
     gemm_reg_nn<T, kAccCols, kBlockM, kStride>(dk_acc, dp_t, sQ_stage + d_slice * kAccCols, lane);
-    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+
+    if constexpr (kFusedDq) {
+      __syncthreads();  // the block's dS^T tile is complete
+      // dQ[rows, cols] += scale * dS[rows, all kBlockN keys] K[keys, cols] for this warp's 16 rows and kDqCols.
+      const int dq_row = (warp % Traits::kDqRowGroups) * kRowsPerWarp;
+      const int dq_col = (warp / Traits::kDqRowGroups) * Traits::kDqCols;
+      float dq_part[Traits::kDqCols / 8][4];
+      zero(dq_part);
+      gemm_smem_tn<T, Traits::kDqCols, kBlockN, Traits::kDsStride, kStride>(dq_part, sdS_t + dq_row, sK + dq_col,
+                                                                           lane);
+      float* grad_q = row_pointer<float>(params.grad_q_accum, params.grad_q_accum_strides, b, h, m_start + dq_row);
+      add_tile_atomic(dq_part, grad_q + dq_col, params.grad_q_accum_strides.row, L - m_start - dq_row, params.scale,
+                      lane);
+    }
+    __syncthreads();  // every warp is done with this stage (and the dS^T tile) before the next iteration
   }
 
   const int warp_rows = params.kv_len - key0;  // keys past the key length are written as 0

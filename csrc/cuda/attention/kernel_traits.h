@@ -11,11 +11,13 @@
 //   backward delta (128)   128  36 / 34                    0
 //   backward dk/dv (128)   64   208 / 210                  56320 B                 2 (registers)
 //   backward dk/dv (128)   128  229 / 235                  70144 B                 2 (registers)
+//   dk/dv + fused dQ (128) 64   225 / 217                  65536 B                 2 (registers)
+//   dk/dv + fused dQ (128) 128  242 / 244                  75264 B                 2 (registers)
 //   backward dq (128)      64   168 / 163                  55296 B                 3 (registers)
 //   backward dq (128)      128  237 / 241                  104448 B                2 on H100, 1 on A100 (smem)
-//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a, no spills): D = 32: forward 96, dq 128, dk/dv 156; D = 96: forward
-//   161, dq 219, dk/dv 201; D = 256: forward 252 (101376 B), dq 253 (135168 B), dk/dv 236 (256 threads,
-//   135680 B).
+//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a, no spills): D = 32: forward 96, dq 128, dk/dv 156 (fused dQ 164);
+//   D = 96: forward 161, dq 219, dk/dv 201 (fused 241); D = 256: forward 252 (101376 B), dq 253 (135168 B),
+//   dk/dv 236 (256 threads, 135680 B; fused 244, 140800 B).
 // 8 to 16 warps per SM on H100, bound by registers except the d64 forward; A100's smaller shared memory
 // halves the d128 forward and dq.
 // Drawing the dropout mask as a bit mask four Philox streams at a time (tile_math.cuh) took the d128 forward
@@ -71,6 +73,21 @@ struct BackwardKVTraits {
   static constexpr int kSmemElems = 2 * kBlockN * kSmemStride + kStages * 2 * kBlockM * kSmemStride;
   static constexpr int kSmemFloats = kStages * 2 * kBlockM;
   static_assert(kAccCols % 16 == 0 && kBlockM % 16 == 0, "mma k-steps are 16 wide");
+
+  // Fused dQ (the default backward; the deterministic one runs the dq kernel instead): each step the warps
+  // store dS^T (kBlockN keys x kBlockM queries) to shared memory, then warp w multiplies rows
+  // 16 (w % kDqRowGroups).. of dS by columns kDqCols (w / kDqRowGroups).. of K and adds the product to the
+  // float32 dQ sum with atomics. kDsStride pads rows by 16 bytes, like kSmemStride, for ldmatrix.
+  static constexpr int kDqRowGroups = kBlockM / kRowsPerWarp;
+  static constexpr int kDqCols = D / (kWarps / kDqRowGroups);
+  static constexpr int kDsStride = kBlockM + 8;
+  static constexpr int kSmemDsElems = kBlockN * kDsStride;
+  static_assert(kWarps % kDqRowGroups == 0 && kDqCols % 16 == 0, "whole 16-column dQ slices per warp");
+
+  // Dynamic shared memory of the kernel: the dS^T tile sits between the 16-bit tiles and the float vectors.
+  static constexpr int smem_bytes(bool fused_dq, int element_size) {
+    return (kSmemElems + (fused_dq ? kSmemDsElems : 0)) * element_size + kSmemFloats * int(sizeof(float));
+  }
 };
 
 // Backward dq: the forward's split (4 warps x 16 query rows, key/value blocks streamed through two stages);

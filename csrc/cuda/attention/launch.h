@@ -13,8 +13,9 @@ namespace tfm_kernels::attention {
 template <int kHeadDim, ElementType kType>
 int launch_forward(const ForwardParams& params, CUstream_st* stream);
 
-// Runs the three backward passes: delta = rowsum(grad_out * out), then dk/dv, then dq. Deterministic: every
-// gradient element is written by one thread block in a fixed order, with no atomics.
+// Runs the backward passes: delta = rowsum(grad_out * out), then dk/dv. With params.grad_q_accum set, the dk/dv
+// pass also adds dQ into that float32 sum with atomics (not bit-reproducible); without it a third pass writes
+// grad_q, and every gradient element is written by one thread block in a fixed order (deterministic).
 template <int kHeadDim, ElementType kType>
 int launch_backward(const BackwardParams& params, CUstream_st* stream);
 

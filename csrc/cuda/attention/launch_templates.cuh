@@ -60,9 +60,11 @@ int launch_backward(const BackwardParams& params, CUstream_st* stream) {
                              stream, params);
   if (error != cudaSuccess) return error;
   const dim3 kv_grid(ceil_div(params.kv_len, KVTraits::kBlockN), params.heads_k, params.batch);
-  error = launch(attention_backward_kv_kernel<kHeadDim, T>, kv_grid, KVTraits::kThreads,
-                 KVTraits::kSmemElems * sizeof(T) + KVTraits::kSmemFloats * sizeof(float), stream, params);
-  if (error != cudaSuccess) return error;
+  const bool fused_dq = params.grad_q_accum != nullptr;
+  const auto kv_kernel =
+      fused_dq ? attention_backward_kv_kernel<kHeadDim, T, true> : attention_backward_kv_kernel<kHeadDim, T, false>;
+  error = launch(kv_kernel, kv_grid, KVTraits::kThreads, KVTraits::smem_bytes(fused_dq, sizeof(T)), stream, params);
+  if (error != cudaSuccess || fused_dq) return error;
   const dim3 q_grid(ceil_div(params.q_len, QTraits::kBlockM), params.heads_q, params.batch);
   return launch(attention_backward_q_kernel<kHeadDim, T>, q_grid, QTraits::kThreads, QTraits::kSmemElems * sizeof(T),
                 stream, params);

@@ -51,6 +51,10 @@ struct BackwardParams : ForwardParams {
   void* grad_v = nullptr;          // (B, Hk, S, D)
   float* delta = nullptr;          // (B, Hq, L) contiguous float32 workspace: rowsum(grad_out * out)
   Strides grad_out_strides, grad_q_strides, grad_k_strides, grad_v_strides;
+  // Non-null: the fused backward adds dQ into this zeroed (B, Hq, L, D) float32 sum with atomics and leaves
+  // grad_q to the caller; null: the deterministic backward's dq kernel writes grad_q.
+  float* grad_q_accum = nullptr;
+  Strides grad_q_accum_strides;
 };
 
 // The element types the kernels are built for; api.cpp maps torch dtypes onto these.

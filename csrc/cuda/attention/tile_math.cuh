@@ -1,13 +1,15 @@
-// Building blocks of the attention kernels: the two per-warp tensor-core products every pass is made of,
+// Building blocks of the attention kernels: the per-warp tensor-core products every pass is made of,
 // element-wise visits of an accumulator tile with its (row, column) coordinates, the dropout keep-mask of a
-// tile, score scaling and masking, the store of an accumulator tile to global memory, and the key/value block
-// ring of the query-block kernels. A warp always owns 16 rows of the tiles it multiplies (mma M = 16).
+// tile, score scaling and masking, stores of an accumulator tile (to global memory, to shared memory, atomic
+// adds to a float32 sum), and the key/value block ring of the query-block kernels. A warp always owns 16 rows of the tiles it multiplies (mma M = 16).
 //
 //   gemm_smem_nt:  acc (16 x N) += A (16 x K, shared, row-major) * B^T, B stored (N x K) row-major in shared.
 //                  Scores S = Q K^T, dP = dO V^T (query-major) and S^T = K Q^T, dP^T = V dO^T (key-major).
 //   gemm_reg_nn:   acc (16 x N) += A (16 x K, an fp32 accumulator tile rounded to T) * B, B stored (K x N)
 //                  row-major in shared (read with ldmatrix.trans). O += P V, dQ += dS K, dV += P^T dO,
 //                  dK += dS^T Q.
+//   gemm_smem_tn:  acc (16 x N) += A * B, A stored transposed (K x 16) and B (K x N), both row-major in
+//                  shared. dQ += dS K of the fused backward, from the dS^T tile the dk/dv warps wrote.
 // Tested through the attention kernels (tests/test_attention_cuda.py).
 #pragma once
 #include <cstdint>
@@ -59,6 +61,29 @@ __device__ __forceinline__ void gemm_reg_nn(float (&acc)[kN / 8][4], const float
     for (int nj = 0; nj < kN / 16; ++nj) {
       uint32_t b[4];
       cuda::ldmatrix_x4_trans(b, b_row + ks * 16 * kStride + nj * 16);
+      MmaOps<T>::mma(acc[2 * nj], a, b[0], b[1]);
+      MmaOps<T>::mma(acc[2 * nj + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// sAT holds A transposed: A^T (kK x 16) row-major, rows kStrideA apart (read with ldmatrix.trans); B as in
+// gemm_reg_nn. dQ += dS K in the fused backward, where dS^T is what the dk/dv warps hold.
+template <typename T, int kN, int kK, int kStrideA, int kStrideB>
+__device__ __forceinline__ void gemm_smem_tn(float (&acc)[kN / 8][4], const T* sAT, const T* sB, int lane) {
+  static_assert(kN % 16 == 0 && kK % 16 == 0, "whole 16x16 steps");
+  // A, x4.trans = a0..a3: stored A^T (k rows 0-7 | 8-15) x (m cols 0-7 | 8-15), matrix i = (k half i / 2,
+  // m half i % 2), each transposed on the way into the A fragment.
+  const T* a_row = sAT + (lane % 8 + 8 * (lane / 16)) * kStrideA + 8 * ((lane / 8) % 2);
+  const T* b_row = sB + (lane % 8 + 8 * ((lane / 8) % 2)) * kStrideB + 8 * (lane / 16);
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    uint32_t a[4];
+    cuda::ldmatrix_x4_trans(a, a_row + ks * 16 * kStrideA);
+#pragma unroll
+    for (int nj = 0; nj < kN / 16; ++nj) {
+      uint32_t b[4];
+      cuda::ldmatrix_x4_trans(b, b_row + ks * 16 * kStrideB + nj * 16);
       MmaOps<T>::mma(acc[2 * nj], a, b[0], b[1]);
       MmaOps<T>::mma(acc[2 * nj + 1], a, b[2], b[3]);
     }
@@ -148,6 +173,36 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kNTiles][4], T* gm
       if (row + 8 * half < valid_rows) {
         *reinterpret_cast<uint32_t*>(gmem + (row + 8 * half) * row_stride + col) =
             MmaOps<T>::pack(acc[t][2 * half] * multiplier, acc[t][2 * half + 1] * multiplier);
+      }
+    }
+  }
+}
+
+// Writes a 16 x (8 kNTiles) accumulator tile (this warp's rows) as T to shared memory, rows kStride apart.
+template <typename T, int kStride, int kNTiles>
+__device__ __forceinline__ void store_tile_shared(const float (&acc)[kNTiles][4], T* smem, int lane) {
+#pragma unroll
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      cuda::store_shared_b32(smem + (lane / 4 + 8 * half) * kStride + t * 8 + 2 * (lane % 4),
+                             MmaOps<T>::pack(acc[t][2 * half], acc[t][2 * half + 1]));
+    }
+  }
+}
+
+// gmem[r * row_stride + c] += acc[r][c] * multiplier atomically for the rows r < valid_rows of a 16 x
+// (8 kNTiles) accumulator tile (this warp's rows).
+template <int kNTiles>
+__device__ __forceinline__ void add_tile_atomic(const float (&acc)[kNTiles][4], float* gmem, int64_t row_stride,
+                                                int valid_rows, float multiplier, int lane) {
+#pragma unroll
+  for (int t = 0; t < kNTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = lane / 4 + 8 * (e / 2);
+      if (row < valid_rows) {
+        cuda::atomic_add_global(gmem + row * row_stride + t * 8 + 2 * (lane % 4) + e % 2, acc[t][e] * multiplier);
       }
     }
   }

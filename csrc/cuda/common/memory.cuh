@@ -1,6 +1,7 @@
 // Shared-memory staging primitives for sm_80+: asynchronous global->shared copies (cp.async) with
-// zero-fill of out-of-bounds rows, a two-stage pipeline step, ldmatrix fragment loads, and a tiled copy of a (rows x cols) block of
-// 16-bit elements into a padded shared-memory tile. Every helper is called by a whole thread block (tiles)
+// zero-fill of out-of-bounds rows, a two-stage pipeline step, ldmatrix fragment loads, 32-bit shared stores,
+// float atomic adds to global memory, and a tiled copy of a (rows x cols) block of 16-bit elements into a
+// padded shared-memory tile. Every helper is called by a whole thread block (tiles)
 // or a whole warp (ldmatrix). Tested through the attention kernels (tests/test_attention_cuda.py).
 #pragma once
 #include <cstdint>
@@ -52,6 +53,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&frag)[4], const voi
                : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
                : "r"(shared_address(smem_row)));
 }
+
+// Stores one 32-bit word (two 16-bit elements) to shared memory.
+__device__ __forceinline__ void store_shared_b32(void* smem, uint32_t value) {
+  *static_cast<uint32_t*>(smem) = value;
+}
+
+// gmem += value in global memory, atomically (a reduction: no value is returned).
+__device__ __forceinline__ void atomic_add_global(float* gmem, float value) { atomicAdd(gmem, value); }
 
 // The top of iteration `step` (of `steps`) of a two-stage cp.async ring, run by the whole thread block: issues
 // the copies of step + 1 into the other stage (load_next(step + 1, stage)), waits for this thread's copies of
