@@ -3,9 +3,9 @@
 For every config of the kernels' autotune lists (and the fallback), it runs Triton's compiler
 (triton.compile on an ASTSource, target GPUTarget("cuda", arch, 32)) down to a cubin and prints, per
 config: compile success or the error, registers and spilled bytes (ptxas's own report), shared memory
-against the target's per-block limit, and the tensor-core instruction its dots became (wgmma on Hopper,
-mma.sync otherwise). It catches what TRITON_INTERPRET=1 cannot: GPU-only type and tl.dot
-constraints, shared-memory overflow and register spills. Arguments mirror a launch's specialisation
+against the target's per-block limit, the tensor-core instruction its dots became (wgmma on Hopper,
+mma.sync otherwise) and whether it loads through TMA. It catches what TRITON_INTERPRET=1 cannot: GPU-only
+type and tl.dot constraints, shared-memory overflow and register spills. Arguments mirror a launch's specialisation
 (16-byte aligned pointers, strides multiples of 16 where the head dims are).
 
     python benchmarks/compile_triton.py --arch 90 --dtype bf16 --head-dim 128 --mask additive --causal
@@ -55,6 +55,7 @@ def _compile(fn, types, constexprs, aligned, arch, num_warps, num_stages):
     spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
     ptx = kernel.asm["ptx"]
     tensor_core = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    tensor_core += ", TMA loads" if "cp.async.bulk.tensor" in ptx else ""
     return kernel.metadata.shared, int(registers.group(1)), int(spills.group(1)), tensor_core
 
 
@@ -62,7 +63,7 @@ def _report(name, fn, types, constexprs, aligned, arch, config):
     """Compiles one config of fn and prints a line: its registers, spills and shared memory, or the error."""
     kw = config.kwargs
     label = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
-    label += f" w{config.num_warps} s{config.num_stages}"
+    label += f" w{config.num_warps} s{config.num_stages}" + (" tma" if kw.get("TMA") else "")
     try:
         shared, registers, spilled, tensor_core = _compile(fn, types, {**constexprs, **kw}, aligned, arch,
                                                            config.num_warps, config.num_stages)
@@ -105,14 +106,21 @@ def mlp_kernel(args):
     element = "*" + args.dtype
     types = {a: element for a in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "preact_ptr")}
     types.update(rowsum_ptr="*fp32", seed_ptr="*i64", keep_scale="fp32")
-    types.update({a: "i32" for a in fn.arg_names if a not in types})
-    # The forward layout: x (M, K) row-major, weight^T (K, N) column-major, both unit strides specialised.
+    types.update({a: "i32" for a in fn.arg_names if a not in types and not a.endswith("_desc")})
+    # The forward layout: x (M, K) row-major, weight^T (K, N) column-major (read as weight (N, K) through a
+    # descriptor, B_T), both unit strides specialised.
     features = dict(stride_ak=1, stride_bk=1, HAS_BIAS=args.bias, ACTIVATION=mlp.ACTIVATION_CODES[args.activation],
                     STORE_PREACT=args.activation != "none" or args.gated, DROPOUT=args.dropout, GATED=args.gated,
-                    ROWSUM_A=False, INPUT_PRECISION="ieee" if args.dtype == "fp32" else "tf32")
+                    ROWSUM_A=False, INPUT_PRECISION="ieee" if args.dtype == "fp32" else "tf32", A_T=False, B_T=True)
     aligned = {"M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_pm", "gate_offset"}
     for config in mlp._GEMM.configs:
-        _report("gemm", fn, types, features, aligned, args.arch, config)
+        kw = config.kwargs
+        if kw["TMA"]:  # descriptors of the config's tiles: a (BLOCK_M, BLOCK_K), weight (BLOCK_N, BLOCK_K)
+            descriptors = {"a_desc": f"tensordesc<{args.dtype}[{kw['BLOCK_M']}, {kw['BLOCK_K']}]>",
+                           "b_desc": f"tensordesc<{args.dtype}[{kw['BLOCK_N']}, {kw['BLOCK_K']}]>"}
+        else:  # unread placeholders: the tensors themselves
+            descriptors = {"a_desc": element, "b_desc": element}
+        _report("gemm", fn, {**types, **descriptors}, features, aligned, args.arch, config)
 
 
 def main(argv=None):

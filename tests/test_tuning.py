@@ -1,7 +1,8 @@
 """Tile configs of the Triton kernels (tfm_kernels/triton/tuning.py).
 
 CPU: which config a launch takes (the first that fits the shared-memory budget; the fallback, or the smallest,
-where none fits). GPU: every config of every attention kernel and of the MLP GEMM against the float64 oracle,
+where none fits); the GEMM's tensor-descriptor (TMA) persistent configs under the interpreter (on the GPU:
+Hopper and newer). GPU: every config of every attention kernel and of the MLP GEMM against the float64 oracle,
 each forced in turn (the rest of the suite runs with autotuning off and so sees only the first config that
 fits), and one autotuned launch of each, through Triton's autotuner and our pruning."""
 
@@ -16,6 +17,7 @@ from test_mlp import linear_inputs
 from tfm_kernels.triton import attention, mlp, tuning
 
 KIB = 1024
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @triton.jit
@@ -60,13 +62,29 @@ def test_budget_is_the_limit_less_the_margin():
 
 
 def test_launch_runs_the_first_config_that_fits():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    budget = tuning.shared_memory_budget(torch.device(device), 0)
+    budget = tuning.shared_memory_budget(torch.device(DEVICE), 0)
     kernel = write_block_kernel(block_configs(512, 128, 64), 100 * KIB)
     kernel.margin = budget - 100 * KIB  # the same 100 KiB budget on the GPU
-    out = torch.zeros(1, dtype=torch.int32, device=device)
+    out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     kernel.launch((1,), 0, (out,), {})  # work below min_work: no autotuning, on any device
     assert int(out) == 64
+
+
+@pytest.mark.parametrize("kind", ["linear", "gated"])
+def test_tma_persistent_gemm_config(monkeypatch, kind):
+    """The GEMM's tensor-descriptor (TMA) configs, persistent: every operand layout of forward and backward
+    (x @ W^T reads W transposed, dz @ W row-major, dz^T @ x a transposed dz; gated: the up half at
+    gate_offset). On the CPU there are 3 programs for 12 tiles, so each program loops."""
+    if DEVICE == "cuda" and not mlp._tma_device(torch.device(DEVICE)):
+        pytest.skip("tensor descriptors need Hopper or newer")
+    config = mlp._gemm_config(32, 32, 32, 4, 1, group_m=2, tma=True)
+    layouts = []
+    set_blocks = config.pre_hook
+    config.pre_hook = lambda args: (layouts.append((args["A_T"], args["B_T"])), set_blocks(args))
+    monkeypatch.setattr(mlp._GEMM, "configs", [config])  # with no descriptor, no config is usable: an error
+    x, weight, bias = linear_inputs((3, 37), 48, 80, torch.float16, device=DEVICE)
+    check_mlp(kind, "triton", x, weight, bias, activation="gelu", dropout_p=0.1)
+    assert set(layouts) == {(False, True), (False, False), (True, False)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,7 +98,9 @@ def every_config(kernel):
 
 
 def config_id(config):
-    return "x".join(f"{v}" for v in config.kwargs.values()) + f"-w{config.num_warps}-s{config.num_stages}"
+    kw = config.kwargs
+    tiles = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
+    return f"{tiles}-w{config.num_warps}-s{config.num_stages}" + ("-tma" if kw.get("TMA") else "")
 
 
 def attention_case(head_dim):

@@ -8,14 +8,16 @@ One tiled GEMM kernel, C = A @ B with arbitrary strides, serves every product:
                    dx = dz @ W and dW = dz^T @ x, the latter also summing dz's columns into db while it
                    streams dz through (the bias gradient costs no extra pass over memory).
 Programs walk the output in GROUP_M-row bands so neighbouring programs share A and B tiles in L2. Accumulation
-is float32; float32 inputs multiply in IEEE precision unless torch allows TF32. Products of at least
-AUTOTUNE_MIN_WORK multiply-adds are autotuned per shape, smaller ones take the first config that fits
-(tuning.py).
+is float32; float32 inputs multiply in IEEE precision unless torch allows TF32. On Hopper and newer, 16-bit
+operands with aligned layouts can also be read through tensor descriptors (TMA) by persistent programs; those
+configs join the autotuning list. Products of at least AUTOTUNE_MIN_WORK multiply-adds are autotuned per shape,
+smaller ones take the first config that fits (tuning.py).
 """
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import triton_interpreting
 from ..rng import dropout_threshold
@@ -32,9 +34,11 @@ GELU_TANH_CUBIC = tl.constexpr(0.044715)
 
 def _gemm_configs():
     """A small list for Hopper/Ampere (bf16/fp16 128x128-256 tiles); one config under the CPU interpreter,
-    where autotuning over several fails."""
+    which never autotunes. Configs with TMA=True load tiles through tensor descriptors and run persistent (one
+    program per SM looping over output tiles); only Hopper and newer run them, where autotuning measures
+    whether they pay."""
     if triton_interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+        return [_gemm_config(32, 32, 32, 4, 1, group_m=4)]
     # ptxas (Triton 3.8, sm_90a, bf16), plain GEMM: 106-239 registers, no spills, in every config and layout.
     # The gated GELU-tanh epilogue with dropout (two accumulators plus a Philox tile) spills, in bytes:
     # 128x256x64 4460 (and 240 KiB of shared memory: pruned), 128x128x64 580, 256x128x64 3476,
@@ -44,8 +48,28 @@ def _gemm_configs():
     # of spills (175 registers), where 128x256x64 spills 100 bytes.
     shapes = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
-                          num_stages=s) for bm, bn, bk, w, s in shapes]
+    tma_shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
+    return ([_gemm_config(*shape) for shape in shapes] +
+            [_gemm_config(*shape, tma=True) for shape in tma_shapes])
+
+
+def _gemm_config(block_m, block_n, block_k, num_warps, num_stages, *, group_m=8, tma=False):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
+                          "TMA": tma}, num_warps=num_warps, num_stages=num_stages,
+                         pre_hook=_set_descriptor_blocks if tma else None)
+
+
+def _set_descriptor_blocks(args):
+    """Gives the tensor descriptors of a TMA launch the tile shapes of its config (a descriptor's block shape
+    is part of the descriptor, fixed before the launch)."""
+    block_m, block_n, block_k = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+    args["a_desc"].block_shape = [block_k, block_m] if args["A_T"] else [block_m, block_k]
+    args["b_desc"].block_shape = [block_n, block_k] if args["B_T"] else [block_k, block_n]
+
+
+def _gemm_config_usable(config, args):
+    """TMA configs need tensor descriptors, which _gemm makes only where the device and layouts allow them."""
+    return not config.kwargs["TMA"] or isinstance(args["a_desc"], TensorDescriptor)
 
 
 def _shared_memory_bytes(config, args):
@@ -109,52 +133,98 @@ def _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale):
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr, M, N, K,
+def _gemm_kernel(a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr, M, N, K,
                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset,
                  threshold, keep_scale,
                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
                  DROPOUT: tl.constexpr, GATED: tl.constexpr, ROWSUM_A: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 INPUT_PRECISION: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr):
     """c (M, N) = epilogue(a (M, K) @ b (K, N)).
 
     GATED: b's columns [gate_offset, gate_offset + N) are the up projection (bias[gate_offset:] its bias);
     the output is act(g) * u and preact holds g at column j and u at column N + j. Otherwise act(z).
     Epilogue order: + bias, store preact, activation (gated product), dropout, cast to c's dtype.
     ROWSUM_A: rowsum[m] = sum_k a[m, k] in float32, written by the programs of the first column band.
+    TMA: a and b are read through the tensor descriptors a_desc (over a, or over a^T (K, M) when A_T) and
+    b_desc (over b, or over b^T (N + gate_offset, K) when B_T), and each program loops over the output tiles
+    tile = program_id, program_id + num_programs, ... (persistent); otherwise one tile per program, read
+    through a_ptr and b_ptr with their strides.
     """
-    pid = tl.program_id(0)
+    if TMA:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr, M, N,
+                       K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset, threshold,
+                       keep_scale, HAS_BIAS, ACTIVATION, STORE_PREACT, DROPOUT, GATED, ROWSUM_A, INPUT_PRECISION,
+                       A_T, B_T, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)
+    else:
+        _gemm_tile(tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, rowsum_ptr,
+                   seed_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset,
+                   threshold, keep_scale, HAS_BIAS, ACTIVATION, STORE_PREACT, DROPOUT, GATED, ROWSUM_A,
+                   INPUT_PRECISION, A_T, B_T, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)
+
+
+@triton.jit
+def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr, M, N, K,
+               stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset, threshold, keep_scale,
+               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr, DROPOUT: tl.constexpr,
+               GATED: tl.constexpr, ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr, A_T: tl.constexpr,
+               B_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr, TMA: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) output tile of _gemm_kernel. Tiles walk the output in GROUP_M-row bands."""
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     band = GROUP_M * grid_n
-    first_m = (pid // band) * GROUP_M
+    first_m = (tile // band) * GROUP_M
     group_rows = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % group_rows
-    pid_n = (pid % band) // group_rows
+    pid_m = first_m + (tile % band) % group_rows
+    pid_n = (tile % band) // group_rows
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks.to(tl.int64)[None, :] * stride_ak
-    b_ptrs = b_ptr + ks.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
     row_in = rows < M
     col_in = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_in = ks < K - k0
-        a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if GATED:
-            b_up = tl.load(b_ptrs + gate_offset * stride_bn, mask=k_in[:, None] & col_in[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
-        if ROWSUM_A:
-            if pid_n == 0:
-                rowsum += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if TMA:  # out-of-range rows and columns of a descriptor's tile read 0
+        for k0 in range(0, K, BLOCK_K):
+            if A_T:
+                a = a_desc.load([k0, pid_m * BLOCK_M]).T
+            else:
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+            if B_T:
+                b = b_desc.load([pid_n * BLOCK_N, k0]).T
+            else:
+                b = b_desc.load([k0, pid_n * BLOCK_N])
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if GATED:
+                if B_T:
+                    b_up = b_desc.load([gate_offset + pid_n * BLOCK_N, k0]).T
+                else:
+                    b_up = b_desc.load([k0, gate_offset + pid_n * BLOCK_N])
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
+            if ROWSUM_A:
+                if pid_n == 0:
+                    rowsum += tl.sum(a.to(tl.float32), axis=1)
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks.to(tl.int64)[None, :] * stride_ak
+        b_ptrs = b_ptr + ks.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+        for k0 in range(0, K, BLOCK_K):
+            k_in = ks < K - k0
+            a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if GATED:
+                b_up = tl.load(b_ptrs + gate_offset * stride_bn, mask=k_in[:, None] & col_in[None, :], other=0.0)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
+            if ROWSUM_A:
+                if pid_n == 0:
+                    rowsum += tl.sum(a.to(tl.float32), axis=1)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
     if ROWSUM_A:
         if pid_n == 0:
@@ -217,28 +287,64 @@ def _input_precision(dtype):
 
 # Products of at least this many multiply-adds (M * N * K) are autotuned, once per shape (tuning.py).
 AUTOTUNE_MIN_WORK = 1 << 30
-_GEMM = TunedKernel(_gemm_kernel, _gemm_configs(), ["M", "N", "K", "GATED", "ROWSUM_A"], _shared_memory_bytes,
-                    min_work=AUTOTUNE_MIN_WORK, probe="a_ptr")
+_GEMM = TunedKernel(_gemm_kernel, _gemm_configs(), ["M", "N", "K", "GATED", "ROWSUM_A", "A_T", "B_T"],
+                    _shared_memory_bytes, min_work=AUTOTUNE_MIN_WORK, probe="a_ptr", usable=_gemm_config_usable)
+# Programs of a persistent (TMA) launch off the GPU, where there are no SMs to count: few, so that the
+# interpreter's programs each take several tiles.
+PERSISTENT_PROGRAMS_OFF_GPU = 3
 
 
 def _dropout_args(dropout_p):
     return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
+def _tma_device(device):
+    """Whether the device loads through tensor descriptors (TMA): Hopper (sm_90) and newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _persistent_programs(device):
+    if device.type != "cuda":
+        return PERSISTENT_PROGRAMS_OFF_GPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _descriptor(t, rows, cols, transposed):
+    """A tensor descriptor over the (rows, cols) matrix t, or over t^T (cols, rows) when `transposed` (then
+    t's rows are contiguous); None where TMA cannot read it (16-bit elements, 16-byte aligned base and row
+    strides, unit stride along the described rows). Its block shape is set per config at launch."""
+    view = t.t() if transposed else t  # the stored row-major matrix
+    shape = [cols, rows] if transposed else [rows, cols]
+    stride = view.stride(0)
+    if (t.element_size() != 2 or view.stride(1) != 1 or t.data_ptr() % 16 or (stride * 2) % 16
+            or min(shape) <= 0):
+        return None
+    return TensorDescriptor(view, shape, [stride, 1], [16, 16])
+
+
 def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation="none", dropout_p=0.0,
           gated=False, gate_offset=0):
-    """Launches _gemm_kernel: c (M, N) = epilogue(a (M, K) @ b (K, N)); a and b are any strided views."""
+    """Launches _gemm_kernel: c (M, N) = epilogue(a (M, K) @ b (K, N)); a and b are any strided views
+    (gated: b's up columns follow at gate_offset)."""
     M, K = a.shape
     N = c.shape[1]
     threshold, keep_scale = _dropout_args(dropout_p)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    args = (a, b, c, bias if bias is not None else c, preact if preact is not None else c,
+    a_t, b_t = a.stride(0) == 1 and a.stride(1) != 1, b.stride(0) == 1 and b.stride(1) != 1
+    a_desc = b_desc = None
+    if _tma_device(a.device) or triton_interpreting():
+        a_desc = _descriptor(a, M, K, a_t)
+        b_desc = _descriptor(b, K, N + gate_offset, b_t)
+    if a_desc is None or b_desc is None:
+        a_desc, b_desc = a, b  # placeholders: only TMA configs read them, and _gemm_config_usable drops those
+    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+    grid = lambda meta: (min(tiles(meta), _persistent_programs(a.device)) if meta["TMA"] else tiles(meta),)  # noqa: E731
+    args = (a, b, a_desc, b_desc, c, bias if bias is not None else c, preact if preact is not None else c,
             rowsum if rowsum is not None else c, seed if seed is not None else c, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
             preact.stride(0) if preact is not None else 0, gate_offset, threshold, keep_scale)
     constexprs = dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
                       STORE_PREACT=preact is not None, DROPOUT=dropout_p > 0.0, GATED=gated,
-                      ROWSUM_A=rowsum is not None, INPUT_PRECISION=_input_precision(a.dtype))
+                      ROWSUM_A=rowsum is not None, INPUT_PRECISION=_input_precision(a.dtype), A_T=a_t, B_T=b_t)
     _GEMM.launch(grid, M * N * K, args, constexprs)
 
 

@@ -31,15 +31,18 @@ class TunedKernel:
     """A Triton kernel with its config list.
 
     shared_bytes(config, args) estimates one program's shared memory from the launch's named arguments and
-    constexprs; configs over the device budget are never run. `fallback` runs where no config fits (default:
-    the config with the smallest estimate). `probe` names the tensor argument whose device and element size
-    matter."""
+    constexprs; configs over the device budget are never run, nor those for which usable(config, args) is
+    false. `fallback` runs where no config fits (default: the usable config with the smallest estimate).
+    `probe` names the tensor argument whose device and element size matter. A config's pre_hook runs before
+    each launch with it."""
 
-    def __init__(self, kernel, configs, key, shared_bytes, *, min_work, probe, fallback=None, margin=0):
+    def __init__(self, kernel, configs, key, shared_bytes, *, min_work, probe, fallback=None, margin=0,
+                 usable=None):
         self.kernel = kernel
         self.configs = configs
         self.fallback = fallback
         self.shared_bytes = shared_bytes
+        self.usable = usable or (lambda config, args: True)
         self.min_work = min_work
         self.probe = probe
         self.margin = margin
@@ -49,12 +52,13 @@ class TunedKernel:
 
     def fitting(self, args, budget):
         """The configs whose shared-memory estimate fits `budget` bytes, in list order (never empty)."""
-        fits = [c for c in self.configs if self.shared_bytes(c, args) <= budget]
+        usable = [c for c in self.configs if self.usable(c, args)]
+        fits = [c for c in usable if self.shared_bytes(c, args) <= budget]
         if fits:
             return fits
         if self.fallback is not None:
             return [self.fallback]
-        return [min(self.configs, key=lambda c: self.shared_bytes(c, args))]
+        return [min(usable, key=lambda c: self.shared_bytes(c, args))]
 
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -67,5 +71,7 @@ class TunedKernel:
             return
         named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
         config = self.fitting(named, shared_memory_budget(named[self.probe].device, self.margin))[0]
+        if config.pre_hook is not None:
+            config.pre_hook({**named, **config.kwargs})
         self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
                           num_stages=config.num_stages)
