@@ -3,7 +3,10 @@
 # tests (four pytest processes at once: benchmarks/run_gpu_tests.py), compute-sanitizer memcheck of an
 # attention case, then the short benchmark table, printed last.
 #
-#   bash benchmarks/device_check.sh
+#   bash benchmarks/device_check.sh           install, gpu tests, memcheck, attention + MLP table
+#   bash benchmarks/device_check.sh models    the second call: nn.MultiheadAttention, a 12-layer
+#                                             TransformerEncoder and GPT-2-small LM training against torch,
+#                                             eager and compiled (installs only if no CUDA build is there)
 #
 # Knobs: TFM_KERNELS_CUDA_ARCHS (default 90a here, for a fast build on H100/H200; the package's own default is
 # "80;90a"), MAX_JOBS (default 16), SKIP_INSTALL=1 (reuse the installed build, e.g. a second run on the same
@@ -49,6 +52,25 @@ find_sanitizer() {
         fi
     done
     return 1
+}
+
+# The second call: the module and model tables of issues 5 and 6, printed last.
+models() {
+    local bench_rc=0 limit
+    if python -c "import sys, tfm_kernels; sys.exit(not tfm_kernels.build_info().get('cuda'))" 2>/dev/null; then
+        echo "== install skipped (a CUDA build is there)"
+    else
+        echo "== install (TFM_KERNELS_CUDA_ARCHS=$TFM_KERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
+        python -m pip install --no-build-isolation --no-deps -q -e .
+    fi
+    limit=$(cap 10 60)
+    echo "== module and model benchmark (cap $limit s)"
+    timeout "$limit" python -m tfm_kernels bench --suite mha,model --budget $((limit - 60)) \
+        --json "$RESULTS/bench.jsonl" > "$TABLE" || bench_rc=$?
+    echo "== summary: benchmark exit $bench_rc, total $SECONDS s"
+    echo
+    cat "$TABLE"
+    [ "$bench_rc" = 0 ]
 }
 
 main() {
@@ -106,4 +128,8 @@ PY
     [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && { [ "$sanitizer_rc" = 0 ] || [[ "$sanitizer_rc" == skipped* ]]; }
 }
 
-main 2>&1 | tee "$LOG"
+if [ "${1:-}" = models ]; then
+    models 2>&1 | tee "$LOG"
+else
+    main 2>&1 | tee "$LOG"
+fi
