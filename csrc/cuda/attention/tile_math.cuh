@@ -46,24 +46,38 @@ __device__ __forceinline__ void gemm_smem_nt(float (&acc)[kN / 8][4], const T* s
   }
 }
 
+// The lane's ldmatrix.trans address for a B stored (K x N) row-major, rows kStride apart from sB: x4.trans =
+// b0, b1 of n-tile 2j (matrices 0, 1: k rows 0-7, 8-15) then of n-tile 2j+1 (cols 8-15).
+template <int kStride, typename T>
+__device__ __forceinline__ const T* row_major_b_address(const T* sB, int lane) {
+  return sB + (lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16);
+}
+
+// acc (16 x kN) += a * B[16 ks..16 ks + 15, :], a being the A fragment of k-step ks; b_row from
+// row_major_b_address.
+template <typename T, int kN, int kStride>
+__device__ __forceinline__ void mma_row_major_b(float (&acc)[kN / 8][4], const uint32_t (&a)[4], const T* b_row,
+                                                int ks) {
+#pragma unroll
+  for (int nj = 0; nj < kN / 16; ++nj) {
+    uint32_t b[4];
+    cuda::ldmatrix_x4_trans(b, b_row + ks * 16 * kStride + nj * 16);
+    MmaOps<T>::mma(acc[2 * nj], a, b[0], b[1]);
+    MmaOps<T>::mma(acc[2 * nj + 1], a, b[2], b[3]);
+  }
+}
+
 // a_tile is 16 x kK fp32 (kK / 8 n-tiles); sB points at B's row 0, first of the kN columns this warp owns.
 template <typename T, int kN, int kK, int kStride>
 __device__ __forceinline__ void gemm_reg_nn(float (&acc)[kN / 8][4], const float (&a_tile)[kK / 8][4], const T* sB,
                                             int lane) {
   static_assert(kN % 16 == 0 && kK % 16 == 0, "whole 16x16 steps");
-  // B, x4.trans = b0, b1 of n-tile 2j (matrices 0, 1: k rows 0-7, 8-15) then of n-tile 2j+1 (cols 8-15).
-  const T* b_row = sB + (lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16);
+  const T* b_row = row_major_b_address<kStride>(sB, lane);
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
     uint32_t a[4];
     cuda::accumulator_to_a<T>(a, a_tile, ks);
-#pragma unroll
-    for (int nj = 0; nj < kN / 16; ++nj) {
-      uint32_t b[4];
-      cuda::ldmatrix_x4_trans(b, b_row + ks * 16 * kStride + nj * 16);
-      MmaOps<T>::mma(acc[2 * nj], a, b[0], b[1]);
-      MmaOps<T>::mma(acc[2 * nj + 1], a, b[2], b[3]);
-    }
+    mma_row_major_b<T, kN, kStride>(acc, a, b_row, ks);
   }
 }
 
@@ -75,18 +89,12 @@ __device__ __forceinline__ void gemm_smem_tn(float (&acc)[kN / 8][4], const T* s
   // A, x4.trans = a0..a3: stored A^T (k rows 0-7 | 8-15) x (m cols 0-7 | 8-15), matrix i = (k half i / 2,
   // m half i % 2), each transposed on the way into the A fragment.
   const T* a_row = sAT + (lane % 8 + 8 * (lane / 16)) * kStrideA + 8 * ((lane / 8) % 2);
-  const T* b_row = sB + (lane % 8 + 8 * ((lane / 8) % 2)) * kStrideB + 8 * (lane / 16);
+  const T* b_row = row_major_b_address<kStrideB>(sB, lane);
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
     uint32_t a[4];
     cuda::ldmatrix_x4_trans(a, a_row + ks * 16 * kStrideA);
-#pragma unroll
-    for (int nj = 0; nj < kN / 16; ++nj) {
-      uint32_t b[4];
-      cuda::ldmatrix_x4_trans(b, b_row + ks * 16 * kStrideB + nj * 16);
-      MmaOps<T>::mma(acc[2 * nj], a, b[0], b[1]);
-      MmaOps<T>::mma(acc[2 * nj + 1], a, b[2], b[3]);
-    }
+    mma_row_major_b<T, kN, kStrideB>(acc, a, b_row, ks);
   }
 }
 
