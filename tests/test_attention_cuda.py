@@ -16,7 +16,7 @@ from test_attention import check_against_oracle, rand
 from tolerance import assert_within_tolerance
 
 import tfm_kernels
-from tfm_kernels import ops, reference, rng
+from tfm_kernels import backends, ops, reference, rng
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float16, torch.bfloat16]
@@ -224,6 +224,13 @@ def test_deterministic_backward_against_oracle(head_dim, is_causal, deterministi
     three-pass one."""
     q, k, v = cuda_inputs(2, 4, 2, 150, 333, head_dim, torch.float16)
     check_against_oracle("cuda", q, k, v, is_causal=is_causal, enable_gqa=True)
+
+
+@pytest.mark.gpu
+def test_auto_order_follows_the_architecture():
+    q, k, v = cuda_inputs(1, 2, 2, 64, 64, 64, torch.bfloat16)
+    expected = "triton" if torch.cuda.get_device_capability()[0] >= 9 else "cuda"
+    assert backends.choose(q, k, v) == expected
 
 
 @pytest.mark.gpu

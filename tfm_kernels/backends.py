@@ -23,9 +23,20 @@ CUDA_SHARED_MEMORY_BYTES = {32: 40960, 64: 65536, 96: 79872, 128: 104448, 256: 1
 CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y and batch on gridDim.z
 
 # Preference of backend="auto" per device type. CPU: the C++ kernel; torch's reference path is the last resort.
-# CUDA: the CUDA C++ kernel where it supports the inputs, else Triton (order to be confirmed by measurement on a
-# GPU; see benchmarks/RESULTS.md). The Triton interpreter on CPU is never chosen automatically.
+# The Triton interpreter on CPU is never chosen automatically. GPUs: our CUDA C++ kernels are FlashAttention-2
+# class (mma.sync), our Triton kernels compile to Hopper's wgmma (benchmarks/compile_triton.py). On an H200
+# the kernels of those two classes that torch ships measure FA2 346 / 289 against FlexAttention (Triton)
+# 471 / 384 TFLOP/s forward / backward (bf16 d128 s4096; DESIGN.md), so Hopper and newer try Triton first
+# and Ampere the CUDA kernels, until our own side-by-side table (benchmarks/RESULTS.md) says otherwise.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+HOPPER_AUTO_ORDER = ("triton", "cuda", "torch")
+
+
+def auto_order(device) -> tuple[str, ...]:
+    """The backends backend="auto" tries for attention on `device`, in order."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return HOPPER_AUTO_ORDER
+    return AUTO_ORDER.get(device.type, ("torch",))
 
 
 # Read once at import: importlib's lookup cannot be traced by torch.compile.
@@ -139,7 +150,7 @@ def not_supported_reasons(backend, q, k, v, mask=None, key_lengths=None, dropout
 
 def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False) -> str:
     """The backend `backend="auto"` runs for these inputs."""
-    for backend in AUTO_ORDER.get(q.device.type, ("torch",)):
+    for backend in auto_order(q.device):
         if not not_supported_reasons(backend, q, k, v, mask, key_lengths, dropout_p, is_causal):
             return backend
     return "torch"
@@ -149,7 +160,8 @@ def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False)
 # MLP (tfm_kernels/mlp.py): the same backends and rules as attention.
 
 MLP_BACKENDS = ("cuda", "triton", "cpu", "torch")
-# GPUs: cuBLASLt (cuda) first, Triton next (order to be confirmed by measurement, benchmarks/RESULTS.md).
+# GPUs: cuBLASLt (cuda) first, on every architecture, Triton next (order to be confirmed by measurement,
+# benchmarks/RESULTS.md).
 # CPU: torch's own matmul + elementwise path is faster than our C++ MLP operators (ours takes 1.6-2.0x torch's time
 # forward+backward at 512 tokens, d 256 -> 1024, float32, 2-core x86; benchmarks/RESULTS.md), so "auto" runs
 # torch there; backend="cpu" still runs the C++ operators.
