@@ -94,10 +94,18 @@ def attention_kernels(args):
                 types[arg] = "fp32"
             elif arg in pointer_types or arg in ("Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"):
                 types[arg] = pointer_types.get(arg, element)
+            elif arg.endswith("Desc"):
+                types[arg] = element  # an unread placeholder, unless a TMA config below makes it a descriptor
             else:
                 types[arg] = "i32"
         aligned = {a for a in types if aligned_strides and a.startswith("stride") and not a.startswith("stride_m")}
         for config in [*tiled.configs, tiled.fallback]:
+            if config.kwargs.get("TMA"):
+                block_n = config.kwargs["BLOCK_N"]
+                blocks = {"KDesc": features["BLOCK_D"], "VDesc": features["BLOCK_DV"]}
+                types.update({d: f"tensordesc<{args.dtype}[1, 1, {block_n}, {b}]>" for d, b in blocks.items()})
+            else:
+                types.update({d: element for d in ("KDesc", "VDesc") if d in types})
             _report(name, fn, types, features, aligned, args.arch, config)
 
 

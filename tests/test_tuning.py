@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 from test_attention import check_against_oracle as check_attention
+from test_attention_ops import check_dropout_against_reference
 from test_mlp import check_against_oracle as check_mlp
 from test_mlp import linear_inputs
 
@@ -75,7 +76,7 @@ def test_tma_persistent_gemm_config(monkeypatch, kind):
     """The GEMM's tensor-descriptor (TMA) configs, persistent: every operand layout of forward and backward
     (x @ W^T reads W transposed, dz @ W row-major, dz^T @ x a transposed dz; gated: the up half at
     gate_offset). On the CPU there are 3 programs for 12 tiles, so each program loops."""
-    if DEVICE == "cuda" and not mlp._tma_device(torch.device(DEVICE)):
+    if not tuning.tensor_descriptors_supported(torch.device(DEVICE)):
         pytest.skip("tensor descriptors need Hopper or newer")
     config = mlp._gemm_config(32, 32, 32, 4, 1, group_m=2, tma=True)
     layouts = []
@@ -85,6 +86,37 @@ def test_tma_persistent_gemm_config(monkeypatch, kind):
     x, weight, bias = linear_inputs((3, 37), 48, 80, torch.float16, device=DEVICE)
     check_mlp(kind, "triton", x, weight, bias, activation="gelu", dropout_p=0.1)
     assert set(layouts) == {(False, True), (False, False), (True, False)}
+
+
+@pytest.mark.parametrize("case", ["gqa_causal_lengths", "mask_dropout_d40", "packed_views"])
+def test_tma_attention_forward_config(monkeypatch, case):
+    """The attention forward's TMA configs (K and V through 4-D tensor descriptors): partial key blocks, GQA,
+    causal, key lengths, masks, dropout, a head dim below its padded block, strided views of a packed QKV."""
+    if not tuning.tensor_descriptors_supported(torch.device(DEVICE)):
+        pytest.skip("tensor descriptors need Hopper or newer")
+    block_m, block_n = (32, 16) if DEVICE == "cpu" else (128, 64)
+    config = attention._forward_config(block_m, block_n, 4, 1 if DEVICE == "cpu" else 3, tma=True)
+    launches = []
+    set_blocks = config.pre_hook
+    config.pre_hook = lambda args: (launches.append(args["BLOCK_D"]), set_blocks(args))
+    monkeypatch.setattr(attention._FORWARD, "configs", [config])  # with no descriptor, no config is usable
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    B, Hq, Hk, L, S, E = 2, 4, 2, 37, 53, 64
+    if case == "packed_views":
+        qkv = torch.randn(B, L, 3, Hq, E, dtype=dtype, device=DEVICE)  # (B, L, 3, H, E)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, E) views
+        check_attention("triton", q, k, v, is_causal=True)
+    elif case == "mask_dropout_d40":
+        E = 40
+        q, k, v = (torch.randn(B, h, n, E, dtype=dtype, device=DEVICE) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+        mask = torch.rand(B, 1, L, S, device=DEVICE) > 0.3
+        check_attention("triton", q, k, v, attn_mask=mask, enable_gqa=True)
+        check_dropout_against_reference("triton", q, k, v, 0.3, attn_mask=mask)
+    else:
+        q, k, v = (torch.randn(B, h, n, E, dtype=dtype, device=DEVICE) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+        lengths = torch.tensor([S, 20], device=DEVICE)
+        check_attention("triton", q, k, v, is_causal=True, enable_gqa=True, key_lengths=lengths)
+    assert launches, "the TMA config never ran"
 
 
 # ---------------------------------------------------------------------------------------------------------

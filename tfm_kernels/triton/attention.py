@@ -2,10 +2,12 @@
 
 Forward: one program per (BLOCK_M query rows, batch*head); it streams BLOCK_N key/value blocks through an
 online softmax in float32 (exp2, with log2(e) folded into the scale), never writing an L x S matrix, and
-saves the natural-log log-sum-exp of every row. Backward: a preprocessing pass delta = rowsum(dO * O), then
-one program per (BLOCK_N keys, batch*kv-head) accumulating dK, dV over all query rows of the kv head's query
-group (so grouped-query K/V are never repeated and no atomics are needed), and one program per (BLOCK_M rows,
-batch*head) accumulating dQ. P is recomputed from the saved log-sum-exp.
+saves the natural-log log-sum-exp of every row. On Hopper and newer its TMA configs read K and V through 4-D
+tensor descriptors instead of pointer tiles (fewer registers; autotuning decides whether they run).
+Backward: a preprocessing pass delta = rowsum(dO * O), then one program per (BLOCK_N keys, batch*kv-head)
+accumulating dK, dV over all query rows of the kv head's query group (so grouped-query K/V are never repeated
+and no atomics are needed), and one program per (BLOCK_M rows, batch*head) accumulating dQ. P is recomputed
+from the saved log-sum-exp.
 
 Masking, in every kernel through `_masked_scores`: causal (key j visible to row i iff j <= i; key blocks above
 the diagonal are skipped, only the diagonal blocks are masked), key_lengths (keys j >= key_lengths[b]),
@@ -17,7 +19,7 @@ Head dims are padded to a power of two >= 16 with masked loads. Batch/head offse
 offsets stay 32-bit and pointers advance block by block. Problems of at least AUTOTUNE_MIN_WORK score
 elements autotune over a short Hopper config list (once per head dims, causal, mask kind, dropout, dtype);
 smaller ones, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed config that fits.
-Tests: tests/test_attention.py, tests/test_attention_ops.py.
+Tests: tests/test_attention.py, tests/test_attention_ops.py, tests/test_tuning.py (every config).
 """
 
 import contextlib
@@ -30,7 +32,7 @@ from ..backends import triton_interpreting
 from ..layout import last_dim_contiguous
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
-from .tuning import TunedKernel
+from .tuning import TunedKernel, descriptor, needs_descriptors, tensor_descriptors_supported
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -113,6 +115,18 @@ def _config(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
+def _forward_config(block_m, block_n, num_warps, num_stages, tma=False):
+    """A forward config; with tma, K and V tiles load through tensor descriptors (Hopper and newer)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": tma}, num_warps=num_warps,
+                         num_stages=num_stages, pre_hook=_set_kv_descriptor_blocks if tma else None)
+
+
+def _set_kv_descriptor_blocks(args):
+    """The K and V descriptors' tiles: one (batch, head), BLOCK_N keys, the padded head dims."""
+    args["KDesc"].block_shape = [1, 1, args["BLOCK_N"], args["BLOCK_D"]]
+    args["VDesc"].block_shape = [1, 1, args["BLOCK_N"], args["BLOCK_DV"]]
+
+
 def _config_lists(hopper_configs, fallback, interpreter_config):
     """(configs, fallback). The interpreter runs on CPU and cannot autotune more than one config."""
     if triton_interpreting():
@@ -131,10 +145,13 @@ def _config_lists(hopper_configs, fallback, interpreter_config):
 # so no asynchronous copies) spills in every config but the smallest (forward 128x64 1500, 64x64 3272).
 # Float32 without TF32 ("ieee": no tensor cores) spills even without features at head dim 64: forward 128x64
 # 2896, 128x128 51476; dQ 128x64 32528, 64x64 32832, 64x32 852; dK/dV 32x128 976.
-# Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
+# Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed; the TMA
+# configs read K and V through tensor descriptors where the device and layouts allow (autotuning decides).
 FORWARD_CONFIGS, FORWARD_FALLBACK = _config_lists(
-    [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
-    _config(32, 32, 4, 1), _config(32, 16, 4, 1))
+    [_forward_config(128, 64, 8, 3), _forward_config(128, 128, 8, 2), _forward_config(64, 64, 4, 3),
+     _forward_config(64, 32, 4, 2), _forward_config(128, 64, 8, 3, tma=True),
+     _forward_config(128, 128, 8, 2, tma=True)],
+    _forward_config(32, 32, 4, 1), _forward_config(32, 16, 4, 1))
 # dK/dV: BLOCK_N keys resident while BLOCK_M query rows stream past.
 BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK = _config_lists(
     [_config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(64, 64, 8, 2), _config(16, 64, 4, 3)],
@@ -182,17 +199,22 @@ def _dropout_key(Seed, HAS_DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, row0, offs_n, d_ok, dv_ok, col_end,
-                   mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z,
+def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo, hi, rows, row0, offs_n, d_ok,
+                   dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1, z,
                    threshold, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
                    HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs (BLOCK_N, BLOCK_DV)
-    point at key lo. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
+    point at key lo; with TMA the tiles come from k_desc and v_desc at (b, kv_h) instead, keys past S and
+    head-dim padding reading 0. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n[None, :]  # (1, BLOCK_N)
         col_ok = cols < col_end
-        k = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
+        if TMA:
+            k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D).T  # (BLOCK_D, BLOCK_N)
+        else:
+            k = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         s = _masked_scores(s, rows, cols, row0, start_n, col_end, mask_bh, stride_ml, stride_ms, L, S,
                            MASK_KIND, APPLY_CAUSAL, BOUNDARY)
@@ -205,7 +227,10 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, row0, offs_n,
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(k0, k1, z, rows, cols, threshold), p, 0.0)
-        v = _load_tile(v_ptrs, (start_n + offs_n)[:, None] < col_end, dv_ok[None, :], BOUNDARY, CHECK_DV)
+        if TMA:
+            v = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)  # (BLOCK_N, BLOCK_DV)
+        else:
+            v = _load_tile(v_ptrs, (start_n + offs_n)[:, None] < col_end, dv_ok[None, :], BOUNDARY, CHECK_DV)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
@@ -214,14 +239,16 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, rows, row0, offs_n,
 
 
 @triton.jit(do_not_specialize=["L", "S"])
-def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride_qh, stride_qm, stride_kb,
+def _forward_kernel(Q, K, V, KDesc, VDesc, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride_qh, stride_qm,
+                    stride_kb,
                     stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                     stride_mb, stride_mh, stride_ml, stride_ms, H, GROUP, L, S, scale_log2, threshold,
                     inv_keep, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                     HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
+    kv_h = kv_h64.to(tl.int32)  # a descriptor coordinate
     b64 = b.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -247,16 +274,17 @@ def _forward_kernel(Q, K, V, Out, Lse, Mask, KeyLengths, Seed, stride_qb, stride
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base, v_base, 0, full_end, rows, m_start, offs_n, d_ok,
-                                   dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
-                                   scale_log2, k0, k1, bh64, threshold, MASK_KIND, False, False, HAS_DROPOUT,
-                                   CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, 0, full_end, rows,
+                                   m_start, offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn,
+                                   stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, MASK_KIND, False, False,
+                                   HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)
     k_diagonal = k_base + full_end.to(tl.int64) * stride_kn
     v_diagonal = v_base + full_end.to(tl.int64) * stride_vn
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_diagonal, v_diagonal, full_end, end, rows, m_start,
-                                   offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn,
-                                   stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, MASK_KIND, IS_CAUSAL,
-                                   True, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_diagonal, v_diagonal, KDesc, VDesc, b, kv_h, full_end,
+                                   end, rows, m_start, offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms,
+                                   stride_kn, stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, MASK_KIND,
+                                   IS_CAUSAL, True, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D,
+                                   BLOCK_DV, TMA)
 
     # l == 0 exactly when no key takes part in the row: output 0, lse = +inf (its backward p is then 0).
     empty = l_i == 0.0
@@ -513,12 +541,14 @@ def _tile_shared_bytes(resident, streamed):
     return estimate
 
 
-def _tuned(kernel, configs, fallback, resident, streamed):
+def _tuned(kernel, configs, fallback, resident, streamed, usable=None):
     return TunedKernel(kernel, configs, AUTOTUNE_KEY, _tile_shared_bytes(resident, streamed),
-                       min_work=AUTOTUNE_MIN_WORK, probe="Q", fallback=fallback, margin=SHARED_MEMORY_MARGIN)
+                       min_work=AUTOTUNE_MIN_WORK, probe="Q", fallback=fallback, margin=SHARED_MEMORY_MARGIN,
+                       usable=usable)
 
 
-_FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N")
+_FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N",
+                  usable=needs_descriptors("KDesc", "VDesc"))
 _BACKWARD_KV = _tuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N", "BLOCK_M")
 _BACKWARD_Q = _tuned(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M", "BLOCK_N")
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
@@ -582,11 +612,22 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     out = q.new_empty(c.B, c.L, c.H, c.Ev).transpose(1, 2)  # (B, H, L, Ev), stored (B, L, H, Ev)
     lse = q.new_empty(c.B, c.H, c.L, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
-    args = (q, k, v, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
+    k_desc, v_desc = _kv_descriptors(k, v)
+    args = (q, k, v, k_desc, v_desc, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
     with _device_guard(q):
         _FORWARD.launch(grid, c.work, args, c.constexprs)
     return out, lse
+
+
+def _kv_descriptors(k, v):
+    """Tensor descriptors over k (B, Hk, S, E) and v (B, Hk, S, Ev) for the forward's TMA configs, or k and v
+    themselves as placeholders where the device or a layout allows none (those configs are then not run)."""
+    if tensor_descriptors_supported(k.device):
+        k_desc, v_desc = (descriptor(t, t.shape, t.stride()) for t in (k, v))
+        if k_desc is not None and v_desc is not None:
+            return k_desc, v_desc
+    return k, v
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p, is_causal, scale, seed):

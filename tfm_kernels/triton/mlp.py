@@ -17,12 +17,11 @@ smaller ones take the first config that fits (tuning.py).
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import triton_interpreting
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
-from .tuning import TunedKernel
+from .tuning import TunedKernel, descriptor, needs_descriptors, tensor_descriptors_supported
 
 # Activation codes, equal to csrc/common/mlp_epilogue.h's Activation enum.
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
@@ -65,11 +64,6 @@ def _set_descriptor_blocks(args):
     block_m, block_n, block_k = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
     args["a_desc"].block_shape = [block_k, block_m] if args["A_T"] else [block_m, block_k]
     args["b_desc"].block_shape = [block_n, block_k] if args["B_T"] else [block_k, block_n]
-
-
-def _gemm_config_usable(config, args):
-    """TMA configs need tensor descriptors, which _gemm makes only where the device and layouts allow them."""
-    return not config.kwargs["TMA"] or isinstance(args["a_desc"], TensorDescriptor)
 
 
 def _shared_memory_bytes(config, args):
@@ -288,7 +282,8 @@ def _input_precision(dtype):
 # Products of at least this many multiply-adds (M * N * K) are autotuned, once per shape (tuning.py).
 AUTOTUNE_MIN_WORK = 1 << 30
 _GEMM = TunedKernel(_gemm_kernel, _gemm_configs(), ["M", "N", "K", "GATED", "ROWSUM_A", "A_T", "B_T"],
-                    _shared_memory_bytes, min_work=AUTOTUNE_MIN_WORK, probe="a_ptr", usable=_gemm_config_usable)
+                    _shared_memory_bytes, min_work=AUTOTUNE_MIN_WORK, probe="a_ptr",
+                    usable=needs_descriptors("a_desc", "b_desc"))
 # Programs of a persistent (TMA) launch off the GPU, where there are no SMs to count: few, so that the
 # interpreter's programs each take several tiles.
 PERSISTENT_PROGRAMS_OFF_GPU = 3
@@ -298,28 +293,17 @@ def _dropout_args(dropout_p):
     return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
-def _tma_device(device):
-    """Whether the device loads through tensor descriptors (TMA): Hopper (sm_90) and newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _persistent_programs(device):
     if device.type != "cuda":
         return PERSISTENT_PROGRAMS_OFF_GPU
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _descriptor(t, rows, cols, transposed):
+def _matrix_descriptor(t, rows, cols, transposed):
     """A tensor descriptor over the (rows, cols) matrix t, or over t^T (cols, rows) when `transposed` (then
-    t's rows are contiguous); None where TMA cannot read it (16-bit elements, 16-byte aligned base and row
-    strides, unit stride along the described rows). Its block shape is set per config at launch."""
+    t's rows are contiguous); None where TMA cannot read it (tuning.descriptor)."""
     view = t.t() if transposed else t  # the stored row-major matrix
-    shape = [cols, rows] if transposed else [rows, cols]
-    stride = view.stride(0)
-    if (t.element_size() != 2 or view.stride(1) != 1 or t.data_ptr() % 16 or (stride * 2) % 16
-            or min(shape) <= 0):
-        return None
-    return TensorDescriptor(view, shape, [stride, 1], [16, 16])
+    return descriptor(view, [cols, rows] if transposed else [rows, cols], view.stride())
 
 
 def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation="none", dropout_p=0.0,
@@ -331,11 +315,11 @@ def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation
     threshold, keep_scale = _dropout_args(dropout_p)
     a_t, b_t = a.stride(0) == 1 and a.stride(1) != 1, b.stride(0) == 1 and b.stride(1) != 1
     a_desc = b_desc = None
-    if _tma_device(a.device) or triton_interpreting():
-        a_desc = _descriptor(a, M, K, a_t)
-        b_desc = _descriptor(b, K, N + gate_offset, b_t)
+    if tensor_descriptors_supported(a.device):
+        a_desc = _matrix_descriptor(a, M, K, a_t)
+        b_desc = _matrix_descriptor(b, K, N + gate_offset, b_t)
     if a_desc is None or b_desc is None:
-        a_desc, b_desc = a, b  # placeholders: only TMA configs read them, and _gemm_config_usable drops those
+        a_desc, b_desc = a, b  # placeholders: only TMA configs read them, and those need descriptors
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
     grid = lambda meta: (min(tiles(meta), _persistent_programs(a.device)) if meta["TMA"] else tiles(meta),)  # noqa: E731
     args = (a, b, a_desc, b_desc, c, bias if bias is not None else c, preact if preact is not None else c,

@@ -11,6 +11,7 @@ import os
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import triton_interpreting
 
@@ -25,6 +26,33 @@ def shared_memory_budget(device, margin):
     if device.type != "cuda":
         return SHARED_MEMORY_OFF_GPU - margin
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin - margin
+
+
+def tensor_descriptors_supported(device):
+    """Whether kernels on `device` may load through tensor descriptors (TMA): Hopper (sm_90) and newer, and the
+    interpreter (which emulates them, so CPU tests cover those code paths)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return triton_interpreting()
+
+
+def descriptor(t, shape, strides):
+    """A tensor descriptor over `t`'s memory with this shape and element strides (the last 1), or None where
+    TMA cannot read it: not 16-bit elements, a base or a stride not 16-byte aligned, an empty dimension. Its
+    block shape is a placeholder that the config's pre_hook sets at launch."""
+    if (t.element_size() != 2 or strides[-1] != 1 or t.data_ptr() % 16 or any(s * 2 % 16 for s in strides[:-1])
+            or min(shape) <= 0):
+        return None
+    return TensorDescriptor(t, list(shape), list(strides), [16] * len(shape))
+
+
+def needs_descriptors(*names):
+    """A `usable` predicate: configs with TMA=True run only where the arguments `names` are tensor
+    descriptors (the launcher passes plain tensors where it could make none)."""
+    def usable(config, args):
+        return not config.kwargs.get("TMA") or all(isinstance(args[n], TensorDescriptor) for n in names)
+
+    return usable
 
 
 class TunedKernel:
