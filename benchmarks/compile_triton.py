@@ -85,8 +85,9 @@ def attention_kernels(args):
                     HAS_DROPOUT=args.dropout, DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32")
     pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i64", "Seed": "*i64",
                      "Mask": "*u8" if mask_kind == attention.MASK_BOOL else element}
-    for name, tiled in [("forward", attention._FORWARD), ("dk_dv", attention._BACKWARD_KV),
-                        ("dq", attention._BACKWARD_Q)]:
+    for name, tiled, descriptors in [("forward", attention._FORWARD, attention.FORWARD_DESCRIPTORS),
+                                     ("dk_dv", attention._BACKWARD_KV, attention.BACKWARD_KV_DESCRIPTORS),
+                                     ("dq", attention._BACKWARD_Q, attention.BACKWARD_Q_DESCRIPTORS)]:
         fn = _jit_function(tiled.kernel)
         types = {}
         for arg in fn.arg_names:
@@ -100,12 +101,10 @@ def attention_kernels(args):
                 types[arg] = "i32"
         aligned = {a for a in types if aligned_strides and a.startswith("stride") and not a.startswith("stride_m")}
         for config in [*tiled.configs, tiled.fallback]:
-            if config.kwargs.get("TMA"):
-                block_n = config.kwargs["BLOCK_N"]
-                blocks = {"KDesc": features["BLOCK_D"], "VDesc": features["BLOCK_DV"]}
-                types.update({d: f"tensordesc<{args.dtype}[1, 1, {block_n}, {b}]>" for d, b in blocks.items()})
-            else:
-                types.update({d: element for d in ("KDesc", "VDesc") if d in types})
+            sizes = {**features, **config.kwargs}
+            for desc, (rows, cols) in descriptors.items():  # a TMA config's descriptors, else placeholders
+                block = f"[1, 1, {sizes[rows]}, {sizes[cols]}]"
+                types[desc] = f"tensordesc<{args.dtype}{block}>" if config.kwargs["TMA"] else element
             _report(name, fn, types, features, aligned, args.arch, config)
 
 

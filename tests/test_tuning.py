@@ -88,18 +88,25 @@ def test_tma_persistent_gemm_config(monkeypatch, kind):
     assert set(layouts) == {(False, True), (False, False), (True, False)}
 
 
+ATTENTION_KERNELS = {"forward": attention._FORWARD, "dk_dv": attention._BACKWARD_KV, "dq": attention._BACKWARD_Q}
+ATTENTION_DESCRIPTORS = {"forward": attention.FORWARD_DESCRIPTORS, "dk_dv": attention.BACKWARD_KV_DESCRIPTORS,
+                         "dq": attention.BACKWARD_Q_DESCRIPTORS}
+
+
 @pytest.mark.parametrize("case", ["gqa_causal_lengths", "mask_dropout_d40", "packed_views"])
-def test_tma_attention_forward_config(monkeypatch, case):
-    """The attention forward's TMA configs (K and V through 4-D tensor descriptors): partial key blocks, GQA,
-    causal, key lengths, masks, dropout, a head dim below its padded block, strided views of a packed QKV."""
+@pytest.mark.parametrize("name", list(ATTENTION_DESCRIPTORS))
+def test_tma_attention_config(monkeypatch, name, case):
+    """Each attention kernel's TMA config (its streamed tiles through 4-D tensor descriptors), the other two
+    kernels on their defaults: partial blocks, GQA, causal, key lengths, masks, dropout, a head dim below its
+    padded block, strided views of a packed QKV."""
     if not tuning.tensor_descriptors_supported(torch.device(DEVICE)):
         pytest.skip("tensor descriptors need Hopper or newer")
-    block_m, block_n = (32, 16) if DEVICE == "cpu" else (128, 64)
-    config = attention._forward_config(block_m, block_n, 4, 1 if DEVICE == "cpu" else 3, tma=True)
+    tiles = (32, 16, 4, 1) if DEVICE == "cpu" else (64, 64, 4, 2)
+    config = attention._config(*tiles, ATTENTION_DESCRIPTORS[name], tma=True)
     launches = []
     set_blocks = config.pre_hook
     config.pre_hook = lambda args: (launches.append(args["BLOCK_D"]), set_blocks(args))
-    monkeypatch.setattr(attention._FORWARD, "configs", [config])  # with no descriptor, no config is usable
+    monkeypatch.setattr(ATTENTION_KERNELS[name], "configs", [config])  # with no descriptor, no config is usable
     dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
     B, Hq, Hk, L, S, E = 2, 4, 2, 37, 53, 64
     if case == "packed_views":
@@ -122,7 +129,6 @@ def test_tma_attention_forward_config(monkeypatch, case):
 # ---------------------------------------------------------------------------------------------------------
 # GPU: every config against the oracle
 
-ATTENTION_KERNELS = {"forward": attention._FORWARD, "dk_dv": attention._BACKWARD_KV, "dq": attention._BACKWARD_Q}
 
 
 def every_config(kernel):

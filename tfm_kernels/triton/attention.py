@@ -2,12 +2,12 @@
 
 Forward: one program per (BLOCK_M query rows, batch*head); it streams BLOCK_N key/value blocks through an
 online softmax in float32 (exp2, with log2(e) folded into the scale), never writing an L x S matrix, and
-saves the natural-log log-sum-exp of every row. On Hopper and newer its TMA configs read K and V through 4-D
-tensor descriptors instead of pointer tiles (fewer registers; autotuning decides whether they run).
-Backward: a preprocessing pass delta = rowsum(dO * O), then one program per (BLOCK_N keys, batch*kv-head)
-accumulating dK, dV over all query rows of the kv head's query group (so grouped-query K/V are never repeated
-and no atomics are needed), and one program per (BLOCK_M rows, batch*head) accumulating dQ. P is recomputed
-from the saved log-sum-exp.
+saves the natural-log log-sum-exp of every row. Backward: a preprocessing pass delta = rowsum(dO * O), then
+one program per (BLOCK_N keys, batch*kv-head) accumulating dK, dV over all query rows of the kv head's query
+group (so grouped-query K/V are never repeated and no atomics are needed), and one program per (BLOCK_M rows,
+batch*head) accumulating dQ. P is recomputed from the saved log-sum-exp. On Hopper and newer every kernel also
+has TMA configs, which read the streamed tiles (forward and dQ: K, V; dK/dV: Q, dO) through 4-D tensor
+descriptors instead of pointer tiles, with fewer registers; autotuning decides whether they run.
 
 Masking, in every kernel through `_masked_scores`: causal (key j visible to row i iff j <= i; key blocks above
 the diagonal are skipped, only the diagonal blocks are masked), key_lengths (keys j >= key_lengths[b]),
@@ -111,20 +111,22 @@ def _key_blocks(m_start, col_end, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
     return full_end, end
 
 
-def _config(block_m, block_n, num_warps, num_stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+# The tiles each kernel's TMA configs read through tensor descriptors: argument -> (rows, columns) of its
+# block, each of one (batch, head) of a (B, H, N, D) tensor.
+FORWARD_DESCRIPTORS = {"KDesc": ("BLOCK_N", "BLOCK_D"), "VDesc": ("BLOCK_N", "BLOCK_DV")}
+BACKWARD_KV_DESCRIPTORS = {"QDesc": ("BLOCK_M", "BLOCK_D"), "GradOutDesc": ("BLOCK_M", "BLOCK_DV")}
+BACKWARD_Q_DESCRIPTORS = FORWARD_DESCRIPTORS
 
 
-def _forward_config(block_m, block_n, num_warps, num_stages, tma=False):
-    """A forward config; with tma, K and V tiles load through tensor descriptors (Hopper and newer)."""
+def _config(block_m, block_n, num_warps, num_stages, descriptors, tma=False):
+    """A tile config; with tma, the tiles named in `descriptors` load through tensor descriptors (Hopper and
+    newer), whose block shapes its pre_hook sets."""
+    def set_descriptor_blocks(args):
+        for name, (rows, cols) in descriptors.items():
+            args[name].block_shape = [1, 1, args[rows], args[cols]]
+
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": tma}, num_warps=num_warps,
-                         num_stages=num_stages, pre_hook=_set_kv_descriptor_blocks if tma else None)
-
-
-def _set_kv_descriptor_blocks(args):
-    """The K and V descriptors' tiles: one (batch, head), BLOCK_N keys, the padded head dims."""
-    args["KDesc"].block_shape = [1, 1, args["BLOCK_N"], args["BLOCK_D"]]
-    args["VDesc"].block_shape = [1, 1, args["BLOCK_N"], args["BLOCK_DV"]]
+                         num_stages=num_stages, pre_hook=set_descriptor_blocks if tma else None)
 
 
 def _config_lists(hopper_configs, fallback, interpreter_config):
@@ -145,21 +147,27 @@ def _config_lists(hopper_configs, fallback, interpreter_config):
 # so no asynchronous copies) spills in every config but the smallest (forward 128x64 1500, 64x64 3272).
 # Float32 without TF32 ("ieee": no tensor cores) spills even without features at head dim 64: forward 128x64
 # 2896, 128x128 51476; dQ 128x64 32528, 64x64 32832, 64x32 852; dK/dV 32x128 976.
-# Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed; the TMA
-# configs read K and V through tensor descriptors where the device and layouts allow (autotuning decides).
+# The TMA configs read the streamed tiles through tensor descriptors where the device and layouts allow them
+# (autotuning decides whether they run).
+# Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
 FORWARD_CONFIGS, FORWARD_FALLBACK = _config_lists(
-    [_forward_config(128, 64, 8, 3), _forward_config(128, 128, 8, 2), _forward_config(64, 64, 4, 3),
-     _forward_config(64, 32, 4, 2), _forward_config(128, 64, 8, 3, tma=True),
-     _forward_config(128, 128, 8, 2, tma=True)],
-    _forward_config(32, 32, 4, 1), _forward_config(32, 16, 4, 1))
+    [_config(128, 64, 8, 3, FORWARD_DESCRIPTORS), _config(128, 128, 8, 2, FORWARD_DESCRIPTORS),
+     _config(64, 64, 4, 3, FORWARD_DESCRIPTORS), _config(64, 32, 4, 2, FORWARD_DESCRIPTORS),
+     _config(128, 64, 8, 3, FORWARD_DESCRIPTORS, tma=True), _config(128, 128, 8, 2, FORWARD_DESCRIPTORS, tma=True)],
+    _config(32, 32, 4, 1, FORWARD_DESCRIPTORS), _config(32, 16, 4, 1, FORWARD_DESCRIPTORS))
 # dK/dV: BLOCK_N keys resident while BLOCK_M query rows stream past.
 BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK = _config_lists(
-    [_config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(64, 64, 8, 2), _config(16, 64, 4, 3)],
-    _config(16, 32, 4, 1), _config(16, 32, 4, 1))
+    [_config(32, 128, 8, 2, BACKWARD_KV_DESCRIPTORS), _config(64, 128, 8, 2, BACKWARD_KV_DESCRIPTORS),
+     _config(64, 64, 8, 2, BACKWARD_KV_DESCRIPTORS), _config(16, 64, 4, 3, BACKWARD_KV_DESCRIPTORS),
+     _config(32, 128, 8, 2, BACKWARD_KV_DESCRIPTORS, tma=True),
+     _config(64, 128, 8, 2, BACKWARD_KV_DESCRIPTORS, tma=True)],
+    _config(16, 32, 4, 1, BACKWARD_KV_DESCRIPTORS), _config(16, 32, 4, 1, BACKWARD_KV_DESCRIPTORS))
 # dQ: BLOCK_M query rows resident while BLOCK_N keys stream past.
 BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK = _config_lists(
-    [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
-    _config(32, 16, 4, 1), _config(32, 16, 4, 1))
+    [_config(128, 64, 8, 2, BACKWARD_Q_DESCRIPTORS), _config(64, 64, 4, 3, BACKWARD_Q_DESCRIPTORS),
+     _config(64, 32, 4, 2, BACKWARD_Q_DESCRIPTORS), _config(128, 64, 8, 2, BACKWARD_Q_DESCRIPTORS, tma=True),
+     _config(64, 64, 4, 3, BACKWARD_Q_DESCRIPTORS, tma=True)],
+    _config(32, 16, 4, 1, BACKWARD_Q_DESCRIPTORS), _config(32, 16, 4, 1, BACKWARD_Q_DESCRIPTORS))
 AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "DOT_PRECISION"]
 
 
@@ -326,14 +334,15 @@ def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om,
 
 
 @triton.jit
-def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols, col0, offs_m, offs_d,
-                       offs_dv, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L,
-                       S, scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr,
+def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh, delta_bh, lo, hi, cols, col0,
+                       offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm,
+                       stride_gm, L, S, scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr,
                        APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                        CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
     """Accumulates dK, dV of the BLOCK_N keys `cols` (BLOCK_N, 1) over query blocks [lo, hi) of one head.
-    Tiles are transposed, (keys, rows), so dK and dV accumulate without a transpose of the scores."""
+    Tiles are transposed, (keys, rows), so dK and dV accumulate without a transpose of the scores. With TMA
+    the Q and dO tiles come from q_desc and do_desc at (b, h), rows past L reading 0."""
     lo64 = lo.to(tl.int64)
     qT_ptrs = q_bh + lo64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
     do_ptrs = do_bh + lo64 * stride_gm + offs_m[:, None] * stride_gm + offs_dv[None, :]  # (BLOCK_M, BLOCK_DV)
@@ -341,14 +350,20 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols
         row_ids = start_m + offs_m
         row_ok = row_ids < L
         rows = row_ids[None, :]  # (1, BLOCK_M)
-        qT = _load_tile(qT_ptrs, d_ok[:, None], row_ok[None, :], CHECK_D, True)
+        if TMA:
+            qT = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D).T  # (BLOCK_D, BLOCK_M)
+        else:
+            qT = _load_tile(qT_ptrs, d_ok[:, None], row_ok[None, :], CHECK_D, True)
         # Rows past L read lse = +inf, which makes their p exactly 0.
         lse_log2 = tl.load(lse_bh + row_ids, mask=row_ok, other=float("inf")) * LOG2E
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
         sT = _masked_scores(sT, rows, cols, start_m, col0, col_end, mask_bh, stride_ml, stride_ms, L, S,
                             MASK_KIND, APPLY_CAUSAL, APPLY_COL_END)
         pT = tl.math.exp2(sT - lse_log2[None, :])
-        do = _load_tile(do_ptrs, row_ok[:, None], dv_ok[None, :], True, CHECK_DV)
+        if TMA:
+            do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)  # (BLOCK_M, BLOCK_DV)
+        else:
+            do = _load_tile(do_ptrs, row_ok[:, None], dv_ok[None, :], True, CHECK_DV)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
             keep = dropout_keep(k0, k1, z, rows, cols, threshold)
@@ -366,7 +381,8 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, lse_bh, delta_bh, lo, hi, cols
 
 
 @triton.jit(do_not_specialize=["L", "S"])
-def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLengths, Seed, stride_qb,
+def _backward_kv_kernel(Q, K, V, GradOut, QDesc, GradOutDesc, Lse, Delta, GradK, GradV, Mask, KeyLengths, Seed,
+                        stride_qb,
                         stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                         stride_vn, stride_gb, stride_gh, stride_gm, stride_dkb, stride_dkh, stride_dkn,
                         stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_ml, stride_ms, H,
@@ -374,7 +390,7 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                         HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     # A program owns BLOCK_N keys of one kv head and HEADS_PER_PROGRAM of its query heads: the whole group
     # (dK, dV final), or fewer where the group is split for parallelism (partial dK, dV per head slice).
     SLICES = H // HEADS_PER_PROGRAM
@@ -425,18 +441,20 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
         q_bh = Q + b64 * stride_qb + h64 * stride_qh
         do_bh = GradOut + b64 * stride_gb + h64 * stride_gh
         mask_bh = Mask + b64 * stride_mb + h64 * stride_mh
+        h = h64.to(tl.int32)  # a descriptor coordinate
         if IS_CAUSAL:
-            dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, start,
-                                        full_start, cols, n_start, offs_m, offs_d, offs_dv, d_ok, dv_ok,
-                                        col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S,
-                                        scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, True,
-                                        HAS_KEY_LENGTHS, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION,
-                                        BLOCK_M)
-        dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, Lse + bh64 * L, Delta + bh64 * L, full_start,
-                                    L, cols, n_start, offs_m, offs_d, offs_dv, d_ok, dv_ok, col_end, mask_bh,
-                                    stride_ml, stride_ms, stride_qm, stride_gm, L, S, scale_log2, k0, k1,
-                                    bh64, threshold, inv_keep, MASK_KIND, False, HAS_KEY_LENGTHS, HAS_DROPOUT,
-                                    CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M)
+            dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, QDesc, GradOutDesc, b, h, Lse + bh64 * L,
+                                        Delta + bh64 * L, start, full_start, cols, n_start, offs_m, offs_d, offs_dv,
+                                        d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm,
+                                        L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, True,
+                                        HAS_KEY_LENGTHS, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M,
+                                        BLOCK_D, BLOCK_DV, TMA)
+        dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, QDesc, GradOutDesc, b, h, Lse + bh64 * L,
+                                    Delta + bh64 * L, full_start, L, cols, n_start, offs_m, offs_d, offs_dv, d_ok,
+                                    dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S,
+                                    scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, False,
+                                    HAS_KEY_LENGTHS, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M,
+                                    BLOCK_D, BLOCK_DV, TMA)
 
     dk_ptrs = (GradK + b64 * stride_dkb + slice64 * stride_dkh + n_start64 * stride_dkn
                + offs_n[:, None] * stride_dkn + offs_d[None, :])
@@ -447,18 +465,24 @@ def _backward_kv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, KeyLen
 
 
 @triton.jit
-def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, row0, offs_n, d_ok, dv_ok,
-                      col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S, scale_log2, k0, k1,
-                      z, threshold, inv_keep, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
-                      BOUNDARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr,
-                      CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo, hi, rows, row0,
+                      offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
+                      scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr,
+                      APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                      CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
     """Accumulates dQ of BLOCK_M rows over key blocks [lo, hi); k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs
-    (BLOCK_DV, BLOCK_N) point at key lo, both transposed."""
+    (BLOCK_DV, BLOCK_N) point at key lo, both transposed; with TMA the tiles come from k_desc and v_desc at
+    (b, kv_h), keys past S reading 0."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n[None, :]  # (1, BLOCK_N)
         col_ok = cols < col_end
-        kT = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
-        vT = _load_tile(v_ptrs, dv_ok[:, None], col_ok, CHECK_DV, BOUNDARY)  # (BLOCK_DV, BLOCK_N)
+        if TMA:
+            kT = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D).T  # (BLOCK_D, BLOCK_N)
+            vT = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV).T  # (BLOCK_DV, BLOCK_N)
+        else:
+            kT = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
+            vT = _load_tile(v_ptrs, dv_ok[:, None], col_ok, CHECK_DV, BOUNDARY)  # (BLOCK_DV, BLOCK_N)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         s = _masked_scores(s, rows, cols, row0, start_n, col_end, mask_bh, stride_ml, stride_ms, L, S,
                            MASK_KIND, APPLY_CAUSAL, BOUNDARY)
@@ -474,15 +498,17 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, lo, hi, rows, 
 
 
 @triton.jit(do_not_specialize=["L", "S"])
-def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Seed, stride_qb, stride_qh,
+def _backward_q_kernel(Q, K, V, GradOut, KDesc, VDesc, Lse, Delta, GradQ, Mask, KeyLengths, Seed, stride_qb,
+                       stride_qh,
                        stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_gb,
                        stride_gh, stride_gm, stride_dqb, stride_dqh, stride_dqm, stride_mb, stride_mh,
                        stride_ml, stride_ms, H, GROUP, L, S, scale, scale_log2, threshold, inv_keep,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                        HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
+    kv_h = kv_h64.to(tl.int32)  # a descriptor coordinate
     b64 = b.to(tl.int64)
     m_start64 = m_start.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -512,16 +538,17 @@ def _backward_q_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, KeyLengths, Se
     col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     full_end, end = _key_blocks(m_start, col_end, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, 0, full_end, rows, m_start, offs_n,
-                           d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn, L, S,
-                           scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, False, False,
-                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, KDesc, VDesc, b, kv_h, 0, full_end, rows,
+                           m_start, offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn,
+                           stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, False, False,
+                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)
     kT_diagonal = kT_base + full_end.to(tl.int64) * stride_kn
     vT_diagonal = vT_base + full_end.to(tl.int64) * stride_vn
-    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_diagonal, vT_diagonal, full_end, end, rows, m_start,
-                           offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn, stride_vn,
-                           L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, IS_CAUSAL, True,
-                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N)
+    dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_diagonal, vT_diagonal, KDesc, VDesc, b, kv_h, full_end,
+                           end, rows, m_start, offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms,
+                           stride_kn, stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND,
+                           IS_CAUSAL, True, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D,
+                           BLOCK_DV, TMA)
     dq_ptrs = (GradQ + b64 * stride_dqb + h64 * stride_dqh + m_start64 * stride_dqm
                + offs_m[:, None] * stride_dqm + offs_d[None, :])
     tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -548,9 +575,11 @@ def _tuned(kernel, configs, fallback, resident, streamed, usable=None):
 
 
 _FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N",
-                  usable=needs_descriptors("KDesc", "VDesc"))
-_BACKWARD_KV = _tuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N", "BLOCK_M")
-_BACKWARD_Q = _tuned(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M", "BLOCK_N")
+                  usable=needs_descriptors(*FORWARD_DESCRIPTORS))
+_BACKWARD_KV = _tuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N", "BLOCK_M",
+                      usable=needs_descriptors(*BACKWARD_KV_DESCRIPTORS))
+_BACKWARD_Q = _tuned(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M", "BLOCK_N",
+                     usable=needs_descriptors(*BACKWARD_Q_DESCRIPTORS))
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
 # At most this many elements per delta tile: 64 rows x 256 float32 O and dO spill 392 bytes with 4 warps.
 DELTA_TILE_ELEMENTS = 64 * 128
@@ -612,22 +641,21 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     out = q.new_empty(c.B, c.L, c.H, c.Ev).transpose(1, 2)  # (B, H, L, Ev), stored (B, L, H, Ev)
     lse = q.new_empty(c.B, c.H, c.L, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
-    k_desc, v_desc = _kv_descriptors(k, v)
-    args = (q, k, v, k_desc, v_desc, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3],
+    args = (q, k, v, *_descriptors(k, v), out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
     with _device_guard(q):
         _FORWARD.launch(grid, c.work, args, c.constexprs)
     return out, lse
 
 
-def _kv_descriptors(k, v):
-    """Tensor descriptors over k (B, Hk, S, E) and v (B, Hk, S, Ev) for the forward's TMA configs, or k and v
-    themselves as placeholders where the device or a layout allows none (those configs are then not run)."""
-    if tensor_descriptors_supported(k.device):
-        k_desc, v_desc = (descriptor(t, t.shape, t.stride()) for t in (k, v))
-        if k_desc is not None and v_desc is not None:
-            return k_desc, v_desc
-    return k, v
+def _descriptors(*tensors):
+    """Tensor descriptors over (B, H, N, D) tensors for the TMA configs, or the tensors themselves as
+    placeholders where the device or a layout allows none (those configs are then not run)."""
+    if tensor_descriptors_supported(tensors[0].device):
+        found = [descriptor(t, t.shape, t.stride()) for t in tensors]
+        if all(d is not None for d in found):
+            return tuple(found)
+    return tensors
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p, is_causal, scale, seed):
@@ -651,17 +679,17 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
         _backward_delta_kernel[(triton.cdiv(c.L, delta_rows) * c.B * c.H,)](
             out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], c.H, c.L,
             HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=delta_rows)
-        shared = (q, k, v, grad_out, lse, delta)
+        inputs, row_stats = (q, k, v, grad_out), (lse, delta)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
         H, group, L, S = c.scalars
         tail = (c.scale, c.scale_log2, *c.dropout)
         kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * slices,)
-        _BACKWARD_KV.launch(kv_grid, c.work, (*shared, dk, dv, c.mask, c.key_lengths, seed,
-                            *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, H, group,
-                            heads_per_program, L, S, *tail), c.constexprs)
+        _BACKWARD_KV.launch(kv_grid, c.work, (*inputs, *_descriptors(q, grad_out), *row_stats, dk, dv, c.mask,
+                            c.key_lengths, seed, *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides,
+                            H, group, heads_per_program, L, S, *tail), c.constexprs)
         q_grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
-        _BACKWARD_Q.launch(q_grid, c.work, (*shared, dq, c.mask, c.key_lengths, seed,
-                           *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail), c.constexprs)
+        _BACKWARD_Q.launch(q_grid, c.work, (*inputs, *_descriptors(k, v), *row_stats, dq, c.mask, c.key_lengths,
+                           seed, *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail), c.constexprs)
     if partial:
         dk, dv = (_sum_slices(t, c.Hk, k.dtype) for t in (dk, dv))
     return dq, dk, dv
