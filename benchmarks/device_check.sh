@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine: versions, install (CUDA kernels compiled for this card), the gpu-marked
-# tests (four pytest processes at once: benchmarks/run_gpu_tests.py), compute-sanitizer memcheck of an
+# tests (eight pytest processes at once: benchmarks/run_gpu_tests.py), compute-sanitizer memcheck of an
 # attention case, then the short benchmark table, printed last.
 #
 #   bash benchmarks/device_check.sh           install, gpu tests, memcheck, attention + MLP table
@@ -98,7 +98,7 @@ PY
     limit=$(cap $((BENCH_RESERVE_S + SANITIZER_TIMEOUT_S)) 30 "$TESTS_TIMEOUT_S")
     echo "== gpu tests (cap $limit s)"
     t0=$SECONDS
-    timeout $((limit + 15)) python benchmarks/run_gpu_tests.py --workers 4 --timeout "$limit" || tests_rc=$?
+    timeout $((limit + 20)) python benchmarks/run_gpu_tests.py --workers 8 --timeout "$limit" || tests_rc=$?
     echo "gpu tests: exit $tests_rc in $((SECONDS - t0)) s"
 
     if [ -f benchmarks/sanitize_attention.py ]; then

@@ -1,39 +1,43 @@
-"""Runs the `gpu`-marked tests in several pytest processes at once, one group of test files each.
+"""Runs the `gpu`-marked tests in several pytest processes at once.
 
 On a GPU machine the suite's time goes to compiling Triton kernels, which is single-threaded and CPU-bound
-while the GPU idles, so WORKERS processes finish it about WORKERS times sooner. Files are spread so that the
-groups hold about the same number of tests; a file stays in one process, so its kernels compile once. Each
-group's output is printed whole when it ends; a group still running at --timeout is stopped and counts as
-failed. Exit status: 0 when every group passed.
+while the GPU idles, so WORKERS processes finish it several times sooner. The unit spread over the processes
+is a test function with all its parametrizations (their kernels compile once, in one process; processes share
+Triton's on-disk cache); functions go to the process with the fewest tests so far, largest first. Each
+process's output is printed whole when it ends; one still running at --timeout is interrupted (pytest then
+reports what it has run) and counts as failed. Exit status: 0 when every process passed.
 
-    python benchmarks/run_gpu_tests.py --workers 4 --timeout 150
+    python benchmarks/run_gpu_tests.py --workers 8 --timeout 150
 """
 
 import argparse
 import collections
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 
+INTERRUPT_GRACE_S = 10  # for an interrupted pytest to print its summary before it is killed
+
 
 def collect(paths):
-    """Test ids of the gpu-marked tests, grouped by file: {file: count}."""
+    """The gpu-marked test functions with their number of parametrizations: {"file::function": count}."""
     listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
                               "-p", "no:cacheprovider", *paths], capture_output=True, text=True, check=False)
-    counts = collections.Counter(line.split("::")[0] for line in listing.stdout.splitlines() if "::" in line)
+    counts = collections.Counter(line.split("[")[0] for line in listing.stdout.splitlines() if "::" in line)
     if not counts:
         raise SystemExit(f"no gpu tests collected:\n{listing.stdout}{listing.stderr}")
     return counts
 
 
 def spread(counts, workers):
-    """Files into at most `workers` groups of about equal test counts (largest file first, to the lightest)."""
+    """Units into at most `workers` groups of about equal test counts (largest first, to the lightest)."""
     groups = [[] for _ in range(min(workers, len(counts)))]
     loads = [0] * len(groups)
-    for path, count in sorted(counts.items(), key=lambda item: -item[1]):
+    for unit, count in sorted(counts.items(), key=lambda item: -item[1]):
         lightest = loads.index(min(loads))
-        groups[lightest].append(path)
+        groups[lightest].append(unit)
         loads[lightest] += count
     return groups
 
@@ -41,7 +45,7 @@ def spread(counts, workers):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", default=["tests"])
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds for the whole run")
     args = parser.parse_args(argv)
 
@@ -56,13 +60,18 @@ def main(argv=None):
         left = max(1.0, args.timeout - (time.monotonic() - start))
         try:
             status = process.wait(timeout=left)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        except subprocess.TimeoutExpired:  # interrupted, pytest still reports the failures it has seen
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             status = f"stopped after {args.timeout:.0f} s"
         failed += status != 0
         log.seek(0)
-        print(f"---- {' '.join(group)}: exit {status} at {time.monotonic() - start:.0f} s")
+        print(f"---- {len(group)} test functions ({', '.join(group)}): exit {status} at "
+              f"{time.monotonic() - start:.0f} s")
         print(log.read(), flush=True)
     print(f"gpu tests: {len(groups) - failed} of {len(groups)} groups passed in {time.monotonic() - start:.0f} s")
     return 1 if failed else 0
