@@ -319,13 +319,17 @@ def test_a_time_budget_measures_compiling_providers_last(monkeypatch):
 RUNNER = pathlib.Path(__file__).parents[1] / "benchmarks" / "run_gpu_tests.py"
 
 
-def test_gpu_test_runner_spreads_files_evenly():
+def test_gpu_test_runner_spreads_tests_evenly():
     spec = importlib.util.spec_from_file_location("run_gpu_tests", RUNNER)
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
-    groups = runner.spread({"a.py": 74, "b.py": 88, "c.py": 13, "d.py": 3, "e.py": 70}, 3)
-    assert groups == [["b.py"], ["a.py", "d.py"], ["e.py", "c.py"]]  # 88, 77, 83 tests
-    assert runner.spread({"a.py": 5}, 4) == [["a.py"]]
+    functions = {f"t.py::{name}": [f"t.py::{name}[{i}]" for i in range(count)]
+                 for name, count in (("big", 9), ("a", 4), ("b", 3), ("c", 2))}
+    groups = runner.spread(functions, 3)  # 18 tests, a share of 6: "big" is cut into runs of 6 and 3
+    assert groups == [["t.py::big[0]", "t.py::big[1]", "t.py::big[2]", "t.py::big[3]", "t.py::big[4]",
+                       "t.py::big[5]"], ["t.py::a", "t.py::c"], ["t.py::big[6]", "t.py::big[7]", "t.py::big[8]",
+                                                                 "t.py::b"]]
+    assert runner.spread({"t.py::a": ["t.py::a[0]"]}, 4) == [["t.py::a"]]
 
 
 def test_gpu_test_runner_reports_each_group():
