@@ -102,10 +102,13 @@ def attention_kernels(args):
         aligned = {a for a in types if aligned_strides and a.startswith("stride") and not a.startswith("stride_m")}
         for config in [*tiled.configs, tiled.fallback]:
             sizes = {**features, **config.kwargs}
-            for desc, (rows, cols) in descriptors.items():  # a TMA config's descriptors, else placeholders
-                block = f"[1, 1, {sizes[rows]}, {sizes[cols]}]"
+            layouts = {}  # every descriptor over (B, H, N, D) memory, or (B, N, H, D) with --heads-inner
+            for desc, (rows, cols, heads_inner) in descriptors.items():  # placeholders unless a TMA config
+                block = (f"[1, {sizes[rows]}, 1, {sizes[cols]}]" if args.heads_inner
+                         else f"[1, 1, {sizes[rows]}, {sizes[cols]}]")
                 types[desc] = f"tensordesc<{args.dtype}{block}>" if config.kwargs["TMA"] else element
-            _report(name, fn, types, features, aligned, args.arch, config)
+                layouts[heads_inner] = args.heads_inner
+            _report(name, fn, types, {**features, **layouts}, aligned, args.arch, config)
 
 
 def mlp_kernel(args):
@@ -141,6 +144,8 @@ def main(argv=None):
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--key-lengths", action="store_true")
     parser.add_argument("--dropout", action="store_true")
+    parser.add_argument("--heads-inner", action="store_true",
+                        help="attention TMA configs: descriptors over (B, N, H, D) memory (projection layout)")
     parser.add_argument("--activation", choices=sorted(mlp.ACTIVATION_CODES), default="none")
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--bias", action="store_true")

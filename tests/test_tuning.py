@@ -100,7 +100,7 @@ ATTENTION_DESCRIPTORS = {"forward": attention.FORWARD_DESCRIPTORS, "dk_dv": atte
 def test_tma_attention_config(monkeypatch, name, case):
     """Each attention kernel's TMA config (its streamed tiles through 4-D tensor descriptors), the other two
     kernels on their defaults: partial blocks, GQA, causal, key lengths, masks, dropout, a head dim below its
-    padded block, strided views of a packed QKV."""
+    padded block, strided views of a packed QKV (descriptors over (B, N, H, D) memory)."""
     if not tuning.tensor_descriptors_supported(torch.device(DEVICE)):
         pytest.skip("tensor descriptors need Hopper or newer")
     tiles = (32, 16, 4, 1) if DEVICE == "cpu" else (64, 64, 4, 2)
@@ -111,7 +111,7 @@ def test_tma_attention_config(monkeypatch, name, case):
     monkeypatch.setattr(ATTENTION_KERNELS[name], "configs", [config])  # with no descriptor, no config is usable
     dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
     B, Hq, Hk, L, S, E = 2, 4, 2, 37, 53, 64
-    if case == "packed_views":
+    if case == "packed_views":  # heads inside rows: descriptors over (B, N, H, D) memory
         qkv = torch.randn(B, L, 3, Hq, E, dtype=dtype, device=DEVICE)  # (B, L, 3, H, E)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, E) views
         check_attention("triton", q, k, v, is_causal=True)

@@ -112,9 +112,13 @@ def _key_blocks(m_start, col_end, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 # The tiles each kernel's TMA configs read through tensor descriptors: argument -> (rows, columns) of its
-# block, each of one (batch, head) of a (B, H, N, D) tensor.
-FORWARD_DESCRIPTORS = {"KDesc": ("BLOCK_N", "BLOCK_D"), "VDesc": ("BLOCK_N", "BLOCK_DV")}
-BACKWARD_KV_DESCRIPTORS = {"QDesc": ("BLOCK_M", "BLOCK_D"), "GradOutDesc": ("BLOCK_M", "BLOCK_DV")}
+# block and the launch's constexpr that says its layout: each tile is of one (batch, head) of a (B, H, N, D)
+# tensor stored (B, H, N, D), or (B, N, H, D) where that flag is set (heads inside rows: the layout of
+# projections and of this module's outputs).
+FORWARD_DESCRIPTORS = {"KDesc": ("BLOCK_N", "BLOCK_D", "K_HEADS_INNER"),
+                       "VDesc": ("BLOCK_N", "BLOCK_DV", "V_HEADS_INNER")}
+BACKWARD_KV_DESCRIPTORS = {"QDesc": ("BLOCK_M", "BLOCK_D", "Q_HEADS_INNER"),
+                           "GradOutDesc": ("BLOCK_M", "BLOCK_DV", "DO_HEADS_INNER")}
 BACKWARD_Q_DESCRIPTORS = FORWARD_DESCRIPTORS
 
 
@@ -122,8 +126,9 @@ def _config(block_m, block_n, num_warps, num_stages, descriptors, tma=False):
     """A tile config; with tma, the tiles named in `descriptors` load through tensor descriptors (Hopper and
     newer), whose block shapes its pre_hook sets."""
     def set_descriptor_blocks(args):
-        for name, (rows, cols) in descriptors.items():
-            args[name].block_shape = [1, 1, args[rows], args[cols]]
+        for name, (rows, cols, heads_inner) in descriptors.items():
+            rows, cols = args[rows], args[cols]
+            args[name].block_shape = [1, rows, 1, cols] if args[heads_inner] else [1, 1, rows, cols]
 
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": tma}, num_warps=num_warps,
                          num_stages=num_stages, pre_hook=set_descriptor_blocks if tma else None)
@@ -202,6 +207,17 @@ def _dropout_key(Seed, HAS_DROPOUT: tl.constexpr):
         return 0, 0
 
 
+@triton.jit
+def _descriptor_tile(desc, b, h, row, ROWS: tl.constexpr, COLS: tl.constexpr, HEADS_INNER: tl.constexpr):
+    """The (ROWS, COLS) tile at `row` of head h of batch b, through a 4-D descriptor over (B, H, N, D) memory,
+    or over (B, N, H, D) memory when HEADS_INNER; rows past N and head-dim padding read 0."""
+    if HEADS_INNER:
+        tile = desc.load([b, row, h, 0])
+    else:
+        tile = desc.load([b, h, row, 0])
+    return tile.reshape(ROWS, COLS)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Forward
 
@@ -212,7 +228,8 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo
                    threshold, MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
                    HAS_DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
+                   BLOCK_DV: tl.constexpr, TMA: tl.constexpr, K_HEADS_INNER: tl.constexpr,
+                   V_HEADS_INNER: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs (BLOCK_N, BLOCK_DV)
     point at key lo; with TMA the tiles come from k_desc and v_desc at (b, kv_h) instead, keys past S and
     head-dim padding reading 0. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
@@ -220,7 +237,7 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo
         cols = start_n + offs_n[None, :]  # (1, BLOCK_N)
         col_ok = cols < col_end
         if TMA:
-            k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D).T  # (BLOCK_D, BLOCK_N)
+            k = _descriptor_tile(k_desc, b, kv_h, start_n, BLOCK_N, BLOCK_D, K_HEADS_INNER).T  # (BLOCK_D, BLOCK_N)
         else:
             k = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
@@ -236,7 +253,7 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(k0, k1, z, rows, cols, threshold), p, 0.0)
         if TMA:
-            v = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)  # (BLOCK_N, BLOCK_DV)
+            v = _descriptor_tile(v_desc, b, kv_h, start_n, BLOCK_N, BLOCK_DV, V_HEADS_INNER)  # (BLOCK_N, BLOCK_DV)
         else:
             v = _load_tile(v_ptrs, (start_n + offs_n)[:, None] < col_end, dv_ok[None, :], BOUNDARY, CHECK_DV)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -254,7 +271,8 @@ def _forward_kernel(Q, K, V, KDesc, VDesc, Out, Lse, Mask, KeyLengths, Seed, str
                     inv_keep, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                     HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, K_HEADS_INNER: tl.constexpr,
+                    V_HEADS_INNER: tl.constexpr):
     b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
     kv_h = kv_h64.to(tl.int32)  # a descriptor coordinate
     b64 = b.to(tl.int64)
@@ -285,14 +303,15 @@ def _forward_kernel(Q, K, V, KDesc, VDesc, Out, Lse, Mask, KeyLengths, Seed, str
     acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, 0, full_end, rows,
                                    m_start, offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn,
                                    stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, MASK_KIND, False, False,
-                                   HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)
+                                   HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, TMA,
+                                   K_HEADS_INNER, V_HEADS_INNER)
     k_diagonal = k_base + full_end.to(tl.int64) * stride_kn
     v_diagonal = v_base + full_end.to(tl.int64) * stride_vn
     acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, k_diagonal, v_diagonal, KDesc, VDesc, b, kv_h, full_end,
                                    end, rows, m_start, offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms,
                                    stride_kn, stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, MASK_KIND,
                                    IS_CAUSAL, True, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D,
-                                   BLOCK_DV, TMA)
+                                   BLOCK_DV, TMA, K_HEADS_INNER, V_HEADS_INNER)
 
     # l == 0 exactly when no key takes part in the row: output 0, lse = +inf (its backward p is then 0).
     empty = l_i == 0.0
@@ -339,7 +358,8 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
                        stride_gm, L, S, scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr,
                        APPLY_CAUSAL: tl.constexpr, APPLY_COL_END: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                        CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr,
+                       Q_HEADS_INNER: tl.constexpr, DO_HEADS_INNER: tl.constexpr):
     """Accumulates dK, dV of the BLOCK_N keys `cols` (BLOCK_N, 1) over query blocks [lo, hi) of one head.
     Tiles are transposed, (keys, rows), so dK and dV accumulate without a transpose of the scores. With TMA
     the Q and dO tiles come from q_desc and do_desc at (b, h), rows past L reading 0."""
@@ -351,7 +371,7 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
         row_ok = row_ids < L
         rows = row_ids[None, :]  # (1, BLOCK_M)
         if TMA:
-            qT = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D).T  # (BLOCK_D, BLOCK_M)
+            qT = _descriptor_tile(q_desc, b, h, start_m, BLOCK_M, BLOCK_D, Q_HEADS_INNER).T  # (BLOCK_D, BLOCK_M)
         else:
             qT = _load_tile(qT_ptrs, d_ok[:, None], row_ok[None, :], CHECK_D, True)
         # Rows past L read lse = +inf, which makes their p exactly 0.
@@ -361,7 +381,7 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
                             MASK_KIND, APPLY_CAUSAL, APPLY_COL_END)
         pT = tl.math.exp2(sT - lse_log2[None, :])
         if TMA:
-            do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)  # (BLOCK_M, BLOCK_DV)
+            do = _descriptor_tile(do_desc, b, h, start_m, BLOCK_M, BLOCK_DV, DO_HEADS_INNER)  # (BLOCK_M, BLOCK_DV)
         else:
             do = _load_tile(do_ptrs, row_ok[:, None], dv_ok[None, :], True, CHECK_DV)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -390,7 +410,8 @@ def _backward_kv_kernel(Q, K, V, GradOut, QDesc, GradOutDesc, Lse, Delta, GradK,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                         HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, Q_HEADS_INNER: tl.constexpr,
+                        DO_HEADS_INNER: tl.constexpr):
     # A program owns BLOCK_N keys of one kv head and HEADS_PER_PROGRAM of its query heads: the whole group
     # (dK, dV final), or fewer where the group is split for parallelism (partial dK, dV per head slice).
     SLICES = H // HEADS_PER_PROGRAM
@@ -448,13 +469,13 @@ def _backward_kv_kernel(Q, K, V, GradOut, QDesc, GradOutDesc, Lse, Delta, GradK,
                                         d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm,
                                         L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, True,
                                         HAS_KEY_LENGTHS, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M,
-                                        BLOCK_D, BLOCK_DV, TMA)
+                                        BLOCK_D, BLOCK_DV, TMA, Q_HEADS_INNER, DO_HEADS_INNER)
         dk, dv = _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, QDesc, GradOutDesc, b, h, Lse + bh64 * L,
                                     Delta + bh64 * L, full_start, L, cols, n_start, offs_m, offs_d, offs_dv, d_ok,
                                     dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_qm, stride_gm, L, S,
                                     scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, False,
                                     HAS_KEY_LENGTHS, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_M,
-                                    BLOCK_D, BLOCK_DV, TMA)
+                                    BLOCK_D, BLOCK_DV, TMA, Q_HEADS_INNER, DO_HEADS_INNER)
 
     dk_ptrs = (GradK + b64 * stride_dkb + slice64 * stride_dkh + n_start64 * stride_dkn
                + offs_n[:, None] * stride_dkn + offs_d[None, :])
@@ -470,7 +491,8 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, k_desc, v_desc
                       scale_log2, k0, k1, z, threshold, inv_keep, MASK_KIND: tl.constexpr,
                       APPLY_CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                       CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr,
+                      K_HEADS_INNER: tl.constexpr, V_HEADS_INNER: tl.constexpr):
     """Accumulates dQ of BLOCK_M rows over key blocks [lo, hi); k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs
     (BLOCK_DV, BLOCK_N) point at key lo, both transposed; with TMA the tiles come from k_desc and v_desc at
     (b, kv_h), keys past S reading 0."""
@@ -478,8 +500,8 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, k_desc, v_desc
         cols = start_n + offs_n[None, :]  # (1, BLOCK_N)
         col_ok = cols < col_end
         if TMA:
-            kT = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D).T  # (BLOCK_D, BLOCK_N)
-            vT = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV).T  # (BLOCK_DV, BLOCK_N)
+            kT = _descriptor_tile(k_desc, b, kv_h, start_n, BLOCK_N, BLOCK_D, K_HEADS_INNER).T  # (BLOCK_D, BLOCK_N)
+            vT = _descriptor_tile(v_desc, b, kv_h, start_n, BLOCK_N, BLOCK_DV, V_HEADS_INNER).T  # (BLOCK_DV, BLOCK_N)
         else:
             kT = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
             vT = _load_tile(v_ptrs, dv_ok[:, None], col_ok, CHECK_DV, BOUNDARY)  # (BLOCK_DV, BLOCK_N)
@@ -506,7 +528,8 @@ def _backward_q_kernel(Q, K, V, GradOut, KDesc, VDesc, Lse, Delta, GradQ, Mask, 
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                        HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, K_HEADS_INNER: tl.constexpr,
+                    V_HEADS_INNER: tl.constexpr):
     b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
     kv_h = kv_h64.to(tl.int32)  # a descriptor coordinate
     b64 = b.to(tl.int64)
@@ -541,14 +564,15 @@ def _backward_q_kernel(Q, K, V, GradOut, KDesc, VDesc, Lse, Delta, GradQ, Mask, 
     dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_base, vT_base, KDesc, VDesc, b, kv_h, 0, full_end, rows,
                            m_start, offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms, stride_kn,
                            stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND, False, False,
-                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)
+                           HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, TMA,
+                           K_HEADS_INNER, V_HEADS_INNER)
     kT_diagonal = kT_base + full_end.to(tl.int64) * stride_kn
     vT_diagonal = vT_base + full_end.to(tl.int64) * stride_vn
     dq = _backward_q_steps(dq, q, do, lse_log2, delta, kT_diagonal, vT_diagonal, KDesc, VDesc, b, kv_h, full_end,
                            end, rows, m_start, offs_n, d_ok, dv_ok, col_end, mask_bh, stride_ml, stride_ms,
                            stride_kn, stride_vn, L, S, scale_log2, k0, k1, bh64, threshold, inv_keep, MASK_KIND,
                            IS_CAUSAL, True, HAS_DROPOUT, CHECK_D, CHECK_DV, DOT_PRECISION, BLOCK_N, BLOCK_D,
-                           BLOCK_DV, TMA)
+                           BLOCK_DV, TMA, K_HEADS_INNER, V_HEADS_INNER)
     dq_ptrs = (GradQ + b64 * stride_dqb + h64 * stride_dqh + m_start64 * stride_dqm
                + offs_m[:, None] * stride_dqm + offs_d[None, :])
     tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -641,21 +665,36 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     out = q.new_empty(c.B, c.L, c.H, c.Ev).transpose(1, 2)  # (B, H, L, Ev), stored (B, L, H, Ev)
     lse = q.new_empty(c.B, c.H, c.L, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
-    args = (q, k, v, *_descriptors(k, v), out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3],
+    kv_descriptors, kv_layouts = _descriptors(k, v)
+    args = (q, k, v, *kv_descriptors, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
     with _device_guard(q):
-        _FORWARD.launch(grid, c.work, args, c.constexprs)
+        _FORWARD.launch(grid, c.work, args, {**c.constexprs, **_layout_flags(FORWARD_DESCRIPTORS, kv_layouts)})
     return out, lse
 
 
 def _descriptors(*tensors):
-    """Tensor descriptors over (B, H, N, D) tensors for the TMA configs, or the tensors themselves as
-    placeholders where the device or a layout allows none (those configs are then not run)."""
+    """(tensor descriptors, heads_inner flags) over (B, H, N, D) tensors for the TMA configs, each over
+    (B, H, N, D) memory or, heads inside rows (the layout of projections and of our outputs), over (B, N, H, D)
+    memory. Where the device or a layout allows neither: the tensors themselves as placeholders (the TMA
+    configs are then not run)."""
     if tensor_descriptors_supported(tensors[0].device):
-        found = [descriptor(t, t.shape, t.stride()) for t in tensors]
-        if all(d is not None for d in found):
-            return tuple(found)
-    return tensors
+        found = []
+        for t in tensors:
+            for heads_inner in (False, True):
+                view = t.transpose(1, 2) if heads_inner else t
+                d = descriptor(view, view.shape, view.stride())
+                if d is not None:
+                    found.append((d, heads_inner))
+                    break
+        if len(found) == len(tensors):
+            return tuple(d for d, _ in found), tuple(inner for _, inner in found)
+    return tensors, (False,) * len(tensors)
+
+
+def _layout_flags(descriptors, layouts):
+    """The launch constexprs that say each descriptor's layout, in the order of `descriptors`."""
+    return {flag: inner for (_, _, flag), inner in zip(descriptors.values(), layouts)}
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p, is_causal, scale, seed):
@@ -684,12 +723,16 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
         H, group, L, S = c.scalars
         tail = (c.scale, c.scale_log2, *c.dropout)
         kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * slices,)
-        _BACKWARD_KV.launch(kv_grid, c.work, (*inputs, *_descriptors(q, grad_out), *row_stats, dk, dv, c.mask,
-                            c.key_lengths, seed, *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides,
-                            H, group, heads_per_program, L, S, *tail), c.constexprs)
+        q_descriptors, q_layouts = _descriptors(q, grad_out)
+        _BACKWARD_KV.launch(kv_grid, c.work, (*inputs, *q_descriptors, *row_stats, dk, dv, c.mask, c.key_lengths,
+                            seed, *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, H, group,
+                            heads_per_program, L, S, *tail),
+                            {**c.constexprs, **_layout_flags(BACKWARD_KV_DESCRIPTORS, q_layouts)})
         q_grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
-        _BACKWARD_Q.launch(q_grid, c.work, (*inputs, *_descriptors(k, v), *row_stats, dq, c.mask, c.key_lengths,
-                           seed, *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail), c.constexprs)
+        kv_descriptors, kv_layouts = _descriptors(k, v)
+        _BACKWARD_Q.launch(q_grid, c.work, (*inputs, *kv_descriptors, *row_stats, dq, c.mask, c.key_lengths, seed,
+                           *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail),
+                           {**c.constexprs, **_layout_flags(BACKWARD_Q_DESCRIPTORS, kv_layouts)})
     if partial:
         dk, dv = (_sum_slices(t, c.Hk, k.dtype) for t in (dk, dv))
     return dq, dk, dv

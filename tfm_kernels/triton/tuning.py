@@ -43,13 +43,21 @@ def tensor_descriptors_supported(device):
 
 
 def descriptor(t, shape, strides):
-    """A tensor descriptor over `t`'s memory with this shape and element strides (the last 1), or None where
-    TMA cannot read it: not 16-bit elements, a base or a stride not 16-byte aligned, an empty dimension. Its
-    block shape is a placeholder that the config's pre_hook sets at launch."""
+    """A tensor descriptor over `t`'s memory with this shape and element strides, or None where TMA might not
+    read it: not 16-bit elements, a base or a stride not 16-byte aligned, an empty dimension, or a layout that
+    is not row-major in the given dimension order (each stride at least the extent of the dimensions inside
+    it: broadcast zero strides and permuted views such as heads inside rows take the pointer path). Size-1
+    dimensions get the row-major stride, as their stride is never used. Its block shape is a placeholder
+    that the config's pre_hook sets at launch."""
+    strides = list(strides)
+    for i in reversed(range(len(shape) - 1)):
+        if shape[i] == 1:
+            strides[i] = strides[i + 1] * shape[i + 1]
+    row_major = all(outer >= inner * size for outer, inner, size in zip(strides[:-1], strides[1:], shape[1:]))
     if (t.element_size() != 2 or strides[-1] != 1 or t.data_ptr() % 16 or any(s * 2 % 16 for s in strides[:-1])
-            or min(shape) <= 0):
+            or min(shape) <= 0 or not row_major):
         return None
-    return TensorDescriptor(t, list(shape), list(strides), [16] * len(shape))
+    return TensorDescriptor(t, list(shape), strides, [16] * len(shape))
 
 
 def needs_descriptors(*names):
