@@ -46,8 +46,8 @@ def descriptor(t, shape, strides):
     """A tensor descriptor over `t`'s memory with this shape and element strides, or None where TMA might not
     read it: not 16-bit elements, a base or a stride not 16-byte aligned, an empty dimension, or a layout that
     is not row-major in the given dimension order (each stride at least the extent of the dimensions inside
-    it: broadcast zero strides and permuted views such as heads inside rows take the pointer path). Size-1
-    dimensions get the row-major stride, as their stride is never used. Its block shape is a placeholder
+    it: broadcast zero strides and permuted views; a caller that knows another order passes the view in that
+    order). Size-1 dimensions get the row-major stride, as their stride is never used. Its block shape is a placeholder
     that the config's pre_hook sets at launch."""
     strides = list(strides)
     for i in reversed(range(len(shape) - 1)):
@@ -123,8 +123,10 @@ class TunedKernel:
                           num_stages=config.num_stages)
 
     def _precompile(self, grid, args, constexprs, named, budget):
-        """Compiles, in parallel, every config the autotuner is about to time for this launch's key. A failure
-        here costs only time (the autotuner then compiles each config itself), so it warns and goes on."""
+        """Compiles, in parallel, every config the autotuner is about to time for this launch's key. A config
+        that fails to compile is left to the autotuner, which reports or skips it as it always does; a failure
+        of this step itself costs only time (the autotuner then compiles each config), so it warns and goes
+        on."""
         tensors = (a for a in args if isinstance(a, torch.Tensor))
         key = (tuple(named[k] for k in self.key), tuple(sorted(constexprs.items())),
                tuple(str(t.dtype) for t in tensors), named[self.probe].device)
@@ -132,7 +134,7 @@ class TunedKernel:
             return
         self._precompiled.add(key)
         try:
-            with ThreadPoolExecutor(COMPILE_THREADS) as pool, triton.AsyncCompileMode(pool):
+            with ThreadPoolExecutor(COMPILE_THREADS) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
                 for config in self.fitting(named, budget):
                     if config.pre_hook is not None:
                         config.pre_hook({**named, **config.kwargs})
