@@ -118,9 +118,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         enable_gqa: allow Hq != Hk (grouped-query and multi-query attention).
         key_lengths: optional int32/int64 tensor (B,), B the product of the batch dims (1 for 3-D inputs):
             keys j >= key_lengths[b] take no part (right padding), without any mask tensor.
-        backend: "auto" (fastest backend that supports the inputs), "cuda" (CUDA C++), "triton", "cpu"
-            (C++ CPU kernel) or "torch" (the eager reference path). An explicit backend never falls back: it
-            runs or raises NotImplementedError with the reasons.
+        backend: "auto" (the first supporting backend in tfm_kernels.backends.auto_order), "cuda" (CUDA C++),
+            "triton", "cpu" (C++ CPU kernel) or "torch" (the eager reference path). An explicit backend never
+            falls back: it runs or raises NotImplementedError with the reasons. The cuda backward sums dQ with
+            float32 atomics (its last bits may vary from run to run) unless
+            torch.use_deterministic_algorithms(True) is set; the other backends always repeat bit for bit.
 
     Returns:
         (..., Hq, L, Ev) in the query dtype. A row in which no key takes part (all masked) gives output 0 and
