@@ -122,7 +122,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             "triton", "cpu" (C++ CPU kernel) or "torch" (the eager reference path). An explicit backend never
             falls back: it runs or raises NotImplementedError with the reasons. The cuda backward sums dQ with
             float32 atomics (its last bits may vary from run to run) unless
-            torch.use_deterministic_algorithms(True) is set; the other backends always repeat bit for bit.
+            torch.use_deterministic_algorithms(True) is set; the triton and cpu backends always repeat bit for bit.
 
     Returns:
         (..., Hq, L, Ev) in the query dtype. A row in which no key takes part (all masked) gives output 0 and
