@@ -665,7 +665,7 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     out = q.new_empty(c.B, c.L, c.H, c.Ev).transpose(1, 2)  # (B, H, L, Ev), stored (B, L, H, Ev)
     lse = q.new_empty(c.B, c.H, c.L, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
-    kv_descriptors, kv_layouts = _descriptors(k, v)
+    kv_descriptors, kv_layouts = _descriptors(_FORWARD, c.work, k, v)
     args = (q, k, v, *kv_descriptors, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
     with _device_guard(q):
@@ -673,12 +673,12 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     return out, lse
 
 
-def _descriptors(*tensors):
-    """(tensor descriptors, heads_inner flags) over (B, H, N, D) tensors for the TMA configs, each over
+def _descriptors(kernel, work, *tensors):
+    """(tensor descriptors, heads_inner flags) over (B, H, N, D) tensors for `kernel`'s TMA configs, each over
     (B, H, N, D) memory or, heads inside rows (the layout of projections and of our outputs), over (B, N, H, D)
-    memory. Where the device or a layout allows neither: the tensors themselves as placeholders (the TMA
-    configs are then not run)."""
-    if tensor_descriptors_supported(tensors[0].device):
+    memory. Where this launch runs no TMA config, or the device or a layout allows neither: the tensors
+    themselves as placeholders (the TMA configs are then not run)."""
+    if kernel.may_read_descriptors(work) and tensor_descriptors_supported(tensors[0].device):
         found = []
         for t in tensors:
             for heads_inner in (False, True):
@@ -723,13 +723,13 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
         H, group, L, S = c.scalars
         tail = (c.scale, c.scale_log2, *c.dropout)
         kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * slices,)
-        q_descriptors, q_layouts = _descriptors(q, grad_out)
+        q_descriptors, q_layouts = _descriptors(_BACKWARD_KV, c.work, q, grad_out)
         _BACKWARD_KV.launch(kv_grid, c.work, (*inputs, *q_descriptors, *row_stats, dk, dv, c.mask, c.key_lengths,
                             seed, *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, H, group,
                             heads_per_program, L, S, *tail),
                             {**c.constexprs, **_layout_flags(BACKWARD_KV_DESCRIPTORS, q_layouts)})
         q_grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
-        kv_descriptors, kv_layouts = _descriptors(k, v)
+        kv_descriptors, kv_layouts = _descriptors(_BACKWARD_Q, c.work, k, v)
         _BACKWARD_Q.launch(q_grid, c.work, (*inputs, *kv_descriptors, *row_stats, dq, c.mask, c.key_lengths, seed,
                            *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail),
                            {**c.constexprs, **_layout_flags(BACKWARD_Q_DESCRIPTORS, kv_layouts)})

@@ -315,7 +315,7 @@ def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation
     threshold, keep_scale = _dropout_args(dropout_p)
     a_t, b_t = a.stride(0) == 1 and a.stride(1) != 1, b.stride(0) == 1 and b.stride(1) != 1
     a_desc = b_desc = None
-    if tensor_descriptors_supported(a.device):
+    if _GEMM.may_read_descriptors(M * N * K) and tensor_descriptors_supported(a.device):
         a_desc = _matrix_descriptor(a, M, K, a_t)
         b_desc = _matrix_descriptor(b, K, N + gate_offset, b_t)
     if a_desc is None or b_desc is None:

@@ -108,11 +108,21 @@ class TunedKernel:
         args = {**named_args, **kwargs}
         return self.fitting(args, shared_memory_budget(args[self.probe].device, self.margin))
 
+    def autotunes(self, work):
+        """Whether a launch of this much work goes through the autotuner."""
+        return AUTOTUNE and not triton_interpreting() and work >= self.min_work
+
+    def may_read_descriptors(self, work):
+        """Whether a launch of this much work may run a TMA config: the autotuner times every config, a fixed
+        launch runs the first that fits, a TMA one only where the list starts with one. Launchers build tensor
+        descriptors (host work on every call) only then."""
+        return self.autotunes(work) or bool(self.configs[0].kwargs.get("TMA"))
+
     def launch(self, grid, work, args, constexprs):
         """Runs the kernel on positional `args` and keyword `constexprs` (the config's tile sizes excluded)."""
         named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
         budget = shared_memory_budget(named[self.probe].device, self.margin)
-        if AUTOTUNE and not triton_interpreting() and work >= self.min_work:
+        if self.autotunes(work):
             self._precompile(grid, args, constexprs, named, budget)
             self.tuned[grid](*args, **constexprs)
             return
