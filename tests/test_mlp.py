@@ -11,7 +11,7 @@ import torch
 from tolerance import assert_within_tolerance, poison_allocator
 
 import tfm_kernels
-from tfm_kernels import backends, rng
+from tfm_kernels import backends, reference, rng
 from tfm_kernels.nn import FusedMLP, GatedMLP
 
 ACTIVATIONS = ["gelu", "gelu_tanh", "relu", "silu", None]
@@ -330,6 +330,55 @@ def test_modules_under_autocast(backend):
         torch.testing.assert_close(out, bf16_copy(x.bfloat16()), rtol=0, atol=0)
 
 
+def labelled(label):
+    """An assert_close msg callable that prefixes torch's own report with `label`."""
+    return lambda report: f"{label}: {report}"
+
+
+def check_empty_operator_inputs(backend, device):
+    """The C++ operators themselves on M = 0, K = 0 and N = 0 (the public functions route empty inputs to the
+    oracle, so only direct calls reach them): outputs and gradients as the oracle's, e.g. out = act(bias) and
+    grad_bias = the column sums of dz for K = 0. On cuda no empty GEMM may reach cuBLASLt (leading dimension 0)
+    and k = 0 must still write zeros (poisoned memory shows a missed write as NaN)."""
+    ops = torch.ops.tfm_kernels
+    seed = torch.tensor(0, dtype=torch.int64, device=device)
+    for M, K, N in ((0, 8, 16), (4, 0, 16), (4, 8, 0)):
+        x, w, b = linear_inputs((M,), K, N, torch.float32, device)
+        gated_w, gated_b = rand(2 * N, K, device=device), rand(2 * N, device=device)
+        w2, b2 = rand(6, N, device=device), rand(6, device=device)
+        require(backend, x, w)
+        for activation in ("gelu_tanh", "none"):
+            name = None if activation == "none" else activation
+            leaves = {kind: [t.clone().requires_grad_() for t in tensors]
+                      for kind, tensors in (("linear", (x, w, b)), ("gated", (x, gated_w, gated_b)),
+                                            ("block", (x, w, b, w2, b2)))}
+            expected = {"linear": reference.linear(*leaves["linear"], name),
+                        "gated": reference.gated_linear(*leaves["gated"], name),
+                        "block": reference.linear(reference.linear(*leaves["block"][:3], name), *leaves["block"][3:])}
+            grad_out = {kind: torch.randn_like(e) for kind, e in expected.items()}
+            poison_allocator(device)
+            out, preact = ops.mlp_linear_forward(x, w, b, activation, 0.0, seed)
+            gated_out, gate_up = ops.mlp_gated_forward(x, gated_w, gated_b, activation, 0.0, seed)
+            block_out, block_preact, hidden = ops.mlp_block_forward(x, w, b, w2, b2, activation, 0.0, seed)
+            results = {
+                "linear": (out, *ops.mlp_linear_backward(grad_out["linear"], x, w, preact, activation, 0.0, seed)),
+                "gated": (gated_out, *ops.mlp_gated_backward(grad_out["gated"], x, gated_w, gate_up, activation, 0.0,
+                                                             seed)),
+                "block": (block_out, *ops.mlp_block_backward(grad_out["block"], x, w, block_preact, hidden, w2,
+                                                             activation, 0.0, seed)),
+            }
+            for kind, result in results.items():
+                wanted = (expected[kind], *torch.autograd.grad(expected[kind], leaves[kind], grad_out[kind]))
+                names = ("out", "grad_x", "grad_w", "grad_b", "grad_w2", "grad_b2")
+                for what, r, e in zip(names, result, wanted, strict=False):
+                    torch.testing.assert_close(r, e.detach(), rtol=1e-4, atol=1e-4,
+                                               msg=labelled(f"{kind} {activation} {what} M={M} K={K} N={N}"))
+
+
+def test_empty_operator_inputs():
+    check_empty_operator_inputs("cpu", "cpu")
+
+
 def test_bad_inputs():
     x, weight, bias = linear_inputs((2, 3), 8, 5, torch.float32)
     linear = tfm_kernels.fused_linear
@@ -410,6 +459,38 @@ def test_gpu_mlp_block(backend, dtype, activation, dropout_p):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_strided_inputs(backend, dtype):
     check_strided_inputs(backend, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_without_bias(backend):
+    """No bias: on cuda the GELU_AUX epilogue without BIAS (gelu_tanh, N % 8 == 0), the plain GEMM (None) and the
+    epilogue kernel without a bias to add (silu); the other gpu tests always pass one."""
+    for dtype in (torch.bfloat16, torch.float32):
+        x, weight, _ = linear_inputs((2, 300), 256, 512, dtype, device="cuda", bias=False)
+        for activation in ("gelu_tanh", None, "silu"):
+            check_against_oracle("linear", backend, x, weight, None, activation)
+
+
+@pytest.mark.gpu
+def test_gpu_empty_operator_inputs():
+    check_empty_operator_inputs("cuda", "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_backend_follows_the_new_tf32_setting():
+    """torch.backends.cuda.matmul.fp32_precision = "tf32", the API torch recommends, leaves the legacy flag
+    disagreeing (reading torch.backends.cuda.matmul.allow_tf32 then raises): the cuda backend's float32 GEMMs
+    (plain, GELU_AUX, BGRADB, DGELU_BGRAD) run under it and match the oracle as torch's own TF32 matmul does."""
+    x, weight, bias = linear_inputs((3, 77), 200, 336, torch.float32, device="cuda")
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        for activation in ("gelu_tanh", "silu", None):
+            check_against_oracle("linear", "cuda", x, weight, bias, activation)
+        check_mlp_block("cuda", False, "gelu_tanh", 0.0, torch.float32, "cuda", (2, 64), 128, 256)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
 
 
 @pytest.mark.gpu

@@ -111,8 +111,24 @@ std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LayoutDeleter> make_layout(cudaDat
 
 // Runs the GEMM; false (nothing launched) when cuBLASLt has no algorithm for this epilogue and these operands.
 bool run_gemm(const LtGemm& g, at::ScalarType dtype, const Tensor& like) {
+  // Empty problems never reach cuBLASLt (its leading dimensions must be >= 1, and k == 0 must still give D = 0):
+  // a fused epilogue reports no algorithm, so the caller takes its plain path, and a plain GEMM writes the zeros.
+  if (g.m == 0 || g.n == 0 || g.k == 0) {
+    if (g.epilogue != CUBLASLT_EPILOGUE_DEFAULT) return false;
+    if (g.m > 0 && g.n > 0) {
+      const size_t element = c10::elementSize(dtype);
+      C10_CUDA_CHECK(cudaMemset2DAsync(g.d, static_cast<size_t>(g.ldd) * element, 0,
+                                       static_cast<size_t>(g.m) * element, static_cast<size_t>(g.n),
+                                       at::cuda::getCurrentCUDAStream()));
+    }
+    return true;
+  }
   const cudaDataType_t type = cuda_type(dtype);
-  const bool tf32 = dtype == at::kFloat && at::globalContext().allowTF32CuBLAS();
+  // The precision setting torch's own cuBLASLt GEMMs read: allowTF32CuBLAS() throws once the legacy and the new
+  // API disagree, as they do after torch.backends.cuda.matmul.fp32_precision = "tf32".
+  const bool tf32 = dtype == at::kFloat &&
+                    at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+                        at::Float32Precision::TF32;
   cublasLtMatmulDesc_t raw_desc = nullptr;
   TFM_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&raw_desc, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
                                               CUDA_R_32F));
