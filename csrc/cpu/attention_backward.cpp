@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "cpu/attention_cpu.h"
-#include "cpu/attention_rows.h"
+#include "cpu/row_loops.h"
 #include "cpu/block_gemm.h"
 
 namespace tfm_kernels::cpu {

@@ -5,7 +5,7 @@
 #include <c10/util/Half.h>
 
 #include "cpu/attention_cpu.h"
-#include "cpu/attention_rows.h"
+#include "cpu/row_loops.h"
 
 namespace tfm_kernels::cpu {
 namespace {

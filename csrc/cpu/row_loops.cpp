@@ -1,5 +1,5 @@
-// Vectorised row loops of the CPU attention kernels; see attention_rows.h.
-#include "cpu/attention_rows.h"
+// Vectorised row loops of the CPU kernels; see row_loops.h.
+#include "cpu/row_loops.h"
 
 #include <cstring>
 #include <limits>

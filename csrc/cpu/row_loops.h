@@ -1,7 +1,7 @@
-// Vectorised loops over one row of a score block, the elementwise part of the CPU attention kernels (the
-// matrix products run in BLAS, see block_gemm.h). On x86-64 each function is compiled for AVX-512, AVX2 and
-// baseline x86-64 and the best one the CPU supports is picked at load time; the loops are plain C++ that the
-// compiler vectorises (built with -O3 -fno-trapping-math, see setup.py).
+// Vectorised loops over one row, the elementwise part of the CPU kernels: attention's score blocks (the matrix
+// products run in BLAS, see block_gemm.h) and the MLP's dropout (mlp.cpp). On x86-64 each function is compiled
+// for AVX-512, AVX2 and baseline x86-64 and the best one the CPU supports is picked at load time; the loops are
+// plain C++ that the compiler vectorises (built with -O3 -fno-trapping-math, see setup.py).
 #pragma once
 
 #include <cstdint>
@@ -29,8 +29,9 @@ void exp2_row(float* x, int64_t n, float offset);
 // The softmax gradient of one row: grad[c] = probs[c] * (grad[c] - delta), delta = rowsum(dO * O).
 void softmax_grad_row(float* grad, const float* probs, int64_t n, float delta);
 
-// Dropout multipliers of query row i against keys [j0, j0 + n) of head z = b * Hq + h:
-// keep[c] = keep_scale if the shared Philox rule keeps (z, i, j0 + c), else 0.
+// Dropout multipliers of row i, columns [j0, j0 + n) of Philox stream z (csrc/common/philox.h):
+// keep[c] = keep_scale if the shared rule keeps (z, i, j0 + c), else 0. Attention: z = b * Hq + h, query row i,
+// key j0 + c; MLP: z = 0, token i, feature j0 + c.
 void dropout_row(float* keep, int64_t n, uint64_t seed, uint64_t z, uint32_t i, uint32_t j0, uint32_t threshold,
                  float keep_scale);
 
