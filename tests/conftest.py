@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_seed(request):
     """Fresh random inputs in every test, reproducible from the test's name."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def tf32_by_new_api():
+    """float32 matmuls on CUDA allowed to use TF32 through torch's fp32_precision API; the legacy flag
+    (torch.backends.cuda.matmul.allow_tf32) then raises when read, until the setting is put back."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    yield
+    torch.backends.cuda.matmul.fp32_precision = previous

@@ -113,6 +113,13 @@ def test_masks(backend, dtype, kind):
         assert (out[empty_rows] == 0).all(), "rows with no key taking part must give 0"
 
 
+def test_triton_under_the_new_tf32_api(tf32_by_new_api):
+    """The Triton kernels read torch's float32 precision through fp32_precision, which stays readable when the
+    legacy flag raises (tfm_kernels/triton/precision.py)."""
+    q, k, v = rand(1, 2, 17, 32), rand(1, 2, 23, 32), rand(1, 2, 23, 32)
+    check_against_oracle("triton", q, k, v, is_causal=True)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_key_lengths(backend):
     B, H, L, S, E = 3, 2, 11, 37, 32
@@ -180,3 +187,10 @@ def test_gpu_masks_triton(dtype, kind):
     if mask.is_floating_point() and mask.dtype != torch.float32:
         mask = mask.to(dtype)
     check_against_oracle("triton", q, k, v, attn_mask=mask)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_under_the_new_tf32_api(tf32_by_new_api):
+    """float32 on the GPU with TF32 allowed through fp32_precision: the kernels' TF32 dots against torch's."""
+    q, k, v = (rand(2, 4, 300, 64, device="cuda") for _ in range(3))
+    check_against_oracle("triton", q, k, v, is_causal=True)

@@ -5,6 +5,9 @@ On the CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16, small sha
 checks on CUDA with bf16 and 16384-token shapes."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -477,20 +480,41 @@ def test_gpu_empty_operator_inputs():
     check_empty_operator_inputs("cuda", "cuda")
 
 
+def test_triton_under_the_new_tf32_api(tf32_by_new_api):
+    """The Triton kernels read torch's float32 precision through fp32_precision, which stays readable when the
+    legacy flag raises (tfm_kernels/triton/precision.py)."""
+    x, weight, bias = linear_inputs((3, 7), 40, 24, torch.float32)
+    check_against_oracle("linear", "triton", x, weight, bias, "gelu")
+    check_against_oracle("gated", "triton", x, torch.cat([weight, weight.flip(0)]), None, "silu")
+
+
+@pytest.mark.parametrize("setting, allowed", [
+    ("pass", False),
+    ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+    ("torch.set_float32_matmul_precision('high')", True),
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+    ("torch.backends.fp32_precision = 'tf32'", True),
+    ("torch.backends.fp32_precision = 'tf32'; torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+])
+def test_tf32_allowed_follows_both_precision_apis(setting, allowed):
+    """In a fresh process (these settings are global): the legacy and the new API, and the new API's
+    inheritance from the generic setting."""
+    code = f"import torch; {setting}; from tfm_kernels.triton.precision import tf32_allowed; print(tf32_allowed())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.stdout.strip() == str(allowed)
+
+
 @pytest.mark.gpu
-def test_gpu_cuda_backend_follows_the_new_tf32_setting():
-    """torch.backends.cuda.matmul.fp32_precision = "tf32", the API torch recommends, leaves the legacy flag
-    disagreeing (reading torch.backends.cuda.matmul.allow_tf32 then raises): the cuda backend's float32 GEMMs
-    (plain, GELU_AUX, BGRADB, DGELU_BGRAD) run under it and match the oracle as torch's own TF32 matmul does."""
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backends_follow_the_new_tf32_setting(backend, tf32_by_new_api):
+    """Under torch.backends.cuda.matmul.fp32_precision = "tf32", the API torch recommends (reading the legacy
+    allow_tf32 flag then raises), the float32 GEMMs (cuda: plain, GELU_AUX, BGRADB, DGELU_BGRAD) run and match
+    the oracle as torch's own TF32 matmul does."""
     x, weight, bias = linear_inputs((3, 77), 200, 336, torch.float32, device="cuda")
-    previous = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    try:
-        for activation in ("gelu_tanh", "silu", None):
-            check_against_oracle("linear", "cuda", x, weight, bias, activation)
-        check_mlp_block("cuda", False, "gelu_tanh", 0.0, torch.float32, "cuda", (2, 64), 128, 256)
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = previous
+    for activation in ("gelu_tanh", "silu", None):
+        check_against_oracle("linear", backend, x, weight, bias, activation)
+    check_mlp_block(backend, False, "gelu_tanh", 0.0, torch.float32, "cuda", (2, 64), 128, 256)
 
 
 @pytest.mark.gpu

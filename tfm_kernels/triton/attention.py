@@ -32,6 +32,7 @@ from ..backends import triton_interpreting
 from ..layout import last_dim_contiguous
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
+from .precision import dot_precision
 from .tuning import TunedKernel, descriptor, needs_descriptors, tensor_descriptors_supported
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -613,14 +614,6 @@ def _device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _dot_precision(dtype):
-    """float32 stays exact ("ieee") unless torch allows TF32 for float32 matmuls."""
-    if dtype != torch.float32:
-        return "tf32"  # ignored for 16-bit inputs
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if allow_tf32 else "ieee"
-
-
 def _head_block(d):
     return max(16, triton.next_power_of_2(d))
 
@@ -652,7 +645,7 @@ class _Common:
         self.constexprs = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=_head_block(E), BLOCK_DV=_head_block(Ev),
                                IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind,
                                HAS_KEY_LENGTHS=key_lengths is not None, HAS_DROPOUT=has_dropout,
-                               DOT_PRECISION=_dot_precision(q.dtype))
+                               DOT_PRECISION=dot_precision(q.dtype))
 
 
 def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed):

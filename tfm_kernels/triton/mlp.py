@@ -21,6 +21,7 @@ import triton.language as tl
 from ..backends import triton_interpreting
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
+from .precision import dot_precision
 from .tuning import TunedKernel, descriptor, needs_descriptors, tensor_descriptors_supported
 
 # Activation codes, equal to csrc/common/mlp_epilogue.h's Activation enum.
@@ -273,12 +274,6 @@ def _grad_preact_kernel(dy_ptr, preact_ptr, dz_ptr, seed_ptr, M, N, stride_dym, 
 GRAD_BLOCK = 64  # 64x64 elementwise tiles: 4096 elements per program, enough work to hide the Philox cost
 
 
-def _input_precision(dtype):
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # Triton's default; only float32 inputs read it
-
-
 # Products of at least this many multiply-adds (M * N * K) are autotuned, once per shape (tuning.py).
 AUTOTUNE_MIN_WORK = 1 << 30
 _GEMM = TunedKernel(_gemm_kernel, _gemm_configs(), ["M", "N", "K", "GATED", "ROWSUM_A", "A_T", "B_T"],
@@ -328,7 +323,7 @@ def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation
             preact.stride(0) if preact is not None else 0, gate_offset, threshold, keep_scale)
     constexprs = dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
                       STORE_PREACT=preact is not None, DROPOUT=dropout_p > 0.0, GATED=gated,
-                      ROWSUM_A=rowsum is not None, INPUT_PRECISION=_input_precision(a.dtype), A_T=a_t, B_T=b_t)
+                      ROWSUM_A=rowsum is not None, INPUT_PRECISION=dot_precision(a.dtype), A_T=a_t, B_T=b_t)
     _GEMM.launch(grid, M * N * K, args, constexprs)
 
 
