@@ -407,6 +407,37 @@ def test_bad_inputs():
             fn()
 
 
+def check_backward_operator_errors(device):
+    """The backward operators, called directly, name the tensor that does not match the forward's."""
+    ops = torch.ops.tfm_kernels
+    x, weight, _ = linear_inputs((4,), 8, 6, torch.float32, device=device)
+    gated_weight = rand(12, 8, device=device)
+    seed = torch.zeros((), dtype=torch.int64, device=device)
+    grad, preact, gate_up = rand(4, 6, device=device), rand(4, 6, device=device), rand(4, 12, device=device)
+    cases = [
+        (lambda: ops.mlp_linear_backward(grad.half(), x, weight, preact, "gelu", 0.0, seed),
+         "grad_out must have x's dtype"),
+        (lambda: ops.mlp_linear_backward(grad[:3], x, weight, preact, "gelu", 0.0, seed), r"grad_out must be \(4, 6\)"),
+        (lambda: ops.mlp_linear_backward(grad, x, weight, preact[:, :5], "gelu", 0.0, seed),
+         r"preact must be \(4, 6\); got \[4, 5\]"),
+        (lambda: ops.mlp_linear_backward(grad, x, weight, preact.half(), "silu", 0.0, seed),
+         "preact must have x's dtype"),
+        (lambda: ops.mlp_gated_backward(grad, x, gated_weight[:11], gate_up, "silu", 0.0, seed),
+         "even number of rows"),
+        (lambda: ops.mlp_gated_backward(grad, x, gated_weight, gate_up.half(), "silu", 0.0, seed),
+         "gate_up must have x's dtype"),
+        (lambda: ops.mlp_gated_backward(grad, x, gated_weight, gate_up[:, :10], "silu", 0.0, seed),
+         r"gate_up must be \(4, 12\)"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+
+
+def test_backward_operator_errors():
+    check_backward_operator_errors("cpu")
+
+
 def test_auto_on_cpu_picks_the_measured_fastest():
     """On CPU tensors eager torch beats the C++ MLP operators (benchmarks/RESULTS.md), so "auto" runs torch;
     the C++ operators stay reachable with backend="cpu"."""
@@ -473,6 +504,11 @@ def test_gpu_without_bias(backend):
         x, weight, _ = linear_inputs((2, 300), 256, 512, dtype, device="cuda", bias=False)
         for activation in ("gelu_tanh", None, "silu"):
             check_against_oracle("linear", backend, x, weight, None, activation)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_operator_errors():
+    check_backward_operator_errors("cuda")
 
 
 @pytest.mark.gpu

@@ -40,10 +40,20 @@ inline void check_mlp_operands(const at::Tensor& x, const at::Tensor& weight, co
   }
 }
 
-// grad_out (rows, cols) for a backward op.
-inline void check_grad_out(const at::Tensor& grad_out, int64_t rows, int64_t cols) {
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == cols, "grad_out must be (",
-              rows, ", ", cols, "); got ", grad_out.sizes());
+// weight (2F, K) of a gated operator: the gate rows, then the up rows.
+inline void check_gated_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.size(0) % 2 == 0, "weight must have an even number of rows (2F: gate then up); got ",
+              weight.sizes());
+}
+
+// A backward op's tensor `name` (grad_out, or what the forward saved: preact, gate_up): (rows, cols), x's dtype
+// and device.
+inline void check_backward_tensor(const char* name, const at::Tensor& t, const at::Tensor& x, int64_t rows,
+                                  int64_t cols) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must be (", rows, ", ", cols,
+              "); got ", t.sizes());
+  TORCH_CHECK(t.dtype() == x.dtype(), name, " must have x's dtype ", x.dtype(), "; got ", t.dtype());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), "; got ", t.device());
 }
 
 }  // namespace tfm_kernels

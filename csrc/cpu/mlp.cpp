@@ -106,7 +106,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
                                                    double dropout_p, const Tensor& seed) {
   check_mlp_operands(x, weight, std::nullopt, weight.size(0));
   const Activation activation = checked_activation(activation_name);
-  check_grad_out(grad_out, x.size(0), weight.size(0));
+  check_backward_tensor("grad_out", grad_out, x, x.size(0), weight.size(0));
+  if (activation != Activation::kNone) check_backward_tensor("preact", preact, x, x.size(0), weight.size(0));
   const Tensor dh = dropout_grad(grad_out, dropout_of(dropout_p, seed));
   const Tensor dz = activation != Activation::kNone ? activation_backward(dh, preact.to(at::kFloat), activation) : dh;
   return gemm_grads(dz, x, weight);
@@ -116,8 +117,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
 std::tuple<Tensor, Tensor> gated_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                          std::string activation_name, double dropout_p, const Tensor& seed) {
   check_mlp_operands(x, weight, bias, weight.size(0));
-  TORCH_CHECK(weight.size(0) % 2 == 0, "weight must have an even number of rows (2F: gate then up); got ",
-              weight.sizes());
+  check_gated_weight(weight);
   const Activation activation = checked_activation(activation_name);
   const int64_t F = weight.size(0) / 2;
   const Tensor z = linear_float(x, weight, bias);
@@ -133,9 +133,9 @@ std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const 
   const int64_t N2 = weight.size(0), M = x.size(0), F = N2 / 2;
   check_mlp_operands(x, weight, std::nullopt, N2);
   const Activation activation = checked_activation(activation_name);
-  check_grad_out(grad_out, M, F);
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(0) == M && gate_up.size(1) == N2, "gate_up must be (", M, ", ",
-              N2, "); got ", gate_up.sizes());
+  check_gated_weight(weight);
+  check_backward_tensor("grad_out", grad_out, x, M, F);
+  check_backward_tensor("gate_up", gate_up, x, M, N2);
   const Tensor dh = dropout_grad(grad_out, dropout_of(dropout_p, seed));
   const Tensor gu = gate_up.to(at::kFloat);
   const Tensor g = gu.narrow(1, 0, F), u = gu.narrow(1, F, F);

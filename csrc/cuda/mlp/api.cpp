@@ -292,7 +292,7 @@ std::tuple<Tensor, Tensor> gated_forward(const Tensor& x_in, const Tensor& weigh
   const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
   const int64_t M = x.size(0), N2 = weight.size(0);
   check_mlp_operands(x, weight, bias, N2);
-  TORCH_CHECK(N2 % 2 == 0, "weight must have an even number of rows (2F: gate then up); got ", weight.sizes());
+  check_gated_weight(weight);
   const Activation activation = checked_activation(activation_name);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty({M, N2 / 2}, x.options());
@@ -387,14 +387,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
   const int64_t M = x.size(0), N = weight.size(0);
   check_mlp_operands(x, weight, std::nullopt, N);
   const Activation activation = checked_activation(activation_name);
-  check_grad_out(grad_out, M, N);
-  TORCH_CHECK(activation == Activation::kNone || (preact.is_contiguous() && preact.numel() == M * N),
-              "preact must be a contiguous (", M, ", ", N, ") tensor; got ", preact.sizes());
+  check_backward_tensor("grad_out", grad_out, x, M, N);
+  if (activation != Activation::kNone) check_backward_tensor("preact", preact, x, M, N);
   const c10::cuda::CUDAGuard guard(x.device());
   const MlpDropoutParams dropout = dropout_params(dropout_p, seed);
   const Tensor dy = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
   if (activation == Activation::kNone && !dropout.active) return weight_grads(dy.contiguous(), x, weight);
-  return weight_grads(grad_preact(dy, preact, N, activation, false, dropout), x, weight);
+  return weight_grads(grad_preact(dy, preact.contiguous(), N, activation, false, dropout), x, weight);
 }
 
 std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& weight_in,
@@ -404,12 +403,13 @@ std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const 
   const int64_t M = x.size(0), N2 = weight.size(0);
   check_mlp_operands(x, weight, std::nullopt, N2);
   const Activation activation = checked_activation(activation_name);
-  check_grad_out(grad_out, M, N2 / 2);
-  TORCH_CHECK(gate_up.is_contiguous() && gate_up.dim() == 2 && gate_up.size(0) == M && gate_up.size(1) == N2,
-              "gate_up must be a contiguous (", M, ", ", N2, ") tensor; got ", gate_up.sizes());
+  check_gated_weight(weight);
+  check_backward_tensor("grad_out", grad_out, x, M, N2 / 2);
+  check_backward_tensor("gate_up", gate_up, x, M, N2);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor dy = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
-  const Tensor dgu = grad_preact(dy, gate_up, N2, activation, true, dropout_params(dropout_p, seed));
+  const Tensor dgu =
+      grad_preact(dy, gate_up.contiguous(), N2, activation, true, dropout_params(dropout_p, seed));
   return weight_grads(dgu, x, weight);
 }
 
@@ -428,9 +428,9 @@ MlpBlockGrads block_backward_cuda(const Tensor& grad_out, const Tensor& x_in, co
   const Tensor w2 = gemm_operand(w2_in);
   check_mlp_operands(x, w1, std::nullopt, F);
   check_mlp_operands(hidden, w2, std::nullopt, N);
-  check_grad_out(grad_out, M, N);
-  TORCH_CHECK(preact.is_contiguous() && preact.numel() == M * F, "preact must be a contiguous (", M, ", ", F,
-              ") tensor; got ", preact.sizes());
+  check_backward_tensor("grad_out", grad_out, x, M, N);
+  check_backward_tensor("preact", preact, x, M, F);
+  const Tensor aux = preact.contiguous();
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor dy = grad_out.contiguous();
   Tensor grad_b1 = at::empty({F}, x.options());
@@ -438,7 +438,7 @@ MlpBlockGrads block_backward_cuda(const Tensor& grad_out, const Tensor& x_in, co
   // dz^T (F, M) = dGELU(w2^T (F, N) @ dy^T (N, M), preact^T), grad_b1 = its sums over tokens.
   const LtGemm hidden_grad{.m = F, .n = M, .k = N, .a = w2.data_ptr(), .lda = leading_dim(w2), .b = dy.data_ptr(),
                            .ldb = N, .d = dz.data_ptr(), .ldd = F, .epilogue = CUBLASLT_EPILOGUE_DGELU_BGRAD,
-                           .bias = grad_b1.data_ptr(), .aux = preact.data_ptr(), .ld_aux = F};
+                           .bias = grad_b1.data_ptr(), .aux = aux.data_ptr(), .ld_aux = F};
   if (!run_gemm(hidden_grad, x.scalar_type(), x)) {
     return block_backward(grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p, seed);
   }
