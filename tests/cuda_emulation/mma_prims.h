@@ -1,50 +1,23 @@
-// Emulated replacement for the asm part of csrc/cuda/common/mma.cuh: 16-bit storage types and MmaOps, whose
-// mma() is warp-collective and follows the PTX fragment layouts of mma.m16n8k16.row.col (g = lane / 4,
-// c = lane % 4): A a0 = (g, 2c..2c+1), a1 = (g+8, ..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..); B b0 = (k 2c..2c+1,
-// n g), b1 = (k 2c+8.., n g); C/D d0, d1 = (g, 2c), (g, 2c+1), d2, d3 = row g+8. The test prepends this to the
-// rest of mma.cuh (the layout conversions), so those run unchanged.
+// Emulated replacement for the asm part of csrc/cuda/common/mma.cuh: MmaOps over the 16-bit types of
+// cuda_headers/, whose mma() is warp-collective and follows the PTX fragment layouts of mma.m16n8k16.row.col
+// (g = lane / 4, c = lane % 4): A a0 = (g, 2c..2c+1), a1 = (g+8, ..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..);
+// B b0 = (k 2c..2c+1, n g), b1 = (k 2c+8.., n g); C/D d0, d1 = (g, 2c), (g, 2c+1), d2, d3 = row g+8. The test
+// prepends this to the rest of mma.cuh (the layout conversions), so those run unchanged.
 #pragma once
+#include "cuda_headers/cuda_bf16.h"
+#include "cuda_headers/cuda_fp16.h"
 #include "runtime.h"
-
-struct __half {
-  uint16_t bits;
-};
-struct __nv_bfloat16 {
-  uint16_t bits;
-};
 
 namespace tfm_kernels::cuda {
 
+// A float to the 16 bits of a T, rounded to nearest even as __floats2half2_rn / __floats2bfloat162_rn, and back.
 template <typename T>
-struct Bits16;
-template <>
-struct Bits16<__half> {
-  static uint16_t from_float(float f) {
-    const _Float16 h = static_cast<_Float16>(f);  // round to nearest even, as __floats2half2_rn
-    uint16_t b;
-    std::memcpy(&b, &h, 2);
-    return b;
-  }
+struct Bits16 {
+  static uint16_t from_float(float f) { return T(f).bits; }
   static float to_float(uint16_t b) {
-    _Float16 h;
-    std::memcpy(&h, &b, 2);
-    return static_cast<float>(h);
-  }
-};
-template <>
-struct Bits16<__nv_bfloat16> {
-  static uint16_t from_float(float f) {  // round to nearest even, as __floats2bfloat162_rn
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-  }
-  static float to_float(uint16_t b) {
-    const uint32_t u = uint32_t(b) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
+    T t;
+    t.bits = b;
+    return float(t);
   }
 };
 

@@ -1,7 +1,8 @@
-// CPU emulation of the CUDA execution model the attention kernels use, so their sources run without a GPU:
-// one std::thread per CUDA thread, std::barrier for __syncthreads() and for warp-collective operations
+// CPU emulation of the CUDA execution model the attention and MLP kernels use, so their sources run without a
+// GPU: one std::thread per CUDA thread, std::barrier for __syncthreads() and for warp-collective operations
 // (shuffles, ldmatrix, mma), and a log of shared-memory reads and cp.async writes for race checks.
-// Used by harness.cpp (tests/test_attention_cuda_emulated.py).
+// Used by harness.cpp (tests/test_attention_cuda_emulated.py) and mlp_harness.cpp
+// (tests/test_mlp_cuda_emulated.py).
 #pragma once
 #include <barrier>
 #include <cmath>
@@ -18,7 +19,15 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(threads)
+// Shared memory: an `extern __shared__` array (the attention kernels' dynamic allocation) is defined by the
+// harness. A statically sized `__shared__` array must be one object for the whole block, so a harness whose
+// kernels declare one defines EMU_STATIC_SHARED: the array becomes a function-local static, one per kernel
+// instantiation, which works because blocks run one at a time (it is zeroed once, not poisoned per block).
+#if defined(EMU_STATIC_SHARED)
+#define __shared__ static
+#else
 #define __shared__
+#endif
 #define __align__(n) __attribute__((aligned(n)))
 
 inline int min(int a, int b) { return a < b ? a : b; }
@@ -27,6 +36,10 @@ inline int max(int a, int b) { return a > b ? a : b; }
 struct EmulatedDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
 struct uint4 {
   uint32_t x, y, z, w;
 };
@@ -34,6 +47,7 @@ struct float2 {
   float x, y;
 };
 inline thread_local EmulatedDim3 threadIdx, blockIdx;
+inline thread_local dim3 gridDim, blockDim;  // set by launches whose kernels read them (mlp_harness.cpp)
 
 namespace emu {
 
@@ -72,7 +86,7 @@ struct Block {
 inline Block* block = nullptr;
 inline thread_local int epoch = 0;  // __syncthreads() passed by this thread
 inline thread_local long order = 0;  // this thread's shared-memory operations so far
-inline int thread() { return int(threadIdx.x); }
+inline int thread() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
 inline int warp() { return thread() / 32; }
 inline int lane() { return thread() % 32; }
 inline void warp_sync() { block->warp_barriers[warp()]->arrive_and_wait(); }

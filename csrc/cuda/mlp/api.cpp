@@ -1,6 +1,6 @@
 // CUDA implementation of the MLP operators (schemas and layout contract: csrc/ops.cpp): every GEMM runs through
 // cuBLASLt with the epilogue that fuses the most, on torch's current stream and cuBLASLt handle, with its
-// workspace from torch's caching allocator; the elementwise remainder runs in epilogue_kernels.cu.
+// workspace from torch's caching allocator; the elementwise remainder runs in epilogue_kernels.cuh.
 //
 //   forward  gelu_tanh, no dropout:   GELU_AUX_BIAS (out = GELU(z + b), z kept as the aux output), one kernel;
 //            none, no dropout:        BIAS (out = z + b);

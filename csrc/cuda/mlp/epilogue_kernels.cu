@@ -1,167 +1,30 @@
-// MLP elementwise CUDA kernels: what cuBLASLt's fused epilogues cannot do (params.h).
-//   forward epilogue:  out = dropout(act(z + bias)) for the activations without a cuBLASLt epilogue (erf GELU,
-//                      SiLU, ReLU with a stored pre-activation) and whenever dropout is on; gated:
-//                      out = dropout(act(g) * u) over the [g, u] GEMM output;
-//   backward epilogue: dz = grad_out * dropout * act'(z) (gated: [dg, du]), the input of the gradient GEMMs;
-//   column sum:        bias gradient where the BGRADB epilogue is unavailable.
-// Work split: elementwise kernels use 256-thread blocks along a row's columns (coalesced), grid.y walks rows
-// (grid-stride past 65535 rows); the column sum uses 32x8 blocks, 32 columns per block, 8 row-strided partial
-// sums reduced in shared memory (deterministic, no atomics). All math in float; Philox per element.
-// Test: tests/test_mlp.py -m gpu (backend "cuda" against the float64 oracle), benchmarks/device_check.sh.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <algorithm>
-#include <type_traits>
-
-#include "cuda/mlp/params.h"
+// Launches of the MLP elementwise kernels (epilogue_kernels.cuh: what they compute, work split, tests) on the
+// caller's stream: the header picks the instantiation for the dtype, activation and gated flag, and the grid.
+#include "cuda/mlp/epilogue_kernels.cuh"
 
 namespace tfm_kernels {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxColumnBlocks = 64;
-constexpr int64_t kMaxRowBlocks = 65535;  // gridDim.y limit
-constexpr int kSumColumns = 32;
-constexpr int kSumRowLanes = 8;
-
-template <typename T>
-__device__ __forceinline__ float load_float(const T* p, int64_t i) {
-  return static_cast<float>(p[i]);
-}
-
-__device__ __forceinline__ MlpDropout device_dropout(const MlpDropoutParams& p) {
-  const uint64_t seed = p.active ? static_cast<uint64_t>(*p.seed) : 0;
-  return MlpDropout{seed, p.threshold, p.keep_scale, p.active};
-}
-
-template <typename T, Activation A, bool kGated>
-__global__ void forward_epilogue_kernel(MlpForwardEpilogueParams p) {
-  const MlpDropout dropout = device_dropout(p.dropout);
-  T* z = static_cast<T*>(p.z);
-  const T* bias = static_cast<const T*>(p.bias);
-  T* out = static_cast<T*>(p.out);
-  for (int64_t row = blockIdx.y; row < p.rows; row += gridDim.y) {
-    T* z_row = z + row * p.ld_z;
-    for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < p.cols;
-         col += int64_t(gridDim.x) * blockDim.x) {
-      float g = load_float(z_row, col);
-      if (bias != nullptr) {
-        g += load_float(bias, col);
-        if (p.store_preact) z_row[col] = static_cast<T>(g);
-      }
-      float h = activate<A>(g);
-      if constexpr (kGated) {
-        float u = load_float(z_row, p.cols + col);
-        if (bias != nullptr) {
-          u += load_float(bias, p.cols + col);
-          if (p.store_preact) z_row[p.cols + col] = static_cast<T>(u);
-        }
-        h *= u;
-      }
-      out[row * p.ld_out + col] = static_cast<T>(h * dropout.multiplier(row, col));
-    }
-  }
-}
-
-template <typename T, Activation A, bool kGated>
-__global__ void backward_epilogue_kernel(MlpBackwardEpilogueParams p) {
-  const MlpDropout dropout = device_dropout(p.dropout);
-  const T* grad_out = static_cast<const T*>(p.grad_out);
-  const T* z = static_cast<const T*>(p.z);
-  T* dz = static_cast<T*>(p.dz);
-  const int64_t width = kGated ? 2 * p.cols : p.cols;
-  for (int64_t row = blockIdx.y; row < p.rows; row += gridDim.y) {
-    for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < p.cols;
-         col += int64_t(gridDim.x) * blockDim.x) {
-      const float h = load_float(grad_out, row * p.ld_grad_out + col) * dropout.multiplier(row, col);
-      const int64_t at = row * width + col;
-      if constexpr (kGated) {
-        const float g = load_float(z, at), u = load_float(z, at + p.cols);
-        dz[at] = static_cast<T>(h * u * activation_grad<A>(g));
-        dz[at + p.cols] = static_cast<T>(h * activate<A>(g));
-      } else if constexpr (A == Activation::kNone) {
-        dz[at] = static_cast<T>(h);
-      } else {
-        dz[at] = static_cast<T>(h * activation_grad<A>(load_float(z, at)));
-      }
-    }
-  }
-}
-
-template <typename T>
-__global__ void column_sum_kernel(ColumnSumParams p) {
-  __shared__ float partial[kSumRowLanes][kSumColumns + 1];  // +1: no bank conflicts on the transposed read
-  const T* x = static_cast<const T*>(p.x);
-  const int64_t col = blockIdx.x * int64_t(kSumColumns) + threadIdx.x;
-  float sum = 0.0f;
-  if (col < p.cols) {
-    for (int64_t row = threadIdx.y; row < p.rows; row += kSumRowLanes) sum += load_float(x, row * p.cols + col);
-  }
-  partial[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < p.cols) {
-    float total = 0.0f;
-    for (int lane = 0; lane < kSumRowLanes; ++lane) total += partial[lane][threadIdx.x];
-    static_cast<T*>(p.out)[col] = static_cast<T>(total);
-  }
-}
-
-template <typename Fn>
-void dispatch_dtype(MlpDType dtype, Fn&& fn) {
-  switch (dtype) {
-    case MlpDType::kFloat16: fn(__half{}); break;
-    case MlpDType::kBFloat16: fn(__nv_bfloat16{}); break;
-    default: fn(float{}); break;
-  }
-}
-
-// Calls launch(T{}, integral_constant<Activation>, bool_constant<gated>) for the runtime dtype, activation and
-// gated flag: one kernel instantiation per combination.
-template <typename Launch>
-void dispatch_elementwise(MlpDType dtype, Activation activation, bool gated, Launch&& launch) {
-  dispatch_dtype(dtype, [&](auto zero) {
-    dispatch_activation(activation, [&](auto act) {
-      if (gated) {
-        launch(zero, act, std::true_type{});
-      } else {
-        launch(zero, act, std::false_type{});
-      }
-    });
-  });
-}
-
-dim3 elementwise_grid(int64_t rows, int64_t cols) {
-  const int64_t column_blocks = std::min<int64_t>((cols + kThreads - 1) / kThreads, kMaxColumnBlocks);
-  return dim3(static_cast<unsigned>(std::max<int64_t>(column_blocks, 1)),
-              static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(rows, 1), kMaxRowBlocks)));
+// What the header's launch functions call: kernel<<<grid, block>>>(params) on `stream`.
+template <typename Params>
+auto on_stream(const Params& params, cudaStream_t stream) {
+  return [&params, stream](void (*kernel)(Params), dim3 grid, dim3 block) {
+    kernel<<<grid, block, 0, stream>>>(params);
+  };
 }
 
 }  // namespace
 
 void launch_mlp_forward_epilogue(const MlpForwardEpilogueParams& params, cudaStream_t stream) {
-  const dim3 grid = elementwise_grid(params.rows, params.cols);
-  dispatch_elementwise(params.dtype, params.activation, params.gated, [&](auto zero, auto act, auto gated) {
-    forward_epilogue_kernel<decltype(zero), decltype(act)::value, decltype(gated)::value>
-        <<<grid, kThreads, 0, stream>>>(params);
-  });
+  mlp::elementwise_launch(params, on_stream(params, stream));
 }
 
 void launch_mlp_backward_epilogue(const MlpBackwardEpilogueParams& params, cudaStream_t stream) {
-  const dim3 grid = elementwise_grid(params.rows, params.cols);
-  dispatch_elementwise(params.dtype, params.activation, params.gated, [&](auto zero, auto act, auto gated) {
-    backward_epilogue_kernel<decltype(zero), decltype(act)::value, decltype(gated)::value>
-        <<<grid, kThreads, 0, stream>>>(params);
-  });
+  mlp::elementwise_launch(params, on_stream(params, stream));
 }
 
 void launch_column_sum(const ColumnSumParams& params, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(std::max<int64_t>((params.cols + kSumColumns - 1) / kSumColumns, 1)));
-  const dim3 block(kSumColumns, kSumRowLanes);
-  dispatch_dtype(params.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    column_sum_kernel<T><<<grid, block, 0, stream>>>(params);
-  });
+  mlp::column_sum_launch(params, on_stream(params, stream));
 }
 
 }  // namespace tfm_kernels
