@@ -5,12 +5,20 @@ that leave partial tiles.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_attention.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_attention.py
+
+torch's caching allocator carves these small tensors out of 2 MiB blocks, where an access past a tensor's end
+still lands in memory the driver handed out, so memcheck would miss it; the script turns caching off (before
+torch is imported) so that every tensor is an allocation of its own.
 """
 
-import torch
+import os
 
-import tfm_kernels
-from tfm_kernels import rng
+os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+
+import torch  # noqa: E402
+
+import tfm_kernels  # noqa: E402
+from tfm_kernels import rng  # noqa: E402
 
 
 def main():

@@ -1,10 +1,11 @@
 """The benchmark suite on CPU: the timing helper against known durations, rotation of input buffers, the
 mode steps' gradients, the rows and ratios, the self-check's ability to fail, and `python -m tfm_kernels bench
---quick` end to end (table and JSON record with the expected fields), and the parallel gpu-test runner of
-benchmarks/device_check.sh."""
+--quick` end to end (table and JSON record with the expected fields), and the parallel gpu-test runner and
+the compute-sanitizer script of benchmarks/device_check.sh."""
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -319,10 +320,15 @@ def test_a_time_budget_measures_compiling_providers_last(monkeypatch):
 RUNNER = pathlib.Path(__file__).parents[1] / "benchmarks" / "run_gpu_tests.py"
 
 
-def test_gpu_test_runner_spreads_tests_evenly():
+def _load_runner():
     spec = importlib.util.spec_from_file_location("run_gpu_tests", RUNNER)
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
+    return runner
+
+
+def test_gpu_test_runner_spreads_tests_evenly():
+    runner = _load_runner()
     functions = {f"t.py::{name}": [f"t.py::{name}[{i}]" for i in range(count)]
                  for name, count in (("big", 9), ("a", 4), ("b", 3), ("c", 2))}
     groups = runner.spread(functions, 3)  # 18 tests, a share of 6: "big" is cut into runs of 6 and 3
@@ -340,3 +346,52 @@ def test_gpu_test_runner_reports_each_group():
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("---- ") == 2
     assert "gpu tests: 2 of 2 groups passed" in result.stdout
+
+
+STUCK_TEST = """
+import signal, time
+import pytest
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(4))
+def test_stuck(i):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a process busy in a kernel compile, deaf to the interrupt
+    time.sleep(60)
+"""
+
+
+def test_gpu_test_runner_stops_every_process_within_one_grace(tmp_path, monkeypatch, capsys):
+    (tmp_path / "test_stuck.py").write_text(STUCK_TEST)
+    runner = _load_runner()
+    monkeypatch.setattr(runner, "INTERRUPT_GRACE_S", 2)
+    monkeypatch.chdir(tmp_path)
+    timeout = 5
+    start = time.monotonic()
+    assert runner.main([".", "--workers", "4", "--timeout", str(timeout)]) == 1
+    elapsed = time.monotonic() - start
+    # One grace for all four, not one each in turn (5 + 4 * 3 s): device_check.sh allows the runner 20 s over.
+    assert elapsed < timeout + runner.INTERRUPT_GRACE_S + 2.5, elapsed
+    out = capsys.readouterr().out
+    assert out.count("exit stopped after 5 s") == 4 and "0 of 4 groups passed" in out
+
+
+def test_gpu_test_runner_fails_on_a_file_that_does_not_collect(tmp_path, monkeypatch, capsys):
+    gpu_test = "import pytest\n\n@pytest.mark.gpu\ndef test_gpu():\n    pass\n"
+    (tmp_path / "test_fine.py").write_text(gpu_test)
+    (tmp_path / "test_broken.py").write_text("import module_that_does_not_exist\n" + gpu_test)
+    monkeypatch.chdir(tmp_path)
+    assert _load_runner().main([".", "--workers", "2", "--timeout", "60"]) == 1  # its tests would be missing, unseen
+    out = capsys.readouterr().out
+    assert "collection errors" in out and "module_that_does_not_exist" in out
+    assert "1 of 1 groups passed" in out  # the tests that did collect still ran
+
+
+def test_sanitizer_script_turns_off_the_caching_allocator():
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "sanitize_attention.py"
+    check = ("import os, runpy; runpy.run_path(os.environ['SCRIPT']); "
+             "print(os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING'))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NO_CUDA_MEMORY_CACHING"}
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                            env={**env, "SCRIPT": str(script)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"  # memcheck sees each tensor as its own allocation
