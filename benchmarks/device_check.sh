@@ -9,7 +9,7 @@
 #                                             eager and compiled (installs only if no CUDA build is there)
 #
 # Knobs: TFM_KERNELS_CUDA_ARCHS (default 90a here, for a fast build on H100/H200; the package's own default is
-# "80;90a"), MAX_JOBS (default 16), SKIP_INSTALL=1 (reuse the installed build, e.g. a second run on the same
+# "80;90a"), MAX_JOBS (default 16), PYTHON (default python3), SKIP_INSTALL=1 (reuse the installed build, e.g. a second run on the same
 # machine), BUDGET_S (345: the whole script's time; each step's cap comes out of what is left, keeping
 # BENCH_RESERVE_S, 170, for the table, and TESTS_TIMEOUT_S, 150, at most for the tests). A benchmark stopped
 # by its cap still prints the rows it measured. Logs, the JSON record and the table go to $OUT when set (the
@@ -33,6 +33,8 @@ TESTS_TIMEOUT_S="${TESTS_TIMEOUT_S:-150}"
 BUDGET_S="${BUDGET_S:-345}"
 BENCH_RESERVE_S="${BENCH_RESERVE_S:-170}"
 SANITIZER_TIMEOUT_S=60
+# The interpreter that holds torch: python3 on the GPU machines (where `python` may not exist).
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 
 # Seconds left of the budget minus $1, at least $2 and at most $3 (when given).
 cap() {
@@ -57,15 +59,15 @@ find_sanitizer() {
 # The second call: the module and model tables of issues 5 and 6, printed last.
 models() {
     local bench_rc=0 limit
-    if python -c "import sys, tfm_kernels; sys.exit(not tfm_kernels.build_info().get('cuda'))" 2>/dev/null; then
+    if "$PYTHON" -c "import sys, tfm_kernels; sys.exit(not tfm_kernels.build_info().get('cuda'))" 2>/dev/null; then
         echo "== install skipped (a CUDA build is there)"
     else
         echo "== install (TFM_KERNELS_CUDA_ARCHS=$TFM_KERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
-        python -m pip install --no-build-isolation --no-deps -q -e .
+        "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -q -e .
     fi
     limit=$(cap 10 60)
     echo "== module and model benchmark (cap $limit s)"
-    timeout "$limit" python -m tfm_kernels bench --suite mha,model --budget $((limit - 60)) \
+    timeout "$limit" "$PYTHON" -m tfm_kernels bench --suite mha,model --budget $((limit - 60)) \
         --json "$RESULTS/bench.jsonl" > "$TABLE" || bench_rc=$?
     echo "== summary: benchmark exit $bench_rc, total $SECONDS s"
     echo
@@ -78,7 +80,7 @@ main() {
     echo "== device ($(date -u))"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null \
         || echo "nvidia-smi: not available"
-    python - <<'PY'
+    "$PYTHON" - <<'PY'
 import platform, torch, triton
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
       f"cuDNN {torch.backends.cudnn.version()}), triton {triton.__version__}")
@@ -90,15 +92,15 @@ PY
         echo "== install skipped (SKIP_INSTALL=1)"
     else
         echo "== install (TFM_KERNELS_CUDA_ARCHS=$TFM_KERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
-        python -m pip install --no-build-isolation --no-deps -q -e .
+        "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -q -e .
         echo "installed in $((SECONDS - t0)) s"
     fi
-    python -m tfm_kernels info
+    "$PYTHON" -m tfm_kernels info
 
     limit=$(cap $((BENCH_RESERVE_S + SANITIZER_TIMEOUT_S)) 30 "$TESTS_TIMEOUT_S")
     echo "== gpu tests (cap $limit s)"
     t0=$SECONDS
-    timeout $((limit + 20)) python benchmarks/run_gpu_tests.py --workers 8 --timeout "$limit" || tests_rc=$?
+    timeout $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers 8 --timeout "$limit" || tests_rc=$?
     echo "gpu tests: exit $tests_rc in $((SECONDS - t0)) s"
 
     if [ -f benchmarks/sanitize_attention.py ]; then
@@ -108,7 +110,7 @@ PY
             sanitizer_rc=0
             limit=$(cap "$BENCH_RESERVE_S" 20 "$SANITIZER_TIMEOUT_S")
             timeout "$limit" "$sanitizer" --tool memcheck --error-exitcode 1 \
-                python benchmarks/sanitize_attention.py || sanitizer_rc=$?
+                "$PYTHON" benchmarks/sanitize_attention.py || sanitizer_rc=$?
         else
             sanitizer_rc="skipped (compute-sanitizer not found)"
         fi
@@ -117,8 +119,8 @@ PY
     limit=$(cap 5 90)
     echo "== benchmark (cap $limit s)"
     t0=$SECONDS
-    timeout "$limit" python -m tfm_kernels bench --suite attention,mlp --mlp-shapes "gpt-style d4096" \
-        --json "$RESULTS/bench.jsonl" > "$TABLE" || bench_rc=$?
+    timeout "$limit" "$PYTHON" -m tfm_kernels bench --suite attention,mlp --mlp-shapes "gpt-style d4096" \
+        --budget $((limit - 40)) --json "$RESULTS/bench.jsonl" > "$TABLE" || bench_rc=$?
     echo "benchmark: exit $bench_rc in $((SECONDS - t0)) s; record appended to $RESULTS/bench.jsonl"
 
     echo "== summary: gpu tests exit $tests_rc, memcheck $sanitizer_rc, benchmark exit $bench_rc," \
