@@ -166,6 +166,20 @@ def test_under_autocast():
     assert results["out0"].dtype == torch.bfloat16
 
 
+def test_bias_kv_under_autocast():
+    """CPU autocast (bfloat16) with add_bias_kv: the learned bias key/value join the bfloat16 keys in bfloat16
+    (torch.cat would promote the keys to the float32 of the bias, and the kernel takes one dtype)."""
+    reference, ours = make_pair(batch_first=True, add_bias_kv=True)
+
+    def call(module, t):
+        autocast = module.in_proj_weight.dtype == torch.float32  # the float64 oracle runs without
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return module(t["x"], t["x"], t["x"], need_weights=False)
+
+    results = check_against_torch(reference, ours, {"x": seq_tensor(True, True, L, E)}, call)
+    assert results["out0"].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"kdim": 10, "vdim": 6}, {"add_bias_kv": True}, {"bias": False}],
                          ids=["packed", "kdim_vdim", "bias_kv", "no_bias"])
 def test_state_dict_round_trip(kwargs):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from threads import one_thread  # noqa: F401  (fixture)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from tfm_kernels.models import LMConfig, Seq2SeqConfig, TransformerLM, checkpoint, data, distributed
 from tfm_kernels.models.cli import generate_main, train_copy_main, train_main
@@ -172,7 +173,8 @@ def _free_port():
 
 def _distributed_runs(world_size, out_dir):
     """Gradients of one step on a global batch of 8 sequences (this rank's share of it), then 3 training
-    steps with DDP, and with world_size 2 also 2 + 1 resumed steps with FSDP. Rank 0 saves what it saw."""
+    steps with DDP, and with world_size 2 also 2 + 1 resumed steps with FSDP; 2 steps of the copy task (FSDP
+    with world_size 2). Rank 0 saves what it saw."""
     torch.set_num_threads(1)
     env = distributed.init_from_env("cpu")
     config = LMConfig.preset("tiny", **TINY)
@@ -190,9 +192,15 @@ def _distributed_runs(world_size, out_dir):
         run["checkpoint_dir"] = os.path.join(out_dir, "fsdp")
         train_lm(config, _quiet(steps=2, fsdp=True, **run), env)
         train_lm(config, _quiet(steps=3, fsdp=True, resume=True, **run), env)
+    copy = train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=2, batch_size=4, eval_interval=2,
+                                                           fsdp=world_size > 1), max_length=4, eval_examples=8,
+                      env=env)
+    copy_params = _parameters(copy.model) if world_size == 1 else get_model_state_dict(
+        copy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
         torch.save({"grads": grads, "params": _parameters(result.model),
-                    "val_loss": result.evaluations[-1][1]["val_loss"]},
+                    "val_loss": result.evaluations[-1][1]["val_loss"], "copy_params": copy_params,
+                    "copy_evaluations": copy.evaluations},
                    os.path.join(out_dir, f"out{world_size}.pt"))
     distributed.shutdown(env)
 
@@ -218,6 +226,10 @@ def test_two_gloo_ranks_compute_what_one_process_computes(tmp_path):
         torch.testing.assert_close(two["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(fsdp["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    # the encoder-decoder under FSDP: training and greedy-decoding evaluation call encode/memory_kv/decode
+    for name, value in one["copy_params"].items():
+        torch.testing.assert_close(two["copy_params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert [step for step, _ in two["copy_evaluations"]] == [0, 2]
     assert sorted(os.listdir(tmp_path / "ddp2")) == [checkpoint.CHECKPOINT_NAME]
 
 

@@ -4,6 +4,7 @@ DistributedDataParallel or FSDP, and the collectives the training loop needs.
 A single process (WORLD_SIZE unset or 1) runs with no process group and an unwrapped model, so the same code
 runs on one device and under `torchrun --nproc-per-node N`."""
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -89,6 +90,29 @@ def wrap_model(model: nn.Module, env: DistributedEnv, fsdp: bool = False) -> nn.
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Full parameters in every FSDP module of `model` inside the block, for code that calls the model's methods
+    other than forward (encode, memory_kv, decode): FSDP gathers a module's parameters only around its forward.
+    Nothing to do without FSDP."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = ()
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if sharded:
+        # FSDP takes the first module whose forward runs as its root, and decoding may run a block's forward
+        # first (the evaluation at step 0); FSDP has no public call that settles the root beforehand
+        model._get_fsdp_state()._lazy_init()
+    for module in sharded:
+        module.unshard()
+    try:
+        yield model
+    finally:
+        for module in sharded:
+            module.reshard()
 
 
 def _repeated_blocks(model: nn.Module):

@@ -69,6 +69,10 @@ class DecoderLayer(nn.Module):
         self.residual3 = _Residual(c.d_model, c.dropout, c.norm_first)
 
     def forward(self, x, memory_kv, src_lengths, cache=None, layer=0):
+        """memory_kv: this layer's cross-attention keys/values from memory_kv (decoding), or the encoder output
+        (B, S, d_model), projected here (training: FSDP gathers a layer's parameters only in its forward)."""
+        if isinstance(memory_kv, torch.Tensor):
+            memory_kv = self.cross_attention.memory_kv(memory_kv)
         x = self.residual1(x, lambda h: self.self_attention(h, causal=True, cache=cache, layer=layer))
         x = self.residual2(x, lambda h: self.cross_attention(h, memory_kv, key_lengths=src_lengths))
         return self.residual3(x, self.feed_forward)
@@ -135,12 +139,14 @@ class EncoderDecoderTransformer(nn.Module):
         return KVCache(self.config.n_decoder_layers, max_length or self.config.max_length)
 
     def decode(self, tgt, memory_kv, src_lengths, cache: KVCache | None = None):
-        """tgt (B, T) -> logits (B, T, vocab_size). With a cache, tgt holds only the positions after the
-        cached ones."""
+        """tgt (B, T) -> logits (B, T, vocab_size). memory_kv: the list from `memory_kv`, or the memory
+        (B, S, d_model) itself, which every layer then projects. With a cache, tgt holds only the positions after
+        the cached ones."""
         past = cache.length if cache is not None else 0
         x = self._embed(tgt, past)
         for index, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory_kv[index], src_lengths, cache, index)
+            layer_kv = memory_kv if isinstance(memory_kv, torch.Tensor) else memory_kv[index]
+            x = layer(x, layer_kv, src_lengths, cache, index)
         if cache is not None:
             cache.advance(tgt.shape[1])
         return F.linear(self.decoder_norm(x), self.embedding.weight)  # (B, T, V)
@@ -149,4 +155,4 @@ class EncoderDecoderTransformer(nn.Module):
         if src_lengths is None:
             src_lengths = self.source_lengths(src)
         memory = self.encode(src, src_lengths)
-        return self.decode(tgt_in, self.memory_kv(memory), src_lengths)
+        return self.decode(tgt_in, memory, src_lengths)

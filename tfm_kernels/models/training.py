@@ -407,7 +407,8 @@ def train_copy(
 
     def evaluate(trained):
         src, _, tgt_out = (t.to(env.device) for t in held_out)
-        token_accuracy, sequence_accuracy = copy_accuracy(trained, src, tgt_out)
+        with distributed.unsharded(trained):  # decoding calls encode/memory_kv/decode, not forward
+            token_accuracy, sequence_accuracy = copy_accuracy(trained, src, tgt_out)
         return {"token_accuracy": token_accuracy, "sequence_accuracy": sequence_accuracy}
 
     def optimizer_factory(wrapped):

@@ -211,8 +211,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         torch does."""
         N, H, _, D = k.shape
         if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.view(1, H, 1, D).expand(N, H, 1, D)], dim=2)  # (N, H, S + 1, D)
-            v = torch.cat([v, self.bias_v.view(1, H, 1, D).expand(N, H, 1, D)], dim=2)  # (N, H, S + 1, D)
+            # in k's dtype: under autocast k is in the autocast dtype, and cat would promote it to the bias's
+            bias_k, bias_v = (b.view(1, H, 1, D).expand(N, H, 1, D).to(k.dtype) for b in (self.bias_k, self.bias_v))
+            k = torch.cat([k, bias_k], dim=2)  # (N, H, S + 1, D)
+            v = torch.cat([v, bias_v], dim=2)  # (N, H, S + 1, D)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(N, H, 1, D)], dim=2)  # (N, H, S' + 1, D)
             v = torch.cat([v, v.new_zeros(N, H, 1, D)], dim=2)  # (N, H, S' + 1, D)
