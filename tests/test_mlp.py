@@ -477,6 +477,31 @@ def test_gpu_gated_and_dropout(backend, dtype, activation, dropout_p):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["linear", "gated"])
+def test_gpu_triton_on_a_device_not_current(kind):
+    """Triton launches on the current device, whatever device the arguments are on: the operators make the
+    inputs' device current (cuda:0 current, inputs on cuda:1)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x, weight, bias = linear_inputs((3, 77), 200, 2 * 168, torch.bfloat16, device="cuda:1")
+    with torch.cuda.device(0):
+        check_against_oracle(kind, "triton", x, weight, bias, "silu", 0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_gated_up_half_past_2_31_elements():
+    """The gated GEMM reads the up half of W^T at F * K elements past the gate half: 2^31 here (an 8 GiB
+    bf16 weight), so that offset is 64-bit."""
+    from tfm_kernels.triton import mlp as triton_mlp
+
+    F, K = 1 << 16, 1 << 15
+    x = torch.randn(16, K, dtype=torch.bfloat16, device="cuda") * K ** -0.5
+    weight = torch.randn(2 * F, K, dtype=torch.bfloat16, device="cuda")
+    _, gate_up = triton_mlp.gated_forward(x, weight, None, "none", 0.0, rng.seed_for(0.0, x.device))
+    torch.testing.assert_close(gate_up.float(), (x @ weight.t()).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])

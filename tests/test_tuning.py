@@ -2,11 +2,15 @@
 
 CPU: which config a launch takes (the first that fits the shared-memory budget; the fallback, or the smallest,
 where none fits); the GEMM's tensor-descriptor (TMA) persistent configs under the interpreter (on the GPU:
-Hopper and newer). GPU: every config of every attention kernel and of the MLP GEMM against the float64 oracle,
-each forced in turn (the rest of the suite runs with autotuning off and so sees only the first config that
-fits), and one autotuned launch of each, through Triton's autotuner and our pruning."""
+Hopper and newer); autotuned launches through Triton's autotuner and our parallel compilation (under the
+interpreter with a stand-in for the timing). GPU: every config of every attention kernel and of the MLP GEMM
+against the float64 oracle, each forced in turn (the rest of the suite runs with autotuning off and so sees
+only the first config that fits), and one autotuned launch of each, through Triton's autotuner and our
+pruning."""
 
+import itertools
 import warnings
+from collections import defaultdict
 
 import pytest
 import torch
@@ -16,7 +20,10 @@ from test_attention import check_against_oracle as check_attention
 from test_attention_ops import check_dropout_against_reference
 from test_mlp import check_against_oracle as check_mlp
 from test_mlp import linear_inputs
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from tfm_kernels import rng
 from tfm_kernels.triton import attention, mlp, tuning
 
 KIB = 1024
@@ -126,6 +133,84 @@ def test_tma_attention_config(monkeypatch, name, case):
         lengths = torch.tensor([S, 20], device=DEVICE)
         check_attention("triton", q, k, v, is_causal=True, enable_gqa=True, key_lengths=lengths)
     assert launches, "the TMA config never ran"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The autotuned path on any device: Triton's autotuner, after our parallel compilation
+
+
+def autotuning(monkeypatch, module, name, configs):
+    """Replaces the TunedKernel module.<name> by one over `configs` that autotunes every launch, also under the
+    interpreter (which cannot time a kernel: each timing runs the config once, and the first config timed
+    wins). Returns, per launch variant (the sorted constexprs and options: config and launch), the calls of
+    the kernel: (warmup, the types of its tensor-descriptor arguments), a warmup being a compilation of our
+    parallel step."""
+    tuned = getattr(module, name)
+    kernel = tuning.TunedKernel(tuned.kernel, configs, tuned.key, tuned.shared_bytes, min_work=0,
+                                probe=tuned.probe, margin=tuned.margin, usable=tuned.usable)
+    kernel.autotunes = lambda work: True
+    order = itertools.count()
+    kernel.tuned.do_bench = lambda kernel_call, quantiles: (kernel_call(), [float(next(order))] * 3)[1]
+    monkeypatch.setattr(module, name, kernel)
+    calls = defaultdict(list)
+    run = kernel.kernel.run
+
+    def recording_run(*args, **kwargs):
+        types = tuple(mangle_type(a) for a in args if isinstance(a, TensorDescriptor))
+        variant = tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("grid", "warmup")))
+        calls[variant].append((kwargs["warmup"], types))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel.kernel, "run", recording_run)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["attention", "gemm"])
+def test_autotuned_configs_keep_their_argument_types(monkeypatch, name):
+    """Triton compiles a kernel per argument types, and a tensor descriptor's type includes its block shape,
+    which a TMA config's pre_hook sets. Every config must see the same types in our parallel compilation, in
+    the autotuner's timing and in the launches after it, or it compiles again there: the configs without TMA
+    read no descriptor but saw the block shape of the TMA config set last."""
+    if not tuning.tensor_descriptors_supported(torch.device(DEVICE)):
+        pytest.skip("tensor descriptors need Hopper or newer")
+    if name == "attention":
+        tiles = [(32, 16, False), (16, 16, True), (32, 32, True)]
+        calls = autotuning(monkeypatch, attention, "_FORWARD", [
+            attention._config(m, n, 4, 1, attention.FORWARD_DESCRIPTORS, tma=tma) for m, n, tma in tiles])
+        dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+        q, k, v = (torch.randn(2, h, 37, 32, dtype=dtype, device=DEVICE) for h in (4, 2, 2))
+        check_attention("triton", q, k, v, is_causal=True, enable_gqa=True)  # timed, then the best (the first)
+        check_attention("triton", q, k, v, enable_gqa=True)  # the autotuner's choice, new descriptors
+    else:
+        tiles = [(32, 32, False), (16, 32, True), (32, 16, True)]
+        calls = autotuning(monkeypatch, mlp, "_GEMM", [
+            mlp._gemm_config(m, n, 32, 4, 1, group_m=2, tma=tma) for m, n, tma in tiles])
+        x, weight, bias = linear_inputs((3, 37), 48, 80, torch.float16, device=DEVICE)
+        check_mlp("linear", "triton", x, weight, bias, activation="gelu")
+        check_mlp("linear", "triton", x, weight, bias, activation="gelu")
+    assert {(v["BLOCK_M"], v["BLOCK_N"], v["TMA"]) for v in map(dict, calls)} == set(tiles)
+    for variant, runs in calls.items():
+        assert any(warmup for warmup, _ in runs) and not all(warmup for warmup, _ in runs), variant
+        assert len({types for _, types in runs}) == 1, (variant, runs)
+
+
+def test_parallel_compilation_once_per_autotune_key(monkeypatch):
+    """Our parallel compilation runs only for a key the autotuner is about to time: a launch that differs only
+    in constexprs outside its key (here dropout) runs the config the autotuner chose, so compiles no other."""
+    if not tuning.tensor_descriptors_supported(torch.device(DEVICE)):
+        pytest.skip("tensor descriptors need Hopper or newer")
+    calls = autotuning(monkeypatch, mlp, "_GEMM", [mlp._gemm_config(32, 32, 32, 4, 1, group_m=2, tma=tma)
+                                                  for tma in (False, True)])
+    x, weight, bias = linear_inputs((111,), 48, 80, torch.float16, device=DEVICE)
+
+    def warmups():
+        return sum(warmup for runs in calls.values() for warmup, _ in runs)
+
+    mlp.linear_forward(x, weight, bias, "gelu", 0.0, rng.seed_for(0.0, x.device))
+    assert warmups() == 2
+    out, _ = mlp.linear_forward(x, weight, bias, "gelu", 0.5, rng.seed_for(0.5, x.device))
+    assert warmups() == 2
+    assert 0.3 < float((out == 0).float().mean()) < 0.7  # the dropout variant ran
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,8 +22,6 @@ smaller ones, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed 
 Tests: tests/test_attention.py, tests/test_attention_ops.py, tests/test_tuning.py (every config).
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +31,14 @@ from ..layout import last_dim_contiguous
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
 from .precision import dot_precision
-from .tuning import TunedKernel, descriptor, needs_descriptors, tensor_descriptors_supported
+from .tuning import (
+    TunedKernel,
+    descriptor,
+    device_guard,
+    needs_descriptors,
+    tensor_descriptors_supported,
+    unread_descriptors,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -125,14 +130,15 @@ BACKWARD_Q_DESCRIPTORS = FORWARD_DESCRIPTORS
 
 def _config(block_m, block_n, num_warps, num_stages, descriptors, tma=False):
     """A tile config; with tma, the tiles named in `descriptors` load through tensor descriptors (Hopper and
-    newer), whose block shapes its pre_hook sets."""
+    newer), whose block shapes its pre_hook sets (without, the placeholder block shape: unread_descriptors)."""
     def set_descriptor_blocks(args):
         for name, (rows, cols, heads_inner) in descriptors.items():
             rows, cols = args[rows], args[cols]
             args[name].block_shape = [1, rows, 1, cols] if args[heads_inner] else [1, 1, rows, cols]
 
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": tma}, num_warps=num_warps,
-                         num_stages=num_stages, pre_hook=set_descriptor_blocks if tma else None)
+                         num_stages=num_stages,
+                         pre_hook=set_descriptor_blocks if tma else unread_descriptors(*descriptors))
 
 
 def _config_lists(hopper_configs, fallback, interpreter_config):
@@ -610,10 +616,6 @@ DELTA_BLOCK_M = 16 if triton_interpreting() else 64
 DELTA_TILE_ELEMENTS = 64 * 128
 
 
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _head_block(d):
     return max(16, triton.next_power_of_2(d))
 
@@ -661,7 +663,7 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     kv_descriptors, kv_layouts = _descriptors(_FORWARD, c.work, k, v)
     args = (q, k, v, *kv_descriptors, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
-    with _device_guard(q):
+    with device_guard(q):
         _FORWARD.launch(grid, c.work, args, {**c.constexprs, **_layout_flags(FORWARD_DESCRIPTORS, kv_layouts)})
     return out, lse
 
@@ -706,7 +708,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
     dv = v.new_empty(c.B, c.S, slices, c.Ev, dtype=grad_kv_dtype).transpose(1, 2)  # (B, slices, S, Ev)
     delta = torch.empty_like(lse)  # (B, H, L) float32
     block_dv = c.constexprs["BLOCK_DV"]
-    with _device_guard(q):
+    with device_guard(q):
         delta_rows = min(DELTA_BLOCK_M, DELTA_TILE_ELEMENTS // block_dv)
         _backward_delta_kernel[(triton.cdiv(c.L, delta_rows) * c.B * c.H,)](
             out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], c.H, c.L,

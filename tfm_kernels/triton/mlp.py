@@ -22,7 +22,14 @@ from ..backends import triton_interpreting
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
 from .precision import dot_precision
-from .tuning import TunedKernel, descriptor, needs_descriptors, tensor_descriptors_supported
+from .tuning import (
+    TunedKernel,
+    descriptor,
+    device_guard,
+    needs_descriptors,
+    tensor_descriptors_supported,
+    unread_descriptors,
+)
 
 # Activation codes, equal to csrc/common/mlp_epilogue.h's Activation enum.
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
@@ -56,7 +63,7 @@ def _gemm_configs():
 def _gemm_config(block_m, block_n, block_k, num_warps, num_stages, *, group_m=8, tma=False):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
                           "TMA": tma}, num_warps=num_warps, num_stages=num_stages,
-                         pre_hook=_set_descriptor_blocks if tma else None)
+                         pre_hook=_set_descriptor_blocks if tma else _UNREAD_DESCRIPTORS)
 
 
 def _set_descriptor_blocks(args):
@@ -65,6 +72,9 @@ def _set_descriptor_blocks(args):
     block_m, block_n, block_k = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
     args["a_desc"].block_shape = [block_k, block_m] if args["A_T"] else [block_m, block_k]
     args["b_desc"].block_shape = [block_n, block_k] if args["B_T"] else [block_k, block_n]
+
+
+_UNREAD_DESCRIPTORS = unread_descriptors("a_desc", "b_desc")  # the pre_hook of configs without TMA
 
 
 def _shared_memory_bytes(config, args):
@@ -207,13 +217,14 @@ def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, 
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks.to(tl.int64)[None, :] * stride_ak
         b_ptrs = b_ptr + ks.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+        up_offset = tl.cast(gate_offset, tl.int64) * stride_bn  # 64-bit: F * K elements when b is W^T
         for k0 in range(0, K, BLOCK_K):
             k_in = ks < K - k0
             a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             if GATED:
-                b_up = tl.load(b_ptrs + gate_offset * stride_bn, mask=k_in[:, None] & col_in[None, :], other=0.0)
+                b_up = tl.load(b_ptrs + up_offset, mask=k_in[:, None] & col_in[None, :], other=0.0)
                 acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
             if ROWSUM_A:
                 if pid_n == 0:
@@ -324,7 +335,8 @@ def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation
     constexprs = dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
                       STORE_PREACT=preact is not None, DROPOUT=dropout_p > 0.0, GATED=gated,
                       ROWSUM_A=rowsum is not None, INPUT_PRECISION=dot_precision(a.dtype), A_T=a_t, B_T=b_t)
-    _GEMM.launch(grid, M * N * K, args, constexprs)
+    with device_guard(a):
+        _GEMM.launch(grid, M * N * K, args, constexprs)
 
 
 def linear_forward(x, weight, bias, activation, dropout_p, seed):
@@ -353,9 +365,10 @@ def _grad_preact(grad_out, preact, activation, dropout_p, seed, gated):
     dz = grad_out.new_empty(M, 2 * N if gated else N)
     threshold, keep_scale = _dropout_args(dropout_p)
     grid = (triton.cdiv(M, GRAD_BLOCK), triton.cdiv(N, GRAD_BLOCK))
-    _grad_preact_kernel[grid](grad_out, preact, dz, seed, M, N, grad_out.stride(0), threshold, keep_scale,
-                              ACTIVATION=ACTIVATION_CODES[activation], DROPOUT=dropout_p > 0.0, GATED=gated,
-                              BLOCK_M=GRAD_BLOCK, BLOCK_N=GRAD_BLOCK)
+    with device_guard(grad_out):
+        _grad_preact_kernel[grid](grad_out, preact, dz, seed, M, N, grad_out.stride(0), threshold, keep_scale,
+                                  ACTIVATION=ACTIVATION_CODES[activation], DROPOUT=dropout_p > 0.0, GATED=gated,
+                                  BLOCK_M=GRAD_BLOCK, BLOCK_N=GRAD_BLOCK)
     return dz
 
 

@@ -10,6 +10,7 @@ config that fits, so tests and small calls compile one config instead of the who
 a few hundred shapes would otherwise compile thousands of variants).
 """
 
+import contextlib
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,14 @@ AUTOTUNE = os.environ.get("TFM_KERNELS_AUTOTUNE", "1") != "0"
 # Off the GPU (the interpreter) there is no device limit; the largest any supported device gives is 227 KiB.
 SHARED_MEMORY_OFF_GPU = 227 * 1024
 COMPILE_THREADS = os.cpu_count() or 1
+# The block size of every dimension of a tensor descriptor that a launch does not read (see unread_descriptors).
+UNREAD_BLOCK = 16
+
+
+def device_guard(t):
+    """Makes `t`'s CUDA device the current one: Triton launches on the current device, whatever device the
+    arguments are on."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def shared_memory_budget(device, margin):
@@ -48,7 +57,7 @@ def descriptor(t, shape, strides):
     is not row-major in the given dimension order (each stride at least the extent of the dimensions inside
     it: broadcast zero strides and permuted views; a caller that knows another order passes the view in that
     order). Size-1 dimensions get the row-major stride, as their stride is never used. Its block shape is a placeholder
-    that the config's pre_hook sets at launch."""
+    that the config's pre_hook sets at launch (unread_descriptors for configs that do not read it)."""
     strides = list(strides)
     for i in reversed(range(len(shape) - 1)):
         if shape[i] == 1:
@@ -57,7 +66,20 @@ def descriptor(t, shape, strides):
     if (t.element_size() != 2 or strides[-1] != 1 or t.data_ptr() % 16 or any(s * 2 % 16 for s in strides[:-1])
             or min(shape) <= 0 or not row_major):
         return None
-    return TensorDescriptor(t, list(shape), strides, [16] * len(shape))
+    return TensorDescriptor(t, list(shape), strides, [UNREAD_BLOCK] * len(shape))
+
+
+def unread_descriptors(*names):
+    """The pre_hook of a config that reads none of the tensor descriptors `names`: gives each the placeholder
+    block shape. A descriptor's block shape is part of the kernel's argument types, which Triton compiles a
+    kernel for; without this hook such a config would compile again for whatever block shape the last TMA
+    config's pre_hook left (when autotuning: once in parallel before the timing, again while timing)."""
+    def hook(args):
+        for name in names:
+            if isinstance(args[name], TensorDescriptor):
+                args[name].block_shape = [UNREAD_BLOCK] * len(args[name].shape)
+
+    return hook
 
 
 def needs_descriptors(*names):
@@ -86,7 +108,7 @@ class TunedKernel:
         self.shared_bytes = shared_bytes
         self.usable = usable or (lambda config, args: True)
         self.key = key
-        self._precompiled = set()  # autotune keys (with the launch's constexprs) whose configs are compiled
+        self._precompiled = set()  # autotune keys whose configs are compiled
         self.min_work = min_work
         self.probe = probe
         self.margin = margin
@@ -137,9 +159,10 @@ class TunedKernel:
         that fails to compile is left to the autotuner, which reports or skips it as it always does; a failure
         of this step itself costs only time (the autotuner then compiles each config), so it warns and goes
         on."""
-        tensors = (a for a in args if isinstance(a, torch.Tensor))
-        key = (tuple(named[k] for k in self.key), tuple(sorted(constexprs.items())),
-               tuple(str(t.dtype) for t in tensors), named[self.probe].device)
+        # The autotuner's own key (triton.runtime.autotuner.Autotuner.run): the `key` arguments and the dtype of
+        # every argument that has one. It times configs only for a key it has not seen; a launch whose other
+        # constexprs (e.g. the GEMM's epilogue) or device are new runs its cached config, so compiles one.
+        key = (*(named[k] for k in self.key), *(str(a.dtype) for a in args if hasattr(a, "dtype")))
         if key in self._precompiled:
             return
         self._precompiled.add(key)
