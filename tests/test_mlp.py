@@ -411,6 +411,7 @@ def check_backward_operator_errors(device):
     """The backward operators, called directly, name the tensor that does not match the forward's."""
     ops = torch.ops.tfm_kernels
     x, weight, _ = linear_inputs((4,), 8, 6, torch.float32, device=device)
+    require("cpu" if device == "cpu" else "cuda", x, weight)
     gated_weight = rand(12, 8, device=device)
     seed = torch.zeros((), dtype=torch.int64, device=device)
     grad, preact, gate_up = rand(4, 6, device=device), rand(4, 6, device=device), rand(4, 12, device=device)
@@ -498,7 +499,12 @@ def test_gpu_triton_gated_up_half_past_2_31_elements():
     x = torch.randn(16, K, dtype=torch.bfloat16, device="cuda") * K ** -0.5
     weight = torch.randn(2 * F, K, dtype=torch.bfloat16, device="cuda")
     _, gate_up = triton_mlp.gated_forward(x, weight, None, "none", 0.0, rng.seed_for(0.0, x.device))
-    torch.testing.assert_close(gate_up.float(), (x @ weight.t()).float(), rtol=2e-2, atol=2e-2)
+    # The first and last columns of each half, against the float64 oracle of just those columns.
+    edges = [0, F - 128, F, 2 * F - 128]
+    columns = torch.cat([torch.arange(c, c + 128, device="cuda") for c in edges])
+    w_columns = weight[columns]
+    assert_within_tolerance("gate_up", gate_up[:, columns], x @ w_columns.t(),
+                            x.double() @ w_columns.double().t())
 
 
 @pytest.mark.gpu
