@@ -162,10 +162,11 @@ def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False)
 MLP_BACKENDS = ("cuda", "triton", "cpu", "torch")
 # GPUs: cuBLASLt (cuda) first, on every architecture, Triton next (order to be confirmed by measurement,
 # benchmarks/RESULTS.md).
-# CPU: torch's own matmul + elementwise path is faster than our C++ MLP operators (ours takes 1.6-2.0x torch's time
-# forward+backward at 512 tokens, d 256 -> 1024, float32, 2-core x86; benchmarks/RESULTS.md), so "auto" runs
-# torch there; backend="cpu" still runs the C++ operators.
-MLP_AUTO_ORDER = {"cuda": AUTO_ORDER["cuda"], "cpu": ("torch",)}
+# CPU: the C++ operators run at eager torch's speed without dropout (forward+backward 0.99x GELU, 1.00x SwiGLU
+# at 512 tokens, d 256, float32, 2-core x86; benchmarks/RESULTS.md) and 3.6-7.7x faster than the torch path with
+# dropout, whose Philox mask the C++ loop draws vectorised (fused_linear / gated_linear forward+backward at
+# p = 0.1: 8.2 / 9.7 ms against 63 / 35 ms, same machine and run), so "auto" runs them first.
+MLP_AUTO_ORDER = {"cuda": AUTO_ORDER["cuda"], "cpu": ("cpu", "torch")}
 
 
 def _mlp_cuda_reasons(x) -> list[str]:
