@@ -4,14 +4,18 @@
 # attention case, then the short benchmark table, printed last.
 #
 #   bash benchmarks/device_check.sh           install, gpu tests, memcheck, attention + MLP table
-#   bash benchmarks/device_check.sh models    the second call: nn.MultiheadAttention, a 12-layer
+#   bash benchmarks/device_check.sh tests     a second call when the first one's tests hit their cap: the
+#                                             gpu tests alone, with the whole budget
+#   bash benchmarks/device_check.sh models    the second call otherwise: nn.MultiheadAttention, a 12-layer
 #                                             TransformerEncoder and GPT-2-small LM training against torch,
-#                                             eager and compiled (installs only if no CUDA build is there)
+#                                             eager and compiled
+# (the second calls install only if no CUDA build is there)
 #
 # Knobs: TFM_KERNELS_CUDA_ARCHS (default 90a here, for a fast build on H100/H200; the package's own default is
-# "80;90a"), MAX_JOBS (default 16), PYTHON (default python3), SKIP_INSTALL=1 (reuse the installed build, e.g. a second run on the same
-# machine), BUDGET_S (345: the whole script's time; each step's cap comes out of what is left, keeping
-# BENCH_RESERVE_S, 170, for the table, and TESTS_TIMEOUT_S, 150, at most for the tests). A benchmark stopped
+# "80;90a"), MAX_JOBS (default 16), PYTHON (default python3), SKIP_INSTALL=1 (reuse the installed build, e.g.
+# a second run on the same machine), BUDGET_S (345: the whole script's time; each step's cap comes out of what
+# is left, keeping BENCH_RESERVE_S, 170, for the table, and TESTS_TIMEOUT_S, 150, at most for the tests in the
+# first call). A benchmark stopped
 # by its cap still prints the rows it measured. Logs, the JSON record and the table go to $OUT when set (the
 # device tool collects it), else benchmarks/results/. The table:
 # our attention (triton, cuda) against torch SDPA flash, cudnn and efficient (and compiled FlexAttention at
@@ -56,15 +60,31 @@ find_sanitizer() {
     return 1
 }
 
-# The second call: the module and model tables of issues 5 and 6, printed last.
-models() {
-    local bench_rc=0 limit
+# Installs unless a CUDA build of the package is already there (the second calls on a warm machine).
+install_if_needed() {
     if "$PYTHON" -c "import sys, tfm_kernels; sys.exit(not tfm_kernels.build_info().get('cuda'))" 2>/dev/null; then
         echo "== install skipped (a CUDA build is there)"
     else
         echo "== install (TFM_KERNELS_CUDA_ARCHS=$TFM_KERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
         "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -q -e .
     fi
+}
+
+# The gpu tests alone, with what is left of the budget.
+tests() {
+    local tests_rc=0 limit
+    install_if_needed
+    limit=$(cap 30 60)
+    echo "== gpu tests (cap $limit s)"
+    timeout $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers 8 --timeout "$limit" || tests_rc=$?
+    echo "== summary: gpu tests exit $tests_rc, total $SECONDS s"
+    [ "$tests_rc" = 0 ]
+}
+
+# The module and model tables of issues 5 and 6, printed last.
+models() {
+    local bench_rc=0 limit
+    install_if_needed
     limit=$(cap 10 60)
     echo "== module and model benchmark (cap $limit s)"
     timeout "$limit" "$PYTHON" -m tfm_kernels bench --suite mha,model --budget $((limit - 60)) \
@@ -130,8 +150,8 @@ PY
     [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && { [ "$sanitizer_rc" = 0 ] || [[ "$sanitizer_rc" == skipped* ]]; }
 }
 
-if [ "${1:-}" = models ]; then
-    models 2>&1 | tee "$LOG"
-else
-    main 2>&1 | tee "$LOG"
-fi
+case "${1:-}" in
+    models) models 2>&1 | tee "$LOG" ;;
+    tests) tests 2>&1 | tee "$LOG" ;;
+    *) main 2>&1 | tee "$LOG" ;;
+esac
