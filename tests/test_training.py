@@ -113,6 +113,20 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+def test_rng_state_follows_the_training_gpu_only(monkeypatch):
+    """A checkpoint holds the generator of the GPU the process trains on, and puts it back on the GPU the
+    resumed process trains on: a run saved on cuda:3 of an 8-GPU machine resumes on a 1-GPU one. (CPU test:
+    torch.cuda's state functions are stood in for.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(4))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, state)))
+    state = checkpoint.capture_rng(torch.device("cuda", 3))
+    checkpoint.restore_rng(state, torch.device("cuda", 0))
+    assert [c[:2] for c in calls] == [("get", torch.device("cuda", 3)), ("set", torch.device("cuda", 0))]
+    assert torch.equal(calls[1][2], torch.ones(4))
+    assert "cuda" not in checkpoint.capture_rng(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("write, error, message", [
     (None, FileNotFoundError, "corpus file .* does not exist"),
     ("", ValueError, "corpus .* is empty"),

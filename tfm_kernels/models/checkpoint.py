@@ -16,20 +16,21 @@ def checkpoint_path(directory: str) -> str:
     return os.path.join(directory, CHECKPOINT_NAME)
 
 
-def capture_rng() -> dict:
-    """This process's random number generator states."""
+def capture_rng(device: torch.device) -> dict:
+    """This process's random number generator states: Python's, torch's CPU generator and, when the process
+    trains on a GPU, that GPU's generator (only that one, so a checkpoint resumes on a machine with fewer GPUs)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict):
-    """Puts back the generator states that capture_rng returned."""
+def restore_rng(state: dict, device: torch.device):
+    """Puts back the generator states that capture_rng returned, the GPU one on `device`."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(path: str, payload: dict):

@@ -171,7 +171,7 @@ class Trainer:
     def save(self):
         """Writes the checkpoint from the main process (every process takes part in gathering its state)."""
         model_state, optimizer_state = self._state_dicts()
-        rng_states = distributed.all_gather_objects(ckpt.capture_rng(), self.env)
+        rng_states = distributed.all_gather_objects(ckpt.capture_rng(self.env.device), self.env)
         if self.env.is_main:
             ckpt.save_checkpoint(
                 ckpt.checkpoint_path(self.config.checkpoint_dir),
@@ -213,7 +213,7 @@ class Trainer:
         self.step = checkpoint["step"]
         self.data_generator.set_state(checkpoint["data_generator"])
         if len(checkpoint["rng"]) == self.env.world_size:
-            ckpt.restore_rng(checkpoint["rng"][self.env.rank])
+            ckpt.restore_rng(checkpoint["rng"][self.env.rank], self.env.device)
         else:  # another number of processes: the data stream continues exactly, dropout draws fresh numbers
             _seed_everything(self.config.seed + self.env.rank + self.step)
 
