@@ -131,6 +131,32 @@ def test_key_lengths(backend):
     torch.testing.assert_close(out, masked, rtol=1e-5, atol=1e-5)
 
 
+def check_nan_past_key_lengths(backend, dtype, device, E=64):
+    """NaN in the keys and values past key_lengths (padding a caller never wrote) changes no bit of the output
+    or of any gradient."""
+    B, H, L, S = 2, 3, 37, 53
+    q, k, v = (rand(B, H, n, E, dtype=dtype, device=device) for n in (L, S, S))
+    lengths = torch.tensor([S, 20], device=device)
+    require(backend, q, k, v)
+    grad_out = rand(B, H, L, E, dtype=dtype, device=device)
+
+    def run(k, v):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = sdpa(backend, *inputs, key_lengths=lengths)
+        return (out, *torch.autograd.grad(out, inputs, grad_out))
+
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[1, :, 20:] = float("nan")
+    v_nan[1, :, 20:] = float("nan")
+    for name, clean, padded in zip(("out", "dq", "dk", "dv"), run(k, v), run(k_nan, v_nan)):
+        assert torch.equal(clean, padded), f"{backend} {name} changed with NaN past key_lengths"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_past_key_lengths(backend):
+    check_nan_past_key_lengths(backend, torch.float16 if backend == "triton" else torch.float32, "cpu")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_strided_views_of_packed_qkv(backend):
     B, L, H, E = 2, 21, 3, 40
@@ -194,3 +220,9 @@ def test_gpu_triton_under_the_new_tf32_api(tf32_by_new_api):
     """float32 on the GPU with TF32 allowed through fp32_precision: the kernels' TF32 dots against torch's."""
     q, k, v = (rand(2, 4, 300, 64, device="cuda") for _ in range(3))
     check_against_oracle("triton", q, k, v, is_causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_nan_past_key_lengths(backend):
+    check_nan_past_key_lengths(backend, torch.bfloat16, "cuda")

@@ -124,3 +124,22 @@ def test_emulated_kernels_against_oracle(harness, tmp_path, case, backward):
     assert torch.equal(torch.isinf(lse), torch.isinf(exact_lse)) and (lse[torch.isinf(lse)] > 0).all()
     finite = torch.isfinite(exact_lse)
     torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=lambda c: f"B{c[0]}Hq{c[1]}Hk{c[2]}L{c[3]}S{c[4]}D{c[5]}")
+def test_emulated_kernels_ignore_what_lies_past_key_lengths(harness, tmp_path, case):
+    """NaN in the keys and values past key_lengths (padding a caller never wrote) changes no bit of the output,
+    the log-sum-exp or any gradient."""
+    B, Hq, Hk, L, S, D, dtype, is_causal, lengths, dropout_p, packed, deferred = case
+    torch.manual_seed(L * 1000 + S)
+    q, k, v = (torch.randn(B, h, n, D, dtype=dtype) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+    grad_out = torch.randn(B, Hq, L, D, dtype=dtype)
+    k_nan, v_nan = k.clone(), v.clone()
+    for b, length in enumerate(lengths):
+        k_nan[b, :, length:] = float("nan")
+        v_nan[b, :, length:] = float("nan")
+    args = (torch.tensor(lengths), dropout_p, is_causal, D**-0.5, packed, deferred, True)
+    clean = run_emulated(harness, tmp_path, q, k, v, grad_out, *args)
+    padded = run_emulated(harness, tmp_path, q, k_nan, v_nan, grad_out, *args)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), clean[:5], padded[:5]):
+        assert torch.equal(a, b), f"emulated cuda {name} changed with NaN past key_lengths"

@@ -23,6 +23,7 @@ from test_mlp import linear_inputs
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+import tfm_kernels
 from tfm_kernels import rng
 from tfm_kernels.triton import attention, mlp, tuning
 
@@ -102,12 +103,14 @@ ATTENTION_DESCRIPTORS = {"forward": attention.FORWARD_DESCRIPTORS, "dk_dv": atte
                          "dq": attention.BACKWARD_Q_DESCRIPTORS}
 
 
-@pytest.mark.parametrize("case", ["gqa_causal_lengths", "mask_dropout_d40", "packed_views"])
+@pytest.mark.parametrize("case", ["gqa_causal_lengths", "mask_dropout_d40", "packed_views", "nan_past_lengths"])
 @pytest.mark.parametrize("name", list(ATTENTION_DESCRIPTORS))
 def test_tma_attention_config(monkeypatch, name, case):
     """Each attention kernel's TMA config (its streamed tiles through 4-D tensor descriptors), the other two
     kernels on their defaults: partial blocks, GQA, causal, key lengths, masks, dropout, a head dim below its
-    padded block, strided views of a packed QKV (descriptors over (B, N, H, D) memory)."""
+    padded block, strided views of a packed QKV (descriptors over (B, N, H, D) memory); and NaN in the keys and
+    values past key_lengths, which the descriptors read whole, changes no bit of the output or any gradient
+    (as in the pointer configs, which never load them)."""
     if not tuning.tensor_descriptors_supported(torch.device(DEVICE)):
         pytest.skip("tensor descriptors need Hopper or newer")
     tiles = (32, 16, 4, 1) if DEVICE == "cpu" else (64, 64, 4, 2)
@@ -128,6 +131,22 @@ def test_tma_attention_config(monkeypatch, name, case):
         mask = torch.rand(B, 1, L, S, device=DEVICE) > 0.3
         check_attention("triton", q, k, v, attn_mask=mask, enable_gqa=True)
         check_dropout_against_reference("triton", q, k, v, 0.3, attn_mask=mask)
+    elif case == "nan_past_lengths":
+        q, k, v = (torch.randn(B, h, n, E, dtype=dtype, device=DEVICE) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+        lengths = torch.tensor([S, 20], device=DEVICE)
+        grad_out = torch.randn(B, Hq, L, E, dtype=dtype, device=DEVICE)
+
+        def run(k, v):
+            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = tfm_kernels.scaled_dot_product_attention(*inputs, enable_gqa=True, key_lengths=lengths,
+                                                           backend="triton")
+            return (out, *torch.autograd.grad(out, inputs, grad_out))
+
+        k_nan, v_nan = k.clone(), v.clone()
+        k_nan[1, :, 20:] = float("nan")
+        v_nan[1, :, 20:] = float("nan")
+        for name, clean, padded in zip(("out", "dq", "dk", "dv"), run(k, v), run(k_nan, v_nan)):
+            assert torch.equal(clean, padded), f"{name} changed with NaN past key_lengths"
     else:
         q, k, v = (torch.randn(B, h, n, E, dtype=dtype, device=DEVICE) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
         lengths = torch.tensor([S, 20], device=DEVICE)

@@ -239,7 +239,7 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo
                    V_HEADS_INNER: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs (BLOCK_N, BLOCK_DV)
     point at key lo; with TMA the tiles come from k_desc and v_desc at (b, kv_h) instead, keys past S and
-    head-dim padding reading 0. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
+    head-dim padding reading 0 and V rows past col_end zeroed. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n[None, :]  # (1, BLOCK_N)
         col_ok = cols < col_end
@@ -261,6 +261,8 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo
             p = tl.where(dropout_keep(k0, k1, z, rows, cols, threshold), p, 0.0)
         if TMA:
             v = _descriptor_tile(v_desc, b, kv_h, start_n, BLOCK_N, BLOCK_DV, V_HEADS_INNER)  # (BLOCK_N, BLOCK_DV)
+            if BOUNDARY:  # rows past key_lengths hold whatever the caller left there (NaN * 0 would be NaN)
+                v = tl.where((start_n + offs_n)[:, None] < col_end, v, 0.0)
         else:
             v = _load_tile(v_ptrs, (start_n + offs_n)[:, None] < col_end, dv_ok[None, :], BOUNDARY, CHECK_DV)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -441,17 +443,19 @@ def _backward_kv_kernel(Q, K, V, GradOut, QDesc, GradOutDesc, Lse, Delta, GradK,
     CHECK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     CHECK_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
 
+    col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
+    # Keys past key_lengths[b] read as 0: whatever the caller left there (NaN * 0 is NaN) must not reach dK.
+    col_ok = cols < col_end
     k_ptrs = (K + b64 * stride_kb + kv_h64 * stride_kh + n_start64 * stride_kn + offs_n[:, None] * stride_kn
               + offs_d[None, :])
-    k = _load_tile(k_ptrs, col_in_s, d_ok[None, :], True, CHECK_D)  # (BLOCK_N, BLOCK_D)
+    k = _load_tile(k_ptrs, col_ok, d_ok[None, :], True, CHECK_D)  # (BLOCK_N, BLOCK_D)
     v_ptrs = (V + b64 * stride_vb + kv_h64 * stride_vh + n_start64 * stride_vn + offs_n[:, None] * stride_vn
               + offs_dv[None, :])
-    v = _load_tile(v_ptrs, col_in_s, dv_ok[None, :], True, CHECK_DV)  # (BLOCK_N, BLOCK_DV)
+    v = _load_tile(v_ptrs, col_ok, dv_ok[None, :], True, CHECK_DV)  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     k0, k1 = _dropout_key(Seed, HAS_DROPOUT)
 
-    col_end = _key_end(KeyLengths, b, S, HAS_KEY_LENGTHS)
     if IS_CAUSAL:
         # Rows below n_start see none of these keys; from full_start on, every row sees all of them.
         start = n_start // BLOCK_M * BLOCK_M
@@ -502,13 +506,16 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, k_desc, v_desc
                       K_HEADS_INNER: tl.constexpr, V_HEADS_INNER: tl.constexpr):
     """Accumulates dQ of BLOCK_M rows over key blocks [lo, hi); k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs
     (BLOCK_DV, BLOCK_N) point at key lo, both transposed; with TMA the tiles come from k_desc and v_desc at
-    (b, kv_h), keys past S reading 0."""
+    (b, kv_h), keys past S reading 0 and keys past col_end zeroed."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n[None, :]  # (1, BLOCK_N)
         col_ok = cols < col_end
         if TMA:
             kT = _descriptor_tile(k_desc, b, kv_h, start_n, BLOCK_N, BLOCK_D, K_HEADS_INNER).T  # (BLOCK_D, BLOCK_N)
             vT = _descriptor_tile(v_desc, b, kv_h, start_n, BLOCK_N, BLOCK_DV, V_HEADS_INNER).T  # (BLOCK_DV, BLOCK_N)
+            if BOUNDARY:  # keys past key_lengths: whatever the caller left there must not reach dP or dQ
+                kT = tl.where(col_ok, kT, 0.0)
+                vT = tl.where(col_ok, vT, 0.0)
         else:
             kT = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
             vT = _load_tile(v_ptrs, dv_ok[:, None], col_ok, CHECK_DV, BOUNDARY)  # (BLOCK_DV, BLOCK_N)
