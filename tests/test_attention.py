@@ -157,6 +157,24 @@ def test_nan_past_key_lengths(backend):
     check_nan_past_key_lengths(backend, torch.float16 if backend == "triton" else torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "torch"])
+def test_autocast_as_torch(backend):
+    """Under autocast, as torch's SDPA: float32 and mixed-dtype inputs and a float mask are cast to the autocast
+    dtype, the output comes in it, and gradients reach the float32 leaves."""
+    dtype = torch.float16 if backend == "triton" else torch.bfloat16  # the interpreter's bf16 dots are wrong
+    q, k, v = (rand(2, 3, n, 16).requires_grad_() for n in (9, 11, 11))
+    mask = rand(9, 11)
+    require(backend, q.to(dtype), k.to(dtype), v.to(dtype))
+    with torch.autocast("cpu", dtype=dtype):
+        torch_dtype = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).dtype
+        out = sdpa(backend, q, k.to(dtype), v, attn_mask=mask)
+    expected = sdpa(backend, q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask.to(dtype))
+    assert out.dtype == torch_dtype == dtype
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_strided_views_of_packed_qkv(backend):
     B, L, H, E = 2, 21, 3, 40

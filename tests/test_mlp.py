@@ -382,6 +382,31 @@ def test_empty_operator_inputs():
     check_empty_operator_inputs("cpu", "cpu")
 
 
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "torch"])
+def test_autocast_as_torch_linear(backend):
+    """Under autocast, as torch's linear: float32 tensors (and mixed dtypes) are cast to the autocast dtype,
+    the result comes in it, and gradients reach the float32 leaves; for fused_linear, gated_linear and mlp."""
+    dtype = torch.float16 if backend == "triton" else torch.bfloat16  # the interpreter's bf16 dots are wrong
+    x, weight, bias = (t.requires_grad_() for t in linear_inputs((2, 5), 24, 40, torch.float32))
+    w2, b2 = rand(24, 20).requires_grad_(), rand(24).requires_grad_()
+    require(backend, x.to(dtype), weight.to(dtype))
+    calls = {
+        "fused_linear": lambda *t: tfm_kernels.fused_linear(t[0], t[1], t[2], "gelu", backend=backend),
+        "gated_linear": lambda *t: tfm_kernels.gated_linear(t[0], t[1], "silu", bias=t[2], backend=backend),
+        "mlp": lambda *t: tfm_kernels.mlp(*t, "silu", gated=True, backend=backend),
+    }
+    for name, call in calls.items():
+        tensors = (x, weight, bias, w2, b2)
+        with torch.autocast("cpu", dtype=dtype):
+            out = call(x.to(dtype), *tensors[1:])
+        expected = call(*(t.to(dtype) for t in tensors))
+        assert out.dtype == dtype, name
+        assert torch.equal(out, expected), name
+        out.sum().backward()
+        assert x.grad is not None and x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32, name
+        x.grad = weight.grad = None
+
+
 def test_bad_inputs():
     x, weight, bias = linear_inputs((2, 3), 8, 5, torch.float32)
     linear = tfm_kernels.fused_linear

@@ -226,14 +226,20 @@ def test_lm_compiles_to_one_graph():
 
 
 def test_autocast_runs_attention_and_mlp_in_the_autocast_dtype(monkeypatch):
-    """Under bf16 autocast (as training on a GPU) both kernels receive bf16 inputs, and the logits stay close
-    to the float32 model's."""
+    """Under bf16 autocast (as training on a GPU) both kernels compute in bf16 (their results come in the dtype
+    they computed in), and the logits stay close to the float32 model's."""
     dtypes = []
-    mlp = layers.mlp
-    attention = layers.scaled_dot_product_attention
-    monkeypatch.setattr(layers, "mlp", lambda x, *a, **k: dtypes.append(("mlp", x.dtype)) or mlp(x, *a, **k))
+
+    def recording(name, function):
+        def call(*args, **kwargs):
+            out = function(*args, **kwargs)
+            dtypes.append((name, out.dtype))
+            return out
+        return call
+
+    monkeypatch.setattr(layers, "mlp", recording("mlp", layers.mlp))
     monkeypatch.setattr(layers, "scaled_dot_product_attention",
-                        lambda q, *a, **k: dtypes.append(("attention", q.dtype)) or attention(q, *a, **k))
+                        recording("attention", layers.scaled_dot_product_attention))
     model = TransformerLM(LMConfig.preset("tiny", n_layers=1))
     tokens = torch.randint(0, 256, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):

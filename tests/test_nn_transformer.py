@@ -125,8 +125,12 @@ def test_encoder_layer_under_autocast(monkeypatch):
     """Under autocast (CPU, bfloat16) the fused MLP runs in the autocast dtype, as torch's linears do."""
     dtypes = []
     original = fused_transformer.mlp
-    monkeypatch.setattr(fused_transformer, "mlp",
-                        lambda *a, **k: dtypes.append(a[0].dtype) or original(*a, **k))
+    def recording_mlp(*args, **kwargs):
+        out = original(*args, **kwargs)
+        dtypes.append(out.dtype)  # the dtype it computed in: its inputs' after autocast
+        return out
+
+    monkeypatch.setattr(fused_transformer, "mlp", recording_mlp)
     reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
                                 **layer_kwargs(batch_first=True, activation="gelu"))
 

@@ -5,6 +5,7 @@ import math
 import torch
 
 from . import backends, reference
+from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
 from .rng import seed_for
 
@@ -126,8 +127,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Returns:
         (..., Hq, L, Ev) in the query dtype. A row in which no key takes part (all masked) gives output 0 and
-        zero gradients, where torch gives NaN.
+        zero gradients, where torch gives NaN. Under autocast, as torch: query, key, value and a floating
+        attn_mask are cast to the autocast dtype first (tfm_kernels.autocast), and so is the output.
     """
+    query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
+    with autocast_off(query):
+        return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, key_lengths,
+                          backend)
+
+
+def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, key_lengths, backend):
+    """scaled_dot_product_attention past autocast."""
     _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths)
     out_shape = (*query.shape[:-1], value.shape[-1])
     q, k, v = (last_dim_contiguous(t) for t in (query, key, value))

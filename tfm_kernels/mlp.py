@@ -22,6 +22,7 @@ import math
 import torch
 
 from . import backends, reference
+from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
 from .rng import seed_for
 
@@ -130,12 +131,15 @@ def fused_linear(x, weight, bias=None, activation="gelu", dropout_p=0.0, *, back
             back: it runs or raises NotImplementedError with the reasons.
 
     Returns:
-        (..., N) in x's dtype. Differentiable with respect to x, weight and bias.
+        (..., N) in x's dtype. Differentiable with respect to x, weight and bias. Under autocast, as torch's
+        linear: the tensors are cast to the autocast dtype first (tfm_kernels.autocast), and so is the result.
     """
-    _check_common(x, activation, dropout_p)
-    _check_weight("weight", weight, x)
-    _check_bias("bias", bias, x, weight.shape[0])
-    return _run(False, x, weight, bias, activation, dropout_p, backend, weight.shape[0])
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    with autocast_off(x):
+        _check_common(x, activation, dropout_p)
+        _check_weight("weight", weight, x)
+        _check_bias("bias", bias, x, weight.shape[0])
+        return _run(False, x, weight, bias, activation, dropout_p, backend, weight.shape[0])
 
 
 def gated_linear(x, weight, activation="silu", dropout_p=0.0, *, bias=None, backend="auto"):
@@ -151,15 +155,17 @@ def gated_linear(x, weight, activation="silu", dropout_p=0.0, *, bias=None, back
         bias: (2F,) = [bg; bu] or None (keyword only).
 
     Returns:
-        (..., F) in x's dtype. Differentiable with respect to x, weight and bias.
+        (..., F) in x's dtype. Differentiable with respect to x, weight and bias. Autocast as in fused_linear.
     """
-    _check_common(x, activation, dropout_p)
-    _check_weight("weight", weight, x)
-    if weight.shape[0] % 2:
-        raise ValueError(f"weight must have an even number of rows (2F: gate then up); got "
-                         f"{tuple(weight.shape)}")
-    _check_bias("bias", bias, x, weight.shape[0])
-    return _run(True, x, weight, bias, activation, dropout_p, backend, weight.shape[0] // 2)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    with autocast_off(x):
+        _check_common(x, activation, dropout_p)
+        _check_weight("weight", weight, x)
+        if weight.shape[0] % 2:
+            raise ValueError(f"weight must have an even number of rows (2F: gate then up); got "
+                             f"{tuple(weight.shape)}")
+        _check_bias("bias", bias, x, weight.shape[0])
+        return _run(True, x, weight, bias, activation, dropout_p, backend, weight.shape[0] // 2)
 
 
 def mlp(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, *, gated=False, backend="auto"):
@@ -176,32 +182,35 @@ def mlp(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, *, gated=False, bac
         backend: as in fused_linear, for both projections.
 
     Returns:
-        (..., d_out) in x's dtype. Differentiable with respect to x and every weight and bias.
+        (..., d_out) in x's dtype. Differentiable with respect to x and every weight and bias. Autocast as in
+        fused_linear.
     """
-    _check_common(x, activation, dropout_p)
-    _check_weight("w1", w1, x)
-    if gated and w1.shape[0] % 2:
-        raise ValueError(f"w1 must have an even number of rows (2 d_ff: gate then up) when gated; got "
-                         f"{tuple(w1.shape)}")
-    d_ff = w1.shape[0] // 2 if gated else w1.shape[0]
-    _check_bias("b1", b1, x, w1.shape[0])
-    _check_tensor("w2", w2, x)
-    if w2.dim() != 2 or w2.shape[1] != d_ff:
-        raise ValueError(f"w2 must have shape (d_out, {d_ff}) (nn.Linear layout, in_features = d_ff); got "
-                         f"{tuple(w2.shape)}")
-    _check_bias("b2", b2, x, w2.shape[0])
-    if gated:
-        hidden = gated_linear(x, w1, activation, dropout_p, bias=b1, backend=backend)
-        return fused_linear(hidden, w2, b2, None, backend=backend)
-    x2 = _flatten(x)  # (M, K)
-    w1, w2 = last_dim_contiguous(w1), last_dim_contiguous(w2)
-    backend = _resolve(backend, x2, w1)
-    if backend not in ("cpu", "cuda") or 0 in (*x2.shape, d_ff, w2.shape[0]):
-        hidden = fused_linear(x, w1, b1, activation, dropout_p, backend=backend)
-        return fused_linear(hidden, w2, b2, None, backend=backend)
-    # The C++ backends run the block as one operator: its backward fuses act' into the hidden-gradient GEMM.
-    seed = seed_for(float(dropout_p), x.device)
-    b1, b2 = _contiguous_bias(b1), _contiguous_bias(b2)
-    block = torch.ops.tfm_kernels.mlp_block_forward
-    out, _, _ = block(x2, w1, b1, w2, b2, activation or "none", float(dropout_p), seed)
-    return out.reshape(*x.shape[:-1], w2.shape[0])
+    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
+    with autocast_off(x):
+        _check_common(x, activation, dropout_p)
+        _check_weight("w1", w1, x)
+        if gated and w1.shape[0] % 2:
+            raise ValueError(f"w1 must have an even number of rows (2 d_ff: gate then up) when gated; got "
+                             f"{tuple(w1.shape)}")
+        d_ff = w1.shape[0] // 2 if gated else w1.shape[0]
+        _check_bias("b1", b1, x, w1.shape[0])
+        _check_tensor("w2", w2, x)
+        if w2.dim() != 2 or w2.shape[1] != d_ff:
+            raise ValueError(f"w2 must have shape (d_out, {d_ff}) (nn.Linear layout, in_features = d_ff); got "
+                             f"{tuple(w2.shape)}")
+        _check_bias("b2", b2, x, w2.shape[0])
+        if gated:
+            hidden = gated_linear(x, w1, activation, dropout_p, bias=b1, backend=backend)
+            return fused_linear(hidden, w2, b2, None, backend=backend)
+        x2 = _flatten(x)  # (M, K)
+        w1, w2 = last_dim_contiguous(w1), last_dim_contiguous(w2)
+        backend = _resolve(backend, x2, w1)
+        if backend not in ("cpu", "cuda") or 0 in (*x2.shape, d_ff, w2.shape[0]):
+            hidden = fused_linear(x, w1, b1, activation, dropout_p, backend=backend)
+            return fused_linear(hidden, w2, b2, None, backend=backend)
+        # The C++ backends run the block as one operator: its backward fuses act' into the hidden-gradient GEMM.
+        seed = seed_for(float(dropout_p), x.device)
+        b1, b2 = _contiguous_bias(b1), _contiguous_bias(b2)
+        block = torch.ops.tfm_kernels.mlp_block_forward
+        out, _, _ = block(x2, w1, b1, w2, b2, activation or "none", float(dropout_p), seed)
+        return out.reshape(*x.shape[:-1], w2.shape[0])

@@ -87,9 +87,8 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise feed-forward network linear2(dropout(act(linear1(x)))) as one fused MLP call.
 
-    x (..., d_model) -> (..., d_model). Under autocast the inputs and weights are cast to the autocast dtype,
-    as autocast would do for the two matmuls, and the fused op runs with autocast off: its kernels pick their
-    own accumulation dtypes, which autocast must not recast inside them."""
+    x (..., d_model) -> (..., d_model); under autocast in the autocast dtype, as torch's linears
+    (tfm_kernels.mlp follows autocast)."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, dropout: float, bias: bool = True):
         super().__init__()
@@ -99,11 +98,6 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x):
-        args = (x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            args = tuple(None if t is None else t.to(dtype) for t in args)
         dropout_p = self.dropout if self.training else 0.0
-        with torch.autocast(device_type, enabled=False):
-            return mlp(*args, activation=self.activation, dropout_p=dropout_p)
+        return mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                   activation=self.activation, dropout_p=dropout_p)

@@ -9,7 +9,6 @@ kernel as an (N, 1, 1, S) broadcast instead of an (N*H, L, S) copy; torch's infe
 come from a slower explicit softmax in torch ops; pass need_weights=False when they are not used.
 """
 
-import contextlib
 import functools
 
 import torch
@@ -25,14 +24,6 @@ BACKEND_CHOICES = ("auto",) + ATTENTION_BACKENDS
 def check_backend(backend):
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}; got {backend!r}")
-
-
-def outside_autocast(device_type):
-    """Turns autocast off where it is on. Our operators have no autocast rule: callers pass them inputs in the
-    autocast dtype already, and autocast must not reach into the kernels' own calls."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _split_heads(x, num_heads, batch_first):
@@ -128,9 +119,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = weights @ v  # (N, H, L, D)
         else:
             weights = None
-            with outside_autocast(q.device.type):  # q, k, v come from linears, in the autocast dtype
-                out = _attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                              is_causal=run_causal, backend=self.backend)
+            out = _attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                          is_causal=run_causal, backend=self.backend)
         if batch_first:
             out = out.transpose(1, 2).reshape(N, L, H * D)  # (N, L, E), a view of the kernel's (N, L, H, D)
         else:

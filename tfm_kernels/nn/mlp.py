@@ -7,7 +7,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..mlp import ACTIVATIONS, mlp
-from .attention import outside_autocast
 
 # The activation callables nn.TransformerEncoderLayer accepts, by the name the fused kernels use.
 _CALLABLE_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
@@ -21,18 +20,6 @@ def _activation_name(activation):
         raise ValueError(f"activation must be one of {ACTIVATIONS} or F.relu, F.gelu, F.silu; got "
                          f"{activation!r}")
     return activation
-
-
-def autocast_mlp(x, w1, b1, w2, b2, activation, dropout_p, gated, backend):
-    """tfm_kernels.mlp under autocast as torch's nn.Linear runs there: inputs and parameters in the autocast
-    dtype (the operators have no autocast rule of their own); without autocast, as given."""
-    args = (x, w1, b1, w2, b2)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        args = tuple(t if t is None else t.to(dtype) for t in args)
-    with outside_autocast(device_type):
-        return mlp(*args, activation, dropout_p, gated=gated, backend=backend)
 
 
 def _check_dropout(dropout):
@@ -69,8 +56,8 @@ class FusedMLP(nn.Module):
         self.backend = backend
 
     def forward(self, x):
-        return autocast_mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                            self.activation, self.dropout if self.training else 0.0, False, self.backend)
+        return mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                   self.activation, self.dropout if self.training else 0.0, backend=self.backend)
 
     def extra_repr(self):
         return f"activation={self.activation!r}, dropout={self.dropout}, backend={self.backend!r}"
@@ -109,8 +96,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         gate_up, down = self.gate_up_proj, self.down_proj
-        return autocast_mlp(x, gate_up.weight, gate_up.bias, down.weight, down.bias, self.activation,
-                            self.dropout if self.training else 0.0, True, self.backend)
+        return mlp(x, gate_up.weight, gate_up.bias, down.weight, down.bias, self.activation,
+                   self.dropout if self.training else 0.0, gated=True, backend=self.backend)
 
     @torch.no_grad()
     def load_gate_up(self, gate_weight, up_weight, gate_bias=None, up_bias=None):

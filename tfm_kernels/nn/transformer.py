@@ -11,13 +11,12 @@ run in training and inference alike; padded positions (key_padding_mask) therefo
 torch's nested-tensor path gives 0.
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..mlp import mlp
-from .attention import check_backend, outside_autocast
+from .attention import check_backend
 from .mlp import _CALLABLE_ACTIVATIONS
 
 
@@ -45,13 +44,8 @@ def feed_forward(layer, x):
     if name is None:
         return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
     dropout_p = layer.dropout.p if layer.dropout.training else 0.0
-    args = (x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):  # torch's layers run these linears in the autocast dtype
-        dtype = torch.get_autocast_dtype(device_type)
-        args = tuple(t if t is None else t.to(dtype) for t in args)
-    with outside_autocast(device_type):
-        return mlp(*args, name, dropout_p, backend=layer.backend)
+    return mlp(x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias, name, dropout_p,
+               backend=layer.backend)
 
 
 def _check_layer_args(d_model, nhead, backend):

@@ -239,7 +239,8 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo
                    V_HEADS_INNER: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). k_ptrs (BLOCK_D, BLOCK_N) and v_ptrs (BLOCK_N, BLOCK_DV)
     point at key lo; with TMA the tiles come from k_desc and v_desc at (b, kv_h) instead, keys past S and
-    head-dim padding reading 0 and V rows past col_end zeroed. BOUNDARY: the blocks may hold keys >= col_end (masked loads and scores)."""
+    head-dim padding reading 0 and V rows past col_end zeroed. BOUNDARY: the blocks may hold keys >= col_end
+    (masked loads and scores)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n[None, :]  # (1, BLOCK_N)
         col_ok = cols < col_end
