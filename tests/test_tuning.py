@@ -17,13 +17,13 @@ import torch
 import triton
 import triton.language as tl
 from test_attention import check_against_oracle as check_attention
+from test_attention import check_nan_past_key_lengths
 from test_attention_ops import check_dropout_against_reference
 from test_mlp import check_against_oracle as check_mlp
 from test_mlp import linear_inputs
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-import tfm_kernels
 from tfm_kernels import rng
 from tfm_kernels.triton import attention, mlp, tuning
 
@@ -132,21 +132,7 @@ def test_tma_attention_config(monkeypatch, name, case):
         check_attention("triton", q, k, v, attn_mask=mask, enable_gqa=True)
         check_dropout_against_reference("triton", q, k, v, 0.3, attn_mask=mask)
     elif case == "nan_past_lengths":
-        q, k, v = (torch.randn(B, h, n, E, dtype=dtype, device=DEVICE) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
-        lengths = torch.tensor([S, 20], device=DEVICE)
-        grad_out = torch.randn(B, Hq, L, E, dtype=dtype, device=DEVICE)
-
-        def run(k, v):
-            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-            out = tfm_kernels.scaled_dot_product_attention(*inputs, enable_gqa=True, key_lengths=lengths,
-                                                           backend="triton")
-            return (out, *torch.autograd.grad(out, inputs, grad_out))
-
-        k_nan, v_nan = k.clone(), v.clone()
-        k_nan[1, :, 20:] = float("nan")
-        v_nan[1, :, 20:] = float("nan")
-        for name, clean, padded in zip(("out", "dq", "dk", "dv"), run(k, v), run(k_nan, v_nan)):
-            assert torch.equal(clean, padded), f"{name} changed with NaN past key_lengths"
+        check_nan_past_key_lengths("triton", dtype, DEVICE)
     else:
         q, k, v = (torch.randn(B, h, n, E, dtype=dtype, device=DEVICE) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
         lengths = torch.tensor([S, 20], device=DEVICE)
