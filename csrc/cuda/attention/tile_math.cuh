@@ -24,14 +24,28 @@ namespace tfm_kernels::attention {
 using cuda::load_tile_async;
 using cuda::MmaOps;
 
+// The lane's ldmatrix x4 address over a 16x16 tile stored row-major, rows kStride apart from `base`; its four
+// 8x8 matrices taken (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15).
+template <int kStride, typename T>
+__device__ __forceinline__ const T* x4_address_rows_first(const T* base, int lane) {
+  return base + (lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16);
+}
+
+// As x4_address_rows_first, the matrices taken (rows 0-7, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols
+// 0-7), (rows 8-15, cols 8-15).
+template <int kStride, typename T>
+__device__ __forceinline__ const T* x4_address_cols_first(const T* base, int lane) {
+  return base + (lane % 8 + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2);
+}
+
 // A's 16 rows start at sA; B's N rows start at sB; both kStride elements apart.
 template <typename T, int kN, int kK, int kStride>
 __device__ __forceinline__ void gemm_smem_nt(float (&acc)[kN / 8][4], const T* sA, const T* sB, int lane) {
   static_assert(kN % 16 == 0 && kK % 16 == 0, "whole 16x16 steps");
   // ldmatrix lane addresses. A, x4 = (rows 0-7 | 8-15) x (cols 0-7 | 8-15) in the a0..a3 order.
-  const T* a_row = sA + (lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16);
+  const T* a_row = x4_address_rows_first<kStride>(sA, lane);
   // B, x4 = b0, b1 of n-tile 2j (matrices 0, 1: k cols 0-7, 8-15) then of n-tile 2j+1 (rows 8-15).
-  const T* b_row = sB + (lane % 8 + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2);
+  const T* b_row = x4_address_cols_first<kStride>(sB, lane);
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
     uint32_t a[4];
@@ -46,15 +60,9 @@ __device__ __forceinline__ void gemm_smem_nt(float (&acc)[kN / 8][4], const T* s
   }
 }
 
-// The lane's ldmatrix.trans address for a B stored (K x N) row-major, rows kStride apart from sB: x4.trans =
-// b0, b1 of n-tile 2j (matrices 0, 1: k rows 0-7, 8-15) then of n-tile 2j+1 (cols 8-15).
-template <int kStride, typename T>
-__device__ __forceinline__ const T* row_major_b_address(const T* sB, int lane) {
-  return sB + (lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16);
-}
-
-// acc (16 x kN) += a * B[16 ks..16 ks + 15, :], a being the A fragment of k-step ks; b_row from
-// row_major_b_address.
+// acc (16 x kN) += a * B[16 ks..16 ks + 15, :], a being the A fragment of k-step ks; B stored (K x N) row-major,
+// b_row = x4_address_rows_first of its first row: x4.trans = b0, b1 of n-tile 2j (matrices 0, 1: k rows 0-7,
+// 8-15) then of n-tile 2j+1 (cols 8-15).
 template <typename T, int kN, int kStride>
 __device__ __forceinline__ void mma_row_major_b(float (&acc)[kN / 8][4], const uint32_t (&a)[4], const T* b_row,
                                                 int ks) {
@@ -72,7 +80,7 @@ template <typename T, int kN, int kK, int kStride>
 __device__ __forceinline__ void gemm_reg_nn(float (&acc)[kN / 8][4], const float (&a_tile)[kK / 8][4], const T* sB,
                                             int lane) {
   static_assert(kN % 16 == 0 && kK % 16 == 0, "whole 16x16 steps");
-  const T* b_row = row_major_b_address<kStride>(sB, lane);
+  const T* b_row = x4_address_rows_first<kStride>(sB, lane);
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
     uint32_t a[4];
@@ -88,8 +96,8 @@ __device__ __forceinline__ void gemm_smem_tn(float (&acc)[kN / 8][4], const T* s
   static_assert(kN % 16 == 0 && kK % 16 == 0, "whole 16x16 steps");
   // A, x4.trans = a0..a3: stored A^T (k rows 0-7 | 8-15) x (m cols 0-7 | 8-15), matrix i = (k half i / 2,
   // m half i % 2), each transposed on the way into the A fragment.
-  const T* a_row = sAT + (lane % 8 + 8 * (lane / 16)) * kStrideA + 8 * ((lane / 8) % 2);
-  const T* b_row = row_major_b_address<kStrideB>(sB, lane);
+  const T* a_row = x4_address_cols_first<kStrideA>(sAT, lane);
+  const T* b_row = x4_address_rows_first<kStrideB>(sB, lane);
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
     uint32_t a[4];
