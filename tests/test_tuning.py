@@ -155,7 +155,8 @@ def autotuning(monkeypatch, module, name, configs):
                                 probe=tuned.probe, margin=tuned.margin, usable=tuned.usable)
     kernel.autotunes = lambda work: True
     order = itertools.count()
-    kernel.tuned.do_bench = lambda kernel_call, quantiles: (kernel_call(), [float(next(order))] * 3)[1]
+    tuner = kernel.tuner(torch.device(DEVICE))
+    tuner.do_bench = lambda kernel_call, quantiles: (kernel_call(), [float(next(order))] * 3)[1]
     monkeypatch.setattr(module, name, kernel)
     calls = defaultdict(list)
     run = kernel.kernel.run
@@ -200,8 +201,9 @@ def test_autotuned_configs_keep_their_argument_types(monkeypatch, name):
 
 
 def test_parallel_compilation_once_per_autotune_key(monkeypatch):
-    """Our parallel compilation runs only for a key the autotuner is about to time: a launch that differs only
-    in constexprs outside its key (here dropout) runs the config the autotuner chose, so compiles no other."""
+    """Our parallel compilation runs only for a key the autotuner is about to time. The GEMM's key names its
+    epilogue (here dropout), which changes a config's speed, so a new epilogue is timed again; a launch that
+    differs only in arguments outside the key (the dropout probability) runs the config chosen for it."""
     if not tuning.tensor_descriptors_supported(torch.device(DEVICE)):
         pytest.skip("tensor descriptors need Hopper or newer")
     calls = autotuning(monkeypatch, mlp, "_GEMM", [mlp._gemm_config(32, 32, 32, 4, 1, group_m=2, tma=tma)
@@ -213,9 +215,25 @@ def test_parallel_compilation_once_per_autotune_key(monkeypatch):
 
     mlp.linear_forward(x, weight, bias, "gelu", 0.0, rng.seed_for(0.0, x.device))
     assert warmups() == 2
-    out, _ = mlp.linear_forward(x, weight, bias, "gelu", 0.5, rng.seed_for(0.5, x.device))
+    mlp.linear_forward(x, weight, bias, "gelu", 0.0, rng.seed_for(0.0, x.device))
     assert warmups() == 2
+    out, _ = mlp.linear_forward(x, weight, bias, "gelu", 0.5, rng.seed_for(0.5, x.device))
+    assert warmups() == 4
     assert 0.3 < float((out == 0).float().mean()) < 0.7  # the dropout variant ran
+    mlp.linear_forward(x, weight, bias, "gelu", 0.25, rng.seed_for(0.25, x.device))
+    assert warmups() == 4
+
+
+def test_each_device_kind_has_its_own_autotuner(monkeypatch):
+    """Timings and shared-memory pruning are per GPU model: a second kind of device gets a new autotuner."""
+    kernel = tuning.TunedKernel(_write_block, block_configs(16, 32), ["BLOCK"], lambda config, args: 0,
+                                min_work=0, probe="out_ptr")
+    device = torch.device(DEVICE)
+    assert kernel.tuner(device) is kernel.tuner(device)
+    first = kernel.tuner(device)
+    monkeypatch.setattr(tuning, "device_kind", lambda device: ("another GPU", 1))
+    assert kernel.tuner(device) is not first
+    assert kernel.tuner(device) is kernel.tuner(device)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ One tiled GEMM kernel, C = A @ B with arbitrary strides, serves every product:
 Programs walk the output in GROUP_M-row bands so neighbouring programs share A and B tiles in L2. Accumulation
 is float32; float32 inputs multiply in IEEE precision unless torch allows TF32. On Hopper and newer, 16-bit
 operands with aligned layouts can also be read through tensor descriptors (TMA) by persistent programs; those
-configs join the autotuning list. Products of at least AUTOTUNE_MIN_WORK multiply-adds are autotuned per shape,
-smaller ones take the first config that fits (tuning.py).
+configs join the autotuning list. Products of at least AUTOTUNE_MIN_WORK multiply-adds are autotuned per shape
+and epilogue, smaller ones take the first config that fits (tuning.py).
 """
 
 import torch
@@ -287,7 +287,9 @@ GRAD_BLOCK = 64  # 64x64 elementwise tiles: 4096 elements per program, enough wo
 
 # Products of at least this many multiply-adds (M * N * K) are autotuned, once per shape (tuning.py).
 AUTOTUNE_MIN_WORK = 1 << 30
-_GEMM = TunedKernel(_gemm_kernel, _gemm_configs(), ["M", "N", "K", "GATED", "ROWSUM_A", "A_T", "B_T"],
+# The key names every constexpr but the tile's: the epilogue changes a config's registers and so its speed.
+_GEMM = TunedKernel(_gemm_kernel, _gemm_configs(), ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "STORE_PREACT",
+                                                    "DROPOUT", "GATED", "ROWSUM_A", "INPUT_PRECISION", "A_T", "B_T"],
                     _shared_memory_bytes, min_work=AUTOTUNE_MIN_WORK, probe="a_ptr",
                     usable=needs_descriptors("a_desc", "b_desc"))
 # Programs of a persistent (TMA) launch off the GPU, where there are no SMs to count: few, so that the

@@ -43,6 +43,15 @@ def shared_memory_budget(device, margin):
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin - margin
 
 
+def device_kind(device):
+    """What a tuned config depends on in `device`: the GPU model and its SM count (a MIG slice has fewer SMs
+    than the whole card), or the interpreter. Devices of one kind share their autotuning results."""
+    if device.type != "cuda":
+        return "interpreter"
+    properties = torch.cuda.get_device_properties(device)
+    return properties.name, properties.multi_processor_count
+
+
 def tensor_descriptors_supported(device):
     """Whether kernels on `device` may load through tensor descriptors (TMA): Hopper (sm_90) and newer, and the
     interpreter (which emulates them, so CPU tests cover those code paths)."""
@@ -108,13 +117,12 @@ class TunedKernel:
         self.shared_bytes = shared_bytes
         self.usable = usable or (lambda config, args: True)
         self.key = key
-        self._precompiled = set()  # autotune keys whose configs are compiled
+        self._precompiled = set()  # (device kind, autotune key) pairs whose configs are compiled
+        self._tuners = {}  # device kind -> Triton autotuner
         self.min_work = min_work
         self.probe = probe
         self.margin = margin
-        all_configs = configs if fallback is None or fallback in configs else [*configs, fallback]
-        self.tuned = triton.autotune(configs=all_configs, key=key,
-                                     prune_configs_by={"early_config_prune": self._prune})(kernel)
+        self._timed_configs = configs if fallback is None or fallback in configs else [*configs, fallback]
 
     def fitting(self, args, budget):
         """The configs whose shared-memory estimate fits `budget` bytes, in list order (never empty)."""
@@ -125,6 +133,15 @@ class TunedKernel:
         if self.fallback is not None:
             return [self.fallback]
         return [min(usable, key=lambda c: self.shared_bytes(c, args))]
+
+    def tuner(self, device):
+        """The autotuner of launches on `device`. Each device kind has its own, so its timings, and the configs
+        that fit its shared memory, are never reused on another GPU model in the same process."""
+        kind = device_kind(device)
+        if kind not in self._tuners:
+            self._tuners[kind] = triton.autotune(configs=self._timed_configs, key=self.key,
+                                                 prune_configs_by={"early_config_prune": self._prune})(self.kernel)
+        return self._tuners[kind]
 
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -143,10 +160,11 @@ class TunedKernel:
     def launch(self, grid, work, args, constexprs):
         """Runs the kernel on positional `args` and keyword `constexprs` (the config's tile sizes excluded)."""
         named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
-        budget = shared_memory_budget(named[self.probe].device, self.margin)
+        device = named[self.probe].device
+        budget = shared_memory_budget(device, self.margin)
         if self.autotunes(work):
-            self._precompile(grid, args, constexprs, named, budget)
-            self.tuned[grid](*args, **constexprs)
+            self._precompile(grid, args, constexprs, named, device, budget)
+            self.tuner(device)[grid](*args, **constexprs)
             return
         config = self.fitting(named, budget)[0]
         if config.pre_hook is not None:
@@ -154,15 +172,15 @@ class TunedKernel:
         self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
                           num_stages=config.num_stages)
 
-    def _precompile(self, grid, args, constexprs, named, budget):
+    def _precompile(self, grid, args, constexprs, named, device, budget):
         """Compiles, in parallel, every config the autotuner is about to time for this launch's key. A config
         that fails to compile is left to the autotuner, which reports or skips it as it always does; a failure
         of this step itself costs only time (the autotuner then compiles each config), so it warns and goes
         on."""
-        # The autotuner's own key (triton.runtime.autotuner.Autotuner.run): the `key` arguments and the dtype of
-        # every argument that has one. It times configs only for a key it has not seen; a launch whose other
-        # constexprs (e.g. the GEMM's epilogue) or device are new runs its cached config, so compiles one.
-        key = (*(named[k] for k in self.key), *(str(a.dtype) for a in args if hasattr(a, "dtype")))
+        # The device's autotuner and its own key (triton.runtime.autotuner.Autotuner.run): the `key` arguments
+        # and the dtype of every argument that has one. It times configs only for a key it has not seen.
+        key = (device_kind(device), *(named[k] for k in self.key),
+               *(str(a.dtype) for a in args if hasattr(a, "dtype")))
         if key in self._precompiled:
             return
         self._precompiled.add(key)
