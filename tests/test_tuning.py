@@ -21,6 +21,7 @@ from test_attention import check_nan_past_key_lengths
 from test_attention_ops import check_dropout_against_reference
 from test_mlp import check_against_oracle as check_mlp
 from test_mlp import linear_inputs
+from triton.runtime import _async_compile
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -234,6 +235,24 @@ def test_each_device_kind_has_its_own_autotuner(monkeypatch):
     monkeypatch.setattr(tuning, "device_kind", lambda device: ("another GPU", 1))
     assert kernel.tuner(device) is not first
     assert kernel.tuner(device) is kernel.tuner(device)
+
+
+def test_interrupted_parallel_compilation_leaves_no_compile_mode_active():
+    """An interrupt (Ctrl-C) while the parallel compiles finish propagates, and leaves Triton's compile mode
+    inactive: triton 3.6 left it active, so entering it again raised and every later compile in the thread went
+    to the closed pool."""
+    def interrupted_compile():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with tuning.parallel_compilation():
+            _async_compile.active_mode.get().submit("interrupted", interrupted_compile, lambda kernel: None)
+    assert _async_compile.active_mode.get() is None
+    with tuning.parallel_compilation():
+        assert _async_compile.active_mode.get() is not None
+    out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    _write_block[(1,)](out, BLOCK=7)
+    assert int(out) == 7
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 Problems of at least `min_work` (a kernel-defined measure: score elements for attention, multiply-adds for a
 GEMM) are autotuned: every config that fits the device's shared memory is compiled and timed once per
-autotune key. Before a new key is timed, its configs are compiled in parallel threads (Triton's
-AsyncCompileMode; compiles release the GIL and run ptxas as a subprocess: 8 sm_90 compiles took 3.3 s on 2
-threads against 7.2 s in turn on the development machine), so tuning costs about one compile's time rather
-than one per config. Smaller problems, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed
+autotune key. Before a new key is timed, its configs are compiled in parallel threads (parallel_compilation;
+compiles release the GIL and run ptxas as a subprocess: 8 sm_90 compiles took 3.3 s on 2 threads against
+7.2 s in turn on the development machine), so tuning costs about one compile's time rather than one per
+config. Smaller problems, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed
 config that fits, so tests and small calls compile one config instead of the whole list (a GPU test suite of
 a few hundred shapes would otherwise compile thousands of variants).
 """
@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
+from triton.runtime import _async_compile
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import triton_interpreting
@@ -33,6 +34,22 @@ def device_guard(t):
     """Makes `t`'s CUDA device the current one: Triton launches on the current device, whatever device the
     arguments are on."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def parallel_compilation():
+    """Triton's AsyncCompileMode over a thread pool: kernels warmed up inside compile in parallel, all of them
+    finished on exit. Triton 3.6 leaves the mode active when its exit is interrupted (Ctrl-C while it waits for
+    the compiles), and every later compile in this thread would go to the closed pool; the mode is cleared
+    here whatever happens."""
+    with ThreadPoolExecutor(COMPILE_THREADS) as pool:
+        mode = triton.AsyncCompileMode(pool, ignore_errors=True)
+        try:
+            with mode:
+                yield
+        finally:
+            if _async_compile.active_mode.get() is mode:
+                _async_compile.active_mode.set(None)
 
 
 def shared_memory_budget(device, margin):
@@ -185,7 +202,7 @@ class TunedKernel:
             return
         self._precompiled.add(key)
         try:
-            with ThreadPoolExecutor(COMPILE_THREADS) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+            with parallel_compilation():
                 for config in self.fitting(named, budget):
                     if config.pre_hook is not None:
                         config.pre_hook({**named, **config.kwargs})
