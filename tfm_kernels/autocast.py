@@ -7,10 +7,16 @@ import contextlib
 
 import torch
 
+# The device types the package's kernels run on. On any other, the functions run torch's own operators, which
+# follow autocast themselves. (A fixed set rather than torch.amp.is_autocast_available, which torch 2.11's
+# torch.compile cannot trace.)
+KERNEL_DEVICE_TYPES = ("cpu", "cuda")
+
 
 def _autocast_device_type(t):
-    """The device type of tensor t where autocast exists for it, else None (not a tensor, meta, ...)."""
-    if not isinstance(t, torch.Tensor) or not torch.amp.is_autocast_available(t.device.type):
+    """The device type of tensor t where the package's kernels may run on it, else None (not a tensor, meta,
+    ...)."""
+    if not isinstance(t, torch.Tensor) or t.device.type not in KERNEL_DEVICE_TYPES:
         return None
     return t.device.type
 
