@@ -337,6 +337,21 @@ def test_explicit_backend_that_cannot_run_raises_with_reasons(backend):
         tfm_kernels.scaled_dot_product_attention(q, k, v, backend=backend)
 
 
+@pytest.mark.parametrize("versions", [((3, 6), (2, 4)), ((3, 6), (2, 3)), ((3, 7), (2, 5))])
+def test_triton_interpreter_with_a_numpy_it_cannot_use(monkeypatch, versions):
+    """Triton 3.6's interpreter fails inside every kernel with numpy 2.4 and newer: the triton backend on CPU
+    says so, and runs where the versions agree."""
+    monkeypatch.setattr(backends, "_TRITON_VERSION", versions[0])
+    monkeypatch.setattr(backends, "_NUMPY_VERSION", versions[1])
+    q, k, v = qkv(1, 2, 2, 5, 7, 8, 8, torch.float32)
+    if versions == ((3, 6), (2, 4)):
+        with pytest.raises(NotImplementedError, match=r"triton 3\.6's CPU interpreter fails with numpy 2\.4; "
+                                                      r"it needs numpy < 2\.4"):
+            tfm_kernels.scaled_dot_product_attention(q, k, v, backend="triton")
+    else:
+        assert not backends.not_supported_reasons("triton", q, k, v)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU (benchmarks/device_check.sh)
 

@@ -5,6 +5,7 @@
 preference order below.
 """
 
+import importlib.metadata
 import importlib.util
 import os
 
@@ -43,6 +44,24 @@ def auto_order(device) -> tuple[str, ...]:
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+def _installed_version(package):
+    """(major, minor) of an installed distribution, or None."""
+    try:
+        return tuple(int(part) for part in importlib.metadata.version(package).split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def _interpreter_numpy_clash(triton_version, numpy_version) -> bool:
+    """Whether Triton's CPU interpreter fails with this numpy: triton 3.6's turns one-element arrays into
+    Python ints, which numpy 2.4 and newer refuse, so every kernel with a loop fails (triton 3.7 squeezes them
+    first)."""
+    return None not in (triton_version, numpy_version) and triton_version < (3, 7) and numpy_version >= (2, 4)
+
+
+_TRITON_VERSION, _NUMPY_VERSION = _installed_version("triton"), _installed_version("numpy")
+
+
 def triton_available() -> bool:
     return _TRITON_INSTALLED
 
@@ -57,6 +76,10 @@ def _triton_reasons(q, k, v) -> list[str]:
         reasons.append("triton is not installed")
     if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpreting()):
         reasons.append(f"triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {q.device.type}")
+    if q.device.type == "cpu" and _interpreter_numpy_clash(_TRITON_VERSION, _NUMPY_VERSION):
+        triton_version, numpy_version = (".".join(map(str, v)) for v in (_TRITON_VERSION, _NUMPY_VERSION))
+        reasons.append(f"triton {triton_version}'s CPU interpreter fails with numpy {numpy_version}; it needs "
+                       f"numpy < 2.4 (or triton >= 3.7)")
     if q.dtype not in KERNEL_DTYPES:
         reasons.append(f"triton supports float16, bfloat16, float32; got {q.dtype}")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
