@@ -225,6 +225,27 @@ def test_parallel_compilation_once_per_autotune_key(monkeypatch):
     assert warmups() == 4
 
 
+def test_interrupted_parallel_compilation_runs_again_at_the_next_launch(monkeypatch):
+    """An interrupt (Ctrl-C) during our parallel compilation propagates, and the next launch of the same key
+    compiles its configs in parallel again instead of leaving them to the autotuner one by one."""
+    if not tuning.tensor_descriptors_supported(torch.device(DEVICE)):
+        pytest.skip("tensor descriptors need Hopper or newer")
+    calls = autotuning(monkeypatch, mlp, "_GEMM", [mlp._gemm_config(32, 32, 32, 4, 1, group_m=2, tma=tma)
+                                                  for tma in (False, True)])
+    x, weight, bias = linear_inputs((111,), 48, 80, torch.float16, device=DEVICE)
+    warmup = mlp._GEMM.kernel.warmup
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlp._GEMM.kernel, "warmup", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mlp.linear_forward(x, weight, bias, "gelu", 0.0, rng.seed_for(0.0, x.device))
+    monkeypatch.setattr(mlp._GEMM.kernel, "warmup", warmup)
+    mlp.linear_forward(x, weight, bias, "gelu", 0.0, rng.seed_for(0.0, x.device))
+    assert sum(warmup for runs in calls.values() for warmup, _ in runs) == 2
+
+
 def test_each_device_kind_has_its_own_autotuner(monkeypatch):
     """Timings and shared-memory pruning are per GPU model: a second kind of device gets a new autotuner."""
     kernel = tuning.TunedKernel(_write_block, block_configs(16, 32), ["BLOCK"], lambda config, args: 0,

@@ -200,7 +200,6 @@ class TunedKernel:
                *(str(a.dtype) for a in args if hasattr(a, "dtype")))
         if key in self._precompiled:
             return
-        self._precompiled.add(key)
         try:
             with parallel_compilation():
                 for config in self.fitting(named, budget):
@@ -210,3 +209,4 @@ class TunedKernel:
         except Exception as error:  # any compiler or runtime failure: reported, not hidden
             warnings.warn(f"parallel compilation of {self.kernel.fn.__name__}'s configs failed ({error!r}); the "
                           f"autotuner compiles them one by one", RuntimeWarning, stacklevel=3)
+        self._precompiled.add(key)  # not after an interrupt, so that the next launch compiles them again
