@@ -7,10 +7,12 @@ import contextlib
 
 import torch
 
-# The device types the package's kernels run on. On any other, the functions run torch's own operators, which
-# follow autocast themselves. (A fixed set rather than torch.amp.is_autocast_available, which torch 2.11's
-# torch.compile cannot trace.)
-KERNEL_DEVICE_TYPES = ("cpu", "cuda")
+from .backends import AUTO_ORDER
+
+# The device types the package's kernels run on (those with a backend order of their own). On any other, the
+# functions run torch's own operators, which follow autocast themselves. (A fixed set rather than
+# torch.amp.is_autocast_available, which torch 2.11's torch.compile cannot trace.)
+KERNEL_DEVICE_TYPES = tuple(AUTO_ORDER)
 
 
 def _autocast_device_type(t):
