@@ -8,8 +8,16 @@ mma.sync otherwise) and whether it loads through TMA. It catches what TRITON_INT
 type and tl.dot constraints, shared-memory overflow and register spills. Arguments mirror a launch's specialisation
 (16-byte aligned pointers, strides multiples of 16 where the head dims are).
 
+Each line also gives the launcher's shared-memory estimate of the config and whether the launcher would run
+the config on that target (its estimate within the target's limit less the kernel's margin, TMA only on sm_90;
+else the fallback). A config that would run but compiles to more shared memory than the target has is
+marked "FAILS TO LAUNCH": on a GPU it would raise OutOfResources. `--admitted` compiles only the configs
+that would run, for sweeps over dtypes, head dims and features. The exit status is 1 when a config that
+would run fails to compile or to fit, else 0.
+
     python benchmarks/compile_triton.py --arch 90 --dtype bf16 --head-dim 128 --mask additive --causal
     python benchmarks/compile_triton.py --arch 80 --dtype fp16 --mlp --activation gelu --gated --dropout
+    python benchmarks/compile_triton.py --arch 80 --dtype fp32 --head-dim 256 --admitted --kernel dq
 
 Needs only triton (with its bundled ptxas); slow on a small CPU (seconds per config).
 """
@@ -18,15 +26,22 @@ import argparse
 import contextlib
 import io
 import re
+import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tfm_kernels.triton import attention, mlp
 
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in (H100 227 KiB, A100 163 KiB)
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MASK_KINDS = {"none": attention.MASK_NONE, "bool": attention.MASK_BOOL, "additive": attention.MASK_ADDITIVE}
+ATTENTION_KERNELS = {"forward": (attention._FORWARD, attention.FORWARD_DESCRIPTORS),
+                     "dk_dv": (attention._BACKWARD_KV, attention.BACKWARD_KV_DESCRIPTORS),
+                     "dq": (attention._BACKWARD_Q, attention.BACKWARD_Q_DESCRIPTORS)}
 
 
 def _jit_function(kernel):
@@ -59,23 +74,40 @@ def _compile(fn, types, constexprs, aligned, arch, num_warps, num_stages):
     return kernel.metadata.shared, int(registers.group(1)), int(spills.group(1)), tensor_core
 
 
-def _report(name, fn, types, constexprs, aligned, arch, config):
-    """Compiles one config of fn and prints a line: its registers, spills and shared memory, or the error."""
+def _report(name, fn, types, constexprs, aligned, arch, config, estimate, runs):
+    """Compiles one config of fn and prints a line: its registers, spills and shared memory against the
+    launcher's `estimate` and the target's limit, or the error. `runs`: whether the launcher would run it.
+    Returns whether it would fail on the GPU: it runs and does not compile or does not fit."""
     kw = config.kwargs
     label = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
     label += f" w{config.num_warps} s{config.num_stages}" + (" tma" if kw.get("TMA") else "")
+    launched = "runs" if runs else "pruned"
     try:
         shared, registers, spilled, tensor_core = _compile(fn, types, {**constexprs, **kw}, aligned, arch,
                                                            config.num_warps, config.num_stages)
     except Exception as error:  # any compiler failure is the result being reported
-        print(f"{name:8s} {label:18s} FAILED {type(error).__name__}: {str(error).splitlines()[-1][:200]}")
-        return
-    fits = "ok" if shared <= SHARED_MEMORY_LIMIT[arch] else "OVER LIMIT"
-    print(f"{name:8s} {label:18s} registers {registers:3d}  spilled {spilled:6d} B  "
-          f"shared {shared:7d} B ({fits})  {tensor_core}")
+        print(f"{name:8s} {label:18s} {launched:6s} FAILED {type(error).__name__}: "
+              f"{str(error).splitlines()[-1][:200]}")
+        return runs
+    fits = "ok" if shared <= SHARED_MEMORY_LIMIT[arch] else "FAILS TO LAUNCH" if runs else "over limit"
+    print(f"{name:8s} {label:18s} {launched:6s} registers {registers:3d}  spilled {spilled:6d} B  "
+          f"shared {shared:7d} B, estimate {estimate:7d} B ({fits})  {tensor_core}")
+    return runs and shared > SHARED_MEMORY_LIMIT[arch]
+
+
+def _launched_configs(tuned, args, arch, descriptor_names, tma_ready):
+    """The configs `tuned` would run on an `arch` GPU for launches with these named arguments (TunedKernel.fitting
+    against that target's budget). The launcher passes tensor descriptors as `descriptor_names` on sm_90 where
+    the tensors allow them (`tma_ready`), and the tensors themselves elsewhere."""
+    tensor = torch.empty(16, 16, dtype=torch.bfloat16)
+    readable = tma_ready and arch >= 90
+    stand_in = TensorDescriptor(tensor, [16, 16], [16, 1], [16, 16]) if readable else tensor
+    return tuned.fitting({**args, **dict.fromkeys(descriptor_names, stand_in)},
+                         SHARED_MEMORY_LIMIT[arch] - tuned.margin)
 
 
 def attention_kernels(args):
+    """Reports every config of the three attention kernels; yields, per config, whether it would fail."""
     element = "*" + args.dtype
     E, Ev = args.head_dim, args.head_dim_v or args.head_dim
     mask_kind = MASK_KINDS[args.mask]
@@ -83,11 +115,14 @@ def attention_kernels(args):
     features = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=attention._head_block(E), BLOCK_DV=attention._head_block(Ev),
                     IS_CAUSAL=args.causal, MASK_KIND=mask_kind, HAS_KEY_LENGTHS=args.key_lengths,
                     HAS_DROPOUT=args.dropout, DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32")
+    estimate_args = {"Q": torch.empty(0, dtype=TORCH_DTYPES[args.dtype]), **features}
+    # The launcher makes descriptors of 16-bit tensors whose rows are 16-byte aligned (tuning.descriptor).
+    tma_ready = args.dtype != "fp32" and E % 8 == 0 and Ev % 8 == 0
     pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i64", "Seed": "*i64",
                      "Mask": "*u8" if mask_kind == attention.MASK_BOOL else element}
-    for name, tiled, descriptors in [("forward", attention._FORWARD, attention.FORWARD_DESCRIPTORS),
-                                     ("dk_dv", attention._BACKWARD_KV, attention.BACKWARD_KV_DESCRIPTORS),
-                                     ("dq", attention._BACKWARD_Q, attention.BACKWARD_Q_DESCRIPTORS)]:
+    for name, (tiled, descriptors) in ATTENTION_KERNELS.items():
+        if args.kernel and name not in args.kernel:
+            continue
         fn = _jit_function(tiled.kernel)
         types = {}
         for arg in fn.arg_names:
@@ -100,7 +135,10 @@ def attention_kernels(args):
             else:
                 types[arg] = "i32"
         aligned = {a for a in types if aligned_strides and a.startswith("stride") and not a.startswith("stride_m")}
+        launched = _launched_configs(tiled, estimate_args, args.arch, descriptors, tma_ready)
         for config in [*tiled.configs, tiled.fallback]:
+            if args.admitted and config not in launched:
+                continue
             sizes = {**features, **config.kwargs}
             layouts = {}  # every descriptor over (B, H, N, D) memory, or (B, N, H, D) with --heads-inner
             for desc, (rows, cols, heads_inner) in descriptors.items():  # placeholders unless a TMA config
@@ -108,10 +146,12 @@ def attention_kernels(args):
                          else f"[1, 1, {sizes[rows]}, {sizes[cols]}]")
                 types[desc] = f"tensordesc<{args.dtype}{block}>" if config.kwargs["TMA"] else element
                 layouts[heads_inner] = args.heads_inner
-            _report(name, fn, types, {**features, **layouts}, aligned, args.arch, config)
+            yield _report(name, fn, types, {**features, **layouts}, aligned, args.arch, config,
+                          tiled.shared_bytes(config, estimate_args), config in launched)
 
 
 def mlp_kernel(args):
+    """Reports every config of the MLP GEMM; yields, per config, whether it would fail."""
     fn = _jit_function(mlp._gemm_kernel)
     element = "*" + args.dtype
     types = {a: element for a in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "preact_ptr")}
@@ -123,14 +163,19 @@ def mlp_kernel(args):
                     STORE_PREACT=args.activation != "none" or args.gated, DROPOUT=args.dropout, GATED=args.gated,
                     ROWSUM_A=False, INPUT_PRECISION="ieee" if args.dtype == "fp32" else "tf32", A_T=False, B_T=True)
     aligned = {"M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_pm", "gate_offset"}
+    estimate_args = {"a_ptr": torch.empty(0, dtype=TORCH_DTYPES[args.dtype]), "GATED": args.gated}
+    launched = _launched_configs(mlp._GEMM, estimate_args, args.arch, ("a_desc", "b_desc"), args.dtype != "fp32")
     for config in mlp._GEMM.configs:
+        if args.admitted and config not in launched:
+            continue
         kw = config.kwargs
         if kw["TMA"]:  # descriptors of the config's tiles: a (BLOCK_M, BLOCK_K), weight (BLOCK_N, BLOCK_K)
             descriptors = {"a_desc": f"tensordesc<{args.dtype}[{kw['BLOCK_M']}, {kw['BLOCK_K']}]>",
                            "b_desc": f"tensordesc<{args.dtype}[{kw['BLOCK_N']}, {kw['BLOCK_K']}]>"}
         else:  # unread placeholders: the tensors themselves
             descriptors = {"a_desc": element, "b_desc": element}
-        _report("gemm", fn, {**types, **descriptors}, features, aligned, args.arch, config)
+        yield _report("gemm", fn, {**types, **descriptors}, features, aligned, args.arch, config,
+                      mlp._GEMM.shared_bytes(config, estimate_args), config in launched)
 
 
 def main(argv=None):
@@ -138,6 +183,8 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, choices=sorted(SHARED_MEMORY_LIMIT), default=90)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     parser.add_argument("--mlp", action="store_true", help="the MLP GEMM instead of the attention kernels")
+    parser.add_argument("--kernel", action="append", choices=list(ATTENTION_KERNELS),
+                        help="attention: only this kernel (repeatable; default: all three)")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--head-dim-v", type=int, help="value head dim (default: --head-dim)")
     parser.add_argument("--mask", choices=sorted(MASK_KINDS), default="none")
@@ -149,9 +196,12 @@ def main(argv=None):
     parser.add_argument("--activation", choices=sorted(mlp.ACTIVATION_CODES), default="none")
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--bias", action="store_true")
+    parser.add_argument("--admitted", action="store_true",
+                        help="compile only the configs the launcher would run on this target")
     args = parser.parse_args(argv)
-    (mlp_kernel if args.mlp else attention_kernels)(args)
+    failures = sum((mlp_kernel if args.mlp else attention_kernels)(args))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
