@@ -32,9 +32,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tfm_kernels.triton import attention, mlp
+from tfm_kernels.triton.tuning import descriptor
 
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in (H100 227 KiB, A100 163 KiB)
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -95,15 +95,16 @@ def _report(name, fn, types, constexprs, aligned, arch, config, estimate, runs):
     return runs and shared > SHARED_MEMORY_LIMIT[arch]
 
 
-def _launched_configs(tuned, args, arch, descriptor_names, tma_ready):
+def _launched_configs(tuned, args, arch, descriptor_tensors):
     """The configs `tuned` would run on an `arch` GPU for launches with these named arguments (TunedKernel.fitting
-    against that target's budget). The launcher passes tensor descriptors as `descriptor_names` on sm_90 where
-    the tensors allow them (`tma_ready`), and the tensors themselves elsewhere."""
-    tensor = torch.empty(16, 16, dtype=torch.bfloat16)
-    readable = tma_ready and arch >= 90
-    stand_in = TensorDescriptor(tensor, [16, 16], [16, 1], [16, 16]) if readable else tensor
-    return tuned.fitting({**args, **dict.fromkeys(descriptor_names, stand_in)},
-                         SHARED_MEMORY_LIMIT[arch] - tuned.margin)
+    against that target's budget). `descriptor_tensors`: descriptor argument -> a tensor of the launch's dtype
+    and row length, passed as a tensor descriptor on sm_90 wherever tuning.descriptor makes one of it, as the
+    launchers do, and as the tensor itself elsewhere."""
+    stand_ins = {}
+    for name, tensor in descriptor_tensors.items():
+        readable = descriptor(tensor, tensor.shape, tensor.stride()) if arch >= 90 else None
+        stand_ins[name] = tensor if readable is None else readable
+    return tuned.fitting({**args, **stand_ins}, SHARED_MEMORY_LIMIT[arch] - tuned.margin)
 
 
 def attention_kernels(args):
@@ -115,9 +116,9 @@ def attention_kernels(args):
     features = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=attention._head_block(E), BLOCK_DV=attention._head_block(Ev),
                     IS_CAUSAL=args.causal, MASK_KIND=mask_kind, HAS_KEY_LENGTHS=args.key_lengths,
                     HAS_DROPOUT=args.dropout, DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32")
-    estimate_args = {"Q": torch.empty(0, dtype=TORCH_DTYPES[args.dtype]), **features}
-    # The launcher makes descriptors of 16-bit tensors whose rows are 16-byte aligned (tuning.descriptor).
-    tma_ready = args.dtype != "fp32" and E % 8 == 0 and Ev % 8 == 0
+    dtype = TORCH_DTYPES[args.dtype]
+    estimate_args = {"Q": torch.empty(0, dtype=dtype), **features}
+    row_lengths = {"BLOCK_D": E, "BLOCK_DV": Ev}  # a descriptor's columns -> the head dim its rows hold
     pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i64", "Seed": "*i64",
                      "Mask": "*u8" if mask_kind == attention.MASK_BOOL else element}
     for name, (tiled, descriptors) in ATTENTION_KERNELS.items():
@@ -135,7 +136,9 @@ def attention_kernels(args):
             else:
                 types[arg] = "i32"
         aligned = {a for a in types if aligned_strides and a.startswith("stride") and not a.startswith("stride_m")}
-        launched = _launched_configs(tiled, estimate_args, args.arch, descriptors, tma_ready)
+        launched = _launched_configs(tiled, estimate_args, args.arch,
+                                     {desc: torch.empty(16, row_lengths[cols], dtype=dtype)
+                                      for desc, (_, cols, _) in descriptors.items()})
         for config in [*tiled.configs, tiled.fallback]:
             if args.admitted and config not in launched:
                 continue
@@ -163,8 +166,10 @@ def mlp_kernel(args):
                     STORE_PREACT=args.activation != "none" or args.gated, DROPOUT=args.dropout, GATED=args.gated,
                     ROWSUM_A=False, INPUT_PRECISION="ieee" if args.dtype == "fp32" else "tf32", A_T=False, B_T=True)
     aligned = {"M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_pm", "gate_offset"}
-    estimate_args = {"a_ptr": torch.empty(0, dtype=TORCH_DTYPES[args.dtype]), "GATED": args.gated}
-    launched = _launched_configs(mlp._GEMM, estimate_args, args.arch, ("a_desc", "b_desc"), args.dtype != "fp32")
+    dtype = TORCH_DTYPES[args.dtype]
+    estimate_args = {"a_ptr": torch.empty(0, dtype=dtype), "GATED": args.gated}
+    launched = _launched_configs(mlp._GEMM, estimate_args, args.arch,
+                                 {name: torch.empty(16, 16, dtype=dtype) for name in ("a_desc", "b_desc")})
     for config in mlp._GEMM.configs:
         if args.admitted and config not in launched:
             continue
