@@ -107,6 +107,12 @@ def _launched_configs(tuned, args, arch, descriptor_tensors):
     return tuned.fitting({**args, **stand_ins}, SHARED_MEMORY_LIMIT[arch] - tuned.margin)
 
 
+def dot_precision(args):
+    """The kernels' dot precision: float32 products exact unless --tf32 (torch allowing TF32), as the launchers
+    choose it (tfm_kernels/triton/precision.py)."""
+    return "ieee" if args.dtype == "fp32" and not args.tf32 else "tf32"
+
+
 def attention_kernels(args):
     """Reports every config of the three attention kernels; yields, per config, whether it would fail."""
     element = "*" + args.dtype
@@ -115,7 +121,7 @@ def attention_kernels(args):
     aligned_strides = E % 16 == 0 and Ev % 16 == 0
     features = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=attention._head_block(E), BLOCK_DV=attention._head_block(Ev),
                     IS_CAUSAL=args.causal, MASK_KIND=mask_kind, HAS_KEY_LENGTHS=args.key_lengths,
-                    HAS_DROPOUT=args.dropout, DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32")
+                    HAS_DROPOUT=args.dropout, DOT_PRECISION=dot_precision(args))
     dtype = TORCH_DTYPES[args.dtype]
     estimate_args = {"Q": torch.empty(0, dtype=dtype), **features}
     row_lengths = {"BLOCK_D": E, "BLOCK_DV": Ev}  # a descriptor's columns -> the head dim its rows hold
@@ -164,7 +170,7 @@ def mlp_kernel(args):
     # descriptor, B_T), both unit strides specialised.
     features = dict(stride_ak=1, stride_bk=1, HAS_BIAS=args.bias, ACTIVATION=mlp.ACTIVATION_CODES[args.activation],
                     STORE_PREACT=args.activation != "none" or args.gated, DROPOUT=args.dropout, GATED=args.gated,
-                    ROWSUM_A=False, INPUT_PRECISION="ieee" if args.dtype == "fp32" else "tf32", A_T=False, B_T=True)
+                    ROWSUM_A=False, INPUT_PRECISION=dot_precision(args), A_T=False, B_T=True)
     aligned = {"M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_pm", "gate_offset"}
     dtype = TORCH_DTYPES[args.dtype]
     estimate_args = {"a_ptr": torch.empty(0, dtype=dtype), "GATED": args.gated}
@@ -187,6 +193,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, choices=sorted(SHARED_MEMORY_LIMIT), default=90)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
+    parser.add_argument("--tf32", action="store_true", help="fp32 with TF32 dot products (torch allowing TF32)")
     parser.add_argument("--mlp", action="store_true", help="the MLP GEMM instead of the attention kernels")
     parser.add_argument("--kernel", action="append", choices=list(ATTENTION_KERNELS),
                         help="attention: only this kernel (repeatable; default: all three)")

@@ -8,6 +8,8 @@ but the build checks needs a GPU (`gpu` marker; run by benchmarks/device_check.s
 import importlib.util
 import math
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -295,6 +297,44 @@ def test_bad_inputs_raise_naming_the_argument():
         backward(out, q, k, v, out, lse[:, :1], None, None, 0.0, False, 0.125, seed)
     with pytest.raises(NotImplementedError, match="cuda"):
         tfm_kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cuda")
+
+
+# A C++ error from three sources, each in a fresh process: torch's own CUDA code, our CPU operator, our CUDA
+# operator. On an H200 (benchmarks/RESULTS.md, 2026-11-28) the first TORCH_CHECK error from a CUDA operator
+# killed its pytest process (SIGSEGV) late in a run; these tell a fault of every C++ exception on that machine,
+# of ours only, and of a process's earlier work apart.
+CPP_ERRORS = {
+    "torch cuda": "torch.ones(2, device='cuda') @ torch.ones(3, device='cuda')",
+    "our cpu operator": "torch.ops.tfm_kernels.mlp_linear_backward(torch.ones(4, 6).half(), torch.ones(4, 8), "
+                        "torch.ones(6, 8), torch.ones(4, 6), 'gelu', 0.0, torch.zeros((), dtype=torch.int64))",
+    "our cuda operator": "q = torch.ones(1, 2, 16, 64, dtype=torch.half, device='cuda'); "
+                         "torch.ops.tfm_kernels.attention_forward(q, q, q, q[..., :16] > 0, None, 0.0, False, "
+                         "0.125, torch.zeros((), dtype=torch.int64, device='cuda'))",
+}
+
+
+def native_backtrace(code):
+    """The C++ stack of `code` crashing, through cuda-gdb (on the GPU machines it debugs host code), or why
+    there is none."""
+    debugger = shutil.which("cuda-gdb") or shutil.which("cuda-gdb", path="/usr/local/cuda/bin")
+    if debugger is None:
+        return "(no cuda-gdb for a native backtrace)"
+    run = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    crash = run.stdout.find("received signal")  # the backtrace follows; thread notices come before it
+    return run.stdout[max(crash, 0):][:8000] + run.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", CPP_ERRORS)
+def test_gpu_cpp_error_raises_in_a_fresh_process(source):
+    code = (f"import torch, tfm_kernels\ntry:\n    {CPP_ERRORS[source]}\nexcept RuntimeError as error:\n"
+            f"    print('raised:', str(error).splitlines()[0])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if result.returncode < 0:
+        pytest.fail(f"{source}: killed by signal {-result.returncode}\n{result.stderr[-2000:]}\n"
+                    f"{native_backtrace(code)}")
+    assert result.returncode == 0 and "raised:" in result.stdout, result.stdout + result.stderr
 
 
 def test_cuda_backend_reasons_on_cpu_tensors():

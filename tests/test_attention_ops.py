@@ -371,18 +371,25 @@ def test_gpu_keep_mask_is_rng_mask_bit_for_bit(backend):
     assert_keep_mask_matches_rng(backend, 2, 8, 4, 1000, 128, 0.3, torch.float16, "cuda")
 
 
+def check_inductor_matches_eager(backend, q, k, v):
+    """Compiled by inductor with fallback_random: inductor otherwise draws random numbers from its own
+    generator (for torch's dropout too), so the dropout seed, and the mask, would differ from eager's."""
+    def attend(q, k, v):
+        return tfm_kernels.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1, backend=backend)
+
+    require(backend, q, k, v)
+    with torch._inductor.config.patch(fallback_random=True):
+        assert_compiled_equals_eager(attend, torch.compile(attend, fullgraph=True), q, k, v)
+
+
+def test_compile_inductor_matches_eager():
+    check_inductor_matches_eager("cpu", *qkv(2, 2, 2, 9, 13, 16, 16))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_compile_inductor_matches_eager(backend):
-    q, k, v = qkv(2, 8, 8, 256, 256, 64, 64, torch.bfloat16, "cuda")
-
-    def attend(q, k, v):
-        return tfm_kernels.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=0.1, backend=backend
-        )
-
-    require(backend, q, k, v)
-    assert_compiled_equals_eager(attend, torch.compile(attend, fullgraph=True), q, k, v)
+    check_inductor_matches_eager(backend, *qkv(2, 8, 8, 256, 256, 64, 64, torch.bfloat16, "cuda"))
 
 
 @pytest.mark.gpu

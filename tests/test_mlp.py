@@ -11,13 +11,17 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from tolerance import assert_within_tolerance, poison_allocator
 
 import tfm_kernels
 from tfm_kernels import backends, reference, rng
 from tfm_kernels.nn import FusedMLP, GatedMLP
+from tfm_kernels.triton.precision import round_to_tf32
 
 ACTIVATIONS = ["gelu", "gelu_tanh", "relu", "silu", None]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter runs kernels on CPU tensors
 CPU_BACKENDS = ["cpu", "triton"]
 GPU_BACKENDS = ["cuda", "triton"]
 ENVIRONMENT_MARKERS = ("not built", "needs CUDA", "built without CUDA", "not installed")
@@ -596,6 +600,39 @@ def test_tf32_allowed_follows_both_precision_apis(setting, allowed):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.stdout.strip() == str(allowed)
+
+
+@triton.jit
+def _round_to_tf32_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(out_ptr + offsets, round_to_tf32(tl.load(x_ptr + offsets)))
+
+
+def nearest_tf32(x):
+    """float32 x (finite) to the nearest TF32 value in float64 arithmetic, ties away from zero: the neighbours
+    are x with its 13 low mantissa bits cleared and that plus one TF32 step (2^13 float32 units) in magnitude."""
+    magnitude = x.abs().view(torch.int32).to(torch.int64)
+    low = (magnitude & ~0x1FFF).to(torch.int32).view(torch.float32).double()
+    high = ((magnitude & ~0x1FFF) + 0x2000).to(torch.int32).view(torch.float32).double()
+    target = x.abs().double()
+    nearest = torch.where(high - target <= target - low, high, low)
+    return (nearest * torch.where(x < 0, -1.0, 1.0)).float()
+
+
+def test_round_to_tf32_is_to_nearest_ties_away():
+    """The rounding `precision.dot` applies to float32 operands of a TF32 dot (as torch's TF32 matmuls round),
+    against float64 arithmetic; exact cases for ties, signs, infinities, NaN and overflow."""
+    step, max_float = 2.0**-10, torch.finfo(torch.float32).max
+    cases = torch.tensor([1 + step / 2, 1 + step / 2 - 2.0**-23, -(1 + step / 2), 1 + 1.5 * step, 0.0, -0.0,
+                          float("inf"), -float("inf"), float("nan"), max_float, 1e-40], dtype=torch.float32)
+    expected = torch.tensor([1 + step, 1.0, -(1 + step), 1 + 2 * step, 0.0, -0.0, float("inf"), -float("inf"),
+                             float("nan"), float("inf"), nearest_tf32(torch.tensor([1e-40]))[0]])
+    random = torch.randn(4096 - len(cases)) * torch.logspace(-30, 30, 4096 - len(cases))
+    x = torch.cat([cases, random.float()]).to(DEVICE)
+    out = torch.empty_like(x)
+    _round_to_tf32_kernel[(1,)](x, out, N=x.numel())
+    torch.testing.assert_close(out[:len(cases)].cpu(), expected.float(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(out[len(cases):].cpu(), nearest_tf32(random.float()))
 
 
 @pytest.mark.gpu

@@ -4,7 +4,8 @@ launcher would run on sm_90 or sm_80 compiles and fits that target's shared memo
 The launchers choose configs by a shared-memory estimate (tfm_kernels/triton/attention.py, mlp.py) less a
 margin; a config that passes the estimate but compiles to more than the device has would raise OutOfResources
 on the GPU. The cases are those whose compiled kernels came closest to each target's limit in the sweep over
-dtypes, head dims and features recorded in benchmarks/RESULTS.md. The compiler runs in a subprocess, since
+dtypes, head dims and features recorded in benchmarks/RESULTS.md, and one with TF32 dots, the only path that
+traces their operand rounding (the interpreter leaves it out). The compiler runs in a subprocess, since
 this test session runs Triton under the interpreter (tests/conftest.py)."""
 
 import os
@@ -26,6 +27,10 @@ CASES = {
                                "--kernel", "dq", *EVERY_FEATURE],
     # attention dK/dV at the largest head dim, where the margin covers layout-conversion scratch
     "sm90-bf16-d256-attention": ["--arch", "90", "--dtype", "bf16", "--head-dim", "256", *EVERY_FEATURE],
+    # float32 with TF32 dots, operands rounded to TF32 in registers first (precision.dot): GEMM 128x128x32,
+    # 163840 (triton 3.8; 147456 with 3.6) of 166912 bytes
+    "sm80-tf32-gated-mlp": ["--mlp", "--arch", "80", "--dtype", "fp32", "--tf32", "--activation", "gelu_tanh",
+                            "--gated", "--dropout", "--bias"],
     # the gated GEMM, two weight tiles per stage, TMA barriers beyond the estimate
     "sm90-bf16-gated-mlp": ["--mlp", "--arch", "90", "--dtype", "bf16", "--activation", "gelu_tanh", "--gated",
                             "--dropout", "--bias"],

@@ -112,7 +112,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             seed, `tfm_kernels.rng.draw_seed(query.device)`, and nothing else from torch's generator: after
             `torch.manual_seed(s); out = scaled_dot_product_attention(...)`, the same `torch.manual_seed(s);
             seed = rng.draw_seed(query.device)` gives its seed, and `rng.dropout_keep_mask(seed, B * Hq, L, S,
-            dropout_p)` its keep-mask (B the product of the batch dims).
+            dropout_p)` its keep-mask (B the product of the batch dims). Under torch.compile with inductor the
+            seed, like torch's own dropout, comes from inductor's generator (a different mask from eager's)
+            unless torch._inductor.config.fallback_random is True.
         is_causal: key j takes part in query row i only if j <= i (top-left aligned, as torch when L != S).
             Not together with attn_mask.
         scale: multiplier of q @ k^T; default 1 / sqrt(E).

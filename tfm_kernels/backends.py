@@ -26,9 +26,10 @@ CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y an
 # Preference of backend="auto" per device type. CPU: the C++ kernel; torch's reference path is the last resort.
 # The Triton interpreter on CPU is never chosen automatically. GPUs: our CUDA C++ kernels are FlashAttention-2
 # class (mma.sync), our Triton kernels compile to Hopper's wgmma (benchmarks/compile_triton.py). On an H200
-# the kernels of those two classes that torch ships measure FA2 346 / 289 against FlexAttention (Triton)
-# 471 / 384 TFLOP/s forward / backward (bf16 d128 s4096; DESIGN.md), so Hopper and newer try Triton first
-# and Ampere the CUDA kernels, until our own side-by-side table (benchmarks/RESULTS.md) says otherwise.
+# (benchmarks/RESULTS.md, 2026-11-28; bf16, d64 and d128, s1024 and s4096, causal and full) our Triton kernels
+# beat our CUDA kernels in 14 of the 16 forward and backward rows (d128 s4096 full: 459 / 340 against 216 / 147
+# TFLOP/s); CUDA led only the d128 s1024 forwards. So Hopper and newer try Triton first. Ampere tries the
+# CUDA kernels first, unmeasured: there mma.sync is what both compile to.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 HOPPER_AUTO_ORDER = ("triton", "cuda", "torch")
 
@@ -183,8 +184,9 @@ def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False)
 # MLP (tfm_kernels/mlp.py): the same backends and rules as attention.
 
 MLP_BACKENDS = ("cuda", "triton", "cpu", "torch")
-# GPUs: cuBLASLt (cuda) first, on every architecture, Triton next (order to be confirmed by measurement,
-# benchmarks/RESULTS.md).
+# GPUs: cuBLASLt (cuda) first, on every architecture, Triton next. On an H200 (benchmarks/RESULTS.md,
+# 2026-11-28; 16384 x 4096 -> 16384 GELU, bf16) forward+backward ran 605 (cuda) against 590 (triton) TFLOP/s and
+# the forward alone 590 against 627; eager torch ran 648 and 649 in that run (one shape, no dropout).
 # CPU: the C++ operators run at eager torch's speed without dropout (forward+backward 0.99x GELU, 1.00x SwiGLU
 # at 512 tokens, d 256, float32, 2-core x86; benchmarks/RESULTS.md) and 3.6-7.7x faster than the torch path with
 # dropout, whose Philox mask the C++ loop draws vectorised (fused_linear / gated_linear forward+backward at

@@ -30,7 +30,7 @@ from ..backends import triton_interpreting
 from ..layout import last_dim_contiguous
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
-from .precision import dot_precision
+from .precision import dot, dot_precision
 from .tuning import (
     TunedKernel,
     descriptor,
@@ -248,7 +248,7 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo
             k = _descriptor_tile(k_desc, b, kv_h, start_n, BLOCK_N, BLOCK_D, K_HEADS_INNER).T  # (BLOCK_D, BLOCK_N)
         else:
             k = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        s = dot(q, k, None, DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         s = _masked_scores(s, rows, cols, row0, start_n, col_end, mask_bh, stride_ml, stride_ms, L, S,
                            MASK_KIND, APPLY_CAUSAL, BOUNDARY)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -266,7 +266,7 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo
                 v = tl.where((start_n + offs_n)[:, None] < col_end, v, 0.0)
         else:
             v = _load_tile(v_ptrs, (start_n + offs_n)[:, None] < col_end, dv_ok[None, :], BOUNDARY, CHECK_DV)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        acc = dot(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -386,7 +386,7 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
             qT = _load_tile(qT_ptrs, d_ok[:, None], row_ok[None, :], CHECK_D, True)
         # Rows past L read lse = +inf, which makes their p exactly 0.
         lse_log2 = tl.load(lse_bh + row_ids, mask=row_ok, other=float("inf")) * LOG2E
-        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
+        sT = dot(k, qT, None, DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
         sT = _masked_scores(sT, rows, cols, start_m, col0, col_end, mask_bh, stride_ml, stride_ms, L, S,
                             MASK_KIND, APPLY_CAUSAL, APPLY_COL_END)
         pT = tl.math.exp2(sT - lse_log2[None, :])
@@ -394,17 +394,17 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
             do = _descriptor_tile(do_desc, b, h, start_m, BLOCK_M, BLOCK_DV, DO_HEADS_INNER)  # (BLOCK_M, BLOCK_DV)
         else:
             do = _load_tile(do_ptrs, row_ok[:, None], dv_ok[None, :], True, CHECK_DV)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        dpT = dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
             keep = dropout_keep(k0, k1, z, rows, cols, threshold)
             p_dropped = tl.where(keep, pT * inv_keep, 0.0)
             dpT = tl.where(keep, dpT * inv_keep, 0.0)
         else:
             p_dropped = pT
-        dv = tl.dot(p_dropped.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dv = dot(p_dropped.to(do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_bh + row_ids, mask=row_ok, other=0.0)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        dk = dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_gm
     return dk, dv
@@ -520,15 +520,15 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, k_desc, v_desc
         else:
             kT = _load_tile(k_ptrs, d_ok[:, None], col_ok, CHECK_D, BOUNDARY)  # (BLOCK_D, BLOCK_N)
             vT = _load_tile(v_ptrs, dv_ok[:, None], col_ok, CHECK_DV, BOUNDARY)  # (BLOCK_DV, BLOCK_N)
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        s = dot(q, kT, None, DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         s = _masked_scores(s, rows, cols, row0, start_n, col_end, mask_bh, stride_ml, stride_ms, L, S,
                            MASK_KIND, APPLY_CAUSAL, BOUNDARY)
         p = tl.math.exp2(s - lse_log2[:, None])
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        dp = dot(do, vT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
             dp = tl.where(dropout_keep(k0, k1, z, rows, cols, threshold), dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        dq = dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return dq

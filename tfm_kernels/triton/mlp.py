@@ -21,7 +21,7 @@ import triton.language as tl
 from ..backends import triton_interpreting
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
-from .precision import dot_precision
+from .precision import dot, dot_precision
 from .tuning import (
     TunedKernel,
     descriptor,
@@ -55,7 +55,9 @@ def _gemm_configs():
     # of spills (175 registers), where 128x256x64 spills 100 bytes.
     shapes = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
-    tma_shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
+    # No 128x256x64 TMA config: on an H200 (Triton 3.6) it computed a wrong dW = dz^T @ x (the transposed-A
+    # descriptor path) while every other config passed the same test (benchmarks/RESULTS.md, 2026-11-28).
+    tma_shapes = [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
     return ([_gemm_config(*shape) for shape in shapes] +
             [_gemm_config(*shape, tma=True) for shape in tma_shapes])
 
@@ -203,13 +205,13 @@ def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, 
                 b = b_desc.load([pid_n * BLOCK_N, k0]).T
             else:
                 b = b_desc.load([k0, pid_n * BLOCK_N])
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = dot(a, b, acc, INPUT_PRECISION)
             if GATED:
                 if B_T:
                     b_up = b_desc.load([gate_offset + pid_n * BLOCK_N, k0]).T
                 else:
                     b_up = b_desc.load([k0, gate_offset + pid_n * BLOCK_N])
-                acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
+                acc_up = dot(a, b_up, acc_up, INPUT_PRECISION)
             if ROWSUM_A:
                 if pid_n == 0:
                     rowsum += tl.sum(a.to(tl.float32), axis=1)
@@ -222,10 +224,10 @@ def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, 
             k_in = ks < K - k0
             a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = dot(a, b, acc, INPUT_PRECISION)
             if GATED:
                 b_up = tl.load(b_ptrs + up_offset, mask=k_in[:, None] & col_in[None, :], other=0.0)
-                acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
+                acc_up = dot(a, b_up, acc_up, INPUT_PRECISION)
             if ROWSUM_A:
                 if pid_n == 0:
                     rowsum += tl.sum(a.to(tl.float32), axis=1)
