@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine: versions, install (CUDA kernels compiled for this card), the gpu-marked
-# tests (eight pytest processes at once: benchmarks/run_gpu_tests.py), compute-sanitizer memcheck of an
+# tests (TEST_WORKERS pytest processes at once: benchmarks/run_gpu_tests.py), compute-sanitizer memcheck of an
 # attention case, then the short benchmark table, printed last.
 #
 #   bash benchmarks/device_check.sh           install, gpu tests, memcheck, attention + MLP table
@@ -12,11 +12,12 @@
 # (the second calls install only if no CUDA build is there)
 #
 # Knobs: TFM_KERNELS_CUDA_ARCHS (default 90a here, for a fast build on H100/H200; the package's own default is
-# "80;90a"), MAX_JOBS (default 16), PYTHON (default python3), SKIP_INSTALL=1 (reuse the installed build, e.g.
-# a second run on the same machine), BUDGET_S (345: the whole script's time; each step's cap comes out of what
-# is left, keeping BENCH_RESERVE_S, 170, for the table, and TESTS_TIMEOUT_S, 150, at most for the tests in the
-# first call). A benchmark stopped
-# by its cap still prints the rows it measured. Logs, the JSON record and the table go to $OUT when set (the
+# "80;90a"), MAX_JOBS (default 16), TEST_WORKERS (default 16: the tests' time is Triton compiles, one core per
+# process; 8 processes took 280 s on an H200 machine's 16 cores), PYTHON (default python3), SKIP_INSTALL=1
+# (reuse the installed build, e.g. a second run on the same machine), BUDGET_S (345: the whole script's time;
+# each step's cap comes out of what is left, keeping BENCH_RESERVE_S, 170, for the table, and TESTS_TIMEOUT_S,
+# 150, at most for the tests in the first call). A benchmark stopped by its cap still prints the rows it
+# measured. Logs, the JSON record and the table go to $OUT when set (the
 # device tool collects it), else benchmarks/results/. The table:
 # our attention (triton, cuda) against torch SDPA flash, cudnn and efficient (and compiled FlexAttention at
 # d128 s4096), TFLOP/s forward and backward, bf16, d64 and d128, s1024 and s4096, causal and full,
@@ -34,6 +35,7 @@ export MAX_JOBS="${MAX_JOBS:-16}"
 export TFM_KERNELS_CUDA=1
 export TFM_KERNELS_CUDA_ARCHS="${TFM_KERNELS_CUDA_ARCHS:-90a}"
 TESTS_TIMEOUT_S="${TESTS_TIMEOUT_S:-150}"
+TEST_WORKERS="${TEST_WORKERS:-16}"
 BUDGET_S="${BUDGET_S:-345}"
 BENCH_RESERVE_S="${BENCH_RESERVE_S:-170}"
 SANITIZER_TIMEOUT_S=60
@@ -76,7 +78,7 @@ tests() {
     install_if_needed
     limit=$(cap 30 60)
     echo "== gpu tests (cap $limit s)"
-    timeout $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers 8 --timeout "$limit" || tests_rc=$?
+    timeout $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers "$TEST_WORKERS" --timeout "$limit" || tests_rc=$?
     echo "== summary: gpu tests exit $tests_rc, total $SECONDS s"
     [ "$tests_rc" = 0 ]
 }
@@ -120,7 +122,7 @@ PY
     limit=$(cap $((BENCH_RESERVE_S + SANITIZER_TIMEOUT_S)) 30 "$TESTS_TIMEOUT_S")
     echo "== gpu tests (cap $limit s)"
     t0=$SECONDS
-    timeout $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers 8 --timeout "$limit" || tests_rc=$?
+    timeout $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers "$TEST_WORKERS" --timeout "$limit" || tests_rc=$?
     echo "gpu tests: exit $tests_rc in $((SECONDS - t0)) s"
 
     if [ -f benchmarks/sanitize_attention.py ]; then

@@ -4,17 +4,25 @@ On a GPU machine the suite's time goes to compiling Triton kernels, which is sin
 while the GPU idles, so WORKERS processes finish it several times sooner. The unit spread over the processes
 is a test function with all its parametrizations (their kernels compile once, in one process; processes share
 Triton's on-disk cache), or a run of consecutive parametrizations of a function too big for one process. Each
-process's output is printed whole when it ends. At --timeout every process still running is interrupted at
-once (pytest then reports what it has run), killed if still running INTERRUPT_GRACE_S later, and counts as
-failed; so the run ends within --timeout plus one grace period (device_check.sh allows 20 s over). A test file
-that fails to import is reported and fails the run (its tests would be missing from the listing).
-Exit status: 0 when the collection and every process passed.
+process's output is printed whole when it ends.
+
+Each pytest process loads this module as a plugin: it prints a failure's message the moment the test fails and
+records which tests started and finished. A test that kills its process (a segfault) would otherwise take the
+reports of every failure before it, and every test after it, down with it; instead the runner names the test
+that crashed and runs the group's unfinished tests again in a new process, as long as time remains.
+
+At --timeout every process still running is interrupted at once (pytest then reports what it has run), killed
+if still running INTERRUPT_GRACE_S later, and counts as failed; so the run ends within --timeout plus one grace
+period (device_check.sh allows 20 s over). A test file that fails to import is reported and fails the run (its
+tests would be missing from the listing). Exit status: 0 when the collection and every process passed.
 
     python benchmarks/run_gpu_tests.py --workers 8 --timeout 150
 """
 
 import argparse
 import collections
+import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -22,8 +30,45 @@ import tempfile
 import time
 
 INTERRUPT_GRACE_S = 10  # for an interrupted pytest to print its summary before it is killed
+POLL_S = 0.2
+PROGRESS_ENV = "TFM_KERNELS_TEST_PROGRESS"  # the file a pytest process records its tests' starts and ends in
+PLUGIN = pathlib.Path(__file__).stem
+
+# ------------------------------------------------------------------------------- the plugin, in each pytest
+_config = None
 
 
+def pytest_configure(config):
+    global _config
+    _config = config
+
+
+def _record(event, nodeid):
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        with open(path, "a") as progress:
+            progress.write(f"{event} {nodeid}\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _record("start", nodeid)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _record("end", nodeid)
+
+
+def pytest_runtest_logreport(report):
+    """A failure's one-line message at once (pytest prints the tracebacks when the whole run ends)."""
+    terminal = _config.pluginmanager.get_plugin("terminalreporter") if _config is not None else None
+    if report.failed and terminal is not None:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash is not None else (report.longreprtext.strip().splitlines() or [""])[-1]
+        terminal.write_line(f"\nFAILED {report.nodeid} ({report.when}): {message}")
+        terminal.flush()
+
+
+# ---------------------------------------------------------------------------------------------- the runner
 def collect(paths):
     """The gpu-marked test ids, grouped by test function: {"file::function": [ids]}, and pytest's report of
     the collection when it had errors (a module that fails to import lists none of its tests), else ""."""
@@ -60,6 +105,40 @@ def spread(functions, workers):
     return groups
 
 
+class Run:
+    """One pytest process over a selection of one group, its output and its progress in temporary files."""
+
+    def __init__(self, selection):
+        self.selection = selection
+        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the process
+        progress = tempfile.NamedTemporaryFile("w", suffix=".progress", delete=False)
+        progress.close()
+        self.progress_path = progress.name
+        plugin_path = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent),
+                                                    os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, PROGRESS_ENV: self.progress_path, "PYTHONPATH": plugin_path}
+        self.process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                                         "-p", PLUGIN, *selection],
+                                        stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env)
+        self.interrupted = False
+
+    def progress(self):
+        """(ids started, ids finished), each in the order they happened."""
+        started, finished = [], []
+        with open(self.progress_path) as progress:
+            for line in progress:
+                event, nodeid = line.rstrip("\n").split(" ", 1)
+                (started if event == "start" else finished).append(nodeid)
+        return started, finished
+
+    def output(self):
+        self.log.seek(0)
+        text = self.log.read()
+        self.log.close()
+        os.unlink(self.progress_path)
+        return text
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", default=["tests"])
@@ -72,38 +151,51 @@ def main(argv=None):
     if collection_errors:
         print(f"---- collection errors: their tests are not run\n{collection_errors}", flush=True)
     groups = spread(functions, args.workers)
-    logs = [tempfile.TemporaryFile("w+") for _ in groups]  # files, not pipes: a full pipe would stall a worker
-    processes = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                   *group], stdout=log, stderr=subprocess.STDOUT, text=True)
-                 for group, log in zip(groups, logs)]
+    # Every test id of each group, for the rerun after a crash (a selection names a function or one id).
+    group_ids = [[i for selection in group for i in functions.get(selection, [selection])] for group in groups]
+    running = {index: Run(group) for index, group in enumerate(groups, 1)}
+    failed_groups, crashed = set(), []
     deadline = start + args.timeout
-    interrupted = []  # the processes still running at --timeout: all interrupted at once, one grace for all
-    failed = 0
-    for index, (group, process, log) in enumerate(zip(groups, processes, logs), 1):
-        try:
-            status = process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            if not interrupted:  # pytest interrupted still reports the failures it has seen
-                interrupted = [p for p in processes if p.poll() is None]
-                for running in interrupted:
-                    running.send_signal(signal.SIGINT)
-                deadline = time.monotonic() + INTERRUPT_GRACE_S
-            try:
-                status = process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                status = process.wait()
-        if process in interrupted:
-            status = f"stopped after {args.timeout:.0f} s"
-        failed += status != 0
-        log.seek(0)
-        print(f"---- group {index} of {len(groups)} ({group[0]} and {len(group) - 1} more selections): exit "
-              f"{status} at {time.monotonic() - start:.0f} s")
-        print(log.read(), flush=True)
+    interrupting = False
+    while running:
+        if time.monotonic() >= deadline and not interrupting:  # one grace for all, not one each in turn
+            interrupting = True
+            for run in running.values():
+                run.interrupted = True
+                run.process.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + INTERRUPT_GRACE_S
+        elif time.monotonic() >= deadline:
+            for run in running.values():
+                run.process.kill()
+        for index, run in list(running.items()):
+            status = run.process.poll()
+            if status is None:
+                continue
+            del running[index]
+            started, finished = run.progress()
+            killed_by_signal = status < 0 and not run.interrupted  # not our own kill at the deadline
+            crash = next((i for i in reversed(started) if i not in finished), None) if killed_by_signal else None
+            label = f"stopped after {args.timeout:.0f} s" if run.interrupted else status
+            if status != 0:
+                failed_groups.add(index)
+            print(f"---- group {index} of {len(groups)} ({run.selection[0]} and {len(run.selection) - 1} more "
+                  f"selections): exit {label} at {time.monotonic() - start:.0f} s")
+            print(run.output(), flush=True)
+            if crash is not None:
+                crashed.append(crash)
+                print(f"---- group {index}: {crash} crashed its process (signal {-status})", flush=True)
+                done = set(finished) | {crash}
+                rest = [i for i in group_ids[index - 1] if i not in done]
+                if rest and not interrupting:
+                    print(f"---- group {index}: running its {len(rest)} unfinished tests again", flush=True)
+                    running[index] = Run(rest)
+        time.sleep(POLL_S if running else 0)
     broken = "; some test files failed to collect (above)" if collection_errors else ""
-    print(f"gpu tests: {len(groups) - failed} of {len(groups)} groups passed in {time.monotonic() - start:.0f} s"
-          f"{broken}")
-    return 1 if failed or collection_errors else 0
+    print(f"gpu tests: {len(groups) - len(failed_groups)} of {len(groups)} groups passed in "
+          f"{time.monotonic() - start:.0f} s{broken}")
+    if crashed:
+        print("crashed their process: " + ", ".join(crashed))
+    return 1 if failed_groups or collection_errors else 0
 
 
 if __name__ == "__main__":

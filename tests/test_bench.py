@@ -375,6 +375,40 @@ def test_gpu_test_runner_stops_every_process_within_one_grace(tmp_path, monkeypa
     assert out.count("exit stopped after 5 s") == 4 and "0 of 4 groups passed" in out
 
 
+CRASHING_TESTS = """
+import os, signal
+import pytest
+
+@pytest.mark.gpu
+def test_a_fails():
+    assert 1 == 2, "the failure before the crash"
+
+@pytest.mark.gpu
+def test_b_crashes():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+@pytest.mark.gpu
+def test_c_passes():
+    pass
+
+@pytest.mark.gpu
+def test_d_fails():
+    assert 3 == 4, "the failure after the crash"
+"""
+
+
+def test_gpu_test_runner_names_a_crash_and_runs_the_tests_after_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "test_crash.py").write_text(CRASHING_TESTS)
+    monkeypatch.chdir(tmp_path)
+    assert _load_runner().main([".", "--workers", "1", "--timeout", "120"]) == 1
+    out = capsys.readouterr().out
+    assert "the failure before the crash" in out  # printed when it failed, not lost with the process
+    assert "test_crash.py::test_b_crashes crashed its process (signal 11)" in out
+    assert "running its 2 unfinished tests again" in out
+    assert "the failure after the crash" in out and "1 passed" in out  # c and d ran in the new process
+    assert "crashed their process: test_crash.py::test_b_crashes" in out
+
+
 def test_gpu_test_runner_fails_on_a_file_that_does_not_collect(tmp_path, monkeypatch, capsys):
     gpu_test = "import pytest\n\n@pytest.mark.gpu\ndef test_gpu():\n    pass\n"
     (tmp_path / "test_fine.py").write_text(gpu_test)
