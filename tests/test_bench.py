@@ -56,6 +56,18 @@ def test_measure_on_cpu_uses_host_timer():
     assert result.median_ms >= SLEEP_S * 1e3 and result.peak_bytes is None
 
 
+def test_issue_time_is_the_host_time_of_one_call():
+    calls = []
+
+    def sleeper():
+        calls.append(None)
+        time.sleep(SLEEP_S)
+
+    host_ms = timing.issue_ms(sleeper, "cpu", calls=3)
+    assert len(calls) == 3 and SLEEP_S * 1e3 <= host_ms < SLEEP_S * 1e3 + 20
+    assert timing.measure(sleeper, "cpu", warmup_ms=1, rep_ms=1).host_ms is None  # CPU: the median is host time
+
+
 def test_rotation_count():
     assert timing.rotation_count(100, 0) == 1  # no cache to defeat (CPU)
     assert timing.rotation_count(2_000, 1_000) == 1  # one set already exceeds the cache
@@ -271,14 +283,16 @@ def test_replay_prints_a_recorded_run(tmp_path, capsys):
     assert cli.main(["--replay", str(record)]) == 0
     out = capsys.readouterr().out
     assert "## CPU timing" in out and "| **ours-x** | 300.0 |" in out and "| 1.50x |" in out
+    assert "| 1.000 [0.900, 1.100] | - |" in out  # no host time (a CPU run, or a record older than the column)
 
 
 @pytest.mark.gpu
 def test_measure_on_cuda_reports_time_and_memory():
-    x = timing.randn(2048, 2048, dtype=torch.bfloat16, device="cuda")
+    x = timing.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
     result = timing.measure(lambda: x @ x, "cuda", warmup_ms=5, rep_ms=20)
     assert 0 < result.p20_ms <= result.median_ms <= result.p80_ms
-    assert result.peak_bytes >= 2048 * 2048 * 2  # the product's output
+    assert 0 < result.host_ms < result.median_ms  # one launch (microseconds) against 137 GFLOP (0.2 ms)
+    assert result.peak_bytes >= 4096 * 4096 * 2  # the product's output
     assert timing.cache_bytes("cuda") > 0
 
 

@@ -81,26 +81,28 @@ def _format_value(row) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """One Markdown table per suite: config, mode, provider (ours in bold), throughput, ms (median [p20,
-    p80]), peak MiB, ratio to the best peer on the same case, and why a provider has no number."""
+    p80]), host ms (the CPU's time to issue one call, on CUDA; at or above the median the call is CPU-bound),
+    peak MiB, ratio to the best peer on the same case, and why a provider has no number."""
     by_suite = defaultdict(list)
     for row in rows:
         by_suite[row["suite"]].append(row)
     blocks = []
     for suite, suite_rows in by_suite.items():
         unit = suite_rows[0]["unit"]
-        columns = ["config", "mode", "provider", unit, "ms median [p20, p80]", "peak MiB", "vs best peer",
-                   "note"]
+        columns = ["config", "mode", "provider", unit, "ms median [p20, p80]", "host ms", "peak MiB",
+                   "vs best peer", "note"]
         header = "| " + " | ".join(columns) + " |"
         lines = [f"### {suite}", "", header,
-                 "|---|---|---|---:|---:|---:|---:|---|"]
+                 "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for row in suite_rows:
             ok = row["status"] == "ok"
             ms = f"{row['median_ms']:.3f} [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]" if ok else ""
+            host = f"{row['host_ms']:.3f}" if row.get("host_ms") is not None else "-"  # older records lack it
             peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "-"
             ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
             provider = f"**{row['provider']}**" if row["ours"] else row["provider"]
             note = row["reason"].replace("|", "/")
-            cells = [row["config"], row["mode"], provider, _format_value(row), ms, peak, ratio, note]
+            cells = [row["config"], row["mode"], provider, _format_value(row), ms, host, peak, ratio, note]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + ratio_summary(suite_rows)
         blocks.append("\n".join(lines))

@@ -85,6 +85,7 @@ def _empty_row(case: Case, provider: Provider) -> dict:
         "p80_ms": None,
         "value": None,
         "peak_mib": None,
+        "host_ms": None,
         "ratio": None,
     }
 
@@ -112,6 +113,7 @@ def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: f
             p80_ms=result.p80_ms,
             value=throughput(case.work, case.unit, result.median_ms),
             peak_mib=None if result.peak_bytes is None else result.peak_bytes / 2**20,
+            host_ms=result.host_ms,
         )
     del fn
     gc.collect()

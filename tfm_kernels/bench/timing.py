@@ -1,7 +1,9 @@
 """The one timing helper of the benchmark suite.
 
 On CUDA: `triton.testing.do_bench` (median with the 0.2 and 0.8 quantiles, after warm-up; do_bench also
-flushes L2 before each timed call) and the peak memory one call allocates beyond what was live before it.
+flushes L2 before each timed call) and the peak memory one call allocates beyond what was live before it, and
+the host time to issue one call: do_bench's events also count the time the GPU waits for a call's Python to
+launch its kernels, so a call whose host time reaches its median is bound by the CPU, not by its kernels.
 On CPU: a `time.perf_counter` timer with the same warm-up and statistics.
 
 Inputs are the caller's, drawn with `randn` (never zeros: kernels that skip zero tiles or hit denormal paths
@@ -20,18 +22,21 @@ import torch
 QUANTILES = (0.5, 0.2, 0.8)  # median first, then the band reported beside it
 MAX_ROTATION = 64  # copies of one input set at most; 64 sets of a few MB cover any L2 of today's GPUs
 MIN_TIMED_CALLS = 3  # the CPU timer's floor, so a slow call still gives a median of several runs
+ISSUE_CALLS = 5  # calls whose host time gives issue_ms's median
 
 
 @dataclass(frozen=True)
 class Timing:
     """Milliseconds per call: median and the 20%/80% quantiles; peak_bytes: the most memory one call
-    allocated beyond what was live before it (CUDA only, else None); calls: how many calls were timed."""
+    allocated beyond what was live before it (CUDA only, else None); calls: how many calls were timed;
+    host_ms: the host time to issue one call (CUDA only: on CPU the median is host time)."""
 
     median_ms: float
     p20_ms: float
     p80_ms: float
     peak_bytes: int | None
     calls: int | None = None
+    host_ms: float | None = None
 
 
 def quantile(values, q: float) -> float:
@@ -125,6 +130,20 @@ def peak_bytes(fn: Callable[[], Any], device) -> int | None:
     return peak
 
 
+def issue_ms(fn: Callable[[], Any], device, calls: int = ISSUE_CALLS) -> float:
+    """Median host milliseconds from calling fn to its return, each call starting with the device idle (so
+    the launch queue never fills and blocks it): the CPU's cost of issuing one call, unless fn synchronizes."""
+    device = torch.device(device)
+    times = []
+    for _ in range(calls):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    _synchronize(device)
+    return quantile(times, 0.5)
+
+
 def cpu_timing(
     fn: Callable[[], Any], warmup_ms: float = 25.0, rep_ms: float = 100.0, max_calls: int = 1000
 ) -> Timing:
@@ -163,4 +182,4 @@ def measure(fn: Callable[[], Any], device, warmup_ms: float = 25.0, rep_ms: floa
     _synchronize(device)
     peak = peak_bytes(fn, device)
     median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
-    return Timing(median, p20, p80, peak)
+    return Timing(median, p20, p80, peak, host_ms=issue_ms(fn, device))
