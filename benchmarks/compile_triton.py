@@ -34,6 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tfm_kernels.triton import attention, mlp
+from tfm_kernels.triton.precision import dot_precision
 from tfm_kernels.triton.tuning import descriptor
 
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in (H100 227 KiB, A100 163 KiB)
@@ -107,12 +108,6 @@ def _launched_configs(tuned, args, arch, descriptor_tensors):
     return tuned.fitting({**args, **stand_ins}, SHARED_MEMORY_LIMIT[arch] - tuned.margin)
 
 
-def dot_precision(args):
-    """The kernels' dot precision: float32 products exact unless --tf32 (torch allowing TF32), as the launchers
-    choose it (tfm_kernels/triton/precision.py)."""
-    return "ieee" if args.dtype == "fp32" and not args.tf32 else "tf32"
-
-
 def attention_kernels(args):
     """Reports every config of the three attention kernels; yields, per config, whether it would fail."""
     element = "*" + args.dtype
@@ -121,7 +116,7 @@ def attention_kernels(args):
     aligned_strides = E % 16 == 0 and Ev % 16 == 0
     features = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=attention._head_block(E), BLOCK_DV=attention._head_block(Ev),
                     IS_CAUSAL=args.causal, MASK_KIND=mask_kind, HAS_KEY_LENGTHS=args.key_lengths,
-                    HAS_DROPOUT=args.dropout, DOT_PRECISION=dot_precision(args))
+                    HAS_DROPOUT=args.dropout, DOT_PRECISION=dot_precision(TORCH_DTYPES[args.dtype]))
     dtype = TORCH_DTYPES[args.dtype]
     estimate_args = {"Q": torch.empty(0, dtype=dtype), **features}
     row_lengths = {"BLOCK_D": E, "BLOCK_DV": Ev}  # a descriptor's columns -> the head dim its rows hold
@@ -170,7 +165,8 @@ def mlp_kernel(args):
     # descriptor, B_T), both unit strides specialised.
     features = dict(stride_ak=1, stride_bk=1, HAS_BIAS=args.bias, ACTIVATION=mlp.ACTIVATION_CODES[args.activation],
                     STORE_PREACT=args.activation != "none" or args.gated, DROPOUT=args.dropout, GATED=args.gated,
-                    ROWSUM_A=False, INPUT_PRECISION=dot_precision(args), A_T=False, B_T=True)
+                    ROWSUM_A=False, INPUT_PRECISION=dot_precision(TORCH_DTYPES[args.dtype]), A_T=False,
+                    B_T=True)
     aligned = {"M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_pm", "gate_offset"}
     dtype = TORCH_DTYPES[args.dtype]
     estimate_args = {"a_ptr": torch.empty(0, dtype=dtype), "GATED": args.gated}
@@ -211,6 +207,8 @@ def main(argv=None):
     parser.add_argument("--admitted", action="store_true",
                         help="compile only the configs the launcher would run on this target")
     args = parser.parse_args(argv)
+    if args.tf32:  # the setting the launchers read (precision.dot_precision)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     failures = sum((mlp_kernel if args.mlp else attention_kernels)(args))
     return 1 if failures else 0
 
