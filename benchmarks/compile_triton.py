@@ -2,8 +2,9 @@
 
 For every config of the kernels' autotune lists (and the fallback), it runs Triton's compiler
 (triton.compile on an ASTSource, target GPUTarget("cuda", arch, 32)) down to a cubin and prints, per
-config: compile success or the error, registers and spilled bytes (ptxas's own report), shared memory
-against the target's per-block limit, the tensor-core instruction its dots became (wgmma on Hopper,
+config: compile success or the error, registers and spilled bytes (ptxas's own report), the number of SASS
+instructions in the cubin (nvdisasm's listing: a static count of code size, not of executed work), shared
+memory against the target's per-block limit, the tensor-core instruction its dots became (wgmma on Hopper,
 mma.sync otherwise) and whether it loads through TMA. It catches what TRITON_INTERPRET=1 cannot: GPU-only
 type and tl.dot constraints, shared-memory overflow and register spills. Arguments mirror a launch's specialisation
 (16-byte aligned pointers, strides multiples of 16 where the head dims are).
@@ -25,8 +26,11 @@ Needs only triton (with its bundled ptxas); slow on a small CPU (seconds per con
 import argparse
 import contextlib
 import io
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -52,9 +56,23 @@ def _jit_function(kernel):
     return kernel
 
 
+def sass_instructions(cubin: bytes):
+    """The number of instructions in a cubin's SASS listing (Triton's bundled nvdisasm), or None without it."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        listing = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+\S", listing, re.MULTILINE))  # "/*0a10*/  IMAD ..." lines
+
+
 def _compile(fn, types, constexprs, aligned, arch, num_warps, num_stages):
     """Compiles fn with runtime argument types `types` (name -> Triton type) and `constexprs`; returns
-    (shared bytes, registers, spill-store bytes, tensor-core instruction) or raises the compiler's error."""
+    (shared bytes, registers, spill-store bytes, SASS instructions, tensor-core instruction) or raises the
+    compiler's error."""
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         signature[name] = "constexpr" if name in constexprs else types[name]
@@ -72,7 +90,8 @@ def _compile(fn, types, constexprs, aligned, arch, num_warps, num_stages):
     ptx = kernel.asm["ptx"]
     tensor_core = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
     tensor_core += ", TMA loads" if "cp.async.bulk.tensor" in ptx else ""
-    return kernel.metadata.shared, int(registers.group(1)), int(spills.group(1)), tensor_core
+    return (kernel.metadata.shared, int(registers.group(1)), int(spills.group(1)),
+            sass_instructions(kernel.asm["cubin"]), tensor_core)
 
 
 def _report(name, fn, types, constexprs, aligned, arch, config, estimate, runs):
@@ -84,14 +103,15 @@ def _report(name, fn, types, constexprs, aligned, arch, config, estimate, runs):
     label += f" w{config.num_warps} s{config.num_stages}" + (" tma" if kw.get("TMA") else "")
     launched = "runs" if runs else "pruned"
     try:
-        shared, registers, spilled, tensor_core = _compile(fn, types, {**constexprs, **kw}, aligned, arch,
-                                                           config.num_warps, config.num_stages)
+        shared, registers, spilled, instructions, tensor_core = _compile(
+            fn, types, {**constexprs, **kw}, aligned, arch, config.num_warps, config.num_stages)
     except Exception as error:  # any compiler failure is the result being reported
         print(f"{name:8s} {label:18s} {launched:6s} FAILED {type(error).__name__}: "
               f"{str(error).splitlines()[-1][:200]}")
         return runs
     fits = "ok" if shared <= SHARED_MEMORY_LIMIT[arch] else "FAILS TO LAUNCH" if runs else "over limit"
     print(f"{name:8s} {label:18s} {launched:6s} registers {registers:3d}  spilled {spilled:6d} B  "
+          f"SASS {instructions if instructions is not None else 'n/a':>5}  "
           f"shared {shared:7d} B, estimate {estimate:7d} B ({fits})  {tensor_core}")
     return runs and shared > SHARED_MEMORY_LIMIT[arch]
 

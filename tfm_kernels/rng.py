@@ -1,10 +1,14 @@
 """The dropout random-number scheme shared by every backend.
 
-Each dropout mask element (z, i, j) -- z a flat batch*head index (0 for MLPs), i a row, j a column -- draws
-the first 32-bit word of Philox-4x32-10 with counter (j, i, lo32(z), hi32(z)) and key (lo32(seed),
-hi32(seed)). The element is kept iff (word >> 8) >= floor(p * 2**24). The C++ (csrc/common/philox.h) and
-Triton (tfm_kernels/triton/philox.py) kernels compute the same bits, so every backend draws the same mask for
-the same seed. A fresh seed per call comes from torch's generator, so runs repeat under torch.manual_seed.
+A dropout mask element (z, i, j) -- z a flat batch*head index (0 for MLPs), i a row, j a column -- reads 16
+bits of Philox-4x32-10 with counter (j // 8, i, lo32(z), hi32(z)) and key (lo32(seed), hi32(seed)): one
+Philox call gives the 8 columns 8g..8g+7 of a row, column j taking word (j // 2) % 4, its low half for even j
+and its high half for odd j. The element is kept iff that 16-bit number >= floor(p * 2**16), so p is applied
+to within 2**-16. Reading 8 decisions from each 128-bit output (rather than one per call) is what keeps dropout
+cheap next to the attention kernels' tensor-core work: a Philox call costs about a hundred integer
+instructions. The C++ (csrc/common/philox.h) and Triton (tfm_kernels/triton/philox.py) kernels compute the
+same bits, so every backend draws the same mask for the same seed. A fresh seed per call comes from torch's
+generator, so runs repeat under torch.manual_seed.
 """
 
 import torch
@@ -14,7 +18,9 @@ PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
-DROPOUT_BITS = 24
+DROPOUT_BITS = 16  # bits of one keep decision
+COLUMNS_PER_DRAW = 8  # keep decisions per Philox call: 128 bits / DROPOUT_BITS
+_MASK16 = 0xFFFF
 _MASK32 = 0xFFFFFFFF
 
 
@@ -30,12 +36,12 @@ def seed_for(dropout_p: float, device) -> torch.Tensor:
 
 
 def dropout_threshold(p: float) -> int:
-    """The 24-bit integer threshold under which a word's top bits drop the element."""
+    """The 16-bit integer threshold under which a decision's bits drop the element."""
     return int(p * (1 << DROPOUT_BITS))
 
 
-def philox_first_word(c0, c1, c2, c3, k0: int, k1: int) -> torch.Tensor:
-    """First output word of Philox-4x32-10, elementwise over int64 tensors holding uint32 values.
+def philox(c0, c1, c2, c3, k0: int, k1: int) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox-4x32-10, elementwise over int64 tensors holding uint32 values.
 
     32x32-bit products fit 64 bits; int64 wraps, and `>> 32 & mask` reads back the unsigned high word."""
     k0 = torch.as_tensor(k0, dtype=torch.int64)
@@ -46,7 +52,7 @@ def philox_first_word(c0, c1, c2, c3, k0: int, k1: int) -> torch.Tensor:
         c0, c1, c2, c3 = ((p1 >> 32) & _MASK32) ^ c1 ^ k0, p1 & _MASK32, ((p0 >> 32) & _MASK32) ^ c3 ^ k1, p0 & _MASK32
         k0 = (k0 + PHILOX_W0) & _MASK32
         k1 = (k1 + PHILOX_W1) & _MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def dropout_keep_mask(seed, num_z: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
@@ -56,10 +62,14 @@ def dropout_keep_mask(seed, num_z: int, rows: int, cols: int, p: float, device=N
     Materialises the whole mask: a test and reference helper, never a fast path."""
     seed = int(seed)
     device = device if device is not None else "cpu"
+    groups = -(-cols // COLUMNS_PER_DRAW)
     z = torch.arange(num_z, dtype=torch.int64, device=device).view(-1, 1, 1)
     i = torch.arange(rows, dtype=torch.int64, device=device).view(1, -1, 1)
-    j = torch.arange(cols, dtype=torch.int64, device=device).view(1, 1, -1)
-    shape = (num_z, rows, cols)
-    word = philox_first_word(j.expand(shape), i.expand(shape), (z & _MASK32).expand(shape),
-                             ((z >> 32) & _MASK32).expand(shape), seed & _MASK32, (seed >> 32) & _MASK32)
-    return (word >> (32 - DROPOUT_BITS)) >= dropout_threshold(p)
+    g = torch.arange(groups, dtype=torch.int64, device=device).view(1, 1, -1)
+    shape = (num_z, rows, groups)
+    words = philox(g.expand(shape), i.expand(shape), (z & _MASK32).expand(shape), ((z >> 32) & _MASK32).expand(shape),
+                   seed & _MASK32, (seed >> 32) & _MASK32)
+    # Column 8g + 2w + h reads half h (0: low, 1: high) of word w.
+    halves = torch.stack([torch.stack([w & _MASK16, w >> DROPOUT_BITS], dim=-1) for w in words], dim=-2)
+    decisions = halves.reshape(num_z, rows, groups * COLUMNS_PER_DRAW)[..., :cols]  # (num_z, rows, cols)
+    return decisions >= dropout_threshold(p)

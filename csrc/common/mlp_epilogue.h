@@ -89,18 +89,25 @@ decltype(auto) dispatch_activation(Activation activation, Fn&& fn) {
   }
 }
 
-// Dropout of the MLP operators: the multiplier of element (row, col), 0 (dropped) or 1 / (1 - p) (kept).
-// threshold = floor(p * 2^24) and keep_scale = 1 / (1 - p) come from the host; p == 0 keeps everything.
+// Dropout of the MLP operators: the multiplier of element (row, col), 0 (dropped) or 1 / (1 - p) (kept), read
+// from the keep byte of the column's group of 8 (one Philox call, common/philox.h).
+// threshold = floor(p * 2^16) and keep_scale = 1 / (1 - p) come from the host; p == 0 keeps everything.
 struct MlpDropout {
   uint64_t seed;
   uint32_t threshold;
   float keep_scale;
   bool active;
 
-  TFM_HOST_DEVICE float multiplier(int64_t row, int64_t col) const {
+  // The keep bits of columns 8 group .. 8 group + 7 of `row` (bit c: column 8 group + c), all set when inactive.
+  TFM_HOST_DEVICE uint32_t keep_byte(int64_t row, int64_t group) const {
+    if (!active) return 0xFFu;
+    return dropout_keep_byte(seed, 0, static_cast<uint32_t>(row), static_cast<uint32_t>(group), threshold);
+  }
+
+  // The multiplier of column 8 group + c from that group's keep byte.
+  TFM_HOST_DEVICE float multiplier(uint32_t keep_byte, int c) const {
     if (!active) return 1.0f;
-    return dropout_keep(seed, 0, static_cast<uint32_t>(row), static_cast<uint32_t>(col), threshold) ? keep_scale
-                                                                                                     : 0.0f;
+    return ((keep_byte >> c) & 1u) ? keep_scale : 0.0f;
   }
 };
 
@@ -108,7 +115,7 @@ inline MlpDropout make_mlp_dropout(double dropout_p, int64_t seed) {
   MlpDropout dropout;
   dropout.active = dropout_p > 0.0;
   dropout.seed = static_cast<uint64_t>(seed);
-  dropout.threshold = static_cast<uint32_t>(dropout_p * static_cast<double>(1u << kDropoutBits));
+  dropout.threshold = dropout_threshold(dropout_p);
   dropout.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   return dropout;
 }

@@ -1,8 +1,9 @@
 // Philox-4x32-10 counter-based random numbers and the dropout keep rule shared by every backend
 // (C++ CPU, CUDA; the Triton kernels and tfm_kernels/rng.py implement the same function).
-// An element (z, i, j) of a dropout mask (z: batch*head or 0, i: row, j: column) uses the counter
-// (j, i, lo32(z), hi32(z)) under the key (lo32(seed), hi32(seed)); it is kept iff
-// (first output word >> 8) >= threshold, with threshold = floor(p * 2^24) computed by the host.
+// An element (z, i, j) of a dropout mask (z: batch*head or 0, i: row, j: column) reads 16 bits of the Philox
+// output for counter (j / 8, i, lo32(z), hi32(z)) under the key (lo32(seed), hi32(seed)): word (j / 2) % 4,
+// low half for even j, high half for odd j. It is kept iff those bits >= threshold = floor(p * 2^16),
+// computed by the host. One Philox call thus decides 8 consecutive columns of a row.
 #pragma once
 #include <cstdint>
 
@@ -19,11 +20,15 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 constexpr int kPhiloxRounds = 10;
-constexpr int kDropoutBits = 24;  // a keep decision compares the top 24 bits of one 32-bit word
+constexpr int kDropoutBits = 16;       // bits of one keep decision
+constexpr int kColumnsPerDraw = 8;     // keep decisions per Philox call (128 output bits)
 
-// First output word of Philox-4x32-10 for counter (c0, c1, c2, c3) and key (k0, k1).
-TFM_HOST_DEVICE uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                           uint32_t k1) {
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
+// The four output words of Philox-4x32-10 for counter (c0, c1, c2, c3) and key (k0, k1).
+TFM_HOST_DEVICE PhiloxWords philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
 #pragma unroll
   for (int round = 0; round < kPhiloxRounds; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
@@ -37,13 +42,37 @@ TFM_HOST_DEVICE uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t c2
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
-  return c0;
+  return PhiloxWords{{c0, c1, c2, c3}};
 }
 
+// The Philox output that decides columns 8g .. 8g + 7 of row i of stream z.
+TFM_HOST_DEVICE PhiloxWords dropout_words(uint64_t seed, uint64_t z, uint32_t i, uint32_t g) {
+  return philox(g, i, static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32), static_cast<uint32_t>(seed),
+                static_cast<uint32_t>(seed >> 32));
+}
+
+// The keep bits of the two columns one output word decides: bit 0 from its low half, bit 1 from its high half.
+TFM_HOST_DEVICE uint32_t dropout_keep_pair(uint32_t word, uint32_t threshold) {
+  return static_cast<uint32_t>((word & 0xFFFFu) >= threshold) | (static_cast<uint32_t>((word >> 16) >= threshold) << 1);
+}
+
+// The keep bits of columns 8g .. 8g + 7 of row i: bit c is set iff column 8g + c is kept.
+TFM_HOST_DEVICE uint32_t dropout_keep_byte(uint64_t seed, uint64_t z, uint32_t i, uint32_t g, uint32_t threshold) {
+  const PhiloxWords words = dropout_words(seed, z, i, g);
+  uint32_t bits = 0;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) bits |= dropout_keep_pair(words.w[w], threshold) << (2 * w);
+  return bits;
+}
+
+// floor(p * 2^16): the threshold of the keep rule for dropout probability p in [0, 1) (as tfm_kernels/rng.py).
+inline uint32_t dropout_threshold(double p) {
+  return static_cast<uint32_t>(p * static_cast<double>(1u << kDropoutBits));
+}
+
+// Whether element (z, i, j) is kept; a caller deciding several columns of a row uses dropout_keep_byte.
 TFM_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t z, uint32_t i, uint32_t j, uint32_t threshold) {
-  const uint32_t word = philox_first_word(j, i, static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32),
-                                          static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return (word >> (32 - kDropoutBits)) >= threshold;
+  return (dropout_keep_byte(seed, z, i, j / kColumnsPerDraw, threshold) >> (j % kColumnsPerDraw)) & 1u;
 }
 
 }  // namespace tfm_kernels

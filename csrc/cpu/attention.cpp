@@ -61,8 +61,7 @@ AttentionProblem make_problem(const AttentionSizes& sizes, const std::optional<a
   if (dropout_p > 0.0) {
     problem.dropout.enabled = true;
     problem.dropout.seed = static_cast<uint64_t>(seed.item<int64_t>());
-    // The same double arithmetic as tfm_kernels/rng.py: int(p * 2**24).
-    problem.dropout.threshold = static_cast<uint32_t>(dropout_p * static_cast<double>(1u << kDropoutBits));
+    problem.dropout.threshold = dropout_threshold(dropout_p);
     problem.dropout.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   }
   return problem;

@@ -43,7 +43,7 @@ struct MaskView {
 struct Dropout {
   bool enabled = false;
   uint64_t seed = 0;
-  uint32_t threshold = 0;  // floor(p * 2^24), computed from the double p as tfm_kernels/rng.py does
+  uint32_t threshold = 0;  // dropout_threshold(p) (common/philox.h)
   float keep_scale = 1.0f;
 };
 

@@ -1,6 +1,7 @@
 // Vectorised row loops of the CPU kernels; see row_loops.h.
 #include "cpu/row_loops.h"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -123,8 +124,22 @@ TFM_ROW_LOOP void softmax_grad_row(float* __restrict grad, const float* __restri
 
 TFM_ROW_LOOP void dropout_row(float* __restrict keep, int64_t n, uint64_t seed, uint64_t z, uint32_t i, uint32_t j0,
                               uint32_t threshold, float keep_scale) {
-  for (int64_t c = 0; c < n; ++c) {
-    keep[c] = dropout_keep(seed, z, i, j0 + static_cast<uint32_t>(c), threshold) ? keep_scale : 0.0f;
+  // One Philox call per 8 columns (its keep byte); the calls of a chunk of groups are independent, so the
+  // first loop vectorises across them.
+  constexpr int64_t kGroupsPerChunk = 64;
+  uint32_t bytes[kGroupsPerChunk];
+  const int64_t end = static_cast<int64_t>(j0) + n;  // one past the last column
+  for (int64_t g0 = j0 / kColumnsPerDraw; g0 * kColumnsPerDraw < end; g0 += kGroupsPerChunk) {
+    const int64_t groups = std::min(kGroupsPerChunk, (end - 1) / kColumnsPerDraw - g0 + 1);
+    for (int64_t g = 0; g < groups; ++g) {
+      bytes[g] = dropout_keep_byte(seed, z, i, static_cast<uint32_t>(g0 + g), threshold);
+    }
+    const int64_t first = std::max<int64_t>(j0, g0 * kColumnsPerDraw);
+    const int64_t last = std::min(end, (g0 + groups) * kColumnsPerDraw);
+    for (int64_t j = first; j < last; ++j) {
+      const uint32_t bit = (bytes[j / kColumnsPerDraw - g0] >> (j % kColumnsPerDraw)) & 1u;
+      keep[j - j0] = bit ? keep_scale : 0.0f;
+    }
   }
 }
 

@@ -259,7 +259,7 @@ def _forward_steps(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kv_h, lo
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            p = tl.where(dropout_keep(k0, k1, z, rows, cols, threshold), p, 0.0)
+            p = tl.where(dropout_keep(k0, k1, z, row0, start_n, q.shape[0], BLOCK_N, threshold), p, 0.0)
         if TMA:
             v = _descriptor_tile(v_desc, b, kv_h, start_n, BLOCK_N, BLOCK_DV, V_HEADS_INNER)  # (BLOCK_N, BLOCK_DV)
             if BOUNDARY:  # rows past key_lengths hold whatever the caller left there (NaN * 0 would be NaN)
@@ -396,7 +396,7 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
             do = _load_tile(do_ptrs, row_ok[:, None], dv_ok[None, :], True, CHECK_DV)
         dpT = dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
-            keep = dropout_keep(k0, k1, z, rows, cols, threshold)
+            keep = tl.trans(dropout_keep(k0, k1, z, start_m, col0, BLOCK_M, k.shape[0], threshold))  # (keys, rows)
             p_dropped = tl.where(keep, pT * inv_keep, 0.0)
             dpT = tl.where(keep, dpT * inv_keep, 0.0)
         else:
@@ -526,7 +526,7 @@ def _backward_q_steps(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, k_desc, v_desc
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = dot(do, vT, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
-            dp = tl.where(dropout_keep(k0, k1, z, rows, cols, threshold), dp * inv_keep, 0.0)
+            dp = tl.where(dropout_keep(k0, k1, z, row0, start_n, q.shape[0], BLOCK_N, threshold), dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq = dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn

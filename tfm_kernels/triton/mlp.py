@@ -131,11 +131,12 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale):
-    """(BLOCK_M, BLOCK_N) float32: keep_scale where element (row, col) is kept, else 0 (z = 0 for MLPs)."""
+def _dropout_multiplier(seed_ptr, row0, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, threshold, keep_scale):
+    """(BLOCK_M, BLOCK_N) float32 over rows row0.. and columns col0..: keep_scale where the element is kept,
+    else 0 (z = 0 for MLPs)."""
     k0, k1 = philox_key(seed_ptr)
     z = tl.zeros((), dtype=tl.int64)
-    keep = dropout_keep(k0, k1, z, rows[:, None], cols[None, :], threshold)
+    keep = dropout_keep(k0, k1, z, row0, col0, BLOCK_M, BLOCK_N, threshold)
     return tl.where(keep, keep_scale, 0.0)
 
 
@@ -251,7 +252,7 @@ def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, 
     if GATED:
         h = h * acc_up
     if DROPOUT:
-        h = h * _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale)
+        h = h * _dropout_multiplier(seed_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_M, BLOCK_N, threshold, keep_scale)
     c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
     tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=out_mask)
 
@@ -268,7 +269,8 @@ def _grad_preact_kernel(dy_ptr, preact_ptr, dz_ptr, seed_ptr, M, N, stride_dym, 
     row_offsets = rows.to(tl.int64)[:, None]
     dh = tl.load(dy_ptr + row_offsets * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        dh = dh * _dropout_multiplier(seed_ptr, rows, cols, threshold, keep_scale)
+        dh = dh * _dropout_multiplier(seed_ptr, tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N, BLOCK_M,
+                                      BLOCK_N, threshold, keep_scale)
     width = 2 * N if GATED else N
     z_ptrs = preact_ptr + row_offsets * width + cols[None, :]
     dz_ptrs = dz_ptr + row_offsets * width + cols[None, :]

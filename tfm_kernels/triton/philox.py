@@ -1,8 +1,9 @@
-"""The dropout RNG of tfm_kernels (tfm_kernels/rng.py) in Triton: Philox-4x32-10, first output word only.
+"""The dropout RNG of tfm_kernels (tfm_kernels/rng.py) in Triton: Philox-4x32-10, 8 keep decisions per call.
 
-Element (z, i, j) of a dropout mask uses counter (j, i, lo32(z), hi32(z)) and key (lo32(seed), hi32(seed)),
-and is kept iff (word >> 8) >= threshold, threshold = floor(p * 2**24) (rng.dropout_threshold). The bits
-equal rng.dropout_keep_mask and csrc/common/philox.h exactly; tests/test_attention_ops.py checks them.
+Element (z, i, j) of a dropout mask reads 16 bits of the Philox output for counter (j // 8, i, lo32(z),
+hi32(z)) and key (lo32(seed), hi32(seed)): word (j // 2) % 4, low half for even j, high half for odd j; it is
+kept iff those bits >= threshold = floor(p * 2**16) (rng.dropout_threshold). The bits equal
+rng.dropout_keep_mask and csrc/common/philox.h exactly; tests/test_attention_ops.py checks them.
 """
 
 import triton
@@ -16,7 +17,9 @@ PHILOX_M1 = tl.constexpr(rng.PHILOX_M1)
 PHILOX_W0 = tl.constexpr(rng.PHILOX_W0)
 PHILOX_W1 = tl.constexpr(rng.PHILOX_W1)
 PHILOX_ROUNDS = tl.constexpr(rng.PHILOX_ROUNDS)
-DROPPED_LOW_BITS = tl.constexpr(32 - rng.DROPOUT_BITS)
+DROPOUT_BITS = tl.constexpr(rng.DROPOUT_BITS)
+COLUMNS_PER_DRAW = tl.constexpr(rng.COLUMNS_PER_DRAW)
+LOW16 = tl.constexpr(0xFFFF)
 LOW32 = tl.constexpr(0xFFFFFFFF)
 
 
@@ -30,8 +33,8 @@ def philox_key(seed_ptr):
 
 
 @triton.jit
-def philox_first_word(c0, c1, c2, c3, k0, k1):
-    """First 32-bit output word of Philox-4x32-10, uint32 counters c0..c3 (one shape), key (k0, k1)."""
+def philox(c0, c1, c2, c3, k0, k1):
+    """The four 32-bit output words of Philox-4x32-10, uint32 counters c0..c3 (one shape), key (k0, k1)."""
     for _ in tl.static_range(PHILOX_ROUNDS):
         hi0 = tl.umulhi(c0, PHILOX_M0)
         lo0 = c0 * PHILOX_M0
@@ -43,19 +46,25 @@ def philox_first_word(c0, c1, c2, c3, k0, k1):
         c3 = lo0
         k0 = k0 + PHILOX_W0
         k1 = k1 + PHILOX_W1
-    return c0
+    return c0, c1, c2, c3
 
 
 @triton.jit
-def dropout_keep(k0, k1, z, rows, cols, threshold):
-    """Keep-mask tile of dropout: True where element (z, rows, cols) is kept.
+def dropout_keep(k0, k1, z, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr, threshold):
+    """Keep-mask tile of dropout, (ROWS, COLS): True where element (z, row0 + r, col0 + c) is kept.
 
-    z: int64 scalar (batch * heads index); rows, cols: int32 tensors that broadcast against each other (e.g.
-    (M, 1) and (1, N), in either orientation); threshold: floor(p * 2**24). Returns the broadcast shape."""
-    rows, cols = tl.broadcast(rows, cols)
-    c0 = cols.to(tl.uint32)
-    c1 = rows.to(tl.uint32)
-    c2 = tl.zeros_like(c0) + (z & LOW32).to(tl.uint32)
-    c3 = tl.zeros_like(c0) + ((z >> 32) & LOW32).to(tl.uint32)
-    word = philox_first_word(c0, c1, c2, c3, k0, k1)
-    return (word >> DROPPED_LOW_BITS).to(tl.int32) >= threshold
+    z: int64 scalar (batch * heads index, 0 for MLPs); col0: a multiple of 8 (tiles start at multiples of their
+    block size); COLS: a multiple of 8; threshold: floor(p * 2**16). One Philox call per 8 columns of a row: the
+    (ROWS, COLS / 8) calls' 16-bit halves are interleaved into columns by nested joins: flattened, index
+    [g, a, b, c] is column 8g + 4a + 2b + c and holds half c of word 2a + b, i.e. column 8g + o reads half o % 2 of
+    word o // 2, as rng.dropout_keep_mask."""
+    rows = row0 + tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
+    groups = col0 // COLUMNS_PER_DRAW + tl.arange(0, COLS // COLUMNS_PER_DRAW)[None, :]  # (1, COLS / 8)
+    rows, groups = tl.broadcast(rows, groups)
+    c2 = tl.zeros_like(groups).to(tl.uint32) + (z & LOW32).to(tl.uint32)
+    c3 = tl.zeros_like(groups).to(tl.uint32) + ((z >> 32) & LOW32).to(tl.uint32)
+    w0, w1, w2, w3 = philox(groups.to(tl.uint32), rows.to(tl.uint32), c2, c3, k0, k1)
+    low = tl.join(tl.join(w0 & LOW16, w2 & LOW16), tl.join(w1 & LOW16, w3 & LOW16))  # (ROWS, COLS / 8, 2, 2)
+    high = tl.join(tl.join(w0 >> DROPOUT_BITS, w2 >> DROPOUT_BITS), tl.join(w1 >> DROPOUT_BITS, w3 >> DROPOUT_BITS))
+    halves = tl.reshape(tl.join(low, high), (ROWS, COLS))  # (ROWS, COLS / 8, 2, 2, 2) flattened
+    return halves.to(tl.int32) >= threshold

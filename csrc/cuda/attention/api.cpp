@@ -19,6 +19,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/philox.h"
 #include "cuda/attention/instantiations/head_dims.h"
 #include "cuda/attention/launch.h"
 #include "cuda/attention/params.h"
@@ -28,7 +29,6 @@ namespace tfm_kernels::attention {
 namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
-constexpr double kDropoutScale = 16777216.0;  // 2^24: the keep rule compares the top 24 bits of a Philox word
 constexpr int64_t kMaxGridYZ = 65535;         // heads go to gridDim.y, batch to gridDim.z
 // 16-byte cp.async and vector loads: data pointers and batch/head/row strides must be multiples of 16 bytes.
 constexpr int64_t kAlignmentBytes = 16;
@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepar
   params.scale = static_cast<float>(scale);
   params.scale_log2 = static_cast<float>(scale * kLog2e);
   params.dropout = dropout_p > 0.0;
-  params.dropout_threshold = static_cast<uint32_t>(dropout_p * kDropoutScale);
+  params.dropout_threshold = dropout_threshold(dropout_p);
   params.dropout_rescale = static_cast<float>(1.0 / (1.0 - dropout_p));
   params.seed = params.dropout ? seed.data_ptr<int64_t>() : nullptr;
   return {q, k, v, lengths};

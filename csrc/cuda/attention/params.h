@@ -36,8 +36,8 @@ struct ForwardParams {
   float scale = 1.0f;                    // multiplier of q . k
   float scale_log2 = 1.0f;               // scale * log2(e): the kernels work in base 2 (exp2)
 
-  // Dropout (tfm_kernels/rng.py): element (z = b * Hq + h, row i, key j) is kept iff the Philox word's top 24
-  // bits are >= dropout_threshold = floor(p * 2^24); kept weights are multiplied by dropout_rescale = 1/(1-p).
+  // Dropout (tfm_kernels/rng.py): element (z = b * Hq + h, row i, key j) is kept by the rule of
+  // common/philox.h with dropout_threshold = floor(p * 2^16); kept weights are multiplied by dropout_rescale = 1/(1-p).
   bool dropout = false;
   uint32_t dropout_threshold = 0;
   float dropout_rescale = 1.0f;

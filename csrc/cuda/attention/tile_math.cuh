@@ -145,8 +145,9 @@ __device__ __forceinline__ void for_each_element_pair(float (&acc_a)[kNTiles][4]
 // The dropout keep-mask of the elements this lane holds of a 16 x (8 kNTiles) tile at (row0, col0): bit 4t + e
 // is set iff element [t][e] is kept (common/philox.h). Tiles are query-major (rows = queries, columns = keys)
 // or, with kKeyMajor, key-major (the transposed tiles of the dk/dv pass); the mask is always drawn at
-// (query i, key j). The outer loop is not unrolled: four Philox streams at a time give enough parallelism
-// without holding 32 of them in registers.
+// (query i, key j). Query-major (col0 a multiple of 8): the lane's two adjacent keys of a row are the two
+// halves of one Philox word, so a Philox call decides two elements; key-major: one. The outer loop is not
+// unrolled: a few Philox streams at a time give enough parallelism without holding all of them in registers.
 template <int kNTiles, bool kKeyMajor>
 __device__ __forceinline__ uint32_t dropout_keep_bits(uint64_t seed, uint64_t z, int row0, int col0, int lane,
                                                       uint32_t threshold) {
@@ -155,11 +156,20 @@ __device__ __forceinline__ uint32_t dropout_keep_bits(uint64_t seed, uint64_t z,
 #pragma unroll 1
   for (int t = 0; t < kNTiles; ++t) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint32_t row = static_cast<uint32_t>(row0 + lane / 4 + 8 * (e / 2));
-      const uint32_t col = static_cast<uint32_t>(col0 + t * 8 + 2 * (lane % 4) + e % 2);
-      const bool keep = kKeyMajor ? dropout_keep(seed, z, col, row, threshold) : dropout_keep(seed, z, row, col, threshold);
-      bits |= static_cast<uint32_t>(keep) << (4 * t + e);
+    for (int half = 0; half < 2; ++half) {  // elements e = 2 half and 2 half + 1: row lane / 4 + 8 half
+      const uint32_t row = static_cast<uint32_t>(row0 + lane / 4 + 8 * half);
+      const uint32_t col = static_cast<uint32_t>(col0 + t * 8 + 2 * (lane % 4));  // and col + 1
+      uint32_t pair;
+      if constexpr (kKeyMajor) {
+        pair = static_cast<uint32_t>(dropout_keep(seed, z, col, row, threshold)) |
+               (static_cast<uint32_t>(dropout_keep(seed, z, col + 1, row, threshold)) << 1);
+      } else {
+        const PhiloxWords words = dropout_words(seed, z, row, col / kColumnsPerDraw);
+        const int w = lane % 4;  // col % 8 / 2
+        pair = dropout_keep_pair(w == 0 ? words.w[0] : w == 1 ? words.w[1] : w == 2 ? words.w[2] : words.w[3],
+                                 threshold);
+      }
+      bits |= pair << (4 * t + 2 * half);
     }
   }
   return bits;

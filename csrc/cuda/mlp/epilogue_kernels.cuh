@@ -4,9 +4,10 @@
 //                      out = dropout(act(g) * u) over the [g, u] GEMM output;
 //   backward epilogue: dz = grad_out * dropout * act'(z) (gated: [dg, du]), the input of the gradient GEMMs;
 //   column sum:        bias gradient where the BGRADB epilogue is unavailable.
-// Work split: elementwise kernels use 256-thread blocks along a row's columns (coalesced), grid.y walks rows
-// (grid-stride past 65535 rows); the column sum uses 32x8 blocks, 32 columns per block, 8 row-strided partial
-// sums reduced in shared memory (deterministic, no atomics). All math in float; Philox per element.
+// Work split: elementwise kernels use 256-thread blocks along a row, each thread one group of 8 consecutive
+// columns (the columns one Philox call decides), grid.y walks rows (grid-stride past 65535 rows); the column
+// sum uses 32x8 blocks, 32 columns per block, 8 row-strided partial sums reduced in shared memory
+// (deterministic, no atomics). All math in float.
 // The kernels, their dtype/activation dispatch and their grids live here; epilogue_kernels.cu launches them, and
 // tests/cuda_emulation/mlp_harness.cpp runs this same header on the CPU.
 // Test: tests/test_mlp_cuda_emulated.py (CPU emulation), tests/test_mlp.py -m gpu (backend "cuda" against the
@@ -23,6 +24,7 @@
 namespace tfm_kernels::mlp {
 
 constexpr int kThreads = 256;
+constexpr int kGroup = kColumnsPerDraw;  // columns per thread: one Philox call's dropout decisions
 constexpr int64_t kMaxColumnBlocks = 64;
 constexpr int64_t kMaxRowBlocks = 65535;  // gridDim.y limit
 constexpr int kSumColumns = 32;
@@ -38,58 +40,67 @@ __device__ __forceinline__ MlpDropout device_dropout(const MlpDropoutParams& p) 
   return MlpDropout{seed, p.threshold, p.keep_scale, p.active};
 }
 
-template <typename T, Activation A, bool kGated>
-__global__ void forward_epilogue_kernel(MlpForwardEpilogueParams p) {
-  const MlpDropout dropout = device_dropout(p.dropout);
-  T* z = static_cast<T*>(p.z);
-  const T* bias = static_cast<const T*>(p.bias);
-  T* out = static_cast<T*>(p.out);
-  for (int64_t row = blockIdx.y; row < p.rows; row += gridDim.y) {
-    T* z_row = z + row * p.ld_z;
-    for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < p.cols;
-         col += int64_t(gridDim.x) * blockDim.x) {
-      float g = load_float(z_row, col);
-      if (bias != nullptr) {
-        g += load_float(bias, col);
-        if (p.store_preact) z_row[col] = static_cast<T>(g);
-      }
-      float h = activate<A>(g);
-      if constexpr (kGated) {
-        float u = load_float(z_row, p.cols + col);
-        if (bias != nullptr) {
-          u += load_float(bias, p.cols + col);
-          if (p.store_preact) z_row[p.cols + col] = static_cast<T>(u);
-        }
-        h *= u;
-      }
-      out[row * p.ld_out + col] = static_cast<T>(h * dropout.multiplier(row, col));
+// Calls element(row, col, multiplier) for each element of the (rows, cols) problem this thread owns: groups of
+// 8 consecutive columns of a row, whose dropout one Philox call decides, strided over the grid.
+template <typename Element>
+__device__ __forceinline__ void for_each_element(int64_t rows, int64_t cols, const MlpDropout& dropout,
+                                                 Element&& element) {
+  const int64_t groups = (cols + kGroup - 1) / kGroup;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    for (int64_t group = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; group < groups;
+         group += int64_t(gridDim.x) * blockDim.x) {
+      const uint32_t keep = dropout.keep_byte(row, group);
+      const int64_t first = group * kGroup;
+      const int count = cols - first < kGroup ? static_cast<int>(cols - first) : kGroup;
+      for (int c = 0; c < count; ++c) element(row, first + c, dropout.multiplier(keep, c));
     }
   }
 }
 
 template <typename T, Activation A, bool kGated>
+__global__ void forward_epilogue_kernel(MlpForwardEpilogueParams p) {
+  T* z = static_cast<T*>(p.z);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  for_each_element(p.rows, p.cols, device_dropout(p.dropout), [&](int64_t row, int64_t col, float multiplier) {
+    T* z_row = z + row * p.ld_z;
+    float g = load_float(z_row, col);
+    if (bias != nullptr) {
+      g += load_float(bias, col);
+      if (p.store_preact) z_row[col] = static_cast<T>(g);
+    }
+    float h = activate<A>(g);
+    if constexpr (kGated) {
+      float u = load_float(z_row, p.cols + col);
+      if (bias != nullptr) {
+        u += load_float(bias, p.cols + col);
+        if (p.store_preact) z_row[p.cols + col] = static_cast<T>(u);
+      }
+      h *= u;
+    }
+    out[row * p.ld_out + col] = static_cast<T>(h * multiplier);
+  });
+}
+
+template <typename T, Activation A, bool kGated>
 __global__ void backward_epilogue_kernel(MlpBackwardEpilogueParams p) {
-  const MlpDropout dropout = device_dropout(p.dropout);
   const T* grad_out = static_cast<const T*>(p.grad_out);
   const T* z = static_cast<const T*>(p.z);
   T* dz = static_cast<T*>(p.dz);
   const int64_t width = kGated ? 2 * p.cols : p.cols;
-  for (int64_t row = blockIdx.y; row < p.rows; row += gridDim.y) {
-    for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < p.cols;
-         col += int64_t(gridDim.x) * blockDim.x) {
-      const float h = load_float(grad_out, row * p.ld_grad_out + col) * dropout.multiplier(row, col);
-      const int64_t at = row * width + col;
-      if constexpr (kGated) {
-        const float g = load_float(z, at), u = load_float(z, at + p.cols);
-        dz[at] = static_cast<T>(h * u * activation_grad<A>(g));
-        dz[at + p.cols] = static_cast<T>(h * activate<A>(g));
-      } else if constexpr (A == Activation::kNone) {
-        dz[at] = static_cast<T>(h);
-      } else {
-        dz[at] = static_cast<T>(h * activation_grad<A>(load_float(z, at)));
-      }
+  for_each_element(p.rows, p.cols, device_dropout(p.dropout), [&](int64_t row, int64_t col, float multiplier) {
+    const float h = load_float(grad_out, row * p.ld_grad_out + col) * multiplier;
+    const int64_t at = row * width + col;
+    if constexpr (kGated) {
+      const float g = load_float(z, at), u = load_float(z, at + p.cols);
+      dz[at] = static_cast<T>(h * u * activation_grad<A>(g));
+      dz[at + p.cols] = static_cast<T>(h * activate<A>(g));
+    } else if constexpr (A == Activation::kNone) {
+      dz[at] = static_cast<T>(h);
+    } else {
+      dz[at] = static_cast<T>(h * activation_grad<A>(load_float(z, at)));
     }
-  }
+  });
 }
 
 template <typename T>
@@ -134,10 +145,11 @@ inline void dispatch_elementwise(MlpDType dtype, Activation activation, bool gat
   });
 }
 
-// Grid of the elementwise kernels: one block per 256 columns (at most 64, then the column loop strides), one
-// block row per row up to row_block_limit (then the row loop strides).
+// Grid of the elementwise kernels: one block per 256 groups of 8 columns (at most 64, then the group loop
+// strides), one block row per row up to row_block_limit (then the row loop strides).
 inline dim3 elementwise_grid(int64_t rows, int64_t cols, int64_t row_block_limit) {
-  const int64_t column_blocks = std::min<int64_t>((cols + kThreads - 1) / kThreads, kMaxColumnBlocks);
+  const int64_t groups = (cols + kGroup - 1) / kGroup;
+  const int64_t column_blocks = std::min<int64_t>((groups + kThreads - 1) / kThreads, kMaxColumnBlocks);
   return dim3(static_cast<unsigned>(std::max<int64_t>(column_blocks, 1)),
               static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(rows, 1), row_block_limit)));
 }

@@ -15,7 +15,7 @@ enum class MlpDType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 // no host synchronisation and the launch is CUDA-graph safe.
 struct MlpDropoutParams {
   const int64_t* seed = nullptr;  // read only when active
-  uint32_t threshold = 0;         // floor(p * 2^24)
+  uint32_t threshold = 0;         // floor(p * 2^16), common/philox.h
   float keep_scale = 1.0f;        // 1 / (1 - p)
   bool active = false;
 };
