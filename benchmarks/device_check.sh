@@ -21,7 +21,7 @@
 # device tool collects it), else benchmarks/results/. The table:
 # our attention (triton, cuda) against torch SDPA flash, cudnn and efficient (and compiled FlexAttention at
 # d128 s4096), TFLOP/s forward and backward, bf16, d64 and d128, s1024 and s4096, causal and full,
-# B*S = 16k tokens, H*D = 2048; then one LLM MLP (16384 x 4096 -> 16384, GELU) forward and forward+backward
+# B*S = 16k tokens, H*D = 2048, and the training shape d64 s1024 causal with dropout 0.1; then one LLM MLP (16384 x 4096 -> 16384, GELU) forward and forward+backward
 # against eager PyTorch and torch.compile. Budget: under 6 minutes on an H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."

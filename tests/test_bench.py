@@ -230,11 +230,39 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
     assert "needs matplotlib" in capsys.readouterr().err
 
 
+def test_attention_cases_with_dropout_time_it(monkeypatch):
+    """A training shape's dropout reaches our function and torch's: its rows are timed with dropout on, and a
+    torch backend without dropout (the CPU flash kernel) is n/a rather than timed without it."""
+    from tfm_kernels.bench import attention
+
+    dropout_by_caller = {"ours": set(), "torch": set()}
+
+    def recording(caller, function):
+        def call(*args, **kwargs):
+            dropout_by_caller[caller].add(kwargs.get("dropout_p"))
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+                        recording("ours", attention.scaled_dot_product_attention))
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        recording("torch", attention.F.scaled_dot_product_attention))
+    shape = configs.AttentionShape("t", 1, 2, 64, 16, True, torch.float32, dropout=0.1)
+    assert shape.label.endswith("causal dropout 0.1") and shape.as_dict()["dropout"] == 0.1
+    cases = attention.attention_cases([shape], ("fwd",), "cpu", with_flex="none", with_math=True)
+    rows = {r["provider"]: r for r in suite.run_cases(cases, warmup_ms=2, rep_ms=10)}
+    assert rows["ours-cpu"]["status"] == "ok" and rows["torch-math"]["status"] == "ok"
+    assert rows["torch-flash"]["status"] == "n/a"
+    assert dropout_by_caller == {"ours": {0.1}, "torch": {0.1}}
+
+
 def test_plots_one_png_per_panel(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [{"suite": "attention", "status": "ok", "provider": p, "mode": "fwd", "value": v * s / 1024,
              "shape": {"head_dim": 64, "causal": False, "seq": s}}
             for p, v in (("ours-triton", 300), ("torch-flash", 250)) for s in (1024, 4096)]
+    rows.append({**rows[0], "shape": {"head_dim": 64, "causal": True, "seq": 1024, "dropout": 0.1}})  # not plotted
     written = report.plot_attention(rows, tmp_path, "test card")
     assert [p.name for p in written] == ["attention_d64_full_fwd.png"] and written[0].stat().st_size > 0
 

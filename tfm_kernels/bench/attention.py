@@ -36,14 +36,16 @@ def ours(shape, mode, device, backend) -> Provider:
         probe = torch.empty(
             shape.batch, shape.heads, shape.seq, shape.head_dim, dtype=shape.dtype, device=device
         )
-        reasons = backends.not_supported_reasons(backend, probe, probe, probe, None, None, 0.0, shape.causal)
+        reasons = backends.not_supported_reasons(backend, probe, probe, probe, None, None, shape.dropout,
+                                                 shape.causal)
         if reasons:
             raise Unavailable("; ".join(reasons))
         if backend == "triton" and device.type == "cpu":
             raise Unavailable("the Triton interpreter on CPU checks correctness; its speed means nothing")
 
         def forward(q, k, v):
-            return scaled_dot_product_attention(q, k, v, is_causal=shape.causal, backend=backend)
+            return scaled_dot_product_attention(q, k, v, dropout_p=shape.dropout, is_causal=shape.causal,
+                                                backend=backend)
 
         return timed_step(forward, _qkv_maker(shape, device), mode, device)
 
@@ -71,7 +73,7 @@ def torch_sdpa(shape, mode, device, name) -> Provider:
 
         def forward(q, k, v):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=shape.dropout, is_causal=shape.causal)
 
         make = _qkv_maker(shape, device)
         with warnings.catch_warnings(record=True) as caught:  # torch says why a backend refuses in warnings
@@ -102,6 +104,8 @@ def flex(shape, mode, device) -> Provider:
     def prepare():
         if device.type != "cuda":
             raise Unavailable("FlexAttention is timed on GPUs only (its CPU compile outlasts this table)")
+        if shape.dropout:
+            raise Unavailable("FlexAttention has no dropout")
         try:
             from torch.nn.attention.flex_attention import create_block_mask
         except ImportError as error:

@@ -142,8 +142,9 @@ def gpu_cases(args, suites, device):
     mlp_names = configs.HEADLINE_MLP if args.quick and args.mlp_shapes is None else args.mlp_shapes
     cases = []
     if "attention" in suites:
+        training = [] if args.quick else configs.TRAINING_ATTENTION_SHAPES
         cases += attention_cases(
-            configs.attention_shapes(seq_lens, models),
+            configs.attention_shapes(seq_lens, models) + training,
             attention_modes,
             device,
             with_flex="all" if args.full else "none" if args.quick else "headline",

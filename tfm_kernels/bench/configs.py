@@ -37,10 +37,12 @@ class AttentionShape:
     headline: bool = (
         False  # a shape the performance bar is stated at; compile-heavy peers (FlexAttention) run here
     )
+    dropout: float = 0.0  # dropout_p on the attention weights, as in training
 
     @property
     def label(self) -> str:
-        return f"{self.model} b{self.batch} h{self.heads} s{self.seq} {'causal' if self.causal else 'full'}"
+        dropout = f" dropout {self.dropout:g}" if self.dropout else ""
+        return f"{self.model} b{self.batch} h{self.heads} s{self.seq} {'causal' if self.causal else 'full'}{dropout}"
 
     def flops(self, mode: str) -> float:
         """FLOPs of one call: forward 4*B*H*L*S*D (half when causal), backward 2.5x forward."""
@@ -56,6 +58,7 @@ class AttentionShape:
             "seq": self.seq,
             "head_dim": self.head_dim,
             "causal": self.causal,
+            "dropout": self.dropout,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
 
@@ -92,11 +95,19 @@ def attention_shapes(
     ]
 
 
+# Training attention: GPT-2's geometry at s1024, causal, with its dropout of 0.1 on the attention weights (the
+# attention of the LM training benchmark). Each dropout keep decision costs the kernels integer work beside the
+# tensor cores' (tfm_kernels/rng.py), so the device-check table times it next to torch's kernels.
+TRAINING_ATTENTION_SHAPES = [
+    AttentionShape(GPT2_D64.name, TOKENS // 1024, GPT2_D64.heads, 1024, GPT2_D64.head_dim, True, torch.bfloat16,
+                   dropout=0.1)
+]
+
 # The CPU table: (4, 8, 512, 64) float32, the size a 2-core machine times in seconds; --quick shrinks it.
 CPU_ATTENTION = AttentionModel("cpu d64", head_dim=64, heads=8)
 CPU_ATTENTION_SHAPES = [
     AttentionShape(CPU_ATTENTION.name, 4, 8, 512, 64, c, torch.float32) for c in (False, True)
-]
+] + [AttentionShape(CPU_ATTENTION.name, 4, 8, 512, 64, True, torch.float32, dropout=0.1)]
 CPU_QUICK_ATTENTION_SHAPES = [
     AttentionShape(CPU_ATTENTION.name, 1, 4, 128, 64, c, torch.float32) for c in (False, True)
 ]

@@ -147,7 +147,8 @@ def matplotlib_missing() -> str | None:
 
 
 def plot_attention(rows: list[dict], directory, card: str) -> list[Path]:
-    """One PNG per (head dim, causal, mode): TFLOP/s against sequence length, one line per provider."""
+    """One PNG per (head dim, causal, mode): TFLOP/s against sequence length, one line per provider (rows
+    without dropout; the dropout rows are a single training shape, shown in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,7 +159,7 @@ def plot_attention(rows: list[dict], directory, card: str) -> list[Path]:
     panels = defaultdict(lambda: defaultdict(list))  # (head_dim, causal, mode) -> provider -> [(seq, value)]
     tokens = defaultdict(set)  # (head_dim, causal, mode) -> {batch * seq}
     for row in rows:
-        if row["suite"] == "attention" and row["status"] == "ok":
+        if row["suite"] == "attention" and row["status"] == "ok" and not row["shape"].get("dropout"):
             shape = row["shape"]
             panel = (shape["head_dim"], shape["causal"], row["mode"])
             panels[panel][row["provider"]].append((shape["seq"], row["value"]))
