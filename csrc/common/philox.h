@@ -9,8 +9,10 @@
 
 #if defined(__CUDACC__)
 #define TFM_HOST_DEVICE __host__ __device__ __forceinline__
+#define TFM_UNROLL _Pragma("unroll")
 #else
 #define TFM_HOST_DEVICE inline
+#define TFM_UNROLL
 #endif
 
 namespace tfm_kernels {
@@ -29,7 +31,7 @@ struct PhiloxWords {
 
 // The four output words of Philox-4x32-10 for counter (c0, c1, c2, c3) and key (k0, k1).
 TFM_HOST_DEVICE PhiloxWords philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
-#pragma unroll
+TFM_UNROLL
   for (int round = 0; round < kPhiloxRounds; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
     const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
@@ -60,7 +62,7 @@ TFM_HOST_DEVICE uint32_t dropout_keep_pair(uint32_t word, uint32_t threshold) {
 TFM_HOST_DEVICE uint32_t dropout_keep_byte(uint64_t seed, uint64_t z, uint32_t i, uint32_t g, uint32_t threshold) {
   const PhiloxWords words = dropout_words(seed, z, i, g);
   uint32_t bits = 0;
-#pragma unroll
+TFM_UNROLL
   for (int w = 0; w < 4; ++w) bits |= dropout_keep_pair(words.w[w], threshold) << (2 * w);
   return bits;
 }

@@ -116,6 +116,18 @@ inline void __syncthreads() {
   ++emu::epoch;
 }
 
+inline unsigned __shfl_sync(unsigned mask, unsigned x, int src_lane) {
+  EMU_CHECK(mask == 0xffffffffu, "shuffle with a partial mask");
+  EMU_CHECK(0 <= src_lane && src_lane < 32, "shuffle from a lane outside the warp");
+  auto& slots = emu::block->exchange[emu::warp()];
+  std::memcpy(&slots[emu::lane()][0], &x, 4);
+  emu::warp_sync();
+  unsigned y;
+  std::memcpy(&y, &slots[src_lane][0], 4);
+  emu::warp_sync();
+  return y;
+}
+
 inline float __shfl_xor_sync(unsigned mask, float x, int offset) {
   EMU_CHECK(mask == 0xffffffffu, "shuffle with a partial mask");
   auto& slots = emu::block->exchange[emu::warp()];

@@ -142,35 +142,61 @@ __device__ __forceinline__ void for_each_element_pair(float (&acc_a)[kNTiles][4]
   }
 }
 
+// Philox draws that a group of kSharers lanes all need (lane = base + s * kStride, s = 0 .. kSharers - 1): the
+// lane with index s computes draws s, s + kSharers, ... as keep bytes (keep_byte(o): common/philox.h), and each
+// draw's byte reaches the whole group through one shuffle; consume(o, byte) then sees draws o = 0 .. kDraws - 1
+// in order. Every lane of the warp must call it (the shuffles are warp-wide).
+template <int kDraws, int kSharers, int kStride, typename KeepByte, typename Consume>
+__device__ __forceinline__ void shared_keep_bytes(int lane, KeepByte&& keep_byte, Consume&& consume) {
+  static_assert(kDraws % kSharers == 0, "each sharer computes the same number of draws");
+  const int s = (lane / kStride) % kSharers;
+  const int base = lane - s * kStride;
+  uint32_t mine[kDraws / kSharers];
+#pragma unroll
+  for (int k = 0; k < kDraws / kSharers; ++k) mine[k] = keep_byte(k * kSharers + s);
+#pragma unroll
+  for (int o = 0; o < kDraws; ++o) {
+    consume(o, __shfl_sync(0xffffffffu, mine[o / kSharers], base + (o % kSharers) * kStride));
+  }
+}
+
 // The dropout keep-mask of the elements this lane holds of a 16 x (8 kNTiles) tile at (row0, col0): bit 4t + e
 // is set iff element [t][e] is kept (common/philox.h). Tiles are query-major (rows = queries, columns = keys)
 // or, with kKeyMajor, key-major (the transposed tiles of the dk/dv pass); the mask is always drawn at
-// (query i, key j). Query-major (col0 a multiple of 8): the lane's two adjacent keys of a row are the two
-// halves of one Philox word, so a Philox call decides two elements; key-major: one. The outer loop is not
-// unrolled: a few Philox streams at a time give enough parallelism without holding all of them in registers.
+// (query i, key j), one Philox draw per query and group of 8 keys. The tile's key start (col0, or row0 when
+// key-major) must be a multiple of 8. Lane (r, q) = (lane / 4, lane % 4) holds rows r and r + 8 and columns
+// 8t + 2q, 8t + 2q + 1. Query-major: the 4 lanes of a row need the same 2 kNTiles draws (one per tile and row),
+// lane q taking bits 2q and 2q + 1 of each. Key-major: the 8 lanes of a column pair need the same 4 kNTiles
+// draws (tile, query column, key row group), lane r taking bit r of each. The sharers split the draws.
 template <int kNTiles, bool kKeyMajor>
 __device__ __forceinline__ uint32_t dropout_keep_bits(uint64_t seed, uint64_t z, int row0, int col0, int lane,
                                                       uint32_t threshold) {
   static_assert(kNTiles * 4 <= 32, "one bit per element of a 32-bit mask");
+  static_assert(kNTiles % 2 == 0, "the sharers split the draws evenly");
+  const int r = lane / 4, q = lane % 4;
   uint32_t bits = 0;
-#pragma unroll 1
-  for (int t = 0; t < kNTiles; ++t) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {  // elements e = 2 half and 2 half + 1: row lane / 4 + 8 half
-      const uint32_t row = static_cast<uint32_t>(row0 + lane / 4 + 8 * half);
-      const uint32_t col = static_cast<uint32_t>(col0 + t * 8 + 2 * (lane % 4));  // and col + 1
-      uint32_t pair;
-      if constexpr (kKeyMajor) {
-        pair = static_cast<uint32_t>(dropout_keep(seed, z, col, row, threshold)) |
-               (static_cast<uint32_t>(dropout_keep(seed, z, col + 1, row, threshold)) << 1);
-      } else {
-        const PhiloxWords words = dropout_words(seed, z, row, col / kColumnsPerDraw);
-        const int w = lane % 4;  // col % 8 / 2
-        pair = dropout_keep_pair(w == 0 ? words.w[0] : w == 1 ? words.w[1] : w == 2 ? words.w[2] : words.w[3],
-                                 threshold);
-      }
-      bits |= pair << (4 * t + 2 * half);
-    }
+  if constexpr (kKeyMajor) {
+    // Draw o = 4t + 2 query + key_group: query col0 + 8t + 2q + query, keys row0 + 8 key_group + 0..7.
+    shared_keep_bytes<4 * kNTiles, 8, 4>(
+        lane,
+        [&](int o) {
+          const uint32_t query = static_cast<uint32_t>(col0 + 8 * (o / 4) + 2 * q + (o / 2) % 2);
+          return dropout_keep_byte(seed, z, query, static_cast<uint32_t>(row0 / kColumnsPerDraw + o % 2), threshold);
+        },
+        [&](int o, uint32_t byte) {  // element e = 2 key_group + query of tile t
+          bits |= ((byte >> r) & 1u) << (4 * (o / 4) + 2 * (o % 2) + (o / 2) % 2);
+        });
+  } else {
+    // Draw o = 2t + half: query row0 + r + 8 half, keys col0 + 8t + 0..7.
+    shared_keep_bytes<2 * kNTiles, 4, 1>(
+        lane,
+        [&](int o) {
+          const uint32_t query = static_cast<uint32_t>(row0 + r + 8 * (o % 2));
+          return dropout_keep_byte(seed, z, query, static_cast<uint32_t>(col0 / kColumnsPerDraw + o / 2), threshold);
+        },
+        [&](int o, uint32_t byte) {  // elements e = 2 half and 2 half + 1 of tile t
+          bits |= ((byte >> (2 * q)) & 3u) << (4 * (o / 2) + 2 * (o % 2));
+        });
   }
   return bits;
 }
