@@ -151,8 +151,6 @@ def main(argv=None):
     if collection_errors:
         print(f"---- collection errors: their tests are not run\n{collection_errors}", flush=True)
     groups = spread(functions, args.workers)
-    # Every test id of each group, for the rerun after a crash (a selection names a function or one id).
-    group_ids = [[i for selection in group for i in functions.get(selection, [selection])] for group in groups]
     running = {index: Run(group) for index, group in enumerate(groups, 1)}
     failed_groups, crashed = set(), []
     deadline = start + args.timeout
@@ -185,7 +183,10 @@ def main(argv=None):
                 crashed.append(crash)
                 print(f"---- group {index}: {crash} crashed its process (signal {-status})", flush=True)
                 done = set(finished) | {crash}
-                rest = [i for i in group_ids[index - 1] if i not in done]
+                # The crashed run's own test ids (a selection names a function or one id): a rerun that crashes
+                # again reruns only what it had not finished.
+                ids = [i for selection in run.selection for i in functions.get(selection, [selection])]
+                rest = [i for i in ids if i not in done]
                 if rest and not interrupting:
                     print(f"---- group {index}: running its {len(rest)} unfinished tests again", flush=True)
                     running[index] = Run(rest)

@@ -451,6 +451,18 @@ def test_gpu_test_runner_names_a_crash_and_runs_the_tests_after_it(tmp_path, mon
     assert "crashed their process: test_crash.py::test_b_crashes" in out
 
 
+def test_gpu_test_runner_reruns_only_the_unfinished_tests_after_a_second_crash(tmp_path, monkeypatch, capsys):
+    tests = CRASHING_TESTS.replace("def test_c_passes():\n    pass",
+                                   "def test_c_crashes():\n    os.kill(os.getpid(), signal.SIGSEGV)")
+    (tmp_path / "test_crash.py").write_text(tests)
+    monkeypatch.chdir(tmp_path)
+    assert _load_runner().main([".", "--workers", "1", "--timeout", "120"]) == 1
+    out = capsys.readouterr().out
+    assert "crashed their process: test_crash.py::test_b_crashes, test_crash.py::test_c_crashes" in out
+    assert "running its 1 unfinished tests again" in out  # d alone after c: not a and b once more
+    assert out.count("FAILED test_crash.py::test_a_fails") == 1 and "the failure after the crash" in out
+
+
 def test_gpu_test_runner_fails_on_a_file_that_does_not_collect(tmp_path, monkeypatch, capsys):
     gpu_test = "import pytest\n\n@pytest.mark.gpu\ndef test_gpu():\n    pass\n"
     (tmp_path / "test_fine.py").write_text(gpu_test)

@@ -47,34 +47,23 @@ TFM_UNROLL
   return PhiloxWords{{c0, c1, c2, c3}};
 }
 
-// The Philox output that decides columns 8g .. 8g + 7 of row i of stream z.
-TFM_HOST_DEVICE PhiloxWords dropout_words(uint64_t seed, uint64_t z, uint32_t i, uint32_t g) {
-  return philox(g, i, static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32), static_cast<uint32_t>(seed),
-                static_cast<uint32_t>(seed >> 32));
-}
-
-// The keep bits of the two columns one output word decides: bit 0 from its low half, bit 1 from its high half.
-TFM_HOST_DEVICE uint32_t dropout_keep_pair(uint32_t word, uint32_t threshold) {
-  return static_cast<uint32_t>((word & 0xFFFFu) >= threshold) | (static_cast<uint32_t>((word >> 16) >= threshold) << 1);
-}
-
-// The keep bits of columns 8g .. 8g + 7 of row i: bit c is set iff column 8g + c is kept.
+// The keep bits of columns 8g .. 8g + 7 of row i of stream z: bit c is set iff column 8g + c is kept, from
+// half c % 2 (0: low) of output word c / 2.
 TFM_HOST_DEVICE uint32_t dropout_keep_byte(uint64_t seed, uint64_t z, uint32_t i, uint32_t g, uint32_t threshold) {
-  const PhiloxWords words = dropout_words(seed, z, i, g);
+  const PhiloxWords words = philox(g, i, static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32),
+                                   static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   uint32_t bits = 0;
 TFM_UNROLL
-  for (int w = 0; w < 4; ++w) bits |= dropout_keep_pair(words.w[w], threshold) << (2 * w);
+  for (int c = 0; c < kColumnsPerDraw; ++c) {
+    const uint32_t half = (words.w[c / 2] >> (kDropoutBits * (c % 2))) & 0xFFFFu;
+    bits |= static_cast<uint32_t>(half >= threshold) << c;
+  }
   return bits;
 }
 
 // floor(p * 2^16): the threshold of the keep rule for dropout probability p in [0, 1) (as tfm_kernels/rng.py).
 inline uint32_t dropout_threshold(double p) {
   return static_cast<uint32_t>(p * static_cast<double>(1u << kDropoutBits));
-}
-
-// Whether element (z, i, j) is kept; a caller deciding several columns of a row uses dropout_keep_byte.
-TFM_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t z, uint32_t i, uint32_t j, uint32_t threshold) {
-  return (dropout_keep_byte(seed, z, i, j / kColumnsPerDraw, threshold) >> (j % kColumnsPerDraw)) & 1u;
 }
 
 }  // namespace tfm_kernels

@@ -264,14 +264,14 @@ def _grad_preact_kernel(dy_ptr, preact_ptr, dz_ptr, seed_ptr, M, N, stride_dym, 
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dz = dy * dropout * act'(z), (M, N). GATED: preact and dz are (M, 2N) [gate, up]; with
     h = dy * dropout, dg = h * u * act'(g) goes to column j and du = h * act(g) to column N + j."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0, col0 = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     row_offsets = rows.to(tl.int64)[:, None]
     dh = tl.load(dy_ptr + row_offsets * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        dh = dh * _dropout_multiplier(seed_ptr, tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N, BLOCK_M,
-                                      BLOCK_N, threshold, keep_scale)
+        dh = dh * _dropout_multiplier(seed_ptr, row0, col0, BLOCK_M, BLOCK_N, threshold, keep_scale)
     width = 2 * N if GATED else N
     z_ptrs = preact_ptr + row_offsets * width + cols[None, :]
     dz_ptrs = dz_ptr + row_offsets * width + cols[None, :]

@@ -39,7 +39,8 @@ def dot_precision(dtype) -> str:
 def round_to_tf32(x):
     """float32 x rounded to TF32's 10 mantissa bits: to nearest, ties away from zero (PTX cvt.rna.tf32.f32).
     Adding half of the dropped bits' range carries into the kept bits exactly when the dropped part is at least
-    half; infinities and NaNs keep their bits, the largest finite values round to infinity."""
+    half; infinities keep their bits, NaNs with a payload bit among the kept ones (quiet NaNs) stay NaN, the
+    largest finite values round to infinity."""
     bits = x.to(tl.uint32, bitcast=True)
     return ((bits + TF32_HALF_DROPPED) & TF32_KEPT_BITS).to(tl.float32, bitcast=True)
 

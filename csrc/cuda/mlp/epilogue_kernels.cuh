@@ -24,7 +24,6 @@
 namespace tfm_kernels::mlp {
 
 constexpr int kThreads = 256;
-constexpr int kGroup = kColumnsPerDraw;  // columns per thread: one Philox call's dropout decisions
 constexpr int64_t kMaxColumnBlocks = 64;
 constexpr int64_t kMaxRowBlocks = 65535;  // gridDim.y limit
 constexpr int kSumColumns = 32;
@@ -45,13 +44,13 @@ __device__ __forceinline__ MlpDropout device_dropout(const MlpDropoutParams& p) 
 template <typename Element>
 __device__ __forceinline__ void for_each_element(int64_t rows, int64_t cols, const MlpDropout& dropout,
                                                  Element&& element) {
-  const int64_t groups = (cols + kGroup - 1) / kGroup;
+  const int64_t groups = (cols + kColumnsPerDraw - 1) / kColumnsPerDraw;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     for (int64_t group = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; group < groups;
          group += int64_t(gridDim.x) * blockDim.x) {
       const uint32_t keep = dropout.keep_byte(row, group);
-      const int64_t first = group * kGroup;
-      const int count = cols - first < kGroup ? static_cast<int>(cols - first) : kGroup;
+      const int64_t first = group * kColumnsPerDraw;
+      const int count = cols - first < kColumnsPerDraw ? static_cast<int>(cols - first) : kColumnsPerDraw;
       for (int c = 0; c < count; ++c) element(row, first + c, dropout.multiplier(keep, c));
     }
   }
@@ -148,7 +147,7 @@ inline void dispatch_elementwise(MlpDType dtype, Activation activation, bool gat
 // Grid of the elementwise kernels: one block per 256 groups of 8 columns (at most 64, then the group loop
 // strides), one block row per row up to row_block_limit (then the row loop strides).
 inline dim3 elementwise_grid(int64_t rows, int64_t cols, int64_t row_block_limit) {
-  const int64_t groups = (cols + kGroup - 1) / kGroup;
+  const int64_t groups = (cols + kColumnsPerDraw - 1) / kColumnsPerDraw;
   const int64_t column_blocks = std::min<int64_t>((groups + kThreads - 1) / kThreads, kMaxColumnBlocks);
   return dim3(static_cast<unsigned>(std::max<int64_t>(column_blocks, 1)),
               static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(rows, 1), row_block_limit)));
