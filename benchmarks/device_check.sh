@@ -6,9 +6,10 @@
 #   bash benchmarks/device_check.sh           install, gpu tests, memcheck, attention + MLP table
 #   bash benchmarks/device_check.sh tests     a second call when the first one's tests hit their cap: the
 #                                             gpu tests alone, with the whole budget
-#   bash benchmarks/device_check.sh models    the second call otherwise: nn.MultiheadAttention, a 12-layer
-#                                             TransformerEncoder and GPT-2-small LM training against torch,
-#                                             eager and compiled
+#   bash benchmarks/device_check.sh models    the second call otherwise: a profile of the eager
+#                                             nn.MultiheadAttention and LM calls (benchmarks/profile_step.py),
+#                                             then nn.MultiheadAttention, a 12-layer TransformerEncoder and
+#                                             GPT-2-small LM training against torch, eager and compiled
 # (the second calls install only if no CUDA build is there)
 #
 # Knobs: TFM_KERNELS_CUDA_ARCHS (default 90a here, for a fast build on H100/H200; the package's own default is
@@ -83,10 +84,16 @@ tests() {
     [ "$tests_rc" = 0 ]
 }
 
-# The module and model tables of issues 5 and 6, printed last.
+# The module and model tables of issues 5 and 6, printed last, after a profile of their eager calls (each
+# call's host, wall and device ms in the log; the profiler's tables in $RESULTS/profile-*.txt).
 models() {
     local bench_rc=0 limit
     install_if_needed
+    limit=$(cap 240 30 60)
+    echo "== profile of the MHA and LM calls (cap $limit s)"
+    timeout "$limit" "$PYTHON" -u benchmarks/profile_step.py > "$RESULTS/profile-$STAMP.txt" \
+        || echo "profile: exit $? (the rows it finished are in $RESULTS/profile-$STAMP.txt)"
+    grep "^###" "$RESULTS/profile-$STAMP.txt" || true
     limit=$(cap 10 60)
     echo "== module and model benchmark (cap $limit s)"
     timeout "$limit" "$PYTHON" -m tfm_kernels bench --suite mha,model --budget $((limit - 60)) \

@@ -483,3 +483,33 @@ def test_sanitizer_script_turns_off_the_caching_allocator():
                             env={**env, "SCRIPT": str(script)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1"  # memcheck sees each tensor as its own allocation
+
+
+def test_host_overhead_script_times_every_case_and_restores_the_launches(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "host_overhead", pathlib.Path(__file__).parents[1] / "benchmarks" / "host_overhead.py")
+    host_overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_overhead)
+    from triton.runtime.jit import JITFunction
+
+    from tfm_kernels.triton import attention
+
+    run, tuned = JITFunction.run, attention._FORWARD._tuned
+    host_overhead.main(["--repeat", "2"])
+    rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| ours")
+            or line.startswith("| torch")]
+    assert len(rows) == 10 and all(float(us) > 0 for _, us in rows)
+    assert JITFunction.run is run and attention._FORWARD._tuned is tuned and attention._FORWARD.min_work > 0
+
+
+def test_profile_script_summarises_each_mha_call(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "profile_step", pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    profile_step.main(["--suite", "mha", "--calls", "1"])
+    summaries = [line for line in capsys.readouterr().out.splitlines() if line.startswith("### ")]
+    assert len(summaries) == 4  # fwd and fwd+bwd, ours and torch's
+    for line in summaries:
+        host, wall = (float(line.split(f"{what} ")[1].split(" ms")[0]) for what in ("host", "wall"))
+        assert 0 < host <= wall

@@ -78,6 +78,8 @@ def _to_4d(t):
         return t[None, None]  # (1, 1, N, D)
     if t.dim() == 3:
         return t[None]  # (1, H, N, D)
+    if t.dim() == 4:
+        return t
     return t.reshape(-1, *t.shape[-3:])  # (B, H, N, D)
 
 

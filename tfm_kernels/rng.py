@@ -30,9 +30,10 @@ def draw_seed(device) -> torch.Tensor:
 
 
 def seed_for(dropout_p: float, device) -> torch.Tensor:
-    """The seed operand of an operator call: a fresh seed when dropout_p > 0, else a zero placeholder that the
-    kernels never read (so calls without dropout leave torch's generator untouched)."""
-    return draw_seed(device) if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64, device=device)
+    """The seed operand of an operator call: a fresh seed when dropout_p > 0, else a placeholder that the
+    kernels never read (so calls without dropout leave torch's generator untouched), left uninitialised: filling
+    it would cost a kernel launch."""
+    return draw_seed(device) if dropout_p > 0.0 else torch.empty((), dtype=torch.int64, device=device)
 
 
 def dropout_threshold(p: float) -> int:

@@ -179,22 +179,24 @@ class MultiheadAttention(nn.MultiheadAttention):
         """q, k, v projected to embed_dim each, in their input layouts. Self-attention (query is key is value)
         runs one GEMM on the packed weight; encoder-decoder attention (key is value) runs two."""
         E = self.embed_dim
-        b_q = b_k = b_v = b_kv = None
-        if self.in_proj_bias is not None:
-            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-            b_kv = self.in_proj_bias[E:]
+        bias = self.in_proj_bias  # (3 E,) or None
+
+        def bias_rows(first, last):  # rows first * E .. last * E of the packed bias
+            return None if bias is None else bias[first * E:last * E]
+
         if not self._qkv_same_embed_dim:
-            return (F.linear(query, self.q_proj_weight, b_q), F.linear(key, self.k_proj_weight, b_k),
-                    F.linear(value, self.v_proj_weight, b_v))
+            return (F.linear(query, self.q_proj_weight, bias_rows(0, 1)),
+                    F.linear(key, self.k_proj_weight, bias_rows(1, 2)),
+                    F.linear(value, self.v_proj_weight, bias_rows(2, 3)))
         w = self.in_proj_weight
         if query is key and key is value:
-            qkv = F.linear(query, w, self.in_proj_bias).unflatten(-1, (3, E))  # (..., 3, E)
-            return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        q = F.linear(query, w[:E], b_q)
+            # unbind's backward stacks the three gradients in one pass (indexing's would zero-fill three)
+            return F.linear(query, w, bias).unflatten(-1, (3, E)).unbind(-2)  # views of (..., 3, E)
+        q = F.linear(query, w[:E], bias_rows(0, 1))
         if key is value:
-            kv = F.linear(key, w[E:], b_kv).unflatten(-1, (2, E))  # (..., 2, E)
-            return q, kv[..., 0, :], kv[..., 1, :]
-        return q, F.linear(key, w[E:2 * E], b_k), F.linear(value, w[2 * E:], b_v)
+            k, v = F.linear(key, w[E:], bias_rows(1, 3)).unflatten(-1, (2, E)).unbind(-2)  # views of (..., 2, E)
+            return q, k, v
+        return q, F.linear(key, w[E:2 * E], bias_rows(1, 2)), F.linear(value, w[2 * E:], bias_rows(2, 3))
 
     def _extra_keys(self, k, v):
         """Appends the learned bias key/value (add_bias_kv), then a zero key/value (add_zero_attn), as

@@ -33,9 +33,11 @@ from .philox import dropout_keep, philox_key
 from .precision import dot, dot_precision
 from .tuning import (
     TunedKernel,
+    cdiv,
     descriptor,
     device_guard,
     needs_descriptors,
+    next_power_of_2,
     tensor_descriptors_supported,
     unread_descriptors,
 )
@@ -625,7 +627,7 @@ DELTA_TILE_ELEMENTS = 64 * 128
 
 
 def _head_block(d):
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 class _Common:
@@ -667,7 +669,7 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     c = _Common(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
     out = q.new_empty(c.B, c.L, c.H, c.Ev).transpose(1, 2)  # (B, H, L, Ev), stored (B, L, H, Ev)
     lse = q.new_empty(c.B, c.H, c.L, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
+    grid = lambda meta: (cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
     kv_descriptors, kv_layouts = _descriptors(_FORWARD, c.work, k, v)
     args = (q, k, v, *kv_descriptors, out, lse, c.mask, c.key_lengths, seed, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], *c.mask_strides, *c.scalars, c.scale_log2, *c.dropout)
@@ -684,7 +686,8 @@ def _descriptors(kernel, work, *tensors):
     if kernel.may_read_descriptors(work) and tensor_descriptors_supported(tensors[0].device):
         found = []
         for t in tensors:
-            for heads_inner in (False, True):
+            likelier = t.stride(1) < t.stride(2)  # the head stride inside the row stride: heads inside rows
+            for heads_inner in (likelier, not likelier):
                 view = t.transpose(1, 2) if heads_inner else t
                 d = descriptor(view, view.shape, view.stride())
                 if d is not None:
@@ -718,20 +721,20 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
     block_dv = c.constexprs["BLOCK_DV"]
     with device_guard(q):
         delta_rows = min(DELTA_BLOCK_M, DELTA_TILE_ELEMENTS // block_dv)
-        _backward_delta_kernel[(triton.cdiv(c.L, delta_rows) * c.B * c.H,)](
+        _backward_delta_kernel[(cdiv(c.L, delta_rows) * c.B * c.H,)](
             out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], c.H, c.L,
             HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=delta_rows)
         inputs, row_stats = (q, k, v, grad_out), (lse, delta)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
         H, group, L, S = c.scalars
         tail = (c.scale, c.scale_log2, *c.dropout)
-        kv_grid = lambda meta: (triton.cdiv(c.S, meta["BLOCK_N"]) * c.B * slices,)
+        kv_grid = lambda meta: (cdiv(c.S, meta["BLOCK_N"]) * c.B * slices,)
         q_descriptors, q_layouts = _descriptors(_BACKWARD_KV, c.work, q, grad_out)
         _BACKWARD_KV.launch(kv_grid, c.work, (*inputs, *q_descriptors, *row_stats, dk, dv, c.mask, c.key_lengths,
                             seed, *strides, *dk.stride()[:3], *dv.stride()[:3], *c.mask_strides, H, group,
                             heads_per_program, L, S, *tail),
                             {**c.constexprs, **_layout_flags(BACKWARD_KV_DESCRIPTORS, q_layouts)})
-        q_grid = lambda meta: (triton.cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
+        q_grid = lambda meta: (cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
         kv_descriptors, kv_layouts = _descriptors(_BACKWARD_Q, c.work, k, v)
         _BACKWARD_Q.launch(q_grid, c.work, (*inputs, *kv_descriptors, *row_stats, dq, c.mask, c.key_lengths, seed,
                            *strides, *dq.stride()[:3], *c.mask_strides, *c.scalars, *tail),
@@ -754,7 +757,7 @@ def _heads_per_kv_program(c, device):
     """Query heads per dK/dV program: the whole group, unless B * Hk * (S / 128) programs would leave
     multiprocessors idle; then one (each query head's partial dK, dV, summed afterwards)."""
     group = c.H // c.Hk
-    if group > 1 and c.B * c.Hk * triton.cdiv(c.S, 128) < _multiprocessor_count(device):
+    if group > 1 and c.B * c.Hk * cdiv(c.S, 128) < _multiprocessor_count(device):
         return 1
     return group
 

@@ -24,6 +24,7 @@ from .philox import dropout_keep, philox_key
 from .precision import dot, dot_precision
 from .tuning import (
     TunedKernel,
+    cdiv,
     descriptor,
     device_guard,
     needs_descriptors,
@@ -333,7 +334,7 @@ def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation
         b_desc = _matrix_descriptor(b, K, N + gate_offset, b_t)
     if a_desc is None or b_desc is None:
         a_desc, b_desc = a, b  # placeholders: only TMA configs read them, and those need descriptors
-    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+    tiles = lambda meta: cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])  # noqa: E731
     grid = lambda meta: (min(tiles(meta), _persistent_programs(a.device)) if meta["TMA"] else tiles(meta),)  # noqa: E731
     args = (a, b, a_desc, b_desc, c, bias if bias is not None else c, preact if preact is not None else c,
             rowsum if rowsum is not None else c, seed if seed is not None else c, M, N, K,
@@ -371,7 +372,7 @@ def _grad_preact(grad_out, preact, activation, dropout_p, seed, gated):
     M, N = grad_out.shape
     dz = grad_out.new_empty(M, 2 * N if gated else N)
     threshold, keep_scale = _dropout_args(dropout_p)
-    grid = (triton.cdiv(M, GRAD_BLOCK), triton.cdiv(N, GRAD_BLOCK))
+    grid = (cdiv(M, GRAD_BLOCK), cdiv(N, GRAD_BLOCK))
     with device_guard(grad_out):
         _grad_preact_kernel[grid](grad_out, preact, dz, seed, M, N, grad_out.stride(0), threshold, keep_scale,
                                   ACTIVATION=ACTIVATION_CODES[activation], DROPOUT=dropout_p > 0.0, GATED=gated,

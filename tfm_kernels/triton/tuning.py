@@ -77,6 +77,17 @@ def tensor_descriptors_supported(device):
     return triton_interpreting()
 
 
+def cdiv(a, b):
+    """ceil(a / b) of positive integers, for launch grids: triton.cdiv is a constexpr function, whose wrapper
+    costs the host about 2 us a call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The least power of 2 >= n (n >= 1), as triton.next_power_of_2 without its wrapper's host cost."""
+    return 1 << (n - 1).bit_length()
+
+
 def descriptor(t, shape, strides):
     """A tensor descriptor over `t`'s memory with this shape and element strides, or None where TMA might not
     read it: not 16-bit elements, a base or a stride not 16-byte aligned, an empty dimension, or a layout that
@@ -84,14 +95,16 @@ def descriptor(t, shape, strides):
     it: broadcast zero strides and permuted views; a caller that knows another order passes the view in that
     order). Size-1 dimensions get the row-major stride, as their stride is never used. Its block shape is a placeholder
     that the config's pre_hook sets at launch (unread_descriptors for configs that do not read it)."""
+    if t.element_size() != 2 or strides[-1] != 1 or t.data_ptr() % 16 or 0 in shape:
+        return None
     strides = list(strides)
-    for i in reversed(range(len(shape) - 1)):
+    for i in range(len(shape) - 2, -1, -1):
         if shape[i] == 1:
             strides[i] = strides[i + 1] * shape[i + 1]
-    row_major = all(outer >= inner * size for outer, inner, size in zip(strides[:-1], strides[1:], shape[1:]))
-    if (t.element_size() != 2 or strides[-1] != 1 or t.data_ptr() % 16 or any(s * 2 % 16 for s in strides[:-1])
-            or min(shape) <= 0 or not row_major):
-        return None
+        elif strides[i] < strides[i + 1] * shape[i + 1]:
+            return None  # not row-major in this order
+        if strides[i] % 8:  # 8 two-byte elements: 16 bytes
+            return None
     return TensorDescriptor(t, list(shape), strides, [UNREAD_BLOCK] * len(shape))
 
 
@@ -134,7 +147,7 @@ class TunedKernel:
         self.shared_bytes = shared_bytes
         self.usable = usable or (lambda config, args: True)
         self.key = key
-        self._precompiled = set()  # (device kind, autotune key) pairs whose configs are compiled
+        self._tuned = {}  # (device kind, autotune key) -> the config the autotuner chose
         self._tuners = {}  # device kind -> Triton autotuner
         self.min_work = min_work
         self.probe = probe
@@ -178,28 +191,37 @@ class TunedKernel:
         """Runs the kernel on positional `args` and keyword `constexprs` (the config's tile sizes excluded)."""
         named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
         device = named[self.probe].device
-        budget = shared_memory_budget(device, self.margin)
         if self.autotunes(work):
-            self._precompile(grid, args, constexprs, named, device, budget)
-            self.tuner(device)[grid](*args, **constexprs)
-            return
-        config = self.fitting(named, budget)[0]
+            config = self._tuned_config(grid, args, constexprs, named, device)
+            if config is None:
+                return  # the autotuner timed the configs and ran the best one
+        else:
+            config = self.fitting(named, shared_memory_budget(device, self.margin))[0]
         if config.pre_hook is not None:
             config.pre_hook({**named, **config.kwargs})
-        self.kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
-                          num_stages=config.num_stages)
+        self.kernel[grid](*args, **constexprs, **config.all_kwargs())
 
-    def _precompile(self, grid, args, constexprs, named, device, budget):
-        """Compiles, in parallel, every config the autotuner is about to time for this launch's key. A config
-        that fails to compile is left to the autotuner, which reports or skips it as it always does; a failure
-        of this step itself costs only time (the autotuner then compiles each config), so it warns and goes
-        on."""
-        # The device's autotuner and its own key (triton.runtime.autotuner.Autotuner.run): the `key` arguments
-        # and the dtype of every argument that has one. It times configs only for a key it has not seen.
+    def _tuned_config(self, grid, args, constexprs, named, device):
+        """The config the autotuner chose for this launch's key; None after a launch of a new key, which the
+        autotuner timed and ran. Later launches of the key run the kernel directly: the autotuner's own lookup
+        costs more host time than the launch itself."""
+        # As the autotuner's key (triton.runtime.autotuner.Autotuner.run): the `key` arguments and the dtype of
+        # every tensor argument (tensor descriptors, which TMA configs need, have none).
         key = (device_kind(device), *(named[k] for k in self.key),
-               *(str(a.dtype) for a in args if hasattr(a, "dtype")))
-        if key in self._precompiled:
-            return
+               *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        config = self._tuned.get(key)
+        if config is not None:
+            return config
+        self._precompile(grid, args, constexprs, named, shared_memory_budget(device, self.margin))
+        tuner = self.tuner(device)
+        tuner[grid](*args, **constexprs)
+        self._tuned[key] = tuner.best_config
+        return None
+
+    def _precompile(self, grid, args, constexprs, named, budget):
+        """Compiles, in parallel, every config the autotuner is about to time. A config that fails to compile
+        is left to the autotuner, which reports or skips it as it always does; a failure of this step itself
+        costs only time (the autotuner then compiles each config), so it warns and goes on."""
         try:
             with parallel_compilation():
                 for config in self.fitting(named, budget):
@@ -208,5 +230,4 @@ class TunedKernel:
                     self.kernel.warmup(*args, grid=grid, **constexprs, **config.all_kwargs())
         except Exception as error:  # any compiler or runtime failure: reported, not hidden
             warnings.warn(f"parallel compilation of {self.kernel.fn.__name__}'s configs failed ({error!r}); the "
-                          f"autotuner compiles them one by one", RuntimeWarning, stacklevel=3)
-        self._precompiled.add(key)  # not after an interrupt, so that the next launch compiles them again
+                          f"autotuner compiles them one by one", RuntimeWarning, stacklevel=4)
