@@ -23,7 +23,8 @@ from tfm_kernels import backends, ops, reference, rng
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float16, torch.bfloat16]
 HEAD_DIMS = [64, 128]
-# (B, Hq, Hk, L, S): single element, odd sizes either side of the 64-row tiles, L != S both ways, GQA, MQA.
+# (B, Hq, Hk, L, S): single element, odd sizes either side of the 64-row (backward) and 128-row (forward) tiles,
+# L != S both ways, GQA, MQA.
 SHAPES = [(1, 1, 1, 1, 1), (2, 3, 3, 17, 97), (1, 2, 2, 97, 17), (2, 2, 2, 257, 257), (1, 8, 2, 100, 300),
           (2, 4, 1, 65, 129)]
 

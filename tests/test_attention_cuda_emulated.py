@@ -96,6 +96,7 @@ CASES = [
     (1, 2, 1, 75, 130, 128, torch.bfloat16, True, None, 0.0, True, True),  # MQA, packed layout, L < S
     (1, 2, 2, 250, 230, 32, torch.float16, False, [170], 0.25, False, False),  # ring stages reused, copies at issue
     (1, 2, 1, 40, 70, 256, torch.float16, True, [61], 0.2, False, True),  # 8-warp dk/dv with split head dim
+    (1, 2, 2, 300, 300, 64, torch.bfloat16, True, None, 0.1, True, True),  # causal over 3 query blocks
 ]
 
 

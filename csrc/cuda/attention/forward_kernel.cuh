@@ -2,10 +2,11 @@
 // natural-log sum of exp of each row's scaled scores (lse), FlashAttention-2 style: one pass over the keys
 // with an online softmax in registers, nothing of size L x S in memory.
 //
-// Work split: grid (ceil(L / 64), Hq, B); block = 4 warps; warp w owns query rows 16w..16w+15 of the block's
-// 64-row tile. Per key block of kBlockN rows: S = Q K^T (mma.m16n8k16, fp32 accumulate), scaled into base 2,
-// masked (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles), P = exp2(S - m),
-// optional dropout of P (Philox, common/philox.h), O += P V. K/V tiles go through a two-stage cp.async
+// Work split: grid (ceil(L / kBlockM), Hq, B); block = 4 warps; warp w owns the kMTiles row tiles of 16 query
+// rows from 16 kMTiles w of the block's kBlockM-row tile (kernel_traits.h: two at head dims up to 128, sharing
+// every K and V fragment). Per key block of kBlockN rows: S = Q K^T (mma.m16n8k16, fp32 accumulate), scaled
+// into base 2, masked (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles),
+// P = exp2(S - m), optional dropout of P (Philox, common/philox.h), O += P V. K/V tiles go through a two-stage cp.async
 // pipeline: block j+1 is in flight while block j is multiplied. Causal blocks skip key blocks entirely above
 // the diagonal; only blocks crossing the diagonal or the key length pay for masking.
 //
@@ -59,77 +60,93 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
 
   const uint64_t seed = params.dropout ? static_cast<uint64_t>(*params.seed) : 0;
   const uint64_t z = static_cast<uint64_t>(b) * params.heads_q + h;
-  const int row0 = m_start + warp * kRowsPerWarp;  // first query row of this warp
-  const T* sQ_warp = sQ + warp * kRowsPerWarp * kStride;
+  constexpr int kMTiles = Traits::kMTiles;
+  const int row0 = m_start + warp * kMTiles * kRowsPerWarp;  // first query row of this warp; tile m from row0 + 16 m
+  const T* sQ_warp = sQ + (row0 - m_start) * kStride;
 
-  float o_acc[D / 8][4];
-  zero(o_acc);
-  // Per lane: rows row0 + lane/4 (index 0) and row0 + lane/4 + 8 (index 1); max in base-2 scaled units.
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};  // this lane's partial sums; reduced over the quad at the end
+  float o_acc[kMTiles][D / 8][4];
+  // Per row tile and lane: rows + lane/4 (index 0) and + lane/4 + 8 (index 1); max in base-2 scaled units.
+  float row_max[kMTiles][2];
+  float row_sum[kMTiles][2];  // this lane's partial sums; reduced over the quad at the end
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+    zero(o_acc[m]);
+    row_max[m][0] = row_max[m][1] = -INFINITY;
+    row_sum[m][0] = row_sum[m][1] = 0.0f;
+  }
 
   for (int n_block = 0; n_block < kv.count; ++n_block) {
     const int stage = n_block % 2;
     cuda::cp_async_pipeline_step(n_block, kv.count, [&](int next, int next_stage) { kv.load(next, next_stage); });
 
     const int n_start = n_block * kBlockN;
-    float s[kBlockN / 8][4];
-    zero(s);
-    gemm_smem_nt<T, kBlockN, D, kStride>(s, sQ_warp, kv.k_tile(stage), lane);
-    scale_and_mask_scores(s, params, kv.keys, m_start, row0, n_start, lane);
+    float s[kMTiles][kBlockN / 8][4];
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) zero(s[m]);
+    // k-steps rolled: unrolled, the compiler loads Q and K fragments of later steps early and, beside two row
+    // tiles' accumulators, spills (ptxas, kernel_traits.h)
+    gemm_smem_nt<T, kBlockN, D, kStride, kMTiles, 1>(s, sQ_warp, kv.k_tile(stage), lane);
 
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float block_max = row_max[r];
+    for (int m = 0; m < kMTiles; ++m) {
+      const int tile_row0 = row0 + m * kRowsPerWarp;
+      scale_and_mask_scores(s[m], params, kv.keys, m_start, tile_row0, n_start, lane);
 #pragma unroll
-      for (int t = 0; t < kBlockN / 8; ++t) block_max = fmaxf(block_max, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
-      const float new_max = cuda::quad_max(block_max);
-      const float safe_max = new_max == -INFINITY ? 0.0f : new_max;  // all masked so far: every p is 0
-      const float correction = exp2f(row_max[r] - safe_max);          // exp2(-inf) = 0 on the first block
-      row_max[r] = new_max;
-      row_sum[r] *= correction;
+      for (int r = 0; r < 2; ++r) {
+        float block_max = row_max[m][r];
 #pragma unroll
-      for (int t = 0; t < D / 8; ++t) {
-        o_acc[t][2 * r] *= correction;
-        o_acc[t][2 * r + 1] *= correction;
-      }
+        for (int t = 0; t < kBlockN / 8; ++t) block_max = fmaxf(block_max, fmaxf(s[m][t][2 * r], s[m][t][2 * r + 1]));
+        const float new_max = cuda::quad_max(block_max);
+        const float safe_max = new_max == -INFINITY ? 0.0f : new_max;  // all masked so far: every p is 0
+        const float correction = exp2f(row_max[m][r] - safe_max);       // exp2(-inf) = 0 on the first block
+        row_max[m][r] = new_max;
+        row_sum[m][r] *= correction;
 #pragma unroll
-      for (int t = 0; t < kBlockN / 8; ++t) {
+        for (int t = 0; t < D / 8; ++t) {
+          o_acc[m][t][2 * r] *= correction;
+          o_acc[m][t][2 * r + 1] *= correction;
+        }
 #pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s[t][e] = exp2f(s[t][e] - safe_max);
-          row_sum[r] += s[t][e];
+        for (int t = 0; t < kBlockN / 8; ++t) {
+#pragma unroll
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            s[m][t][e] = exp2f(s[m][t][e] - safe_max);
+            row_sum[m][r] += s[m][t][e];
+          }
         }
       }
-    }
-
-    // The normaliser sums every weight; dropout zeroes some of them in the product with V only.
-    if (params.dropout) {
-      apply_keep_bits(s, dropout_keep_bits<kBlockN / 8, false>(seed, z, row0, n_start, lane, params.dropout_threshold),
-                      1.0f);
+      // The normaliser sums every weight; dropout zeroes some of them in the product with V only.
+      if (params.dropout) {
+        apply_keep_bits(s[m], dropout_keep_bits<kBlockN / 8, false>(seed, z, tile_row0, n_start, lane,
+                                                                    params.dropout_threshold), 1.0f);
+      }
     }
 
     gemm_reg_nn<T, D, kBlockN, kStride>(o_acc, s, kv.v_tile(stage), lane);
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 
-  const int warp_rows = L - row0;  // rows of this warp inside the sequence (may be <= 0)
   float* lse = params.lse + (static_cast<int64_t>(b) * params.heads_q + h) * L;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float sum = cuda::quad_sum(row_sum[r]);
-    const bool empty = !(sum > 0.0f);
-    const float inverse = empty ? 0.0f : params.dropout_rescale / sum;
-    const int row = lane / 4 + 8 * r;
-    if (lane % 4 == 0 && row < warp_rows) lse[row0 + row] = empty ? INFINITY : row_max[r] * kLn2 + logf(sum);
+  for (int m = 0; m < kMTiles; ++m) {
+    const int tile_row0 = row0 + m * kRowsPerWarp;
+    const int tile_rows = L - tile_row0;  // rows of this tile inside the sequence (may be <= 0)
 #pragma unroll
-    for (int t = 0; t < D / 8; ++t) {
-      o_acc[t][2 * r] *= inverse;
-      o_acc[t][2 * r + 1] *= inverse;
+    for (int r = 0; r < 2; ++r) {
+      const float sum = cuda::quad_sum(row_sum[m][r]);
+      const bool empty = !(sum > 0.0f);
+      const float inverse = empty ? 0.0f : params.dropout_rescale / sum;
+      const int row = lane / 4 + 8 * r;
+      if (lane % 4 == 0 && row < tile_rows) lse[tile_row0 + row] = empty ? INFINITY : row_max[m][r] * kLn2 + logf(sum);
+#pragma unroll
+      for (int t = 0; t < D / 8; ++t) {
+        o_acc[m][t][2 * r] *= inverse;
+        o_acc[m][t][2 * r + 1] *= inverse;
+      }
     }
+    T* out = row_pointer<T>(params.out, params.out_strides, b, h, tile_row0);
+    store_tile<T>(o_acc[m], out, params.out_strides.row, tile_rows, 1.0f, lane);
   }
-  T* out = row_pointer<T>(params.out, params.out_strides, b, h, row0);
-  store_tile<T>(o_acc, out, params.out_strides.row, warp_rows, 1.0f, lane);
 }
 
 }  // namespace tfm_kernels::attention

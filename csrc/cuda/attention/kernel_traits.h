@@ -3,47 +3,52 @@
 // row move the 8 row addresses of one ldmatrix 8x8 matrix onto 8 different 16-byte bank groups (row r starts
 // at byte r * (2D + 16) = 16 r mod 128 for D a multiple of 64; 80 r mod 128 for D = 32, 96 -- also distinct).
 //
-// Resource report (nvcc 13.0 -O3 --use_fast_math, -Xptxas=-v; no static shared memory, no spills unless said):
+// Resource report (nvcc 13.0 -O3 --use_fast_math -lineinfo, -Xptxas=-v, bf16; no static shared memory, no
+// spills):
 //   kernel (threads)       D    registers sm_80 / sm_90a   dynamic shared memory   blocks per SM (regs, smem)
-//   forward (128)          64   128 / 128                  46080 B                 4 on H100, 3 on A100 (smem)
-//   forward (128)          128  168 / 180                  87040 B                 2 on H100, 1 on A100 (smem)
-//   backward delta (128)   64   26 / 22                    0
-//   backward delta (128)   128  36 / 34                    0
-//   backward dk/dv (128)   64   208 / 210                  56320 B                 2 (registers)
-//   backward dk/dv (128)   128  229 / 235                  70144 B                 2 (registers)
-//   dk/dv + fused dQ (128) 64   225 / 217                  65536 B                 2 (registers)
-//   dk/dv + fused dQ (128) 128  242 / 244                  75264 B                 2 (registers)
-//   backward dq (128)      64   168 / 163                  55296 B                 3 (registers)
-//   backward dq (128)      128  237 / 241                  104448 B                2 on H100, 1 on A100 (smem)
-//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a, no spills): D = 32: forward 96, dq 128, dk/dv 156 (fused dQ 164);
-//   D = 96: forward 161, dq 219, dk/dv 201 (fused 241); D = 256: forward 252 (101376 B), dq 253 (135168 B),
-//   dk/dv 236 (256 threads, 135680 B; fused 244, 140800 B).
-// 8 to 16 warps per SM on H100, bound by registers except the d64 forward; A100's smaller shared memory
-// halves the d128 forward and dq.
-// Drawing the dropout mask as a bit mask four Philox streams at a time (tile_math.cuh) took the d128 forward
-// from 255 registers with 24 B spilled to 184 without spills (180 after later changes).
+//   forward (128)          64   250 / 250                  55296 B                 2 (registers)
+//   forward (128)          128  236 / 242                  69632 B                 2 (registers)
+//   backward delta (128)   64   22 / 22                    0
+//   backward delta (128)   128  35 / 34                    0
+//   backward dk/dv (128)   64   237 / 239                  56320 B                 2 (registers)
+//   backward dk/dv (128)   128  236 / 243                  70144 B                 2 (registers)
+//   dk/dv + fused dQ (128) 64   255 / 253                  65536 B                 2 (registers)
+//   dk/dv + fused dQ (128) 128  251 / 253                  75264 B                 2 (registers)
+//   backward dq (128)      64   168 / 168                  55296 B                 3 (registers)
+//   backward dq (128)      128  241 / 245                  104448 B                2 on H100, 1 on A100 (smem)
+//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: forward 168 (30720 B), dq 164, dk/dv 179 (fused dQ 229);
+//   D = 96: forward 220 (53248 B), dq 204, dk/dv 208 (fused 215); D = 256: forward 254 (101376 B), dq 253
+//   (135168 B), dk/dv 243 (256 threads, 135680 B; fused 251, 140800 B).
+// 8 to 12 warps per SM, bound by registers; A100's smaller shared memory halves the d128 dq.
+// Two row tiles per forward warp (ForwardTraits) took the forward from 146 / 188 registers at d64 / d128 (sm_90a,
+// these flags; 64-row blocks, 3 and 2 per SM, 1 at d128 on A100) to 250 / 242: 2 blocks of 128 rows per SM.
 #pragma once
 
 namespace tfm_kernels::attention {
 
 constexpr int kWarpSize = 32;
-constexpr int kRowsPerWarp = 16;  // the M of mma.m16n8k16: each warp owns 16 rows of every tile it multiplies
+constexpr int kRowsPerWarp = 16;  // the M of mma.m16n8k16: the rows of a row tile, a warp's share of a tile
 
 template <int D>
 constexpr int smem_stride() {
   return D + 8;
 }
 
-// Forward: a block owns kBlockM = 64 query rows (4 warps x 16 rows) and streams key/value blocks of kBlockN
-// rows through a two-stage shared-memory pipeline. Per thread the output accumulator holds 16 x D fp32 / 32
-// lanes = D / 2 registers and the score tile kBlockN / 2; kBlockN = 32 at D = 256 keeps that under ~170.
+// Forward: a block owns kBlockM query rows (4 warps x kMTiles row tiles of 16) and streams key/value blocks of
+// kBlockN rows through a two-stage shared-memory pipeline. Each K and V fragment a warp loads from shared memory
+// serves its kMTiles row tiles, and each K/V block loaded into shared memory serves kBlockM rows: with two row
+// tiles (kBlockM = 128) both costs are half those of one. Per thread the output accumulator holds kMTiles x 16 x
+// D fp32 / 32 lanes = kMTiles D / 2 registers and the score tile kMTiles kBlockN / 2: kBlockN = 32 above D = 64
+// keeps both under 255 registers without spills (at D = 128, kBlockN = 64 spilled 64-168 bytes), and at D = 256
+// one row tile does.
 template <int D>
 struct ForwardTraits {
   static constexpr int kHeadDim = D;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * kWarpSize;
-  static constexpr int kBlockM = kWarps * kRowsPerWarp;
-  static constexpr int kBlockN = D <= 128 ? 64 : 32;
+  static constexpr int kMTiles = D <= 128 ? 2 : 1;
+  static constexpr int kBlockM = kWarps * kMTiles * kRowsPerWarp;
+  static constexpr int kBlockN = D <= 64 ? 64 : 32;
   static constexpr int kSmemStride = smem_stride<D>();
   static constexpr int kStages = 2;
   // Q tile, then kStages x (K tile, V tile).

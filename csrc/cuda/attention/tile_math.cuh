@@ -1,13 +1,16 @@
 // Building blocks of the attention kernels: the per-warp tensor-core products every pass is made of,
 // element-wise visits of an accumulator tile with its (row, column) coordinates, the dropout keep-mask of a
 // tile, score scaling and masking, stores of an accumulator tile (to global memory, to shared memory, atomic
-// adds to a float32 sum), and the key/value block ring of the query-block kernels. A warp always owns 16 rows of the tiles it multiplies (mma M = 16).
+// adds to a float32 sum), and the key/value block ring of the query-block kernels. An accumulator tile is 16
+// rows (mma M = 16); a warp multiplies one such row tile, or kMTiles of them with each B fragment it loads from
+// shared memory used by all of them (the forward: half the shared-memory reads per multiply-add).
 //
 //   gemm_smem_nt:  acc (16 x N) += A (16 x K, shared, row-major) * B^T, B stored (N x K) row-major in shared.
 //                  Scores S = Q K^T, dP = dO V^T (query-major) and S^T = K Q^T, dP^T = V dO^T (key-major).
 //   gemm_reg_nn:   acc (16 x N) += A (16 x K, an fp32 accumulator tile rounded to T) * B, B stored (K x N)
 //                  row-major in shared (read with ldmatrix.trans). O += P V, dQ += dS K, dV += P^T dO,
 //                  dK += dS^T Q.
+//   Both also take kMTiles row tiles at once: acc[m] (16 x N) with A's rows 16 m .. 16 m + 15.
 //   gemm_smem_tn:  acc (16 x N) += A * B, A stored transposed (K x 16) and B (K x N), both row-major in
 //                  shared. dQ += dS K of the fused backward, from the dS^T tile the dk/dv warps wrote.
 // Tested through the attention kernels (tests/test_attention_cuda.py).
@@ -38,55 +41,80 @@ __device__ __forceinline__ const T* x4_address_cols_first(const T* base, int lan
   return base + (lane % 8 + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2);
 }
 
-// A's 16 rows start at sA; B's N rows start at sB; both kStride elements apart.
-template <typename T, int kN, int kK, int kStride>
-__device__ __forceinline__ void gemm_smem_nt(float (&acc)[kN / 8][4], const T* sA, const T* sB, int lane) {
+// A's 16 kMTiles rows start at sA; B's N rows start at sB; both kStride elements apart. kUnrollK: how many of
+// the kK / 16 k-steps are unrolled (all by default); unrolled steps let the compiler load fragments of later
+// steps early, which costs registers.
+template <typename T, int kN, int kK, int kStride, int kMTiles, int kUnrollK = kK / 16>
+__device__ __forceinline__ void gemm_smem_nt(float (&acc)[kMTiles][kN / 8][4], const T* sA, const T* sB, int lane) {
   static_assert(kN % 16 == 0 && kK % 16 == 0, "whole 16x16 steps");
   // ldmatrix lane addresses. A, x4 = (rows 0-7 | 8-15) x (cols 0-7 | 8-15) in the a0..a3 order.
   const T* a_row = x4_address_rows_first<kStride>(sA, lane);
   // B, x4 = b0, b1 of n-tile 2j (matrices 0, 1: k cols 0-7, 8-15) then of n-tile 2j+1 (rows 8-15).
   const T* b_row = x4_address_cols_first<kStride>(sB, lane);
-#pragma unroll
+#pragma unroll kUnrollK
   for (int ks = 0; ks < kK / 16; ++ks) {
-    uint32_t a[4];
-    cuda::ldmatrix_x4(a, a_row + ks * 16);
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) cuda::ldmatrix_x4(a[m], a_row + m * 16 * kStride + ks * 16);
 #pragma unroll
     for (int nj = 0; nj < kN / 16; ++nj) {
       uint32_t b[4];
       cuda::ldmatrix_x4(b, b_row + nj * 16 * kStride + ks * 16);
-      MmaOps<T>::mma(acc[2 * nj], a, b[0], b[1]);
-      MmaOps<T>::mma(acc[2 * nj + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+        MmaOps<T>::mma(acc[m][2 * nj], a[m], b[0], b[1]);
+        MmaOps<T>::mma(acc[m][2 * nj + 1], a[m], b[2], b[3]);
+      }
     }
   }
 }
 
-// acc (16 x kN) += a * B[16 ks..16 ks + 15, :], a being the A fragment of k-step ks; B stored (K x N) row-major,
-// b_row = x4_address_rows_first of its first row: x4.trans = b0, b1 of n-tile 2j (matrices 0, 1: k rows 0-7,
-// 8-15) then of n-tile 2j+1 (cols 8-15).
-template <typename T, int kN, int kStride>
-__device__ __forceinline__ void mma_row_major_b(float (&acc)[kN / 8][4], const uint32_t (&a)[4], const T* b_row,
-                                                int ks) {
+// One row tile: acc (16 x N).
+template <typename T, int kN, int kK, int kStride>
+__device__ __forceinline__ void gemm_smem_nt(float (&acc)[kN / 8][4], const T* sA, const T* sB, int lane) {
+  gemm_smem_nt<T, kN, kK, kStride, 1>(reinterpret_cast<float (&)[1][kN / 8][4]>(acc), sA, sB, lane);
+}
+
+// acc[m] (16 x kN) += a[m] * B[16 ks..16 ks + 15, :], a[m] being row tile m's A fragment of k-step ks; B stored
+// (K x N) row-major, b_row = x4_address_rows_first of its first row: x4.trans = b0, b1 of n-tile 2j (matrices 0,
+// 1: k rows 0-7, 8-15) then of n-tile 2j+1 (cols 8-15).
+template <typename T, int kN, int kStride, int kMTiles>
+__device__ __forceinline__ void mma_row_major_b(float (&acc)[kMTiles][kN / 8][4], const uint32_t (&a)[kMTiles][4],
+                                                const T* b_row, int ks) {
 #pragma unroll
   for (int nj = 0; nj < kN / 16; ++nj) {
     uint32_t b[4];
     cuda::ldmatrix_x4_trans(b, b_row + ks * 16 * kStride + nj * 16);
-    MmaOps<T>::mma(acc[2 * nj], a, b[0], b[1]);
-    MmaOps<T>::mma(acc[2 * nj + 1], a, b[2], b[3]);
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+      MmaOps<T>::mma(acc[m][2 * nj], a[m], b[0], b[1]);
+      MmaOps<T>::mma(acc[m][2 * nj + 1], a[m], b[2], b[3]);
+    }
   }
 }
 
-// a_tile is 16 x kK fp32 (kK / 8 n-tiles); sB points at B's row 0, first of the kN columns this warp owns.
-template <typename T, int kN, int kK, int kStride>
-__device__ __forceinline__ void gemm_reg_nn(float (&acc)[kN / 8][4], const float (&a_tile)[kK / 8][4], const T* sB,
-                                            int lane) {
+// a_tile[m] is row tile m's 16 x kK fp32 (kK / 8 n-tiles); sB points at B's row 0, first of the kN columns this
+// warp owns.
+template <typename T, int kN, int kK, int kStride, int kMTiles>
+__device__ __forceinline__ void gemm_reg_nn(float (&acc)[kMTiles][kN / 8][4], const float (&a_tile)[kMTiles][kK / 8][4],
+                                            const T* sB, int lane) {
   static_assert(kN % 16 == 0 && kK % 16 == 0, "whole 16x16 steps");
   const T* b_row = x4_address_rows_first<kStride>(sB, lane);
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
-    uint32_t a[4];
-    cuda::accumulator_to_a<T>(a, a_tile, ks);
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) cuda::accumulator_to_a<T>(a[m], a_tile[m], ks);
     mma_row_major_b<T, kN, kStride>(acc, a, b_row, ks);
   }
+}
+
+// One row tile: acc (16 x kN), a_tile (16 x kK).
+template <typename T, int kN, int kK, int kStride>
+__device__ __forceinline__ void gemm_reg_nn(float (&acc)[kN / 8][4], const float (&a_tile)[kK / 8][4], const T* sB,
+                                            int lane) {
+  gemm_reg_nn<T, kN, kK, kStride, 1>(reinterpret_cast<float (&)[1][kN / 8][4]>(acc),
+                                     reinterpret_cast<const float (&)[1][kK / 8][4]>(a_tile), sB, lane);
 }
 
 // sAT holds A transposed: A^T (kK x 16) row-major, rows kStrideA apart (read with ldmatrix.trans); B as in
@@ -100,9 +128,9 @@ __device__ __forceinline__ void gemm_smem_tn(float (&acc)[kN / 8][4], const T* s
   const T* b_row = x4_address_rows_first<kStrideB>(sB, lane);
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
-    uint32_t a[4];
-    cuda::ldmatrix_x4_trans(a, a_row + ks * 16 * kStrideA);
-    mma_row_major_b<T, kN, kStrideB>(acc, a, b_row, ks);
+    uint32_t a[1][4];
+    cuda::ldmatrix_x4_trans(a[0], a_row + ks * 16 * kStrideA);
+    mma_row_major_b<T, kN, kStrideB>(reinterpret_cast<float (&)[1][kN / 8][4]>(acc), a, b_row, ks);
   }
 }
 
