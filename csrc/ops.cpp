@@ -6,6 +6,11 @@
 
 #ifdef TFM_KERNELS_WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "cuda/attention/instantiations/head_dims.h"
+#include "cuda/attention/kernel_traits.h"
 #endif
 
 TORCH_LIBRARY(tfm_kernels, m) {
@@ -58,6 +63,19 @@ TORCH_LIBRARY(tfm_kernels, m) {
 
 namespace {
 
+#ifdef TFM_KERNELS_WITH_CUDA
+// "D:bytes,..." for each compiled head dim: the shared memory per block its CUDA attention kernels need.
+std::string attention_shared_memory_bytes() {
+  std::string text;
+#define TFM_APPEND_SHARED_MEMORY(D) \
+  text += (text.empty() ? "" : ",") + std::to_string(D) + ":" + \
+          std::to_string(tfm_kernels::attention::max_shared_memory_bytes<D>());
+  TFM_ATTENTION_FOR_EACH_HEAD_DIM(TFM_APPEND_SHARED_MEMORY)
+#undef TFM_APPEND_SHARED_MEMORY
+  return text;
+}
+#endif
+
 pybind11::dict build_info() {
   pybind11::dict info;
   info["version"] = TFM_KERNELS_VERSION;
@@ -66,11 +84,13 @@ pybind11::dict build_info() {
   info["cuda"] = true;
   info["cuda_archs"] = TFM_KERNELS_CUDA_ARCHS;
   info["head_dims"] = TFM_KERNELS_HEAD_DIMS;
+  info["attention_shared_memory_bytes"] = attention_shared_memory_bytes();
   info["cuda_runtime_version"] = CUDART_VERSION;
 #else
   info["cuda"] = false;
   info["cuda_archs"] = "";
   info["head_dims"] = "";
+  info["attention_shared_memory_bytes"] = "";
   info["cuda_runtime_version"] = 0;
 #endif
   return info;
@@ -80,5 +100,6 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(_C, module) {
   module.doc() = "tfm_kernels compiled operators; the operators themselves live under torch.ops.tfm_kernels";
-  module.def("build_info", &build_info, "How this extension was built: version, CUDA archs, head dims");
+  module.def("build_info", &build_info,
+             "How this extension was built: version, CUDA archs, head dims and their shared memory");
 }

@@ -57,6 +57,9 @@ def test_build_info_reports_cuda():
         pytest.skip("the extension was built without CUDA (TFM_KERNELS_CUDA=0 or no toolkit)")
     assert info["cuda_archs"] and info["head_dims"], info
     assert {int(d) for d in info["head_dims"].split(",")} <= {32, 64, 96, 128, 256}, info
+    shared = ops.attention_shared_memory_bytes()  # from the kernels' traits: fits an H100 block, exceeds 48 KiB
+    assert sorted(shared) == sorted(ops.compiled_head_dims()), info
+    assert all(48 * 1024 < b <= 232448 for b in shared.values()), info
     for name in ("attention_forward", "attention_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tfm_kernels::{name}", "CUDA"), name
 

@@ -18,9 +18,6 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # csrc/generate_kernels.py can build these
-# The most dynamic shared memory one CUDA attention kernel (forward, dk/dv with or without fused dQ, or dq) asks
-# for, per head dim, from csrc/cuda/attention/kernel_traits.h (sm_86/89 allow 101376 per block, sm_80 166912).
-CUDA_SHARED_MEMORY_BYTES = {32: 40960, 64: 65536, 96: 79872, 128: 104448, 256: 140800}
 CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y and batch on gridDim.z
 
 # Preference of backend="auto" per device type. CPU: the C++ kernel; torch's reference path is the last resort.
@@ -119,7 +116,8 @@ def _cuda_device_reasons(device, head_dim) -> list[str]:
     if not any(_runs_on(a, capability) for a in archs):
         reasons.append(f"tfm_kernels._C has CUDA code for archs {archs}, none of which runs on compute "
                        f"capability {capability}")
-    needed = CUDA_SHARED_MEMORY_BYTES.get(head_dim, 0)
+    # sm_86/89 allow 101376 bytes per block, sm_80 166912, sm_90 232448
+    needed = ops.attention_shared_memory_bytes().get(head_dim, 0)
     available = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", needed)
     if available < needed:
         reasons.append(f"the cuda backend needs {needed} bytes of shared memory per block at head dim "

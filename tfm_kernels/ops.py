@@ -43,6 +43,13 @@ def compiled_head_dims() -> list[int]:
     return [int(d) for d in _BUILD_INFO.get("head_dims", "").split(",") if d]
 
 
+def attention_shared_memory_bytes() -> dict[int, int]:
+    """Per compiled head dim, the shared memory per block its CUDA attention kernels need (the most any of them
+    asks for: csrc/cuda/attention/kernel_traits.h); empty without CUDA kernels."""
+    entries = (entry.split(":") for entry in _BUILD_INFO.get("attention_shared_memory_bytes", "").split(",") if entry)
+    return {int(head_dim): int(size) for head_dim, size in entries}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Attention: tfm_kernels::attention_forward/backward (C++, CPU and CUDA) and
 # tfm_kernels::triton_attention_forward/backward (Triton). Layout contract: csrc/ops.cpp.

@@ -5,15 +5,16 @@
 //
 //   1. delta kernel:  delta_i = sum_d dO_id O_id (fp32)                grid (ceil(L / 16), Hq, B), 128 threads,
 //                     8 lanes per row with 16-byte loads.
-//   2. dk/dv kernel:  for one block of 64 keys of one key/value head,  grid (ceil(S / 64), Hk, B), 4 warps
-//                     loop over the query blocks of every query head    (8 at D = 256), warp w owning keys
-//                     in its group (GQA sums there, in a fixed order):  16(w%4)..+15 (and half w/4 of D).
+//   2. dk/dv kernel:  for one block of kBlockN keys (128; 64 at D = 96  grid (ceil(S / kBlockN), Hk, B), 8
+//                     and 256) of one key/value head, loop over the     warps (4 at D = 96), warp w owning keys
+//                     query blocks of every query head in its group     16(w%G)..+15 of the G key groups (and
+//                     (GQA sums there, in a fixed order):               at D = 256 half w/4 of D).
 //                       S^T = K Q^T, P^T = exp2(S^T scale_log2 - lse log2 e), dP^T = V dO^T,
 //                       dV += P~^T dO, dS^T = P^T (dP~^T - delta), dK += dS^T Q; dK *= scale,
 //                     where P~ = P keep / (1 - p) and dP~ = dP keep / (1 - p) under dropout.
 //                     Q, dO, lse, delta tiles double-buffered by cp.async across (head, query block) steps.
 //                     Fused dQ: dS^T goes to shared memory; warp w adds scale dS K for 16 query rows and
-//                     D / (4 / (kBlockM / 16)) columns (kernel_traits.h) to the float32 sum with atomics.
+//                     D / (warps / (kBlockM / 16)) columns (kernel_traits.h) to the float32 sum with atomics.
 //   3. dq kernel:     for one block of 64 query rows, loop over key    grid (ceil(L / 64), Hq, B), 4 warps,
 //                     blocks: S, P, dP = dO V^T, dS = P (dP~ - delta),  warp w owning rows 16w..16w+15.
 //                     dQ += dS K; dQ *= scale. K/V double-buffered.

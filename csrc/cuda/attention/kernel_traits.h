@@ -10,18 +10,20 @@
 //   forward (128)          128  236 / 242                  69632 B                 2 (registers)
 //   backward delta (128)   64   22 / 22                    0
 //   backward delta (128)   128  35 / 34                    0
-//   backward dk/dv (128)   64   237 / 239                  56320 B                 2 (registers)
-//   backward dk/dv (128)   128  236 / 243                  70144 B                 2 (registers)
-//   dk/dv + fused dQ (128) 64   255 / 253                  65536 B                 2 (registers)
-//   dk/dv + fused dQ (128) 128  251 / 253                  75264 B                 2 (registers)
+//   backward dk/dv (256)   64   231 / 233                  74752 B                 1 (registers)
+//   backward dk/dv (256)   128  232 / 232                  104960 B                1 (registers)
+//   dk/dv + fused dQ (256) 64   245 / 247                  93184 B                 1 (registers)
+//   dk/dv + fused dQ (256) 128  240 / 250                  115200 B                1 (registers)
 //   backward dq (128)      64   168 / 168                  55296 B                 3 (registers)
 //   backward dq (128)      128  241 / 245                  104448 B                2 on H100, 1 on A100 (smem)
-//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: forward 168 (30720 B), dq 164, dk/dv 179 (fused dQ 229);
-//   D = 96: forward 220 (53248 B), dq 204, dk/dv 208 (fused 215); D = 256: forward 254 (101376 B), dq 253
-//   (135168 B), dk/dv 243 (256 threads, 135680 B; fused 251, 140800 B).
+//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: forward 168 (30720 B), dq 164, dk/dv 185 (256 threads;
+//   fused dQ 178, 60416 B); D = 96: forward 220 (53248 B), dq 204, dk/dv 208 (128 threads; fused 215); D = 256:
+//   forward 254 (101376 B), dq 253 (135168 B), dk/dv 243 (256 threads, 135680 B; fused 251, 140800 B).
 // 8 to 12 warps per SM, bound by registers; A100's smaller shared memory halves the d128 dq.
 // Two row tiles per forward warp (ForwardTraits) took the forward from 146 / 188 registers at d64 / d128 (sm_90a,
 // these flags; 64-row blocks, 3 and 2 per SM, 1 at d128 on A100) to 250 / 242: 2 blocks of 128 rows per SM.
+// 8 key groups in dk/dv (BackwardKVTraits; 4 before: 2 blocks of 64 keys per SM, the same 8 warps) kept the
+// registers (fused dQ d64 / d128: 253 / 253 -> 247 / 250).
 #pragma once
 
 namespace tfm_kernels::attention {
@@ -56,17 +58,20 @@ struct ForwardTraits {
   static_assert(D % 16 == 0 && kBlockN % 16 == 0, "mma k-steps are 16 wide");
 };
 
-// Backward dk/dv: a block owns kBlockN = 64 keys of one key/value head (4 key groups of 16, one per warp) and
-// loops over every query block of every query head sharing that key/value head, with Q, dO, lse and delta
-// tiles double-buffered. dK and dV stay in registers: 2 x 16 x D fp32 / 32 lanes = D registers per thread
-// for the part of D a warp owns. At D = 256 that is too many, so 8 warps split D in two halves (kDSplit = 2):
-// both warps of a pair recompute the same S^T and dP^T, and each accumulates its half of dK and dV.
-// kBlockM shrinks with D because S^T and dP^T tiles cost kBlockM / 2 registers each.
+// Backward dk/dv: a block owns kBlockN keys of one key/value head (kKeyGroups key groups of 16, one per warp)
+// and loops over every query block of every query head sharing that key/value head, with Q, dO, lse and delta
+// tiles double-buffered. Each Q and dO tile loaded serves the block's kBlockN keys, and the fused dQ adds one
+// product per (key block, query block): 8 key groups (128 keys) halve both next to 4, where the fused dQ
+// product still splits D into whole 16-column slices over the 8 warps (D = 32, 64, 128). dK and dV stay in
+// registers: 2 x 16 x D fp32 / 32 lanes = D registers per thread for the part of D a warp owns. At D = 256
+// that is too many, so 8 warps split D in two halves (kDSplit = 2): both warps of a pair recompute the same
+// S^T and dP^T, and each accumulates its half of dK and dV. kBlockM shrinks with D because S^T and dP^T tiles
+// cost kBlockM / 2 registers each.
 template <int D>
 struct BackwardKVTraits {
   static constexpr int kHeadDim = D;
   static constexpr int kDSplit = D <= 128 ? 1 : 2;
-  static constexpr int kKeyGroups = 4;
+  static constexpr int kKeyGroups = D == 32 || D == 64 || D == 128 ? 8 : 4;
   static constexpr int kWarps = kKeyGroups * kDSplit;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kBlockN = kKeyGroups * kRowsPerWarp;
@@ -109,6 +114,19 @@ struct BackwardQTraits {
   // Q tile, dO tile, then kStages x (K tile, V tile).
   static constexpr int kSmemElems = 2 * kBlockM * kSmemStride + kStages * 2 * kBlockN * kSmemStride;
 };
+
+// The most dynamic shared memory a kernel of head dim D asks for (forward, dk/dv with or without fused dQ, dq;
+// 16-bit elements): what a device must allow per block for the CUDA backend to run head dim D. Reported by
+// tfm_kernels.build_info() and checked before a launch (tfm_kernels/backends.py).
+template <int D>
+constexpr int max_shared_memory_bytes() {
+  constexpr int kElement = 2;
+  constexpr int sizes[] = {ForwardTraits<D>::kSmemElems * kElement, BackwardKVTraits<D>::smem_bytes(true, kElement),
+                           BackwardKVTraits<D>::smem_bytes(false, kElement), BackwardQTraits<D>::kSmemElems * kElement};
+  int most = 0;
+  for (int bytes : sizes) most = bytes > most ? bytes : most;
+  return most;
+}
 
 // Backward preprocessing, delta = rowsum(dO * O): 8 lanes per row, 16-byte loads, 16 rows per 128 threads.
 struct BackwardDeltaTraits {
