@@ -8,6 +8,7 @@ again, so a test knows the seed and, with rng.dropout_keep_mask, the keep-mask e
 
 import pytest
 import torch
+from autograd_probe import DispatchedOps, DropGradient
 from test_attention import check_against_oracle, rand, require, sdpa
 from tolerance import assert_within_tolerance
 
@@ -202,6 +203,22 @@ def test_opcheck(backend, case):
     out, lse = forward_op(q.detach(), k.detach(), v.detach(), *rest)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(backward_op, (grad_out, q.detach(), k.detach(), v.detach(), out, lse, *rest))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_gets_no_filled_gradients(backend):
+    """The log-sum-exp output never has a gradient: autograd would fill a zero tensor for it at every backward
+    unless the operator says not to. And where a later function drops the output's gradient, the backward gets
+    None and returns none."""
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 5, 7, 8, 8))
+    require(backend, q, k, v)
+    with DispatchedOps() as dispatched:
+        out = sdpa(backend, q, k, v, dropout_p=0.2)
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert dispatched.counts["aten.zeros"] == 0, dispatched.counts
+    out = sdpa(backend, q, k, v)
+    grads = torch.autograd.grad(DropGradient.apply(out).sum() + q.sum(), (q, k, v), allow_unused=True)
+    assert torch.equal(grads[0], torch.ones_like(q)) and grads[1] is None and grads[2] is None
 
 
 def assert_compiled_equals_eager(attend, compiled, q, k, v):

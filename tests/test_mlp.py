@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from autograd_probe import DispatchedOps, DropGradient
 from tolerance import assert_within_tolerance, poison_allocator
 
 import tfm_kernels
@@ -217,6 +218,30 @@ def test_mlp_block(backend, gated):
     check_mlp_block(backend, gated, "silu" if gated else "gelu", 0.2)
     if not gated:  # the block operator's fused-epilogue case on CUDA: GELU-tanh, no dropout, d_ff % 8 == 0
         check_mlp_block(backend, gated, "gelu_tanh", 0.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "gated", "block"])
+def test_backward_gets_no_filled_gradients(backend, kind):
+    """The saved pre-activations ([gate, up], the block's hidden) never have a gradient: autograd would fill an
+    (M, N) zero tensor for each at every backward unless the operator says not to. Where a later function drops
+    the output's gradient, the backward gets None and returns none."""
+    x, weight, bias = linear_inputs((2, 3), 8, 12, torch.float32)
+    require(backend, x, weight)
+    w2 = rand(8, 6 if kind == "gated" else 12).requires_grad_()
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+
+    def forward():
+        if kind == "block":
+            return tfm_kernels.mlp(x, weight, bias, w2, None, dropout_p=0.2, backend=backend)
+        return call(kind, backend, x, weight, bias, "silu", 0.2)
+
+    with DispatchedOps() as dispatched:
+        out = forward()
+        torch.autograd.grad(out, (x, weight, bias), torch.randn_like(out))
+    assert dispatched.counts["aten.zeros"] == 0, dispatched.counts
+    grads = torch.autograd.grad(DropGradient.apply(forward()).sum() + x.sum(), (x, weight), allow_unused=True)
+    assert torch.equal(grads[0], torch.ones_like(x)) and grads[1] is None
 
 
 def _op_samples(prefix):

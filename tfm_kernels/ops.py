@@ -93,12 +93,15 @@ def _attention_setup_context(ctx, inputs, output):
     q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse's gradient stays None instead of a zero-filled tensor
     ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, seed)
     ctx.attention_args = (dropout_p, is_causal, scale)
 
 
 def _make_attention_backward(backward_op):
     def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:  # the output took no part in what is differentiated
+            return (None,) * 9
         q, k, v, out, lse, mask, key_lengths, seed = ctx.saved_tensors
         dropout_p, is_causal, scale = ctx.attention_args
         dq, dk, dv = backward_op(last_dim_contiguous(grad_out), q, k, v, out, lse, mask, key_lengths, dropout_p,
@@ -181,12 +184,15 @@ def _mlp_setup_context(ctx, inputs, output):
     x, weight, bias, activation, dropout_p, seed = inputs
     _, saved = output  # the pre-activation (linear) or [gate, up] (gated)
     ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # its gradient stays None instead of a zero-filled (M, N) tensor
     ctx.save_for_backward(x, weight, saved, seed)
     ctx.mlp_args = (activation, dropout_p)
 
 
 def _make_mlp_backward(backward_op):
     def backward(ctx, grad_out, _grad_saved):
+        if grad_out is None:
+            return (None,) * 6
         x, weight, saved, seed = ctx.saved_tensors
         activation, dropout_p = ctx.mlp_args
         grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, saved, activation,
@@ -221,11 +227,14 @@ def _mlp_block_setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, activation, dropout_p, seed = inputs
     _, preact, hidden = output
     ctx.mark_non_differentiable(preact, hidden)
+    ctx.set_materialize_grads(False)  # their gradients stay None instead of zero-filled (M, F) tensors
     ctx.save_for_backward(x, w1, preact, hidden, w2, seed)
     ctx.mlp_args = (activation, dropout_p)
 
 
 def _mlp_block_backward(ctx, grad_out, _grad_preact, _grad_hidden):
+    if grad_out is None:
+        return (None,) * 8
     x, w1, preact, hidden, w2, seed = ctx.saved_tensors
     activation, dropout_p = ctx.mlp_args
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.tfm_kernels.mlp_block_backward(
