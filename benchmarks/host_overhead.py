@@ -18,6 +18,7 @@ The numbers are for the CPU it runs on; compare rows of one run, not runs on dif
 import argparse
 import contextlib
 import cProfile
+import functools
 import pstats
 import time
 from unittest import mock
@@ -110,18 +111,13 @@ def cases():
             lambda sdpa=sdpa: torch.autograd.grad(sdpa(), leaves, grad))
         found[f"{who} fused_linear gelu fwd+bwd"] = (
             lambda linear=linear: torch.autograd.grad(linear(), (x_leaf, weight, bias), grad_hidden))
-    for who, cls in (("ours", tfm_kernels.nn.MultiheadAttention), ("torch", torch.nn.MultiheadAttention)):
-        module = cls(embed, HEADS, batch_first=True, dtype=DTYPE)
-        if who == "ours":
-            module.backend = "triton"
-        params = list(module.parameters())
-        evaluating = module.eval()
+    mha_classes = {"ours": functools.partial(tfm_kernels.nn.MultiheadAttention, backend="triton"),
+                   "torch": torch.nn.MultiheadAttention}
+    for who, cls in mha_classes.items():
+        evaluating = cls(embed, HEADS, batch_first=True, dtype=DTYPE).eval()
         found[f"{who} MultiheadAttention fwd (eval)"] = _no_grad(
             lambda m=evaluating: m(x, x, x, need_weights=False))
         training = cls(embed, HEADS, batch_first=True, dtype=DTYPE)
-        training.load_state_dict(module.state_dict())
-        if who == "ours":
-            training.backend = "triton"
         params = list(training.parameters())
         found[f"{who} MultiheadAttention fwd+bwd"] = (
             lambda m=training, params=params: torch.autograd.grad(m(x, x, x, need_weights=False)[0], params,

@@ -359,14 +359,20 @@ def test_a_time_budget_measures_compiling_providers_last(monkeypatch):
     assert [r["reason"] == suite.OVER_BUDGET for r in rows] == [True, False, False, True]
 
 
-RUNNER = pathlib.Path(__file__).parents[1] / "benchmarks" / "run_gpu_tests.py"
+SCRIPTS = pathlib.Path(__file__).parents[1] / "benchmarks"
+RUNNER = SCRIPTS / "run_gpu_tests.py"
+
+
+def _load_script(name):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _load_runner():
-    spec = importlib.util.spec_from_file_location("run_gpu_tests", RUNNER)
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
-    return runner
+    return _load_script("run_gpu_tests")
 
 
 def test_gpu_test_runner_spreads_tests_evenly():
@@ -475,7 +481,7 @@ def test_gpu_test_runner_fails_on_a_file_that_does_not_collect(tmp_path, monkeyp
 
 
 def test_sanitizer_script_turns_off_the_caching_allocator():
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "sanitize_attention.py"
+    script = SCRIPTS / "sanitize_attention.py"
     check = ("import os, runpy; runpy.run_path(os.environ['SCRIPT']); "
              "print(os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING'))")
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NO_CUDA_MEMORY_CACHING"}
@@ -486,27 +492,21 @@ def test_sanitizer_script_turns_off_the_caching_allocator():
 
 
 def test_host_overhead_script_times_every_case_and_restores_the_launches(capsys):
-    spec = importlib.util.spec_from_file_location(
-        "host_overhead", pathlib.Path(__file__).parents[1] / "benchmarks" / "host_overhead.py")
-    host_overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host_overhead)
+    host_overhead = _load_script("host_overhead")
     from triton.runtime.jit import JITFunction
 
     from tfm_kernels.triton import attention
 
     run, tuned = JITFunction.run, attention._FORWARD._tuned
     host_overhead.main(["--repeat", "2"])
-    rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| ours")
-            or line.startswith("| torch")]
+    rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| ours", "| torch"))]
     assert len(rows) == 10 and all(float(us) > 0 for _, us in rows)
     assert JITFunction.run is run and attention._FORWARD._tuned is tuned and attention._FORWARD.min_work > 0
 
 
 def test_profile_script_summarises_each_mha_call(capsys):
-    spec = importlib.util.spec_from_file_location(
-        "profile_step", pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_step.py")
-    profile_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_step)
+    profile_step = _load_script("profile_step")
     profile_step.main(["--suite", "mha", "--calls", "1"])
     summaries = [line for line in capsys.readouterr().out.splitlines() if line.startswith("### ")]
     assert len(summaries) == 4  # fwd and fwd+bwd, ours and torch's

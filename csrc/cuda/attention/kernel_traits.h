@@ -25,6 +25,7 @@
 // 8 key groups in dk/dv (BackwardKVTraits; 4 before: 2 blocks of 64 keys per SM, the same 8 warps) kept the
 // registers (fused dQ d64 / d128: 253 / 253 -> 247 / 250).
 #pragma once
+#include <algorithm>
 
 namespace tfm_kernels::attention {
 
@@ -121,11 +122,8 @@ struct BackwardQTraits {
 template <int D>
 constexpr int max_shared_memory_bytes() {
   constexpr int kElement = 2;
-  constexpr int sizes[] = {ForwardTraits<D>::kSmemElems * kElement, BackwardKVTraits<D>::smem_bytes(true, kElement),
-                           BackwardKVTraits<D>::smem_bytes(false, kElement), BackwardQTraits<D>::kSmemElems * kElement};
-  int most = 0;
-  for (int bytes : sizes) most = bytes > most ? bytes : most;
-  return most;
+  return std::max({ForwardTraits<D>::kSmemElems * kElement, BackwardKVTraits<D>::smem_bytes(true, kElement),
+                   BackwardKVTraits<D>::smem_bytes(false, kElement), BackwardQTraits<D>::kSmemElems * kElement});
 }
 
 // Backward preprocessing, delta = rowsum(dO * O): 8 lanes per row, 16-byte loads, 16 rows per 128 threads.
