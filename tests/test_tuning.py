@@ -153,11 +153,18 @@ def autotuning(monkeypatch, module, name, configs):
     parallel step."""
     tuned = getattr(module, name)
     kernel = tuning.TunedKernel(tuned.kernel, configs, tuned.key, tuned.shared_bytes, min_work=0,
-                                probe=tuned.probe, margin=tuned.margin, usable=tuned.usable)
+                                probe=tuned.probe, margin=tuned.margin, usable=tuned.usable,
+                                size_class=tuned.size_class)
     kernel.autotunes = lambda work: True
     order = itertools.count()
-    tuner = kernel.tuner(torch.device(DEVICE))
-    tuner.do_bench = lambda kernel_call, quantiles: (kernel_call(), [float(next(order))] * 3)[1]
+    make_tuner = kernel.tuner
+
+    def tuner(device, size_class=()):
+        made = make_tuner(device, size_class)
+        made.do_bench = lambda kernel_call, quantiles: (kernel_call(), [float(next(order))] * 3)[1]
+        return made
+
+    kernel.tuner = tuner
     monkeypatch.setattr(module, name, kernel)
     calls = defaultdict(list)
     run = kernel.kernel.run
@@ -225,6 +232,25 @@ def test_parallel_compilation_once_per_autotune_key(monkeypatch):
     assert warmups() == 4
 
 
+def test_attention_is_timed_once_per_sequence_class(monkeypatch):
+    """Attention launches are tuned per power-of-2 class of their sequence lengths: a launch of a new class
+    is timed (our parallel compilation runs first), one of a class timed before runs its chosen config."""
+    calls = autotuning(monkeypatch, attention, "_FORWARD", [attention._config(16, 16, 4, 1,
+                                                                              attention.FORWARD_DESCRIPTORS)])
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+
+    def forward(L, S):
+        q, k, v = (torch.randn(1, 2, n, 16, dtype=dtype, device=DEVICE) for n in (L, S, S))
+        attention.attention_forward(q, k, v, None, None, 0.0, False, 0.25, rng.seed_for(0.0, q.device))
+        return sum(warmup for runs in calls.values() for warmup, _ in runs)
+
+    assert forward(20, 20) == 1
+    assert forward(32, 17) == 1  # classes (32, 32), as before
+    assert forward(20, 33) == 2  # key length class 64
+    assert forward(33, 20) == 3  # query length class 64
+    assert attention._sequence_class({"L": 1, "S": 100_000}) == (1, attention.LONGEST_SEQUENCE_CLASS)
+
+
 def test_interrupted_parallel_compilation_runs_again_at_the_next_launch(monkeypatch):
     """An interrupt (Ctrl-C) during our parallel compilation propagates, and the next launch of the same key
     compiles its configs in parallel again instead of leaving them to the autotuner one by one."""
@@ -246,13 +272,16 @@ def test_interrupted_parallel_compilation_runs_again_at_the_next_launch(monkeypa
     assert sum(warmup for runs in calls.values() for warmup, _ in runs) == 2
 
 
-def test_each_device_kind_has_its_own_autotuner(monkeypatch):
-    """Timings and shared-memory pruning are per GPU model: a second kind of device gets a new autotuner."""
+def test_each_device_kind_and_size_class_has_its_own_autotuner(monkeypatch):
+    """Timings and shared-memory pruning are per GPU model and size class: a second kind of device, or a
+    second class, gets a new autotuner."""
     kernel = tuning.TunedKernel(_write_block, block_configs(16, 32), ["BLOCK"], lambda config, args: 0,
                                 min_work=0, probe="out_ptr")
     device = torch.device(DEVICE)
     assert kernel.tuner(device) is kernel.tuner(device)
     first = kernel.tuner(device)
+    assert kernel.tuner(device, (64,)) is not first
+    assert kernel.tuner(device, (64,)) is kernel.tuner(device, (64,))
     monkeypatch.setattr(tuning, "device_kind", lambda device: ("another GPU", 1))
     assert kernel.tuner(device) is not first
     assert kernel.tuner(device) is kernel.tuner(device)
@@ -323,7 +352,10 @@ def test_gpu_every_attention_config(monkeypatch, name, head_dim):
 @pytest.mark.parametrize("kind", ["linear", "gated"])
 @pytest.mark.parametrize("config", mlp._GEMM.configs, ids=config_id)
 def test_gpu_every_gemm_config(monkeypatch, config, kind):
-    x, weight, bias = linear_inputs((3, 333), 520, 1000, torch.bfloat16, device="cuda")
+    """3999 tokens, 1040 -> 2000 (gated: 2 x 1000): more output tiles than an H100/H200 has SMs in the forward
+    and in both gradient GEMMs, so the persistent programs of the TMA configs each loop over several tiles;
+    no size a multiple of its block."""
+    x, weight, bias = linear_inputs((3, 1333), 1040, 2000, torch.bfloat16, device="cuda")
     estimate = mlp._shared_memory_bytes(config, {"GATED": kind == "gated", "a_ptr": x})
     budget = tuning.shared_memory_budget(x.device, mlp._GEMM.margin)
     if estimate > budget:

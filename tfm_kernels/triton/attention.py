@@ -15,10 +15,11 @@ attn_mask tiles (bool: True takes part; floating: added to the scaled scores) re
 Dropout keeps element (b * Hq + h, i, j) by the shared Philox scheme (tfm_kernels/triton/philox.py), so
 forward and backward draw the same mask without storing it. Layout contract: csrc/ops.cpp.
 
-Head dims are padded to a power of two >= 16 with masked loads. Batch/head offsets are 64-bit; in-tile
-offsets stay 32-bit and pointers advance block by block. Problems of at least AUTOTUNE_MIN_WORK score
-elements autotune over a short Hopper config list (once per head dims, causal, mask kind, dropout, dtype);
-smaller ones, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed config that fits.
+Head dims are padded to a power of two >= 16 with masked loads. Batch/head offsets are 64-bit; in-tile offsets
+stay 32-bit and pointers advance block by block. Problems of at least AUTOTUNE_MIN_WORK score elements
+autotune over a short Hopper config list (once per head dims, causal, mask kind, dropout, dtype, layout and
+power-of-2 class of the sequence lengths); smaller ones, and every call with TFM_KERNELS_AUTOTUNE=0, take the
+first listed config that fits.
 Tests: tests/test_attention.py, tests/test_attention_ops.py, tests/test_tuning.py (every config).
 """
 
@@ -183,6 +184,15 @@ BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK = _config_lists(
      _config(64, 64, 4, 3, BACKWARD_Q_DESCRIPTORS, tma=True)],
     _config(32, 16, 4, 1, BACKWARD_Q_DESCRIPTORS), _config(32, 16, 4, 1, BACKWARD_Q_DESCRIPTORS))
 AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "DOT_PRECISION"]
+# Sequence lengths are tuned in power-of-2 classes up to this length; longer ones share its class.
+LONGEST_SEQUENCE_CLASS = 16384
+
+
+def _sequence_class(args):
+    """The size class of an attention launch: its query and key lengths, each rounded up to a power of 2 (at
+    most LONGEST_SEQUENCE_CLASS). A kernel's loop runs over one of them and its grid over the other, and the
+    tiles and pipeline depth that pay differ between a short loop and a long one."""
+    return tuple(next_power_of_2(min(args[n], LONGEST_SEQUENCE_CLASS)) for n in ("L", "S"))
 
 
 @triton.jit
@@ -546,7 +556,7 @@ def _backward_q_kernel(Q, K, V, GradOut, KDesc, VDesc, Lse, Delta, GradQ, Mask, 
                        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                        HAS_KEY_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, K_HEADS_INNER: tl.constexpr,
-                    V_HEADS_INNER: tl.constexpr):
+                       V_HEADS_INNER: tl.constexpr):
     b, h64, kv_h64, bh64, m_start = _query_block_program(L, H, GROUP, IS_CAUSAL, BLOCK_M)
     kv_h = kv_h64.to(tl.int32)  # a descriptor coordinate
     b64 = b.to(tl.int64)
@@ -609,18 +619,20 @@ def _tile_shared_bytes(resident, streamed):
     return estimate
 
 
-def _tuned(kernel, configs, fallback, resident, streamed, usable=None):
-    return TunedKernel(kernel, configs, AUTOTUNE_KEY, _tile_shared_bytes(resident, streamed),
-                       min_work=AUTOTUNE_MIN_WORK, probe="Q", fallback=fallback, margin=SHARED_MEMORY_MARGIN,
-                       usable=usable)
+def _tuned(kernel, configs, fallback, resident, streamed, descriptors):
+    """The kernel's TunedKernel. Its key adds the layout flags of its tensor descriptors (`descriptors`) to
+    AUTOTUNE_KEY: the tiles that pay differ between heads-inner and (B, H, N, D) memory."""
+    key = AUTOTUNE_KEY + [heads_inner for _, _, heads_inner in descriptors.values()]
+    return TunedKernel(kernel, configs, key, _tile_shared_bytes(resident, streamed), min_work=AUTOTUNE_MIN_WORK,
+                       probe="Q", fallback=fallback, margin=SHARED_MEMORY_MARGIN,
+                       usable=needs_descriptors(*descriptors), size_class=_sequence_class)
 
 
-_FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N",
-                  usable=needs_descriptors(*FORWARD_DESCRIPTORS))
+_FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N", FORWARD_DESCRIPTORS)
 _BACKWARD_KV = _tuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N", "BLOCK_M",
-                      usable=needs_descriptors(*BACKWARD_KV_DESCRIPTORS))
+                      BACKWARD_KV_DESCRIPTORS)
 _BACKWARD_Q = _tuned(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M", "BLOCK_N",
-                     usable=needs_descriptors(*BACKWARD_Q_DESCRIPTORS))
+                     BACKWARD_Q_DESCRIPTORS)
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
 # At most this many elements per delta tile: 64 rows x 256 float32 O and dO spill 392 bytes with 4 warps.
 DELTA_TILE_ELEMENTS = 64 * 128

@@ -1,13 +1,13 @@
 """Launching a Triton kernel that has a short list of tile configs.
 
 Problems of at least `min_work` (a kernel-defined measure: score elements for attention, multiply-adds for a
-GEMM) are autotuned: every config that fits the device's shared memory is compiled and timed once per
-autotune key. Before a new key is timed, its configs are compiled in parallel threads (parallel_compilation;
-compiles release the GIL and run ptxas as a subprocess: 8 sm_90 compiles took 3.3 s on 2 threads against
-7.2 s in turn on the development machine), so tuning costs about one compile's time rather than one per
-config. Smaller problems, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed
-config that fits, so tests and small calls compile one config instead of the whole list (a GPU test suite of
-a few hundred shapes would otherwise compile thousands of variants).
+GEMM) are autotuned: every config that fits the device's shared memory is compiled and timed once per autotune
+key and size class. Before a new key is timed, its configs are compiled in parallel threads
+(parallel_compilation; compiles release the GIL and run ptxas as a subprocess: 8 sm_90 compiles took 3.3 s on
+2 threads against 7.2 s in turn on the development machine), so tuning costs about one compile's time rather
+than one per config. Smaller problems, and every call with TFM_KERNELS_AUTOTUNE=0, take the first listed
+config that fits, so tests and small calls compile one config instead of the whole list (a GPU test suite of a
+few hundred shapes would otherwise compile thousands of variants).
 """
 
 import contextlib
@@ -137,18 +137,21 @@ class TunedKernel:
     constexprs; configs over the device budget are never run, nor those for which usable(config, args) is
     false. `fallback` runs where no config fits (default: the usable config with the smallest estimate).
     `probe` names the tensor argument whose device and element size matter. A config's pre_hook runs before
-    each launch with it."""
+    each launch with it. `size_class(args)`, where given, names the size class of a launch (e.g. its sequence
+    lengths rounded up to a power of 2): each class is timed on its own, with its own autotuner, because the
+    best tiles of a short loop and of a long one differ, while a key of exact sizes would time every new size."""
 
     def __init__(self, kernel, configs, key, shared_bytes, *, min_work, probe, fallback=None, margin=0,
-                 usable=None):
+                 usable=None, size_class=None):
         self.kernel = kernel
         self.configs = configs
         self.fallback = fallback
         self.shared_bytes = shared_bytes
         self.usable = usable or (lambda config, args: True)
         self.key = key
-        self._tuned = {}  # (device kind, autotune key) -> the config the autotuner chose
-        self._tuners = {}  # device kind -> Triton autotuner
+        self._tuned = {}  # (device kind, size class, autotune key) -> the config the autotuner chose
+        self._tuners = {}  # (device kind, size class) -> Triton autotuner
+        self.size_class = size_class or (lambda args: ())
         self.min_work = min_work
         self.probe = probe
         self.margin = margin
@@ -164,14 +167,14 @@ class TunedKernel:
             return [self.fallback]
         return [min(usable, key=lambda c: self.shared_bytes(c, args))]
 
-    def tuner(self, device):
-        """The autotuner of launches on `device`. Each device kind has its own, so its timings, and the configs
-        that fit its shared memory, are never reused on another GPU model in the same process."""
-        kind = device_kind(device)
-        if kind not in self._tuners:
-            self._tuners[kind] = triton.autotune(configs=self._timed_configs, key=self.key,
-                                                 prune_configs_by={"early_config_prune": self._prune})(self.kernel)
-        return self._tuners[kind]
+    def tuner(self, device, size_class=()):
+        """The autotuner of launches of `size_class` on `device`. Each device kind has its own, so its timings,
+        and the configs that fit its shared memory, are never reused on another GPU model in the same process."""
+        place = (device_kind(device), size_class)
+        if place not in self._tuners:
+            self._tuners[place] = triton.autotune(configs=self._timed_configs, key=self.key,
+                                                  prune_configs_by={"early_config_prune": self._prune})(self.kernel)
+        return self._tuners[place]
 
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -207,13 +210,14 @@ class TunedKernel:
         costs more host time than the launch itself."""
         # As the autotuner's key (triton.runtime.autotuner.Autotuner.run): the `key` arguments and the dtype of
         # every tensor argument (tensor descriptors, which TMA configs need, have none).
-        key = (device_kind(device), *(named[k] for k in self.key),
+        size_class = self.size_class(named)
+        key = (device_kind(device), size_class, *(named[k] for k in self.key),
                *(a.dtype for a in args if isinstance(a, torch.Tensor)))
         config = self._tuned.get(key)
         if config is not None:
             return config
         self._precompile(grid, args, constexprs, named, shared_memory_budget(device, self.margin))
-        tuner = self.tuner(device)
+        tuner = self.tuner(device, size_class)
         tuner[grid](*args, **constexprs)
         self._tuned[key] = tuner.best_config
         return None
