@@ -280,17 +280,11 @@ def bad_inputs():
         "device_mismatch": ((q, k.to("meta"), v), {}, ValueError, r"must be on one device"),
         "rank_too_low": ((q[0, 0, 0], k, v), {}, ValueError, r"query must have at least 2 dimensions"),
         "rank_mismatch": ((q[0], k, v), {}, ValueError, r"same number of dimensions"),
-        "head_dim_too_large": (
-            (rand(2, 3, 5, 257), rand(2, 3, 7, 257), v),
+        "head_dim_zero": (
+            (rand(2, 3, 5, 0), rand(2, 3, 7, 0), v),
             {},
             ValueError,
-            r"query/key head dim must be in \[1, 256\]; got 257",
-        ),
-        "value_head_dim_too_large": (
-            (q, k, rand(2, 3, 7, 300)),
-            {},
-            ValueError,
-            r"value head dim must be in \[1, 256\]; got 300",
+            r"query/key head dim must be at least 1; got 0",
         ),
         "mask_does_not_broadcast": (
             (q, k, v),
@@ -352,6 +346,41 @@ def test_explicit_backend_that_cannot_run_raises_with_reasons(backend):
     q, k, v = qkv(1, 2, 2, 5, 7, 8, 8, torch.float64)  # no kernel backend takes float64
     with pytest.raises(NotImplementedError, match=rf"backend='{backend}' cannot run these inputs: .*float64"):
         tfm_kernels.scaled_dot_product_attention(q, k, v, backend=backend)
+
+
+def test_head_dims_past_the_triton_limit():
+    """Head dims above 256: the cpu kernel (which "auto" runs on CPU tensors) and the torch backend take them,
+    as torch's SDPA does; the triton backend says why it cannot."""
+    q, k, v = qkv(1, 2, 2, 9, 11, 300, 260)
+    check_against_oracle("cpu", q, k, v, is_causal=True)
+    check_against_oracle("torch", q, k, v, is_causal=True)
+    assert backends.choose(q, k, v) == "cpu"
+    with pytest.raises(NotImplementedError, match=r"triton supports head dims up to 256; got E=300, Ev=260"):
+        tfm_kernels.scaled_dot_product_attention(q, k, v, backend="triton")
+
+
+def test_mask_that_requires_grad_gets_torchs_gradient():
+    """A learnable float mask (an attention bias): "auto" runs the torch backend, the only one that computes
+    the mask's gradient, and the gradient equals torch SDPA's; an explicit kernel backend says why it cannot,
+    and runs the mask when grad mode is off."""
+    q, k, v = qkv(2, 2, 2, 5, 7, 8, 8, torch.float64)
+    bias = rand(2, 1, 5, 7, dtype=torch.float64).requires_grad_()
+    out = tfm_kernels.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    (grad,) = torch.autograd.grad(out, bias, out.detach())
+    bias_ref = bias.detach().requires_grad_()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias_ref)
+    (expected_grad,) = torch.autograd.grad(expected, bias_ref, expected.detach())
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    q, k, v = (t.float() for t in (q, k, v))
+    float_bias = bias.detach().float().requires_grad_()
+    for backend in CPU_BACKENDS:
+        require(backend, q, k, v)
+        with pytest.raises(NotImplementedError, match=r"attn_mask requires grad, and only the torch backend"):
+            tfm_kernels.scaled_dot_product_attention(q, k, v, attn_mask=float_bias, backend=backend)
+        with torch.no_grad():
+            out = tfm_kernels.scaled_dot_product_attention(q, k, v, attn_mask=float_bias, backend=backend)
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, float_bias))
 
 
 @pytest.mark.parametrize("versions", [((3, 6), (2, 4)), ((3, 6), (2, 3)), ((3, 7), (2, 5))])

@@ -114,6 +114,70 @@ def test_encoder_layer_activations(activation, fused_name, monkeypatch):
     assert fused_calls == ([] if fused_name is None else [fused_name])
 
 
+class LeakyReLU(nn.ReLU):
+    """A subclass with its own forward: not the ReLU the MLP fuses."""
+
+    def forward(self, x):
+        return F.leaky_relu(x, 0.1)
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear with its own forward, as LoRA or quantized linears have."""
+
+    def forward(self, x):
+        return 1.5 * super().forward(x)
+
+
+def _replace_linear1(layer):
+    layer.linear1 = ScaledLinear(D_MODEL, D_FF)
+
+
+SUBMODULE_CHANGES = {
+    "linear1_forward_hook": lambda layer: layer.linear1.register_forward_hook(lambda m, args, out: 0.5 * out),
+    "linear2_pre_hook": lambda layer: layer.linear2.register_forward_pre_hook(lambda m, args: (2.0 * args[0],)),
+    "spectral_norm": lambda layer: nn.utils.spectral_norm(layer.linear1),
+    "activation_subclass": lambda layer: setattr(layer, "activation", LeakyReLU()),
+    "linear_subclass": _replace_linear1,
+    "identity_dropout": lambda layer: setattr(layer, "dropout", nn.Identity()),
+}
+
+
+@pytest.mark.parametrize("change", list(SUBMODULE_CHANGES))
+def test_feed_forward_calls_changed_submodules(change, monkeypatch):
+    """A layer whose feed-forward submodules compute something else than nn.Linear / ReLU / nn.Dropout (hooks,
+    spectral_norm's pre-hook, subclasses, a replaced dropout) calls them, as torch's layer does, instead of
+    the fused MLP; outputs and every gradient (spectral_norm's weight_orig too) equal torch's."""
+    fused_calls = []
+    original = fused_transformer.mlp
+    monkeypatch.setattr(fused_transformer, "mlp", lambda *a, **k: fused_calls.append(a[5]) or original(*a, **k))
+    reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
+                                **layer_kwargs(batch_first=True))
+    for layer in (reference, ours):
+        SUBMODULE_CHANGES[change](layer)
+    ours.load_state_dict(reference.state_dict())
+    results = check_against_torch(reference.eval(), ours.eval(), encoder_inputs("padding", True),
+                                  encoder_layer_call())
+    assert fused_calls == []
+    if change == "spectral_norm":
+        assert "grad linear1.weight_orig" in results
+
+
+def test_feed_forward_with_a_global_forward_hook_calls_the_linears():
+    """A global module hook (torch.nn.modules.module.register_module_forward_hook, as profilers register)
+    sees the feed-forward's linears run, as in torch's layer."""
+    reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
+                                **layer_kwargs(batch_first=True))
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(m))
+    try:
+        for layer in (reference, ours):
+            seen.clear()
+            layer(torch.randn(N, S, D_MODEL))
+            assert layer.linear1 in seen and layer.linear2 in seen
+    finally:
+        handle.remove()
+
+
 def test_encoder_layer_unbatched_and_without_bias():
     for kwargs, batched in (({}, False), ({"bias": False}, True)):
         reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,

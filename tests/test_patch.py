@@ -213,6 +213,20 @@ def test_tutorial_language_model(monkeypatch):
     assert calls == {"attention": 2, "mlp": 2}
 
 
+class OwnAttention(fused_nn.MultiheadAttention):
+    """A user's subclass of our MultiheadAttention."""
+
+
+def test_subclasses_of_ours_are_neither_swapped_nor_skipped():
+    """A subclass of our class runs our kernels already: patch leaves it alone and does not report it as a
+    torch subclass it skipped."""
+    model = nn.Sequential(OwnAttention(16, 2), nn.MultiheadAttention(16, 2))
+    report = tfm_kernels.patch(model)
+    assert [name for name, _, _ in report.swapped] == ["1"]
+    assert report.skipped == []
+    assert type(model[0]) is OwnAttention
+
+
 def test_user_model():
     model = randomize_parameters(UserModel())
     ours = copy.deepcopy(model)

@@ -42,8 +42,8 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(f"query and key must have the same head dim; got {query.shape[-1]} and {key.shape[-1]}")
     for name, d in (("query/key head dim", query.shape[-1]), ("value head dim", value.shape[-1])):
-        if not 1 <= d <= backends.MAX_HEAD_DIM:
-            raise ValueError(f"{name} must be in [1, {backends.MAX_HEAD_DIM}]; got {d}")
+        if d < 1:
+            raise ValueError(f"{name} must be at least 1; got {d}")
     if query.dim() >= 3:
         hq, hk = query.shape[-3], key.shape[-3]
         if key.shape[-3] != value.shape[-3]:
@@ -60,8 +60,6 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
             raise TypeError(f"attn_mask must be bool, float32 or the query dtype {query.dtype}; got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask must be on {query.device}; got {attn_mask.device}")
-        if attn_mask.requires_grad:
-            raise ValueError("attn_mask requires grad; gradients with respect to the mask are not supported")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1); got {dropout_p!r}")
     if key_lengths is not None:
@@ -101,13 +99,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Fused scaled dot-product attention, a drop-in for torch.nn.functional.scaled_dot_product_attention.
 
     Args:
-        query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev). float16, bfloat16 or float32
-            (float64 on the "torch" backend); E, Ev in [1, 256]. The leading dimensions are batch dimensions,
-            equal across the three. Hk == Hq, or Hq % Hk == 0 with enable_gqa=True (grouped-query attention;
-            key/value heads are never repeated in memory). Any strides; only a non-contiguous last dim is copied.
+        query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev). float16, bfloat16 or float32 (float64
+            on the "torch" backend); E, Ev >= 1 (the triton kernels take up to 256). The leading dimensions are
+            batch dimensions, equal across the three. Hk == Hq, or Hq % Hk == 0 with enable_gqa=True (grouped-query
+            attention; key/value heads are never repeated in memory). Any strides; only a non-contiguous last dim is
+            copied.
         attn_mask: None, or broadcastable to (..., Hq, L, S): bool, where True means "takes part in attention",
             or floating (bool, float32 or the query dtype), added to the scaled scores. Broadcast dims are read
-            through zero strides, never expanded in memory. No gradient flows to the mask.
+            through zero strides, never expanded in memory. Only the "torch" backend computes the gradient of
+            a mask that requires grad, so "auto" runs it for such a mask while grad mode is on.
         dropout_p: dropout probability on the attention weights, in [0, 1); applied whenever > 0 (as torch).
             The keep-mask comes from a counter-based RNG seeded from torch's generator (tfm_kernels.rng), so
             runs repeat under torch.manual_seed and every backend draws the same mask. A call draws exactly one

@@ -16,7 +16,7 @@ from . import ops
 ATTENTION_BACKENDS = ("cuda", "triton", "cpu", "torch")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+TRITON_MAX_HEAD_DIM = 256
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # csrc/generate_kernels.py can build these
 CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y and batch on gridDim.z
 
@@ -82,6 +82,8 @@ def _triton_reasons(q, k, v) -> list[str]:
         reasons.append(f"triton supports float16, bfloat16, float32; got {q.dtype}")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         reasons.append("triton's CPU interpreter computes tl.dot wrongly in bfloat16")
+    if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+        reasons.append(f"triton supports head dims up to {TRITON_MAX_HEAD_DIM}; got E={q.shape[-1]}, Ev={v.shape[-1]}")
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
         reasons.append(f"the triton kernels need compute capability >= 8.0; got "
                        f"{torch.cuda.get_device_capability(q.device)}")
@@ -162,12 +164,16 @@ def not_supported_reasons(backend, q, k, v, mask=None, key_lengths=None, dropout
     if backend == "torch":
         return []
     if backend == "triton":
-        return _triton_reasons(q, k, v)
-    if backend == "cpu":
-        return _cpu_reasons(q, k, v)
-    if backend == "cuda":
-        return _cuda_reasons(q, k, v, mask)
-    raise ValueError(f"backend must be one of {('auto',) + ATTENTION_BACKENDS}; got {backend!r}")
+        reasons = _triton_reasons(q, k, v)
+    elif backend == "cpu":
+        reasons = _cpu_reasons(q, k, v)
+    elif backend == "cuda":
+        reasons = _cuda_reasons(q, k, v, mask)
+    else:
+        raise ValueError(f"backend must be one of {('auto',) + ATTENTION_BACKENDS}; got {backend!r}")
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        reasons.append("attn_mask requires grad, and only the torch backend computes the mask's gradient")
+    return reasons
 
 
 def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False) -> str:

@@ -61,8 +61,9 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
             "torch"); modules that are ours already keep theirs.
 
     Returns:
-        A PatchReport naming each converted module by its qualified name, and each skipped one (subclasses
-        of the torch classes other than ours) with the reason.
+        A PatchReport naming each converted module by its qualified name, and each skipped one (a subclass
+        of a torch class, not of ours) with the reason. Modules of our classes and their subclasses run our
+        kernels already and are in neither list.
     """
     attention.check_backend(backend)
     report = PatchReport()
@@ -72,7 +73,7 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
             _swap(module, name, FUSED_CLASSES[cls], report)
             if hasattr(module, "backend"):
                 module.backend = backend
-        elif cls not in TORCH_CLASSES and isinstance(module, tuple(FUSED_CLASSES)):
+        elif not isinstance(module, tuple(TORCH_CLASSES)) and isinstance(module, tuple(FUSED_CLASSES)):
             base = next(c for c in FUSED_CLASSES if isinstance(module, c))
             reason = f"{_class_name(cls)} subclasses {_class_name(base)}; its own forward is kept"
             report.skipped.append((name, reason))

@@ -5,12 +5,14 @@ Each keeps torch's constructor (plus a keyword-only `backend`), submodules and s
 initial weights exactly as torch's does (torch's constructor runs, then its attention modules become ours in
 place), so that under one seed both hold the same weights. Attention runs in
 tfm_kernels.nn.MultiheadAttention; the feed-forward block linear2(dropout(activation(linear1(x)))) runs in the
-fused MLP (tfm_kernels.mlp.mlp) for the activations it fuses. Torch's inference fast paths
+fused MLP (tfm_kernels.mlp.mlp) for the activations it fuses, unless a hook or a replaced submodule asks for
+the submodules to be called (feed_forward). Torch's inference fast paths
 (`torch._transformer_encoder_layer_fwd`, nested tensors in TransformerEncoder) are never taken, so the kernels
 run in training and inference alike; padded positions (key_padding_mask) therefore hold computed values where
 torch's nested-tensor path gives 0.
 """
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
@@ -24,24 +26,42 @@ def fused_activation_name(activation):
     """The name under which the fused MLP computes `activation` (a layer's callable), or None if it does not.
 
     relu: F.relu, torch.relu, nn.ReLU; gelu: F.gelu, nn.GELU(); gelu_tanh: nn.GELU(approximate="tanh");
-    silu: F.silu, nn.SiLU."""
-    if isinstance(activation, nn.ReLU):
-        return "relu"
-    if isinstance(activation, nn.GELU):
-        return "gelu" if activation.approximate == "none" else "gelu_tanh"
-    if isinstance(activation, nn.SiLU):
-        return "silu"
+    silu: F.silu, nn.SiLU. Modules count only as exactly these classes without hooks (subclasses may
+    compute something else)."""
+    if isinstance(activation, nn.Module):
+        if not _runs_as_its_class(activation, (nn.ReLU, nn.GELU, nn.SiLU)):
+            return None
+        if isinstance(activation, nn.GELU):
+            return "gelu" if activation.approximate == "none" else "gelu_tanh"
+        return "relu" if isinstance(activation, nn.ReLU) else "silu"
     return next((name for fn, name in _CALLABLE_ACTIVATIONS.items() if fn is activation), None)
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _runs_as_its_class(module, classes):
+    """Whether calling `module` computes exactly what its class's forward does in `classes`: the class itself (no
+    subclass, e.g. a quantized or LoRA Linear), and no hooks of the module or global ones (which may change
+    inputs or outputs, or expect to run: spectral_norm's pre-hook, a profiler's forward hook)."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return (type(module) in classes and not any(own)
+            and not any(getattr(torch.nn.modules.module, name) for name in _GLOBAL_HOOKS))
 
 
 def feed_forward(layer, x):
     """layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))), the feed-forward of torch's layers.
 
-    Runs in the fused MLP when layer.activation is one it fuses (fused_activation_name); any other callable
-    runs in plain torch ops (layer.linear1, the callable, layer.dropout, layer.linear2). The dropout after
-    linear2 belongs to the caller. The fused dropout draws from tfm_kernels.rng, not from torch's dropout."""
+    Runs in the fused MLP when that computes exactly this: layer.activation one it fuses
+    (fused_activation_name), and linear1, linear2 and dropout exactly nn.Linear and nn.Dropout without hooks.
+    Anything else (a hook, spectral_norm, a quantized or LoRA Linear, nn.Identity as dropout) calls the
+    submodules in plain torch ops. The dropout after linear2 belongs to the caller. The fused dropout draws
+    from tfm_kernels.rng, not from torch's dropout."""
     name = fused_activation_name(layer.activation)
-    if name is None:
+    fusable = (name is not None and _runs_as_its_class(layer.linear1, (nn.Linear,))
+               and _runs_as_its_class(layer.linear2, (nn.Linear,)) and _runs_as_its_class(layer.dropout, (nn.Dropout,)))
+    if not fusable:
         return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
     dropout_p = layer.dropout.p if layer.dropout.training else 0.0
     return mlp(x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias, name, dropout_p,
