@@ -113,6 +113,45 @@ def test_masks(backend, dtype, kind):
         assert (out[empty_rows] == 0).all(), "rows with no key taking part must give 0"
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_finfo_min_mask_rows(backend):
+    """HuggingFace's "min value" mask: the scores of a row with every key at finfo(float32).min stay finite, so
+    torch gives the uniform average of v there, not 0; beside rows partly at finfo.min (the first key block
+    entirely) and rows all -inf (output 0). The backward recomputes P from the saved lse, which at that magnitude
+    cannot hold log(S) (torch's CPU flash kernel shares this), so grad_out is 0 on the all-finfo.min rows and
+    their gradients are only required finite."""
+    B, H, L, S, E = 2, 2, 13, 37, 24
+    q, k, v = rand(B, H, L, E), rand(B, H, S, E), rand(B, H, S, E)
+    require(backend, q, k, v)
+    low = torch.finfo(torch.float32).min
+    mask = torch.randn(B, H, L, S)  # (B, H, L, S)
+    uniform_rows, partial_rows, inf_rows = torch.arange(0, L, 4), torch.arange(1, L, 4), torch.arange(2, L, 4)
+    mask[:, :, uniform_rows] = low
+    mask[:, :, partial_rows] = mask[:, :, partial_rows].masked_fill(torch.rand(B, H, len(partial_rows), S) > 0.5, low)
+    mask[:, :, 1, :20] = low
+    mask[:, :, inf_rows] = float("-inf")
+    grad_out = rand(B, H, L, E)
+    grad_out[:, :, uniform_rows] = 0.0
+
+    def run(backend, dtype, grad_out):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = sdpa(backend, *inputs, attn_mask=mask.to(dtype))  # float32 min is exact and finite in float64
+        return (out, *torch.autograd.grad(out, inputs, grad_out.to(dtype)))
+
+    poison_allocator(q.device)
+    results = run(backend, torch.float32, grad_out)
+    baseline, oracle = run("torch", torch.float32, grad_out), run("torch", torch.float64, grad_out)
+    torch_sdpa = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    torch.testing.assert_close(oracle[0][:, :, uniform_rows], torch_sdpa[:, :, uniform_rows])
+    torch.testing.assert_close(oracle[0][:, :, uniform_rows], v.double().mean(2, keepdim=True).expand_as(
+        oracle[0][:, :, uniform_rows]))
+    for name, result, base, ref in zip(("out", "dq", "dk", "dv"), results, baseline, oracle):
+        assert_within_tolerance(f"{backend} {name}", result, base, ref)
+    assert (results[0][:, :, inf_rows] == 0).all(), "rows with every key at -inf must give 0"
+    full_grads = run(backend, torch.float32, rand(B, H, L, E))[1:]
+    assert all(torch.isfinite(g).all() for g in full_grads), "finfo.min rows must give finite gradients"
+
+
 def test_triton_under_the_new_tf32_api(tf32_by_new_api):
     """The Triton kernels read torch's float32 precision through fp32_precision, which stays readable when the
     legacy flag raises (tfm_kernels/triton/precision.py)."""

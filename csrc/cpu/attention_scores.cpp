@@ -10,11 +10,15 @@
 namespace tfm_kernels::cpu {
 namespace {
 
+constexpr float kFloatMax = std::numeric_limits<float>::max();
+
 // scores[c] = scores[c] * scale_log2 + mask[c] * log2(e) for an additive mask of element type T.
 template <typename T>
 void add_mask_row(float* scores, int64_t n, float scale_log2, const T* mask, int64_t mask_stride) {
   for (int64_t c = 0; c < n; ++c) {
-    scores[c] = scores[c] * scale_log2 + static_cast<float>(mask[c * mask_stride]) * kLog2e;
+    const float m = static_cast<float>(mask[c * mask_stride]);
+    // finfo.min * log2(e) overflows to -inf (no key): finite masks stay finite, as in torch; -inf stays.
+    scores[c] = scores[c] * scale_log2 + (m > -kInfinity ? std::max(m * kLog2e, -kFloatMax) : m);
   }
 }
 
