@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tolerance import assert_within_tolerance, poison_allocator
 
 import tfm_kernels
-from tfm_kernels import backends
+from tfm_kernels import attention, backends, reference, rng
 
 CPU_BACKENDS = ["triton", "cpu"]
 GPU_BACKENDS = ["triton", "cuda"]
@@ -19,11 +19,23 @@ def sdpa(backend, q, k, v, **kwargs):
     return tfm_kernels.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
 
 
+def plain_torch(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                key_lengths=None):
+    """The tolerance rule's baseline: attention in plain torch ops in the inputs' dtype, without the float32
+    upcast of the "torch" backend (as FlashAttention's tests), on inputs normalised and with the dropout seed
+    drawn as scaled_dot_product_attention does them."""
+    q4, k4, v4 = (attention._to_4d(t) for t in (q, k, v))  # (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev)
+    B, H, L, E = q4.shape
+    mask = None if attn_mask is None else attention._mask_to_4d(attn_mask, q.shape, B, H, L, k4.shape[2])
+    seed = rng.seed_for(float(dropout_p), q.device)
+    out, _ = reference.attention(q4, k4, v4, mask, key_lengths, dropout_p, is_causal,
+                                 E**-0.5 if scale is None else scale, seed)
+    return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
 def require(backend, q, k, v, mask=None, **kwargs):
     """Skips only where the environment lacks the backend (no build, no GPU), never a feature it should run."""
-    q4 = q if q.dim() == 4 else q.reshape(-1, *q.shape[-3:])
-    reasons = backends.not_supported_reasons(backend, q4, k.reshape(q4.shape[0], -1, *k.shape[-2:]),
-                                             v.reshape(q4.shape[0], -1, *v.shape[-2:]))
+    reasons = backends.not_supported_reasons(backend, *(attention._to_4d(t) for t in (q, k, v)))
     environment = [r for r in reasons if "not built" in r or "needs CUDA" in r or "built without CUDA" in r
                    or "not installed" in r]
     if environment:
@@ -39,15 +51,15 @@ def check_against_oracle(backend, q, k, v, **kwargs):
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
 
-    def run_torch(dtype):
+    def run_torch(dtype, attend):
         cast = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         extra = {n: (a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a)
                  for n, a in kwargs.items()}
-        o = sdpa("torch", *cast, **extra)
+        o = attend(*cast, **extra)
         return (o, *torch.autograd.grad(o, cast, grad_out.to(dtype)))
 
-    baseline = run_torch(q.dtype)
-    oracle = run_torch(torch.float64)
+    baseline = run_torch(q.dtype, plain_torch)
+    oracle = run_torch(torch.float64, plain_torch)
     for name, result, base, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), baseline, oracle):
         assert_within_tolerance(f"{backend} {name}", result, base, ref)
     return out

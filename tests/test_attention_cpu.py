@@ -2,6 +2,7 @@
 dropout keep-mask bit for bit against tfm_kernels.rng, determinism, opcheck, torch.compile, the automatic
 backend choice, argument errors, and its speed beside torch's own CPU SDPA."""
 
+import functools
 import math
 import re
 import statistics
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attention import check_against_oracle, masks, rand, sdpa
+from test_attention import check_against_oracle, masks, plain_torch, rand, sdpa
 from tolerance import assert_within_tolerance
 
 import tfm_kernels
@@ -122,13 +123,14 @@ def test_dropout_against_oracle(dtype):
     q, k, v = qkv(B, Hq, Hk, L, S, E, E, dtype=dtype)
     grad_out = rand(B, Hq, L, E, dtype=dtype)
 
-    def run(backend, cast):
+    def run(attend, cast):
         inputs = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
         torch.manual_seed(2024)  # the seed is the first draw of the call: equal for every run
-        out = sdpa(backend, *inputs, dropout_p=p, is_causal=True, enable_gqa=True)
+        out = attend(*inputs, dropout_p=p, is_causal=True, enable_gqa=True)
         return (out, *torch.autograd.grad(out, inputs, grad_out.to(cast)))
 
-    result, baseline, oracle = run("cpu", dtype), run("torch", dtype), run("torch", torch.float64)
+    cpu = functools.partial(sdpa, "cpu")
+    result, baseline, oracle = run(cpu, dtype), run(plain_torch, dtype), run(plain_torch, torch.float64)
     for name, r, b, o in zip(("out", "dq", "dk", "dv"), result, baseline, oracle):
         assert_within_tolerance(f"cpu dropout {name}", r, b, o)
 

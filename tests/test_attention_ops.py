@@ -221,6 +221,33 @@ def test_backward_gets_no_filled_gradients(backend):
     assert torch.equal(grads[0], torch.ones_like(q)) and grads[1] is None and grads[2] is None
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_raises(backend):
+    """The kernels give first derivatives only: differentiating a gradient raises, as torch's flash kernels do,
+    instead of treating the backward's inputs as constants."""
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 5, 7, 8, 8))
+    require(backend, q, k, v)
+    (grad_q,) = torch.autograd.grad(sdpa(backend, q, k, v).pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"derivative for tfm_kernels::attention_backward is not implemented|"
+                                           r"no autograd formula"):
+        grad_q.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "torch"])
+@pytest.mark.parametrize("sizes", [(0, 2, 2, 5, 7), (2, 0, 0, 5, 7), (2, 4, 2, 0, 7), (2, 4, 2, 5, 0)],
+                         ids=["batch", "heads", "queries", "keys"])
+def test_empty_inputs_keep_the_graph(backend, sizes):
+    """An empty batch, head count or sequence: output zeros of the right shape, and a backward through it gives
+    q, k and v zero (or empty) gradients of their shapes, as torch's SDPA does."""
+    B, Hq, Hk, L, S = sizes
+    q, k, v = (t.requires_grad_() for t in qkv(B, Hq, Hk, L, S, 8, 6))
+    require(backend, q, k, v)
+    out = sdpa(backend, q, k, v, enable_gqa=True)
+    assert out.shape == (B, Hq, L, 6) and not out.any()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, (q, k, v)))
+
+
 def assert_compiled_equals_eager(attend, compiled, q, k, v):
     """Output and gradients of `compiled` equal those of `attend` exactly (same kernels, same seed)."""
     grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -381,6 +408,24 @@ def test_mask_that_requires_grad_gets_torchs_gradient():
         with torch.no_grad():
             out = tfm_kernels.scaled_dot_product_attention(q, k, v, attn_mask=float_bias, backend=backend)
         torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, float_bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_computes_half_precision_in_float32(dtype):
+    """The torch backend (what "auto" runs for a mask that requires grad) keeps scores in float32, as torch's
+    SDPA does: a float32 mask row at -1e9 is not cast to -inf (output: the mean of v), and large scores keep
+    their precision; its output is within the tolerance rule of torch's."""
+    q, k, v = qkv(1, 2, 2, 4, 6, 64, 64, dtype)
+    mask = torch.zeros(4, 6)
+    mask[1] = -1e9
+    for scale in (None, 100.0):  # scale 100: scores in the thousands, where 16-bit floats keep about 1 unit
+        ours = tfm_kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, backend="torch")
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                                 attn_mask=mask.double(), scale=scale)
+        assert_within_tolerance(f"torch backend {dtype} scale {scale}", ours, theirs, exact)
+        if scale is None:  # scores far below float32's spacing at 1e9 (64): all equal in that row
+            torch.testing.assert_close(ours[:, :, 1].double(), v.double().mean(2), rtol=0, atol=1e-2)
 
 
 @pytest.mark.parametrize("versions", [((3, 6), (2, 4)), ((3, 6), (2, 3)), ((3, 7), (2, 5))])

@@ -94,6 +94,15 @@ def _mask_to_4d(attn_mask, query_shape, B, H, L, S):
     return expanded.reshape(B, H, L, S)  # a view for the usual (B, H, L, S) and 3-D cases
 
 
+def _empty_attention(q, k, v):
+    """Attention where the batch, the heads or a sequence is empty: zeros (B, Hq, L, Ev), computed as
+    (q k^T) v over the empty dimension, so that autograd gives q, k and v their (zero or empty) gradients as
+    torch does."""
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # (B, Hq, S, E), (B, Hq, S, Ev)
+    return (q @ k.transpose(-2, -1)) @ v  # (B, Hq, L, S) @ (B, Hq, S, Ev)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, key_lengths=None, backend="auto"):
     """Fused scaled dot-product attention, a drop-in for torch.nn.functional.scaled_dot_product_attention.
@@ -124,15 +133,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         key_lengths: optional int32/int64 tensor (B,), B the product of the batch dims (1 for 3-D inputs):
             keys j >= key_lengths[b] take no part (right padding), without any mask tensor.
         backend: "auto" (the first supporting backend in tfm_kernels.backends.auto_order), "cuda" (CUDA C++),
-            "triton", "cpu" (C++ CPU kernel) or "torch" (the eager reference path). An explicit backend never
-            falls back: it runs or raises NotImplementedError with the reasons. The cuda backward sums dQ with
-            float32 atomics (its last bits may vary from run to run) unless
-            torch.use_deterministic_algorithms(True) is set; the triton and cpu backends always repeat bit for bit.
+            "triton", "cpu" (C++ CPU kernel) or "torch" (the eager reference path, float16/bfloat16 computed in
+            float32 as torch's SDPA does). An explicit backend never falls back: it runs or raises
+            NotImplementedError with the reasons. The cuda backward sums dQ with float32 atomics (its last bits may
+            vary from run to run) unless torch.use_deterministic_algorithms(True) is set; the triton and cpu
+            backends always repeat bit for bit.
 
     Returns:
-        (..., Hq, L, Ev) in the query dtype. A row in which no key takes part (all masked) gives output 0 and
-        zero gradients, where torch gives NaN. Under autocast, as torch: query, key, value and a floating
-        attn_mask are cast to the autocast dtype first (tfm_kernels.autocast), and so is the output.
+        (..., Hq, L, Ev) in the query dtype; the kernel backends store it heads-inner, as torch's CUDA flash kernels
+        do ((..., L, Hq, Ev) in memory, so that merging heads, out.transpose(-3, -2).reshape(..., L, Hq * Ev),
+        copies nothing): merge the (Hq, L) dims with .reshape, not .view. A row in which no key takes part (all
+        masked) gives output 0 and zero gradients, where torch gives NaN. Under autocast, as torch: query, key,
+        value and a floating attn_mask are cast to the autocast dtype first (tfm_kernels.autocast), and so is the
+        output.
     """
     query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     with autocast_off(query):
@@ -164,9 +177,9 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         if reasons:
             raise NotImplementedError(f"backend={backend!r} cannot run these inputs: " + "; ".join(reasons))
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        return query.new_zeros(out_shape)  # empty batch, sequence or head dim: nothing to attend
+        return _empty_attention(q, k, v).reshape(out_shape)
     if backend == "torch":
-        out, _ = reference.attention(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
+        out, _ = reference.attention(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed, upcast=True)
     else:
         out, _ = _forward_op(backend)(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
     return out.reshape(out_shape)

@@ -7,8 +7,10 @@ from .rng import dropout_keep_mask
 
 
 def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False, scale=None, seed=None,
-              keep_mask=None):
-    """Attention in plain torch ops, differentiable, computed in the inputs' dtype.
+              keep_mask=None, upcast=False):
+    """Attention in plain torch ops, differentiable, computed in the inputs' dtype, or with `upcast` in float32
+    for float16/bfloat16 inputs (as torch's SDPA keeps its scores in float32); the output in the inputs' dtype.
+    The tolerance rule's baseline is the computation without upcast (FlashAttention's tests use it so).
 
     q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv) with Hq % Hk == 0 (grouped-query attention repeats
     each key/value head over Hq // Hk query heads); mask broadcastable to (B, Hq, L, S), bool (True = takes
@@ -20,6 +22,9 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
     B, Hq, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
+    out_dtype = q.dtype
+    if upcast and out_dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
     k = k.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S, D)
     v = v.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S, Dv)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, L, S)
@@ -46,7 +51,7 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
         if keep_mask is None:
             keep_mask = dropout_keep_mask(seed, B * Hq, L, S, dropout_p, device=q.device).view(B, Hq, L, S)
         probs = probs * keep_mask.to(probs.dtype) / (1.0 - dropout_p)
-    return probs @ v, lse
+    return (probs @ v).to(out_dtype), lse
 
 
 def activation(z, name):
