@@ -5,8 +5,9 @@ import pytest
 import torch
 from threads import one_thread  # noqa: F401  (fixture)
 
-from tfm_kernels.models import EncoderDecoderTransformer, LMConfig, Seq2SeqConfig, TransformerLM
+from tfm_kernels.models import EncoderDecoderTransformer, LMConfig, Seq2SeqConfig, TransformerLM, generation
 from tfm_kernels.models.generation import beam_search, generate, greedy_decode, length_penalty
+from tfm_kernels.models.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,6 +51,16 @@ def test_lm_sampling_differs_between_seeds_and_repeats_with_one(lm):
     assert not torch.equal(draw(7), draw(8))
 
 
+@pytest.mark.parametrize("temperature, top_k", [(1e-40, None), (1e-300, None), (1e-300, 4)])
+def test_tiny_temperature_samples_the_most_likely_token(lm, temperature, top_k):
+    """A temperature far below every gap between logits is greedy decoding: logits / temperature would
+    overflow to inf (and 1e-300 is 0 in float32), which must not turn the distribution into NaN."""
+    prompt = torch.randint(0, 256, (3, 4))
+    generator = torch.Generator().manual_seed(0)
+    sampled = generate(lm, prompt, 20, temperature=temperature, top_k=top_k, generator=generator)
+    assert torch.equal(sampled, generate(lm, prompt, 20, greedy=True))
+
+
 def test_top_k_restricts_samples_to_the_k_most_likely(lm):
     prompt = torch.randint(0, 256, (64, 2))
     with torch.no_grad():
@@ -77,6 +88,21 @@ def test_beam_search_cached_equals_uncached(seq2seq, beam_size):
     if beam_size == 1:  # one beam is greedy decoding
         greedy = greedy_decode(seq2seq, src, 12)
         assert torch.equal(tokens[:, :greedy.shape[1]], greedy)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_seq2seq_decodes_as_many_tokens_as_the_model_holds(seq2seq, monkeypatch, use_cache):
+    """The decoder is fed bos and all generated tokens but the last: max_length == config.max_length feeds
+    positions 0..max_length - 1 and decodes max_length tokens (eos is suppressed, so no row stops early)."""
+    eos = torch.tensor([seq2seq.config.eos_id])
+    log_probs = generation._Decoder.log_probs
+    monkeypatch.setattr(generation._Decoder, "log_probs",
+                        lambda self, prefix: log_probs(self, prefix).index_fill(-1, eos, float("-inf")))
+    src = torch.randint(97, 123, (2, 10))
+    n = seq2seq.config.max_length
+    assert greedy_decode(seq2seq, src, n, use_cache=use_cache).shape == (2, n)
+    tokens, scores = beam_search(seq2seq, src, n, beam_size=2, use_cache=use_cache)
+    assert tokens.shape == (2, n) and scores.isfinite().all()
 
 
 def test_beam_search_scores_are_length_normalised_log_probabilities():
@@ -118,7 +144,20 @@ def test_generate_rejects_bad_arguments(lm, kwargs, error, message):
 def test_seq2seq_decoding_rejects_bad_arguments(seq2seq):
     with pytest.raises(ValueError, match="src must be a \\(batch, length\\) int64 tensor"):
         greedy_decode(seq2seq, torch.zeros(3, dtype=torch.int64), 5)
-    with pytest.raises(ValueError, match="max_length 64 \\+ 1 \\(bos\\) exceeds the model's max_length 64"):
-        greedy_decode(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 64)
+    with pytest.raises(ValueError, match="max_length 65 exceeds the model's max_length 64"):
+        greedy_decode(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 65)
     with pytest.raises(ValueError, match="beam_size must be an int >= 1; got 0"):
         beam_search(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 5, beam_size=0)
+
+
+def test_tokenizer_encodes_empty_text_and_refuses_lone_surrogates():
+    """Every str UTF-8 can encode round-trips, the empty one included; a lone surrogate (how Python hands over a
+    command-line byte that is not UTF-8) cannot be encoded."""
+    tokenizer = ByteTokenizer()
+    empty = tokenizer.encode_tensor("")
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+    text = "h\u00e9llo \U0001f642"
+    assert tokenizer.encode_tensor(text).tolist() == tokenizer.encode(text)
+    assert tokenizer.decode(tokenizer.encode_tensor(text)) == text
+    with pytest.raises(UnicodeEncodeError, match="surrogates not allowed"):
+        tokenizer.encode_tensor("caf\udcff")

@@ -52,12 +52,15 @@ def test_config_errors_name_the_field(make, message):
         make()
 
 
-def test_lm_matches_torch_layers_with_the_same_weights():
+@pytest.mark.parametrize("bias", [True, False])
+def test_lm_matches_torch_layers_with_the_same_weights(bias):
     """Logits and every gradient of the model on our kernels are within the tolerance rule of the same model
-    built from nn.TransformerEncoderLayer, against a float64 run of the latter."""
-    config = LMConfig.preset("tiny", n_layers=2, context_length=32)
+    built from nn.TransformerEncoderLayer, against a float64 run of the latter; with bias=False too (the linear
+    layers lose their biases, the LayerNorms keep theirs), with the same parameter count."""
+    config = LMConfig.preset("tiny", n_layers=2, context_length=32, bias=bias)
     model = TransformerLM(config)
     baseline = TorchLM(config).copy_weights_from(model)
+    assert sum(p.numel() for p in baseline.parameters()) == sum(p.numel() for p in model.parameters())
     oracle = copy.deepcopy(baseline).double()
     tokens = torch.randint(0, config.vocab_size, (3, 29))
     targets = torch.randint(0, config.vocab_size, (3, 29))

@@ -2,7 +2,9 @@
 bit-identically and are written atomically, two gloo processes compute the gradients of one, the command
 lines run, and bad input fails cleanly before anything is written."""
 
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,12 +15,21 @@ import torch.multiprocessing as mp
 from threads import one_thread  # noqa: F401  (fixture)
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from tfm_kernels.models import LMConfig, Seq2SeqConfig, TransformerLM, checkpoint, data, distributed
+from tfm_kernels.models import (
+    EncoderDecoderTransformer,
+    LMConfig,
+    Seq2SeqConfig,
+    TransformerLM,
+    checkpoint,
+    data,
+    distributed,
+    training,
+)
 from tfm_kernels.models.cli import generate_main, train_copy_main, train_main
 from tfm_kernels.models.generation import generate
 from tfm_kernels.models.schedules import inverse_sqrt, warmup_cosine
 from tfm_kernels.models.tokenizer import ByteTokenizer
-from tfm_kernels.models.training import TrainConfig, lm_loss, train_copy, train_lm
+from tfm_kernels.models.training import TrainConfig, lm_loss, seq2seq_loss, train_copy, train_lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(context_length=32, d_model=32, n_layers=2, n_heads=2, d_ff=64)
@@ -95,6 +106,141 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is not a readable checkpoint"):
         checkpoint.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+RESUMABLE = dict(batch_size=2, lr=1e-3, warmup_steps=2, eval_windows=2)
+
+
+@pytest.mark.parametrize("change, differences", [
+    (dict(batch_size=4), ["batch_size (--batch-size): checkpoint 2, given 4"]),
+    (dict(lr=0.5), ["lr (--lr): checkpoint 0.001, given 0.5"]),
+    (dict(seed=7), ["seed (--seed): checkpoint 0, given 7"]),
+    (dict(grad_clip=0.0), ["grad_clip: checkpoint 1.0, given 0.0"]),
+    (dict(warmup_steps=3), ["warmup_steps (--warmup-steps): checkpoint 2, given 3"]),
+    (dict(min_lr_ratio=0.5), ["min_lr_ratio: checkpoint 0.1, given 0.5"]),
+    (dict(weight_decay=0.0), ["weight_decay: checkpoint 0.1, given 0.0"]),
+    (dict(val_fraction=0.2), ["val_fraction: checkpoint 0.1, given 0.2"]),
+    (dict(amp=False), ["amp (--no-amp): checkpoint True, given False"]),
+    (dict(corpus="CORPUS"), ["corpus (--corpus): checkpoint None, given 'CORPUS'"]),
+    # the learning rate decays over steps (decay_steps None): another total is another schedule
+    (dict(steps=6), ["steps (--steps): checkpoint 3, given 6"]),
+    (dict(decay_steps=10), ["decay_steps: checkpoint None, given 10"]),
+    (dict(batch_size=4, lr=0.5), ["batch_size (--batch-size): checkpoint 2, given 4",
+                                  "lr (--lr): checkpoint 0.001, given 0.5"]),
+])
+def test_resume_refuses_settings_that_change_training(tmp_path, change, differences):
+    """A resumed run continues the checkpoint's computation: a setting that changes it must equal the
+    checkpoint's, and the error names every one that differs (its flag, if it has one) before anything is
+    written."""
+    config = LMConfig.preset("tiny", **TINY)
+    train_lm(config, _quiet(steps=3, checkpoint_dir=str(tmp_path / "run"), **RESUMABLE))
+    before = os.path.getmtime(tmp_path / "run" / checkpoint.CHECKPOINT_NAME)
+    if change.get("corpus") == "CORPUS":
+        change["corpus"] = str(tmp_path / "corpus.txt")
+        (tmp_path / "corpus.txt").write_text(data.load_corpus())
+        differences = [d.replace("'CORPUS'", repr(change["corpus"])) for d in differences]
+    settings = {"steps": 3, **RESUMABLE, **change}
+    with pytest.raises(ValueError, match="was trained with other settings") as error:
+        train_lm(config, _quiet(checkpoint_dir=str(tmp_path / "run"), resume=True, **settings))
+    message = str(error.value)
+    assert all(difference in message for difference in differences), message
+    assert message.count(": checkpoint ") == len(differences), message
+    assert os.path.getmtime(tmp_path / "run" / checkpoint.CHECKPOINT_NAME) == before
+
+
+def test_resume_refuses_another_copy_task(tmp_path):
+    config = Seq2SeqConfig.preset("tiny")
+    run = dict(batch_size=2, checkpoint_dir=str(tmp_path))
+    train_copy(config, _quiet(steps=2, **run), max_length=5, eval_examples=2)
+    with pytest.raises(ValueError, match="max_length \\(--max-length\\): checkpoint 5, given 6"):
+        train_copy(config, _quiet(steps=4, resume=True, **run), max_length=6, eval_examples=2)
+    with pytest.raises(ValueError, match="min_length \\(--min-length\\): checkpoint 1, given 2"):
+        train_copy(config, _quiet(steps=4, resume=True, **run), min_length=2, max_length=5, eval_examples=2)
+
+
+def test_resume_may_change_what_does_not_change_training(tmp_path):
+    """Checkpointing, logging and evaluation settings (evaluation draws no random numbers) may change on resume,
+    and so may the total steps where the learning rates of the steps taken stay those of the new total (the
+    copy task's inverse-square-root schedule has no end; the language model's cosine decay ends at decay_steps,
+    else at steps, so only a run still in its warm-up may change steps): the parameters are those of one
+    uninterrupted run of the new total, bit for bit (dropout makes the RNG state part of the bargain)."""
+    lm = LMConfig.preset("tiny", dropout=0.1, **TINY)
+    bookkeeping = dict(eval_interval=1, log_interval=3, checkpoint_interval=2, eval_windows=4)
+    for name, schedule in [("decay", dict(decay_steps=8)), ("warmup", dict(warmup_steps=6))]:
+        common = dict(eval_interval=100, log_interval=100, **{**RESUMABLE, **schedule})
+        straight = train_lm(lm, _quiet(steps=8, **common))
+        train_lm(lm, _quiet(steps=4, checkpoint_dir=str(tmp_path / name), **common))
+        shutil.copytree(tmp_path / name, tmp_path / f"{name}_moved")
+        resumed = train_lm(lm, _quiet(steps=8, checkpoint_dir=str(tmp_path / f"{name}_moved"), resume=True,
+                                      **{**common, **bookkeeping}))
+        assert resumed.step == 8 and len(resumed.evaluations) == 4
+        for key, value in _parameters(straight.model).items():
+            assert torch.equal(value, _parameters(resumed.model)[key]), (name, key)
+    with pytest.raises(ValueError, match="steps \\(--steps\\): checkpoint 8, given 9 \\(the cosine decay"):
+        train_lm(lm, _quiet(steps=9, checkpoint_dir=str(tmp_path / "warmup_moved"), resume=True, **common))
+    copy = Seq2SeqConfig.preset("tiny", dropout=0.1)
+    task = dict(max_length=5)
+    straight = train_copy(copy, _quiet(steps=6, batch_size=4, eval_interval=100), eval_examples=4, **task)
+    train_copy(copy, _quiet(steps=3, batch_size=4, checkpoint_dir=str(tmp_path / "copy")), eval_examples=4,
+               **task)
+    resumed = train_copy(copy, _quiet(steps=6, batch_size=4, eval_interval=1, resume=True,
+                                      checkpoint_dir=str(tmp_path / "copy")), eval_examples=8, **task)
+    assert resumed.step == 6
+    for name, value in _parameters(straight.model).items():
+        assert torch.equal(value, _parameters(resumed.model)[name]), name
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("lr", math.inf), ("lr", math.nan), ("grad_clip", math.nan), ("grad_clip", math.inf),
+    ("weight_decay", math.inf), ("weight_decay", math.nan), ("min_lr_ratio", math.nan), ("min_lr_ratio", 1.5),
+])
+def test_train_config_refuses_non_finite_and_out_of_range_floats(setting, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{setting} must be .*; got {value!r}"):
+        TrainConfig(**{setting: value})
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_checkpoint_dir_that_is_a_file_fails_before_training(tmp_path, monkeypatch, capsys, inside):
+    """--checkpoint-dir naming a file (or a folder inside one) fails before training starts and before
+    anything is written, as other bad input (status 2)."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    target = str(blocker / "run" if inside else blocker)
+    monkeypatch.setattr(training.Trainer, "run", lambda self: pytest.fail("trained before checking the folder"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--steps", "2", "--batch-size", "2", "--eval-windows", "2", "--checkpoint-dir", target,
+                    "--device", "cpu", "--no-progress"])
+    assert exit_info.value.code == 2
+    expected = f"checkpoint_dir (--checkpoint-dir) {target!r} cannot hold checkpoints: {str(blocker)!r} is not a"
+    assert expected in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not a folder"):
+        train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=2, batch_size=2, checkpoint_dir=target))
+    assert blocker.read_text() == "x"
+
+
+def test_cli_checkpoint_write_failure_ends_with_one_line(tmp_path, monkeypatch, capsys):
+    """An OSError while saving (disk full) ends the run with a one-line error and status 1, not a traceback."""
+    def failing_save(obj, file):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--steps", "2", "--batch-size", "2", "--eval-windows", "2", "--checkpoint-dir",
+                    str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("python -m tfm_kernels train: error: could not write the checkpoint") and (
+        "No space left on device" in error and "\n" not in error)
+    assert os.listdir(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("eval_examples", [0, -1])
+def test_train_copy_needs_an_eval_example(tmp_path, eval_examples):
+    with pytest.raises(ValueError, match=f"eval_examples \\(--eval-examples\\) must be an int >= 1; got "
+                                         f"{eval_examples}"):
+        train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=1, batch_size=2, checkpoint_dir=str(tmp_path / "run")),
+                   eval_examples=eval_examples)
+    assert not (tmp_path / "run").exists()
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -219,19 +365,54 @@ def _distributed_runs(world_size, out_dir):
     distributed.shutdown(env)
 
 
-def _worker(rank, world_size, port, out_dir):
+def _unequal_copy_batch(config):
+    """4 rows of the copy task (lengths 1-8), longest first: rows 0-1 hold more target tokens than rows 2-3."""
+    src, tgt_in, tgt_out = data.copy_task_batch(4, 1, 8, data.copy_symbols(), config.pad_id, config.bos_id,
+                                                config.eos_id, torch.Generator().manual_seed(0))
+    order = (tgt_out != config.pad_id).sum(dim=1).argsort(descending=True)
+    return src[order], tgt_in[order], tgt_out[order]
+
+
+def _copy_task_runs(world_size, out_dir):
+    """The copy task's gradients of one loss evaluation on _unequal_copy_batch (this rank's half of it), then 2
+    training steps with DDP, logging every step. Rank 0 saves what it saw."""
+    torch.set_num_threads(1)
+    env = distributed.init_from_env("cpu")
+    config = Seq2SeqConfig.preset("tiny")
+    torch.manual_seed(0)
+    model = EncoderDecoderTransformer(config)
+    wrapped = distributed.wrap_model(model, env)
+    share = slice(env.rank * 4 // env.world_size, (env.rank + 1) * 4 // env.world_size)
+    batch = [t[share] for t in _unequal_copy_batch(config)]
+    seq2seq_loss(wrapped, *batch, config.label_smoothing, config.pad_id, env).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    result = train_copy(config, _quiet(steps=2, batch_size=4, log_interval=1, eval_interval=2), max_length=8,
+                        eval_examples=4, env=env)
+    if env.is_main:
+        torch.save({"grads": grads, "losses": result.train_losses, "params": _parameters(result.model)},
+                   os.path.join(out_dir, f"copy{world_size}.pt"))
+    distributed.shutdown(env)
+
+
+def _worker(rank, world_size, port, out_dir, runs):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    _distributed_runs(world_size, out_dir)
+    runs(world_size, out_dir)
+
+
+def _on_two_ranks_and_one(tmp_path, runs, stem):
+    """Runs `runs(world_size, out_dir)` on two gloo ranks, then in this process alone; returns what each saved
+    (tmp_path / f"{stem}2.pt", f"{stem}1.pt")."""
+    # fork: the children inherit the imported modules instead of importing torch again (seconds each)
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), runs), nprocs=2, start_method="fork")
+    runs(1, str(tmp_path))
+    return torch.load(tmp_path / f"{stem}2.pt"), torch.load(tmp_path / f"{stem}1.pt")
 
 
 def test_two_gloo_ranks_compute_what_one_process_computes(tmp_path):
     """DDP on two processes: the same gradients as one process on the same global batch, and the same
     parameters after 3 steps; FSDP (with a save and a resume on the way) reaches the same parameters."""
-    # fork: the children inherit the imported modules instead of importing torch again (seconds each)
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
-    _distributed_runs(1, str(tmp_path))
-    two, one = torch.load(tmp_path / "out2.pt"), torch.load(tmp_path / "out1.pt")
+    two, one = _on_two_ranks_and_one(tmp_path, _distributed_runs, "out")
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
     fsdp = checkpoint.load_checkpoint(str(tmp_path / "fsdp"))
@@ -245,6 +426,26 @@ def test_two_gloo_ranks_compute_what_one_process_computes(tmp_path):
         torch.testing.assert_close(two["copy_params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert [step for step, _ in two["copy_evaluations"]] == [0, 2]
     assert sorted(os.listdir(tmp_path / "ddp2")) == [checkpoint.CHECKPOINT_NAME]
+
+
+def test_two_gloo_ranks_with_unequal_target_tokens_compute_the_copy_task_of_one_process(tmp_path):
+    """The copy task's loss is the mean over the global batch's target tokens however they fall between the
+    ranks: with more on rank 0 than on rank 1, DDP gives the gradients, logged losses and parameters of one
+    process on the same global batch."""
+    config = Seq2SeqConfig.preset("tiny")
+    counts = [(t != config.pad_id).sum().item() for t in _unequal_copy_batch(config)[2].split(2)]
+    first_batch = data.copy_task_batch(4, 1, 8, data.copy_symbols(), config.pad_id, config.bos_id, config.eos_id,
+                                       torch.Generator().manual_seed(0))  # train_copy's first (seed 0)
+    first_counts = [(t != config.pad_id).sum().item() for t in first_batch[2].split(2)]
+    assert counts[0] > counts[1] and first_counts[0] != first_counts[1], (counts, first_counts)
+    two, one = _on_two_ranks_and_one(tmp_path, _copy_task_runs, "copy")
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert [step for step, _ in two["losses"]] == [1, 2]
+    for (_, loss_two), (_, loss_one) in zip(two["losses"], one["losses"]):
+        assert loss_two == pytest.approx(loss_one, rel=1e-6)
+    for name, value in one["params"].items():
+        torch.testing.assert_close(two["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,6 +490,53 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert "preset must be one of" in capsys.readouterr().err
 
 
+@pytest.fixture
+def lm_checkpoint(tmp_path):
+    """The folder of a one-step language-model checkpoint (context length 32)."""
+    train_lm(LMConfig.preset("tiny", **TINY), _quiet(steps=1, batch_size=2, eval_windows=2,
+                                                     checkpoint_dir=str(tmp_path)))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "--prompt must not be empty"),
+    # a command-line byte that is not UTF-8 (bash $'caf\\xff') reaches Python as a lone surrogate
+    ("caf\udcff", "--prompt is not UTF-8 text: 'utf-8' codec can't encode character '\\udcff' in position 3"),
+])
+def test_cli_generate_prompt_errors_name_the_flag(lm_checkpoint, capsys, prompt, message):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--checkpoint", lm_checkpoint, "--prompt", prompt, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unavailable_device_is_refused_naming_the_flag(lm_checkpoint, capsys, monkeypatch):
+    """A valid device name this machine or build lacks is bad input naming --device, not a traceback when the
+    model moves there."""
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--checkpoint", lm_checkpoint, "--device", "mps"])
+    assert exit_info.value.code == 2 and "error: --device 'mps' is not available" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--device 'mps' is not available"):
+        train_lm(LMConfig.preset("tiny", **TINY), TrainConfig(steps=1, batch_size=2, device="mps"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="--device 'cuda:3': this machine has 1 CUDA device"):
+        distributed.resolve_device("cuda:3")
+
+
+def test_cli_train_copy_takes_the_longest_copy_the_model_holds(capsys):
+    """The tiny preset holds 64 positions: 63 letters + eos train and decode at evaluation; 64 do not fit."""
+    run = ["--steps", "1", "--batch-size", "2", "--eval-examples", "2", "--device", "cpu", "--no-progress"]
+    assert train_copy_main([*run, "--max-length", "63"]) == 0
+    assert "step 1: copy token accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train_copy_main([*run, "--max-length", "64"])
+    assert exit_info.value.code == 2
+    assert "copy max_length 64 + 1 (eos) exceeds the model's max_length 64" in capsys.readouterr().err
+
+
 def test_cli_train_copy_reports_accuracy(capsys):
     assert train_copy_main(["--steps", "3", "--batch-size", "4", "--max-length", "4", "--eval-examples", "8",
                             "--device", "cpu", "--no-progress"]) == 0
@@ -306,8 +554,9 @@ def test_gpu_bf16_training_and_cached_generation(tmp_path):
     from tfm_kernels import backends
 
     config = LMConfig.preset("tiny")
-    run = dict(batch_size=16, lr=3e-3, warmup_steps=10, eval_interval=60, eval_windows=32, device="cuda",
-               checkpoint_dir=str(tmp_path))
+    # decay_steps: the 40-step run's learning rates are those of the 60-step run it resumes into
+    run = dict(batch_size=16, lr=3e-3, warmup_steps=10, decay_steps=60, eval_interval=60, eval_windows=32,
+               device="cuda", checkpoint_dir=str(tmp_path))
     first = train_lm(config, _quiet(steps=40, **run))
     result = train_lm(config, _quiet(steps=60, resume=True, **run))
     assert next(result.model.parameters()).is_cuda

@@ -22,6 +22,9 @@ class TorchLM(nn.Module):
         layer = nn.TransformerEncoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout,
                                            activation=config.activation, batch_first=True, norm_first=True,
                                            bias=config.bias)
+        # config.bias drops the linear layers' biases only: TransformerLM's LayerNorms always have one, where
+        # torch's bias=False drops the norms' too.
+        layer.norm1, layer.norm2 = nn.LayerNorm(config.d_model), nn.LayerNorm(config.d_model)
         self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(config.d_model)
 

@@ -11,6 +11,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
+class CheckpointWriteError(OSError):
+    """The file system refused a checkpoint (disk full, no permission, ...); the message names the file and
+    the operating system's reason."""
+
+
 def checkpoint_path(directory: str) -> str:
     """The checkpoint file of a run's folder (one file, replaced at every save)."""
     return os.path.join(directory, CHECKPOINT_NAME)
@@ -35,16 +40,18 @@ def restore_rng(state: dict, device: torch.device):
 
 def save_checkpoint(path: str, payload: dict):
     """Writes `payload` to `path` atomically: readers see the previous checkpoint or the new one, never part
-    of one, even if the process dies while writing."""
+    of one, even if the process dies while writing. Raises CheckpointWriteError when the file system refuses."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     temporary = f"{path}.tmp.{os.getpid()}"
     try:
+        os.makedirs(directory, exist_ok=True)
         with open(temporary, "wb") as file:
             torch.save({"format": FORMAT_VERSION, **payload}, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        raise CheckpointWriteError(f"could not write the checkpoint {path!r}: {error}") from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

@@ -2,7 +2,8 @@
 
 Each runs unchanged under `torchrun --nproc-per-node N -m tfm_kernels train ...`
 (DistributedDataParallel, or FSDP with --fsdp). Bad input ends with a one-line error naming the argument
-and exit status 2."""
+and exit status 2; a checkpoint the file system refuses (disk full) ends training with a one-line error and
+exit status 1."""
 
 import argparse
 import sys
@@ -21,7 +22,14 @@ DEFAULT_NEW_TOKENS = 200
 
 def _add_common_training_args(parser, default_steps, default_batch, default_lr, lr_help):
     parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    parser.add_argument("--steps", type=int, default=default_steps, help="total optimizer steps")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=default_steps,
+        help="total optimizer steps (with --resume it may differ from the checkpoint's, not below its step, "
+        "where the run then equals an uninterrupted one of the new total: always for train-copy; for train "
+        "only from a checkpoint still within the warm-up, as its learning rate decays over --steps)",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -37,7 +45,12 @@ def _add_common_training_args(parser, default_steps, default_batch, default_lr, 
         "--checkpoint-interval", type=int, default=0, help="save every N steps (0: at the end)"
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir"
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint-dir as the uninterrupted run would (bit for bit on "
+        "the same device and number of processes): flags that change training (--batch-size, --lr, --seed, "
+        "--no-amp, the data and schedule flags) must be the checkpoint's; checkpoint, logging and evaluation "
+        "flags and --device may change",
     )
     parser.add_argument("--eval-interval", type=int, default=100)
     parser.add_argument("--log-interval", type=int, default=10)
@@ -70,7 +83,8 @@ def _train_config(args, **extra) -> TrainConfig:
 
 def _run(parser, job):
     """Runs job(start) — start(device) joins the process group — and turns bad input into
-    `prog: error: ...` with exit status 2; the process group is left cleanly either way."""
+    `prog: error: ...` with exit status 2, a checkpoint that cannot be written into the same line with exit
+    status 1; the process group is left cleanly either way."""
     started = []
 
     def start(device):
@@ -81,6 +95,8 @@ def _run(parser, job):
         return job(start)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    except checkpoint.CheckpointWriteError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     finally:
         for env in started:
             distributed.shutdown(env)
@@ -123,6 +139,22 @@ def train_main(argv=None):
     return _run(parser, job)
 
 
+def _encode_prompt(prompt, context_length):
+    """--prompt as (1, T) byte ids; ValueError naming --prompt when it is empty, not UTF-8 text (a byte that is
+    not UTF-8 on the command line reaches Python as a lone surrogate) or longer than the context."""
+    try:
+        ids = ByteTokenizer().encode_tensor(prompt)[None]  # (1, T)
+    except UnicodeEncodeError as error:
+        raise ValueError(f"--prompt is not UTF-8 text: {error}") from error
+    if ids.shape[1] == 0:
+        raise ValueError("--prompt must not be empty")
+    if ids.shape[1] > context_length:
+        raise ValueError(
+            f"--prompt is {ids.shape[1]} bytes, longer than the model's context length {context_length}"
+        )
+    return ids
+
+
 def generate_main(argv=None):
     """`python -m tfm_kernels generate`: continues --prompt from a language-model checkpoint."""
     parser = argparse.ArgumentParser(
@@ -152,15 +184,7 @@ def generate_main(argv=None):
         model = TransformerLM(model_config)
         model.load_state_dict(saved["model"])
         model.to(device).eval()
-        tokenizer = ByteTokenizer()
-        prompt = tokenizer.encode_tensor(args.prompt)[None].to(device)  # (1, T)
-        if prompt.shape[1] == 0:
-            raise ValueError("--prompt must not be empty")
-        if prompt.shape[1] > model_config.context_length:
-            raise ValueError(
-                f"--prompt is {prompt.shape[1]} bytes, longer than the model's context length "
-                f"{model_config.context_length}"
-            )
+        prompt = _encode_prompt(args.prompt, model_config.context_length).to(device)  # (1, T)
         new_tokens = args.max_new_tokens
         if new_tokens is None:
             new_tokens = min(DEFAULT_NEW_TOKENS, model_config.context_length - prompt.shape[1])
@@ -175,7 +199,7 @@ def generate_main(argv=None):
             generator=generator,
             use_cache=not args.no_cache,
         )
-        sys.stdout.write(tokenizer.decode(tokens[0]) + "\n")
+        sys.stdout.write(ByteTokenizer().decode(tokens[0]) + "\n")
         return 0
 
     return _run(parser, job)
@@ -195,7 +219,7 @@ def train_copy_main(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=None, help="override the preset's warm-up steps")
     parser.add_argument("--min-length", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=10)
-    parser.add_argument("--eval-examples", type=int, default=256)
+    parser.add_argument("--eval-examples", type=int, default=256, help="held-out strings per evaluation")
     args = parser.parse_args(argv)
 
     def job(start):

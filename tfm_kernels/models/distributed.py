@@ -33,15 +33,23 @@ class DistributedEnv:
 
 
 def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda if available, else cpu; anything else is passed to torch.device with a clear error."""
+    """ "auto" -> cuda if available, else cpu; anything else must name a device that this machine and build of
+    torch have (ValueError naming --device otherwise, before anything runs there)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from error
+        raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise ValueError(f"--device {device!r}: CUDA is not available")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.zeros(0).to(resolved)  # a valid name of a device this machine or build lacks: mps, xpu, ...
+    except (RuntimeError, AssertionError, ImportError) as error:  # what torch raises, by device type
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"--device {device!r} is not available: {reason}") from error
     return resolved
 
 

@@ -16,10 +16,15 @@ def _check_count(name, value, minimum=1):
 
 def _next_token(logits, greedy, temperature, top_k, generator):
     """logits (B, V) -> (B, 1) int64: argmax, or a sample of softmax(logits / temperature) restricted to the
-    top_k largest logits."""
+    top_k largest logits.
+
+    The largest logit is subtracted first and the division is in float64, where no positive temperature is 0:
+    the largest logits stay 0 and the others at most overflow to -inf, so a tiny temperature samples like
+    greedy decoding instead of dividing inf by inf."""
     if greedy:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), <= 0
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -124,10 +129,9 @@ def _check_source(model, src, max_length):
             f"src length {src.shape[1]} exceeds the model's max_length {model.config.max_length}"
         )
     _check_count("max_length", max_length)
-    if max_length + 1 > model.config.max_length:
-        raise ValueError(
-            f"max_length {max_length} + 1 (bos) exceeds the model's max_length {model.config.max_length}"
-        )
+    # The decoder is fed bos and every generated token but the last: positions 0..max_length - 1.
+    if max_length > model.config.max_length:
+        raise ValueError(f"max_length {max_length} exceeds the model's max_length {model.config.max_length}")
 
 
 @torch.no_grad()
@@ -140,7 +144,7 @@ def greedy_decode(
     finished; positions after a row's eos hold pad_id."""
     _check_source(model, src, max_length)
     config = model.config
-    decoder = _Decoder(model, src, src_lengths, max_length + 1, use_cache)
+    decoder = _Decoder(model, src, src_lengths, max_length, use_cache)
     tokens = torch.full((src.shape[0], 1), config.bos_id, dtype=torch.int64, device=src.device)
     finished = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
     for _ in range(max_length):
@@ -183,7 +187,7 @@ def beam_search(
     config = model.config
     B, K = src.shape[0], beam_size
     device = src.device
-    decoder = _Decoder(model, src, src_lengths, max_length + 1, use_cache)
+    decoder = _Decoder(model, src, src_lengths, max_length, use_cache)
     decoder.expand(K)
     tokens = torch.full((B * K, 1), config.bos_id, dtype=torch.int64, device=device)
     # All beams start as the same prefix: only beam 0 may expand at the first step, or the top-K would be K

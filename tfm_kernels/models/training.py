@@ -7,6 +7,7 @@ batch, split evenly over the processes, so a job computes the same updates on an
 
 import dataclasses
 import math
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -32,7 +33,14 @@ class TrainConfig:
     peak of a linear warm-up (`warmup_steps`) + cosine decay to `min_lr_ratio * lr` at `decay_steps` (default:
     `steps`); for the encoder-decoder it multiplies the paper's inverse-square-root schedule (1.0: the
     paper's).
-    checkpoint_interval 0 saves only at the end; resume continues from checkpoint_dir's checkpoint."""
+    checkpoint_interval 0 saves only at the end; resume continues from checkpoint_dir's checkpoint, and must
+    repeat every setting that shapes the computation (RESUME_SETTINGS; ValueError naming those that differ).
+    `steps` may differ (not behind the checkpoint) where the resumed run then equals an uninterrupted run of
+    the new total: always for the encoder-decoder, whose schedule has no end; for the language model while the
+    learning rates of the steps taken stay the same (decay_steps set, or the run still in its warm-up; the
+    cosine decay otherwise spans `steps`). Checkpointing, logging, evaluation (which draws no random numbers),
+    the device and the number of processes may change; with another number of processes, dropout draws fresh
+    numbers."""
 
     steps: int = 200
     batch_size: int = 16
@@ -69,13 +77,14 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.checkpoint_interval must be an int >= 0; got {self.checkpoint_interval!r}"
             )
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0; got {self.lr!r}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"TrainConfig.grad_clip and weight_decay must be >= 0; got {self.grad_clip!r}, "
-                f"{self.weight_decay!r}"
-            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0; got {self.lr!r}")
+        for name in ("grad_clip", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0; got {value!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("TrainConfig.resume needs checkpoint_dir (the folder holding the checkpoint)")
 
@@ -96,12 +105,24 @@ def lm_loss(model, inputs, targets):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def seq2seq_loss(model, src, tgt_in, tgt_out, label_smoothing, pad_id):
-    """Label-smoothed cross-entropy over the non-pad target positions; src (B, S), tgt_in/tgt_out (B, T)."""
+def seq2seq_loss(model, src, tgt_in, tgt_out, label_smoothing, pad_id, env=None):
+    """Label-smoothed cross-entropy averaged over the non-pad target positions of the global batch, of which
+    src (B, S), tgt_in/tgt_out (B, T) are this process's share (env: the job; None: one process).
+
+    Processes hold different numbers of target tokens, so the sum over this process's tokens is divided by the
+    count over all processes and multiplied by their number: DDP's and FSDP's averaging of gradients then gives
+    the gradient of the global mean, and the mean of the processes' values is the global mean."""
+    env = env or distributed.DistributedEnv()
     logits = model(src, tgt_in)  # (B, T, V)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=pad_id, label_smoothing=label_smoothing
+    loss_sum = F.cross_entropy(
+        logits.float().flatten(0, 1),
+        tgt_out.flatten(),
+        ignore_index=pad_id,
+        label_smoothing=label_smoothing,
+        reduction="sum",
     )
+    count = distributed.all_reduce_sum((tgt_out != pad_id).sum(), env)  # non-pad target tokens, all processes
+    return loss_sum * env.world_size / count
 
 
 def _param_groups(model, weight_decay):
@@ -114,10 +135,11 @@ def _param_groups(model, weight_decay):
 class Trainer:
     """The optimisation loop shared by both models.
 
-    next_batch() -> tuple of CPU tensors for this process; loss_fn(wrapped model, *batch) -> scalar loss;
-    evaluate(model) -> {metric: value} (the model itself, not its DDP wrapper; run on every process; called
-    at step 0 of a fresh run, every eval_interval steps and at the end); tokens_per_step: global tokens per
-    step for the progress line."""
+    next_batch() -> tuple of CPU tensors for this process; loss_fn(wrapped model, *batch) -> scalar loss whose
+    mean over the processes is the global batch's (DDP and FSDP average the gradients); evaluate(model) ->
+    {metric: value} (the model itself, not its DDP wrapper; run on every process; called at step 0 of a fresh
+    run, every eval_interval steps and at the end); tokens_per_step: global tokens per step for the progress
+    line; task: the settings of the task outside train_config, saved with them."""
 
     def __init__(
         self,
@@ -134,6 +156,7 @@ class Trainer:
         evaluate,
         data_generator,
         tokens_per_step,
+        task,
     ):
         self.kind = kind
         self.model_config = model_config
@@ -148,6 +171,7 @@ class Trainer:
         self.evaluate = evaluate
         self.data_generator = data_generator
         self.tokens_per_step = tokens_per_step
+        self.task = task
         self.step = 0
         # FSDP keys optimizer state by parameter name, torch's optimizers by index: a checkpoint resumes only
         # under the layout that wrote it (its model weights load anywhere).
@@ -179,6 +203,7 @@ class Trainer:
                     "kind": self.kind,
                     "config": self.model_config.to_dict(),
                     "train_config": dataclasses.asdict(self.config),
+                    "task": self.task,
                     "model": model_state,
                     "optimizer": optimizer_state,
                     "optimizer_layout": self.optimizer_layout,
@@ -273,14 +298,87 @@ def _seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def _prepare_resume(config: TrainConfig, kind, model_config):
-    """The checkpoint to resume from (validated against the model configuration), or None for a fresh run."""
+# The settings that shape each kind of run's computation (TrainConfig fields and the task's), which a resumed
+# run must repeat; the language model's steps and decay_steps are compared by the learning rates they give
+# (_schedule_difference). The command-line flag of each that has one names it in errors.
+RESUME_SETTINGS = {
+    "lm": ("batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "seed", "corpus",
+           "val_fraction", "amp"),
+    "seq2seq": ("batch_size", "lr", "grad_clip", "seed", "amp", "min_length", "max_length"),
+}
+_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "warmup_steps": "--warmup-steps",
+          "seed": "--seed", "corpus": "--corpus", "amp": "--no-amp", "min_length": "--min-length",
+          "max_length": "--max-length"}
+
+
+def _difference(name, saved, given):
+    """'name (--flag): checkpoint <saved value>, given <value>'."""
+    label = f"{name} ({_FLAGS[name]})" if name in _FLAGS else name
+    return f"{label}: checkpoint {saved.get(name)!r}, given {given[name]!r}"
+
+
+def _lm_schedule(settings):
+    """The language model's learning-rate multiplier (step -> float) for TrainConfig fields (a dict)."""
+    return warmup_cosine(
+        settings["warmup_steps"], settings["decay_steps"] or settings["steps"], settings["min_lr_ratio"]
+    )
+
+
+def _schedule_difference(saved, given, step):
+    """[the differing steps/decay_steps, explained] when they change the language model's learning rates of the
+    checkpoint's `step` steps or of the next (which the optimizer state holds); else []: the resumed run is
+    then an uninterrupted run of the given total."""
+    differing = [name for name in ("steps", "decay_steps") if saved[name] != given[name]]
+    old, new = _lm_schedule(saved), _lm_schedule(given)
+    if not differing or all(old(s) == new(s) for s in range(step + 1)):
+        return []
+    listed = ", ".join(_difference(name, saved, given) for name in differing)
+    return [f"{listed} (the cosine decay ends at decay_steps, or at steps when decay_steps is None: the "
+            f"learning rates of the {step} steps taken would not be those of a run of the given total)"]
+
+
+def _check_resume_settings(path, kind, saved, config: TrainConfig, task):
+    """ValueError naming every setting of this run that differs from the checkpoint's where it changes the
+    computation (RESUME_SETTINGS, and the learning-rate schedule's length)."""
+    recorded = {**saved["train_config"], **saved.get("task", {})}
+    given = {**dataclasses.asdict(config), **task}
+    differences = [_difference(name, recorded, given) for name in RESUME_SETTINGS[kind]
+                   if recorded.get(name) != given[name]]
+    if kind == "lm":
+        differences += _schedule_difference(recorded, given, saved["step"])
+    if differences:
+        raise ValueError(
+            f"checkpoint {path!r} was trained with other settings ({'; '.join(differences)}); a resumed run "
+            "continues the checkpoint's computation, so these must be the checkpoint's"
+        )
+
+
+def _prepare_resume(config: TrainConfig, kind, model_config, task):
+    """The checkpoint to resume from (validated against the model configuration and the training and task
+    settings), or None for a fresh run."""
     if not config.resume:
         return None
-    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir), kind, model_config)
+    path = ckpt.checkpoint_path(config.checkpoint_dir)
+    saved = ckpt.load_checkpoint(path, kind, model_config)
     if saved["step"] > config.steps:
         raise ValueError(f"steps {config.steps} is behind the checkpoint, which is at step {saved['step']}")
+    _check_resume_settings(path, kind, saved, config, task)
     return saved
+
+
+def _check_checkpoint_dir(config: TrainConfig):
+    """Fails before training when config.checkpoint_dir cannot become a folder of checkpoints: it, or else the
+    nearest of its ancestors that exists, must be a folder."""
+    if not config.checkpoint_dir:
+        return
+    existing = os.path.abspath(config.checkpoint_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"checkpoint_dir (--checkpoint-dir) {config.checkpoint_dir!r} cannot hold checkpoints: {existing!r} "
+            "is not a folder"
+        )
 
 
 def _train(kind, model, model_config, config, env, resume_from, **parts) -> TrainResult:
@@ -314,7 +412,8 @@ def train_lm(
         raise ValueError(
             f"eval_windows {config.eval_windows} must be at least the number of processes {env.world_size}"
         )
-    resume_from = _prepare_resume(config, "lm", model_config)
+    _check_checkpoint_dir(config)
+    resume_from = _prepare_resume(config, "lm", model_config, task={})
     model = _build(TransformerLM, model_config, config, env)
     generator = torch.Generator().manual_seed(config.seed)
     batches = data.LMBatches(
@@ -339,10 +438,11 @@ def train_lm(
     def optimizer_factory(wrapped):
         return torch.optim.AdamW(_param_groups(wrapped, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
 
-    schedule = warmup_cosine(config.warmup_steps, config.decay_steps or config.steps, config.min_lr_ratio)
+    schedule = _lm_schedule(dataclasses.asdict(config))
     return _train("lm", model, model_config, config, env, resume_from, optimizer_factory=optimizer_factory,
                   schedule=schedule, next_batch=batches.next, loss_fn=lm_loss, evaluate=evaluate,
-                  data_generator=generator, tokens_per_step=config.batch_size * model_config.context_length)
+                  data_generator=generator, tokens_per_step=config.batch_size * model_config.context_length,
+                  task={})
 
 
 def copy_accuracy(model: EncoderDecoderTransformer, src, tgt_out):
@@ -371,8 +471,11 @@ def train_copy(
     """Trains the encoder-decoder to copy random strings of lowercase letters (lengths uniform in
     [min_length, max_length]) with label smoothing (model_config.label_smoothing) and the paper's schedule
     (Adam betas (0.9, 0.98), eps 1e-9; config.lr multiplies the rate). Evaluations report greedy-decoding
-    token and sequence accuracy on `eval_examples` held-out strings."""
+    token and sequence accuracy on `eval_examples` held-out strings. A resumed run must keep min_length and
+    max_length (TrainConfig describes the rest)."""
     env = env or distributed.init_from_env(config.device)
+    if not isinstance(eval_examples, int) or isinstance(eval_examples, bool) or eval_examples < 1:
+        raise ValueError(f"eval_examples (--eval-examples) must be an int >= 1; got {eval_examples!r}")
     if not 1 <= min_length <= max_length:
         raise ValueError(
             f"copy lengths must satisfy 1 <= min_length <= max_length; got {min_length}, {max_length}"
@@ -385,7 +488,9 @@ def train_copy(
         raise ValueError(
             f"batch size {config.batch_size} must be divisible by the number of processes {env.world_size}"
         )
-    resume_from = _prepare_resume(config, "seq2seq", model_config)
+    task = {"min_length": min_length, "max_length": max_length}
+    _check_checkpoint_dir(config)
+    resume_from = _prepare_resume(config, "seq2seq", model_config, task)
     model = _build(EncoderDecoderTransformer, model_config, config, env)
     c = model_config
     symbols = data.copy_symbols()
@@ -403,7 +508,7 @@ def train_copy(
         return tuple(t[local] for t in batch)
 
     def loss_fn(wrapped, src, tgt_in, tgt_out):
-        return seq2seq_loss(wrapped, src, tgt_in, tgt_out, c.label_smoothing, c.pad_id)
+        return seq2seq_loss(wrapped, src, tgt_in, tgt_out, c.label_smoothing, c.pad_id, env)
 
     def evaluate(trained):
         src, _, tgt_out = (t.to(env.device) for t in held_out)
@@ -417,4 +522,4 @@ def train_copy(
     return _train("seq2seq", model, model_config, config, env, resume_from,
                   optimizer_factory=optimizer_factory, schedule=inverse_sqrt(c.d_model, c.warmup_steps),
                   next_batch=next_batch, loss_fn=loss_fn, evaluate=evaluate, data_generator=generator,
-                  tokens_per_step=config.batch_size * (max_length + 1))
+                  tokens_per_step=config.batch_size * (max_length + 1), task=task)
