@@ -199,6 +199,12 @@ def test_train_config_refuses_non_finite_and_out_of_range_floats(setting, value)
         TrainConfig(**{setting: value})
 
 
+def test_checkpoint_interval_needs_a_checkpoint_dir():
+    """A checkpoint interval without a folder to save in would be ignored: refused instead."""
+    with pytest.raises(ValueError, match=r"TrainConfig.checkpoint_interval \(5\) needs checkpoint_dir"):
+        TrainConfig(checkpoint_interval=5)
+
+
 @pytest.mark.parametrize("inside", [False, True])
 def test_checkpoint_dir_that_is_a_file_fails_before_training(tmp_path, monkeypatch, capsys, inside):
     """--checkpoint-dir naming a file (or a folder inside one) fails before training starts and before

@@ -87,6 +87,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("TrainConfig.resume needs checkpoint_dir (the folder holding the checkpoint)")
+        if self.checkpoint_interval and not self.checkpoint_dir:
+            raise ValueError(f"TrainConfig.checkpoint_interval ({self.checkpoint_interval}) needs checkpoint_dir (the "
+                             "folder to save in)")
 
 
 @dataclass
