@@ -46,7 +46,7 @@ def stubbed_launches():
         enter(mock.patch.object(JITFunction, "run", lambda self, *args, **kwargs: None))
         enter(mock.patch.object(JITFunction, "warmup", lambda self, *args, **kwargs: None))
         enter(mock.patch.object(Autotuner, "_bench", lambda self, *args, **kwargs: [1.0, 1.0, 1.0]))
-        enter(mock.patch.object(backends, "_triton_reasons", lambda q, k, v: []))
+        enter(mock.patch.object(backends, "_triton_reasons", lambda t: []))
         enter(mock.patch.object(tuning, "triton_interpreting", lambda: False))
         for module in (attention, mlp):
             enter(mock.patch.object(module, "tensor_descriptors_supported", lambda device: True))

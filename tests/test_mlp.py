@@ -8,6 +8,7 @@ import copy
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_activations_dtypes(backend, activation, kind):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", [((1,), 1, 1), ((5,), 1, 3), ((2, 3), 17, 64), ((97,), 40, 257), ((), 8, 6),
-                                   ((2, 1, 3), 65, 31)], ids=str)
+                                   ((2, 1, 3), 65, 31), ((3,), 300, 20)], ids=str)
 def test_odd_shapes(backend, shape):
     batch_shape, in_features, out_features = shape
     x, weight, bias = linear_inputs(batch_shape, in_features, out_features, torch.float32)
@@ -516,6 +517,20 @@ def test_auto_on_cpu_picks_the_measured_fastest():
     x, weight, _ = linear_inputs((4,), 8, 8, torch.float32)
     require("cpu", x, weight)
     assert backends.choose_mlp(x, weight) == "cpu"
+
+
+@pytest.mark.parametrize("capability, runs", [((8, 0), True), ((8, 6), True), ((9, 0), True), ((10, 0), False),
+                                              ((7, 5), False)])
+def test_cuda_backend_needs_code_for_the_device(monkeypatch, capability, runs):
+    """A build for sm_80 and sm_90a (no PTX) runs on 8.x and on exactly 9.0: on other GPUs the cuda MLP backend
+    says so, as the attention one does, and "auto" takes the next backend instead of failing in a kernel."""
+    monkeypatch.setattr(backends.ops, "has_compiled_cuda", lambda: True)
+    monkeypatch.setattr(backends.ops, "compiled_cuda_archs", lambda: ["80", "90a"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)  # what the check reads
+    reasons = backends._mlp_cuda_reasons(on_gpu)
+    assert reasons == ([] if runs else [f"tfm_kernels._C has CUDA code for archs ['80', '90a'], none of which runs "
+                                        f"on compute capability {capability}"])
 
 
 # ------------------------------------------------------------------------------------------------------ GPU

@@ -68,36 +68,36 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_reasons(q, k, v) -> list[str]:
+def _triton_reasons(t) -> list[str]:
+    """Why the Triton kernels cannot run on tensors of `t`'s device and dtype."""
     reasons = []
     if not triton_available():
         reasons.append("triton is not installed")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpreting()):
-        reasons.append(f"triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {q.device.type}")
-    if q.device.type == "cpu" and _interpreter_numpy_clash(_TRITON_VERSION, _NUMPY_VERSION):
+    if t.device.type != "cuda" and not (t.device.type == "cpu" and triton_interpreting()):
+        reasons.append(f"triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {t.device.type}")
+    if t.device.type == "cpu" and _interpreter_numpy_clash(_TRITON_VERSION, _NUMPY_VERSION):
         triton_version, numpy_version = (".".join(map(str, v)) for v in (_TRITON_VERSION, _NUMPY_VERSION))
         reasons.append(f"triton {triton_version}'s CPU interpreter fails with numpy {numpy_version}; it needs "
                        f"numpy < 2.4 (or triton >= 3.7)")
-    if q.dtype not in KERNEL_DTYPES:
-        reasons.append(f"triton supports float16, bfloat16, float32; got {q.dtype}")
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if t.dtype not in KERNEL_DTYPES:
+        reasons.append(f"triton supports float16, bfloat16, float32; got {t.dtype}")
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
         reasons.append("triton's CPU interpreter computes tl.dot wrongly in bfloat16")
-    if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
-        reasons.append(f"triton supports head dims up to {TRITON_MAX_HEAD_DIM}; got E={q.shape[-1]}, Ev={v.shape[-1]}")
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) < (8, 0):
         reasons.append(f"the triton kernels need compute capability >= 8.0; got "
-                       f"{torch.cuda.get_device_capability(q.device)}")
+                       f"{torch.cuda.get_device_capability(t.device)}")
     return reasons
 
 
-def _cpu_reasons(q, k, v) -> list[str]:
+def _cpu_reasons(t) -> list[str]:
+    """Why the C++ CPU kernels cannot run on tensors of `t`'s device and dtype."""
     reasons = []
     if ops._C is None:
         reasons.append(f"the compiled extension tfm_kernels._C is not built ({ops.C_IMPORT_ERROR})")
-    if q.device.type != "cpu":
-        reasons.append(f"the cpu backend needs CPU tensors; got {q.device.type}")
-    if q.dtype not in KERNEL_DTYPES:
-        reasons.append(f"the cpu backend supports float16, bfloat16, float32; got {q.dtype}")
+    if t.device.type != "cpu":
+        reasons.append(f"the cpu backend needs CPU tensors; got {t.device.type}")
+    if t.dtype not in KERNEL_DTYPES:
+        reasons.append(f"the cpu backend supports float16, bfloat16, float32; got {t.dtype}")
     return reasons
 
 
@@ -111,13 +111,17 @@ def _runs_on(arch: str, capability: tuple[int, int]) -> bool:
     return capability[0] == major and capability[1] >= minor
 
 
-def _cuda_device_reasons(device, head_dim) -> list[str]:
-    reasons = []
+def _cuda_arch_reasons(device) -> list[str]:
+    """Why the extension's CUDA code cannot run on `device` (its archs; the build embeds no PTX)."""
     capability = torch.cuda.get_device_capability(device)
     archs = ops.compiled_cuda_archs()
-    if not any(_runs_on(a, capability) for a in archs):
-        reasons.append(f"tfm_kernels._C has CUDA code for archs {archs}, none of which runs on compute "
-                       f"capability {capability}")
+    if any(_runs_on(a, capability) for a in archs):
+        return []
+    return [f"tfm_kernels._C has CUDA code for archs {archs}, none of which runs on compute capability {capability}"]
+
+
+def _cuda_device_reasons(device, head_dim) -> list[str]:
+    reasons = _cuda_arch_reasons(device)
     # sm_86/89 allow 101376 bytes per block, sm_80 166912, sm_90 232448
     needed = ops.attention_shared_memory_bytes().get(head_dim, 0)
     available = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", needed)
@@ -164,9 +168,12 @@ def not_supported_reasons(backend, q, k, v, mask=None, key_lengths=None, dropout
     if backend == "torch":
         return []
     if backend == "triton":
-        reasons = _triton_reasons(q, k, v)
+        reasons = _triton_reasons(q)
+        if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+            reasons.append(f"triton supports head dims up to {TRITON_MAX_HEAD_DIM}; got E={q.shape[-1]}, "
+                           f"Ev={v.shape[-1]}")
     elif backend == "cpu":
-        reasons = _cpu_reasons(q, k, v)
+        reasons = _cpu_reasons(q)
     elif backend == "cuda":
         reasons = _cuda_reasons(q, k, v, mask)
     else:
@@ -204,6 +211,8 @@ def _mlp_cuda_reasons(x) -> list[str]:
         reasons.append("tfm_kernels._C was built without CUDA kernels")
     if x.device.type != "cuda":
         reasons.append(f"the cuda backend needs CUDA tensors; got {x.device.type}")
+    elif ops.has_compiled_cuda():
+        reasons += _cuda_arch_reasons(x.device)
     if x.dtype not in KERNEL_DTYPES:
         reasons.append(f"the cuda backend supports float16, bfloat16, float32; got {x.dtype}")
     return reasons
@@ -215,9 +224,9 @@ def mlp_not_supported_reasons(backend, x, weight) -> list[str]:
     if backend == "torch":
         return []
     if backend == "triton":
-        return _triton_reasons(x, weight, weight)
+        return _triton_reasons(x)
     if backend == "cpu":
-        return _cpu_reasons(x, weight, weight)
+        return _cpu_reasons(x)
     if backend == "cuda":
         return _mlp_cuda_reasons(x)
     raise ValueError(f"backend must be one of {('auto',) + MLP_BACKENDS}; got {backend!r}")

@@ -295,6 +295,7 @@ std::tuple<Tensor, Tensor> gated_forward(const Tensor& x_in, const Tensor& weigh
   check_gated_weight(weight);
   const Activation activation = checked_activation(activation_name);
   const c10::cuda::CUDAGuard guard(x.device());
+  const MlpDropoutParams dropout = dropout_params(dropout_p, seed);  // checks the seed before any launch
   Tensor out = at::empty({M, N2 / 2}, x.options());
   Tensor gate_up = at::empty({M, N2}, x.options());
   const Tensor b = gemm_ready_bias(bias);
@@ -311,7 +312,7 @@ std::tuple<Tensor, Tensor> gated_forward(const Tensor& x_in, const Tensor& weigh
   params.gated = true;
   params.dtype = mlp_dtype(x.scalar_type());
   params.activation = activation;
-  params.dropout = dropout_params(dropout_p, seed);
+  params.dropout = dropout;
   launch_mlp_forward_epilogue(params, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, gate_up};
@@ -430,7 +431,9 @@ MlpBlockGrads block_backward_cuda(const Tensor& grad_out, const Tensor& x_in, co
   check_mlp_operands(hidden, w2, std::nullopt, N);
   check_backward_tensor("grad_out", grad_out, x, M, N);
   check_backward_tensor("preact", preact, x, M, F);
-  const Tensor aux = preact.contiguous();
+  check_backward_tensor("hidden", hidden, x, M, F);
+  Tensor aux = preact.contiguous();
+  if (alignment_of(aux.data_ptr()) < 16) aux = aux.clone();  // as gemm_ready_bias: 16-byte epilogue pointers
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor dy = grad_out.contiguous();
   Tensor grad_b1 = at::empty({F}, x.options());
