@@ -79,7 +79,7 @@ tests() {
     install_if_needed
     limit=$(cap 30 60)
     echo "== gpu tests (cap $limit s)"
-    timeout $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers "$TEST_WORKERS" --timeout "$limit" || tests_rc=$?
+    timeout -k 20 $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers "$TEST_WORKERS" --timeout "$limit" || tests_rc=$?
     echo "== summary: gpu tests exit $tests_rc, total $SECONDS s"
     [ "$tests_rc" = 0 ]
 }
@@ -91,12 +91,12 @@ models() {
     install_if_needed
     limit=$(cap 240 30 60)
     echo "== profile of the MHA and LM calls (cap $limit s)"
-    timeout "$limit" "$PYTHON" -u benchmarks/profile_step.py > "$RESULTS/profile-$STAMP.txt" \
+    timeout -k 20 "$limit" "$PYTHON" -u benchmarks/profile_step.py > "$RESULTS/profile-$STAMP.txt" \
         || echo "profile: exit $? (the rows it finished are in $RESULTS/profile-$STAMP.txt)"
     grep "^###" "$RESULTS/profile-$STAMP.txt" || true
-    limit=$(cap 10 60)
+    limit=$(cap 10 90)  # at least 90: the bench's --budget below stays positive (0 would mean no budget)
     echo "== module and model benchmark (cap $limit s)"
-    timeout "$limit" "$PYTHON" -m tfm_kernels bench --suite mha,model --budget $((limit - 60)) \
+    timeout -k 20 "$limit" "$PYTHON" -m tfm_kernels bench --suite mha,model --budget $((limit - 60)) \
         --json "$RESULTS/bench.jsonl" > "$TABLE" || bench_rc=$?
     echo "== summary: benchmark exit $bench_rc, total $SECONDS s"
     echo
@@ -129,7 +129,7 @@ PY
     limit=$(cap $((BENCH_RESERVE_S + SANITIZER_TIMEOUT_S)) 30 "$TESTS_TIMEOUT_S")
     echo "== gpu tests (cap $limit s)"
     t0=$SECONDS
-    timeout $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers "$TEST_WORKERS" --timeout "$limit" || tests_rc=$?
+    timeout -k 20 $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers "$TEST_WORKERS" --timeout "$limit" || tests_rc=$?
     echo "gpu tests: exit $tests_rc in $((SECONDS - t0)) s"
 
     if [ -f benchmarks/sanitize_attention.py ]; then
@@ -138,7 +138,7 @@ PY
             echo "== compute-sanitizer memcheck"
             sanitizer_rc=0
             limit=$(cap "$BENCH_RESERVE_S" 20 "$SANITIZER_TIMEOUT_S")
-            timeout "$limit" "$sanitizer" --tool memcheck --error-exitcode 1 \
+            timeout -k 20 "$limit" "$sanitizer" --tool memcheck --error-exitcode 1 \
                 "$PYTHON" benchmarks/sanitize_attention.py || sanitizer_rc=$?
         else
             sanitizer_rc="skipped (compute-sanitizer not found)"
@@ -148,7 +148,7 @@ PY
     limit=$(cap 5 90)
     echo "== benchmark (cap $limit s)"
     t0=$SECONDS
-    timeout "$limit" "$PYTHON" -m tfm_kernels bench --suite attention,mlp --mlp-shapes "gpt-style d4096" \
+    timeout -k 20 "$limit" "$PYTHON" -m tfm_kernels bench --suite attention,mlp --mlp-shapes "gpt-style d4096" \
         --budget $((limit - 40)) --json "$RESULTS/bench.jsonl" > "$TABLE" || bench_rc=$?
     echo "benchmark: exit $bench_rc in $((SECONDS - t0)) s; record appended to $RESULTS/bench.jsonl"
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -290,6 +291,58 @@ def test_bench_quick_on_cpu(tmp_path, capsys):
     failed = [c for c in run["checks"] if c["status"] == "FAIL"]
     assert not failed, failed
     assert code == 0
+
+
+def test_self_check_that_checks_nothing_fails(monkeypatch, capsys):
+    """A machine where no operator can be checked (no extension, no triton) has nothing working to time: the
+    run says so and exits 1 instead of passing with a warning."""
+    not_here = selfcheck.Check("attention", "cpu", "full", "n/a", "the compiled extension is not built")
+    monkeypatch.setattr(cli, "self_check", lambda device, dtype: [not_here])
+    monkeypatch.setattr(cli, "cpu_cases", lambda args, suites, device: [])
+    assert cli.main(["--quick", "--device", "cpu", "--json", ""]) == 1
+    assert "ERROR: no operator could be checked here" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_unwritable_output_paths_fail_before_measuring(tmp_path, flag, capsys):
+    """--json and --plot are checked before a run that may take minutes: a path inside a file fails at once,
+    naming the flag."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    target = str(a_file / ("x.jsonl" if flag == "--json" else "plots"))
+    if flag == "--plot" and report.matplotlib_missing():
+        pytest.skip(report.matplotlib_missing())
+    with pytest.raises(SystemExit) as stop:
+        cli.parse_args(["--device", "cpu", flag, target])
+    assert stop.value.code == 2 and f"{flag}: cannot write in" in capsys.readouterr().err
+
+
+def test_replay_picks_a_run_of_the_record(tmp_path, capsys):
+    """--run N replays any run of a record (the table of a GPU session is often not its last line)."""
+    record = tmp_path / "r.jsonl"
+    for provider in ("first-run", "second-run"):
+        row = {**suite._empty_row(_case(), suite.Provider(provider, True, None)), "value": 1.0, "median_ms": 1.0,
+               "p20_ms": 1.0, "p80_ms": 1.0}
+        report.append_record(record, report.environment("cpu"), suite.add_ratios([row]))
+    assert cli.main(["--replay", str(record), "--run", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "first-run" in out and "second-run" not in out
+    with pytest.raises(SystemExit, match=r"--run 2: .* holds 2 run\(s\)"):
+        cli.main(["--replay", str(record), "--run", "2"])
+    with pytest.raises(SystemExit, match=r"--replay: cannot read .*missing.jsonl"):
+        cli.main(["--replay", str(tmp_path / "missing.jsonl")])
+
+
+def test_missing_extension_is_named_as_not_built(tmp_path):
+    """A package without its compiled extension reports it as not built, with how to build it, rather than
+    Python's guess of a circular import."""
+    package = pathlib.Path(cli.__file__).parents[1]
+    copy = tmp_path / "tfm_kernels"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    result = subprocess.run([sys.executable, "-c", "from tfm_kernels import ops; print(ops.C_IMPORT_ERROR)"],
+                            capture_output=True, text=True, cwd=tmp_path, check=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.stdout.strip() == "no tfm_kernels/_C extension file; `pip install -e .` builds it"
 
 
 def test_model_suite_times_our_language_model_and_its_torch_peer():

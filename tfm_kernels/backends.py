@@ -89,11 +89,18 @@ def _triton_reasons(t) -> list[str]:
     return reasons
 
 
+def _extension_reasons(with_cuda=False) -> list[str]:
+    """Why the compiled extension cannot serve a backend: missing, or (with_cuda) built without CUDA kernels."""
+    if ops._C is None:
+        return [f"the compiled extension tfm_kernels._C is not built ({ops.C_IMPORT_ERROR})"]
+    if with_cuda and not ops.has_compiled_cuda():
+        return ["tfm_kernels._C was built without CUDA kernels"]
+    return []
+
+
 def _cpu_reasons(t) -> list[str]:
     """Why the C++ CPU kernels cannot run on tensors of `t`'s device and dtype."""
-    reasons = []
-    if ops._C is None:
-        reasons.append(f"the compiled extension tfm_kernels._C is not built ({ops.C_IMPORT_ERROR})")
+    reasons = _extension_reasons()
     if t.device.type != "cpu":
         reasons.append(f"the cpu backend needs CPU tensors; got {t.device.type}")
     if t.dtype not in KERNEL_DTYPES:
@@ -132,9 +139,7 @@ def _cuda_device_reasons(device, head_dim) -> list[str]:
 
 
 def _cuda_reasons(q, k, v, mask) -> list[str]:
-    reasons = []
-    if not ops.has_compiled_cuda():
-        reasons.append("tfm_kernels._C was built without CUDA kernels")
+    reasons = _extension_reasons(with_cuda=True)
     if q.device.type != "cuda":
         reasons.append(f"the cuda backend needs CUDA tensors; got {q.device.type}")
     elif torch.cuda.get_device_capability(q.device) < (8, 0):
@@ -206,9 +211,7 @@ MLP_AUTO_ORDER = {"cuda": AUTO_ORDER["cuda"], "cpu": ("cpu", "torch")}
 
 
 def _mlp_cuda_reasons(x) -> list[str]:
-    reasons = []
-    if not ops.has_compiled_cuda():
-        reasons.append("tfm_kernels._C was built without CUDA kernels")
+    reasons = _extension_reasons(with_cuda=True)
     if x.device.type != "cuda":
         reasons.append(f"the cuda backend needs CUDA tensors; got {x.device.type}")
     elif ops.has_compiled_cuda():

@@ -5,6 +5,10 @@ handles defined here; kernels themselves live in csrc/ and tfm_kernels/triton/.
 Every op keeps one autograd boundary: forward op -> (outputs, saved state), backward op -> gradients.
 """
 
+import glob
+import importlib.machinery
+import os
+
 import torch
 
 from .layout import last_dim_contiguous
@@ -13,7 +17,10 @@ try:
     from . import _C  # registers the C++ operators (TORCH_LIBRARY) and their CPU/CUDA kernels
 except ImportError as error:  # a source checkout without a build: the Triton and torch backends still work
     _C = None
-    C_IMPORT_ERROR = str(error)
+    # Without the file Python blames a circular import; say what is missing instead.
+    _BUILT = any(glob.glob(os.path.join(os.path.dirname(__file__), f"_C{suffix}"))
+                 for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+    C_IMPORT_ERROR = str(error) if _BUILT else "no tfm_kernels/_C extension file; `pip install -e .` builds it"
 else:
     C_IMPORT_ERROR = ""
 

@@ -9,6 +9,7 @@ the run is appended to --json (default benchmarks/results/bench.jsonl)."""
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -110,15 +111,35 @@ def parse_args(argv):
         "--replay",
         default=None,
         metavar="RECORD",
-        help="measure nothing: print the table (and --plot) of the last run in a JSON Lines record, e.g. "
-        "one brought back from a GPU machine without matplotlib",
+        help="measure nothing: print the table (and --plot) of a run in a JSON Lines record, e.g. one brought "
+        "back from a GPU machine without matplotlib",
+    )
+    parser.add_argument(
+        "--run",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="with --replay: which run of the record, counted from 0 (default -1: the last; -2 the one before)",
     )
     args = parser.parse_args(argv)
     if args.plot and report.matplotlib_missing():
         parser.error(report.matplotlib_missing())
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
+    for flag, folder in (("--json", Path(args.json).parent if args.json and not args.replay else None),
+                         ("--plot", Path(args.plot) if args.plot else None)):
+        if folder is not None and not _writable_folder(folder):
+            parser.error(f"{flag}: cannot write in {str(folder)!r}")  # checked before a run that may take minutes
     return args
+
+
+def _writable_folder(folder: Path) -> bool:
+    """Whether `folder` exists, or can be made, and files can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def _pick_mlp_shapes(shapes, names):
@@ -195,7 +216,7 @@ def print_checks(checks, stream=None):
         f"\n{passed} passed, {failed} failed, {len(checks) - passed - failed} not available here", file=stream
     )
     if passed == 0 and failed == 0:
-        print("WARNING: no operator could be checked here (see the reasons above)", file=stream)
+        print("ERROR: no operator could be checked here (see the reasons above)", file=stream)
 
 
 def _title(env, seconds=None) -> str:
@@ -207,26 +228,33 @@ def _title(env, seconds=None) -> str:
     )
 
 
-def replay(record_path, plot_dir) -> int:
-    """Prints the table of the last run recorded in record_path and draws its plots into plot_dir."""
-    lines = Path(record_path).read_text().splitlines()
-    if not lines:
-        raise SystemExit(f"--replay: {record_path} holds no record")
-    run = json.loads(lines[-1])
+def replay(record_path, index, plot_dir) -> int:
+    """Prints the table of run `index` (Python indexing) recorded in record_path and draws its plots into
+    plot_dir."""
+    try:
+        lines = [line for line in Path(record_path).read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise SystemExit(f"--replay: cannot read {record_path}: {error.strerror}") from None
+    if not -len(lines) <= index < len(lines):
+        raise SystemExit(f"--run {index}: {record_path} holds {len(lines)} run(s)")
+    run = json.loads(lines[index])
     if plot_dir:
-        for path in report.plot_attention(run["rows"], plot_dir, run["card"]):
+        paths = report.plot_attention(run["rows"], plot_dir, run["card"])
+        for path in paths:
             print(f"plot written to {path}", file=sys.stderr)
+        if not paths:
+            print(f"--plot: run {index} of {record_path} has no attention rows to plot", file=sys.stderr)
     print(_title(run) + "\n")
     print(report.markdown_table(run["rows"]))
     return 0
 
 
 def main(argv=None) -> int:
-    """Runs the benchmark (and, without a GPU, the self-check). Returns 1 if a check failed or one of our
-    providers raised an error, else 0."""
+    """Runs the benchmark (and, without a GPU, the self-check). Returns 1 if a check failed, the self-check
+    could check no operator, one of our providers raised an error or the run stopped early, else 0."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.replay:
-        return replay(args.replay, args.plot)
+        return replay(args.replay, args.run, args.plot)
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     suites = SUITES if args.full else ("attention", "mlp")
@@ -270,7 +298,8 @@ def main(argv=None) -> int:
     stop_note = "\nSTOPPED before the end: see the rows marked not run.\n" if stopped else ""
     print(_title(env, time.perf_counter() - started) + "\n" + stop_note)
     print(report.markdown_table(rows))
-    failed = (checks is not None and any(c.status == "FAIL" for c in checks)) or any(
+    checked_nothing = checks is not None and not any(c.status == "pass" for c in checks)
+    failed = checked_nothing or any(c.status == "FAIL" for c in checks or ()) or any(
         r["status"] == "error" for r in rows
     )
     return 1 if failed or stopped else 0
