@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -315,6 +316,23 @@ def test_unwritable_output_paths_fail_before_measuring(tmp_path, flag, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.parse_args(["--device", "cpu", flag, target])
     assert stop.value.code == 2 and f"{flag}: cannot write in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--suite", "atention"], r"--suite: expected names among .*; got \['atention'\]"),
+    (["--suite", ""], r"--suite: expected names among .*; got none"),
+])
+def test_bad_suites_are_refused_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.parse_args(["--device", "cpu", *argv])
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_unknown_mlp_shape_is_refused_before_the_self_check(monkeypatch):
+    monkeypatch.setattr(cli, "self_check", lambda device, dtype: pytest.fail("the self-check ran first"))
+    with pytest.raises(SystemExit, match=r"--mlp-shapes: unknown \['nope'\]"):
+        cli.main(["--quick", "--device", "cpu", "--json", "", "--mlp-shapes", "nope"])
 
 
 def test_replay_picks_a_run_of_the_record(tmp_path, capsys):

@@ -122,6 +122,11 @@ def parse_args(argv):
         help="with --replay: which run of the record, counted from 0 (default -1: the last; -2 the one before)",
     )
     args = parser.parse_args(argv)
+    if args.suite is not None:
+        args.suite = tuple(name.strip() for name in args.suite.split(",") if name.strip())
+        unknown = sorted(set(args.suite) - set(SUITES))
+        if unknown or not args.suite:
+            parser.error(f"--suite: expected names among {list(SUITES)}; got {unknown or 'none'}")
     if args.plot and report.matplotlib_missing():
         parser.error(report.matplotlib_missing())
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -257,14 +262,10 @@ def main(argv=None) -> int:
         return replay(args.replay, args.run, args.plot)
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    suites = SUITES if args.full else ("attention", "mlp")
-    if args.suite:
-        suites = tuple(s.strip() for s in args.suite.split(","))
-        unknown = set(suites) - set(SUITES)
-        if unknown:
-            raise SystemExit(f"--suite: unknown {sorted(unknown)}; known: {list(SUITES)}")
+    suites = args.suite or (SUITES if args.full else ("attention", "mlp"))
     started = time.perf_counter()
     torch.manual_seed(0)
+    cases = gpu_cases(args, suites, device) if on_gpu else cpu_cases(args, suites, device)  # names checked first
 
     checks = None
     if not on_gpu or args.self_check:
@@ -272,7 +273,6 @@ def main(argv=None) -> int:
         print_checks(checks)
         print()
 
-    cases = gpu_cases(args, suites, device) if on_gpu else cpu_cases(args, suites, device)
     warmup_ms, rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` stops the run; the table still prints
     try:
