@@ -36,8 +36,7 @@ def plain_torch(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 def require(backend, q, k, v, mask=None, **kwargs):
     """Skips only where the environment lacks the backend (no build, no GPU), never a feature it should run."""
     reasons = backends.not_supported_reasons(backend, *(attention._to_4d(t) for t in (q, k, v)))
-    environment = [r for r in reasons if "not built" in r or "needs CUDA" in r or "built without CUDA" in r
-                   or "not installed" in r]
+    environment = backends.missing_environment(reasons)
     if environment:
         pytest.skip("; ".join(environment))
 

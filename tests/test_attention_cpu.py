@@ -17,10 +17,11 @@ from tolerance import assert_within_tolerance
 import tfm_kernels
 from tfm_kernels import backends, ops, rng
 
-pytestmark = pytest.mark.skipif(ops._C is None, reason="tfm_kernels._C is not built")
+# Skipped only where no extension was built; one that was built but fails to import fails these tests.
+pytestmark = pytest.mark.skipif(not ops.C_FILE_EXISTS, reason="tfm_kernels._C is not built")
 
-forward_op = torch.ops.tfm_kernels.attention_forward
-backward_op = torch.ops.tfm_kernels.attention_backward
+forward_op = getattr(torch.ops.tfm_kernels, "attention_forward", None)
+backward_op = getattr(torch.ops.tfm_kernels, "attention_backward", None)
 
 
 def no_seed():

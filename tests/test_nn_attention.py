@@ -87,14 +87,38 @@ def test_self_attention_masks(batch_first, batched, key_padding_mask, attn_mask,
 @pytest.mark.parametrize("key_padding_mask", [None, "bool"])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
-def test_is_causal(batch_first, mask_kind, key_padding_mask, need_weights, dtype):
+def test_is_causal(batch_first, mask_kind, key_padding_mask, need_weights, dtype, monkeypatch):
     """The hint with a causal attn_mask: causal attention in the kernel (or the mask where torch reads it)."""
     reference, ours = make_pair(dtype=dtype, batch_first=batch_first)
     causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
     inputs = {"x": seq_tensor(True, batch_first, L, E),
               "attn_mask": causal.isinf() if mask_kind == "bool" else causal,
               "key_padding_mask": make_mask(key_padding_mask, (N, L))}
+    calls = record_kernel_masks(monkeypatch)
     check_against_torch(reference, ours, inputs, self_attention_call(need_weights, is_causal=True), dtype)
+    assert_causal_only_where_torch_is(calls, key_padding_mask is None, need_weights)
+
+
+def record_kernel_masks(monkeypatch):
+    """(is_causal, attn_mask given) of every fused-kernel call MultiheadAttention makes from now on."""
+    calls = []
+    attend = tfm_kernels.attention.scaled_dot_product_attention
+
+    def recording(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((is_causal, attn_mask is not None))
+        return attend(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(tfm_kernels.attention, "scaled_dot_product_attention", recording)
+    return calls
+
+
+def assert_causal_only_where_torch_is(calls, no_padding_mask, need_weights):
+    """torch's rule for the hint: causal attention (no mask read) without a padding mask and without weights;
+    the mask otherwise; with weights the explicit path runs no kernel."""
+    if need_weights:
+        assert calls == []
+    else:
+        assert calls and set(calls) == {(True, False) if no_padding_mask else (False, True)}, calls
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -137,12 +161,14 @@ def test_bias_kv_and_zero_attn(extra, batched, masks, need_weights):
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_bias_kv_with_is_causal(need_weights):
-    """The causal hint with the added keys: top-left causal over S + 1 keys, as torch."""
+def test_bias_kv_with_is_causal(need_weights, monkeypatch):
+    """The causal hint with the added keys: top-left causal over S + 2 keys (bias and zero), as torch."""
     reference, ours = make_pair(add_bias_kv=True, add_zero_attn=True, batch_first=True)
     inputs = {"x": seq_tensor(True, True, L, E),
               "attn_mask": nn.Transformer.generate_square_subsequent_mask(L)}
+    calls = record_kernel_masks(monkeypatch)
     check_against_torch(reference, ours, inputs, self_attention_call(need_weights, is_causal=True))
+    assert_causal_only_where_torch_is(calls, True, need_weights)
 
 
 def test_without_bias():
@@ -279,9 +305,6 @@ def test_runs_the_fused_attention(monkeypatch):
 
 @pytest.mark.parametrize("case", ["padding+float_mask", "float_padding+bool_3d_mask", "cross_extra_keys"])
 def test_triton_backend_under_the_interpreter(case):
-    pytest.importorskip("tfm_kernels.triton.attention", reason="no Triton attention kernel in this tree")
-    if not torch.cuda.is_available() and not tfm_kernels.backends.triton_interpreting():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     cross = case == "cross_extra_keys"  # with kdim/vdim, add_bias_kv and add_zero_attn
     extra = {"kdim": 10, "vdim": 6, "add_bias_kv": True, "add_zero_attn": True} if cross else {}
     reference, ours = make_pair(batch_first=True, **extra)

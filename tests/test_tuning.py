@@ -8,6 +8,7 @@ against the float64 oracle, each forced in turn (the rest of the suite runs with
 only the first config that fits), and one autotuned launch of each, through Triton's autotuner and our
 pruning."""
 
+import copy
 import itertools
 import warnings
 from collections import defaultdict
@@ -337,15 +338,21 @@ def attention_case(head_dim):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("name", list(ATTENTION_KERNELS))
 def test_gpu_every_attention_config(monkeypatch, name, head_dim):
+    """Each config the device can hold, forced in turn, against the oracle; each must really launch (a config
+    that is unusable for the inputs, e.g. a TMA one without descriptors, would give way to another)."""
     kernel = ATTENTION_KERNELS[name]
     q, k, v, options = attention_case(head_dim)
     budget = tuning.shared_memory_budget(q.device, kernel.margin)
     shape_args = {"Q": q, "BLOCK_D": head_dim, "BLOCK_DV": head_dim}
-    for config in every_config(kernel):
-        if kernel.shared_bytes(config, shape_args) > budget:
+    for listed in every_config(kernel):
+        if kernel.shared_bytes(listed, shape_args) > budget:
             continue  # pruned on this device: never runs
+        launches = []
+        config = copy.copy(listed)
+        config.pre_hook = lambda args, hook=listed.pre_hook, seen=launches: (seen.append(args["BLOCK_M"]), hook(args))
         monkeypatch.setattr(kernel, "configs", [config])
         check_attention("triton", q, k, v, **options)
+        assert launches, f"{config_id(listed)} never launched"
 
 
 @pytest.mark.gpu

@@ -60,6 +60,17 @@ def _interpreter_numpy_clash(triton_version, numpy_version) -> bool:
 _TRITON_VERSION, _NUMPY_VERSION = _installed_version("triton"), _installed_version("numpy")
 
 
+# Words of the reasons that name a missing environment (no build, no GPU, no triton, an older GPU, the CPU
+# interpreter's limits), not a limit of the inputs: tests skip, and the self-check says "n/a", only on these.
+MISSING_ENVIRONMENT = ("not built", "needs CUDA", "built without CUDA", "not installed", "CPU interpreter",
+                       "compute capability", "this device allows")
+
+
+def missing_environment(reasons) -> list[str]:
+    """The reasons among `reasons` that name a missing environment (MISSING_ENVIRONMENT)."""
+    return [r for r in reasons if any(marker in r for marker in MISSING_ENVIRONMENT)]
+
+
 def triton_available() -> bool:
     return _TRITON_INSTALLED
 
@@ -92,7 +103,8 @@ def _triton_reasons(t) -> list[str]:
 def _extension_reasons(with_cuda=False) -> list[str]:
     """Why the compiled extension cannot serve a backend: missing, or (with_cuda) built without CUDA kernels."""
     if ops._C is None:
-        return [f"the compiled extension tfm_kernels._C is not built ({ops.C_IMPORT_ERROR})"]
+        state = "fails to import" if ops.C_FILE_EXISTS else "is not built"
+        return [f"the compiled extension tfm_kernels._C {state} ({ops.C_IMPORT_ERROR})"]
     if with_cuda and not ops.has_compiled_cuda():
         return ["tfm_kernels._C was built without CUDA kernels"]
     return []

@@ -13,16 +13,22 @@ import torch
 
 from .layout import last_dim_contiguous
 
+
+def extension_file_exists(package_dir) -> bool:
+    """Whether `package_dir` holds a compiled _C extension file (for this Python)."""
+    return any(glob.glob(os.path.join(package_dir, f"_C{suffix}")) for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
 try:
     from . import _C  # registers the C++ operators (TORCH_LIBRARY) and their CPU/CUDA kernels
 except ImportError as error:  # a source checkout without a build: the Triton and torch backends still work
     _C = None
-    # Without the file Python blames a circular import; say what is missing instead.
-    _BUILT = any(glob.glob(os.path.join(os.path.dirname(__file__), f"_C{suffix}"))
-                 for suffix in importlib.machinery.EXTENSION_SUFFIXES)
-    C_IMPORT_ERROR = str(error) if _BUILT else "no tfm_kernels/_C extension file; `pip install -e .` builds it"
+    # Built but not importable (an undefined symbol after a torch upgrade) is a fault, not a missing build;
+    # without the file Python blames a circular import, so say what is missing instead.
+    C_FILE_EXISTS = extension_file_exists(os.path.dirname(__file__))
+    C_IMPORT_ERROR = str(error) if C_FILE_EXISTS else "no tfm_kernels/_C extension file; `pip install -e .` builds it"
 else:
-    C_IMPORT_ERROR = ""
+    C_FILE_EXISTS, C_IMPORT_ERROR = True, ""
 
 
 # Read once at import: a call into the pybind11 module inside a torch.compile'd region would break the graph,

@@ -71,8 +71,9 @@ def _run_check(op, backend, case, ours_fn, baseline_fn, oracle_fn, inputs, names
         )
         baseline, _ = _forward_and_grads(baseline_fn, inputs, grad_output)
         ours, _ = _forward_and_grads(ours_fn, inputs, grad_output)
-    except NotImplementedError as why:
-        return Check(op, backend, case, "n/a", str(why).splitlines()[0])
+    except NotImplementedError as why:  # n/a where this machine lacks the backend; a refused case is a failure
+        reason = str(why).splitlines()[0]
+        return Check(op, backend, case, "n/a" if backends.missing_environment([reason]) else "FAIL", reason)
     except Exception as error:  # noqa: BLE001 - a crashing kernel is a failed check, reported, not raised
         return Check(op, backend, case, "FAIL", f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
     failure = _compare(names, ours, baseline, exact)
