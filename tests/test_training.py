@@ -516,6 +516,21 @@ def test_cli_generate_prompt_errors_name_the_flag(lm_checkpoint, capsys, prompt,
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--temperature", "0.5"], ["--top-k", "3"], ["--seed", "7"]])
+def test_cli_generate_refuses_sampling_flags_with_greedy(lm_checkpoint, capsys, flags):
+    """--greedy ignores the sampling settings: giving one with it is a mistake said at once, not ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--checkpoint", lm_checkpoint, "--device", "cpu", "--greedy", *flags])
+    assert exit_info.value.code == 2
+    assert f"--greedy takes the most likely byte; {flags[0]} would have no effect" in capsys.readouterr().err
+
+
+def test_fsdp_needs_several_processes():
+    """--fsdp in one process would train unsharded under a flag that says otherwise: refused."""
+    with pytest.raises(ValueError, match=r"fsdp \(--fsdp\) shards over processes and needs a job of several"):
+        train_lm(LMConfig.preset("tiny", **TINY), TrainConfig(steps=1, batch_size=2, fsdp=True))
+
+
 def test_unavailable_device_is_refused_naming_the_flag(lm_checkpoint, capsys, monkeypatch):
     """A valid device name this machine or build lacks is bad input naming --device, not a traceback when the
     model moves there."""

@@ -169,13 +169,17 @@ def generate_main(argv=None):
         default=None,
         help=f"bytes to generate (default: {DEFAULT_NEW_TOKENS}, or what fits the context)",
     )
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--greedy", action="store_true", help="always take the most likely byte")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (default 0)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     args = parser.parse_args(argv)
+    sampling = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                         ("--seed", args.seed)) if value is not None]
+    if args.greedy and sampling:
+        parser.error(f"--greedy takes the most likely byte; {', '.join(sampling)} would have no effect")
 
     def job(start):
         device = distributed.resolve_device(args.device)
@@ -188,13 +192,13 @@ def generate_main(argv=None):
         new_tokens = args.max_new_tokens
         if new_tokens is None:
             new_tokens = min(DEFAULT_NEW_TOKENS, model_config.context_length - prompt.shape[1])
-        generator = torch.Generator(device=device).manual_seed(args.seed)
+        generator = torch.Generator(device=device).manual_seed(0 if args.seed is None else args.seed)
         tokens = generate(
             model,
             prompt,
             new_tokens,
             greedy=args.greedy,
-            temperature=args.temperature,
+            temperature=0.8 if args.temperature is None else args.temperature,
             top_k=args.top_k,
             generator=generator,
             use_cache=not args.no_cache,

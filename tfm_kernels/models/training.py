@@ -369,6 +369,13 @@ def _prepare_resume(config: TrainConfig, kind, model_config, task):
     return saved
 
 
+def _check_fsdp(config: TrainConfig, env):
+    """FSDP shards the model over the job's processes: with one process it would do nothing."""
+    if config.fsdp and not env.distributed:
+        raise ValueError("fsdp (--fsdp) shards over processes and needs a job of several (torchrun "
+                         "--nproc-per-node N); this is one process")
+
+
 def _check_checkpoint_dir(config: TrainConfig):
     """Fails before training when config.checkpoint_dir cannot become a folder of checkpoints: it, or else the
     nearest of its ancestors that exists, must be a folder."""
@@ -409,6 +416,7 @@ def train_lm(
     `eval_windows` fixed windows. Inputs are checked (corpus, checkpoint, configuration) before anything is
     written."""
     env = env or distributed.init_from_env(config.device)
+    _check_fsdp(config, env)
     tokens = ByteTokenizer().encode_tensor(data.load_corpus(config.corpus))
     train_tokens, val_tokens = data.split_tokens(tokens, config.val_fraction, model_config.context_length)
     if config.eval_windows < env.world_size:
@@ -477,6 +485,7 @@ def train_copy(
     token and sequence accuracy on `eval_examples` held-out strings. A resumed run must keep min_length and
     max_length (TrainConfig describes the rest)."""
     env = env or distributed.init_from_env(config.device)
+    _check_fsdp(config, env)
     if not isinstance(eval_examples, int) or isinstance(eval_examples, bool) or eval_examples < 1:
         raise ValueError(f"eval_examples (--eval-examples) must be an int >= 1; got {eval_examples!r}")
     if not 1 <= min_length <= max_length:
