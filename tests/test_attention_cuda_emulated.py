@@ -90,7 +90,8 @@ def run_emulated(harness, tmp_path, q, k, v, grad_out, key_lengths, dropout_p, i
     return (*tensors, lse, races, result.stderr)
 
 
-# (B, Hq, Hk, L, S, D, dtype, causal, key_lengths, dropout_p, packed (B, N, H, D) inputs, deferred cp.async)
+# (B, Hq, Hk, L, S, D, dtype, causal, key_lengths, dropout_p, packed (B, N, H, D) inputs and grad_out, deferred
+# cp.async)
 CASES = [
     (2, 4, 2, 70, 53, 64, torch.float16, True, [53, 0], 0.3, False, True),  # GQA, an empty batch, L > S
     (1, 2, 1, 75, 130, 128, torch.bfloat16, True, None, 0.0, True, True),  # MQA, packed layout, L < S

@@ -151,8 +151,9 @@ int main(int argc, char** argv) {
   const Strides q_s = strides(h, Hq, L, h.packed), k_s = strides(h, Hk, S, h.packed);
   const Strides q_contiguous = strides(h, Hq, L, false), k_contiguous = strides(h, Hk, S, false);
   const Strides out_s = strides(h, Hq, L, true), kv_out_s = strides(h, Hk, S, true);
-  std::vector<uint16_t> q(q_in.size()), k(k_in.size()), v(v_in.size());
+  std::vector<uint16_t> q(q_in.size()), k(k_in.size()), v(v_in.size()), grad_out_laid(grad_out.size());
   restride(q_in.data(), q_contiguous, q.data(), q_s, h, Hq, L);
+  restride(grad_out.data(), q_contiguous, grad_out_laid.data(), q_s, h, Hq, L);  // as q: heads inside rows if packed
   restride(k_in.data(), k_contiguous, k.data(), k_s, h, Hk, S);
   restride(v_in.data(), k_contiguous, v.data(), k_s, h, Hk, S);
   std::vector<uint16_t> out(q.size(), 0xFFFF), grad_q(q.size(), 0xFFFF), grad_k(k.size(), 0xFFFF),
@@ -183,8 +184,8 @@ int main(int argc, char** argv) {
   params.dropout_threshold = tfm_kernels::dropout_threshold(scale_and_p[1]);
   params.dropout_rescale = float(1.0 / (1.0 - scale_and_p[1]));
   params.seed = &seed;
-  params.grad_out = grad_out.data();
-  params.grad_out_strides = q_contiguous;
+  params.grad_out = grad_out_laid.data();
+  params.grad_out_strides = q_s;
   params.grad_q = grad_q.data();
   params.grad_k = grad_k.data();
   params.grad_v = grad_v.data();
