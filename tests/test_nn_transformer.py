@@ -207,21 +207,33 @@ def test_encoder_layer_under_autocast(monkeypatch):
     assert dtypes == [torch.bfloat16]
 
 
-def test_encoder_layer_dropout():
-    """Dropout (attention weights, MLP hidden, residuals) only in training, repeatable under manual_seed."""
+def test_encoder_layer_dropout(monkeypatch):
+    """Dropout (attention weights, MLP hidden, residuals) only in training, repeatable under manual_seed: the
+    attention kernel and the fused MLP get p in training and 0 in eval, and the residual dropouts run in the
+    layer's mode."""
     reference, ours = make_pair(nn.TransformerEncoderLayer, TransformerEncoderLayer,
                                 **layer_kwargs(batch_first=True, dropout=0.3))
+    seen = []
+    attend, fused_mlp = tfm_kernels.attention.scaled_dot_product_attention, fused_transformer.mlp
+    monkeypatch.setattr(tfm_kernels.attention, "scaled_dot_product_attention",
+                        lambda *a, **k: seen.append(("attention", k["dropout_p"])) or attend(*a, **k))
+    monkeypatch.setattr(fused_transformer, "mlp", lambda *a, **k: seen.append(("mlp", a[6])) or fused_mlp(*a, **k))
+    for name in ("dropout1", "dropout2"):
+        getattr(ours, name).register_forward_hook(lambda m, args, out, name=name: seen.append((name, m.training)))
     src = torch.randn(N, S, D_MODEL)
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
         runs.append(ours(src))
     torch.testing.assert_close(runs[0], runs[1])
+    assert sorted(set(seen)) == [("attention", 0.3), ("dropout1", True), ("dropout2", True), ("mlp", 0.3)]
+    seen.clear()
     ours.eval()
     reference.eval()
     with torch.no_grad():
         evaluated = ours(src)
         torch.testing.assert_close(evaluated, reference(src))
+    assert sorted(set(seen)) == [("attention", 0.0), ("dropout1", False), ("dropout2", False), ("mlp", 0.0)]
     assert (runs[0] - evaluated).abs().max() > 0.1
 
 
