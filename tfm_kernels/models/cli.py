@@ -18,6 +18,8 @@ from .tokenizer import ByteTokenizer
 from .training import TrainConfig, train_copy, train_lm
 
 DEFAULT_NEW_TOKENS = 200
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_SEED = 0
 
 
 def _add_common_training_args(parser, default_steps, default_batch, default_lr, lr_help):
@@ -169,10 +171,11 @@ def generate_main(argv=None):
         default=None,
         help=f"bytes to generate (default: {DEFAULT_NEW_TOKENS}, or what fits the context)",
     )
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"sampling temperature (default {DEFAULT_TEMPERATURE})")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--greedy", action="store_true", help="always take the most likely byte")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help=f"seed of the sampling (default {DEFAULT_SEED})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     args = parser.parse_args(argv)
@@ -192,13 +195,13 @@ def generate_main(argv=None):
         new_tokens = args.max_new_tokens
         if new_tokens is None:
             new_tokens = min(DEFAULT_NEW_TOKENS, model_config.context_length - prompt.shape[1])
-        generator = torch.Generator(device=device).manual_seed(0 if args.seed is None else args.seed)
+        generator = torch.Generator(device=device).manual_seed(DEFAULT_SEED if args.seed is None else args.seed)
         tokens = generate(
             model,
             prompt,
             new_tokens,
             greedy=args.greedy,
-            temperature=0.8 if args.temperature is None else args.temperature,
+            temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
             top_k=args.top_k,
             generator=generator,
             use_cache=not args.no_cache,
