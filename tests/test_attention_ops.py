@@ -222,15 +222,17 @@ def test_backward_gets_no_filled_gradients(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_double_backward_raises(backend):
+@pytest.mark.parametrize("loss", [lambda out: out.pow(2).sum(), torch.sum], ids=["square", "sum"])
+def test_double_backward_raises(backend, loss):
     """The kernels give first derivatives only: differentiating a gradient raises, as torch's flash kernels do,
-    instead of treating the backward's inputs as constants."""
+    instead of treating the backward's inputs as constants. Also where the output's gradient is a constant (a
+    plain sum), so that only the saved inputs tie the gradient to the graph."""
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 5, 7, 8, 8))
     require(backend, q, k, v)
-    (grad_q,) = torch.autograd.grad(sdpa(backend, q, k, v).pow(2).sum(), q, create_graph=True)
+    (grad_q,) = torch.autograd.grad(loss(sdpa(backend, q, k, v)), q, create_graph=True)
     with pytest.raises(RuntimeError, match=r"derivative for tfm_kernels::attention_backward is not implemented|"
                                            r"no autograd formula"):
-        grad_q.pow(2).sum().backward()
+        (grad_q.pow(2).sum() + q.sum()).backward()
 
 
 @pytest.mark.parametrize("sizes", [(0, 2, 2, 5, 7), (2, 0, 0, 5, 7), (2, 4, 2, 0, 7), (2, 4, 2, 5, 0)],

@@ -248,9 +248,11 @@ def test_backward_gets_no_filled_gradients(backend, kind):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "gated", "block"])
-def test_double_backward_raises(backend, kind):
+@pytest.mark.parametrize("loss", [lambda out: out.pow(2).sum(), torch.sum], ids=["square", "sum"])
+def test_double_backward_raises(backend, kind, loss):
     """The kernels give first derivatives only: differentiating a gradient (a gradient penalty) raises, as
-    torch's fused kernels do, instead of treating the backward's inputs as constants."""
+    torch's fused kernels do, instead of treating the backward's inputs as constants. Also where the output's
+    gradient is a constant (a plain sum), so that only the saved inputs tie the gradient to the graph."""
     x, weight, bias = (t.requires_grad_() for t in linear_inputs((2, 3), 8, 12, torch.float32))
     require(backend, x, weight)
     w2 = rand(8, 6 if kind == "gated" else 12).requires_grad_()
@@ -258,9 +260,9 @@ def test_double_backward_raises(backend, kind):
         out = tfm_kernels.mlp(x, weight, bias, w2, None, backend=backend)
     else:
         out = call(kind, backend, x, weight, bias, "gelu", 0.0)
-    (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    (grad_x,) = torch.autograd.grad(loss(out), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"derivative for tfm_kernels::\w+ is not implemented|no autograd formula"):
-        grad_x.pow(2).sum().backward()
+        (grad_x.pow(2).sum() + x.sum()).backward()
 
 
 def _op_samples(prefix):

@@ -391,6 +391,18 @@ def test_transformer(batch_first):
     check_against_torch(reference, ours, inputs, call)
 
 
+def test_meta_device_training_forward_gives_torchs_shapes():
+    """Shape-only runs on the meta device (memory planning, deferred initialisation), in training mode with
+    dropout, as torch's modules allow."""
+    kwargs = {"d_model": D_MODEL, "nhead": NHEAD, "num_encoder_layers": 1, "num_decoder_layers": 1,
+              "dim_feedforward": D_FF, "dropout": 0.1, "batch_first": True}
+    with torch.device("meta"):
+        src, tgt = torch.randn(N, S, D_MODEL), torch.randn(N, T, D_MODEL)
+        expected = nn.Transformer(**kwargs)(src, tgt)
+        out = Transformer(**kwargs)(src, tgt)
+    assert out.device.type == "meta" and out.shape == expected.shape == (N, T, D_MODEL)
+
+
 def test_torch_layers_given_to_our_containers_become_ours():
     encoder = TransformerEncoder(nn.TransformerEncoderLayer(**layer_kwargs()), 2)
     decoder = TransformerDecoder(nn.TransformerDecoderLayer(**layer_kwargs()), 2)

@@ -267,6 +267,25 @@ def test_torch_compile_of_patched_model_matches_eager():
         torch.testing.assert_close(compiled_grad, eager_grad)
 
 
+def test_jit_trace_and_script_of_patched_model(tmp_path):
+    """torch.jit.trace records the kernel operators, also with parameters that require grad (training), and the
+    saved trace reloads and computes what the model computes; torch.jit.script refuses our modules with a
+    message naming what works, and scripts the model once unpatched."""
+    model = TutorialLanguageModel(d_model=48, nhead=2, d_hid=64, dropout=0.0)
+    tfm_kernels.patch(model)
+    tokens = torch.randint(0, 50, (9, 2))
+    mask = nn.Transformer.generate_square_subsequent_mask(9)
+    traced = torch.jit.trace(model, (tokens, mask))
+    assert "tfm_kernels::attention_forward" in str(traced.inlined_graph)
+    torch.jit.save(traced, tmp_path / "model.pt")
+    torch.testing.assert_close(torch.jit.load(tmp_path / "model.pt")(tokens, mask), model(tokens, mask))
+    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile tfm_kernels.nn.transformer."
+                                           r"TransformerEncoderLayer: .* tfm_kernels.unpatch\(model\)"):
+        torch.jit.script(model)
+    tfm_kernels.unpatch(model)
+    torch.testing.assert_close(torch.jit.script(model)(tokens, mask), traced(tokens, mask))
+
+
 @pytest.mark.gpu
 def test_gpu_patched_tutorial_model_bf16():
     model = randomize_parameters(TutorialLanguageModel(vocab=1000)).eval().to("cuda", torch.bfloat16)

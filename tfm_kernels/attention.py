@@ -4,17 +4,17 @@ import math
 
 import torch
 
-from . import backends, reference
+from . import backends, ops, reference
 from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
 from .rng import seed_for
 
 
 def _forward_op(backend):
-    """The operator handle of a kernel backend (registered in tfm_kernels.ops)."""
+    """The differentiable forward operator of a kernel backend (tfm_kernels.ops)."""
     if backend == "triton":
-        return torch.ops.tfm_kernels.triton_attention_forward
-    return torch.ops.tfm_kernels.attention_forward  # C++: dispatches to the CPU or CUDA kernel by device
+        return ops.DIFFERENTIABLE_FORWARD["triton_attention_forward"]
+    return ops.DIFFERENTIABLE_FORWARD["attention_forward"]  # C++: dispatches to the CPU or CUDA kernel by device
 
 
 def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths):

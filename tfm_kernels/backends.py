@@ -10,6 +10,7 @@ import importlib.util
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 from . import ops
 
@@ -179,6 +180,13 @@ def _cuda_reasons(q, k, v, mask) -> list[str]:
     return reasons
 
 
+def _forward_mode_reasons() -> list[str]:
+    if forward_ad._current_level < 0:
+        return []
+    return ["forward-mode AD is on (torch.func.jvp, jacfwd, hessian or a forward_ad.dual_level), and only the "
+            "torch backend has forward-mode derivatives"]
+
+
 def not_supported_reasons(backend, q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False) -> list[str]:
     """Why `backend` cannot run attention on these normalised inputs: q (B, Hq, L, E), k (B, Hk, S, E),
     v (B, Hk, S, Ev), mask (B, Hq, L, S) or None. An empty list means it can."""
@@ -197,7 +205,7 @@ def not_supported_reasons(backend, q, k, v, mask=None, key_lengths=None, dropout
         raise ValueError(f"backend must be one of {('auto',) + ATTENTION_BACKENDS}; got {backend!r}")
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         reasons.append("attn_mask requires grad, and only the torch backend computes the mask's gradient")
-    return reasons
+    return reasons + _forward_mode_reasons()
 
 
 def choose(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False) -> str:
@@ -239,12 +247,14 @@ def mlp_not_supported_reasons(backend, x, weight) -> list[str]:
     if backend == "torch":
         return []
     if backend == "triton":
-        return _triton_reasons(x)
-    if backend == "cpu":
-        return _cpu_reasons(x)
-    if backend == "cuda":
-        return _mlp_cuda_reasons(x)
-    raise ValueError(f"backend must be one of {('auto',) + MLP_BACKENDS}; got {backend!r}")
+        reasons = _triton_reasons(x)
+    elif backend == "cpu":
+        reasons = _cpu_reasons(x)
+    elif backend == "cuda":
+        reasons = _mlp_cuda_reasons(x)
+    else:
+        raise ValueError(f"backend must be one of {('auto',) + MLP_BACKENDS}; got {backend!r}")
+    return reasons + _forward_mode_reasons()
 
 
 def choose_mlp(x, weight) -> str:

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from . import backends, reference
+from . import backends, ops, reference
 from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
 from .rng import seed_for
@@ -30,11 +30,10 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", None)
 
 
 def _linear_ops(backend):
-    """(forward op of a fused linear, forward op of a gated linear) of a kernel backend (tfm_kernels.ops)."""
-    if backend == "triton":
-        return torch.ops.tfm_kernels.triton_mlp_linear_forward, torch.ops.tfm_kernels.triton_mlp_gated_forward
-    # C++: dispatches to the CPU or CUDA kernel by device
-    return torch.ops.tfm_kernels.mlp_linear_forward, torch.ops.tfm_kernels.mlp_gated_forward
+    """(fused linear, gated linear): the differentiable forward operators of a kernel backend (tfm_kernels.ops)."""
+    prefix = "triton_" if backend == "triton" else ""  # "": C++, dispatches to the CPU or CUDA kernel by device
+    return (ops.DIFFERENTIABLE_FORWARD[f"{prefix}mlp_linear_forward"],
+            ops.DIFFERENTIABLE_FORWARD[f"{prefix}mlp_gated_forward"])
 
 
 def _check_tensor(name, t, like=None):
@@ -211,6 +210,6 @@ def mlp(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, *, gated=False, bac
         # The C++ backends run the block as one operator: its backward fuses act' into the hidden-gradient GEMM.
         seed = seed_for(float(dropout_p), x.device)
         b1, b2 = _contiguous_bias(b1), _contiguous_bias(b2)
-        block = torch.ops.tfm_kernels.mlp_block_forward
+        block = ops.DIFFERENTIABLE_FORWARD["mlp_block_forward"]
         out, _, _ = block(x2, w1, b1, w2, b2, activation or "none", float(dropout_p), seed)
         return out.reshape(*x.shape[:-1], w2.shape[0])

@@ -1,12 +1,13 @@
 """Operator registration: loads the compiled extension `_C`, defines the Triton operators, and gives every
-operator a fake (meta) kernel and autograd. The public functions in attention.py and mlp.py call the op
-handles defined here; kernels themselves live in csrc/ and tfm_kernels/triton/.
+operator a fake (meta) kernel and autograd. The public functions in attention.py and mlp.py call the forward
+ops through `DIFFERENTIABLE_FORWARD`; kernels themselves live in csrc/ and tfm_kernels/triton/.
 
 Every op keeps one autograd boundary: forward op -> (outputs, saved state), backward op -> gradients.
 """
 
 import glob
 import importlib.machinery
+import inspect
 import os
 
 import torch
@@ -61,6 +62,73 @@ def attention_shared_memory_bytes() -> dict[int, int]:
     asks for: csrc/cuda/attention/kernel_traits.h); empty without CUDA kernels."""
     entries = (entry.split(":") for entry in _BUILD_INFO.get("attention_shared_memory_bytes", "").split(",") if entry)
     return {int(head_dim): int(size) for head_dim, size in entries}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd, from one (setup_context, backward) pair per forward op: registered on the op, and again as an
+# autograd.Function for torch.func transforms (grad, vjp, jacrev, vmap over grad), which refuse the registered
+# autograd: the Function torch generates for it has no separate setup_context. The public API calls the op
+# through DIFFERENTIABLE_FORWARD, which takes the Function only under a transform (it costs more to enter).
+
+DIFFERENTIABLE_FORWARD = {}  # forward op name -> callable with the op's arguments and outputs
+
+
+class _Undifferentiable(torch.autograd.Function):
+    """Passes the first `count` tensors (gradients) through; differentiating them raises. The tensors after
+    them, the backward's own inputs, take no part but make the outputs tracked exactly when one of them is."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(message, count, *tensors):
+        return tuple(g.view_as(g) for g in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _first_order(forward_name, backward):
+    """`backward`, run without recording a graph: a transform records one (and the Triton backward ops, custom
+    ops without autograd, cannot run under it). Where one is recorded, the gradients come out of a node that
+    raises when they are differentiated in turn, instead of acting as constants."""
+    message = (f"the backward of tfm_kernels::{forward_name} cannot be differentiated: its kernels give first "
+               f"derivatives only (backend='torch' gives higher-order gradients)")
+
+    def run(ctx, *grads):
+        with torch.no_grad():
+            gradients = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return gradients
+        computed = [g for g in gradients if g is not None]
+        marked = iter(_Undifferentiable.apply(message, len(computed), *computed, *ctx.saved_tensors, *grads))
+        return tuple(None if g is None else next(marked) for g in gradients)
+
+    return run
+
+
+def _register_autograd(forward_name, backward, setup_context):
+    torch.library.register_autograd(f"tfm_kernels::{forward_name}", backward, setup_context=setup_context)
+    forward_op = getattr(torch.ops.tfm_kernels, forward_name)
+
+    def forward(*args):
+        return forward_op(*args)
+
+    forward.__signature__ = inspect.signature(forward)  # apply() binds arguments to it at every call
+    function = type(f"{forward_name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(_first_order(forward_name, backward)), "generate_vmap_rule": True})
+
+    def call(*args):
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(*args)
+        return forward_op(*args)
+
+    DIFFERENTIABLE_FORWARD[forward_name] = call
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,8 +196,7 @@ def _register_attention(forward_name, backward_name):
     backward_op = getattr(torch.ops.tfm_kernels, backward_name)
     torch.library.register_fake(f"tfm_kernels::{forward_name}")(_attention_forward_fake)
     torch.library.register_fake(f"tfm_kernels::{backward_name}")(_attention_backward_fake)
-    torch.library.register_autograd(f"tfm_kernels::{forward_name}", _make_attention_backward(backward_op),
-                                    setup_context=_attention_setup_context)
+    _register_autograd(forward_name, _make_attention_backward(backward_op), _attention_setup_context)
 
 
 _register_attention("triton_attention_forward", "triton_attention_backward")
@@ -220,9 +287,8 @@ def _register_mlp(prefix):
         forward_name, backward_name = f"{prefix}mlp_{kind}_forward", f"{prefix}mlp_{kind}_backward"
         torch.library.register_fake(f"tfm_kernels::{forward_name}")(forward_fake)
         torch.library.register_fake(f"tfm_kernels::{backward_name}")(_mlp_backward_fake)
-        torch.library.register_autograd(f"tfm_kernels::{forward_name}",
-                                        _make_mlp_backward(getattr(torch.ops.tfm_kernels, backward_name)),
-                                        setup_context=_mlp_setup_context)
+        _register_autograd(forward_name, _make_mlp_backward(getattr(torch.ops.tfm_kernels, backward_name)),
+                           _mlp_setup_context)
 
 
 def _mlp_block_forward_fake(x, w1, b1, w2, b2, activation, dropout_p, seed):
@@ -262,5 +328,4 @@ if _C is not None:
     _register_mlp("")
     torch.library.register_fake("tfm_kernels::mlp_block_forward")(_mlp_block_forward_fake)
     torch.library.register_fake("tfm_kernels::mlp_block_backward")(_mlp_block_backward_fake)
-    torch.library.register_autograd("tfm_kernels::mlp_block_forward", _mlp_block_backward,
-                                    setup_context=_mlp_block_setup_context)
+    _register_autograd("mlp_block_forward", _mlp_block_backward, _mlp_block_setup_context)

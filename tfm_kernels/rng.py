@@ -60,9 +60,10 @@ def dropout_keep_mask(seed, num_z: int, rows: int, cols: int, p: float, device=N
     """Boolean keep-mask (num_z, rows, cols) that every backend draws for `seed` (int or int64 tensor).
 
     Attention uses z = b * Hq + h, rows = L, cols = S; an MLP uses num_z = 1, rows = tokens, cols = features.
-    Materialises the whole mask: a test and reference helper, never a fast path."""
-    seed = int(seed)
+    Materialises the whole mask: a test and reference helper, never a fast path. The seed stays a tensor, so
+    the mask is drawn on `device` without a host sync, and on the meta device as a shape."""
     device = device if device is not None else "cpu"
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
     groups = -(-cols // COLUMNS_PER_DRAW)
     z = torch.arange(num_z, dtype=torch.int64, device=device).view(-1, 1, 1)
     i = torch.arange(rows, dtype=torch.int64, device=device).view(1, -1, 1)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import attention as _attention
 from ..backends import ATTENTION_BACKENDS
+from .torchscript import refuse_torchscript
 
 BACKEND_CHOICES = ("auto",) + ATTENTION_BACKENDS
 
@@ -68,6 +69,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     """
 
     backend = "auto"  # class default, so that modules converted in place by tfm_kernels.patch have one
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, backend="auto"):

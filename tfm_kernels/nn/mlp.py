@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..mlp import ACTIVATIONS, mlp
+from .torchscript import refuse_torchscript
 
 # The activation callables nn.TransformerEncoderLayer accepts, by the name the fused kernels use.
 _CALLABLE_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
@@ -43,6 +44,8 @@ class FusedMLP(nn.Module):
         backend: "auto", "cuda", "triton", "cpu" or "torch" (see tfm_kernels.fused_linear).
     Input (..., d_model) -> output (..., d_model), in the parameters' dtype.
     """
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, d_model, d_ff, activation="relu", dropout=0.1, bias=True, device=None, dtype=None, *,
                  backend="auto"):
@@ -81,6 +84,8 @@ class GatedMLP(nn.Module):
         backend: as FusedMLP.
     Input (..., d_model) -> output (..., d_model).
     """
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, d_model, d_ff, activation="silu", dropout=0.0, bias=False, device=None, dtype=None, *,
                  backend="auto"):

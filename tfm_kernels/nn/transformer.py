@@ -20,6 +20,7 @@ from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 from ..mlp import mlp
 from .attention import check_backend
 from .mlp import _CALLABLE_ACTIVATIONS
+from .torchscript import refuse_torchscript
 
 
 def fused_activation_name(activation):
@@ -86,6 +87,7 @@ class _FusedLayer:
     self-attention block. Mixed in before torch's layer class."""
 
     backend = "auto"
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu,
                  layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None,
