@@ -179,6 +179,10 @@ def test_key_lengths(backend):
     assert (out[2] == 0).all()
     masked = sdpa("torch", q, k, v, attn_mask=(torch.arange(S) < lengths.view(B, 1)).view(B, 1, 1, S))
     torch.testing.assert_close(out, masked, rtol=1e-5, atol=1e-5)
+    # Strided and expanded views of the lengths read as their values.
+    for view in (torch.tensor([S, 9, 5, 9, 0])[::2], torch.tensor([[7]]).expand(B, 2)[:, 0]):
+        torch.testing.assert_close(sdpa(backend, q, k, v, key_lengths=view),
+                                   sdpa(backend, q, k, v, key_lengths=view.contiguous()), rtol=0, atol=0)
 
 
 def check_nan_past_key_lengths(backend, dtype, device, E=64):
@@ -205,6 +209,19 @@ def check_nan_past_key_lengths(backend, dtype, device, E=64):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_past_key_lengths(backend):
     check_nan_past_key_lengths(backend, torch.float16 if backend == "triton" else torch.float32, "cpu")
+
+
+def check_nan_inputs(backend, dtype, device, L, S):
+    """A NaN in a query row makes that row's output and gradients NaN, and a NaN in a key or a value reaches every
+    row that sees it, exactly as in the float64 oracle: never the zeros of a row without keys."""
+    q, k, v = (rand(2, 2, n, 64, dtype=dtype, device=device) for n in (L, S, S))
+    q[0, 1, 5, 3], k[0, 0, 9, 2], v[1, 1, 20, 1] = float("nan"), float("nan"), float("nan")
+    check_against_oracle(backend, q, k, v)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_inputs(backend):
+    check_nan_inputs(backend, torch.float32, "cpu", 33, 45)
 
 
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "torch"])
@@ -294,3 +311,9 @@ def test_gpu_triton_under_the_new_tf32_api(tf32_by_new_api):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_nan_past_key_lengths(backend):
     check_nan_past_key_lengths(backend, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_nan_inputs(backend):
+    check_nan_inputs(backend, torch.bfloat16, "cuda", 300, 517)

@@ -101,17 +101,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backward", ["fused_dq", "deterministic"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}Hk{c[2]}L{c[3]}S{c[4]}D{c[5]}")
-def test_emulated_kernels_against_oracle(harness, tmp_path, case, backward):
+def check_against_oracle(harness, tmp_path, case, fused_dq, nan_at=()):
+    """The emulated kernels' out, dq, dk, dv and lse against the float64 oracle; nan_at: (tensor name, index)
+    pairs where q, k or v get a NaN, whose NaN the results must carry exactly where the oracle's do."""
     B, Hq, Hk, L, S, D, dtype, is_causal, lengths, dropout_p, packed, deferred = case
     torch.manual_seed(L * 1000 + S)
     q, k, v = (torch.randn(B, h, n, D, dtype=dtype) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+    for name, index in nan_at:
+        {"q": q, "k": k, "v": v}[name][index] = float("nan")
     grad_out = torch.randn(B, Hq, L, D, dtype=dtype)
     key_lengths = None if lengths is None else torch.tensor(lengths)
     scale = D**-0.5
     out, dq, dk, dv, lse, races, log = run_emulated(harness, tmp_path, q, k, v, grad_out, key_lengths, dropout_p,
-                                                   is_causal, scale, packed, deferred, backward == "fused_dq")
+                                                   is_causal, scale, packed, deferred, fused_dq)
     assert races == 0, log
 
     def oracle(dtype_):
@@ -124,8 +126,28 @@ def test_emulated_kernels_against_oracle(harness, tmp_path, case, backward):
         failure = tolerance_failure(f"emulated cuda {name}", result, base, ref)
         assert failure is None, failure
     assert torch.equal(torch.isinf(lse), torch.isinf(exact_lse)) and (lse[torch.isinf(lse)] > 0).all()
+    assert torch.equal(torch.isnan(lse), torch.isnan(exact_lse))
     finite = torch.isfinite(exact_lse)
     torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backward", ["fused_dq", "deterministic"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}Hk{c[2]}L{c[3]}S{c[4]}D{c[5]}")
+def test_emulated_kernels_against_oracle(harness, tmp_path, case, backward):
+    check_against_oracle(harness, tmp_path, case, backward == "fused_dq")
+
+
+# Every key these cases hold takes part in every row. Where a mask hides keys from a NaN row, the oracle's
+# gradients are NaN for those keys too (its weights there are 0 / NaN), while the kernels skip them.
+NAN_CASES = [CASES[0], (1, 2, 1, 75, 130, 128, torch.bfloat16, False, None, 0.0, True, True)]
+
+
+@pytest.mark.parametrize("case", NAN_CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}Hk{c[2]}L{c[3]}S{c[4]}D{c[5]}")
+def test_emulated_kernels_carry_nan_as_the_oracle(harness, tmp_path, case):
+    """A NaN in a query row makes that row's output, lse and gradients NaN, and a NaN in a key or a value
+    reaches every row that sees it, as in the oracle: never the zeros of a row without keys."""
+    check_against_oracle(harness, tmp_path, case, True,
+                         nan_at=(("q", (0, 1, 5, 3)), ("k", (0, 0, 9, 2)), ("v", (0, 0, 20, 1))))
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=lambda c: f"B{c[0]}Hq{c[1]}Hk{c[2]}L{c[3]}S{c[4]}D{c[5]}")

@@ -222,6 +222,24 @@ def test_backward_gets_no_filled_gradients(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_output_modified_in_place_as_torch(backend):
+    """out += residual in grad mode works, as with torch's SDPA: the output is not a view made inside the
+    operator. Its backward, which reads the saved output, then raises autograd's version error, as torch's
+    flash kernel's does; torch's own SDPA is the reference for both."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 2, 5, 7, 8, 8))
+    require(backend, q, k, v)
+    residual = rand(2, 2, 5, 8)
+    outputs = []
+    for attend in (lambda: sdpa(backend, q, k, v), lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)):
+        out = attend()
+        out += residual
+        outputs.append(out)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+    torch.testing.assert_close(*outputs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("loss", [lambda out: out.pow(2).sum(), torch.sum], ids=["square", "sum"])
 def test_double_backward_raises(backend, loss):
     """The kernels give first derivatives only: differentiating a gradient raises, as torch's flash kernels do,

@@ -98,6 +98,18 @@ def test_activations_dtypes(backend, activation, kind):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("kind", ["linear", "gated"])
+def test_nan_inputs_as_in_torch(backend, activation, kind):
+    """A NaN in x gives NaN in the output and every gradient exactly where the float64 oracle has it (relu keeps
+    NaN and passes its gradient there, as torch.relu does); the rest within the rule."""
+    for dtype in dtypes_for(backend):
+        x, weight, bias = linear_inputs((5,), 33, 40, dtype)
+        x[1, 3] = float("nan")
+        check_against_oracle(kind, backend, x, weight, bias, activation)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", [((1,), 1, 1), ((5,), 1, 3), ((2, 3), 17, 64), ((97,), 40, 257), ((), 8, 6),
                                    ((2, 1, 3), 65, 31), ((3,), 300, 20)], ids=str)
 def test_odd_shapes(backend, shape):

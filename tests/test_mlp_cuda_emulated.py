@@ -80,11 +80,12 @@ def check(name, result, baseline, oracle):
 
 
 def check_epilogue(harness, tmp_path, dtype, activation, gated, rows, cols, bias=True, dropout_p=0.0, pad=(0, 0, 0),
-                   row_block_limit=0):
+                   row_block_limit=0, nan_at=None):
     """Forward then backward epilogue of one configuration laid out as api.cpp lays it out: the pre-activation
     stored for an activation or a gate and given to the backward, else out written over z and no pre-activation
     for the backward. Row strides are padded by `pad` elements (z, out, grad_out); row_block_limit > 0 shrinks
-    gridDim.y's limit so the row loop strides."""
+    gridDim.y's limit so the row loop strides; nan_at, an index (row, column), puts a NaN into z and the
+    pre-activation there."""
     activation_name = None if activation == "none" else activation
     width = 2 * cols if gated else cols
     store_preact = gated or activation != "none"
@@ -97,6 +98,8 @@ def check_epilogue(harness, tmp_path, dtype, activation, gated, rows, cols, bias
     b = torch.randn(width, dtype=dtype) if bias else None
     grad_out = torch.randn(rows, ld_grad_out, dtype=dtype)
     preact = torch.randn(rows, width, dtype=dtype)
+    if nan_at is not None:
+        z[nan_at] = preact[nan_at] = float("nan")
     header = np.array([gated, rows, cols, ld_z, ld_out, ld_grad_out, bias, store_preact, out_aliases_z, seed,
                        row_block_limit], dtype=np.int64).tobytes() + np.array([dropout_p]).tobytes()
     flat = run_harness(harness, tmp_path, ["epilogue", DTYPES[dtype], activation], header,
@@ -151,6 +154,15 @@ def test_epilogues_against_oracle(harness, tmp_path, dtype, activation, gated):
     # Odd width, padded row strides, and a row loop that strides (3 rows over 2 block rows).
     check_epilogue(harness, tmp_path, dtype, activation, gated, 3, 100, True, DROPOUT_P, pad=(5, 3, 7),
                    row_block_limit=2)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_pre_activation_as_in_torch(harness, tmp_path, activation, gated):
+    """A NaN pre-activation (in the gate, when gated) gives NaN where the oracle has it, in out and dz: relu
+    keeps NaN and passes its gradient there, as torch.relu does."""
+    torch.manual_seed(ACTIVATIONS.index(activation))
+    check_epilogue(harness, tmp_path, torch.float32, activation, gated, 4, 33, nan_at=(1, 3))
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])

@@ -237,6 +237,26 @@ def test_encoder_layer_dropout(monkeypatch):
     assert (runs[0] - evaluated).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_activation_checkpointing_repeats_the_dropout_masks(backend):
+    """torch.utils.checkpoint recomputes the layer in backward: the kernels redraw the same dropout masks from
+    the restored generator, so output and every gradient equal those of the plain run, bit for bit."""
+    layer = TransformerEncoderLayer(**layer_kwargs(batch_first=True, dropout=0.3), backend=backend)
+    environment = tfm_kernels.backends.missing_environment(
+        tfm_kernels.backends.mlp_not_supported_reasons(backend, torch.randn(1, D_MODEL), torch.randn(1, D_MODEL)))
+    if environment:
+        pytest.skip("; ".join(environment))
+    src = torch.randn(N, S, D_MODEL, requires_grad=True)
+    leaves = [src, *layer.parameters()]
+    results = []
+    for run in (layer, lambda x: torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)):
+        torch.manual_seed(11)
+        out = run(src)
+        results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+    for plain, checkpointed in zip(*results):
+        assert torch.equal(plain, checkpointed)
+
+
 def decoder_inputs(masks, batch_first):
     inputs = {"tgt": seq(T, batch_first), "memory": seq(S, batch_first)}
     if masks == "causal":

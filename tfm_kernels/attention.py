@@ -143,9 +143,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         (..., Hq, L, Ev) in the query dtype; the kernel backends store it heads-inner, as torch's CUDA flash kernels
         do ((..., L, Hq, Ev) in memory, so that merging heads, out.transpose(-3, -2).reshape(..., L, Hq * Ev),
         copies nothing): merge the (Hq, L) dims with .reshape, not .view. A row in which no key takes part (all
-        masked) gives output 0 and zero gradients, where torch gives NaN. Under autocast, as torch: query, key,
-        value and a floating attn_mask are cast to the autocast dtype first (tfm_kernels.autocast), and so is the
-        output.
+        masked) gives output 0 and zero gradients (torch 2.14 gives 0 on CPU; where a torch kernel gives NaN, this
+        still gives 0); a row with a NaN score gives NaN, as tfm_kernels.reference does. Under autocast, as torch:
+        query, key, value and a floating attn_mask are cast to the autocast dtype first (tfm_kernels.autocast), and
+        so is the output.
     """
     query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     with autocast_off(query):

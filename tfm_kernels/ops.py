@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .layout import last_dim_contiguous
+from .layout import empty_heads_inner, last_dim_contiguous
 
 
 def extension_file_exists(package_dir) -> bool:
@@ -157,15 +157,14 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
 
 def _attention_forward_fake(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed):
     B, H, L, _ = q.shape
-    out = q.new_empty(B, L, H, v.shape[-1]).transpose(1, 2)  # (B, H, L, Dv), stored (B, L, H, Dv)
+    out = empty_heads_inner(q, B, H, L, v.shape[-1])  # (B, H, L, Dv), stored (B, L, H, Dv)
     lse = q.new_empty(B, H, L, dtype=torch.float32)
     return out, lse
 
 
 def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p, is_causal, scale, seed):
     def like(t):  # (B, H, N, D) logical, stored (B, N, H, D)
-        B, H, N, D = t.shape
-        return t.new_empty(B, N, H, D).transpose(1, 2)
+        return empty_heads_inner(t, *t.shape)
 
     return like(q), like(k), like(v)
 

@@ -50,7 +50,7 @@ TFM_HOST_DEVICE float activate(float z) {
   } else if constexpr (A == Activation::kGeluTanh) {
     return 0.5f * z * (1.0f + tanh_via_exp(kSqrt2OverPi * (z + kGeluTanhCubic * z * z * z)));
   } else if constexpr (A == Activation::kRelu) {
-    return z > 0.0f ? z : 0.0f;
+    return z < 0.0f ? 0.0f : z;  // NaN stays NaN, as in torch.relu
   } else if constexpr (A == Activation::kSilu) {
     return z * sigmoid(z);
   } else {
@@ -67,7 +67,7 @@ TFM_HOST_DEVICE float activation_grad(float z) {
     const float t = tanh_via_exp(kSqrt2OverPi * (z + kGeluTanhCubic * z * z * z));
     return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * z * z);
   } else if constexpr (A == Activation::kRelu) {
-    return z > 0.0f ? 1.0f : 0.0f;
+    return z <= 0.0f ? 0.0f : 1.0f;  // 1 at NaN, as torch's relu backward
   } else if constexpr (A == Activation::kSilu) {
     const float s = sigmoid(z);
     return s * (1.0f + z * (1.0f - s));

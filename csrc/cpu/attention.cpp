@@ -25,9 +25,10 @@ at::Tensor float_target(const at::Tensor& result) {
   return result.scalar_type() == at::kFloat ? result : at::empty_like(result, result.options().dtype(at::kFloat));
 }
 
-// (B, H, N, D) logical, stored as (B, N, H, D): the layout of every output of the contract.
+// (B, H, N, D) logical, stored as (B, N, H, D): the layout of every output of the contract. Allocated with these
+// strides, not as a transposed view: an operator output that is a view cannot be modified in place under autograd.
 at::Tensor empty_head_major(int64_t B, int64_t H, int64_t N, int64_t D, const at::TensorOptions& options) {
-  return at::empty({B, N, H, D}, options).transpose(1, 2);  // (B, H, N, D)
+  return at::empty_strided({B, H, N, D}, {N * H * D, D, H * D, 1}, options);
 }
 
 AttentionProblem make_problem(const AttentionSizes& sizes, const std::optional<at::Tensor>& mask,

@@ -6,8 +6,10 @@
 // so there are no races and results do not depend on the thread count.
 // Tests: tests/test_attention.py -k cpu, tests/test_attention_cpu.py.
 #include <ATen/Parallel.h>
+#include <algorithm>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "cpu/attention_cpu.h"
@@ -59,11 +61,15 @@ void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor&
           const int64_t i = i0 + r;
           float* s = scores.data() + r * cols;
           prepare_score_row(problem, s, cols, problem.visible_keys(b, i) - j0, b, h, i, j0);
-          const float block_max = row_max(s, cols);
-          const float new_max = std::max(running_max[r], block_max);
-          if (new_max == -kInfinity) {  // no key of the row has taken part yet: its accumulator stays 0
-            fill_row(s, cols, 0.0f);
-            continue;
+          // row_max skips NaN; a row that has only NaN scores (a NaN in its query) takes NaN as its maximum, so
+          // that its output and lse become NaN, as in the reference, instead of those of a row without keys.
+          float new_max = std::max(running_max[r], row_max(s, cols));
+          if (new_max == -kInfinity) {
+            if (std::none_of(s, s + cols, [](float x) { return std::isnan(x); })) {
+              fill_row(s, cols, 0.0f);  // no key of the row has taken part yet: its accumulator stays 0
+              continue;
+            }
+            new_max = std::numeric_limits<float>::quiet_NaN();
           }
           const float rescale = std::exp2(running_max[r] - new_max);  // 0 when the old maximum was -inf
           running_sum[r] = running_sum[r] * rescale + exp2_row_sum(s, cols, new_max);

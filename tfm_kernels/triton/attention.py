@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
-from ..layout import last_dim_contiguous
+from ..layout import empty_heads_inner, last_dim_contiguous
 from ..rng import dropout_threshold
 from .philox import dropout_keep, philox_key
 from .precision import dot, dot_precision
@@ -661,7 +661,8 @@ class _Common:
             self.mask_strides = mask.stride()
         else:
             self.mask, self.mask_strides, mask_kind = mask, mask.stride(), MASK_ADDITIVE
-        self.key_lengths = key_lengths if key_lengths is not None else q
+        # The kernels read key_lengths[b] at offset b: a strided or expanded view would read other elements.
+        self.key_lengths = key_lengths.contiguous() if key_lengths is not None else q
         has_dropout = dropout_p > 0.0
         self.seed = seed
         self.scalars = (H, H // Hk, L, S)
@@ -682,7 +683,7 @@ def attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, s
     in q's dtype and lse (B, Hq, L) float32 (+inf where no key takes part)."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     c = _Common(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
-    out = q.new_empty(c.B, c.L, c.H, c.Ev).transpose(1, 2)  # (B, H, L, Ev), stored (B, L, H, Ev)
+    out = empty_heads_inner(q, c.B, c.H, c.L, c.Ev)  # (B, H, L, Ev), stored (B, L, H, Ev)
     lse = q.new_empty(c.B, c.H, c.L, dtype=torch.float32)
     grid = lambda meta: (cdiv(c.L, meta["BLOCK_M"]) * c.B * c.H,)
     kv_descriptors, kv_layouts = _descriptors(_FORWARD, c.work, k, v)
@@ -725,13 +726,13 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
     c = _Common(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
-    dq = q.new_empty(c.B, c.L, c.H, c.E).transpose(1, 2)  # (B, H, L, E), stored (B, L, H, E)
+    dq = empty_heads_inner(q, c.B, c.H, c.L, c.E)  # (B, H, L, E), stored (B, L, H, E)
     heads_per_program = _heads_per_kv_program(c, q.device)
     slices = c.H // heads_per_program
     partial = slices != c.Hk  # the dK/dV programs split each query group: float32 partial sums per slice
     grad_kv_dtype = torch.float32 if partial else k.dtype
-    dk = k.new_empty(c.B, c.S, slices, c.E, dtype=grad_kv_dtype).transpose(1, 2)  # (B, slices, S, E)
-    dv = v.new_empty(c.B, c.S, slices, c.Ev, dtype=grad_kv_dtype).transpose(1, 2)  # (B, slices, S, Ev)
+    dk = empty_heads_inner(k, c.B, slices, c.S, c.E, grad_kv_dtype)  # (B, slices, S, E)
+    dv = empty_heads_inner(v, c.B, slices, c.S, c.Ev, grad_kv_dtype)  # (B, slices, S, Ev)
     delta = torch.empty_like(lse)  # (B, H, L) float32
     block_dv = c.constexprs["BLOCK_DV"]
     with device_guard(q):

@@ -108,7 +108,7 @@ def _activate(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 2:
         return 0.5 * z * (1.0 + _tanh((z + z * z * z * GELU_TANH_CUBIC) * SQRT_2_OVER_PI))
     elif ACTIVATION == 3:
-        return tl.where(z > 0.0, z, 0.0)
+        return tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as in torch.relu
     elif ACTIVATION == 4:
         return z * tl.sigmoid(z)
     else:
@@ -124,7 +124,7 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
         inner_grad = (1.0 + z * z * GELU_TANH_CUBIC * 3.0) * SQRT_2_OVER_PI
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * inner_grad
     elif ACTIVATION == 3:
-        return tl.where(z > 0.0, 1.0, 0.0)
+        return tl.where(z <= 0.0, 0.0, 1.0)  # 1 at NaN, as torch's relu backward
     elif ACTIVATION == 4:
         s = tl.sigmoid(z)
         return s * (1.0 + z * (1.0 - s))

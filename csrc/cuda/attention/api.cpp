@@ -150,9 +150,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepar
   return {q, k, v, lengths};
 }
 
-// (B, N, H, D) memory viewed as (B, H, N, D): the layout of every output of the contract.
+// (B, N, H, D) memory seen as (B, H, N, D): the layout of every output of the contract. Allocated with these strides,
+// not as a transposed view: an operator output that is a view cannot be modified in place under autograd.
 at::Tensor empty_bnhd(const at::Tensor& like, int64_t B, int64_t H, int64_t N, int64_t D) {
-  return at::empty({B, N, H, D}, like.options()).transpose(1, 2);
+  return at::empty_strided({B, H, N, D}, {N * H * D, D, H * D, 1}, like.options());
 }
 
 template <typename Params>

@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float sum = cuda::quad_sum(row_sum[m][r]);
-      const bool empty = !(sum > 0.0f);
+      const bool empty = sum == 0.0f;  // a NaN sum (a NaN score) is not empty: out and lse become NaN
       const float inverse = empty ? 0.0f : params.dropout_rescale / sum;
       const int row = lane / 4 + 8 * r;
       if (lane % 4 == 0 && row < tile_rows) lse[tile_row0 + row] = empty ? INFINITY : row_max[m][r] * kLn2 + logf(sum);
