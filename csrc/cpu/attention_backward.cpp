@@ -54,7 +54,8 @@ void backward_tile(const AttentionProblem& problem, const HeadTensor& q_rows, co
   at::Tensor probs = matrix(scratch.probs.data(), rows, cols, cols);
   at::Tensor grad_scores = matrix(scratch.grad_scores.data(), rows, cols, cols);
 
-  matmul_accumulate(probs, q_block, transposed(k_rows.row(b, hk, j0), cols, E, k_rows.row_stride), 1.0f, 0.0f);
+  matmul_accumulate(probs, q_block, transposed(k_rows.row(b, hk, j0), cols, E, k_rows.row_stride),
+                    problem.score_scale_log2(), 0.0f);
   matmul_accumulate(grad_scores, grad_block, transposed(v_rows.row(b, hk, j0), cols, Ev, v_rows.row_stride),
                     1.0f, 0.0f);
   const Dropout& dropout = problem.dropout;

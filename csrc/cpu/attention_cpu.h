@@ -57,6 +57,9 @@ struct AttentionProblem {
 
   int64_t group_size() const { return q_heads / kv_heads; }
 
+  // The score product's alpha: q @ k^T comes out as base-2 logits, exp(scale * x) = exp2(x * scale * log2(e)).
+  float score_scale_log2() const { return scale * kLog2e; }
+
   // How many leading keys query row i of batch b may see before the mask: key j takes part only if
   // j < key_lengths[b] and, when causal, j <= i.
   int64_t visible_keys(int64_t b, int64_t i) const {
@@ -65,9 +68,10 @@ struct AttentionProblem {
   }
 };
 
-// Turns raw scores q_i . k_j of query row i against keys [j0, j0 + n) (b, h fixed) into base-2 logits:
-// s * scale * log2(e), plus the additive mask * log2(e), or -inf where the key takes no part (bool mask false,
-// or j0 + c >= j0 + valid). `valid` may be <= 0 (no key of the block is visible) or > n (all are).
+// Completes the base-2 logits of query row i against keys [j0, j0 + n) (b, h fixed), which the score product
+// wrote already scaled (q_i . k_j * problem.score_scale_log2()): adds the additive mask * log2(e), or sets -inf
+// where the key takes no part (bool mask false, or j0 + c >= j0 + valid). `valid` may be <= 0 (no key of the
+// block is visible) or > n (all are).
 void prepare_score_row(const AttentionProblem& problem, float* scores, int64_t n, int64_t valid, int64_t b,
                        int64_t h, int64_t i, int64_t j0);
 

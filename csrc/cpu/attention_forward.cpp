@@ -56,7 +56,7 @@ void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor&
         const int64_t cols = std::min(kKeyBlock, key_end - j0);
         at::Tensor score_block = matrix(scores.data(), rows, cols, cols);
         matmul_accumulate(score_block, q_block, transposed(k_rows.row(b, hk, j0), cols, E, k_rows.row_stride),
-                          1.0f, 0.0f);
+                          problem.score_scale_log2(), 0.0f);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           float* s = scores.data() + r * cols;

@@ -1,5 +1,5 @@
-// Score preparation shared by the CPU attention forward and backward: scaling into base-2 logits and the
-// attention mask, read elementwise through its strides (broadcast dims have stride 0 and are never expanded).
+// Score preparation shared by the CPU attention forward and backward: the attention mask on base-2 logits, read
+// elementwise through its strides (broadcast dims have stride 0 and are never expanded).
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -12,20 +12,20 @@ namespace {
 
 constexpr float kFloatMax = std::numeric_limits<float>::max();
 
-// scores[c] = scores[c] * scale_log2 + mask[c] * log2(e) for an additive mask of element type T.
+// scores[c] += mask[c] * log2(e) for an additive mask of element type T.
 template <typename T>
-void add_mask_row(float* scores, int64_t n, float scale_log2, const T* mask, int64_t mask_stride) {
+void add_mask_row(float* scores, int64_t n, const T* mask, int64_t mask_stride) {
   for (int64_t c = 0; c < n; ++c) {
     const float m = static_cast<float>(mask[c * mask_stride]);
     // finfo.min * log2(e) overflows to -inf (no key): finite masks stay finite, as in torch; -inf stays.
-    scores[c] = scores[c] * scale_log2 + (m > -kInfinity ? std::max(m * kLog2e, -kFloatMax) : m);
+    scores[c] += m > -kInfinity ? std::max(m * kLog2e, -kFloatMax) : m;
   }
 }
 
-// scores[c] = scores[c] * scale_log2 where the key takes part (mask true), -inf elsewhere.
-void apply_bool_mask_row(float* scores, int64_t n, float scale_log2, const bool* mask, int64_t mask_stride) {
+// scores[c] = -inf where the key takes no part (mask false).
+void apply_bool_mask_row(float* scores, int64_t n, const bool* mask, int64_t mask_stride) {
   for (int64_t c = 0; c < n; ++c) {
-    scores[c] = mask[c * mask_stride] ? scores[c] * scale_log2 : -kInfinity;
+    scores[c] = mask[c * mask_stride] ? scores[c] : -kInfinity;
   }
 }
 
@@ -40,26 +40,24 @@ void prepare_score_row(const AttentionProblem& problem, float* scores, int64_t n
                        int64_t h, int64_t i, int64_t j0) {
   const int64_t taking_part = std::clamp<int64_t>(valid, 0, n);
   fill_row(scores + taking_part, n - taking_part, -kInfinity);
-  const float scale_log2 = problem.scale * kLog2e;
   const MaskView& mask = problem.mask;
   if (mask.data == nullptr) {
-    scale_row(scores, taking_part, scale_log2);
     return;
   }
   const int64_t offset = b * mask.stride[0] + h * mask.stride[1] + i * mask.stride[2] + j0 * mask.stride[3];
   const int64_t stride = mask.stride[3];
   switch (mask.dtype) {
     case at::kBool:
-      apply_bool_mask_row(scores, taking_part, scale_log2, static_cast<const bool*>(mask.data) + offset, stride);
+      apply_bool_mask_row(scores, taking_part, static_cast<const bool*>(mask.data) + offset, stride);
       break;
     case at::kFloat:
-      add_mask_row(scores, taking_part, scale_log2, static_cast<const float*>(mask.data) + offset, stride);
+      add_mask_row(scores, taking_part, static_cast<const float*>(mask.data) + offset, stride);
       break;
     case at::kHalf:
-      add_mask_row(scores, taking_part, scale_log2, static_cast<const c10::Half*>(mask.data) + offset, stride);
+      add_mask_row(scores, taking_part, static_cast<const c10::Half*>(mask.data) + offset, stride);
       break;
     case at::kBFloat16:
-      add_mask_row(scores, taking_part, scale_log2, static_cast<const c10::BFloat16*>(mask.data) + offset, stride);
+      add_mask_row(scores, taking_part, static_cast<const c10::BFloat16*>(mask.data) + offset, stride);
       break;
     default:
       TORCH_INTERNAL_ASSERT(false, "unexpected mask dtype ", mask.dtype);
