@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "common/attention_checks.h"
+#include "common/attention_layout.h"
 #include "common/philox.h"
 #include "cpu/attention_cpu.h"
 
@@ -23,12 +24,6 @@ at::Tensor as_float_rows(const at::Tensor& t) {
 // A float32 tensor to compute `result` into: result itself when float32, else a float32 twin of its layout.
 at::Tensor float_target(const at::Tensor& result) {
   return result.scalar_type() == at::kFloat ? result : at::empty_like(result, result.options().dtype(at::kFloat));
-}
-
-// (B, H, N, D) logical, stored as (B, N, H, D): the layout of every output of the contract. Allocated with these
-// strides, not as a transposed view: an operator output that is a view cannot be modified in place under autograd.
-at::Tensor empty_head_major(int64_t B, int64_t H, int64_t N, int64_t D, const at::TensorOptions& options) {
-  return at::empty_strided({B, H, N, D}, {N * H * D, D, H * D, 1}, options);
 }
 
 AttentionProblem make_problem(const AttentionSizes& sizes, const std::optional<at::Tensor>& mask,
@@ -75,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          const at::Tensor& seed) {
   const AttentionSizes sizes = check_attention_args("attention_forward", q, k, v, mask, key_lengths, dropout_p, seed);
   const AttentionProblem problem = make_problem(sizes, mask, key_lengths, dropout_p, is_causal, scale, seed);
-  at::Tensor out = empty_head_major(sizes.batch, sizes.q_heads, sizes.q_len, sizes.value_dim, q.options());
+  at::Tensor out = empty_heads_inner(sizes.batch, sizes.q_heads, sizes.q_len, sizes.value_dim, q.options());
   at::Tensor lse = at::empty({sizes.batch, sizes.q_heads, sizes.q_len}, q.options().dtype(at::kFloat));
   const at::Tensor out_float = float_target(out);
   attention_forward_kernel(problem, as_float_rows(q), as_float_rows(k), as_float_rows(v), out_float, lse);
@@ -94,9 +89,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const AttentionSizes sizes = check_attention_args(op, q, k, v, mask, key_lengths, dropout_p, seed);
   check_attention_backward_args(op, sizes, q, grad_out, out, lse);
   const AttentionProblem problem = make_problem(sizes, mask, key_lengths, dropout_p, is_causal, scale, seed);
-  at::Tensor dq = empty_head_major(sizes.batch, sizes.q_heads, sizes.q_len, sizes.head_dim, q.options());
-  at::Tensor dk = empty_head_major(sizes.batch, sizes.kv_heads, sizes.kv_len, sizes.head_dim, q.options());
-  at::Tensor dv = empty_head_major(sizes.batch, sizes.kv_heads, sizes.kv_len, sizes.value_dim, q.options());
+  at::Tensor dq = empty_heads_inner(sizes.batch, sizes.q_heads, sizes.q_len, sizes.head_dim, q.options());
+  at::Tensor dk = empty_heads_inner(sizes.batch, sizes.kv_heads, sizes.kv_len, sizes.head_dim, q.options());
+  at::Tensor dv = empty_heads_inner(sizes.batch, sizes.kv_heads, sizes.kv_len, sizes.value_dim, q.options());
   const at::Tensor grad_float = as_float_rows(grad_out);
   const at::Tensor delta = (grad_float * out.to(at::kFloat)).sum(-1).contiguous();  // (B, Hq, L) rowsum(dO * O)
   const at::Tensor lse_log2 = (lse * kLog2e).contiguous();                             // (B, Hq, L)

@@ -1,9 +1,9 @@
 // CUDA implementations of tfm_kernels::attention_forward / attention_backward (schemas and layout contract in
 // csrc/ops.cpp): argument checks with errors naming the argument, output allocation in the contract's layout
-// ((B, L, H, D) memory returned as (B, H, L, D) views), the plain-data params of params.h, and dispatch over
-// the compiled head dims and element types to the launchers of launch.h. The only file of the CUDA attention
-// kernels that includes ATen. Kernels run on the current stream under a device guard; the dropout seed stays
-// on the device (no host synchronisation), so the ops can be captured in CUDA graphs.
+// ((B, L, H, D) memory seen as (B, H, L, D): common/attention_layout.h), the plain-data params of params.h, and
+// dispatch over the compiled head dims and element types to the launchers of launch.h. The only file of the CUDA
+// attention kernels that includes ATen. Kernels run on the current stream under a device guard; the dropout seed
+// stays on the device (no host synchronisation), so the ops can be captured in CUDA graphs.
 //
 // Test: python -m pytest tests/test_attention_cuda.py (bad-input errors and everything else need a GPU).
 #include <ATen/ATen.h>
@@ -19,6 +19,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/attention_layout.h"
 #include "common/philox.h"
 #include "cuda/attention/instantiations/head_dims.h"
 #include "cuda/attention/launch.h"
@@ -150,12 +151,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepar
   return {q, k, v, lengths};
 }
 
-// (B, N, H, D) memory seen as (B, H, N, D): the layout of every output of the contract. Allocated with these strides,
-// not as a transposed view: an operator output that is a view cannot be modified in place under autograd.
-at::Tensor empty_bnhd(const at::Tensor& like, int64_t B, int64_t H, int64_t N, int64_t D) {
-  return at::empty_strided({B, H, N, D}, {N * H * D, D, H * D, 1}, like.options());
-}
-
 template <typename Params>
 using Launcher = int (*)(const Params&, CUstream_st*);
 
@@ -186,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
   ForwardParams params;
   auto [q_a, k_a, v_a, lengths] = prepare(params, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
-  at::Tensor out = empty_bnhd(q, B, H, L, D);  // (B, H, L, D), stored (B, L, H, D)
+  at::Tensor out = empty_heads_inner(B, H, L, D, q.options());  // (B, H, L, D), stored (B, L, H, D)
   at::Tensor lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   params.out = out.data_ptr();
   params.out_strides = strides_of(out);
@@ -217,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
               "attention (CUDA): lse must be a float32 tensor of shape (", B, ", ", Hq, ", ", L, ") on ", q.device(),
               "; got ", lse.scalar_type(), " of shape ", lse.sizes(), " on ", lse.device());
   const at::Tensor grad_out_a = aligned(grad_out), out_a = aligned(out), lse_c = lse.contiguous();
-  at::Tensor grad_q = empty_bnhd(q, B, Hq, L, D);  // (B, Hq, L, D), stored (B, L, Hq, D)
-  at::Tensor grad_k = empty_bnhd(k, B, Hk, S, D);  // (B, Hk, S, D), stored (B, S, Hk, D)
-  at::Tensor grad_v = empty_bnhd(v, B, Hk, S, D);
+  at::Tensor grad_q = empty_heads_inner(B, Hq, L, D, q.options());  // (B, Hq, L, D), stored (B, L, Hq, D)
+  at::Tensor grad_k = empty_heads_inner(B, Hk, S, D, k.options());  // (B, Hk, S, D), stored (B, S, Hk, D)
+  at::Tensor grad_v = empty_heads_inner(B, Hk, S, D, v.options());
   at::Tensor delta = at::empty({B, Hq, L}, q.options().dtype(at::kFloat));
 
   params.out = out_a.data_ptr();
