@@ -1,9 +1,13 @@
 """torch.func over the operators. Reverse mode (grad, vjp, jacrev, per-sample gradients as vmap over grad) runs
-the kernels and gives what torch.autograd gives through them; forward mode (jvp, jacfwd, hessian) runs the
+the kernels and gives what torch.autograd gives through them; vmap folds the vmapped dim into one kernel call
+where that gives the per-element results (tfm_kernels/batching.py); forward mode (jvp, jacfwd, hessian) runs the
 torch backend under "auto", and an explicit kernel backend says why it cannot."""
+
+import functools
 
 import pytest
 import torch
+from autograd_probe import DispatchedOps
 from test_attention import require, sdpa
 from test_attention_ops import qkv
 from test_mlp import linear_inputs, rand
@@ -12,7 +16,7 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tfm_kernels
-from tfm_kernels import backends
+from tfm_kernels import backends, batching, ops
 
 CPU_BACKENDS = ["cpu", "triton"]
 GPU_BACKENDS = ["cuda", "triton"]
@@ -27,6 +31,21 @@ def assert_all_close(got, expected):
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+def kernel_calls(fn, *args):
+    """fn(*args), and how many times it ran each tfm_kernels operator, by name without the namespace."""
+    with DispatchedOps() as dispatched:
+        result = fn(*args)
+    prefix = "tfm_kernels."
+    return result, {name[len(prefix):]: n for name, n in dispatched.counts.items() if name.startswith(prefix)}
+
+
+def per_element(fn, in_dims, *args):
+    """What vmap(fn, in_dims)(*args) should give: fn once per element, stacked."""
+    size = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+    calls = [fn(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(size)]
+    return torch.stack(calls)
 
 
 def attention_loss(backend):
@@ -51,9 +70,10 @@ def check_attention_per_sample_gradients(backend, q, k, v):
     """vmap over grad: each batch element's gradients, as a loop of autograd calls over the elements gives."""
     require(backend, q, k, v)
     loss = attention_loss(backend)
-    per_sample = vmap(grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    per_sample, calls = kernel_calls(vmap(grad(loss, argnums=(0, 1, 2))), q, k, v)
     expected = [autograd_grads(loss, (q[b], k[b], v[b])) for b in range(q.shape[0])]
     assert_all_close(per_sample, [torch.stack(g) for g in zip(*expected)])
+    assert sorted(calls.values()) == [1, 1], calls  # the forward and the backward, each once for all elements
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -128,9 +148,15 @@ def check_mlp_grad_and_per_sample_gradients(backend, kind, x, weight, bias):
         return MLP_CALLS[kind](x, weight, bias, backend).square().sum()
 
     assert_all_close(grad(loss, argnums=(0, 1, 2))(x, weight, bias), autograd_grads(loss, (x, weight, bias)))
-    per_sample = vmap(grad(loss, argnums=(1, 2)), in_dims=(0, None, None))(x, weight, bias)
+    per_sample, calls = kernel_calls(vmap(grad(loss, argnums=(1, 2)), in_dims=(0, None, None)), x, weight, bias)
     expected = [autograd_grads(lambda w, b, x=x_i: loss(x, w, b), (weight, bias)) for x_i in x]
     assert_all_close(per_sample, [torch.stack(g) for g in zip(*expected)])
+    # The forwards fold the examples into their rows; each example needs its own weight gradient, so the backwards
+    # run once per example (the triton block is two linear operators).
+    forwards = [n for name, n in calls.items() if name.endswith("_forward")]
+    backwards = [n for name, n in calls.items() if name.endswith("_backward")]
+    assert len(forwards) == len(backwards) == 1, calls
+    assert backwards[0] == forwards[0] * x.shape[0], calls
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -157,3 +183,159 @@ def test_mlp_hessian_runs_torch_backend():
         with pytest.raises(NotImplementedError, match=r"forward-mode AD is on"):
             jvp(lambda x, backend=backend: tfm_kernels.fused_linear(x, weight, bias, backend=backend), (x,),
                 (rand(3, 8),))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vmap (tfm_kernels/batching.py)
+
+def attention_vmap_cases():
+    """name -> (fn, in_dims, args): n = 3 elements of (B, H, L, S) = (2, 4, 5, 7), 2 key/value heads."""
+    q, k, v = (t.unflatten(0, (3, 2)) for t in qkv(6, 4, 2, 5, 7, 8, 6))  # (3, 2, H, N, D)
+    shared_mask = torch.rand(5, 7) > 0.3  # (L, S): one for every element
+    own_masks = torch.rand(3, 2, 1, 5, 7) > 0.3  # (n, B, 1, L, S): per element, broadcast over the heads
+    additive = torch.randn(3, 1, 4, 1, 7)  # (n, 1, H, 1, S)
+    lengths = torch.tensor([7, 3])
+
+    def attend(**kwargs):
+        return lambda q, k, v, mask=None, *, backend: sdpa(backend, q, k, v, attn_mask=mask, enable_gqa=True, **kwargs)
+
+    return {
+        "causal": (attend(is_causal=True), (0, 0, 0), (q, k, v)),
+        "shared keys and values": (attend(), (0, None, None), (q, k[0], v[0])),
+        "vmapped along dim 1": (attend(), (1, 1, 1), tuple(t.transpose(0, 1) for t in (q, k, v))),
+        "shared mask": (attend(), (0, 0, 0, None), (q, k, v, shared_mask)),
+        "mask per element": (attend(), (0, 0, 0, 0), (q, k, v, own_masks)),
+        "additive mask per element": (attend(), (0, 0, 0, 0), (q, k, v, additive)),
+        "key lengths": (attend(key_lengths=lengths), (0, 0, 0), (q, k, v)),
+    }
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", list(attention_vmap_cases()))
+def test_attention_vmap_is_one_kernel_call(backend, case):
+    """vmap folds its dim into the kernels' batch: one call, and what a call per element gives. Broadcast masks
+    stay broadcast; shared operands are repeated for the folded batch."""
+    fn, in_dims, args = attention_vmap_cases()[case]
+    require(backend, *args[:3])
+    attention = functools.partial(fn, backend=backend)
+    out, calls = kernel_calls(vmap(attention, in_dims), *args)
+    torch.testing.assert_close(out, per_element(attention, in_dims, *args))
+    assert list(calls.values()) == [1], calls
+
+
+def test_folding_copies_no_broadcast_dim():
+    """The folded (n * B, ...) operand keeps a broadcast (zero-stride) dim broadcast; a shared operand with
+    batch 1 is not copied at all."""
+    own = (torch.rand(3, 2, 1, 5, 7) > 0.5).expand(3, 2, 4, 5, 7)  # (n, B, H, L, S), heads broadcast
+    folded = batching._fold(own, 0, 3)
+    assert folded.shape == (6, 4, 5, 7) and folded.stride()[1] == 0
+    assert torch.equal(folded, own.reshape(6, 4, 5, 7))
+    shared = batching._fold(own[0], None, 3)  # one (B, H, L, S) for all 3 elements
+    assert shared.stride()[1] == 0 and torch.equal(shared, own[0].repeat(3, 1, 1, 1))
+    single = own[0, :1]  # (1, H, L, S)
+    assert batching._fold(single, None, 3).data_ptr() == single.data_ptr()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_gradient_of_vmap(backend):
+    """grad over vmap, the transforms the other way round: one forward and one backward call."""
+    q, k, v = (t.unflatten(0, (3, 1)) for t in qkv(3, 2, 2, 5, 7, 8, 8))
+    require(backend, q, k, v)
+
+    def loss(q):
+        return vmap(lambda q, k, v: sdpa(backend, q, k, v, is_causal=True))(q, k, v).square().sum()
+
+    gradient, calls = kernel_calls(grad(loss), q)
+    torch.testing.assert_close(gradient, autograd_grads(loss, (q,))[0])
+    assert sorted(calls.values()) == [1, 1], calls
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_vmap_dropout_runs_per_element(backend):
+    """A dropout mask depends on the batch index, so vmap with dropout runs a call per element. Under
+    randomness="same" each element draws the mask a plain call draws after the same torch.manual_seed; under
+    "different" equal elements get different masks."""
+    q, k, v = (t.expand(3, *t.shape) for t in qkv(1, 2, 2, 5, 7, 8, 8))  # three equal elements
+
+    def attention(q, k, v):
+        return sdpa(backend, q, k, v, dropout_p=0.5)
+
+    require(backend, q[0], k[0], v[0])
+    torch.manual_seed(0)
+    same, calls = kernel_calls(vmap(attention, randomness="same"), q, k, v)
+    assert list(calls.values()) == [3], calls
+    torch.manual_seed(0)
+    plain = attention(q[0], k[0], v[0])
+    for element in same:
+        torch.testing.assert_close(element, plain)
+    different = vmap(attention, randomness="different")(q, k, v)
+    assert not torch.equal(different[0], different[1]) and not torch.equal(different[1], different[2])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", list(MLP_CALLS))
+def test_mlp_vmap_folds_the_rows(backend, kind):
+    """Shared weights: the examples fold into the rows, one forward call. Weights vmapped too (an ensemble):
+    a call per element."""
+    x, weight, bias = linear_inputs((3, 2, 5), 8, 12, torch.float32)
+    require_mlp(backend, x, weight)
+    mlp = functools.partial(MLP_CALLS[kind], backend=backend)
+    out, calls = kernel_calls(vmap(mlp, in_dims=(0, None, None)), x, weight, bias)
+    torch.testing.assert_close(out, per_element(mlp, (0, None, None), x, weight, bias))
+    assert set(calls.values()) == {1 if backend == "cpu" or kind != "block" else 2}, calls
+    weights, biases = weight.expand(3, *weight.shape) * torch.rand(3, 1, 1), bias.expand(3, *bias.shape)
+    out, calls = kernel_calls(vmap(mlp), x, weights, biases)
+    torch.testing.assert_close(out, per_element(mlp, (0, 0, 0), x, weights, biases))
+    assert set(calls.values()) == {3 if backend == "cpu" or kind != "block" else 6}, calls
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mlp_vmap_dropout_runs_per_element(backend):
+    x, weight, bias = linear_inputs((2, 5), 8, 12, torch.float32)
+    require_mlp(backend, x, weight)
+    x = x.expand(3, *x.shape)  # three equal elements
+
+    def linear(x):
+        return tfm_kernels.fused_linear(x, weight, bias, "gelu", dropout_p=0.5, backend=backend)
+
+    torch.manual_seed(0)
+    same, calls = kernel_calls(vmap(linear, randomness="same"), x)
+    assert list(calls.values()) == [3], calls
+    torch.manual_seed(0)
+    plain = linear(x[0])
+    for element in same:
+        torch.testing.assert_close(element, plain)
+    different = vmap(linear, randomness="different")(x)
+    assert not torch.equal(different[0], different[1])
+
+
+TRANSFORMS = {
+    "vmap": vmap,
+    "grad": lambda fn: grad(lambda t: fn(t).square().sum()),
+    "vmap over grad": lambda fn: vmap(grad(lambda t: fn(t).square().sum())),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_compiled_transforms_equal_eager(backend, transform, request):
+    """torch.compile over vmap (dynamo traces the transform; the operators' vmap rules serve it), grad and
+    per-sample gradients gives what eager gives, for attention and fused_linear. Before torch 2.14 dynamo cannot
+    trace vmap over the operators' autograd.Function (tfm_kernels/ops.py): there the vmap cases fail, and must."""
+    if "vmap" in transform and not ops._COMPILED_TRANSFORMS_CALL_THE_OP:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="torch < 2.14: dynamo cannot trace vmap over an "
+                                                                  "autograd.Function"))
+    q = torch.randn(3, 1, 2, 5, 8)
+    x, weight, bias = linear_inputs((3, 4), 8, 6, torch.float32)
+    require(backend, q, q, q)
+
+    def attention(q):
+        return sdpa(backend, q, q * 2, q, is_causal=True)
+
+    def linear(x):
+        return tfm_kernels.fused_linear(x, weight, bias, "gelu", backend=backend)
+
+    for fn, inputs in ((attention, q), (linear, x)):
+        transformed = TRANSFORMS[transform](fn)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(transformed)(inputs), transformed(inputs))

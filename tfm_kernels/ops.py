@@ -1,6 +1,7 @@
 """Operator registration: loads the compiled extension `_C`, defines the Triton operators, and gives every
-operator a fake (meta) kernel and autograd. The public functions in attention.py and mlp.py call the forward
-ops through `DIFFERENTIABLE_FORWARD`; kernels themselves live in csrc/ and tfm_kernels/triton/.
+operator a fake (meta) kernel, autograd and a vmap rule (batching.py). The public functions in attention.py
+and mlp.py call the forward ops through `DIFFERENTIABLE_FORWARD`; kernels themselves live in csrc/ and
+tfm_kernels/triton/.
 
 Every op keeps one autograd boundary: forward op -> (outputs, saved state), backward op -> gradients.
 """
@@ -12,6 +13,7 @@ import os
 
 import torch
 
+from . import batching
 from .layout import empty_heads_inner, last_dim_contiguous
 
 
@@ -72,6 +74,12 @@ def attention_shared_memory_bytes() -> dict[int, int]:
 
 DIFFERENTIABLE_FORWARD = {}  # forward op name -> callable with the op's arguments and outputs
 
+# Whether a torch.compile'd region under a transform calls the op itself (and its vmap rule, batching.py) rather
+# than the Function. Dynamo cannot trace an autograd.Function under vmap. torch 2.14's dynamo hands the transforms
+# it cannot trace with the op (grad, vjp, jacrev) back to eager, where the Function runs; torch 2.11's traces grad
+# into the op's registered autograd, which functorch refuses, so there the Function stays.
+_COMPILED_TRANSFORMS_CALL_THE_OP = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
 
 class _Undifferentiable(torch.autograd.Function):
     """Passes the first `count` tensors (gradients) through; differentiating them raises. The tensors after
@@ -124,7 +132,8 @@ def _register_autograd(forward_name, backward, setup_context):
         "backward": staticmethod(_first_order(forward_name, backward)), "generate_vmap_rule": True})
 
     def call(*args):
-        if torch._C._are_functorch_transforms_active():
+        compiled_op = _COMPILED_TRANSFORMS_CALL_THE_OP and torch.compiler.is_compiling()
+        if torch._C._are_functorch_transforms_active() and not compiled_op:
             return function.apply(*args)
         return forward_op(*args)
 
@@ -196,6 +205,7 @@ def _register_attention(forward_name, backward_name):
     torch.library.register_fake(f"tfm_kernels::{forward_name}")(_attention_forward_fake)
     torch.library.register_fake(f"tfm_kernels::{backward_name}")(_attention_backward_fake)
     _register_autograd(forward_name, _make_attention_backward(backward_op), _attention_setup_context)
+    batching.register_attention(forward_name, backward_name)
 
 
 _register_attention("triton_attention_forward", "triton_attention_backward")
@@ -288,6 +298,7 @@ def _register_mlp(prefix):
         torch.library.register_fake(f"tfm_kernels::{backward_name}")(_mlp_backward_fake)
         _register_autograd(forward_name, _make_mlp_backward(getattr(torch.ops.tfm_kernels, backward_name)),
                            _mlp_setup_context)
+        batching.register_mlp(forward_name, backward_name, weights=2)  # weight, bias
 
 
 def _mlp_block_forward_fake(x, w1, b1, w2, b2, activation, dropout_p, seed):
@@ -328,3 +339,4 @@ if _C is not None:
     torch.library.register_fake("tfm_kernels::mlp_block_forward")(_mlp_block_forward_fake)
     torch.library.register_fake("tfm_kernels::mlp_block_backward")(_mlp_block_backward_fake)
     _register_autograd("mlp_block_forward", _mlp_block_backward, _mlp_block_setup_context)
+    batching.register_mlp("mlp_block_forward", "mlp_block_backward", weights=4)  # w1, b1, w2, b2
