@@ -202,6 +202,7 @@ def attention_vmap_cases():
     return {
         "causal": (attend(is_causal=True), (0, 0, 0), (q, k, v)),
         "shared keys and values": (attend(), (0, None, None), (q, k[0], v[0])),
+        "shared query of batch 1": (attend(), (None, 0, 0), (q[0, :1], k[:, :1], v[:, :1])),  # a zero batch stride
         "vmapped along dim 1": (attend(), (1, 1, 1), tuple(t.transpose(0, 1) for t in (q, k, v))),
         "shared mask": (attend(), (0, 0, 0, None), (q, k, v, shared_mask)),
         "mask per element": (attend(), (0, 0, 0, 0), (q, k, v, own_masks)),
@@ -251,6 +252,49 @@ def test_attention_gradient_of_vmap(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autograd_over_vmap(backend):
+    """torch.autograd through a vmapped call (vmap alone runs the operators and their registered autograd) gives
+    the per-element loop's gradients, and the folded outputs take in-place updates (a residual added) as the
+    per-element ones do."""
+    q, k, v = (t.unflatten(0, (3, 1)) for t in qkv(3, 2, 2, 5, 7, 8, 8))
+    x, weight, bias = linear_inputs((3, 4), 8, 6, torch.float32)
+    require(backend, q, k, v)
+    residual = torch.randn(3, 4, 6)
+
+    def attention(q, k, v):
+        return sdpa(backend, q, k, v, is_causal=True)
+
+    def linear(x, weight, bias, residual):
+        out = tfm_kernels.fused_linear(x, weight, bias, "gelu", backend=backend)
+        out += residual
+        return out
+
+    cases = ((attention, (q, k, v), (0, 0, 0)), (linear, (x, weight, bias, residual), (0, None, None, 0)))
+    for fn, inputs, in_dims in cases:
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        mapped = torch.autograd.grad(vmap(fn, in_dims)(*leaves).square().sum(), leaves)
+        looped = torch.autograd.grad(per_element(fn, in_dims, *leaves).square().sum(), leaves)
+        assert_all_close(mapped, looped)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_encoder_layer_vmap_with_merged_masks(backend):
+    """A Transformer layer under vmap, given a shared float causal mask and a vmapped bool padding mask (merged
+    into one float mask): the per-element loop's output."""
+    layer = tfm_kernels.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, backend=backend)
+    x = torch.randn(3, 2, 4, 8)  # 3 elements of (N, S, E)
+    require(backend, x, x, x)
+    padding = torch.rand(3, 2, 4) > 0.6
+    padding[..., 0] = False  # every row keeps a key
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(4)
+
+    def encode(x, padding):
+        return layer(x, src_mask=causal, src_key_padding_mask=padding)
+
+    torch.testing.assert_close(vmap(encode)(x, padding), per_element(encode, (0, 0), x, padding))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_attention_vmap_dropout_runs_per_element(backend):
     """A dropout mask depends on the batch index, so vmap with dropout runs a call per element. Under
     randomness="same" each element draws the mask a plain call draws after the same torch.manual_seed; under
@@ -287,6 +331,21 @@ def test_mlp_vmap_folds_the_rows(backend, kind):
     out, calls = kernel_calls(vmap(mlp), x, weights, biases)
     torch.testing.assert_close(out, per_element(mlp, (0, 0, 0), x, weights, biases))
     assert set(calls.values()) == {3 if backend == "cpu" or kind != "block" else 6}, calls
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vmap_over_zero_elements(backend):
+    """vmap over a dim of size 0 gives empty outputs and gradients of the shapes torch ops give (torch's SDPA
+    refuses it)."""
+    q = torch.randn(0, 1, 2, 5, 8)
+    x, weight, _ = linear_inputs((0, 4), 8, 6, torch.float32)
+    require(backend, q, q, q)
+    cases = [(lambda q: sdpa(backend, q, q, q), lambda q: torch.softmax(q @ q.transpose(-2, -1), dim=-1) @ q, q),
+             (lambda x: tfm_kernels.fused_linear(x, weight, None, None, backend=backend), lambda x: x @ weight.t(), x)]
+    for ours, torchs, inputs in cases:
+        for transform in (vmap, lambda fn: vmap(grad(lambda t: fn(t).sum()))):
+            got, expected = transform(ours)(inputs), transform(torchs)(inputs)
+            assert got.shape == expected.shape and got.dtype == expected.dtype
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -39,6 +39,20 @@ def _per_element(op, info, in_dims, args):
     return outputs, (0,) * len(outputs)
 
 
+def _no_elements(op, in_dims, args):
+    """vmap over zero elements: empty outputs of each output's per-element shape (the fake kernel's, on the meta
+    device) behind a dim of size 0."""
+    def element(a, d):  # one element's tensor, as a meta tensor
+        if not isinstance(a, torch.Tensor):
+            return a
+        shape = a.shape if d is None else a.shape[:d] + a.shape[d + 1:]
+        return torch.empty(shape, dtype=a.dtype, device="meta")
+
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    outputs = op(*(element(a, d) for a, d in zip(args, in_dims)))
+    return tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in outputs), (0,) * len(outputs)
+
+
 def _register(name, folded, per_element_when):
     """A rule for tfm_kernels::`name`: the arguments at the indices `folded` are folded (their first dim
     times n), and every output is unfolded ((n * B, ...) -> (n, B, ...), a view); or one call per element where
@@ -46,6 +60,8 @@ def _register(name, folded, per_element_when):
     op = getattr(torch.ops.tfm_kernels, name)
 
     def rule(info, in_dims, *args):
+        if info.batch_size == 0:
+            return _no_elements(op, in_dims, args)
         if per_element_when(in_dims, args):
             return _per_element(op, info, in_dims, args)
         n = info.batch_size

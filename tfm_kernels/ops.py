@@ -12,6 +12,7 @@ import inspect
 import os
 
 import torch
+from torch._C._functorch import TransformType, get_interpreter_stack
 
 from . import batching
 from .layout import empty_heads_inner, last_dim_contiguous
@@ -68,17 +69,27 @@ def attention_shared_memory_bytes() -> dict[int, int]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Autograd, from one (setup_context, backward) pair per forward op: registered on the op, and again as an
-# autograd.Function for torch.func transforms (grad, vjp, jacrev, vmap over grad), which refuse the registered
-# autograd: the Function torch generates for it has no separate setup_context. The public API calls the op
-# through DIFFERENTIABLE_FORWARD, which takes the Function only under a transform (it costs more to enter).
+# autograd.Function for the torch.func transforms that differentiate (grad, vjp, jacrev, vmap over grad), which
+# refuse the registered autograd: the Function torch generates for it has no separate setup_context. The public
+# API calls the op through DIFFERENTIABLE_FORWARD, which takes the Function only under such a transform (it
+# costs more to enter). Under vmap alone the op runs itself, through its vmap rule (batching.py).
 
 DIFFERENTIABLE_FORWARD = {}  # forward op name -> callable with the op's arguments and outputs
 
-# Whether a torch.compile'd region under a transform calls the op itself (and its vmap rule, batching.py) rather
-# than the Function. Dynamo cannot trace an autograd.Function under vmap. torch 2.14's dynamo hands the transforms
-# it cannot trace with the op (grad, vjp, jacrev) back to eager, where the Function runs; torch 2.11's traces grad
+# Whether a torch.compile'd region under a transform calls the op itself (and its vmap rule) rather than the
+# Function. Dynamo cannot trace an autograd.Function under vmap. torch 2.14's dynamo hands the transforms it
+# cannot trace with the op (grad, vjp, jacrev) back to eager, where the Function runs; torch 2.11's traces grad
 # into the op's registered autograd, which functorch refuses, so there the Function stays.
 _COMPILED_TRANSFORMS_CALL_THE_OP = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
+
+def _takes_function() -> bool:
+    """Whether a call now takes the Function rather than the op: under a torch.func transform other than vmap."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    if torch.compiler.is_compiling():
+        return not _COMPILED_TRANSFORMS_CALL_THE_OP
+    return any(level.key() != TransformType.Vmap for level in get_interpreter_stack())
 
 
 class _Undifferentiable(torch.autograd.Function):
@@ -132,8 +143,7 @@ def _register_autograd(forward_name, backward, setup_context):
         "backward": staticmethod(_first_order(forward_name, backward)), "generate_vmap_rule": True})
 
     def call(*args):
-        compiled_op = _COMPILED_TRANSFORMS_CALL_THE_OP and torch.compiler.is_compiling()
-        if torch._C._are_functorch_transforms_active() and not compiled_op:
+        if _takes_function():
             return function.apply(*args)
         return forward_op(*args)
 

@@ -237,7 +237,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         float_dtypes = [m.dtype if m.dtype in (torch.float32, dtype) else dtype
                         for m in masks if m.dtype != torch.bool]
         mask_dtype = functools.reduce(torch.promote_types, float_dtypes)
-        as_float = [torch.zeros(m.shape, dtype=mask_dtype, device=m.device).masked_fill_(m, float("-inf"))
+        as_float = [torch.zeros_like(m, dtype=mask_dtype).masked_fill_(m, float("-inf"))
                     if m.dtype == torch.bool else m.to(mask_dtype) for m in masks]
         merged = functools.reduce(torch.add, as_float)  # broadcast, at most (N, H, L, S)
         return F.pad(merged, (0, added_keys), value=0.0) if added_keys else merged
