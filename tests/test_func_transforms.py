@@ -237,6 +237,17 @@ def test_folding_copies_no_broadcast_dim():
     assert batching._fold(single, None, 3).data_ptr() == single.data_ptr()
 
 
+def test_attention_vmap_chunks_a_folded_batch_past_the_cuda_grid_limit():
+    """The C++ operator takes a batch up to the CUDA kernels' grid limit, so a larger folded batch runs in
+    chunks: here 2 * 40000 batch entries as 80000 calls' worth of one key each (out = v)."""
+    n = 40000
+    q, k, v = torch.randn(n, 2, 1, 1, 4), torch.randn(n, 2, 1, 1, 4), torch.randn(n, 2, 1, 1, 4)
+    require("cpu", q[0], k[0], v[0])
+    out, calls = kernel_calls(vmap(lambda q, k, v: sdpa("cpu", q, k, v)), q, k, v)
+    assert 2 * n > ops.CUDA_MAX_GRID_YZ and calls == {"attention_forward": 2}
+    torch.testing.assert_close(out, v)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_attention_gradient_of_vmap(backend):
     """grad over vmap, the transforms the other way round: one forward and one backward call."""

@@ -19,7 +19,6 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # csrc/generate_kernels.py can build these
-CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y and batch on gridDim.z
 
 # Preference of backend="auto" per device type. CPU: the C++ kernel; torch's reference path is the last resort.
 # The Triton interpreter on CPU is never chosen automatically. GPUs: our CUDA C++ kernels are FlashAttention-2
@@ -174,8 +173,8 @@ def _cuda_reasons(q, k, v, mask) -> list[str]:
                            f"with TFM_KERNELS_HEAD_DIMS={wanted})")
     if mask is not None:
         reasons.append("the cuda backend takes no attn_mask (key_lengths and is_causal are supported)")
-    if q.shape[0] > CUDA_MAX_GRID_YZ or q.shape[1] > CUDA_MAX_GRID_YZ:
-        reasons.append(f"the cuda backend takes batch and heads up to {CUDA_MAX_GRID_YZ} (grid limits); got "
+    if q.shape[0] > ops.CUDA_MAX_GRID_YZ or q.shape[1] > ops.CUDA_MAX_GRID_YZ:
+        reasons.append(f"the cuda backend takes batch and heads up to {ops.CUDA_MAX_GRID_YZ} (grid limits); got "
                        f"batch {q.shape[0]}, heads {q.shape[1]}")
     return reasons
 

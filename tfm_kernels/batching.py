@@ -53,11 +53,16 @@ def _no_elements(op, in_dims, args):
     return tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in outputs), (0,) * len(outputs)
 
 
-def _register(name, folded, per_element_when):
+def _register(name, folded, per_element_when, max_batch=None):
     """A rule for tfm_kernels::`name`: the arguments at the indices `folded` are folded (their first dim
     times n), and every output is unfolded ((n * B, ...) -> (n, B, ...), a view); or one call per element where
-    per_element_when(in_dims, args) is true."""
+    per_element_when(in_dims, args) is true. With `max_batch`, a folded batch larger than that runs in chunks of
+    elements, their outputs concatenated."""
     op = getattr(torch.ops.tfm_kernels, name)
+
+    def folded_call(n, in_dims, args):  # the op once for n elements
+        args = [_fold(a, d, n) if i in folded and a is not None else a for i, (a, d) in enumerate(zip(args, in_dims))]
+        return tuple(o.unflatten(0, (n, -1)) for o in op(*args))
 
     def rule(info, in_dims, *args):
         if info.batch_size == 0:
@@ -65,9 +70,16 @@ def _register(name, folded, per_element_when):
         if per_element_when(in_dims, args):
             return _per_element(op, info, in_dims, args)
         n = info.batch_size
-        args = [_fold(a, d, n) if i in folded and a is not None else a for i, (a, d) in enumerate(zip(args, in_dims))]
-        outputs = op(*args)
-        return tuple(o.unflatten(0, (n, -1)) for o in outputs), (0,) * len(outputs)
+        first, dim = args[folded[0]], in_dims[folded[0]]
+        batch = first.shape[1 if dim == 0 else 0]  # one element's B (or M)
+        step = n if max_batch is None else max(1, max_batch // max(batch, 1))
+        chunks = []
+        for start in range(0, n, step):
+            size = min(step, n - start)
+            chunk = [a if d is None else a.narrow(d, start, size) for a, d in zip(args, in_dims)]
+            chunks.append(folded_call(size, in_dims, chunk))
+        outputs = chunks[0] if len(chunks) == 1 else tuple(torch.cat(parts) for parts in zip(*chunks))
+        return outputs, (0,) * len(outputs)
 
     torch.library.register_vmap(f"tfm_kernels::{name}", rule)
 
@@ -80,11 +92,12 @@ def _attention_per_element(in_dims, args):  # args end with dropout_p, is_causal
     return args[-4] > 0.0 or in_dims[-1] is not None
 
 
-def register_attention(forward_name, backward_name):
+def register_attention(forward_name, backward_name, max_batch=None):
     """forward (q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed): folds q, k, v, mask and
-    key_lengths, the (B, ...) tensors; backward (grad_out, q, k, v, out, lse, mask, key_lengths, ...) likewise."""
-    _register(forward_name, range(5), _attention_per_element)
-    _register(backward_name, range(8), _attention_per_element)
+    key_lengths, the (B, ...) tensors; backward (grad_out, q, k, v, out, lse, mask, key_lengths, ...) likewise.
+    max_batch: the most batch entries one call takes (the CUDA kernels' grid limit)."""
+    _register(forward_name, range(5), _attention_per_element, max_batch)
+    _register(backward_name, range(8), _attention_per_element, max_batch)
 
 
 def _mlp_forward_per_element(weights):

@@ -60,6 +60,9 @@ def compiled_head_dims() -> list[int]:
     return [int(d) for d in _BUILD_INFO.get("head_dims", "").split(",") if d]
 
 
+CUDA_MAX_GRID_YZ = 65535  # the CUDA attention kernels put heads on gridDim.y and batch on gridDim.z
+
+
 def attention_shared_memory_bytes() -> dict[int, int]:
     """Per compiled head dim, the shared memory per block its CUDA attention kernels need (the most any of them
     asks for: csrc/cuda/attention/kernel_traits.h); empty without CUDA kernels."""
@@ -210,17 +213,17 @@ def _make_attention_backward(backward_op):
     return backward
 
 
-def _register_attention(forward_name, backward_name):
+def _register_attention(forward_name, backward_name, max_batch=None):
     backward_op = getattr(torch.ops.tfm_kernels, backward_name)
     torch.library.register_fake(f"tfm_kernels::{forward_name}")(_attention_forward_fake)
     torch.library.register_fake(f"tfm_kernels::{backward_name}")(_attention_backward_fake)
     _register_autograd(forward_name, _make_attention_backward(backward_op), _attention_setup_context)
-    batching.register_attention(forward_name, backward_name)
+    batching.register_attention(forward_name, backward_name, max_batch)
 
 
 _register_attention("triton_attention_forward", "triton_attention_backward")
 if _C is not None:
-    _register_attention("attention_forward", "attention_backward")
+    _register_attention("attention_forward", "attention_backward", max_batch=CUDA_MAX_GRID_YZ)
 
 
 # ---------------------------------------------------------------------------------------------------------
