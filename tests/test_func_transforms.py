@@ -214,8 +214,8 @@ def attention_vmap_cases():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", list(attention_vmap_cases()))
 def test_attention_vmap_is_one_kernel_call(backend, case):
-    """vmap folds its dim into the kernels' batch: one call, and what a call per element gives. Broadcast masks
-    stay broadcast; shared operands are repeated for the folded batch."""
+    """vmap folds its dim into the kernels' batch: one call, and what a call per element gives, shared operands
+    repeated for the folded batch."""
     fn, in_dims, args = attention_vmap_cases()[case]
     require(backend, *args[:3])
     attention = functools.partial(fn, backend=backend)
@@ -238,8 +238,8 @@ def test_folding_copies_no_broadcast_dim():
 
 
 def test_attention_vmap_chunks_a_folded_batch_past_the_cuda_grid_limit():
-    """The C++ operator takes a batch up to the CUDA kernels' grid limit, so a larger folded batch runs in
-    chunks: here 2 * 40000 batch entries as 80000 calls' worth of one key each (out = v)."""
+    """The C++ operator folds at most the CUDA kernels' grid limit of batch entries into one call, on every device
+    it serves: 40000 elements of batch 2 (one key each, so out = v) run as two calls."""
     n = 40000
     q, k, v = torch.randn(n, 2, 1, 1, 4), torch.randn(n, 2, 1, 1, 4), torch.randn(n, 2, 1, 1, 4)
     require("cpu", q[0], k[0], v[0])
@@ -361,6 +361,9 @@ def test_vmap_over_zero_elements(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_mlp_vmap_dropout_runs_per_element(backend):
+    """A dropout mask depends on the row, so vmap with dropout runs a call per element: under randomness="same"
+    each element draws the mask a plain call draws after the same torch.manual_seed; under "different" equal
+    elements get different masks."""
     x, weight, bias = linear_inputs((2, 5), 8, 12, torch.float32)
     require_mlp(backend, x, weight)
     x = x.expand(3, *x.shape)  # three equal elements
@@ -392,7 +395,7 @@ def test_compiled_transforms_equal_eager(backend, transform, request):
     """torch.compile over vmap (dynamo traces the transform; the operators' vmap rules serve it), grad and
     per-sample gradients gives what eager gives, for attention and fused_linear. Before torch 2.14 dynamo cannot
     trace vmap over the operators' autograd.Function (tfm_kernels/ops.py): there the vmap cases fail, and must."""
-    if "vmap" in transform and not ops._COMPILED_TRANSFORMS_CALL_THE_OP:
+    if "vmap" in transform and torch.torch_version.TorchVersion(torch.__version__) < "2.14.0.dev0":
         request.applymarker(pytest.mark.xfail(strict=True, reason="torch < 2.14: dynamo cannot trace vmap over an "
                                                                   "autograd.Function"))
     q = torch.randn(3, 1, 2, 5, 8)

@@ -55,9 +55,9 @@ def _no_elements(op, in_dims, args):
 
 def _register(name, folded, per_element_when, max_batch=None):
     """A rule for tfm_kernels::`name`: the arguments at the indices `folded` are folded (their first dim
-    times n), and every output is unfolded ((n * B, ...) -> (n, B, ...), a view); or one call per element where
-    per_element_when(in_dims, args) is true. With `max_batch`, a folded batch larger than that runs in chunks of
-    elements, their outputs concatenated."""
+    times n), and every output is unfolded ((n * B, ...) -> (n, B, ...), a view unless chunked); or one call per
+    element where per_element_when(in_dims, args) is true. With `max_batch`, a folded batch larger than that runs
+    in chunks of elements, their outputs concatenated."""
     op = getattr(torch.ops.tfm_kernels, name)
 
     def folded_call(n, in_dims, args):  # the op once for n elements
@@ -69,10 +69,10 @@ def _register(name, folded, per_element_when, max_batch=None):
             return _no_elements(op, in_dims, args)
         if per_element_when(in_dims, args):
             return _per_element(op, info, in_dims, args)
-        n = info.batch_size
-        first, dim = args[folded[0]], in_dims[folded[0]]
-        batch = first.shape[1 if dim == 0 else 0]  # one element's B (or M)
-        step = n if max_batch is None else max(1, max_batch // max(batch, 1))
+        n = step = info.batch_size
+        if max_batch is not None:
+            batch = args[folded[0]].shape[1 if in_dims[folded[0]] == 0 else 0]  # one element's B
+            step = max(1, max_batch // max(batch, 1))
         chunks = []
         for start in range(0, n, step):
             size = min(step, n - start)
@@ -89,20 +89,21 @@ def _always(in_dims, args):
 
 
 def _attention_per_element(in_dims, args):  # args end with dropout_p, is_causal, scale, seed
-    return args[-4] > 0.0 or in_dims[-1] is not None
+    return args[-4] > 0.0
 
 
 def register_attention(forward_name, backward_name, max_batch=None):
     """forward (q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed): folds q, k, v, mask and
     key_lengths, the (B, ...) tensors; backward (grad_out, q, k, v, out, lse, mask, key_lengths, ...) likewise.
-    max_batch: the most batch entries one call takes (the CUDA kernels' grid limit)."""
+    max_batch: the most batch entries one call takes (the CUDA kernels' grid limit, applied on every device the
+    operators serve)."""
     _register(forward_name, range(5), _attention_per_element, max_batch)
     _register(backward_name, range(8), _attention_per_element, max_batch)
 
 
 def _mlp_forward_per_element(weights):
     def per_element(in_dims, args):  # args end with activation, dropout_p, seed
-        return args[-2] > 0.0 or any(d is not None for d in in_dims[1:1 + weights]) or in_dims[-1] is not None
+        return args[-2] > 0.0 or any(d is not None for d in in_dims[1:1 + weights])
 
     return per_element
 

@@ -81,9 +81,9 @@ DIFFERENTIABLE_FORWARD = {}  # forward op name -> callable with the op's argumen
 
 # Whether a torch.compile'd region under a transform calls the op itself (and its vmap rule) rather than the
 # Function. Dynamo cannot trace an autograd.Function under vmap. torch 2.14's dynamo hands the transforms it
-# cannot trace with the op (grad, vjp, jacrev) back to eager, where the Function runs; torch 2.11's traces grad
-# into the op's registered autograd, which functorch refuses, so there the Function stays.
-_COMPILED_TRANSFORMS_CALL_THE_OP = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+# cannot trace with the op (grad, vjp, jacrev) back to eager, where the Function runs; before 2.14 (seen on 2.11)
+# it traces grad into the op's registered autograd, which functorch refuses, so there the Function stays.
+_COMPILED_TRANSFORMS_CALL_THE_OP = torch.torch_version.TorchVersion(torch.__version__) >= "2.14.0.dev0"
 
 
 def _takes_function() -> bool:
