@@ -6,8 +6,8 @@
 // so there are no races and results do not depend on the thread count.
 // Tests: tests/test_attention.py -k cpu, tests/test_attention_cpu.py.
 #include <ATen/Parallel.h>
-#include <algorithm>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
