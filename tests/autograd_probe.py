@@ -1,6 +1,6 @@
-"""Probes of what autograd hands an operator's backward: an identity that drops its gradient, and a record of
+"""Probes of what autograd hands an operator's backward: an identity that drops its gradient, a record of
 the operators a region dispatches (those autograd itself calls included, such as the zero-filling of a
-gradient it materialises)."""
+gradient it materialises), and the second derivatives of a gradient penalty."""
 
 import collections
 
@@ -30,3 +30,13 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def gradient_penalty_derivatives(forward, inputs, weights, loss):
+    """The gradients g_i of loss(forward(*inputs)) by the inputs, recorded (create_graph), then the gradients
+    by the inputs of the penalty sum_i <g_i, weights_i>: second derivatives, reaching the inputs directly and,
+    when loss is not linear, through the output's gradient (zeros where the penalty does not depend on an input).
+    Returns (*g, *second)."""
+    first = torch.autograd.grad(loss(forward(*inputs)), inputs, create_graph=True)
+    penalty = sum((g * w).sum() for g, w in zip(first, weights))
+    return (*first, *torch.autograd.grad(penalty, inputs, allow_unused=True, materialize_grads=True))

@@ -6,10 +6,13 @@ The dropout seed of a call: scaled_dot_product_attention draws exactly one value
 rng.draw_seed(device). `drawn_seed(s, device)` re-seeds torch with the `s` set before the call and draws it
 again, so a test knows the seed and, with rng.dropout_keep_mask, the keep-mask every backend applies."""
 
+import functools
+from unittest import mock
+
 import pytest
 import torch
-from autograd_probe import DispatchedOps, DropGradient
-from test_attention import check_against_oracle, rand, require, sdpa
+from autograd_probe import DispatchedOps, DropGradient, gradient_penalty_derivatives
+from test_attention import check_against_oracle, masks, plain_torch, rand, require, sdpa
 from tolerance import assert_within_tolerance
 
 import tfm_kernels
@@ -239,18 +242,59 @@ def test_output_modified_in_place_as_torch(backend):
     torch.testing.assert_close(*outputs)
 
 
+SECOND_ORDER_FEATURES = {
+    "plain": lambda B, H, L, S: {},
+    "causal_gqa": lambda B, H, L, S: {"is_causal": True, "enable_gqa": True},
+    "bool_mask_empty_rows": lambda B, H, L, S: {"attn_mask": masks(B, H, L, S, torch.float32)["bool_empty_rows"]},
+    "float_mask": lambda B, H, L, S: {"attn_mask": masks(B, H, L, S, torch.float32)["float_with_neg_inf"]},
+    "key_lengths": lambda B, H, L, S: {"key_lengths": torch.tensor([3, S])},
+    "dropout": lambda B, H, L, S: {"dropout_p": 0.3, "scale": 0.2},
+}
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("loss", [lambda out: out.pow(2).sum(), torch.sum], ids=["square", "sum"])
-def test_double_backward_raises(backend, loss):
-    """The kernels give first derivatives only: differentiating a gradient raises, as torch's flash kernels do,
-    instead of treating the backward's inputs as constants. Also where the output's gradient is a constant (a
-    plain sum), so that only the saved inputs tie the gradient to the graph."""
+@pytest.mark.parametrize("feature", list(SECOND_ORDER_FEATURES))
+@pytest.mark.parametrize("loss", [lambda out: out.pow(2).sum() / 2, torch.sum], ids=["square", "sum"])
+def test_second_derivatives(backend, feature, loss):
+    """A gradient penalty: the gradients of <dL/d(q, k, v), w> by q, k and v against the float64 oracle
+    (tolerance rule). The kernels give the first derivatives; differentiating those recomputes the reference's
+    backward. Also where the output's gradient is a constant (a plain sum), so that only the saved inputs tie
+    the gradient to the graph."""
+    B, Hq, Hk, L, S = 2, 4, 2 if feature == "causal_gqa" else 4, 7, 9
+    q, k, v = qkv(B, Hq, Hk, L, S, 8, 6)
+    require(backend, q, k, v)
+    kwargs = SECOND_ORDER_FEATURES[feature](B, Hq, L, S)
+    weights = [rand(*t.shape) for t in (q, k, v)]
+    torch_seed = int(torch.randint(0, 2**31, ()))
+
+    def run(attend, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        extra = {n: (a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a)
+                 for n, a in kwargs.items()}
+        torch.manual_seed(torch_seed)
+        return gradient_penalty_derivatives(lambda *qkv: attend(*qkv, **extra), inputs,
+                                            [w.to(dtype) for w in weights], loss)
+
+    ours = run(functools.partial(sdpa, backend), torch.float32)
+    baseline, oracle = run(plain_torch, torch.float32), run(plain_torch, torch.float64)
+    names = ("dq", "dk", "dv", "d(penalty)/dq", "d(penalty)/dk", "d(penalty)/dv")
+    for name, result, base, ref in zip(names, ours, baseline, oracle):
+        assert_within_tolerance(f"{backend} {feature} {name}", result, base, ref)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_first_derivatives_do_not_run_the_reference(backend):
+    """The reference's backward runs only when a gradient is differentiated: not in a plain backward, nor under
+    create_graph or torch.func.grad until then."""
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 5, 7, 8, 8))
     require(backend, q, k, v)
-    (grad_q,) = torch.autograd.grad(loss(sdpa(backend, q, k, v)), q, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"derivative for tfm_kernels::attention_backward is not implemented|"
-                                           r"no autograd formula"):
-        (grad_q.pow(2).sum() + q.sum()).backward()
+    with mock.patch.object(reference, "attention", wraps=reference.attention) as reference_attention:
+        sdpa(backend, q, k, v).square().sum().backward()
+        (grad_q,) = torch.autograd.grad(sdpa(backend, q, k, v).square().sum(), q, create_graph=True)
+        torch.func.grad(lambda q: sdpa(backend, q, k, v).square().sum())(q)
+        assert reference_attention.call_count == 0
+        grad_q.square().sum().backward()
+        assert reference_attention.call_count == 1
 
 
 @pytest.mark.parametrize("sizes", [(0, 2, 2, 5, 7), (2, 0, 0, 5, 7), (2, 4, 2, 0, 7), (2, 4, 2, 5, 0)],

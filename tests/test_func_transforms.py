@@ -12,6 +12,7 @@ from test_attention import require, sdpa
 from test_attention_ops import qkv
 from test_mlp import linear_inputs, rand
 from test_mlp import require as require_mlp
+from tolerance import assert_within_tolerance
 from torch.func import grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -99,14 +100,36 @@ def test_attention_jacrev_equals_autograd_rows(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_attention_second_derivative_raises(backend):
-    """Differentiating a transform's gradient (jacrev over grad) raises instead of treating the gradient as a
-    constant: the kernels give first derivatives only."""
-    q, k, v = qkv(1, 1, 1, 3, 4, 4, 4)
+def test_second_derivatives_under_transforms(backend):
+    """jacrev over grad (a Hessian), and vmap over grad over grad (per-sample gradients of a gradient penalty),
+    through attention and a fused linear against the float64 oracle (tolerance rule): differentiating the
+    kernels' gradients recomputes the reference's backward."""
+    q, k, v = qkv(3, 1, 1, 3, 4, 4, 4)
+    x, weight, bias = linear_inputs((3, 2), 4, 5, torch.float32)
     require(backend, q, k, v)
-    with pytest.raises(RuntimeError, match=r"the backward of tfm_kernels::\w*attention_forward cannot be "
-                                           r"differentiated"):
-        jacrev(grad(lambda q: sdpa(backend, q, k, v).square().sum()))(q)
+    require_mlp(backend, x, weight)
+
+    def transforms(run_backend, dtype):
+        q_, k_, v_, x_, w_, b_ = (t.to(dtype) for t in (q, k, v, x, weight, bias))
+
+        def attention_loss(q):  # q (Hq, L, E): one sample
+            return sdpa(run_backend, q, k_[0], v_[0], is_causal=True).square().sum()
+
+        def linear_loss(x):  # x (2, 4): one sample
+            return tfm_kernels.fused_linear(x, w_, b_, "gelu", backend=run_backend).square().sum()
+
+        def penalty(loss):
+            return lambda t: grad(loss)(t).square().sum()
+
+        return (jacrev(grad(attention_loss))(q_[0]), vmap(grad(penalty(attention_loss)))(q_),
+                jacrev(grad(linear_loss))(x_[0]), vmap(grad(penalty(linear_loss)))(x_))
+
+    names = ("attention hessian", "attention per-sample penalty gradient", "linear hessian",
+             "linear per-sample penalty gradient")
+    results = zip(transforms(backend, torch.float32), transforms("torch", torch.float32),
+                  transforms("torch", torch.float64))
+    for name, (result, base, ref) in zip(names, results):
+        assert_within_tolerance(f"{backend} {name}", result, base, ref)
 
 
 def test_attention_forward_mode_runs_torch_backend():

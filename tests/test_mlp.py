@@ -5,16 +5,18 @@ On the CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16, small sha
 checks on CUDA with bf16 and 16384-token shapes."""
 
 import copy
+import functools
 import os
 import subprocess
 import sys
 import types
+from unittest import mock
 
 import pytest
 import torch
 import triton
 import triton.language as tl
-from autograd_probe import DispatchedOps, DropGradient
+from autograd_probe import DispatchedOps, DropGradient, gradient_penalty_derivatives
 from tolerance import assert_within_tolerance, poison_allocator
 
 import tfm_kernels
@@ -259,22 +261,65 @@ def test_backward_gets_no_filled_gradients(backend, kind):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind, activation, dropout_p, with_bias", [
+    ("linear", "gelu", 0.0, True), ("linear", "silu", 0.3, False), ("linear", None, 0.0, True),
+    ("gated", "gelu_tanh", 0.2, True), ("gated", "silu", 0.0, False),
+    ("block", "gelu", 0.2, True), ("block", "relu", 0.0, False)])
+@pytest.mark.parametrize("loss", [lambda out: out.pow(2).sum() / 2, torch.sum], ids=["square", "sum"])
+def test_second_derivatives(backend, kind, activation, dropout_p, with_bias, loss):
+    """A gradient penalty: the gradients of <dL/d(inputs), w> by x, the weights and the biases against the
+    float64 oracle (tolerance rule). The kernels give the first derivatives; differentiating those recomputes
+    the reference's backward. Also where the output's gradient is a constant (a plain sum), so that only the
+    saved inputs tie the gradient to the graph."""
+    x, weight, bias = linear_inputs((2, 3), 8, 12, torch.float32)
+    require(backend, x, weight)
+    w2, b2 = rand(8, 6 if kind == "gated" else 12, scale=12**-0.5), rand(8)
+    if not with_bias:
+        bias = b2 = None
+    leaves = [t for t in (x, weight, bias) + ((w2, b2) if kind == "block" else ()) if t is not None]
+    weights = [rand(*t.shape) for t in leaves]
+    torch_seed = int(torch.randint(0, 2**31, ()))
+
+    def forward(run_backend, *inputs):
+        x, weight, *rest = inputs
+        if kind == "block":
+            bias, w2, b2 = rest if with_bias else (None, rest[0], None)
+            return tfm_kernels.mlp(x, weight, bias, w2, b2, activation, dropout_p, backend=run_backend)
+        return call(kind, run_backend, x, weight, rest[0] if with_bias else None, activation, dropout_p)
+
+    def run(run_backend, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        torch.manual_seed(torch_seed)
+        return gradient_penalty_derivatives(functools.partial(forward, run_backend), inputs,
+                                            [w.to(dtype) for w in weights], loss)
+
+    results = zip(run(backend, torch.float32), run("torch", torch.float32), run("torch", torch.float64))
+    for i, (result, base, ref) in enumerate(results):
+        order = "gradient" if i < len(leaves) else "penalty gradient"
+        assert_within_tolerance(f"{backend} {kind} {activation} {order} {i % len(leaves)}", result, base, ref)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "gated", "block"])
-@pytest.mark.parametrize("loss", [lambda out: out.pow(2).sum(), torch.sum], ids=["square", "sum"])
-def test_double_backward_raises(backend, kind, loss):
-    """The kernels give first derivatives only: differentiating a gradient (a gradient penalty) raises, as
-    torch's fused kernels do, instead of treating the backward's inputs as constants. Also where the output's
-    gradient is a constant (a plain sum), so that only the saved inputs tie the gradient to the graph."""
+def test_first_derivatives_do_not_run_the_reference(backend, kind):
+    """The reference's backward runs only when a gradient is differentiated: not in a plain backward, nor under
+    create_graph until then."""
     x, weight, bias = (t.requires_grad_() for t in linear_inputs((2, 3), 8, 12, torch.float32))
     require(backend, x, weight)
     w2 = rand(8, 6 if kind == "gated" else 12).requires_grad_()
-    if kind == "block":
-        out = tfm_kernels.mlp(x, weight, bias, w2, None, backend=backend)
-    else:
-        out = call(kind, backend, x, weight, bias, "gelu", 0.0)
-    (grad_x,) = torch.autograd.grad(loss(out), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"derivative for tfm_kernels::\w+ is not implemented|no autograd formula"):
-        (grad_x.pow(2).sum() + x.sum()).backward()
+
+    def loss():
+        if kind == "block":
+            return tfm_kernels.mlp(x, weight, bias, w2, None, backend=backend).square().sum()
+        return call(kind, backend, x, weight, bias, "gelu", 0.0).square().sum()
+
+    oracle = reference.gated_linear if kind == "gated" else reference.linear
+    with mock.patch.object(reference, oracle.__name__, wraps=oracle) as reference_forward:
+        loss().backward()
+        (grad_x,) = torch.autograd.grad(loss(), x, create_graph=True)
+        assert reference_forward.call_count == 0
+        grad_x.square().sum().backward()
+        assert reference_forward.call_count > 0
 
 
 def _op_samples(prefix):

@@ -3,7 +3,8 @@ operator a fake (meta) kernel, autograd and a vmap rule (batching.py). The publi
 and mlp.py call the forward ops through `DIFFERENTIABLE_FORWARD`; kernels themselves live in csrc/ and
 tfm_kernels/triton/.
 
-Every op keeps one autograd boundary: forward op -> (outputs, saved state), backward op -> gradients.
+Every op keeps one autograd boundary: forward op -> (outputs, saved state), backward op -> gradients. The
+gradients' own derivatives, where they are taken, come from the reference ops (tfm_kernels/reference.py).
 """
 
 import glob
@@ -14,7 +15,7 @@ import os
 import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
 
-from . import batching
+from . import batching, reference
 from .layout import empty_heads_inner, last_dim_contiguous
 
 
@@ -95,45 +96,88 @@ def _takes_function() -> bool:
     return any(level.key() != TransformType.Vmap for level in get_interpreter_stack())
 
 
-class _Undifferentiable(torch.autograd.Function):
-    """Passes the first `count` tensors (gradients) through; differentiating them raises. The tensors after
-    them, the backward's own inputs, take no part but make the outputs tracked exactly when one of them is."""
+class _ReferenceDerivatives(torch.autograd.Function):
+    """Passes a kernel backward's gradients through unchanged, and gives them the derivatives of the reference's
+    gradients (tfm_kernels.reference): differentiating them in turn (a gradient penalty, a Hessian-vector
+    product) recomputes the reference's backward with its graph, only then.
+
+    apply(gradient_map, count, differentiable, *gradients, *tensors): `gradients` are the `count` kernel
+    gradients; gradient_map(*tensors) gives the same gradients from the reference ops, differentiably, and
+    `differentiable` names the positions in `tensors` to differentiate it by (the others are masks, lengths,
+    seeds and None)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(message, count, *tensors):
+    def forward(gradient_map, count, differentiable, *tensors):
         return tuple(g.view_as(g) for g in tensors[:count])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.message = inputs[0]
+        gradient_map, count, differentiable, *tensors = inputs
+        ctx.gradient_map, ctx.count, ctx.differentiable = gradient_map, count, differentiable
+        ctx.save_for_backward(*tensors[count:])
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(ctx.message)
+    def backward(ctx, *cotangents):
+        tensors = list(ctx.saved_tensors)
+
+        def gradients_of(*primals):
+            for position, primal in zip(ctx.differentiable, primals):
+                tensors[position] = primal
+            return ctx.gradient_map(*tensors)
+
+        _, vjp = torch.func.vjp(gradients_of, *(tensors[i] for i in ctx.differentiable))
+        second = iter(vjp(cotangents))
+        by_position = [next(second) if i in ctx.differentiable else None for i in range(len(tensors))]
+        return (None, None, None, *(None,) * ctx.count, *by_position)
 
 
-def _first_order(forward_name, backward):
-    """`backward`, run without recording a graph: a transform records one (and the Triton backward ops, custom
-    ops without autograd, cannot run under it). Where one is recorded, the gradients come out of a node that
-    raises when they are differentiated in turn, instead of acting as constants."""
-    message = (f"the backward of tfm_kernels::{forward_name} cannot be differentiated: its kernels give first "
-               f"derivatives only (backend='torch' gives higher-order gradients)")
+def _twice_differentiable(backward, reference_gradients):
+    """`backward`, run on the kernels without recording a graph (a transform records one, and the Triton
+    backward ops, custom ops without autograd, cannot run under it). Where a graph is recorded (create_graph,
+    torch.func.grad), the gradients come out of _ReferenceDerivatives: differentiated, they take the derivatives
+    of reference_gradients(ctx, *grads) = (gradient_map, tensors, differentiable): gradient_map(*tensors) gives
+    the gradient of every forward input (None where the forward input has none) from the reference ops, and
+    is differentiated by tensors[i] for i in differentiable."""
 
     def run(ctx, *grads):
         with torch.no_grad():
             gradients = backward(ctx, *grads)
         if not torch.is_grad_enabled():
             return gradients
-        computed = [g for g in gradients if g is not None]
-        marked = iter(_Undifferentiable.apply(message, len(computed), *computed, *ctx.saved_tensors, *grads))
-        return tuple(None if g is None else next(marked) for g in gradients)
+        computed = [i for i, g in enumerate(gradients) if g is not None]
+        if not computed:
+            return gradients
+        gradient_map, tensors, differentiable = reference_gradients(ctx, *grads)
+
+        def computed_gradients(*tensors):
+            every = gradient_map(*tensors)
+            return tuple(every[i] for i in computed)
+
+        passed = iter(_ReferenceDerivatives.apply(computed_gradients, len(computed), differentiable,
+                                                  *(gradients[i] for i in computed), *tensors))
+        return tuple(None if g is None else next(passed) for g in gradients)
 
     return run
 
 
-def _register_autograd(forward_name, backward, setup_context):
+def _reference_vjp(forward, primals, grad_out):
+    """The gradients of forward(*primals) (one output) for the cotangent grad_out, each None where its primal
+    is None; differentiable in turn."""
+    present = [p for p in primals if p is not None]
+
+    def of_present(*present):
+        supplied = iter(present)
+        return forward(*(None if p is None else next(supplied) for p in primals))
+
+    _, vjp = torch.func.vjp(of_present, *present)
+    supplied = iter(vjp(grad_out))
+    return tuple(None if p is None else next(supplied) for p in primals)
+
+
+def _register_autograd(forward_name, backward, setup_context, reference_gradients):
+    backward = _twice_differentiable(backward, reference_gradients)
     torch.library.register_autograd(f"tfm_kernels::{forward_name}", backward, setup_context=setup_context)
     forward_op = getattr(torch.ops.tfm_kernels, forward_name)
 
@@ -143,7 +187,7 @@ def _register_autograd(forward_name, backward, setup_context):
     forward.__signature__ = inspect.signature(forward)  # apply() binds arguments to it at every call
     function = type(f"{forward_name}_function", (torch.autograd.Function,), {
         "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(_first_order(forward_name, backward)), "generate_vmap_rule": True})
+        "backward": staticmethod(backward), "generate_vmap_rule": True})
 
     def call(*args):
         if _takes_function():
@@ -213,11 +257,25 @@ def _make_attention_backward(backward_op):
     return backward
 
 
+def _attention_reference_gradients(ctx, grad_out, _grad_lse):
+    q, k, v, _, _, mask, key_lengths, seed = ctx.saved_tensors
+    dropout_p, is_causal, scale = ctx.attention_args
+
+    def gradient_map(q, k, v, grad_out, mask, key_lengths, seed):
+        def forward(q, k, v):
+            return reference.attention(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed, upcast=True)[0]
+
+        return (*_reference_vjp(forward, (q, k, v), grad_out), None, None, None, None, None, None)
+
+    return gradient_map, (q, k, v, grad_out, mask, key_lengths, seed), (0, 1, 2, 3)
+
+
 def _register_attention(forward_name, backward_name, max_batch=None):
     backward_op = getattr(torch.ops.tfm_kernels, backward_name)
     torch.library.register_fake(f"tfm_kernels::{forward_name}")(_attention_forward_fake)
     torch.library.register_fake(f"tfm_kernels::{backward_name}")(_attention_backward_fake)
-    _register_autograd(forward_name, _make_attention_backward(backward_op), _attention_setup_context)
+    _register_autograd(forward_name, _make_attention_backward(backward_op), _attention_setup_context,
+                       _attention_reference_gradients)
     batching.register_attention(forward_name, backward_name, max_batch)
 
 
@@ -287,7 +345,7 @@ def _mlp_setup_context(ctx, inputs, output):
     _, saved = output  # the pre-activation (linear) or [gate, up] (gated)
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # its gradient stays None instead of a zero-filled (M, N) tensor
-    ctx.save_for_backward(x, weight, saved, seed)
+    ctx.save_for_backward(x, weight, bias, saved, seed)  # bias: for the derivatives of the gradients only
     ctx.mlp_args = (activation, dropout_p)
 
 
@@ -295,7 +353,7 @@ def _make_mlp_backward(backward_op):
     def backward(ctx, grad_out, _grad_saved):
         if grad_out is None:
             return (None,) * 6
-        x, weight, saved, seed = ctx.saved_tensors
+        x, weight, _, saved, seed = ctx.saved_tensors
         activation, dropout_p = ctx.mlp_args
         grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, saved, activation,
                                                      dropout_p, seed)
@@ -304,13 +362,34 @@ def _make_mlp_backward(backward_op):
     return backward
 
 
+def _reference_activation(activation):
+    return None if activation == "none" else activation
+
+
+def _make_mlp_reference_gradients(gated):
+    def reference_gradients(ctx, grad_out, _grad_saved):
+        x, weight, bias, _, seed = ctx.saved_tensors
+        activation, dropout_p = ctx.mlp_args
+
+        def gradient_map(x, weight, bias, grad_out, seed):
+            def forward(x, weight, bias):
+                reference_forward = reference.gated_linear if gated else reference.linear
+                return reference_forward(x, weight, bias, _reference_activation(activation), dropout_p, seed)
+
+            return (*_reference_vjp(forward, (x, weight, bias), grad_out), None, None, None)
+
+        return gradient_map, (x, weight, bias, grad_out, seed), (0, 1, 3) if bias is None else (0, 1, 2, 3)
+
+    return reference_gradients
+
+
 def _register_mlp(prefix):
     for kind, forward_fake in (("linear", _mlp_linear_forward_fake), ("gated", _mlp_gated_forward_fake)):
         forward_name, backward_name = f"{prefix}mlp_{kind}_forward", f"{prefix}mlp_{kind}_backward"
         torch.library.register_fake(f"tfm_kernels::{forward_name}")(forward_fake)
         torch.library.register_fake(f"tfm_kernels::{backward_name}")(_mlp_backward_fake)
         _register_autograd(forward_name, _make_mlp_backward(getattr(torch.ops.tfm_kernels, backward_name)),
-                           _mlp_setup_context)
+                           _mlp_setup_context, _make_mlp_reference_gradients(gated=kind == "gated"))
         batching.register_mlp(forward_name, backward_name, weights=2)  # weight, bias
 
 
@@ -330,14 +409,14 @@ def _mlp_block_setup_context(ctx, inputs, output):
     _, preact, hidden = output
     ctx.mark_non_differentiable(preact, hidden)
     ctx.set_materialize_grads(False)  # their gradients stay None instead of zero-filled (M, F) tensors
-    ctx.save_for_backward(x, w1, preact, hidden, w2, seed)
+    ctx.save_for_backward(x, w1, b1, preact, hidden, w2, b2, seed)  # b1, b2: for the derivatives of the gradients
     ctx.mlp_args = (activation, dropout_p)
 
 
 def _mlp_block_backward(ctx, grad_out, _grad_preact, _grad_hidden):
     if grad_out is None:
         return (None,) * 8
-    x, w1, preact, hidden, w2, seed = ctx.saved_tensors
+    x, w1, _, preact, hidden, w2, _, seed = ctx.saved_tensors
     activation, dropout_p = ctx.mlp_args
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.tfm_kernels.mlp_block_backward(
         grad_out.contiguous(), x, w1, preact, hidden, w2, activation, dropout_p, seed)
@@ -346,10 +425,26 @@ def _mlp_block_backward(ctx, grad_out, _grad_preact, _grad_hidden):
             None, None, None)
 
 
+def _mlp_block_reference_gradients(ctx, grad_out, _grad_preact, _grad_hidden):
+    x, w1, b1, _, _, w2, b2, seed = ctx.saved_tensors
+    activation, dropout_p = ctx.mlp_args
+
+    def gradient_map(x, w1, b1, w2, b2, grad_out, seed):
+        def forward(x, w1, b1, w2, b2):
+            hidden = reference.linear(x, w1, b1, _reference_activation(activation), dropout_p, seed)  # (M, F)
+            return reference.linear(hidden, w2, b2)
+
+        return (*_reference_vjp(forward, (x, w1, b1, w2, b2), grad_out), None, None, None)
+
+    tensors = (x, w1, b1, w2, b2, grad_out, seed)
+    return gradient_map, tensors, tuple(i for i in range(6) if tensors[i] is not None)
+
+
 _register_mlp("triton_")
 if _C is not None:
     _register_mlp("")
     torch.library.register_fake("tfm_kernels::mlp_block_forward")(_mlp_block_forward_fake)
     torch.library.register_fake("tfm_kernels::mlp_block_backward")(_mlp_block_backward_fake)
-    _register_autograd("mlp_block_forward", _mlp_block_backward, _mlp_block_setup_context)
+    _register_autograd("mlp_block_forward", _mlp_block_backward, _mlp_block_setup_context,
+                       _mlp_block_reference_gradients)
     batching.register_mlp("mlp_block_forward", "mlp_block_backward", weights=4)  # w1, b1, w2, b2
