@@ -283,6 +283,34 @@ def test_second_derivatives(backend, feature, loss):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", ["batched_grads", "checkpointed"])
+def test_second_derivatives_through_batched_grads_and_checkpointing(backend, case):
+    """Second derivatives where autograd.grad's is_grads_batched runs the backward under its own batching, and
+    through a non-reentrant checkpoint (which lets a backward unpack each saved tensor once), against the
+    float64 oracle (tolerance rule). A gradient recorded under create_graph takes in-place updates."""
+    q, k, v = qkv(1, 2, 2, 4, 5, 3, 3)
+    require(backend, q, k, v)
+    probes, weights = rand(3, 1, 2, 4, 3), [rand(*t.shape) for t in (q, k, v)]
+
+    def run(attend, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        if case == "batched_grads":
+            out = attend(*inputs)
+            grads = torch.autograd.grad(out, inputs, probes.to(dtype), is_grads_batched=True, create_graph=True)
+        else:
+            out = torch.utils.checkpoint.checkpoint(attend, *inputs, use_reentrant=False)
+            grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+        grads[0].mul_(2)
+        penalty = sum((g * w.to(dtype)).sum() for g, w in zip(grads, weights))
+        return (*grads, *torch.autograd.grad(penalty, inputs))
+
+    results = zip(run(functools.partial(sdpa, backend), torch.float32), run(plain_torch, torch.float32),
+                  run(plain_torch, torch.float64))
+    for name, (result, base, ref) in zip(("dq", "dk", "dv", "d2q", "d2k", "d2v"), results):
+        assert_within_tolerance(f"{backend} {case} {name}", result, base, ref)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_first_derivatives_do_not_run_the_reference(backend):
     """The reference's backward runs only when a gradient is differentiated: not in a plain backward, nor under
     create_graph or torch.func.grad until then."""

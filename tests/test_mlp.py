@@ -322,6 +322,35 @@ def test_first_derivatives_do_not_run_the_reference(backend, kind):
         assert reference_forward.call_count > 0
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "gated", "block"])
+def test_bias_updated_in_place_before_backward(backend, kind):
+    """The first derivatives do not read the biases, which are not saved (torch's linear never saves its
+    bias): updating one in place between forward and backward is no error, as with torch, and the gradients
+    are those without the update, bit for bit. The second derivatives, which read the biases, then refuse."""
+    x, weight, bias = (t.requires_grad_() for t in linear_inputs((2, 3), 8, 12, torch.float32))
+    require(backend, x, weight)
+    w2 = rand(8, 6 if kind == "gated" else 12).requires_grad_()
+    b2 = rand(8).requires_grad_()
+    leaves = [x, weight, bias] + ([w2, b2] if kind == "block" else [])
+
+    def forward(run_backend, x, weight, bias, *second):
+        if kind == "block":
+            return tfm_kernels.mlp(x, weight, bias, *second, backend=run_backend)
+        return call(kind, run_backend, x, weight, bias, "gelu", 0.0)
+
+    expected = torch.autograd.grad(forward(backend, *leaves).square().sum(), leaves)
+    for position in range(2, len(leaves), 2):  # every bias
+        fresh = [t.detach().clone().requires_grad_() for t in leaves]
+        out = forward(backend, *fresh)
+        with torch.no_grad():
+            fresh[position].add_(1.0)
+        grads = torch.autograd.grad(out.square().sum(), fresh, create_graph=True)
+        assert all(torch.equal(got, want) for got, want in zip(grads, expected))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation after the forward"):
+            torch.autograd.grad(grads[0].square().sum(), fresh)
+
+
 def _op_samples(prefix):
     x = rand(9, 12)
     weight = rand(10, 12)

@@ -3,12 +3,16 @@ float64 is the oracle, torch's in the test dtype the baseline): batch_first, nor
 and not), masks and causal hints, bias, autocast; same initial weights and state_dict; inference without
 torch's fast paths; the kernels really run; torch.compile."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from nn_check import check_against_torch, randomize_parameters
 from test_mlp import require as require_mlp
+from tolerance import assert_within_tolerance
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tfm_kernels
 import tfm_kernels.nn.transformer as fused_transformer
@@ -253,6 +257,35 @@ def test_activation_checkpointing_repeats_the_dropout_masks(backend):
         results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
     for plain, checkpointed in zip(*results):
         assert torch.equal(plain, checkpointed)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_gradient_penalty_as_torch(backend):
+    """A gradient penalty on the input (|d out / d src|^2, as in WGAN-GP) through an encoder layer with padding
+    and a causal mask: its gradients by src and every parameter against torch's layer in float64 (tolerance
+    rule; torch's runs on its math SDPA, whose backward is differentiable)."""
+    kwargs = layer_kwargs(batch_first=True, norm_first=True)
+    reference = randomize_parameters(nn.TransformerEncoderLayer(**kwargs))
+    ours = TransformerEncoderLayer(**kwargs, backend=backend)
+    ours.load_state_dict(reference.state_dict())
+    src = seq(S, batch_first=True)
+    require_mlp(backend, src.float(), ours.linear1.weight)
+    masks = {"src_mask": causal_mask(S, "bool"), "src_key_padding_mask": padding_mask(S)}
+    probe = torch.randn(N, S, D_MODEL, dtype=torch.float64)
+
+    def penalty_gradients(layer, dtype):
+        x = src.to(dtype).requires_grad_()
+        out = layer(x, **masks)
+        (grad_x,) = torch.autograd.grad((out * probe.to(dtype)).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), [x, *layer.parameters()], allow_unused=True,
+                                   materialize_grads=True)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        baseline = penalty_gradients(reference, torch.float32)
+        oracle = penalty_gradients(copy.deepcopy(reference).double(), torch.float64)
+    names = ["src", *(name for name, _ in reference.named_parameters())]
+    for name, result, base, ref in zip(names, penalty_gradients(ours, torch.float32), baseline, oracle):
+        assert_within_tolerance(f"{backend} penalty gradient of {name}", result, base, ref)
 
 
 def decoder_inputs(masks, batch_first):

@@ -72,7 +72,7 @@ def attention_shared_memory_bytes() -> dict[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Autograd, from one (setup_context, backward) pair per forward op: registered on the op, and again as an
+# Autograd, from one (setup_context, gradients) pair per forward op: registered on the op, and again as an
 # autograd.Function for the torch.func transforms that differentiate (grad, vjp, jacrev, vmap over grad), which
 # refuse the registered autograd: the Function torch generates for it has no separate setup_context. The public
 # API calls the op through DIFFERENTIABLE_FORWARD, which takes the Function only under such a transform (it
@@ -96,70 +96,65 @@ def _takes_function() -> bool:
     return any(level.key() != TransformType.Vmap for level in get_interpreter_stack())
 
 
-class _ReferenceDerivatives(torch.autograd.Function):
-    """Passes a kernel backward's gradients through unchanged, and gives them the derivatives of the reference's
-    gradients (tfm_kernels.reference): differentiating them in turn (a gradient penalty, a Hessian-vector
-    product) recomputes the reference's backward with its graph, only then.
+class _KernelGradients(torch.autograd.Function):
+    """A forward op's gradients: kernel(*tensors), computed in forward by the kernels without a graph. Their
+    own derivatives, taken only if they are differentiated in turn (a gradient penalty, a Hessian-vector
+    product), are those of reference_gradients(*tensors), the same gradients from the reference ops
+    (tfm_kernels.reference) recomputed with their graph. Both return one gradient (or None) per forward input.
 
-    apply(gradient_map, count, differentiable, *gradients, *tensors): `gradients` are the `count` kernel
-    gradients; gradient_map(*tensors) gives the same gradients from the reference ops, differentiably, and
-    `differentiable` names the positions in `tensors` to differentiate it by (the others are masks, lengths,
-    seeds and None)."""
+    tensors: what the backward reads (saved tensors, incoming gradient); differentiable: the positions in it
+    to differentiate by (the others: outputs, masks, lengths, seeds, None)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gradient_map, count, differentiable, *tensors):
-        return tuple(g.view_as(g) for g in tensors[:count])
+    def forward(kernel, reference_gradients, differentiable, *tensors):
+        return kernel(*tensors)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gradient_map, count, differentiable, *tensors = inputs
-        ctx.gradient_map, ctx.count, ctx.differentiable = gradient_map, count, differentiable
-        ctx.save_for_backward(*tensors[count:])
+        _, ctx.reference_gradients, ctx.differentiable, *tensors = inputs
+        ctx.computed = tuple(i for i, g in enumerate(output) if g is not None)
+        ctx.save_for_backward(*tensors)
 
     @staticmethod
     def backward(ctx, *cotangents):
         tensors = list(ctx.saved_tensors)
 
-        def gradients_of(*primals):
+        def computed_gradients(*primals):
             for position, primal in zip(ctx.differentiable, primals):
                 tensors[position] = primal
-            return ctx.gradient_map(*tensors)
+            every = ctx.reference_gradients(*tensors)
+            return tuple(every[i] for i in ctx.computed)
 
-        _, vjp = torch.func.vjp(gradients_of, *(tensors[i] for i in ctx.differentiable))
-        second = iter(vjp(cotangents))
+        _, vjp = torch.func.vjp(computed_gradients, *(tensors[i] for i in ctx.differentiable))
+        second = iter(vjp(tuple(cotangents[i] for i in ctx.computed)))
         by_position = [next(second) if i in ctx.differentiable else None for i in range(len(tensors))]
-        return (None, None, None, *(None,) * ctx.count, *by_position)
+        return (None, None, None, *by_position)
 
 
-def _twice_differentiable(backward, reference_gradients):
-    """`backward`, run on the kernels without recording a graph (a transform records one, and the Triton
-    backward ops, custom ops without autograd, cannot run under it). Where a graph is recorded (create_graph,
-    torch.func.grad), the gradients come out of _ReferenceDerivatives: differentiated, they take the derivatives
-    of reference_gradients(ctx, *grads) = (gradient_map, tensors, differentiable): gradient_map(*tensors) gives
-    the gradient of every forward input (None where the forward input has none) from the reference ops, and
-    is differentiated by tensors[i] for i in differentiable."""
+def _is_legacy_batched(t) -> bool:
+    return isinstance(t, torch.Tensor) and torch._C._functorch.is_legacy_batchedtensor(t)
 
-    def run(ctx, *grads):
-        with torch.no_grad():
-            gradients = backward(ctx, *grads)
+
+def _twice_differentiable(gradients):
+    """The autograd backward of a forward op from gradients(ctx, saved_tensors, *grads) = (kernel,
+    reference_gradients, tensors, differentiable), as _KernelGradients takes them. Without a graph to record
+    the kernels' gradients come directly; with one (create_graph, torch.func.grad) out of _KernelGradients;
+    under autograd.grad's is_grads_batched, whose batching drops an autograd.Function's graph, from the
+    reference ops."""
+
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):  # no output took part in what is differentiated
+            return (None,) * len(ctx.needs_input_grad)
+        kernel, reference_gradients, tensors, differentiable = gradients(ctx, ctx.saved_tensors, *grads)
         if not torch.is_grad_enabled():
-            return gradients
-        computed = [i for i, g in enumerate(gradients) if g is not None]
-        if not computed:
-            return gradients
-        gradient_map, tensors, differentiable = reference_gradients(ctx, *grads)
+            return kernel(*tensors)
+        if any(_is_legacy_batched(t) for t in tensors):
+            return reference_gradients(*tensors)
+        return _KernelGradients.apply(kernel, reference_gradients, differentiable, *tensors)
 
-        def computed_gradients(*tensors):
-            every = gradient_map(*tensors)
-            return tuple(every[i] for i in computed)
-
-        passed = iter(_ReferenceDerivatives.apply(computed_gradients, len(computed), differentiable,
-                                                  *(gradients[i] for i in computed), *tensors))
-        return tuple(None if g is None else next(passed) for g in gradients)
-
-    return run
+    return backward
 
 
 def _reference_vjp(forward, primals, grad_out):
@@ -176,8 +171,8 @@ def _reference_vjp(forward, primals, grad_out):
     return tuple(None if p is None else next(supplied) for p in primals)
 
 
-def _register_autograd(forward_name, backward, setup_context, reference_gradients):
-    backward = _twice_differentiable(backward, reference_gradients)
+def _register_autograd(forward_name, gradients, setup_context):
+    backward = _twice_differentiable(gradients)
     torch.library.register_autograd(f"tfm_kernels::{forward_name}", backward, setup_context=setup_context)
     forward_op = getattr(torch.ops.tfm_kernels, forward_name)
 
@@ -244,38 +239,34 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.attention_args = (dropout_p, is_causal, scale)
 
 
-def _make_attention_backward(backward_op):
-    def backward(ctx, grad_out, _grad_lse):
-        if grad_out is None:  # the output took no part in what is differentiated
-            return (None,) * 9
-        q, k, v, out, lse, mask, key_lengths, seed = ctx.saved_tensors
+def _make_attention_gradients(backward_op):
+    """_twice_differentiable's gradients(ctx, saved, grad_out, grad_lse) of an attention forward op."""
+
+    def gradients(ctx, saved, grad_out, _grad_lse):
         dropout_p, is_causal, scale = ctx.attention_args
-        dq, dk, dv = backward_op(last_dim_contiguous(grad_out), q, k, v, out, lse, mask, key_lengths, dropout_p,
-                                 is_causal, scale, seed)
-        return dq, dk, dv, None, None, None, None, None, None
 
-    return backward
+        def kernel(q, k, v, out, lse, mask, key_lengths, seed, grad_out):
+            dq, dk, dv = backward_op(last_dim_contiguous(grad_out), q, k, v, out, lse, mask, key_lengths, dropout_p,
+                                     is_causal, scale, seed)
+            return dq, dk, dv, None, None, None, None, None, None
 
+        def reference_gradients(q, k, v, out, lse, mask, key_lengths, seed, grad_out):
+            def forward(q, k, v):
+                return reference.attention(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed,
+                                           upcast=True)[0]
 
-def _attention_reference_gradients(ctx, grad_out, _grad_lse):
-    q, k, v, _, _, mask, key_lengths, seed = ctx.saved_tensors
-    dropout_p, is_causal, scale = ctx.attention_args
+            return (*_reference_vjp(forward, (q, k, v), grad_out), None, None, None, None, None, None)
 
-    def gradient_map(q, k, v, grad_out, mask, key_lengths, seed):
-        def forward(q, k, v):
-            return reference.attention(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed, upcast=True)[0]
+        return kernel, reference_gradients, (*saved, grad_out), (0, 1, 2, 8)  # q, k, v, grad_out
 
-        return (*_reference_vjp(forward, (q, k, v), grad_out), None, None, None, None, None, None)
-
-    return gradient_map, (q, k, v, grad_out, mask, key_lengths, seed), (0, 1, 2, 3)
+    return gradients
 
 
 def _register_attention(forward_name, backward_name, max_batch=None):
     backward_op = getattr(torch.ops.tfm_kernels, backward_name)
     torch.library.register_fake(f"tfm_kernels::{forward_name}")(_attention_forward_fake)
     torch.library.register_fake(f"tfm_kernels::{backward_name}")(_attention_backward_fake)
-    _register_autograd(forward_name, _make_attention_backward(backward_op), _attention_setup_context,
-                       _attention_reference_gradients)
+    _register_autograd(forward_name, _make_attention_gradients(backward_op), _attention_setup_context)
     batching.register_attention(forward_name, backward_name, max_batch)
 
 
@@ -345,42 +336,58 @@ def _mlp_setup_context(ctx, inputs, output):
     _, saved = output  # the pre-activation (linear) or [gate, up] (gated)
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # its gradient stays None instead of a zero-filled (M, N) tensor
-    ctx.save_for_backward(x, weight, bias, saved, seed)  # bias: for the derivatives of the gradients only
+    ctx.save_for_backward(x, weight, saved, seed)
+    ctx.kept_bias = _kept_unsaved(bias)
     ctx.mlp_args = (activation, dropout_p)
 
 
-def _make_mlp_backward(backward_op):
-    def backward(ctx, grad_out, _grad_saved):
-        if grad_out is None:
-            return (None,) * 6
-        x, weight, _, saved, seed = ctx.saved_tensors
-        activation, dropout_p = ctx.mlp_args
-        grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, saved, activation,
-                                                     dropout_p, seed)
-        return grad_x, grad_weight, grad_bias if ctx.needs_input_grad[2] else None, None, None, None
+def _kept_unsaved(bias):
+    """A bias as the MLP ops keep it for their second derivatives, which alone read it: not saved, so that
+    updating it in place before a first-order backward is no error (torch's linear never saves its bias), but
+    with its version, to refuse second derivatives from a value the forward did not use. Compiled graphs, which
+    give no second derivatives, keep no version (dynamo before torch 2.14 cannot trace reading it)."""
+    return bias, None if bias is None or torch.compiler.is_compiling() else bias._version
 
-    return backward
+
+def _check_unchanged(kept, name):
+    bias, version = kept
+    if version is not None and bias._version != version:
+        raise RuntimeError(f"{name} was modified by an inplace operation after the forward; the second derivatives "
+                           f"of tfm_kernels' MLP operators need the value the forward used")
 
 
 def _reference_activation(activation):
     return None if activation == "none" else activation
 
 
-def _make_mlp_reference_gradients(gated):
-    def reference_gradients(ctx, grad_out, _grad_saved):
-        x, weight, bias, _, seed = ctx.saved_tensors
-        activation, dropout_p = ctx.mlp_args
+def _make_mlp_gradients(backward_op, gated):
+    """_twice_differentiable's gradients(ctx, saved, grad_out, grad_saved) of an MLP linear or gated op."""
 
-        def gradient_map(x, weight, bias, grad_out, seed):
+    def gradients(ctx, saved, grad_out, _grad_saved):
+        activation, dropout_p = ctx.mlp_args
+        needs_bias = ctx.needs_input_grad[2]
+
+        def kernel(x, weight, bias, saved, seed, grad_out):
+            grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, saved, activation,
+                                                         dropout_p, seed)
+            return grad_x, grad_weight, grad_bias if needs_bias else None, None, None, None
+
+        def reference_gradients(x, weight, bias, saved, seed, grad_out):
+            _check_unchanged(kept_bias, "bias")
+
             def forward(x, weight, bias):
                 reference_forward = reference.gated_linear if gated else reference.linear
                 return reference_forward(x, weight, bias, _reference_activation(activation), dropout_p, seed)
 
             return (*_reference_vjp(forward, (x, weight, bias), grad_out), None, None, None)
 
-        return gradient_map, (x, weight, bias, grad_out, seed), (0, 1, 3) if bias is None else (0, 1, 2, 3)
+        x, weight, saved, seed = saved
+        kept_bias = ctx.kept_bias
+        bias = kept_bias[0]
+        differentiable = (0, 1, 5) if bias is None else (0, 1, 2, 5)  # x, weight, (bias,) grad_out
+        return kernel, reference_gradients, (x, weight, bias, saved, seed, grad_out), differentiable
 
-    return reference_gradients
+    return gradients
 
 
 def _register_mlp(prefix):
@@ -388,8 +395,8 @@ def _register_mlp(prefix):
         forward_name, backward_name = f"{prefix}mlp_{kind}_forward", f"{prefix}mlp_{kind}_backward"
         torch.library.register_fake(f"tfm_kernels::{forward_name}")(forward_fake)
         torch.library.register_fake(f"tfm_kernels::{backward_name}")(_mlp_backward_fake)
-        _register_autograd(forward_name, _make_mlp_backward(getattr(torch.ops.tfm_kernels, backward_name)),
-                           _mlp_setup_context, _make_mlp_reference_gradients(gated=kind == "gated"))
+        backward_op = getattr(torch.ops.tfm_kernels, backward_name)
+        _register_autograd(forward_name, _make_mlp_gradients(backward_op, gated=kind == "gated"), _mlp_setup_context)
         batching.register_mlp(forward_name, backward_name, weights=2)  # weight, bias
 
 
@@ -409,35 +416,38 @@ def _mlp_block_setup_context(ctx, inputs, output):
     _, preact, hidden = output
     ctx.mark_non_differentiable(preact, hidden)
     ctx.set_materialize_grads(False)  # their gradients stay None instead of zero-filled (M, F) tensors
-    ctx.save_for_backward(x, w1, b1, preact, hidden, w2, b2, seed)  # b1, b2: for the derivatives of the gradients
+    ctx.save_for_backward(x, w1, preact, hidden, w2, seed)
+    ctx.kept_biases = (_kept_unsaved(b1), _kept_unsaved(b2))
     ctx.mlp_args = (activation, dropout_p)
 
 
-def _mlp_block_backward(ctx, grad_out, _grad_preact, _grad_hidden):
-    if grad_out is None:
-        return (None,) * 8
-    x, w1, _, preact, hidden, w2, _, seed = ctx.saved_tensors
+def _mlp_block_gradients(ctx, saved, grad_out, _grad_preact, _grad_hidden):
+    """_twice_differentiable's gradients of tfm_kernels::mlp_block_forward."""
     activation, dropout_p = ctx.mlp_args
-    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.tfm_kernels.mlp_block_backward(
-        grad_out.contiguous(), x, w1, preact, hidden, w2, activation, dropout_p, seed)
     needs = ctx.needs_input_grad
-    return (grad_x, grad_w1, grad_b1 if needs[2] else None, grad_w2, grad_b2 if needs[4] else None,
-            None, None, None)
 
+    def kernel(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.tfm_kernels.mlp_block_backward(
+            grad_out.contiguous(), x, w1, preact, hidden, w2, activation, dropout_p, seed)
+        return (grad_x, grad_w1, grad_b1 if needs[2] else None, grad_w2, grad_b2 if needs[4] else None,
+                None, None, None)
 
-def _mlp_block_reference_gradients(ctx, grad_out, _grad_preact, _grad_hidden):
-    x, w1, b1, _, _, w2, b2, seed = ctx.saved_tensors
-    activation, dropout_p = ctx.mlp_args
+    def reference_gradients(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
+        _check_unchanged(kept_biases[0], "b1")
+        _check_unchanged(kept_biases[1], "b2")
 
-    def gradient_map(x, w1, b1, w2, b2, grad_out, seed):
         def forward(x, w1, b1, w2, b2):
             hidden = reference.linear(x, w1, b1, _reference_activation(activation), dropout_p, seed)  # (M, F)
             return reference.linear(hidden, w2, b2)
 
         return (*_reference_vjp(forward, (x, w1, b1, w2, b2), grad_out), None, None, None)
 
-    tensors = (x, w1, b1, w2, b2, grad_out, seed)
-    return gradient_map, tensors, tuple(i for i in range(6) if tensors[i] is not None)
+    x, w1, preact, hidden, w2, seed = saved
+    kept_biases = ctx.kept_biases
+    (b1, _), (b2, _) = kept_biases
+    tensors = (x, w1, b1, preact, hidden, w2, b2, seed, grad_out)
+    differentiable = tuple(i for i in (0, 1, 2, 5, 6, 8) if tensors[i] is not None)  # x, w1, b1, w2, b2, grad_out
+    return kernel, reference_gradients, tensors, differentiable
 
 
 _register_mlp("triton_")
@@ -445,6 +455,5 @@ if _C is not None:
     _register_mlp("")
     torch.library.register_fake("tfm_kernels::mlp_block_forward")(_mlp_block_forward_fake)
     torch.library.register_fake("tfm_kernels::mlp_block_backward")(_mlp_block_backward_fake)
-    _register_autograd("mlp_block_forward", _mlp_block_backward, _mlp_block_setup_context,
-                       _mlp_block_reference_gradients)
+    _register_autograd("mlp_block_forward", _mlp_block_gradients, _mlp_block_setup_context)
     batching.register_mlp("mlp_block_forward", "mlp_block_backward", weights=4)  # w1, b1, w2, b2
