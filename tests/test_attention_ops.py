@@ -252,34 +252,43 @@ SECOND_ORDER_FEATURES = {
 }
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("feature", list(SECOND_ORDER_FEATURES))
-@pytest.mark.parametrize("loss", [lambda out: out.pow(2).sum() / 2, torch.sum], ids=["square", "sum"])
-def test_second_derivatives(backend, feature, loss):
+def check_second_derivatives(backend, feature, loss, dtype=torch.float32, device="cpu", sizes=(2, 4, 7, 9),
+                             head_dims=(8, 6)):
     """A gradient penalty: the gradients of <dL/d(q, k, v), w> by q, k and v against the float64 oracle
     (tolerance rule). The kernels give the first derivatives; differentiating those recomputes the reference's
-    backward. Also where the output's gradient is a constant (a plain sum), so that only the saved inputs tie
-    the gradient to the graph."""
-    B, Hq, Hk, L, S = 2, 4, 2 if feature == "causal_gqa" else 4, 7, 9
-    q, k, v = qkv(B, Hq, Hk, L, S, 8, 6)
+    backward. loss: of the output; with a plain sum the output's gradient is a constant, so that only the saved
+    inputs tie the gradient to the graph."""
+    B, Hq, L, S = sizes
+    Hk = Hq // 2 if feature == "causal_gqa" else Hq
+    q, k, v = qkv(B, Hq, Hk, L, S, *head_dims, device=device)
     require(backend, q, k, v)
     kwargs = SECOND_ORDER_FEATURES[feature](B, Hq, L, S)
-    weights = [rand(*t.shape) for t in (q, k, v)]
+    weights = [rand(*t.shape, device=device) for t in (q, k, v)]
     torch_seed = int(torch.randint(0, 2**31, ()))
 
-    def run(attend, dtype):
-        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        extra = {n: (a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a)
-                 for n, a in kwargs.items()}
+    def run(attend, run_dtype):
+        inputs = [t.detach().to(run_dtype).requires_grad_() for t in (q, k, v)]
+        extra = {n: (a.to(device, run_dtype if a.is_floating_point() else a.dtype) if isinstance(a, torch.Tensor)
+                     else a) for n, a in kwargs.items()}
         torch.manual_seed(torch_seed)
         return gradient_penalty_derivatives(lambda *qkv: attend(*qkv, **extra), inputs,
-                                            [w.to(dtype) for w in weights], loss)
+                                            [w.to(run_dtype) for w in weights], loss)
 
-    ours = run(functools.partial(sdpa, backend), torch.float32)
-    baseline, oracle = run(plain_torch, torch.float32), run(plain_torch, torch.float64)
+    ours = run(functools.partial(sdpa, backend), dtype)
+    baseline, oracle = run(plain_torch, dtype), run(plain_torch, torch.float64)
     names = ("dq", "dk", "dv", "d(penalty)/dq", "d(penalty)/dk", "d(penalty)/dv")
     for name, result, base, ref in zip(names, ours, baseline, oracle):
         assert_within_tolerance(f"{backend} {feature} {name}", result, base, ref)
+
+
+LOSSES = {"square": lambda out: out.pow(2).sum() / 2, "sum": torch.sum}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("feature", list(SECOND_ORDER_FEATURES))
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_second_derivatives(backend, feature, loss):
+    check_second_derivatives(backend, feature, LOSSES[loss])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -571,6 +580,16 @@ def test_compile_inductor_matches_eager():
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_compile_inductor_matches_eager(backend):
     check_inductor_matches_eager(backend, *qkv(2, 8, 8, 256, 256, 64, 64, torch.bfloat16, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("feature", ["plain", "causal_gqa", "key_lengths", "dropout", "bool_mask_empty_rows"])
+def test_gpu_second_derivatives(backend, dtype, feature):
+    if backend == "cuda" and feature == "bool_mask_empty_rows":
+        pytest.skip("the cuda kernels take no attn_mask")
+    check_second_derivatives(backend, feature, LOSSES["square"], dtype, "cuda", (2, 4, 200, 257), (64, 64))
 
 
 @pytest.mark.gpu

@@ -260,24 +260,20 @@ def test_backward_gets_no_filled_gradients(backend, kind):
     assert torch.equal(grads[0], torch.ones_like(x)) and grads[1] is None
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("kind, activation, dropout_p, with_bias", [
-    ("linear", "gelu", 0.0, True), ("linear", "silu", 0.3, False), ("linear", None, 0.0, True),
-    ("gated", "gelu_tanh", 0.2, True), ("gated", "silu", 0.0, False),
-    ("block", "gelu", 0.2, True), ("block", "relu", 0.0, False)])
-@pytest.mark.parametrize("loss", [lambda out: out.pow(2).sum() / 2, torch.sum], ids=["square", "sum"])
-def test_second_derivatives(backend, kind, activation, dropout_p, with_bias, loss):
+def check_second_derivatives(backend, kind, activation, dropout_p, with_bias, loss, dtype=torch.float32,
+                             device="cpu", tokens=(2, 3), d_model=8, d_ff=12):
     """A gradient penalty: the gradients of <dL/d(inputs), w> by x, the weights and the biases against the
     float64 oracle (tolerance rule). The kernels give the first derivatives; differentiating those recomputes
-    the reference's backward. Also where the output's gradient is a constant (a plain sum), so that only the
-    saved inputs tie the gradient to the graph."""
-    x, weight, bias = linear_inputs((2, 3), 8, 12, torch.float32)
-    require(backend, x, weight)
-    w2, b2 = rand(8, 6 if kind == "gated" else 12, scale=12**-0.5), rand(8)
+    the reference's backward. loss: of the output; with a plain sum the output's gradient is a constant, so
+    that only the saved inputs tie the gradient to the graph."""
+    x, weight, bias = linear_inputs(tokens, d_model, d_ff, torch.float32, device)
+    require(backend, x.to(dtype), weight.to(dtype))
+    w2 = rand(d_model, d_ff // 2 if kind == "gated" else d_ff, device=device, scale=d_ff**-0.5)
+    b2 = rand(d_model, device=device)
     if not with_bias:
         bias = b2 = None
     leaves = [t for t in (x, weight, bias) + ((w2, b2) if kind == "block" else ()) if t is not None]
-    weights = [rand(*t.shape) for t in leaves]
+    weights = [rand(*t.shape, device=device) for t in leaves]
     torch_seed = int(torch.randint(0, 2**31, ()))
 
     def forward(run_backend, *inputs):
@@ -287,16 +283,29 @@ def test_second_derivatives(backend, kind, activation, dropout_p, with_bias, los
             return tfm_kernels.mlp(x, weight, bias, w2, b2, activation, dropout_p, backend=run_backend)
         return call(kind, run_backend, x, weight, rest[0] if with_bias else None, activation, dropout_p)
 
-    def run(run_backend, dtype):
-        inputs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    def run(run_backend, run_dtype):
+        inputs = [t.detach().to(run_dtype).requires_grad_() for t in leaves]
         torch.manual_seed(torch_seed)
         return gradient_penalty_derivatives(functools.partial(forward, run_backend), inputs,
-                                            [w.to(dtype) for w in weights], loss)
+                                            [w.to(run_dtype) for w in weights], loss)
 
-    results = zip(run(backend, torch.float32), run("torch", torch.float32), run("torch", torch.float64))
+    results = zip(run(backend, dtype), run("torch", dtype), run("torch", torch.float64))
     for i, (result, base, ref) in enumerate(results):
         order = "gradient" if i < len(leaves) else "penalty gradient"
         assert_within_tolerance(f"{backend} {kind} {activation} {order} {i % len(leaves)}", result, base, ref)
+
+
+SECOND_ORDER_CASES = [("linear", "gelu", 0.0, True), ("linear", "silu", 0.3, False), ("linear", None, 0.0, True),
+                      ("gated", "gelu_tanh", 0.2, True), ("gated", "silu", 0.0, False),
+                      ("block", "gelu", 0.2, True), ("block", "relu", 0.0, False)]
+LOSSES = {"square": lambda out: out.pow(2).sum() / 2, "sum": torch.sum}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind, activation, dropout_p, with_bias", SECOND_ORDER_CASES)
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_second_derivatives(backend, kind, activation, dropout_p, with_bias, loss):
+    check_second_derivatives(backend, kind, activation, dropout_p, with_bias, LOSSES[loss])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -711,6 +720,14 @@ def test_gpu_without_bias(backend):
         x, weight, _ = linear_inputs((2, 300), 256, 512, dtype, device="cuda", bias=False)
         for activation in ("gelu_tanh", None, "silu"):
             check_against_oracle("linear", backend, x, weight, None, activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind, activation, dropout_p, with_bias", SECOND_ORDER_CASES)
+def test_gpu_second_derivatives(backend, kind, activation, dropout_p, with_bias):
+    check_second_derivatives(backend, kind, activation, dropout_p, with_bias, LOSSES["square"], torch.bfloat16, "cuda",
+                             tokens=(4, 99), d_model=256, d_ff=512)
 
 
 @pytest.mark.gpu
