@@ -292,6 +292,16 @@ def test_second_derivatives(backend, feature, loss):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_second_derivatives_under_saved_tensors_hooks(backend):
+    """Under the default saved-tensors hooks (save_on_cpu), which torch.func transforms refuse, and which the
+    second derivatives set aside while they run: they still reach the hooks for the first derivatives."""
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        check_second_derivatives(backend, "causal_gqa", LOSSES["square"])
+    assert packed
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", ["batched_grads", "checkpointed"])
 def test_second_derivatives_through_batched_grads_and_checkpointing(backend, case):
     """Second derivatives where autograd.grad's is_grads_batched runs the backward under its own batching, and

@@ -409,18 +409,17 @@ TRANSFORMS = {
     "vmap": vmap,
     "grad": lambda fn: grad(lambda t: fn(t).square().sum()),
     "vmap over grad": lambda fn: vmap(grad(lambda t: fn(t).square().sum())),
+    "grad over grad": lambda fn: grad(lambda t: grad(lambda t: fn(t).sin().sum())(t).square().sum()),
 }
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
-def test_compiled_transforms_equal_eager(backend, transform, request):
-    """torch.compile over vmap (dynamo traces the transform; the operators' vmap rules serve it), grad and
-    per-sample gradients gives what eager gives, for attention and fused_linear. Before torch 2.14 dynamo cannot
-    trace vmap over the operators' autograd.Function (tfm_kernels/ops.py): there the vmap cases fail, and must."""
-    if "vmap" in transform and torch.torch_version.TorchVersion(torch.__version__) < "2.14.0.dev0":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="torch < 2.14: dynamo cannot trace vmap over an "
-                                                                  "autograd.Function"))
+def test_compiled_transforms_equal_eager(backend, transform):
+    """torch.compile over vmap (dynamo traces the transform; the operators' vmap rules serve it), grad,
+    per-sample gradients and second derivatives gives what eager gives, for attention and fused_linear. Before
+    torch 2.14 the operators break the graph under a transform and dynamo runs it eagerly (tfm_kernels/ops.py):
+    compiled there, an outer grad took the inner gradients as constants and gave zeros."""
     q = torch.randn(3, 1, 2, 5, 8)
     x, weight, bias = linear_inputs((3, 4), 8, 6, torch.float32)
     require(backend, q, q, q)

@@ -309,6 +309,29 @@ def test_second_derivatives(backend, kind, activation, dropout_p, with_bias, los
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "block"])
+def test_second_derivatives_under_saved_tensors_hooks(backend, kind):
+    """Under save_on_cpu, whose default hooks torch.func transforms refuse, and which the second derivatives set
+    aside while they run."""
+    with torch.autograd.graph.save_on_cpu():
+        check_second_derivatives(backend, kind, "gelu", 0.0, True, LOSSES["square"])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inference_mode_bias(backend):
+    """A bias made under torch.inference_mode (which has no version counter) beside an x that requires grad: the
+    forward and backward run, as torch's linear does."""
+    x, weight, _ = linear_inputs((2, 3), 8, 12, torch.float32)
+    require(backend, x, weight)
+    with torch.inference_mode():
+        bias = rand(12)
+    x.requires_grad_()
+    for run_backend in (backend, "torch"):
+        out = tfm_kernels.fused_linear(x, weight, bias, "gelu", backend=run_backend)
+        torch.autograd.grad(out.sum(), x)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "gated", "block"])
 def test_first_derivatives_do_not_run_the_reference(backend, kind):
     """The reference's backward runs only when a gradient is differentiated: not in a plain backward, nor under

@@ -7,6 +7,7 @@ Every op keeps one autograd boundary: forward op -> (outputs, saved state), back
 gradients' own derivatives, where they are taken, come from the reference ops (tfm_kernels/reference.py).
 """
 
+import contextlib
 import glob
 import importlib.machinery
 import inspect
@@ -80,10 +81,12 @@ def attention_shared_memory_bytes() -> dict[int, int]:
 
 DIFFERENTIABLE_FORWARD = {}  # forward op name -> callable with the op's arguments and outputs
 
-# Whether a torch.compile'd region under a transform calls the op itself (and its vmap rule) rather than the
-# Function. Dynamo cannot trace an autograd.Function under vmap. torch 2.14's dynamo hands the transforms it
-# cannot trace with the op (grad, vjp, jacrev) back to eager, where the Function runs; before 2.14 (seen on 2.11)
-# it traces grad into the op's registered autograd, which functorch refuses, so there the Function stays.
+# Whether a torch.compile'd region under a torch.func transform may call the op (and its vmap rule). torch
+# 2.14's dynamo hands the transforms it cannot trace with the op (grad, vjp, jacrev) back to eager, where the
+# Function runs. Before 2.14 (seen on 2.11) dynamo traces grad into the op's registered autograd, which functorch
+# refuses; it cannot trace the Function under vmap; and it traces the Function's backward without grad mode, so
+# that an outer grad would take the inner gradients as constants (zeros). There the region breaks the graph, and
+# dynamo runs the transform eagerly.
 _COMPILED_TRANSFORMS_CALL_THE_OP = torch.torch_version.TorchVersion(torch.__version__) >= "2.14.0.dev0"
 
 
@@ -92,8 +95,26 @@ def _takes_function() -> bool:
     if not torch._C._are_functorch_transforms_active():
         return False
     if torch.compiler.is_compiling():
-        return not _COMPILED_TRANSFORMS_CALL_THE_OP
+        if not _COMPILED_TRANSFORMS_CALL_THE_OP:
+            torch._dynamo.graph_break()
+        return False
     return any(level.key() != TransformType.Vmap for level in get_interpreter_stack())
+
+
+@contextlib.contextmanager
+def _saved_tensors_hooks_suspended():
+    """The default saved-tensors hooks (torch.autograd.graph.save_on_cpu, saved_tensors_hooks) set aside for a
+    torch.func transform, which refuses to run under them: the graphs recorded inside save plain tensors."""
+    hooks = torch._C._autograd
+    suspended = []
+    while (top := hooks._top_saved_tensors_default_hooks(False)) is not None:
+        suspended.append(top)
+        hooks._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(suspended):
+            hooks._push_saved_tensors_default_hooks(pack, unpack)
 
 
 class _KernelGradients(torch.autograd.Function):
@@ -127,8 +148,9 @@ class _KernelGradients(torch.autograd.Function):
             every = ctx.reference_gradients(*tensors)
             return tuple(every[i] for i in ctx.computed)
 
-        _, vjp = torch.func.vjp(computed_gradients, *(tensors[i] for i in ctx.differentiable))
-        second = iter(vjp(tuple(cotangents[i] for i in ctx.computed)))
+        with _saved_tensors_hooks_suspended():
+            _, vjp = torch.func.vjp(computed_gradients, *(tensors[i] for i in ctx.differentiable))
+            second = iter(vjp(tuple(cotangents[i] for i in ctx.computed)))
         by_position = [next(second) if i in ctx.differentiable else None for i in range(len(tensors))]
         return (None, None, None, *by_position)
 
@@ -166,8 +188,9 @@ def _reference_vjp(forward, primals, grad_out):
         supplied = iter(present)
         return forward(*(None if p is None else next(supplied) for p in primals))
 
-    _, vjp = torch.func.vjp(of_present, *present)
-    supplied = iter(vjp(grad_out))
+    with _saved_tensors_hooks_suspended():
+        _, vjp = torch.func.vjp(of_present, *present)
+        supplied = iter(vjp(grad_out))
     return tuple(None if p is None else next(supplied) for p in primals)
 
 
@@ -344,9 +367,11 @@ def _mlp_setup_context(ctx, inputs, output):
 def _kept_unsaved(bias):
     """A bias as the MLP ops keep it for their second derivatives, which alone read it: not saved, so that
     updating it in place before a first-order backward is no error (torch's linear never saves its bias), but
-    with its version, to refuse second derivatives from a value the forward did not use. Compiled graphs, which
-    give no second derivatives, keep no version (dynamo before torch 2.14 cannot trace reading it)."""
-    return bias, None if bias is None or torch.compiler.is_compiling() else bias._version
+    with its version, to refuse second derivatives from a value the forward did not use. Kept without one:
+    inference tensors, which have none, and a bias in a compiled graph, which gives no second derivatives
+    (dynamo before torch 2.14 cannot trace reading it)."""
+    untracked = bias is None or torch.compiler.is_compiling() or bias.is_inference()
+    return bias, None if untracked else bias._version
 
 
 def _check_unchanged(kept, name):
