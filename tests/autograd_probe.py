@@ -1,6 +1,7 @@
-"""Probes of what autograd hands an operator's backward: an identity that drops its gradient, a record of
-the operators a region dispatches (those autograd itself calls included, such as the zero-filling of a
-gradient it materialises), and the second derivatives of a gradient penalty."""
+"""Probes of autograd around an operator: an identity that drops its gradient, a record of the operators a
+region dispatches (those autograd itself calls included, such as the zero-filling of a gradient it
+materialises), the first and second derivatives of a gradient penalty, and a check that saved-tensors hooks
+change nothing."""
 
 import collections
 
@@ -32,6 +33,11 @@ class DispatchedOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# Losses of an output for gradient_penalty_derivatives: the square's gradient depends on the output; the sum's is
+# a constant, so that only the saved inputs tie the gradient to the graph.
+LOSSES = {"square": lambda out: out.pow(2).sum() / 2, "sum": torch.sum}
+
+
 def gradient_penalty_derivatives(forward, inputs, weights, loss):
     """The gradients g_i of loss(forward(*inputs)) by the inputs, recorded (create_graph), then the gradients
     by the inputs of the penalty sum_i <g_i, weights_i>: second derivatives, reaching the inputs directly and,
@@ -40,3 +46,13 @@ def gradient_penalty_derivatives(forward, inputs, weights, loss):
     first = torch.autograd.grad(loss(forward(*inputs)), inputs, create_graph=True)
     penalty = sum((g * w).sum() for g, w in zip(first, weights))
     return (*first, *torch.autograd.grad(penalty, inputs, allow_unused=True, materialize_grads=True))
+
+
+def assert_unchanged_by_saved_tensors_hooks(compute):
+    """compute() under identity saved-tensors hooks gives what it gives without them, bit for bit, and the
+    tensors it saves go through the hooks."""
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        hooked = compute()
+    assert packed
+    assert all(torch.equal(a, b) for a, b in zip(hooked, compute()))

@@ -101,9 +101,9 @@ def test_attention_jacrev_equals_autograd_rows(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_second_derivatives_under_transforms(backend):
-    """jacrev over grad (a Hessian), and vmap over grad over grad (per-sample gradients of a gradient penalty),
-    through attention and a fused linear against the float64 oracle (tolerance rule): differentiating the
-    kernels' gradients recomputes the reference's backward."""
+    """jacrev over grad (a Hessian), vmap over grad over grad (per-sample gradients of a gradient penalty) and a
+    third derivative, through attention and a fused linear against the float64 oracle (tolerance rule):
+    differentiating the kernels' gradients recomputes the reference's backward."""
     q, k, v = qkv(3, 1, 1, 3, 4, 4, 4)
     x, weight, bias = linear_inputs((3, 2), 4, 5, torch.float32)
     require(backend, q, k, v)
@@ -121,11 +121,15 @@ def test_second_derivatives_under_transforms(backend):
         def penalty(loss):
             return lambda t: grad(loss)(t).square().sum()
 
-        return (jacrev(grad(attention_loss))(q_[0]), vmap(grad(penalty(attention_loss)))(q_),
-                jacrev(grad(linear_loss))(x_[0]), vmap(grad(penalty(linear_loss)))(x_))
+        def third(loss):
+            return grad(lambda t: grad(penalty(loss))(t).sum())
 
-    names = ("attention hessian", "attention per-sample penalty gradient", "linear hessian",
-             "linear per-sample penalty gradient")
+        return (jacrev(grad(attention_loss))(q_[0]), vmap(grad(penalty(attention_loss)))(q_),
+                third(attention_loss)(q_[0]), jacrev(grad(linear_loss))(x_[0]), vmap(grad(penalty(linear_loss)))(x_),
+                third(linear_loss)(x_[0]))
+
+    names = ("attention hessian", "attention per-sample penalty gradient", "attention third derivative",
+             "linear hessian", "linear per-sample penalty gradient", "linear third derivative")
     results = zip(transforms(backend, torch.float32), transforms("torch", torch.float32),
                   transforms("torch", torch.float64))
     for name, (result, base, ref) in zip(names, results):
@@ -419,7 +423,8 @@ def test_compiled_transforms_equal_eager(backend, transform):
     """torch.compile over vmap (dynamo traces the transform; the operators' vmap rules serve it), grad,
     per-sample gradients and second derivatives gives what eager gives, for attention and fused_linear. Before
     torch 2.14 the operators break the graph under a transform and dynamo runs it eagerly (tfm_kernels/ops.py):
-    compiled there, an outer grad took the inner gradients as constants and gave zeros."""
+    traced there, an outer grad would take the inner gradients as constants (zeros), which this test catches on
+    torch 2.11."""
     q = torch.randn(3, 1, 2, 5, 8)
     x, weight, bias = linear_inputs((3, 4), 8, 6, torch.float32)
     require(backend, q, q, q)

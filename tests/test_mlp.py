@@ -16,7 +16,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from autograd_probe import DispatchedOps, DropGradient, gradient_penalty_derivatives
+from autograd_probe import (
+    LOSSES,
+    DispatchedOps,
+    DropGradient,
+    assert_unchanged_by_saved_tensors_hooks,
+    gradient_penalty_derivatives,
+)
 from tolerance import assert_within_tolerance, poison_allocator
 
 import tfm_kernels
@@ -298,7 +304,6 @@ def check_second_derivatives(backend, kind, activation, dropout_p, with_bias, lo
 SECOND_ORDER_CASES = [("linear", "gelu", 0.0, True), ("linear", "silu", 0.3, False), ("linear", None, 0.0, True),
                       ("gated", "gelu_tanh", 0.2, True), ("gated", "silu", 0.0, False),
                       ("block", "gelu", 0.2, True), ("block", "relu", 0.0, False)]
-LOSSES = {"square": lambda out: out.pow(2).sum() / 2, "sum": torch.sum}
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -309,26 +314,68 @@ def test_second_derivatives(backend, kind, activation, dropout_p, with_bias, los
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "gated", "block"])
+def test_second_derivatives_through_batched_grads(backend, kind):
+    """Second derivatives where autograd.grad's is_grads_batched runs the backward under its own batching
+    (which drops an autograd.Function's graph), against the float64 oracle (tolerance rule)."""
+    x, weight, bias = linear_inputs((2, 3), 8, 12, torch.float32)
+    require(backend, x, weight)
+    w2 = rand(8, 6 if kind == "gated" else 12)
+    leaves = [x, weight, bias] + ([w2] if kind == "block" else [])
+    probes = rand(3, 2, 3, 8 if kind == "block" else 6 if kind == "gated" else 12)
+
+    def run(run_backend, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        if kind == "block":
+            out = tfm_kernels.mlp(*inputs[:3], inputs[3], None, backend=run_backend)
+        else:
+            out = call(kind, run_backend, *inputs, "silu", 0.0)
+        grads = torch.autograd.grad(out, inputs, probes.to(dtype), is_grads_batched=True, create_graph=True)
+        return (*grads, *torch.autograd.grad(sum(g.square().sum() for g in grads), inputs))
+
+    results = zip(run(backend, torch.float32), run("torch", torch.float32), run("torch", torch.float64))
+    for i, (result, base, ref) in enumerate(results):
+        assert_within_tolerance(f"{backend} {kind} batched derivative {i}", result, base, ref)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "block"])
 def test_second_derivatives_under_saved_tensors_hooks(backend, kind):
-    """Under save_on_cpu, whose default hooks torch.func transforms refuse, and which the second derivatives set
-    aside while they run."""
-    with torch.autograd.graph.save_on_cpu():
-        check_second_derivatives(backend, kind, "gelu", 0.0, True, LOSSES["square"])
+    """Under save_on_cpu, whose default hooks the torch.func transforms of the second derivatives refuse and so
+    set aside while they run: the same first and second derivatives as without hooks, bit for bit; the
+    forward's tensors go through the hooks."""
+    x, weight, bias = linear_inputs((2, 3), 8, 12, torch.float32)
+    require(backend, x, weight)
+    w2 = rand(8, 12)
+    leaves = [x, weight, bias] + ([w2] if kind == "block" else [])
+    weights = [rand(*t.shape) for t in leaves]
+
+    def derivatives():
+        def forward(x, weight, bias, *second):
+            if kind == "block":
+                return tfm_kernels.mlp(x, weight, bias, second[0], None, backend=backend)
+            return tfm_kernels.fused_linear(x, weight, bias, "gelu", backend=backend)
+
+        inputs = [t.detach().requires_grad_() for t in leaves]
+        return gradient_penalty_derivatives(forward, inputs, weights, LOSSES["square"])
+
+    assert_unchanged_by_saved_tensors_hooks(derivatives)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inference_mode_bias(backend):
-    """A bias made under torch.inference_mode (which has no version counter) beside an x that requires grad: the
-    forward and backward run, as torch's linear does."""
-    x, weight, _ = linear_inputs((2, 3), 8, 12, torch.float32)
+    """A bias made under torch.inference_mode (which has no version counter) beside an x that requires grad, as
+    torch's linear takes it: the output and gradient of a plain bias of the same values."""
+    x, weight, bias = linear_inputs((2, 3), 8, 12, torch.float32)
     require(backend, x, weight)
     with torch.inference_mode():
-        bias = rand(12)
-    x.requires_grad_()
-    for run_backend in (backend, "torch"):
-        out = tfm_kernels.fused_linear(x, weight, bias, "gelu", backend=run_backend)
-        torch.autograd.grad(out.sum(), x)
+        inference_bias = bias.clone()
+    results = []
+    for b in (inference_bias, bias):
+        leaf = x.detach().requires_grad_()
+        out = tfm_kernels.fused_linear(leaf, weight, b, "gelu", backend=backend)
+        results.append((out, *torch.autograd.grad(out.square().sum(), leaf)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -379,7 +426,8 @@ def test_bias_updated_in_place_before_backward(backend, kind):
             fresh[position].add_(1.0)
         grads = torch.autograd.grad(out.square().sum(), fresh, create_graph=True)
         assert all(torch.equal(got, want) for got, want in zip(grads, expected))
-        with pytest.raises(RuntimeError, match="modified by an inplace operation after the forward"):
+        with pytest.raises(RuntimeError, match=r"(bias|b1|b2) of tfm_kernels::\w+_forward \(a bias given to "
+                                               r"fused_linear, gated_linear or mlp\) was modified by an inplace"):
             torch.autograd.grad(grads[0].square().sum(), fresh)
 
 

@@ -91,13 +91,15 @@ _COMPILED_TRANSFORMS_CALL_THE_OP = torch.torch_version.TorchVersion(torch.__vers
 
 
 def _takes_function() -> bool:
-    """Whether a call now takes the Function rather than the op: under a torch.func transform other than vmap."""
+    """Whether a call now takes the Function rather than the op: under a torch.func transform other than vmap.
+    Compiled under a transform before torch 2.14, it breaks dynamo's graph instead (dynamo then runs the
+    transform eagerly, where this is asked again)."""
     if not torch._C._are_functorch_transforms_active():
         return False
     if torch.compiler.is_compiling():
-        if not _COMPILED_TRANSFORMS_CALL_THE_OP:
-            torch._dynamo.graph_break()
-        return False
+        if _COMPILED_TRANSFORMS_CALL_THE_OP:
+            return False
+        torch._dynamo.graph_break()
     return any(level.key() != TransformType.Vmap for level in get_interpreter_stack())
 
 
@@ -123,8 +125,9 @@ class _KernelGradients(torch.autograd.Function):
     product), are those of reference_gradients(*tensors), the same gradients from the reference ops
     (tfm_kernels.reference) recomputed with their graph. Both return one gradient (or None) per forward input.
 
-    tensors: what the backward reads (saved tensors, incoming gradient); differentiable: the positions in it
-    to differentiate by (the others: outputs, masks, lengths, seeds, None)."""
+    tensors: what the backward reads (saved tensors, kept biases, incoming gradient); differentiable: the
+    positions in it to differentiate by, where the tensor is not None (the others: outputs, masks, lengths,
+    seeds)."""
 
     generate_vmap_rule = True
 
@@ -134,18 +137,20 @@ class _KernelGradients(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, ctx.reference_gradients, ctx.differentiable, *tensors = inputs
+        _, ctx.reference_gradients, differentiable, *tensors = inputs
+        ctx.differentiable = tuple(i for i in differentiable if tensors[i] is not None)
         ctx.computed = tuple(i for i, g in enumerate(output) if g is not None)
         ctx.save_for_backward(*tensors)
 
     @staticmethod
     def backward(ctx, *cotangents):
-        tensors = list(ctx.saved_tensors)
+        tensors = ctx.saved_tensors
 
         def computed_gradients(*primals):
+            arguments = list(tensors)
             for position, primal in zip(ctx.differentiable, primals):
-                tensors[position] = primal
-            every = ctx.reference_gradients(*tensors)
+                arguments[position] = primal
+            every = ctx.reference_gradients(*arguments)
             return tuple(every[i] for i in ctx.computed)
 
         with _saved_tensors_hooks_suspended():
@@ -263,9 +268,9 @@ def _attention_setup_context(ctx, inputs, output):
 
 
 def _make_attention_gradients(backward_op):
-    """_twice_differentiable's gradients(ctx, saved, grad_out, grad_lse) of an attention forward op."""
+    """_twice_differentiable's gradients(ctx, saved_tensors, grad_out, grad_lse) of an attention forward op."""
 
-    def gradients(ctx, saved, grad_out, _grad_lse):
+    def gradients(ctx, saved_tensors, grad_out, _grad_lse):
         dropout_p, is_causal, scale = ctx.attention_args
 
         def kernel(q, k, v, out, lse, mask, key_lengths, seed, grad_out):
@@ -280,7 +285,7 @@ def _make_attention_gradients(backward_op):
 
             return (*_reference_vjp(forward, (q, k, v), grad_out), None, None, None, None, None, None)
 
-        return kernel, reference_gradients, (*saved, grad_out), (0, 1, 2, 8)  # q, k, v, grad_out
+        return kernel, reference_gradients, (*saved_tensors, grad_out), (0, 1, 2, 8)  # q, k, v, grad_out
 
     return gradients
 
@@ -367,30 +372,32 @@ def _mlp_setup_context(ctx, inputs, output):
 def _kept_unsaved(bias):
     """A bias as the MLP ops keep it for their second derivatives, which alone read it: not saved, so that
     updating it in place before a first-order backward is no error (torch's linear never saves its bias), but
-    with its version, to refuse second derivatives from a value the forward did not use. Kept without one:
-    inference tensors, which have none, and a bias in a compiled graph, which gives no second derivatives
-    (dynamo before torch 2.14 cannot trace reading it)."""
-    untracked = bias is None or torch.compiler.is_compiling() or bias.is_inference()
-    return bias, None if untracked else bias._version
+    with its version, to refuse second derivatives from a value the forward did not use (an inference tensor
+    has no version)."""
+    return bias, None if bias is None or bias.is_inference() else bias._version
 
 
-def _check_unchanged(kept, name):
+def _check_unchanged(kept, name, forward_name):
     bias, version = kept
     if version is not None and bias._version != version:
-        raise RuntimeError(f"{name} was modified by an inplace operation after the forward; the second derivatives "
-                           f"of tfm_kernels' MLP operators need the value the forward used")
+        raise RuntimeError(f"{name} of tfm_kernels::{forward_name} (a bias given to fused_linear, gated_linear or "
+                           f"mlp) was modified by an inplace operation after the forward; the second derivatives "
+                           f"need the value the forward used")
 
 
 def _reference_activation(activation):
     return None if activation == "none" else activation
 
 
-def _make_mlp_gradients(backward_op, gated):
-    """_twice_differentiable's gradients(ctx, saved, grad_out, grad_saved) of an MLP linear or gated op."""
+def _make_mlp_gradients(forward_name, backward_name, gated):
+    """_twice_differentiable's gradients(ctx, saved_tensors, grad_out, grad_saved) of tfm_kernels::`forward_name`,
+    an MLP linear or gated op."""
+    backward_op = getattr(torch.ops.tfm_kernels, backward_name)
 
-    def gradients(ctx, saved, grad_out, _grad_saved):
+    def gradients(ctx, saved_tensors, grad_out, _grad_saved):
         activation, dropout_p = ctx.mlp_args
         needs_bias = ctx.needs_input_grad[2]
+        kept_bias = ctx.kept_bias
 
         def kernel(x, weight, bias, saved, seed, grad_out):
             grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, saved, activation,
@@ -398,7 +405,7 @@ def _make_mlp_gradients(backward_op, gated):
             return grad_x, grad_weight, grad_bias if needs_bias else None, None, None, None
 
         def reference_gradients(x, weight, bias, saved, seed, grad_out):
-            _check_unchanged(kept_bias, "bias")
+            _check_unchanged(kept_bias, "bias", forward_name)
 
             def forward(x, weight, bias):
                 reference_forward = reference.gated_linear if gated else reference.linear
@@ -406,11 +413,9 @@ def _make_mlp_gradients(backward_op, gated):
 
             return (*_reference_vjp(forward, (x, weight, bias), grad_out), None, None, None)
 
-        x, weight, saved, seed = saved
-        kept_bias = ctx.kept_bias
-        bias = kept_bias[0]
-        differentiable = (0, 1, 5) if bias is None else (0, 1, 2, 5)  # x, weight, (bias,) grad_out
-        return kernel, reference_gradients, (x, weight, bias, saved, seed, grad_out), differentiable
+        x, weight, saved, seed = saved_tensors
+        tensors = (x, weight, kept_bias[0], saved, seed, grad_out)
+        return kernel, reference_gradients, tensors, (0, 1, 2, 5)  # x, weight, bias, grad_out
 
     return gradients
 
@@ -420,8 +425,8 @@ def _register_mlp(prefix):
         forward_name, backward_name = f"{prefix}mlp_{kind}_forward", f"{prefix}mlp_{kind}_backward"
         torch.library.register_fake(f"tfm_kernels::{forward_name}")(forward_fake)
         torch.library.register_fake(f"tfm_kernels::{backward_name}")(_mlp_backward_fake)
-        backward_op = getattr(torch.ops.tfm_kernels, backward_name)
-        _register_autograd(forward_name, _make_mlp_gradients(backward_op, gated=kind == "gated"), _mlp_setup_context)
+        gradients = _make_mlp_gradients(forward_name, backward_name, gated=kind == "gated")
+        _register_autograd(forward_name, gradients, _mlp_setup_context)
         batching.register_mlp(forward_name, backward_name, weights=2)  # weight, bias
 
 
@@ -446,10 +451,11 @@ def _mlp_block_setup_context(ctx, inputs, output):
     ctx.mlp_args = (activation, dropout_p)
 
 
-def _mlp_block_gradients(ctx, saved, grad_out, _grad_preact, _grad_hidden):
+def _mlp_block_gradients(ctx, saved_tensors, grad_out, _grad_preact, _grad_hidden):
     """_twice_differentiable's gradients of tfm_kernels::mlp_block_forward."""
     activation, dropout_p = ctx.mlp_args
     needs = ctx.needs_input_grad
+    kept_biases = ctx.kept_biases
 
     def kernel(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
         grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.tfm_kernels.mlp_block_backward(
@@ -458,21 +464,19 @@ def _mlp_block_gradients(ctx, saved, grad_out, _grad_preact, _grad_hidden):
                 None, None, None)
 
     def reference_gradients(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
-        _check_unchanged(kept_biases[0], "b1")
-        _check_unchanged(kept_biases[1], "b2")
+        _check_unchanged(kept_biases[0], "b1", "mlp_block_forward")
+        _check_unchanged(kept_biases[1], "b2", "mlp_block_forward")
 
         def forward(x, w1, b1, w2, b2):
-            hidden = reference.linear(x, w1, b1, _reference_activation(activation), dropout_p, seed)  # (M, F)
-            return reference.linear(hidden, w2, b2)
+            activated = reference.linear(x, w1, b1, _reference_activation(activation), dropout_p, seed)  # (M, F)
+            return reference.linear(activated, w2, b2)
 
         return (*_reference_vjp(forward, (x, w1, b1, w2, b2), grad_out), None, None, None)
 
-    x, w1, preact, hidden, w2, seed = saved
-    kept_biases = ctx.kept_biases
+    x, w1, preact, hidden, w2, seed = saved_tensors
     (b1, _), (b2, _) = kept_biases
     tensors = (x, w1, b1, preact, hidden, w2, b2, seed, grad_out)
-    differentiable = tuple(i for i in (0, 1, 2, 5, 6, 8) if tensors[i] is not None)  # x, w1, b1, w2, b2, grad_out
-    return kernel, reference_gradients, tensors, differentiable
+    return kernel, reference_gradients, tensors, (0, 1, 2, 5, 6, 8)  # x, w1, b1, w2, b2, grad_out
 
 
 _register_mlp("triton_")
