@@ -6,7 +6,8 @@
 #   bash benchmarks/device_check.sh           install, gpu tests, memcheck, attention + MLP table
 #   bash benchmarks/device_check.sh tests     a second call when the first one's tests hit their cap: the
 #                                             gpu tests alone, with the whole budget
-#   bash benchmarks/device_check.sh models    the second call otherwise: a profile of the eager
+#   bash benchmarks/device_check.sh models    the second call otherwise: the host time per call without
+#                                             kernels (benchmarks/host_overhead.py), a profile of the eager
 #                                             nn.MultiheadAttention and LM calls (benchmarks/profile_step.py),
 #                                             then nn.MultiheadAttention, a 12-layer TransformerEncoder and
 #                                             GPT-2-small LM training against torch, eager and compiled
@@ -85,10 +86,14 @@ tests() {
 }
 
 # The module and model tables of issues 5 and 6, printed last, after a profile of their eager calls (each
-# call's host, wall and device ms in the log; the profiler's tables in $RESULTS/profile-*.txt).
+# call's host, wall and device ms in the log; the profiler's tables in $RESULTS/profile-*.txt) and the host
+# time of the Triton paths measured as on the development machines (benchmarks/host_overhead.py; its rows
+# against theirs say how much slower this machine's CPU issues the same calls).
 models() {
     local bench_rc=0 limit
     install_if_needed
+    echo "== host time per call, kernels not launched (cap 30 s)"
+    timeout -k 10 30 "$PYTHON" benchmarks/host_overhead.py --repeat 100 || echo "host_overhead: exit $?"
     limit=$(cap 240 30 60)
     echo "== profile of the MHA and LM calls (cap $limit s)"
     timeout -k 20 "$limit" "$PYTHON" -u benchmarks/profile_step.py > "$RESULTS/profile-$STAMP.txt" \

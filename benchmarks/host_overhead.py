@@ -2,12 +2,14 @@
 
 A call's host time is what the CPU spends before its kernels are queued. It bounds the speed of every call
 whose kernels are short: the benchmark's timer counts the time the GPU waits for a call's Python
-(tfm_kernels/bench/timing.py), and so does a training step of small layers. This script measures our part of
-it on any machine. Triton's kernel launches become no-ops (JITFunction.run; the autotuner's timings return
-a constant), and the launchers run on CPU tensors as they would on a Hopper GPU: autotuned launch path,
-tensor descriptors built. What remains is everything up to Triton's own launcher, whose cost (about 15-40 us
-a launch on an H100 host, more with tensor descriptors) comes on top on a GPU. torch's modules run for real
-on the same tiny CPU tensors as the reference: their host time plus a few microseconds of arithmetic.
+(tfm_kernels/bench/timing.py), and so does a training step of small layers. This script measures it on any
+machine, all but the last step of each launch. Triton runs its launch path as on a Hopper GPU (binding and
+specialising the arguments, the cache lookup of the compiled kernel) up to the driver's launch call, which
+does nothing: a stand-in driver names an sm_90 target, and the compiled kernel is a stand-in whose launch
+returns at once (the autotuner's timings return a constant). The launchers run on CPU tensors as they would on
+a Hopper GPU: autotuned launch path, tensor descriptors built. Left out: the launch call itself (packing the
+arguments, cuLaunchKernel), a few microseconds a launch. torch's modules run for real on the same tiny CPU
+tensors as the reference: their host time plus a few microseconds of arithmetic.
 
     PYTHONPATH=. python benchmarks/host_overhead.py             # the table, microseconds per call
     PYTHONPATH=. python benchmarks/host_overhead.py --profile "ours MultiheadAttention fwd+bwd"
@@ -24,29 +26,88 @@ import time
 from unittest import mock
 
 import torch
+from triton.backends.compiler import GPUTarget
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 import tfm_kernels
 from tfm_kernels import backends
+from tfm_kernels.models.baseline import build_torch_lm
+from tfm_kernels.models.config import LMConfig
+from tfm_kernels.models.lm import TransformerLM
 from tfm_kernels.triton import attention, mlp, tuning
 
 # Tiny bfloat16 problems (the benchmarks' dtype): torch's own kernels take microseconds, our stubbed ones none.
 BATCH, HEADS, SEQ, HEAD_DIM = 2, 2, 16, 16
 DTYPE = torch.bfloat16
+# The training step of a language model as deep as GPT-2 small, its layers tiny; a step issues as many calls as
+# about 100 of the single-operator cases, so it is timed over that many times fewer calls.
+LM_LAYERS = 12
+STEP_CALLS_SHARE = 1 / 100
+
+
+# The device number the stand-in driver answers: no real device has it, so the stand-in kernels Triton caches
+# per device never serve a real launch, and the context below removes them on exit.
+STAND_IN_DEVICE = -1
+
+
+class _StandInDriver:
+    """The driver calls of Triton's launch path, answered for a stand-in device that is an sm_90 GPU."""
+
+    def get_current_device(self):
+        return STAND_IN_DEVICE
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+class _StandInKernel:
+    """A compiled kernel whose launch does nothing."""
+
+    function = None
+    packed_metadata = None
+
+    def launch_metadata(self, *args):
+        return None
+
+    def run(self, *args):
+        return None
+
+
+def _stand_in_compiler(compiled):
+    """JITFunction._do_compile without a compiler: caches a stand-in kernel under the launch's key and adds
+    the JITFunction to `compiled`."""
+
+    def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        compiled.add(self)
+        kernel_cache = self.device_caches[device][0]
+        kernel_cache[key] = _StandInKernel()
+        return kernel_cache[key]
+
+    return do_compile
 
 
 @contextlib.contextmanager
 def stubbed_launches():
-    """Triton's launches as no-ops, and the launchers taking the GPU's path on CPU tensors: the autotuned
-    launch of every size, tensor descriptors where a GPU of compute capability 9 would get them."""
+    """Triton's launch path up to the driver's launch call, which does nothing, and the launchers taking the
+    GPU's path on CPU tensors: the autotuned launch of every size, tensor descriptors where a GPU of compute
+    capability 9 would get them."""
     tuned = (attention._FORWARD, attention._BACKWARD_KV, attention._BACKWARD_Q, mlp._GEMM)
+    compiled = set()
     with contextlib.ExitStack() as stack:
         enter = stack.enter_context
-        enter(mock.patch.object(JITFunction, "run", lambda self, *args, **kwargs: None))
-        enter(mock.patch.object(JITFunction, "warmup", lambda self, *args, **kwargs: None))
+        stack.callback(lambda: [fn.device_caches.pop(STAND_IN_DEVICE, None) for fn in compiled])
+        enter(mock.patch.object(driver, "_active", _StandInDriver()))
+        enter(mock.patch.object(JITFunction, "_do_compile", _stand_in_compiler(compiled)))
         enter(mock.patch.object(Autotuner, "_bench", lambda self, *args, **kwargs: [1.0, 1.0, 1.0]))
         enter(mock.patch.object(backends, "_triton_reasons", lambda t: []))
+        # backend="auto" runs attention on Triton, as on a Hopper GPU; MLPs stay on the C++ operator, as the
+        # cuda backend runs them there
+        enter(mock.patch.dict(backends.AUTO_ORDER, {"cpu": backends.HOPPER_AUTO_ORDER}))
         enter(mock.patch.object(tuning, "triton_interpreting", lambda: False))
         for module in (attention, mlp):
             enter(mock.patch.object(module, "tensor_descriptors_supported", lambda device: True))
@@ -59,6 +120,7 @@ def stubbed_launches():
 
 def per_call_us(fn, repeat):
     """Best of three runs of the mean host microseconds of `repeat` calls, after a warm-up."""
+    repeat = max(round(repeat), 1)
     for _ in range(max(repeat // 10, 1)):
         fn()
     best = float("inf")
@@ -79,7 +141,7 @@ def _no_grad(fn):
 
 
 def cases():
-    """name -> a callable doing one call."""
+    """name -> (a callable doing one call, the share of --repeat calls that time it)."""
     q, k, v = (torch.randn(BATCH, HEADS, SEQ, HEAD_DIM, dtype=DTYPE) for _ in range(3))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     grad = torch.randn_like(q)
@@ -106,22 +168,32 @@ def cases():
 
     found = {}
     for who, sdpa, linear in (("ours", ours_sdpa, ours_linear), ("torch", torch_sdpa, torch_linear)):
-        found[f"{who} scaled_dot_product_attention fwd"] = _no_grad(sdpa)
+        found[f"{who} scaled_dot_product_attention fwd"] = (_no_grad(sdpa), 1)
         found[f"{who} scaled_dot_product_attention fwd+bwd"] = (
-            lambda sdpa=sdpa: torch.autograd.grad(sdpa(), leaves, grad))
+            lambda sdpa=sdpa: torch.autograd.grad(sdpa(), leaves, grad), 1)
         found[f"{who} fused_linear gelu fwd+bwd"] = (
-            lambda linear=linear: torch.autograd.grad(linear(), (x_leaf, weight, bias), grad_hidden))
+            lambda linear=linear: torch.autograd.grad(linear(), (x_leaf, weight, bias), grad_hidden), 1)
     mha_classes = {"ours": functools.partial(tfm_kernels.nn.MultiheadAttention, backend="triton"),
                    "torch": torch.nn.MultiheadAttention}
     for who, cls in mha_classes.items():
         evaluating = cls(embed, HEADS, batch_first=True, dtype=DTYPE).eval()
-        found[f"{who} MultiheadAttention fwd (eval)"] = _no_grad(
-            lambda m=evaluating: m(x, x, x, need_weights=False))
+        found[f"{who} MultiheadAttention fwd (eval)"] = (
+            _no_grad(lambda m=evaluating: m(x, x, x, need_weights=False)), 1)
         training = cls(embed, HEADS, batch_first=True, dtype=DTYPE)
         params = list(training.parameters())
         found[f"{who} MultiheadAttention fwd+bwd"] = (
             lambda m=training, params=params: torch.autograd.grad(m(x, x, x, need_weights=False)[0], params,
-                                                                  grad_x))
+                                                                  grad_x), 1)
+    config = LMConfig.preset("tiny", d_model=embed, n_heads=HEADS, n_layers=LM_LAYERS, dropout=0.1)
+    tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ))  # (B, T)
+
+    def training_step(model):
+        logits = model(tokens)  # (B, T, vocab)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+
+    for who, model in (("ours", TransformerLM(config)), ("torch", build_torch_lm(config))):
+        found[f"{who} LM training step ({LM_LAYERS} layers)"] = (
+            functools.partial(training_step, model.to(DTYPE)), STEP_CALLS_SHARE)
     return found
 
 
@@ -137,16 +209,17 @@ def main(argv=None):
         if args.profile:
             if args.profile not in found:
                 parser.error(f"--profile must name one of {sorted(found)}; got {args.profile!r}")
-            per_call_us(found[args.profile], args.repeat)
+            fn, share = found[args.profile]
+            per_call_us(fn, args.repeat * share)
             profile = cProfile.Profile()
-            profile.runcall(lambda: [found[args.profile]() for _ in range(args.repeat)])
+            profile.runcall(lambda: [fn() for _ in range(max(round(args.repeat * share), 1))])
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
             return
         print(f"host us per call, {BATCH}x{HEADS}x{SEQ}x{HEAD_DIM} {str(DTYPE).removeprefix('torch.')}, "
-              f"torch {torch.__version__}, 1 thread; ours: Triton launches stubbed")
+              f"torch {torch.__version__}, 1 thread; ours: Triton's launch path up to a stand-in driver")
         print("| case | us |\n|---|---:|")
-        for name, fn in found.items():
-            print(f"| {name} | {per_call_us(fn, args.repeat):.1f} |")
+        for name, (fn, share) in found.items():
+            print(f"| {name} | {per_call_us(fn, args.repeat * share):.1f} |")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import types
 
 import pytest
 import torch
+import triton.language as tl
 
 from tfm_kernels import backends, ops
 from tfm_kernels.bench import cli, configs, report, selfcheck, suite, timing
@@ -570,16 +571,39 @@ def test_sanitizer_script_turns_off_the_caching_allocator():
 
 def test_host_overhead_script_times_every_case_and_restores_the_launches(capsys):
     host_overhead = _load_script("host_overhead")
+    from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
+    from tfm_kernels import backends
     from tfm_kernels.triton import attention
 
-    run, tuned = JITFunction.run, attention._FORWARD._tuned
+    restored = (JITFunction._do_compile, driver._active, attention._FORWARD._tuned, dict(backends.AUTO_ORDER))
     host_overhead.main(["--repeat", "2"])
     rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines()
             if line.startswith(("| ours", "| torch"))]
-    assert len(rows) == 10 and all(float(us) > 0 for _, us in rows)
-    assert JITFunction.run is run and attention._FORWARD._tuned is tuned and attention._FORWARD.min_work > 0
+    assert len(rows) == 12 and all(float(us) > 0 for _, us in rows)
+    assert restored == (JITFunction._do_compile, driver._active, attention._FORWARD._tuned, backends.AUTO_ORDER)
+    assert attention._FORWARD.min_work > 0
+
+
+def _empty_kernel(X, n, BLOCK: tl.constexpr):
+    pass
+
+
+def test_host_overhead_launches_run_triton_and_leave_no_stand_in_cached():
+    """A compiled (not interpreted) Triton kernel goes through Triton's launch path under the stand-in driver,
+    and the stand-in kernel it caches is gone afterwards, so no later launch on a real device can reach it."""
+    host_overhead = _load_script("host_overhead")
+    from triton.runtime.jit import JITFunction
+
+    kernel = JITFunction(_empty_kernel)
+    x = torch.zeros(4)
+    with host_overhead.stubbed_launches():
+        assert isinstance(kernel[(1,)](x, 4, BLOCK=4), host_overhead._StandInKernel)
+        assert len(kernel.device_caches[host_overhead.STAND_IN_DEVICE][0]) == 1  # compiled once, cached
+        kernel[(1,)](x, 4, BLOCK=4)
+        assert len(kernel.device_caches[host_overhead.STAND_IN_DEVICE][0]) == 1
+    assert host_overhead.STAND_IN_DEVICE not in kernel.device_caches
 
 
 def test_profile_script_summarises_each_mha_call(capsys):
