@@ -6,6 +6,7 @@ The dropout seed of a call: scaled_dot_product_attention draws exactly one value
 rng.draw_seed(device). `drawn_seed(s, device)` re-seeds torch with the `s` set before the call and draws it
 again, so a test knows the seed and, with rng.dropout_keep_mask, the keep-mask every backend applies."""
 
+import contextlib
 import functools
 from unittest import mock
 
@@ -22,7 +23,7 @@ from test_attention import check_against_oracle, masks, plain_torch, rand, requi
 from tolerance import assert_within_tolerance
 
 import tfm_kernels
-from tfm_kernels import backends, reference, rng
+from tfm_kernels import backends, ops, reference, rng
 
 CPU_BACKENDS = ["triton", "cpu"]
 GPU_BACKENDS = ["triton", "cuda"]
@@ -292,6 +293,45 @@ def check_second_derivatives(backend, feature, loss, dtype=torch.float32, device
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_second_derivatives(backend, feature, loss):
     check_second_derivatives(backend, feature, LOSSES[loss])
+
+
+@contextlib.contextmanager
+def reference_in_blocks(rows, B, H, S):
+    """Second derivatives recompute the reference `rows` query rows at a time (as for long sequences, where a
+    block's scores are bounded); yields the query rows of each block the second derivatives took (the oracles
+    call the reference too, without a query offset)."""
+    seen = []
+
+    def counted(q, *args, **kwargs):
+        if "query_offset" in kwargs:
+            seen.append(q.shape[2])
+        return attention(q, *args, **kwargs)
+
+    attention = reference.attention
+    with mock.patch.object(ops, "REFERENCE_BLOCK_SCORES", rows * B * H * S), \
+            mock.patch.object(reference, "attention", counted):
+        yield seen
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("feature", list(SECOND_ORDER_FEATURES))
+def test_second_derivatives_by_blocks_of_query_rows(backend, feature):
+    """Second derivatives whose reference takes 3 of the 7 query rows at a time (blocks of 3, 3 and 1 rows, each
+    with its own causal rows, mask rows and dropout-mask rows) against the float64 oracle (tolerance rule); no
+    reference call sees more than a block."""
+    B, H, L, S = 2, 4, 7, 9
+    with reference_in_blocks(3, B, H, S) as seen:
+        check_second_derivatives(backend, feature, LOSSES["square"], sizes=(B, H, L, S))
+    assert seen and max(seen) == 3 and sum(seen) % L == 0  # whole passes over the rows, in blocks of 3
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_second_derivatives_by_blocks_under_batched_grads(backend):
+    """The reference's blocks of query rows under autograd.grad's is_grads_batched, where the first derivatives
+    come from the reference too: the tolerance rule against the float64 oracle."""
+    with reference_in_blocks(2, 1, 2, 5) as seen:
+        test_second_derivatives_through_batched_grads_and_checkpointing(backend, "batched_grads")
+    assert seen and max(seen) == 2
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -51,6 +51,12 @@ def test_keep_mask_of_a_column_does_not_depend_on_the_width():
     assert torch.equal(rng.dropout_keep_mask(7, 2, 5, 13, 0.5), rng.dropout_keep_mask(7, 2, 5, 40, 0.5)[..., :13])
 
 
+def test_keep_mask_rows_from_a_first_row():
+    """Rows first_row .. first_row + rows - 1 alone are those rows of the whole mask."""
+    whole = rng.dropout_keep_mask(11, 3, 17, 24, 0.4)
+    assert torch.equal(rng.dropout_keep_mask(11, 3, 5, 24, 0.4, first_row=9), whole[:, 9:14])
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
 def test_keep_rate(p):
     keep = rng.dropout_keep_mask(2024, 4, 256, 256, p)

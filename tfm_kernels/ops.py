@@ -119,11 +119,22 @@ def _saved_tensors_hooks_suspended():
             hooks._push_saved_tensors_default_hooks(pack, unpack)
 
 
+def _summed(parts):
+    """The elementwise sum of equally long tuples of gradients, None where every part has None."""
+    total = None
+    for part in parts:
+        total = part if total is None else tuple(a if b is None else b if a is None else a + b
+                                                 for a, b in zip(total, part))
+    return total
+
+
 class _KernelGradients(torch.autograd.Function):
     """A forward op's gradients: kernel(*tensors), computed in forward by the kernels without a graph. Their
     own derivatives, taken only if they are differentiated in turn (a gradient penalty, a Hessian-vector
-    product), are those of reference_gradients(*tensors), the same gradients from the reference ops
-    (tfm_kernels.reference) recomputed with their graph. Both return one gradient (or None) per forward input.
+    product), are those of the same gradients from the reference ops (tfm_kernels.reference) recomputed with
+    their graph: the sum of piece(*tensors) over reference_pieces, each piece one part of them (attention: the
+    part of one block of query rows, so that the reference holds one block's scores at a time). The kernel and
+    each piece return one gradient (or None) per forward input.
 
     tensors: what the backward reads (saved tensors, kept biases, incoming gradient); differentiable: the
     positions in it to differentiate by, where the tensor is not None (the others: outputs, masks, lengths,
@@ -132,12 +143,12 @@ class _KernelGradients(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(kernel, reference_gradients, differentiable, *tensors):
+    def forward(kernel, reference_pieces, differentiable, *tensors):
         return kernel(*tensors)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, ctx.reference_gradients, differentiable, *tensors = inputs
+        _, ctx.reference_pieces, differentiable, *tensors = inputs
         ctx.differentiable = tuple(i for i in differentiable if tensors[i] is not None)
         ctx.computed = tuple(i for i, g in enumerate(output) if g is not None)
         ctx.save_for_backward(*tensors)
@@ -146,16 +157,22 @@ class _KernelGradients(torch.autograd.Function):
     def backward(ctx, *cotangents):
         tensors = ctx.saved_tensors
 
-        def computed_gradients(*primals):
-            arguments = list(tensors)
-            for position, primal in zip(ctx.differentiable, primals):
-                arguments[position] = primal
-            every = ctx.reference_gradients(*arguments)
-            return tuple(every[i] for i in ctx.computed)
+        def computed_gradients(piece):
+            def of_primals(*primals):
+                arguments = list(tensors)
+                for position, primal in zip(ctx.differentiable, primals):
+                    arguments[position] = primal
+                every = piece(*arguments)
+                return tuple(every[i] for i in ctx.computed)
 
-        with _saved_tensors_hooks_suspended():
-            _, vjp = torch.func.vjp(computed_gradients, *(tensors[i] for i in ctx.differentiable))
-            second = iter(vjp(tuple(cotangents[i] for i in ctx.computed)))
+            return of_primals
+
+        def second_derivatives(piece):
+            _, vjp = torch.func.vjp(computed_gradients(piece), *(tensors[i] for i in ctx.differentiable))
+            return vjp(tuple(cotangents[i] for i in ctx.computed))
+
+        with _saved_tensors_hooks_suspended():  # one piece's graph at a time
+            second = iter(_summed(second_derivatives(piece) for piece in ctx.reference_pieces))
         by_position = [next(second) if i in ctx.differentiable else None for i in range(len(tensors))]
         return (None, None, None, *by_position)
 
@@ -166,7 +183,7 @@ def _is_legacy_batched(t) -> bool:
 
 def _twice_differentiable(gradients):
     """The autograd backward of a forward op from gradients(ctx, saved_tensors, *grads) = (kernel,
-    reference_gradients, tensors, differentiable), as _KernelGradients takes them. Without a graph to record
+    reference_pieces, tensors, differentiable), as _KernelGradients takes them. Without a graph to record
     the kernels' gradients come directly; with one (create_graph, torch.func.grad) out of _KernelGradients;
     under autograd.grad's is_grads_batched, whose batching drops an autograd.Function's graph, from the
     reference ops."""
@@ -174,12 +191,12 @@ def _twice_differentiable(gradients):
     def backward(ctx, *grads):
         if all(g is None for g in grads):  # no output took part in what is differentiated
             return (None,) * len(ctx.needs_input_grad)
-        kernel, reference_gradients, tensors, differentiable = gradients(ctx, ctx.saved_tensors, *grads)
+        kernel, reference_pieces, tensors, differentiable = gradients(ctx, ctx.saved_tensors, *grads)
         if not torch.is_grad_enabled():
             return kernel(*tensors)
         if any(_is_legacy_batched(t) for t in tensors):
-            return reference_gradients(*tensors)
-        return _KernelGradients.apply(kernel, reference_gradients, differentiable, *tensors)
+            return _summed(piece(*tensors) for piece in reference_pieces)
+        return _KernelGradients.apply(kernel, reference_pieces, differentiable, *tensors)
 
     return backward
 
@@ -267,6 +284,20 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.attention_args = (dropout_p, is_causal, scale)
 
 
+# Second derivatives of attention recompute its backward through the reference, whose graph holds a few
+# float32 tensors of the scores' size: one block of query rows at a time, sized so that a block's scores hold
+# at most this many elements (64 MiB).
+REFERENCE_BLOCK_SCORES = 1 << 24
+
+
+def _query_blocks(q, k):
+    """(first, last) query rows of each block the reference takes at a time: (B, Hq, rows, S) scores of at
+    most REFERENCE_BLOCK_SCORES elements, at least one row each."""
+    B, H, L = q.shape[:3]
+    rows = max(1, REFERENCE_BLOCK_SCORES // max(B * H * k.shape[2], 1))
+    return [(first, min(first + rows, L)) for first in range(0, max(L, 1), rows)]
+
+
 def _make_attention_gradients(backward_op):
     """_twice_differentiable's gradients(ctx, saved_tensors, grad_out, grad_lse) of an attention forward op."""
 
@@ -278,14 +309,26 @@ def _make_attention_gradients(backward_op):
                                      is_causal, scale, seed)
             return dq, dk, dv, None, None, None, None, None, None
 
-        def reference_gradients(q, k, v, out, lse, mask, key_lengths, seed, grad_out):
-            def forward(q, k, v):
-                return reference.attention(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed,
-                                           upcast=True)[0]
+        def reference_block(first, last):
+            """The part of the gradients that query rows first .. last - 1 give: their dq rows (zero elsewhere)
+            and their terms of dk and dv."""
 
-            return (*_reference_vjp(forward, (q, k, v), grad_out), None, None, None, None, None, None)
+            def rows(t):  # (B, Hq, L, X) -> (B, Hq, last - first, X); unsliced for all rows (a legacy batched
+                # tensor, under is_grads_batched, cannot take a slice that covers a whole dim)
+                return t if (first, last) == (0, t.shape[2]) else t[:, :, first:last]
 
-        return kernel, reference_gradients, (*saved_tensors, grad_out), (0, 1, 2, 8)  # q, k, v, grad_out
+            def piece(q, k, v, out, lse, mask, key_lengths, seed, grad_out):
+                def forward(q, k, v):
+                    return reference.attention(rows(q), k, v, None if mask is None else rows(mask), key_lengths,
+                                               dropout_p, is_causal, scale, seed, upcast=True, query_offset=first)[0]
+
+                return (*_reference_vjp(forward, (q, k, v), rows(grad_out)), None, None, None, None, None, None)
+
+            return piece
+
+        q, k = saved_tensors[:2]
+        pieces = tuple(reference_block(first, last) for first, last in _query_blocks(q, k))
+        return kernel, pieces, (*saved_tensors, grad_out), (0, 1, 2, 8)  # q, k, v, grad_out
 
     return gradients
 
@@ -415,7 +458,7 @@ def _make_mlp_gradients(forward_name, backward_name, gated):
 
         x, weight, saved, seed = saved_tensors
         tensors = (x, weight, kept_bias[0], saved, seed, grad_out)
-        return kernel, reference_gradients, tensors, (0, 1, 2, 5)  # x, weight, bias, grad_out
+        return kernel, (reference_gradients,), tensors, (0, 1, 2, 5)  # x, weight, bias, grad_out
 
     return gradients
 
@@ -476,7 +519,7 @@ def _mlp_block_gradients(ctx, saved_tensors, grad_out, _grad_preact, _grad_hidde
     x, w1, preact, hidden, w2, seed = saved_tensors
     (b1, _), (b2, _) = kept_biases
     tensors = (x, w1, b1, preact, hidden, w2, b2, seed, grad_out)
-    return kernel, reference_gradients, tensors, (0, 1, 2, 5, 6, 8)  # x, w1, b1, w2, b2, grad_out
+    return kernel, (reference_gradients,), tensors, (0, 1, 2, 5, 6, 8)  # x, w1, b1, w2, b2, grad_out
 
 
 _register_mlp("triton_")

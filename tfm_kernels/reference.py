@@ -7,7 +7,7 @@ from .rng import dropout_keep_mask
 
 
 def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False, scale=None, seed=None,
-              keep_mask=None, upcast=False):
+              keep_mask=None, upcast=False, query_offset=0):
     """Attention in plain torch ops, differentiable, computed in the inputs' dtype, or with `upcast` in float32
     for float16/bfloat16 inputs (as torch's SDPA keeps its scores in float32); the output in the inputs' dtype.
     The tolerance rule's baseline is the computation without upcast (FlashAttention's tests use it so).
@@ -17,6 +17,8 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
     part) or floating (added to the scaled scores); key_lengths (B,): keys j >= key_lengths[b] take no part;
     is_causal: key j takes part in row i only if j <= i. Dropout keeps `keep_mask` (B, Hq, L, S) if given,
     else the mask every backend draws from `seed` (tfm_kernels.rng). Rows where no key takes part give 0.
+    query_offset: q holds rows query_offset .. query_offset + L - 1 of a longer problem (its causal rows and
+    dropout mask rows); mask then holds the same rows.
     Returns (out (B, Hq, L, Dv), lse (B, Hq, L)); lse is +inf for rows where no key takes part.
     """
     B, Hq, L, D = q.shape
@@ -30,7 +32,7 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, L, S)
     takes_part = torch.ones(L, S, dtype=torch.bool, device=q.device)
     if is_causal:
-        takes_part = takes_part.tril()
+        takes_part = takes_part.tril(diagonal=query_offset)
     if key_lengths is not None:
         in_length = torch.arange(S, device=q.device) < key_lengths.view(B, 1, 1, 1).to(q.device)  # (B, 1, 1, S)
         takes_part = takes_part & in_length
@@ -49,7 +51,8 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
     probs = weights / torch.where(empty, torch.ones_like(denom), denom)
     if dropout_p > 0.0:
         if keep_mask is None:
-            keep_mask = dropout_keep_mask(seed, B * Hq, L, S, dropout_p, device=q.device).view(B, Hq, L, S)
+            keep_mask = dropout_keep_mask(seed, B * Hq, L, S, dropout_p, device=q.device,
+                                          first_row=query_offset).view(B, Hq, L, S)
         probs = probs * keep_mask.to(probs.dtype) / (1.0 - dropout_p)
     return (probs @ v).to(out_dtype), lse
 

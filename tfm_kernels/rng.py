@@ -56,8 +56,10 @@ def philox(c0, c1, c2, c3, k0: int, k1: int) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-def dropout_keep_mask(seed, num_z: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """Boolean keep-mask (num_z, rows, cols) that every backend draws for `seed` (int or int64 tensor).
+def dropout_keep_mask(seed, num_z: int, rows: int, cols: int, p: float, device=None,
+                      first_row: int = 0) -> torch.Tensor:
+    """Boolean keep-mask (num_z, rows, cols) that every backend draws for `seed` (int or int64 tensor): rows
+    first_row .. first_row + rows - 1 of the mask.
 
     Attention uses z = b * Hq + h, rows = L, cols = S; an MLP uses num_z = 1, rows = tokens, cols = features.
     Materialises the whole mask: a test and reference helper, never a fast path. The seed stays a tensor, so
@@ -66,7 +68,7 @@ def dropout_keep_mask(seed, num_z: int, rows: int, cols: int, p: float, device=N
     seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
     groups = -(-cols // COLUMNS_PER_DRAW)
     z = torch.arange(num_z, dtype=torch.int64, device=device).view(-1, 1, 1)
-    i = torch.arange(rows, dtype=torch.int64, device=device).view(1, -1, 1)
+    i = torch.arange(first_row, first_row + rows, dtype=torch.int64, device=device).view(1, -1, 1)
     g = torch.arange(groups, dtype=torch.int64, device=device).view(1, 1, -1)
     shape = (num_z, rows, groups)
     words = philox(g.expand(shape), i.expand(shape), (z & _MASK32).expand(shape), ((z >> 32) & _MASK32).expand(shape),
