@@ -12,6 +12,7 @@ import glob
 import importlib.machinery
 import inspect
 import os
+from typing import Callable, NamedTuple
 
 import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
@@ -119,22 +120,41 @@ def _saved_tensors_hooks_suspended():
             hooks._push_saved_tensors_default_hooks(pack, unpack)
 
 
-def _summed(parts):
-    """The elementwise sum of equally long tuples of gradients, None where every part has None."""
-    total = None
-    for part in parts:
-        total = part if total is None else tuple(a if b is None else b if a is None else a + b
-                                                 for a, b in zip(total, part))
-    return total
+class RowBlocks(NamedTuple):
+    """How an op's second derivatives recompute its gradients through the reference one block of query rows at a
+    time, so that the reference holds one block's scores rather than all L x S (attention). inputs: positions
+    of the backward's tensors that hold one row per query row (dim 2: query, mask, grad_out); outputs: the
+    gradients (by forward input) that do (dq); rows(tensors): query rows per block."""
+
+    inputs: tuple
+    outputs: tuple
+    rows: Callable
+
+
+def _row_spans(row_blocks, tensors):
+    """(first, last) query rows of each block, or [None]: no blocks (an op without RowBlocks, or one block
+    holding every row)."""
+    if row_blocks is None:
+        return [None]
+    length = tensors[row_blocks.inputs[0]].shape[2]
+    rows = row_blocks.rows(tensors)
+    if rows >= length:
+        return [None]
+    return [(first, min(first + rows, length)) for first in range(0, length, rows)]
+
+
+def _upcast(t):
+    """float16/bfloat16 -> float32, so that the blocks' parts of a gradient add up before it is rounded once."""
+    return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class _KernelGradients(torch.autograd.Function):
     """A forward op's gradients: kernel(*tensors), computed in forward by the kernels without a graph. Their
     own derivatives, taken only if they are differentiated in turn (a gradient penalty, a Hessian-vector
-    product), are those of the same gradients from the reference ops (tfm_kernels.reference) recomputed with
-    their graph: the sum of piece(*tensors) over reference_pieces, each piece one part of them (attention: the
-    part of one block of query rows, so that the reference holds one block's scores at a time). The kernel and
-    each piece return one gradient (or None) per forward input.
+    product), are those of reference_gradients(*tensors), the same gradients from the reference ops
+    (tfm_kernels.reference) recomputed with their graph, in float32, one block of query rows at a time where
+    the op has row_blocks (reference_gradients(*block_tensors, first_row=first) then gives that block's part).
+    Both return one gradient (or None) per forward input.
 
     tensors: what the backward reads (saved tensors, kept biases, incoming gradient); differentiable: the
     positions in it to differentiate by, where the tensor is not None (the others: outputs, masks, lengths,
@@ -143,12 +163,12 @@ class _KernelGradients(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(kernel, reference_pieces, differentiable, *tensors):
+    def forward(kernel, reference_gradients, row_blocks, differentiable, *tensors):
         return kernel(*tensors)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, ctx.reference_pieces, differentiable, *tensors = inputs
+        _, ctx.reference_gradients, ctx.row_blocks, differentiable, *tensors = inputs
         ctx.differentiable = tuple(i for i in differentiable if tensors[i] is not None)
         ctx.computed = tuple(i for i, g in enumerate(output) if g is not None)
         ctx.save_for_backward(*tensors)
@@ -156,25 +176,43 @@ class _KernelGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *cotangents):
         tensors = ctx.saved_tensors
+        sums, row_blocks = {}, {}  # by position: a running sum, or each block's rows
+        with _saved_tensors_hooks_suspended():  # one block's graph alive at a time
+            for span in _row_spans(ctx.row_blocks, tensors):
+                block = _block_second_derivatives(ctx, tensors, cotangents, span)
+                for position, gradient in zip(ctx.differentiable, block):
+                    if span is not None and position in ctx.row_blocks.inputs:
+                        row_blocks.setdefault(position, []).append(gradient)
+                    else:
+                        sums[position] = sums[position] + gradient if position in sums else gradient
+        by_position = [None] * len(tensors)
+        for position in ctx.differentiable:
+            total = torch.cat(row_blocks[position], dim=2) if position in row_blocks else sums[position]
+            by_position[position] = total.to(tensors[position].dtype)
+        return (None, None, None, None, *by_position)
 
-        def computed_gradients(piece):
-            def of_primals(*primals):
-                arguments = list(tensors)
-                for position, primal in zip(ctx.differentiable, primals):
-                    arguments[position] = primal
-                every = piece(*arguments)
-                return tuple(every[i] for i in ctx.computed)
 
-            return of_primals
+def _block_second_derivatives(ctx, tensors, cotangents, span):
+    """The second derivatives (by the differentiable tensors, float32 where they are 16-bit) that one block of
+    query rows gives, span = (first, last), or all rows for span None: rows-sized for the row inputs."""
 
-        def second_derivatives(piece):
-            _, vjp = torch.func.vjp(computed_gradients(piece), *(tensors[i] for i in ctx.differentiable))
-            return vjp(tuple(cotangents[i] for i in ctx.computed))
+    def block(t, by_rows):
+        return t[:, :, span[0]:span[1]] if span is not None and by_rows and t is not None else t
 
-        with _saved_tensors_hooks_suspended():  # one piece's graph at a time
-            second = iter(_summed(second_derivatives(piece) for piece in ctx.reference_pieces))
-        by_position = [next(second) if i in ctx.differentiable else None for i in range(len(tensors))]
-        return (None, None, None, *by_position)
+    row_inputs, row_outputs = ctx.row_blocks[:2] if ctx.row_blocks is not None else ((), ())
+    block_tensors = [block(t, i in row_inputs) for i, t in enumerate(tensors)]
+    options = {} if span is None else {"first_row": span[0]}
+
+    def computed_gradients(*primals):
+        arguments = list(block_tensors)
+        for position, primal in zip(ctx.differentiable, primals):
+            arguments[position] = primal
+        every = ctx.reference_gradients(*arguments, **options)
+        return tuple(every[i] for i in ctx.computed)
+
+    primals = [_upcast(block_tensors[i]) for i in ctx.differentiable]
+    _, vjp = torch.func.vjp(computed_gradients, *primals)
+    return vjp(tuple(_upcast(block(cotangents[i], i in row_outputs)) for i in ctx.computed))
 
 
 def _is_legacy_batched(t) -> bool:
@@ -183,20 +221,21 @@ def _is_legacy_batched(t) -> bool:
 
 def _twice_differentiable(gradients):
     """The autograd backward of a forward op from gradients(ctx, saved_tensors, *grads) = (kernel,
-    reference_pieces, tensors, differentiable), as _KernelGradients takes them. Without a graph to record
-    the kernels' gradients come directly; with one (create_graph, torch.func.grad) out of _KernelGradients;
-    under autograd.grad's is_grads_batched, whose batching drops an autograd.Function's graph, from the
-    reference ops."""
+    reference_gradients, row_blocks, tensors, differentiable), as _KernelGradients takes them. Without a graph
+    to record the kernels' gradients come directly; with one (create_graph, torch.func.grad) out of
+    _KernelGradients; under autograd.grad's is_grads_batched, whose batching drops an autograd.Function's
+    graph, from the reference ops (all rows at once: that graph stays for the second derivatives anyway)."""
 
     def backward(ctx, *grads):
         if all(g is None for g in grads):  # no output took part in what is differentiated
             return (None,) * len(ctx.needs_input_grad)
-        kernel, reference_pieces, tensors, differentiable = gradients(ctx, ctx.saved_tensors, *grads)
+        kernel, reference_gradients, row_blocks, tensors, differentiable = gradients(ctx, ctx.saved_tensors,
+                                                                                      *grads)
         if not torch.is_grad_enabled():
             return kernel(*tensors)
         if any(_is_legacy_batched(t) for t in tensors):
-            return _summed(piece(*tensors) for piece in reference_pieces)
-        return _KernelGradients.apply(kernel, reference_pieces, differentiable, *tensors)
+            return reference_gradients(*tensors)
+        return _KernelGradients.apply(kernel, reference_gradients, row_blocks, differentiable, *tensors)
 
     return backward
 
@@ -284,18 +323,21 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.attention_args = (dropout_p, is_causal, scale)
 
 
-# Second derivatives of attention recompute its backward through the reference, whose graph holds a few
+# Second derivatives of attention recompute its backward through the reference, whose graph holds about twenty
 # float32 tensors of the scores' size: one block of query rows at a time, sized so that a block's scores hold
-# at most this many elements (64 MiB).
+# at most REFERENCE_BLOCK_SCORES elements (64 MiB), but of at least REFERENCE_MIN_BLOCK_ROWS rows, below which
+# adding up every block's dK and dV terms (each the size of K and V) would cost more than the block's products.
 REFERENCE_BLOCK_SCORES = 1 << 24
+REFERENCE_MIN_BLOCK_ROWS = 128
 
 
-def _query_blocks(q, k):
-    """(first, last) query rows of each block the reference takes at a time: (B, Hq, rows, S) scores of at
-    most REFERENCE_BLOCK_SCORES elements, at least one row each."""
-    B, H, L = q.shape[:3]
-    rows = max(1, REFERENCE_BLOCK_SCORES // max(B * H * k.shape[2], 1))
-    return [(first, min(first + rows, L)) for first in range(0, max(L, 1), rows)]
+def _attention_block_rows(tensors):
+    q, k = tensors[:2]  # (B, Hq, L, E), (B, Hk, S, E)
+    B, H = q.shape[:2]
+    return max(REFERENCE_MIN_BLOCK_ROWS, 1, REFERENCE_BLOCK_SCORES // max(B * H * k.shape[2], 1))
+
+
+ATTENTION_ROW_BLOCKS = RowBlocks(inputs=(0, 5, 8), outputs=(0,), rows=_attention_block_rows)  # q, mask, grad_out
 
 
 def _make_attention_gradients(backward_op):
@@ -309,26 +351,16 @@ def _make_attention_gradients(backward_op):
                                      is_causal, scale, seed)
             return dq, dk, dv, None, None, None, None, None, None
 
-        def reference_block(first, last):
-            """The part of the gradients that query rows first .. last - 1 give: their dq rows (zero elsewhere)
-            and their terms of dk and dv."""
+        def reference_gradients(q, k, v, out, lse, mask, key_lengths, seed, grad_out, first_row=0):
+            """q, mask and grad_out: query rows first_row .. (all of them, or one block)."""
+            def forward(q, k, v):
+                return reference.attention(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed,
+                                           upcast=True, query_offset=first_row)[0]
 
-            def rows(t):  # (B, Hq, L, X) -> (B, Hq, last - first, X); unsliced for all rows (a legacy batched
-                # tensor, under is_grads_batched, cannot take a slice that covers a whole dim)
-                return t if (first, last) == (0, t.shape[2]) else t[:, :, first:last]
+            return (*_reference_vjp(forward, (q, k, v), grad_out), None, None, None, None, None, None)
 
-            def piece(q, k, v, out, lse, mask, key_lengths, seed, grad_out):
-                def forward(q, k, v):
-                    return reference.attention(rows(q), k, v, None if mask is None else rows(mask), key_lengths,
-                                               dropout_p, is_causal, scale, seed, upcast=True, query_offset=first)[0]
-
-                return (*_reference_vjp(forward, (q, k, v), rows(grad_out)), None, None, None, None, None, None)
-
-            return piece
-
-        q, k = saved_tensors[:2]
-        pieces = tuple(reference_block(first, last) for first, last in _query_blocks(q, k))
-        return kernel, pieces, (*saved_tensors, grad_out), (0, 1, 2, 8)  # q, k, v, grad_out
+        tensors = (*saved_tensors, grad_out)
+        return kernel, reference_gradients, ATTENTION_ROW_BLOCKS, tensors, (0, 1, 2, 8)  # q, k, v, grad_out
 
     return gradients
 
@@ -458,7 +490,7 @@ def _make_mlp_gradients(forward_name, backward_name, gated):
 
         x, weight, saved, seed = saved_tensors
         tensors = (x, weight, kept_bias[0], saved, seed, grad_out)
-        return kernel, (reference_gradients,), tensors, (0, 1, 2, 5)  # x, weight, bias, grad_out
+        return kernel, reference_gradients, None, tensors, (0, 1, 2, 5)  # x, weight, bias, grad_out
 
     return gradients
 
@@ -519,7 +551,7 @@ def _mlp_block_gradients(ctx, saved_tensors, grad_out, _grad_preact, _grad_hidde
     x, w1, preact, hidden, w2, seed = saved_tensors
     (b1, _), (b2, _) = kept_biases
     tensors = (x, w1, b1, preact, hidden, w2, b2, seed, grad_out)
-    return kernel, (reference_gradients,), tensors, (0, 1, 2, 5, 6, 8)  # x, w1, b1, w2, b2, grad_out
+    return kernel, reference_gradients, None, tensors, (0, 1, 2, 5, 6, 8)  # x, w1, b1, w2, b2, grad_out
 
 
 _register_mlp("triton_")
