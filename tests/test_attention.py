@@ -163,6 +163,24 @@ def test_finfo_min_mask_rows(backend):
     assert all(torch.isfinite(g).all() for g in full_grads), "finfo.min rows must give finite gradients"
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_finfo_min_rows_backward_as_torch(backend):
+    """Rows with every key at finfo(float32).min keep a log-sum-exp that goes to natural units and back exactly
+    (the scaled mask's floor is a power of two), so the backward weights each of their keys by 1, as torch's CPU
+    kernel does: exact with one key (against the float64 oracle), torch's gradients with three. At the floor
+    -finfo.max the round trip was an ulp of 2^127 off, and the rows dropped out of the gradients."""
+    low = torch.finfo(torch.float32).min
+    q, k, v = rand(1, 2, 5, 16), rand(1, 2, 1, 16), rand(1, 2, 1, 16)
+    check_against_oracle(backend, q, k, v, attn_mask=torch.full((1, 2, 5, 1), low))
+    q, k, v = (t.requires_grad_() for t in (rand(1, 2, 5, 16), rand(1, 2, 3, 16), rand(1, 2, 3, 16)))
+    require(backend, q, k, v)
+    mask, grad_out = torch.full((1, 2, 5, 3), low), rand(1, 2, 5, 16)
+    ours = torch.autograd.grad(sdpa(backend, q, k, v, attn_mask=mask), (q, k, v), grad_out)
+    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), grad_out)
+    for name, a, b in zip(("dq", "dk", "dv"), ours, theirs):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{backend} {name}: {m}")
+
+
 def test_triton_under_the_new_tf32_api(tf32_by_new_api):
     """The Triton kernels read torch's float32 precision through fp32_precision, which stays readable when the
     legacy flag raises (tfm_kernels/triton/precision.py)."""

@@ -160,6 +160,9 @@ def check_strided_inputs(backend, dtype=torch.float32, device="cpu"):
     check_against_oracle("linear", backend, r(40, 11).t(), weight, bias, "gelu")  # (11, 40), copied
     check_against_oracle("linear", backend, r(40, 1).t(), weight, bias, "relu")  # (1, 40), strides (1, 1)
     check_against_oracle("linear", backend, r(1, 40).expand(5, 40), weight, bias, "gelu_tanh")  # stride 0
+    # one input feature: x (9, 1) and weight (50, 1), each the transpose of a row, last-dim stride != 1
+    check_against_oracle("linear", backend, r(1, 9).t(), r(1, 50).t(), bias, "gelu")
+    check_against_oracle("gated", backend, r(1, 9).t(), r(1, 100).t(), None, "silu")
     gated_weight = r(100, 90, scale=0.15)[:, 10:50]  # (100, 40), row stride 90
     check_against_oracle("gated", backend, x, gated_weight, r(100), "gelu_tanh")
 

@@ -4,8 +4,14 @@ import torch
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when its last dim has stride 1 (the only layout the kernels require), else a copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """`t` itself when its last dim has stride 1 (the only layout the kernels require); a view with that stride
+    1 when the last dim has size 1 (whose stride is never used, and which contiguous() leaves as it is, e.g. the
+    transpose of a (1, n) matrix); else a copy."""
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] == 1:
+        return t.squeeze(-1).unsqueeze(-1)
+    return t.contiguous()
 
 
 def empty_heads_inner(like: torch.Tensor, B: int, H: int, N: int, D: int, dtype=None) -> torch.Tensor:

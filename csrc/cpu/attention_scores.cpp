@@ -10,15 +10,18 @@
 namespace tfm_kernels::cpu {
 namespace {
 
-constexpr float kFloatMax = std::numeric_limits<float>::max();
+// The lowest scaled mask value (base-2 logits): finfo.min * log2(e) overflows to -inf, which would mean "no key",
+// while torch keeps finite masks finite. A power of two, so that the log-sum-exp of a row with every key at the
+// floor goes to natural units and back (* ln 2 * log2(e), whose float product is 1) exactly, and the backward
+// gives that row's keys the weight torch's CPU kernel gives them (1 each: log(S) is lost at this magnitude).
+constexpr float kMaskFloor = -0x1p127f;
 
 // scores[c] += mask[c] * log2(e) for an additive mask of element type T.
 template <typename T>
 void add_mask_row(float* scores, int64_t n, const T* mask, int64_t mask_stride) {
   for (int64_t c = 0; c < n; ++c) {
     const float m = static_cast<float>(mask[c * mask_stride]);
-    // finfo.min * log2(e) overflows to -inf (no key): finite masks stay finite, as in torch; -inf stays.
-    scores[c] += m > -kInfinity ? std::max(m * kLog2e, -kFloatMax) : m;
+    scores[c] += m > -kInfinity ? std::max(m * kLog2e, kMaskFloor) : m;  // -inf stays
   }
 }
 

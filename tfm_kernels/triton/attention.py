@@ -45,7 +45,8 @@ from .tuning import (
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+# The lowest scaled additive mask value (base-2 logits); csrc/cpu/attention_scores.cpp says why a power of two.
+MASK_FLOOR = tl.constexpr(-(2.0**127))
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
 # Problems of at least this much work (B * H * L * S score elements) are autotuned (tuning.py).
@@ -91,7 +92,7 @@ def _masked_scores(s, rows, cols, row0, col0, col_end, mask_bh, stride_ml, strid
         else:
             additive = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
             # finfo.min * log2(e) overflows to -inf (no key): finite masks stay finite, as in torch; -inf stays.
-            s = s + tl.where(additive > float("-inf"), tl.maximum(additive * LOG2E, -FLOAT32_MAX), additive)
+            s = s + tl.where(additive > float("-inf"), tl.maximum(additive * LOG2E, MASK_FLOOR), additive)
     if APPLY_CAUSAL:
         s = tl.where(cols <= rows, s, float("-inf"))
     if APPLY_COL_END:
