@@ -176,18 +176,18 @@ class _KernelGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *cotangents):
         tensors = ctx.saved_tensors
-        sums, row_blocks = {}, {}  # by position: a running sum, or each block's rows
+        sums, rows = {}, {}  # by position: a running sum, or each block's rows
         with _saved_tensors_hooks_suspended():  # one block's graph alive at a time
             for span in _row_spans(ctx.row_blocks, tensors):
                 block = _block_second_derivatives(ctx, tensors, cotangents, span)
                 for position, gradient in zip(ctx.differentiable, block):
                     if span is not None and position in ctx.row_blocks.inputs:
-                        row_blocks.setdefault(position, []).append(gradient)
+                        rows.setdefault(position, []).append(gradient)
                     else:
                         sums[position] = sums[position] + gradient if position in sums else gradient
         by_position = [None] * len(tensors)
         for position in ctx.differentiable:
-            total = torch.cat(row_blocks[position], dim=2) if position in row_blocks else sums[position]
+            total = torch.cat(rows[position], dim=2) if position in rows else sums[position]
             by_position[position] = total.to(tensors[position].dtype)
         return (None, None, None, None, *by_position)
 
@@ -199,7 +199,8 @@ def _block_second_derivatives(ctx, tensors, cotangents, span):
     def block(t, by_rows):
         return t[:, :, span[0]:span[1]] if span is not None and by_rows and t is not None else t
 
-    row_inputs, row_outputs = ctx.row_blocks[:2] if ctx.row_blocks is not None else ((), ())
+    blocks = ctx.row_blocks
+    row_inputs, row_outputs = (blocks.inputs, blocks.outputs) if blocks is not None else ((), ())
     block_tensors = [block(t, i in row_inputs) for i, t in enumerate(tensors)]
     options = {} if span is None else {"first_row": span[0]}
 
