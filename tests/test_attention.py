@@ -41,8 +41,9 @@ def require(backend, q, k, v, mask=None, **kwargs):
         pytest.skip("; ".join(environment))
 
 
-def check_against_oracle(backend, q, k, v, **kwargs):
-    """Output and dq, dk, dv of `backend` against the float64 oracle, with torch in q's dtype as baseline."""
+def check_against_oracle(backend, q, k, v, attend=plain_torch, **kwargs):
+    """Output and dq, dk, dv of `backend` against the float64 oracle, with torch in q's dtype as baseline: both
+    from `attend`, plain_torch or torch's own SDPA for inputs that plain_torch does not normalise."""
     require(backend, q, k, v, **kwargs)
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     poison_allocator(q.device)
@@ -57,8 +58,8 @@ def check_against_oracle(backend, q, k, v, **kwargs):
         o = attend(*cast, **extra)
         return (o, *torch.autograd.grad(o, cast, grad_out.to(dtype)))
 
-    baseline = run_torch(q.dtype, plain_torch)
-    oracle = run_torch(torch.float64, plain_torch)
+    baseline = run_torch(q.dtype, attend)
+    oracle = run_torch(torch.float64, attend)
     for name, result, base, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), baseline, oracle):
         assert_within_tolerance(f"{backend} {name}", result, base, ref)
     return out
@@ -276,6 +277,51 @@ def test_ranks(backend, rank):
     q, k, v = rand(*shape), rand(*shape), rand(*shape)
     out = check_against_oracle(backend, q, k, v)
     assert out.shape == shape
+
+
+# query, key and value shapes whose leading dims broadcast as torch's SDPA broadcasts them; enable_gqa
+BROADCASTS = {
+    "query_batch_1": ((1, 2, 9, 8), (2, 2, 11, 8), (2, 2, 11, 8), False),
+    "key_batch_1": ((2, 2, 9, 8), (1, 2, 11, 8), (2, 2, 11, 8), False),
+    "query_heads_1": ((2, 1, 9, 8), (2, 3, 11, 8), (2, 3, 11, 8), False),
+    "key_value_heads_1": ((2, 3, 9, 8), (2, 1, 11, 8), (2, 1, 11, 6), False),
+    "key_heads_1_value_heads_3": ((2, 3, 9, 8), (2, 1, 11, 8), (2, 3, 11, 8), False),
+    "ranks_differ": ((2, 3, 9, 8), (3, 11, 8), (3, 11, 8), False),
+    "rank_5": ((1, 3, 2, 9, 8), (2, 1, 2, 11, 8), (2, 3, 1, 11, 8), False),
+    "gqa_batch_1": ((1, 4, 9, 8), (3, 2, 11, 8), (3, 2, 11, 8), True),
+    "gqa_key_heads_1_value_heads_2": ((2, 4, 9, 8), (2, 1, 11, 8), (2, 2, 11, 8), True),
+    "gqa_key_heads_2_value_heads_3": ((2, 6, 9, 8), (2, 2, 11, 8), (2, 3, 11, 8), True),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", list(BROADCASTS))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_broadcast_leading_dims_as_torch(backend, case, is_causal):
+    """Outputs and gradients as torch's SDPA gives them; the gradients of broadcast dims summed."""
+    q_shape, k_shape, v_shape, enable_gqa = BROADCASTS[case]
+    q, k, v = rand(*q_shape), rand(*k_shape), rand(*v_shape)
+    check_against_oracle(backend, q, k, v, attend=F.scaled_dot_product_attention, is_causal=is_causal,
+                         enable_gqa=enable_gqa)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}, {"attn_mask": "additive"}, {"scale": 0.3}],
+                         ids=["plain", "causal", "mask", "scale"])
+def test_no_head_dim_gives_zero_scores_as_torch(backend, kwargs):
+    """E = 0: every score is 0 (an empty sum, whatever the scale), so each row averages the values its keys
+    allow; q and k get empty gradients."""
+    q, k, v = rand(2, 3, 9, 0), rand(2, 3, 11, 0), rand(2, 3, 11, 8)
+    if kwargs.get("attn_mask") == "additive":
+        kwargs = {"attn_mask": rand(9, 11)}
+    check_against_oracle(backend, q, k, v, attend=F.scaled_dot_product_attention, **kwargs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_value_head_dim_as_torch(backend):
+    """Ev = 0: an empty output; q and k get zero gradients, v an empty one."""
+    q, k, v = rand(2, 3, 9, 8), rand(2, 3, 11, 8), rand(2, 3, 11, 0)
+    check_against_oracle(backend, q, k, v, attend=F.scaled_dot_product_attention, is_causal=True)
 
 
 def test_oracle_matches_torch_sdpa():

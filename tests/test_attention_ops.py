@@ -486,13 +486,25 @@ def bad_inputs():
         "dtype_mismatch": ((q, k.half(), v), {}, TypeError, r"query, key and value must share a dtype"),
         "device_mismatch": ((q, k.to("meta"), v), {}, ValueError, r"must be on one device"),
         "rank_too_low": ((q[0, 0, 0], k, v), {}, ValueError, r"query must have at least 2 dimensions"),
-        "rank_mismatch": ((q[0], k, v), {}, ValueError, r"same number of dimensions"),
-        "head_dim_zero": (
-            (rand(2, 3, 5, 0), rand(2, 3, 7, 0), v),
+        "batch_does_not_broadcast": (
+            (q, k[:1].expand(3, -1, -1, -1), v),
             {},
             ValueError,
-            r"query/key head dim must be at least 1; got 0",
+            r"the batch and head dims of query, key and value must broadcast; got \(2, 3\), \(3, 3\), \(2, 3\)",
         ),
+        "heads_do_not_broadcast": (
+            (q, k[:, :2], v[:, :2]),
+            {},
+            ValueError,
+            r"the batch and head dims of query, key and value must broadcast; got \(2, 3\), \(2, 2\), \(2, 2\)",
+        ),
+        "gqa_heads_do_not_divide": (
+            (q, k[:, :2], v[:, :2]),
+            {"enable_gqa": True},
+            ValueError,
+            r"with enable_gqa=True the key and value heads must each divide the query heads; got 3, 2 and 2",
+        ),
+        "head_dims_differ": ((q, k[..., :4], v), {}, ValueError, r"query and key must have the same head dim"),
         "mask_does_not_broadcast": (
             (q, k, v),
             {"attn_mask": torch.ones(2, 5, 7, dtype=torch.bool)},
@@ -523,7 +535,6 @@ def bad_inputs():
             ValueError,
             r"dropout_p must be a float in \[0, 1\)",
         ),
-        "heads_without_gqa": ((q, k[:, :1], v[:, :1]), {}, ValueError, r"query heads and key/value heads"),
         "key_lengths_shape": (
             (q, k, v),
             {"key_lengths": torch.tensor([7])},

@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import backends, ops, reference
 from .autocast import autocast_inputs, autocast_off
@@ -17,7 +18,7 @@ def _forward_op(backend):
     return ops.DIFFERENTIABLE_FORWARD["attention_forward"]  # C++: dispatches to the CPU or CUDA kernel by device
 
 
-def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths):
+def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, key_lengths):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -30,27 +31,11 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key and value must be on one device; got {query.device}, {key.device}, "
                          f"{value.device}")
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key and value must have the same number of dimensions; got shapes "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
-    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
-        raise ValueError(f"query, key and value must share batch dimensions; got shapes {tuple(query.shape)}, "
-                         f"{tuple(key.shape)}, {tuple(value.shape)}")
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"key and value must have the same sequence length; got key {tuple(key.shape)} and value "
                          f"{tuple(value.shape)}")
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(f"query and key must have the same head dim; got {query.shape[-1]} and {key.shape[-1]}")
-    for name, d in (("query/key head dim", query.shape[-1]), ("value head dim", value.shape[-1])):
-        if d < 1:
-            raise ValueError(f"{name} must be at least 1; got {d}")
-    if query.dim() >= 3:
-        hq, hk = query.shape[-3], key.shape[-3]
-        if key.shape[-3] != value.shape[-3]:
-            raise ValueError(f"key and value must have the same number of heads; got {hk} and {value.shape[-3]}")
-        if hq != hk and not (enable_gqa and hk > 0 and hq % hk == 0):
-            expected = "a divisor of the query heads (enable_gqa=True)" if enable_gqa else "equal (or enable_gqa=True)"
-            raise ValueError(f"query heads and key/value heads must be {expected}; got {hq} and {hk}")
     if attn_mask is not None:
         if is_causal:
             raise ValueError("is_causal=True cannot be combined with attn_mask; pass one or the other")
@@ -68,6 +53,43 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
             raise TypeError(f"key_lengths must be an int32 or int64 tensor; got {given}")
         if key_lengths.device != query.device:
             raise ValueError(f"key_lengths must be on {query.device}; got {key_lengths.device}")
+
+
+def _broadcast_shapes(what, *shapes):
+    try:
+        return torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise ValueError(f"the {what} dims of query, key and value must broadcast; got "
+                         f"{', '.join(str(tuple(s)) for s in shapes)}") from None
+
+
+def _broadcast(query, key, value, enable_gqa):
+    """query, key and value with their leading dims broadcast as torch's SDPA broadcasts them (a matmul's
+    batch dims, aligned from the right), through zero strides: (*batch, Hq, L, E), (*batch, Hk, S, E),
+    (*batch, Hk, S, Ev) with Hk dividing Hq. With enable_gqa each of key's and value's head counts must divide
+    the query's; otherwise the heads broadcast like the batch. The kernels' grouped heads (Hk < Hq) serve both:
+    key and value keep their heads when they have as many (1 where they broadcast, a divisor with enable_gqa),
+    and take the query's where they differ."""
+    if query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:
+        return query, key, value
+    rank = max(query.dim(), key.dim(), value.dim())  # at least 3: 2-D inputs alone take the early return
+    query, key, value = (t.reshape((1,) * (rank - t.dim()) + t.shape) for t in (query, key, value))
+    (hq, hk, hv), leading = (t.shape[-3] for t in (query, key, value)), [t.shape[:-3] for t in (query, key, value)]
+    if enable_gqa:
+        if not (hk > 0 and hq % hk == 0 and hv > 0 and hq % hv == 0):
+            raise ValueError(f"with enable_gqa=True the key and value heads must each divide the query heads; got "
+                             f"{hq}, {hk} and {hv}")
+        batch, heads = _broadcast_shapes("batch", *leading), hq
+    else:
+        *batch, heads = _broadcast_shapes("batch and head", *(t.shape[:-2] for t in (query, key, value)))
+    kv_heads = hk if hk == hv else heads
+
+    def spread(t, h):  # (..., h_t, N, D) -> (*batch, h, N, D)
+        if 1 < t.shape[-3] < h:  # enable_gqa with key and value heads that differ: each repeated to the query's
+            t = t.repeat_interleave(h // t.shape[-3], dim=-3)
+        return t.expand(*batch, h, *t.shape[-2:])
+
+    return spread(query, heads), spread(key, kv_heads), spread(value, kv_heads)
 
 
 def _to_4d(t):
@@ -94,13 +116,12 @@ def _mask_to_4d(attn_mask, query_shape, B, H, L, S):
     return expanded.reshape(B, H, L, S)  # a view for the usual (B, H, L, S) and 3-D cases
 
 
-def _empty_attention(q, k, v):
-    """Attention where the batch, the heads or a sequence is empty: zeros (B, Hq, L, Ev), computed as
-    (q k^T) v over the empty dimension, so that autograd gives q, k and v their (zero or empty) gradients as
-    torch does."""
+def _zero_attention(q, k, v):
+    """Attention where the batch, the heads, a sequence or Ev is empty: zeros (B, Hq, L, Ev) computed as
+    q (k^T v), whose autograd gives q, k and v their (zero or empty) gradients as torch does."""
     group = q.shape[1] // k.shape[1] if k.shape[1] else 1
     k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # (B, Hq, S, E), (B, Hq, S, Ev)
-    return (q @ k.transpose(-2, -1)) @ v  # (B, Hq, L, S) @ (B, Hq, S, Ev)
+    return q @ (k.transpose(-2, -1) @ v)  # (B, Hq, L, E) @ (B, Hq, E, Ev)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -108,11 +129,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Fused scaled dot-product attention, a drop-in for torch.nn.functional.scaled_dot_product_attention.
 
     Args:
-        query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev). float16, bfloat16 or float32 (float64
-            on the "torch" backend); E, Ev >= 1 (the triton kernels take up to 256). The leading dimensions are
-            batch dimensions, equal across the three. Hk == Hq, or Hq % Hk == 0 with enable_gqa=True (grouped-query
-            attention; key/value heads are never repeated in memory). Any strides; only a non-contiguous last dim is
-            copied.
+        query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hv, S, Ev). float16, bfloat16 or float32
+            (float64 on the "torch" backend); the triton kernels take E, Ev up to 256. The leading dimensions
+            broadcast as torch's do (a matmul's batch dims; size-1 dims are read through zero strides, never
+            copied). With enable_gqa=True (grouped-query attention) Hk and Hv each divide Hq; key/value heads are
+            repeated in memory only where Hk and Hv differ and neither is 1. E = 0 gives every score 0 (as torch);
+            Ev = 0 an empty output. Any strides; only a non-contiguous last dim is copied.
         attn_mask: None, or broadcastable to (..., Hq, L, S): bool, where True means "takes part in attention",
             or floating (bool, float32 or the query dtype), added to the scaled scores. Broadcast dims are read
             through zero strides, never expanded in memory. Only the "torch" backend computes the gradient of
@@ -129,9 +151,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         is_causal: key j takes part in query row i only if j <= i (top-left aligned, as torch when L != S).
             Not together with attn_mask.
         scale: multiplier of q @ k^T; default 1 / sqrt(E).
-        enable_gqa: allow Hq != Hk (grouped-query and multi-query attention).
-        key_lengths: optional int32/int64 tensor (B,), B the product of the batch dims (1 for 3-D inputs):
-            keys j >= key_lengths[b] take no part (right padding), without any mask tensor.
+        enable_gqa: key and value heads that divide the query heads serve groups of query heads (grouped-query
+            and multi-query attention).
+        key_lengths: optional int32/int64 tensor (B,), B the product of the broadcast batch dims (1 for 3-D
+            inputs): keys j >= key_lengths[b] take no part (right padding), without any mask tensor.
         backend: "auto" (the first supporting backend in tfm_kernels.backends.auto_order), "cuda" (CUDA C++),
             "triton", "cpu" (C++ CPU kernel) or "torch" (the eager reference path, float16/bfloat16 computed in
             float32 as torch's SDPA does). An explicit backend never falls back: it runs or raises
@@ -156,7 +179,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, key_lengths, backend):
     """scaled_dot_product_attention past autocast."""
-    _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths)
+    _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, key_lengths)
+    query, key, value = _broadcast(query, key, value, enable_gqa)
     out_shape = (*query.shape[:-1], value.shape[-1])
     q, k, v = (last_dim_contiguous(t) for t in (query, key, value))
     q, k, v = _to_4d(q), _to_4d(k), _to_4d(v)  # (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev)
@@ -167,7 +191,8 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     mask = None
     if attn_mask is not None:
         mask = _mask_to_4d(attn_mask, query.shape, B, H, L, S)  # (B, Hq, L, S), zero-stride broadcasts
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    # With no head dim every score is 0, whatever the scale (torch: an empty sum).
+    scale = 1.0 if E == 0 else 1.0 / math.sqrt(E) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     seed = seed_for(dropout_p, q.device)
 
@@ -177,11 +202,12 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         reasons = backends.not_supported_reasons(backend, q, k, v, mask, key_lengths, dropout_p, is_causal)
         if reasons:
             raise NotImplementedError(f"backend={backend!r} cannot run these inputs: " + "; ".join(reasons))
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        return _empty_attention(q, k, v).reshape(out_shape)
+    if 0 in (B, H, L, S, v.shape[-1]):
+        return _zero_attention(q, k, v).reshape(out_shape)
+    if E == 0:  # zero scores: the kernels take them from one zero column
+        q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
     if backend == "torch":
         out, _ = reference.attention(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed, upcast=True)
     else:
         out, _ = _forward_op(backend)(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
     return out.reshape(out_shape)
-
