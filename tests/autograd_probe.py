@@ -1,7 +1,7 @@
-"""Probes of autograd around an operator: an identity that drops its gradient, a record of the operators a
-region dispatches (those autograd itself calls included, such as the zero-filling of a gradient it
-materialises), the first and second derivatives of a gradient penalty, and a check that saved-tensors hooks
-change nothing."""
+"""Probes of autograd around an operator: an identity that drops its gradient, a record of the operators a region
+dispatches (those autograd itself calls included, such as the zero-filling of a gradient it materialises), the
+autograd node behind an output, the first and second derivatives of a gradient penalty, and a check that
+saved-tensors hooks change nothing."""
 
 import collections
 
@@ -31,6 +31,14 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def operator_node(out):
+    """The name of the autograd node that made `out`, past the views and reshapes of an operator's output."""
+    node = out.grad_fn
+    while type(node).__name__.startswith(("ReshapeAlias", "View", "Unsafe")):
+        node = node.next_functions[0][0]
+    return type(node).__name__
 
 
 # Losses of an output for gradient_penalty_derivatives: the square's gradient depends on the output; the sum's is

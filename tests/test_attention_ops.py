@@ -18,6 +18,7 @@ from autograd_probe import (
     DropGradient,
     assert_unchanged_by_saved_tensors_hooks,
     gradient_penalty_derivatives,
+    operator_node,
 )
 from test_attention import check_against_oracle, masks, plain_torch, rand, require, sdpa
 from tolerance import assert_within_tolerance
@@ -213,6 +214,34 @@ def test_opcheck(backend, case):
     out, lse = forward_op(q.detach(), k.detach(), v.detach(), *rest)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(backward_op, (grad_out, q.detach(), k.detach(), v.detach(), out, lse, *rest))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_plain_eager_calls_run_the_kernels_past_the_operators(backend, dropout_p):
+    """A plain eager call runs the kernels through an autograd.Function, past the operators' dispatch (ops.KERNELS);
+    a call under a dispatch mode runs the operators and their registered autograd: the same outputs and
+    gradients bit for bit, and no zero-filled gradient either way."""
+    forward_name, backward_name = OPS[backend]
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 2, 9, 11, 8, 8))
+    require(backend, q, k, v)
+    grad_out = torch.randn(2, 2, 9, 8)
+
+    def run():
+        torch.manual_seed(7)
+        out = sdpa(backend, q, k, v, dropout_p=dropout_p, is_causal=True)
+        return out, torch.autograd.grad(out, (q, k, v), grad_out)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        plain, plain_grads = run()
+    assert operator_node(plain) == f"{forward_name}_eagerBackward"
+    assert "aten::zeros" not in {event.name for event in profile.events()}
+    with DispatchedOps() as dispatched:
+        through_operators, operator_grads = run()
+    assert dispatched.counts[f"tfm_kernels.{forward_name}"] == dispatched.counts[f"tfm_kernels.{backward_name}"] == 1
+    assert "aten.zeros" not in dispatched.counts
+    assert operator_node(through_operators) == f"GeneratedBackwardFor_tfm_kernels_{forward_name}_defaultBackward"
+    assert all(torch.equal(a, b) for a, b in zip((plain, *plain_grads), (through_operators, *operator_grads)))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

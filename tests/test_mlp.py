@@ -22,6 +22,7 @@ from autograd_probe import (
     DropGradient,
     assert_unchanged_by_saved_tensors_hooks,
     gradient_penalty_derivatives,
+    operator_node,
 )
 from tolerance import assert_within_tolerance, poison_allocator
 
@@ -267,6 +268,36 @@ def test_backward_gets_no_filled_gradients(backend, kind):
     assert dispatched.counts["aten.zeros"] == 0, dispatched.counts
     grads = torch.autograd.grad(DropGradient.apply(forward()).sum() + x.sum(), (x, weight), allow_unused=True)
     assert torch.equal(grads[0], torch.ones_like(x)) and grads[1] is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "gated", "block"])
+def test_plain_eager_calls_run_the_kernels_past_the_operators(backend, kind):
+    """A plain eager call runs the kernels through an autograd.Function, past the operators' dispatch (ops.KERNELS);
+    a call under a dispatch mode runs the operators and their registered autograd: the same outputs and
+    gradients bit for bit. (The triton backend's block is two linear operators.)"""
+    prefix = "triton_" if backend == "triton" else ""
+    forward_name = f"{prefix}mlp_{'linear' if kind == 'block' and prefix else kind}_forward"
+    x, weight, bias = (t.requires_grad_() for t in linear_inputs((2, 3), 8, 12, torch.float32))
+    require(backend, x, weight)
+    w2 = rand(8, 6 if kind == "gated" else 12).requires_grad_()
+
+    def run():
+        torch.manual_seed(3)
+        if kind == "block":
+            out = tfm_kernels.mlp(x, weight, bias, w2, None, dropout_p=0.2, backend=backend)
+        else:
+            out = call(kind, backend, x, weight, bias, "silu", 0.2)
+        return out, torch.autograd.grad(out.square().sum(), (x, weight, bias))
+
+    plain, plain_grads = run()
+    assert operator_node(plain) == f"{forward_name}_eagerBackward"
+    with DispatchedOps() as dispatched:
+        through_operators, operator_grads = run()
+    forwards = dispatched.counts[f"tfm_kernels.{forward_name}"]
+    assert forwards >= 1 and dispatched.counts[f"tfm_kernels.{forward_name.replace('forward', 'backward')}"] == forwards
+    assert operator_node(through_operators) == f"GeneratedBackwardFor_tfm_kernels_{forward_name}_defaultBackward"
+    assert all(torch.equal(a, b) for a, b in zip((plain, *plain_grads), (through_operators, *operator_grads)))
 
 
 def check_second_derivatives(backend, kind, activation, dropout_p, with_bias, loss, dtype=torch.float32,

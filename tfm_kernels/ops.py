@@ -74,12 +74,17 @@ def attention_shared_memory_bytes() -> dict[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Autograd, from one (setup_context, gradients) pair per forward op: registered on the op, and again as an
-# autograd.Function for the torch.func transforms that differentiate (grad, vjp, jacrev, vmap over grad), which
-# refuse the registered autograd: the Function torch generates for it has no separate setup_context. The public
-# API calls the op through DIFFERENTIABLE_FORWARD, which takes the Function only under such a transform (it
-# costs more to enter). Under vmap alone the op runs itself, through its vmap rule (batching.py).
+# Autograd, from one (setup_context, gradients) pair per forward op: registered on the op, and again as two
+# autograd.Functions. One serves the torch.func transforms that differentiate (grad, vjp, jacrev, vmap over
+# grad), which refuse the registered autograd: the Function torch generates for it has no separate
+# setup_context. The other serves plain eager calls, where nothing would see the operator (no compiler, tracer,
+# dispatch or function mode, tensor subclass or torch.func transform): it runs the op's kernel (KERNELS)
+# directly, as the backward does, without the dispatcher's and the registered autograd's Python around each
+# op, which cost 125 of the 425 host us of an attention forward+backward on the Triton path
+# (benchmarks/RESULTS.md). The public API calls the op through DIFFERENTIABLE_FORWARD, which picks one of the
+# three. Under vmap alone the op runs itself, through its vmap rule (batching.py).
 
+KERNELS = {}  # op name -> the op's kernel (CPU and CUDA alike), callable without the dispatcher
 DIFFERENTIABLE_FORWARD = {}  # forward op name -> callable with the op's arguments and outputs
 
 # Whether a torch.compile'd region under a torch.func transform may call the op (and its vmap rule). torch
@@ -102,6 +107,40 @@ def _takes_function() -> bool:
             return False
         torch._dynamo.graph_break()
     return any(level.key() != TransformType.Vmap for level in get_interpreter_stack())
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """Whether a call with these arguments may run an op's kernel without the op: plain eager execution, where
+    no torch.compile or jit trace records the op, no dispatch or function mode (fake tensors, make_fx,
+    FlopCounterMode, torch.device(...)) nor tensor subclass handles it, and no torch.func transform wraps it."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()):
+        return False
+    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+
+
+def _direct(name):
+    """A callable with the arguments of op `name` that runs its kernel directly in plain eager execution, and
+    the op otherwise."""
+    op, kernel = getattr(torch.ops.tfm_kernels, name), KERNELS[name]
+
+    def call(*args):
+        return kernel(*args) if _plain_eager(args) else op(*args)
+
+    return call
+
+
+def _below_autograd(op):
+    """The kernel of a C++ op, reached past its (registered, Python) autograd."""
+
+    def call(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return call
 
 
 @contextlib.contextmanager
@@ -256,25 +295,50 @@ def _reference_vjp(forward, primals, grad_out):
     return tuple(None if p is None else next(supplied) for p in primals)
 
 
+def _function(name, run, setup_context, backward, **attributes):
+    """An autograd.Function whose forward is run(*args)."""
+
+    def forward(*args):
+        return run(*args)
+
+    forward.__signature__ = inspect.signature(forward)  # apply() binds arguments to it at every call
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), **attributes})
+
+
 def _register_autograd(forward_name, gradients, setup_context):
     backward = _twice_differentiable(gradients)
     torch.library.register_autograd(f"tfm_kernels::{forward_name}", backward, setup_context=setup_context)
     forward_op = getattr(torch.ops.tfm_kernels, forward_name)
-
-    def forward(*args):
-        return forward_op(*args)
-
-    forward.__signature__ = inspect.signature(forward)  # apply() binds arguments to it at every call
-    function = type(f"{forward_name}_function", (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward), "generate_vmap_rule": True})
+    transformed = _function(f"{forward_name}_function", forward_op, setup_context, backward, generate_vmap_rule=True)
+    kernel = KERNELS[forward_name]
+    eager = _function(f"{forward_name}_eager", kernel, setup_context, backward)
 
     def call(*args):
         if _takes_function():
-            return function.apply(*args)
+            return transformed.apply(*args)
+        if _plain_eager(args):
+            return eager.apply(*args) if torch.is_grad_enabled() else kernel(*args)
         return forward_op(*args)
 
     DIFFERENTIABLE_FORWARD[forward_name] = call
+
+
+def _triton_op(name):
+    """Defines the Triton op tfm_kernels::`name` from its kernel, a function with annotated arguments."""
+
+    def define(kernel):
+        KERNELS[name] = kernel
+        return torch.library.custom_op(f"tfm_kernels::{name}", mutates_args=())(kernel)
+
+    return define
+
+
+def _cpp_ops(*names):
+    """Makes the kernels of the C++ ops `names` callable without the dispatcher's autograd."""
+    for name in names:
+        KERNELS[name] = _below_autograd(getattr(torch.ops.tfm_kernels, name))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,7 +346,7 @@ def _register_autograd(forward_name, gradients, setup_context):
 # tfm_kernels::triton_attention_forward/backward (Triton). Layout contract: csrc/ops.cpp.
 
 
-@torch.library.custom_op("tfm_kernels::triton_attention_forward", mutates_args=())
+@_triton_op("triton_attention_forward")
 def triton_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                              key_lengths: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float,
                              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +355,7 @@ def triton_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
 
 
-@torch.library.custom_op("tfm_kernels::triton_attention_backward", mutates_args=())
+@_triton_op("triton_attention_backward")
 def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                               key_lengths: torch.Tensor | None, dropout_p: float, is_causal: bool,
@@ -367,7 +431,7 @@ def _make_attention_gradients(backward_op):
 
 
 def _register_attention(forward_name, backward_name, max_batch=None):
-    backward_op = getattr(torch.ops.tfm_kernels, backward_name)
+    backward_op = _direct(backward_name)
     torch.library.register_fake(f"tfm_kernels::{forward_name}")(_attention_forward_fake)
     torch.library.register_fake(f"tfm_kernels::{backward_name}")(_attention_backward_fake)
     _register_autograd(forward_name, _make_attention_gradients(backward_op), _attention_setup_context)
@@ -376,6 +440,7 @@ def _register_attention(forward_name, backward_name, max_batch=None):
 
 _register_attention("triton_attention_forward", "triton_attention_backward")
 if _C is not None:
+    _cpp_ops("attention_forward", "attention_backward")
     _register_attention("attention_forward", "attention_backward", max_batch=CUDA_MAX_GRID_YZ)
 
 
@@ -384,7 +449,7 @@ if _C is not None:
 # tfm_kernels::triton_mlp_{linear,gated}_{forward,backward} (Triton). Layout contract: csrc/ops.cpp.
 
 
-@torch.library.custom_op("tfm_kernels::triton_mlp_linear_forward", mutates_args=())
+@_triton_op("triton_mlp_linear_forward")
 def triton_mlp_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                               activation: str, dropout_p: float,
                               seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,7 +458,7 @@ def triton_mlp_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return linear_forward(x, weight, bias, activation, dropout_p, seed)
 
 
-@torch.library.custom_op("tfm_kernels::triton_mlp_linear_backward", mutates_args=())
+@_triton_op("triton_mlp_linear_backward")
 def triton_mlp_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                preact: torch.Tensor, activation: str, dropout_p: float,
                                seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -402,7 +467,7 @@ def triton_mlp_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
     return linear_backward(grad_out, x, weight, preact, activation, dropout_p, seed)
 
 
-@torch.library.custom_op("tfm_kernels::triton_mlp_gated_forward", mutates_args=())
+@_triton_op("triton_mlp_gated_forward")
 def triton_mlp_gated_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              activation: str, dropout_p: float,
                              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,7 +476,7 @@ def triton_mlp_gated_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return gated_forward(x, weight, bias, activation, dropout_p, seed)
 
 
-@torch.library.custom_op("tfm_kernels::triton_mlp_gated_backward", mutates_args=())
+@_triton_op("triton_mlp_gated_backward")
 def triton_mlp_gated_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                               gate_up: torch.Tensor, activation: str, dropout_p: float,
                               seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -468,7 +533,7 @@ def _reference_activation(activation):
 def _make_mlp_gradients(forward_name, backward_name, gated):
     """_twice_differentiable's gradients(ctx, saved_tensors, grad_out, grad_saved) of tfm_kernels::`forward_name`,
     an MLP linear or gated op."""
-    backward_op = getattr(torch.ops.tfm_kernels, backward_name)
+    backward_op = _direct(backward_name)
 
     def gradients(ctx, saved_tensors, grad_out, _grad_saved):
         activation, dropout_p = ctx.mlp_args
@@ -527,15 +592,23 @@ def _mlp_block_setup_context(ctx, inputs, output):
     ctx.mlp_args = (activation, dropout_p)
 
 
-def _mlp_block_gradients(ctx, saved_tensors, grad_out, _grad_preact, _grad_hidden):
+def _make_mlp_block_gradients(backward_op):
     """_twice_differentiable's gradients of tfm_kernels::mlp_block_forward."""
+
+    def gradients(ctx, saved_tensors, grad_out, _grad_preact, _grad_hidden):
+        return _mlp_block_gradients(backward_op, ctx, saved_tensors, grad_out)
+
+    return gradients
+
+
+def _mlp_block_gradients(backward_op, ctx, saved_tensors, grad_out):
     activation, dropout_p = ctx.mlp_args
     needs = ctx.needs_input_grad
     kept_biases = ctx.kept_biases
 
     def kernel(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
-        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.tfm_kernels.mlp_block_backward(
-            grad_out.contiguous(), x, w1, preact, hidden, w2, activation, dropout_p, seed)
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = backward_op(grad_out.contiguous(), x, w1, preact, hidden, w2,
+                                                                 activation, dropout_p, seed)
         return (grad_x, grad_w1, grad_b1 if needs[2] else None, grad_w2, grad_b2 if needs[4] else None,
                 None, None, None)
 
@@ -557,8 +630,10 @@ def _mlp_block_gradients(ctx, saved_tensors, grad_out, _grad_preact, _grad_hidde
 
 _register_mlp("triton_")
 if _C is not None:
+    _cpp_ops(*(f"mlp_{kind}_{part}" for kind in ("linear", "gated", "block") for part in ("forward", "backward")))
     _register_mlp("")
     torch.library.register_fake("tfm_kernels::mlp_block_forward")(_mlp_block_forward_fake)
     torch.library.register_fake("tfm_kernels::mlp_block_backward")(_mlp_block_backward_fake)
-    _register_autograd("mlp_block_forward", _mlp_block_gradients, _mlp_block_setup_context)
+    _register_autograd("mlp_block_forward", _make_mlp_block_gradients(_direct("mlp_block_backward")),
+                       _mlp_block_setup_context)
     batching.register_mlp("mlp_block_forward", "mlp_block_backward", weights=4)  # w1, b1, w2, b2
