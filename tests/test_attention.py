@@ -311,17 +311,30 @@ def test_broadcast_leading_dims_as_torch(backend, case, is_causal):
 def test_no_head_dim_gives_zero_scores_as_torch(backend, kwargs):
     """E = 0: every score is 0 (an empty sum, whatever the scale), so each row averages the values its keys
     allow; q and k get empty gradients."""
-    q, k, v = rand(2, 3, 9, 0), rand(2, 3, 11, 0), rand(2, 3, 11, 8)
+    q, k, v = rand(2, 2, 3, 9, 0), rand(2, 2, 3, 11, 0), rand(2, 2, 3, 11, 8)
     if kwargs.get("attn_mask") == "additive":
         kwargs = {"attn_mask": rand(9, 11)}
     check_against_oracle(backend, q, k, v, attend=F.scaled_dot_product_attention, **kwargs)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_no_value_head_dim_as_torch(backend):
+@pytest.mark.parametrize("batch", [(2,), (2, 3)], ids=["rank4", "rank5"])
+def test_no_value_head_dim_as_torch(backend, batch):
     """Ev = 0: an empty output; q and k get zero gradients, v an empty one."""
-    q, k, v = rand(2, 3, 9, 8), rand(2, 3, 11, 8), rand(2, 3, 11, 0)
+    q, k, v = rand(*batch, 3, 9, 8), rand(*batch, 3, 11, 8), rand(*batch, 3, 11, 0)
     check_against_oracle(backend, q, k, v, attend=F.scaled_dot_product_attention, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("empty", ["batch", "heads", "query", "key"])
+def test_empty_rank_5_inputs_as_torch(backend, empty):
+    """An empty batch, heads or sequence behind more than one batch dim: zeros, zero or empty gradients."""
+    shapes = {"q": [2, 3, 4, 9, 8], "k": [2, 3, 4, 11, 8], "v": [2, 3, 4, 11, 6]}
+    for name, dim in {"batch": (("q", 1), ("k", 1), ("v", 1)), "heads": (("q", 2), ("k", 2), ("v", 2)),
+                      "query": (("q", 3),), "key": (("k", 3), ("v", 3))}[empty]:
+        shapes[name][dim] = 0
+    q, k, v = (rand(*shapes[name]) for name in "qkv")
+    check_against_oracle(backend, q, k, v, attend=F.scaled_dot_product_attention)
 
 
 def test_oracle_matches_torch_sdpa():

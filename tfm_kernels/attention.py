@@ -100,7 +100,7 @@ def _to_4d(t):
         return t[None]  # (1, H, N, D)
     if t.dim() == 4:
         return t
-    return t.reshape(-1, *t.shape[-3:])  # (B, H, N, D)
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # (B, H, N, D); -1 is ambiguous when t is empty
 
 
 def _mask_to_4d(attn_mask, query_shape, B, H, L, S):
