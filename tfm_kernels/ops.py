@@ -80,9 +80,10 @@ def attention_shared_memory_bytes() -> dict[int, int]:
 # setup_context. The other serves plain eager calls, where nothing would see the operator (no compiler, tracer,
 # dispatch or function mode, tensor subclass or torch.func transform): it runs the op's kernel (KERNELS)
 # directly, as the backward does, without the dispatcher's and the registered autograd's Python around each
-# op, which cost 125 of the 425 host us of an attention forward+backward on the Triton path
-# (benchmarks/RESULTS.md). The public API calls the op through DIFFERENTIABLE_FORWARD, which picks one of the
-# three. Under vmap alone the op runs itself, through its vmap rule (batching.py).
+# op: an attention forward+backward on the Triton path took 481 host us with the ops and 397 without them,
+# a forward without grad 118 and 93 (benchmarks/RESULTS.md, 2026-11-29). The public API calls the op through
+# DIFFERENTIABLE_FORWARD, which picks one of the three. Under vmap alone the op runs itself, through its vmap
+# rule (batching.py).
 
 KERNELS = {}  # op name -> the op's kernel (CPU and CUDA alike), callable without the dispatcher
 DIFFERENTIABLE_FORWARD = {}  # forward op name -> callable with the op's arguments and outputs
