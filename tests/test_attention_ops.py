@@ -245,6 +245,36 @@ def test_plain_eager_calls_run_the_kernels_past_the_operators(backend, dropout_p
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tensors_the_dispatcher_acts_on_take_the_operators(backend):
+    """Tensors that look plain but that the dispatcher acts on first: a negative view (which it resolves), a
+    ZeroTensor gradient, and autograd.grad's is_grads_batched batching (without create_graph). Each gives what the
+    same values as ordinary tensors give."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 2, 9, 11, 8, 8))
+    require(backend, q, k, v)
+    negated = torch._neg_view(q.detach().neg())  # q's values behind the negative bit
+    assert negated.is_neg()
+    assert torch.equal(sdpa(backend, negated, k, v), sdpa(backend, q, k, v))
+    out = sdpa(backend, q, k, v)
+    zero_grads = torch.autograd.grad(out, (q, k, v), torch._efficientzerotensor(out.shape), retain_graph=True)
+    assert all(torch.equal(g, torch.zeros_like(t)) for g, t in zip(zero_grads, (q, k, v)))
+    probes = torch.randn(3, *out.shape)
+    batched = torch.autograd.grad(out, (q, k, v), probes, is_grads_batched=True, retain_graph=True)
+    for i, probe in enumerate(probes):
+        one = torch.autograd.grad(out, (q, k, v), probe, retain_graph=True)
+        assert all(torch.equal(b[i], g) for b, g in zip(batched, one))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_enable_grad_inside_inference_mode_records_nothing(backend):
+    """As torch's operators: inference mode drops autograd, whatever grad mode says."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 2, 9, 11, 8, 8))
+    require(backend, q, k, v)
+    with torch.inference_mode(), torch.enable_grad():
+        out = sdpa(backend, q, k, v)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backward_gets_no_filled_gradients(backend):
     """The log-sum-exp output never has a gradient: autograd would fill a zero tensor for it at every backward
     unless the operator says not to. And where a later function drops the output's gradient, the backward gets

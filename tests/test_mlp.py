@@ -300,6 +300,25 @@ def test_plain_eager_calls_run_the_kernels_past_the_operators(backend, kind):
     assert all(torch.equal(a, b) for a, b in zip((plain, *plain_grads), (through_operators, *operator_grads)))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tensors_the_dispatcher_acts_on_take_the_operators(backend):
+    """A negative view (which the dispatcher resolves), autograd.grad's is_grads_batched batching (without
+    create_graph) and a call inside inference mode under enable_grad give what ordinary tensors give."""
+    x, weight, bias = (t.requires_grad_() for t in linear_inputs((2, 3), 8, 12, torch.float32))
+    require(backend, x, weight)
+    negated = torch._neg_view(x.detach().neg())  # x's values behind the negative bit
+    assert torch.equal(call("linear", backend, negated, weight, bias, "gelu", 0.0),
+                       call("linear", backend, x, weight, bias, "gelu", 0.0))
+    out = call("linear", backend, x, weight, bias, "gelu", 0.0)
+    probes = torch.randn(3, *out.shape)
+    batched = torch.autograd.grad(out, (x, weight, bias), probes, is_grads_batched=True, retain_graph=True)
+    for i, probe in enumerate(probes):
+        one = torch.autograd.grad(out, (x, weight, bias), probe, retain_graph=True)
+        assert all(torch.equal(b[i], g) for b, g in zip(batched, one))
+    with torch.inference_mode(), torch.enable_grad():
+        assert not call("linear", backend, x, weight, bias, "gelu", 0.0).requires_grad
+
+
 def check_second_derivatives(backend, kind, activation, dropout_p, with_bias, loss, dtype=torch.float32,
                              device="cpu", tokens=(2, 3), d_model=8, d_ff=12):
     """A gradient penalty: the gradients of <dL/d(inputs), w> by x, the weights and the biases against the

@@ -75,17 +75,17 @@ def attention_shared_memory_bytes() -> dict[int, int]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Autograd, from one (setup_context, gradients) pair per forward op: registered on the op, and again as two
-# autograd.Functions. One serves the torch.func transforms that differentiate (grad, vjp, jacrev, vmap over
-# grad), which refuse the registered autograd: the Function torch generates for it has no separate
-# setup_context. The other serves plain eager calls, where nothing would see the operator (no compiler, tracer,
-# dispatch or function mode, tensor subclass or torch.func transform): it runs the op's kernel (KERNELS)
-# directly, as the backward does, without the dispatcher's and the registered autograd's Python around each
-# op: an attention forward+backward on the Triton path took 481 host us with the ops and 397 without them,
-# a forward without grad 118 and 93 (benchmarks/RESULTS.md, 2026-11-29). The public API calls the op through
-# DIFFERENTIABLE_FORWARD, which picks one of the three. Under vmap alone the op runs itself, through its vmap
-# rule (batching.py).
+# autograd.Functions. One serves the torch.func transforms that differentiate (grad, vjp, jacrev, vmap over grad),
+# which refuse the registered autograd: the Function torch generates for it has no separate setup_context. The other
+# serves plain eager calls, where nothing would see the operator (no compiler, tracer, dispatch or function mode,
+# tensor subclass or torch.func transform) and no tensor needs the dispatcher (see _plain_tensor): it runs the op's
+# kernel (KERNELS) directly, as the backward does, without the dispatcher's and the registered autograd's Python
+# around each op: an attention forward+backward on the Triton path took 481 host us with the ops and 397 without
+# them, a forward without grad 118 and 93 (benchmarks/RESULTS.md, 2026-11-29). The public API calls the op through
+# DIFFERENTIABLE_FORWARD, which picks one of the three. Under vmap alone the op runs itself, through its vmap rule
+# (batching.py).
 
-KERNELS = {}  # op name -> the op's kernel (CPU and CUDA alike), callable without the dispatcher
+KERNELS = {}  # op name -> the op's kernel (CPU and CUDA alike): Triton launchers, C++ ops past their autograd
 DIFFERENTIABLE_FORWARD = {}  # forward op name -> callable with the op's arguments and outputs
 
 # Whether a torch.compile'd region under a torch.func transform may call the op (and its vmap rule). torch
@@ -113,14 +113,30 @@ def _takes_function() -> bool:
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def _plain_tensor(t) -> bool:
+    """Whether the kernels may read `t` as it is: not a subclass, nor a tensor whose dispatch keys make the
+    dispatcher act first (a negative view, which it resolves; a ZeroTensor; autograd.grad's is_grads_batched
+    batching)."""
+    return type(t) in _PLAIN_TENSORS and not (t.is_neg() or t._is_zerotensor()
+                                                or torch._C._functorch.is_legacy_batchedtensor(t))
+
+
 def _plain_eager(args) -> bool:
     """Whether a call with these arguments may run an op's kernel without the op: plain eager execution, where
     no torch.compile or jit trace records the op, no dispatch or function mode (fake tensors, make_fx,
-    FlopCounterMode, torch.device(...)) nor tensor subclass handles it, and no torch.func transform wraps it."""
+    FlopCounterMode, torch.device(...)) handles it, no torch.func transform wraps it, and every tensor is
+    plain."""
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
             or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()):
         return False
-    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+    return all(_plain_tensor(a) for a in args if isinstance(a, torch.Tensor))
+
+
+def _records_graph(args) -> bool:
+    """Whether autograd records a call with these arguments: grad mode on, outside inference mode (which drops
+    the autograd keys, so that the op records nothing even under enable_grad), an input that requires grad."""
+    return (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+            and any(a.requires_grad for a in args if isinstance(a, torch.Tensor)))
 
 
 def _direct(name):
@@ -320,7 +336,7 @@ def _register_autograd(forward_name, gradients, setup_context):
         if _takes_function():
             return transformed.apply(*args)
         if _plain_eager(args):
-            return eager.apply(*args) if torch.is_grad_enabled() else kernel(*args)
+            return eager.apply(*args) if _records_graph(args) else kernel(*args)
         return forward_op(*args)
 
     DIFFERENTIABLE_FORWARD[forward_name] = call
