@@ -613,36 +613,32 @@ def _make_mlp_block_gradients(backward_op):
     """_twice_differentiable's gradients of tfm_kernels::mlp_block_forward."""
 
     def gradients(ctx, saved_tensors, grad_out, _grad_preact, _grad_hidden):
-        return _mlp_block_gradients(backward_op, ctx, saved_tensors, grad_out)
+        activation, dropout_p = ctx.mlp_args
+        needs = ctx.needs_input_grad
+        kept_biases = ctx.kept_biases
+
+        def kernel(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
+            grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = backward_op(grad_out.contiguous(), x, w1, preact, hidden, w2,
+                                                                     activation, dropout_p, seed)
+            return (grad_x, grad_w1, grad_b1 if needs[2] else None, grad_w2, grad_b2 if needs[4] else None,
+                    None, None, None)
+
+        def reference_gradients(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
+            _check_unchanged(kept_biases[0], "b1", "mlp_block_forward")
+            _check_unchanged(kept_biases[1], "b2", "mlp_block_forward")
+
+            def forward(x, w1, b1, w2, b2):
+                activated = reference.linear(x, w1, b1, _reference_activation(activation), dropout_p, seed)  # (M, F)
+                return reference.linear(activated, w2, b2)
+
+            return (*_reference_vjp(forward, (x, w1, b1, w2, b2), grad_out), None, None, None)
+
+        x, w1, preact, hidden, w2, seed = saved_tensors
+        (b1, _), (b2, _) = kept_biases
+        tensors = (x, w1, b1, preact, hidden, w2, b2, seed, grad_out)
+        return kernel, reference_gradients, None, tensors, (0, 1, 2, 5, 6, 8)  # x, w1, b1, w2, b2, grad_out
 
     return gradients
-
-
-def _mlp_block_gradients(backward_op, ctx, saved_tensors, grad_out):
-    activation, dropout_p = ctx.mlp_args
-    needs = ctx.needs_input_grad
-    kept_biases = ctx.kept_biases
-
-    def kernel(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
-        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = backward_op(grad_out.contiguous(), x, w1, preact, hidden, w2,
-                                                                 activation, dropout_p, seed)
-        return (grad_x, grad_w1, grad_b1 if needs[2] else None, grad_w2, grad_b2 if needs[4] else None,
-                None, None, None)
-
-    def reference_gradients(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
-        _check_unchanged(kept_biases[0], "b1", "mlp_block_forward")
-        _check_unchanged(kept_biases[1], "b2", "mlp_block_forward")
-
-        def forward(x, w1, b1, w2, b2):
-            activated = reference.linear(x, w1, b1, _reference_activation(activation), dropout_p, seed)  # (M, F)
-            return reference.linear(activated, w2, b2)
-
-        return (*_reference_vjp(forward, (x, w1, b1, w2, b2), grad_out), None, None, None)
-
-    x, w1, preact, hidden, w2, seed = saved_tensors
-    (b1, _), (b2, _) = kept_biases
-    tensors = (x, w1, b1, preact, hidden, w2, b2, seed, grad_out)
-    return kernel, reference_gradients, None, tensors, (0, 1, 2, 5, 6, 8)  # x, w1, b1, w2, b2, grad_out
 
 
 _register_mlp("triton_")
