@@ -74,12 +74,12 @@ def _broadcast(query, key, value, enable_gqa):
         return query, key, value
     rank = max(query.dim(), key.dim(), value.dim())  # at least 3: 2-D inputs alone take the early return
     query, key, value = (t.reshape((1,) * (rank - t.dim()) + t.shape) for t in (query, key, value))
-    (hq, hk, hv), leading = (t.shape[-3] for t in (query, key, value)), [t.shape[:-3] for t in (query, key, value)]
+    hq, hk, hv = (t.shape[-3] for t in (query, key, value))
     if enable_gqa:
         if not (hk > 0 and hq % hk == 0 and hv > 0 and hq % hv == 0):
             raise ValueError(f"with enable_gqa=True the key and value heads must each divide the query heads; got "
                              f"{hq}, {hk} and {hv}")
-        batch, heads = _broadcast_shapes("batch", *leading), hq
+        batch, heads = _broadcast_shapes("batch", *(t.shape[:-3] for t in (query, key, value))), hq
     else:
         *batch, heads = _broadcast_shapes("batch and head", *(t.shape[:-2] for t in (query, key, value)))
     kv_heads = hk if hk == hv else heads

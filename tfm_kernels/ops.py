@@ -416,7 +416,7 @@ REFERENCE_MIN_BLOCK_ROWS = 128
 def _attention_block_rows(tensors):
     q, k = tensors[:2]  # (B, Hq, L, E), (B, Hk, S, E)
     B, H = q.shape[:2]
-    return max(REFERENCE_MIN_BLOCK_ROWS, 1, REFERENCE_BLOCK_SCORES // max(B * H * k.shape[2], 1))
+    return max(REFERENCE_MIN_BLOCK_ROWS, REFERENCE_BLOCK_SCORES // max(B * H * k.shape[2], 1))
 
 
 ATTENTION_ROW_BLOCKS = RowBlocks(inputs=(0, 5, 8), outputs=(0,), rows=_attention_block_rows)  # q, mask, grad_out
