@@ -107,7 +107,7 @@ def test_dropout_keep_mask_is_rng_scheme(p, seed):
     v = torch.eye(S).expand(B, H, S, S)  # zero strides over (B, H)
     out, lse = forward_op(q, k, v, None, None, p, False, 1.0, seed_t)
     assert torch.equal(out != 0, expected)
-    torch.testing.assert_close(out[expected], torch.full_like(out[expected], 1 / (S * (1 - p))))
+    torch.testing.assert_close(out[expected], torch.full_like(out[expected], rng.dropout_keep_scale(p) / S))
     torch.testing.assert_close(lse, torch.full_like(lse, math.log(S)))
 
     v_rows = rand(B, H, S, L)

@@ -146,7 +146,7 @@ def test_scale(scale):
 
 
 def keep_mask_from_output(out, dropout_p):
-    """With v = identity (S == D) and no masking, out[z, i, j] = P[i, j] keep[i, j] / (1 - p) and P > 0, so
+    """With v = identity (S == D) and no masking, out[z, i, j] = P[i, j] keep[i, j] keep_scale and P > 0, so
     the nonzero pattern of out is the keep-mask."""
     return out != 0
 

@@ -77,16 +77,16 @@ def test_dropout_same_seed_same_result(backend):
 
 def kernel_keep_mask(backend, B, Hq, Hk, L, S, p, torch_seed, dtype=torch.float32, device="cpu"):
     """The keep-mask (B, Hq, L, S) a backend applies, read off its output: with k = 0 every score is 0, so
-    each row attends uniformly, and with v the identity (S x S), out[..., i, j] = keep[i, j] / (S (1 - p))."""
+    each row attends uniformly, and with v the identity (S x S), out[..., i, j] = keep[i, j] keep_scale / S."""
     q = rand(B, Hq, L, S, dtype=dtype, device=device)
     k = torch.zeros(B, Hk, S, S, dtype=dtype, device=device)
     v = torch.eye(S, dtype=dtype, device=device).expand(B, Hk, S, S)  # (B, Hk, S, Ev = S), zero batch strides
     require(backend, q, k, v)
     torch.manual_seed(torch_seed)
     out = sdpa(backend, q, k, v, dropout_p=p, enable_gqa=Hq != Hk)
-    kept_value = 1.0 / (S * (1.0 - p))
+    kept_value = rng.dropout_keep_scale(p) / S
     assert torch.all((out == 0) | ((out.double() - kept_value).abs() <= 1e-2 * kept_value)), (
-        "out is not 0 or 1/(S(1-p))"
+        "out is not 0 or keep_scale / S"
     )
     return out != 0
 

@@ -176,7 +176,7 @@ def test_strided_inputs(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
 @pytest.mark.parametrize("kind", ["linear", "gated"])
 def test_dropout_matches_shared_mask(backend, kind):
-    """Output equals act(...) * keep / (1 - p) with rng.dropout_keep_mask for the drawn seed; the kernels'
+    """Output equals act(...) * keep * keep_scale with rng.dropout_keep_mask for the drawn seed; the kernels'
     gradients against the oracle on the same mask (the torch backend is that oracle)."""
     x, weight, bias = linear_inputs((3, 7), 20, 36, torch.float32)
     if backend != "torch":
@@ -190,9 +190,23 @@ def test_dropout_matches_shared_mask(backend, kind):
     rows, features = 21, out.shape[-1]
     keep = rng.dropout_keep_mask(seed, 1, rows, features, p)[0].view(3, 7, features)
     no_dropout = call(kind, "torch", x, weight, bias, "relu", 0.0)
-    expected = no_dropout * keep / (1 - p)
+    expected = no_dropout * keep * rng.dropout_keep_scale(p)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert not torch.equal(out, out2), "a second call must draw a fresh seed"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_dropout_keeps_the_mean_for_p_near_1(backend):
+    """Kept elements are scaled by the inverse of the keep probability the 16-bit threshold gives, so dropout
+    keeps the mean for every p < 1. At p = 1 - 1e-5 the threshold keeps 2**-16 of the elements, 1.53 times
+    1 - p: scaling them by 1 / (1 - p) would make the mean 1.53."""
+    p = 1 - 1e-5
+    ones = torch.ones(4096, 1)
+    require(backend, ones, ones)
+    torch.manual_seed(0)
+    out = tfm_kernels.fused_linear(ones, ones, None, None, p, backend=backend)  # (4096, 4096): keep * scale
+    # The mean of 2**24 elements, each 2**16 with probability 2**-16 and else 0: standard deviation 2**-4.
+    assert abs(out.double().mean().item() - 1.0) < 5 * 2**-4
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -70,7 +70,7 @@ def epilogue_oracle(z, bias, activation, gated, dropout_p, seed):
         h = reference.activation(preact, activation)
     if dropout_p > 0.0:
         keep = rng.dropout_keep_mask(seed, 1, h.shape[0], h.shape[1], dropout_p)[0]  # (M, N)
-        h = h * keep.to(h.dtype) / (1.0 - dropout_p)
+        h = h * keep.to(h.dtype) * rng.dropout_keep_scale(dropout_p)
     return preact, h
 
 

@@ -3,7 +3,7 @@ GPU) and the "torch" backend runs them; fast paths never call them."""
 
 import torch
 
-from .rng import dropout_keep_mask
+from .rng import dropout_keep_mask, dropout_keep_scale
 
 
 def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False, scale=None, seed=None,
@@ -53,7 +53,7 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
         if keep_mask is None:
             keep_mask = dropout_keep_mask(seed, B * Hq, L, S, dropout_p, device=q.device,
                                           first_row=query_offset).view(B, Hq, L, S)
-        probs = probs * keep_mask.to(probs.dtype) / (1.0 - dropout_p)
+        probs = probs * keep_mask.to(probs.dtype) * dropout_keep_scale(dropout_p)
     return (probs @ v).to(out_dtype), lse
 
 
@@ -80,7 +80,7 @@ def _mlp_dropout(h, dropout_p, seed, keep_mask):
     if keep_mask is None:
         rows, cols = h.shape
         keep_mask = dropout_keep_mask(seed, 1, rows, cols, dropout_p, device=h.device)[0]  # (M, N)
-    return h * keep_mask.to(h.dtype) / (1.0 - dropout_p)
+    return h * keep_mask.to(h.dtype) * dropout_keep_scale(dropout_p)
 
 
 def linear(x, weight, bias=None, activation_name=None, dropout_p=0.0, seed=None, keep_mask=None):

@@ -4,11 +4,12 @@ A dropout mask element (z, i, j) -- z a flat batch*head index (0 for MLPs), i a 
 bits of Philox-4x32-10 with counter (j // 8, i, lo32(z), hi32(z)) and key (lo32(seed), hi32(seed)): one
 Philox call gives the 8 columns 8g..8g+7 of a row, column j taking word (j // 2) % 4, its low half for even j
 and its high half for odd j. The element is kept iff that 16-bit number >= floor(p * 2**16), so p is applied
-to within 2**-16. Reading 8 decisions from each 128-bit output (rather than one per call) is what keeps dropout
-cheap next to the attention kernels' tensor-core work: a Philox call costs about a hundred integer
-instructions. The C++ (csrc/common/philox.h) and Triton (tfm_kernels/triton/philox.py) kernels compute the
-same bits, so every backend draws the same mask for the same seed. A fresh seed per call comes from torch's
-generator, so runs repeat under torch.manual_seed.
+rounded down to a multiple of 2**-16, and kept elements are scaled by the inverse of that keep probability.
+Reading 8 decisions from each 128-bit output (rather than one per call) is what keeps dropout cheap next to the
+attention kernels' tensor-core work: a Philox call costs about a hundred integer instructions. The C++
+(csrc/common/philox.h) and Triton (tfm_kernels/triton/philox.py) kernels compute the same bits, so every
+backend draws the same mask for the same seed. A fresh seed per call comes from torch's generator, so runs
+repeat under torch.manual_seed.
 """
 
 import torch
@@ -39,6 +40,14 @@ def seed_for(dropout_p: float, device) -> torch.Tensor:
 def dropout_threshold(p: float) -> int:
     """The 16-bit integer threshold under which a decision's bits drop the element."""
     return int(p * (1 << DROPOUT_BITS))
+
+
+def dropout_keep_scale(p: float) -> float:
+    """The multiplier of a kept element: 2**16 / (2**16 - threshold), the inverse of the keep probability that
+    the threshold gives, so that dropout leaves every expectation unchanged. It is 1 / (1 - p) for p rounded
+    down to a multiple of 2**-16: the two differ by under 2**-16 / (1 - p) relative, which matters only for p
+    within a few 2**-16 of 1 (there 1 / (1 - p) would scale the few kept elements by far too much)."""
+    return (1 << DROPOUT_BITS) / ((1 << DROPOUT_BITS) - dropout_threshold(p))
 
 
 def philox(c0, c1, c2, c3, k0: int, k1: int) -> tuple[torch.Tensor, ...]:

@@ -89,9 +89,9 @@ decltype(auto) dispatch_activation(Activation activation, Fn&& fn) {
   }
 }
 
-// Dropout of the MLP operators: the multiplier of element (row, col), 0 (dropped) or 1 / (1 - p) (kept), read
+// Dropout of the MLP operators: the multiplier of element (row, col), 0 (dropped) or keep_scale (kept), read
 // from the keep byte of the column's group of 8 (one Philox call, common/philox.h).
-// threshold = floor(p * 2^16) and keep_scale = 1 / (1 - p) come from the host; p == 0 keeps everything.
+// threshold and keep_scale (common/philox.h) come from the host; p == 0 keeps everything.
 struct MlpDropout {
   uint64_t seed;
   uint32_t threshold;
@@ -116,7 +116,7 @@ inline MlpDropout make_mlp_dropout(double dropout_p, int64_t seed) {
   dropout.active = dropout_p > 0.0;
   dropout.seed = static_cast<uint64_t>(seed);
   dropout.threshold = dropout_threshold(dropout_p);
-  dropout.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  dropout.keep_scale = dropout_keep_scale(dropout_p);
   return dropout;
 }
 

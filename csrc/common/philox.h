@@ -66,4 +66,11 @@ inline uint32_t dropout_threshold(double p) {
   return static_cast<uint32_t>(p * static_cast<double>(1u << kDropoutBits));
 }
 
+// The multiplier of a kept element, 2^16 / (2^16 - threshold): the inverse of the keep probability that the
+// threshold gives, so that dropout leaves every expectation unchanged (as tfm_kernels/rng.py).
+inline float dropout_keep_scale(double p) {
+  const double decisions = static_cast<double>(1u << kDropoutBits);
+  return static_cast<float>(decisions / (decisions - dropout_threshold(p)));
+}
+
 }  // namespace tfm_kernels

@@ -58,7 +58,7 @@ AttentionProblem make_problem(const AttentionSizes& sizes, const std::optional<a
     problem.dropout.enabled = true;
     problem.dropout.seed = static_cast<uint64_t>(seed.item<int64_t>());
     problem.dropout.threshold = dropout_threshold(dropout_p);
-    problem.dropout.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+    problem.dropout.keep_scale = dropout_keep_scale(dropout_p);
   }
   return problem;
 }

@@ -39,7 +39,7 @@ struct MaskView {
 };
 
 // Dropout on the attention weights with the shared Philox scheme (csrc/common/philox.h): element (b, h, i, j)
-// draws with z = b * Hq + h; kept weights are multiplied by keep_scale = 1 / (1 - p).
+// draws with z = b * Hq + h; kept weights are multiplied by keep_scale = dropout_keep_scale(p).
 struct Dropout {
   bool enabled = false;
   uint64_t seed = 0;

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreting
 from ..layout import empty_heads_inner, last_dim_contiguous
-from ..rng import dropout_threshold
+from ..rng import dropout_keep_scale, dropout_threshold
 from .philox import dropout_keep, philox_key
 from .precision import dot, dot_precision
 from .tuning import (
@@ -667,7 +667,7 @@ class _Common:
         has_dropout = dropout_p > 0.0
         self.seed = seed
         self.scalars = (H, H // Hk, L, S)
-        self.dropout = (dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+        self.dropout = (dropout_threshold(dropout_p), dropout_keep_scale(dropout_p))
         self.scale = scale
         self.scale_log2 = scale * 1.4426950408889634  # log2(e): scores enter exp2 directly
         self.work = B * H * L * S

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
-from ..rng import dropout_threshold
+from ..rng import dropout_keep_scale, dropout_threshold
 from .philox import dropout_keep, philox_key
 from .precision import dot, dot_precision
 from .tuning import (
@@ -304,7 +304,7 @@ PERSISTENT_PROGRAMS_OFF_GPU = 3
 
 
 def _dropout_args(dropout_p):
-    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+    return dropout_threshold(dropout_p), dropout_keep_scale(dropout_p)
 
 
 def _persistent_programs(device):

@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepar
   params.scale_log2 = static_cast<float>(scale * kLog2e);
   params.dropout = dropout_p > 0.0;
   params.dropout_threshold = dropout_threshold(dropout_p);
-  params.dropout_rescale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  params.dropout_rescale = dropout_keep_scale(dropout_p);
   params.seed = params.dropout ? seed.data_ptr<int64_t>() : nullptr;
   return {q, k, v, lengths};
 }

@@ -37,7 +37,8 @@ struct ForwardParams {
   float scale_log2 = 1.0f;               // scale * log2(e): the kernels work in base 2 (exp2)
 
   // Dropout (tfm_kernels/rng.py): element (z = b * Hq + h, row i, key j) is kept by the rule of
-  // common/philox.h with dropout_threshold = floor(p * 2^16); kept weights are multiplied by dropout_rescale = 1/(1-p).
+  // common/philox.h with dropout_threshold = floor(p * 2^16); kept weights are multiplied by
+  // dropout_rescale = dropout_keep_scale(p).
   bool dropout = false;
   uint32_t dropout_threshold = 0;
   float dropout_rescale = 1.0f;

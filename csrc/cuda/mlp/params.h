@@ -16,7 +16,7 @@ enum class MlpDType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 struct MlpDropoutParams {
   const int64_t* seed = nullptr;  // read only when active
   uint32_t threshold = 0;         // floor(p * 2^16), common/philox.h
-  float keep_scale = 1.0f;        // 1 / (1 - p)
+  float keep_scale = 1.0f;        // dropout_keep_scale(p), common/philox.h
   bool active = false;
 };
 
