@@ -600,6 +600,29 @@ def test_gated_mlp_loads_separate_gate_and_up(backend):
     assert set(GatedMLP(d_model, d_ff).state_dict()) == {"gate_up_proj.weight", "down_proj.weight"}
 
 
+@pytest.mark.parametrize("gate_rows, up_rows, columns", [(40, 24, 16), (32, 32, 1), (32, 32, 15)])
+def test_gated_mlp_refuses_gate_and_up_of_other_shapes(gate_rows, up_rows, columns):
+    """Gate and up halves that are not (d_ff, d_model) each raise, naming them, and leave the module as it was:
+    uneven halves would fill gate_up_proj with the split in the wrong place, one column would broadcast into it."""
+    module = GatedMLP(16, 32, bias=True)
+    before = {key: t.clone() for key, t in module.state_dict().items()}
+    gate, up, bias = torch.randn(gate_rows, columns), torch.randn(up_rows, columns), torch.zeros(32)
+    with pytest.raises(ValueError, match=r"(gate|up)_weight must have shape \(32, 16\); got"):
+        module.load_gate_up(gate, up, bias, bias)
+    assert all(torch.equal(t, before[key]) for key, t in module.state_dict().items())
+    llama_layout = {"gate_proj.weight": gate, "up_proj.weight": up, "gate_proj.bias": bias, "up_proj.bias": bias,
+                    "down_proj.weight": torch.zeros(16, 32), "down_proj.bias": torch.zeros(16)}
+    with pytest.raises(RuntimeError, match=r"size mismatch for gate_proj.weight and up_proj.weight: each must have "
+                                           r"shape \(32, 16\)"):
+        module.load_state_dict(llama_layout)
+    without_bias = GatedMLP(16, 32, bias=False)
+    weight = without_bias.gate_up_proj.weight.clone()
+    with pytest.raises(ValueError, match="gate_bias and up_bias must both be given iff the module has biases"):
+        without_bias.load_gate_up(torch.ones(32, 16), torch.ones(32, 16), bias, bias)
+    assert torch.equal(without_bias.gate_up_proj.weight, weight)
+    assert torch.equal(module.gate_up_proj.weight, before["gate_up_proj.weight"])  # torch loads down_proj
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_modules_under_autocast(backend):
     """Under bf16 autocast the modules compute in bf16 as torch's linears do, the parameters staying float32:

@@ -107,26 +107,44 @@ class GatedMLP(nn.Module):
     @torch.no_grad()
     def load_gate_up(self, gate_weight, up_weight, gate_bias=None, up_bias=None):
         """Copies separate gate (d_ff, d_model) and up (d_ff, d_model) weights (and (d_ff,) biases) into
-        gate_up_proj."""
-        self.gate_up_proj.weight.copy_(torch.cat([gate_weight, up_weight]))  # (2 d_ff, d_model)
+        gate_up_proj. Every argument is checked before anything is copied."""
         has_bias = self.gate_up_proj.bias is not None
         if (gate_bias is not None) != has_bias or (up_bias is not None) != has_bias:
             raise ValueError(f"gate_bias and up_bias must both be given iff the module has biases "
                              f"(bias={has_bias}); got gate_bias "
                              f"{'set' if gate_bias is not None else 'None'}, up_bias "
                              f"{'set' if up_bias is not None else 'None'}")
-        if gate_bias is not None:
+        for name, t in (("gate_weight", gate_weight), ("up_weight", up_weight), ("gate_bias", gate_bias),
+                        ("up_bias", up_bias)):
+            expected = _half_shape(self, name.split("_")[1])
+            if t is not None and tuple(t.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected}; got {tuple(t.shape)}")
+        self.gate_up_proj.weight.copy_(torch.cat([gate_weight, up_weight]))  # (2 d_ff, d_model)
+        if has_bias:
             self.gate_up_proj.bias.copy_(torch.cat([gate_bias, up_bias]))  # (2 d_ff,)
 
     def extra_repr(self):
         return f"activation={self.activation!r}, dropout={self.dropout}, backend={self.backend!r}"
 
 
+def _half_shape(module, kind):
+    """The shape of the gate or the up half of module.gate_up_proj's `kind` ("weight" or "bias"):
+    (d_ff, d_model) or (d_ff,)."""
+    d_ff2, d_model = module.gate_up_proj.weight.shape
+    return (d_ff2 // 2, d_model) if kind == "weight" else (d_ff2 // 2,)
+
+
 def _pack_gate_up_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                        error_msgs):
-    """Load hook: `gate_proj.*` + `up_proj.*` entries become one packed `gate_up_proj.*` entry."""
-    for name in ("weight", "bias"):
-        gate_key, up_key = f"{prefix}gate_proj.{name}", f"{prefix}up_proj.{name}"
+    """Load hook: `gate_proj.*` + `up_proj.*` entries become one packed `gate_up_proj.*` entry where each has
+    its half's shape; otherwise the load fails with a size mismatch that names them."""
+    for kind in ("weight", "bias"):
+        gate_key, up_key = f"{prefix}gate_proj.{kind}", f"{prefix}up_proj.{kind}"
         if gate_key in state_dict and up_key in state_dict:
-            packed = torch.cat([state_dict.pop(gate_key), state_dict.pop(up_key)])  # (2 d_ff, ...)
-            state_dict[f"{prefix}gate_up_proj.{name}"] = packed
+            gate, up = state_dict.pop(gate_key), state_dict.pop(up_key)
+            expected = _half_shape(module, kind)
+            if tuple(gate.shape) == tuple(up.shape) == expected:
+                state_dict[f"{prefix}gate_up_proj.{kind}"] = torch.cat([gate, up])  # (2 d_ff, ...)
+            else:
+                error_msgs.append(f"size mismatch for {gate_key} and {up_key}: each must have shape {expected}; "
+                                  f"got {tuple(gate.shape)} and {tuple(up.shape)}")
