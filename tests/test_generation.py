@@ -150,6 +150,37 @@ def test_seq2seq_decoding_rejects_bad_arguments(seq2seq):
         beam_search(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 5, beam_size=0)
 
 
+@pytest.mark.parametrize("bad_id", [259, -1])
+def test_decoding_rejects_token_ids_outside_the_vocabulary(lm, seq2seq, bad_id):
+    """Each entry point checks its ids (the models' forward does not: it would wait for the GPU every step)."""
+    ids = torch.tensor([[97, bad_id]])
+    got = f"got ids from {min(97, bad_id)} to {max(97, bad_id)}"
+    with pytest.raises(ValueError, match=f"prompt must hold token ids in \\[0, vocab_size=259\\); {got}"):
+        generate(lm, ids, 1)
+    for decode in (greedy_decode, beam_search):
+        with pytest.raises(ValueError, match=f"src must hold token ids in \\[0, vocab_size=259\\); {got}"):
+            decode(seq2seq, ids, 3)
+
+
+@pytest.mark.parametrize("src_lengths, message", [
+    (torch.tensor([6]), "src_lengths must be in \\[0, src length 5\\]; got lengths from 6 to 6"),
+    (torch.tensor([-1]), "src_lengths must be in \\[0, src length 5\\]; got lengths from -1 to -1"),
+    (torch.tensor([2, 3]), "src_lengths must be a \\(1,\\) int64 or int32 tensor .*; got torch.Size\\(\\[2\\]\\)"),
+    (torch.tensor([2.0]), "src_lengths must be a \\(1,\\) int64 or int32 tensor .* torch.float32"),
+], ids=["longer", "negative", "shape", "dtype"])
+def test_seq2seq_decoding_rejects_bad_source_lengths(seq2seq, src_lengths, message):
+    src = torch.randint(97, 123, (1, 5))
+    for decode in (greedy_decode, beam_search):
+        with pytest.raises(ValueError, match=message):
+            decode(seq2seq, src, 4, src_lengths=src_lengths)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -0.5])
+def test_beam_search_rejects_a_length_penalty_that_is_not_finite_and_non_negative(seq2seq, alpha):
+    with pytest.raises(ValueError, match=f"alpha must be a finite number >= 0; got {alpha}"):
+        beam_search(seq2seq, torch.randint(97, 123, (1, 5)), 4, alpha=alpha)
+
+
 def test_tokenizer_encodes_empty_text_and_refuses_lone_surrogates():
     """Every str UTF-8 can encode round-trips, the empty one included; a lone surrogate (how Python hands over a
     command-line byte that is not UTF-8) cannot be encoded."""

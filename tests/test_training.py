@@ -2,8 +2,12 @@
 bit-identically and are written atomically, two gloo processes compute the gradients of one, the command
 lines run, and bad input fails cleanly before anything is written."""
 
+import contextlib
+import hashlib
+import io
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -62,6 +66,53 @@ def test_copy_task_reaches_high_accuracy():
     assert accuracy >= 0.9, f"copy token accuracy {accuracy:.3f}"
 
 
+def test_default_learning_rate_is_each_trainers_own(tmp_path):
+    """lr None: the language model's peak 1e-3, the copy task's 0.5 times the paper's schedule (what the command
+    lines use); a resumed run with lr None repeats the checkpoint's."""
+    train_lm(LMConfig.preset("tiny", **TINY), _quiet(steps=1, batch_size=2, eval_windows=2,
+                                                     checkpoint_dir=str(tmp_path / "lm")))
+    copy_run = dict(batch_size=2, checkpoint_dir=str(tmp_path / "copy"))
+    train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=1, **copy_run), max_length=4, eval_examples=2)
+    for name, lr in [("lm", 1e-3), ("copy", 0.5)]:
+        saved = checkpoint.load_checkpoint(str(tmp_path / name))
+        assert saved["train_config"]["lr"] == lr and set(saved["scheduler"]["base_lrs"]) == {lr}, name
+    resumed = train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=2, resume=True, **copy_run), max_length=4,
+                         eval_examples=2)
+    assert resumed.step == 2
+
+
+@pytest.mark.parametrize("loss, perplexity", [(60.0, math.exp(60.0)), (800.0, math.inf)])
+def test_perplexity_is_the_exponential_of_the_validation_loss(monkeypatch, loss, perplexity):
+    """Not capped: inf only where exp overflows a float."""
+    real_loss = training.lm_loss
+    monkeypatch.setattr(training, "lm_loss", lambda *args: real_loss(*args) * 0 + loss)
+    result = train_lm(LMConfig.preset("tiny", **TINY), _quiet(steps=1, batch_size=2, eval_windows=2))
+    metrics = result.evaluations[-1][1]
+    assert metrics["val_loss"] == loss and metrics["val_ppl"] == perplexity
+
+
+@pytest.mark.parametrize("model_config, message", [
+    (LMConfig.preset("tiny", **{**TINY, "vocab_size": 100}),
+     "LMConfig.vocab_size must be at least the byte tokenizer's 259 (the ids it trains on); got 100"),
+    (Seq2SeqConfig.preset("tiny", vocab_size=50, pad_id=0, bos_id=1, eos_id=2),
+     "Seq2SeqConfig.vocab_size must be at least 123 to hold the copy task's letters a-z (ids 97-122); got 50"),
+    (Seq2SeqConfig.preset("tiny", pad_id=ord("a")),
+     "Seq2SeqConfig.pad_id must not be one of the copy task's letters a-z (ids 97-122); got 97"),
+    (Seq2SeqConfig.preset("tiny", eos_id=ord("z")),
+     "Seq2SeqConfig.eos_id must not be one of the copy task's letters a-z (ids 97-122); got 122"),
+], ids=["lm-vocab_size", "copy-vocab_size", "copy-pad_id", "copy-eos_id"])
+def test_model_vocabulary_must_hold_the_training_tokens(tmp_path, model_config, message):
+    """Checked before anything is trained or written: ids outside the vocabulary would fail deep in the
+    embedding, and a special id among the letters would silently train on another task."""
+    run = _quiet(steps=1, batch_size=2, eval_windows=2, checkpoint_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if isinstance(model_config, LMConfig):
+            train_lm(model_config, run)
+        else:
+            train_copy(model_config, run, max_length=4, eval_examples=2)
+    assert not (tmp_path / "run").exists()
+
+
 def _parameters(model):
     return {name: p.detach().clone() for name, p in model.state_dict().items()}
 
@@ -103,9 +154,29 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     assert os.path.getmtime(tmp_path / checkpoint.CHECKPOINT_NAME) == before
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         train_lm(config, _quiet(steps=4, checkpoint_dir=str(tmp_path / "elsewhere"), resume=True))
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="is not a readable checkpoint"):
-        checkpoint.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a checkpoint", "is not a tfm_kernels checkpoint: torch.load cannot read it as tensors and plain data "
+                          "(UnpicklingError)"),
+    ({"format": checkpoint.FORMAT_VERSION}, "is not a complete tfm_kernels checkpoint: it has no kind, config, "
+                                            "train_config, task, model, optimizer, optimizer_layout, scheduler, "
+                                            "step, rng, data_generator"),
+    ({"format": checkpoint.FORMAT_VERSION, **{name: 0 for name in checkpoint.FIELDS if name != "model"}},
+     "is not a complete tfm_kernels checkpoint: it has no model"),
+], ids=["junk", "format-only", "no-model"])
+def test_malformed_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, content, message):
+    """Not torch's advice to load the file unsafely, nor a KeyError."""
+    path = tmp_path / "checkpoint.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--checkpoint", str(path), "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "weights_only" not in error
+    assert error.splitlines()[-1] == f"python -m tfm_kernels generate: error: {str(path)!r} {message}"
 
 
 RESUMABLE = dict(batch_size=2, lr=1e-3, warmup_steps=2, eval_windows=2)
@@ -121,7 +192,7 @@ RESUMABLE = dict(batch_size=2, lr=1e-3, warmup_steps=2, eval_windows=2)
     (dict(weight_decay=0.0), ["weight_decay: checkpoint 0.1, given 0.0"]),
     (dict(val_fraction=0.2), ["val_fraction: checkpoint 0.1, given 0.2"]),
     (dict(amp=False), ["amp (--no-amp): checkpoint True, given False"]),
-    (dict(corpus="CORPUS"), ["corpus (--corpus): checkpoint None, given 'CORPUS'"]),
+    (dict(corpus="OTHER TEXT"), ["corpus_sha256 (--corpus): checkpoint 'DEFAULT', given 'OTHER TEXT'"]),
     # the learning rate decays over steps (decay_steps None): another total is another schedule
     (dict(steps=6), ["steps (--steps): checkpoint 3, given 6"]),
     (dict(decay_steps=10), ["decay_steps: checkpoint None, given 10"]),
@@ -135,10 +206,12 @@ def test_resume_refuses_settings_that_change_training(tmp_path, change, differen
     config = LMConfig.preset("tiny", **TINY)
     train_lm(config, _quiet(steps=3, checkpoint_dir=str(tmp_path / "run"), **RESUMABLE))
     before = os.path.getmtime(tmp_path / "run" / checkpoint.CHECKPOINT_NAME)
-    if change.get("corpus") == "CORPUS":
+    if "corpus" in change:  # the checkpoint's corpus is the package's, the given one its upper case
+        default = data.load_corpus()
         change["corpus"] = str(tmp_path / "corpus.txt")
-        (tmp_path / "corpus.txt").write_text(data.load_corpus())
-        differences = [d.replace("'CORPUS'", repr(change["corpus"])) for d in differences]
+        (tmp_path / "corpus.txt").write_text(default.upper(), encoding="utf-8")
+        differences = [d.replace("DEFAULT", _sha256(default)).replace("OTHER TEXT", _sha256(default.upper()))
+                       for d in differences]
     settings = {"steps": 3, **RESUMABLE, **change}
     with pytest.raises(ValueError, match="was trained with other settings") as error:
         train_lm(config, _quiet(checkpoint_dir=str(tmp_path / "run"), resume=True, **settings))
@@ -146,6 +219,46 @@ def test_resume_refuses_settings_that_change_training(tmp_path, change, differen
     assert all(difference in message for difference in differences), message
     assert message.count(": checkpoint ") == len(differences), message
     assert os.path.getmtime(tmp_path / "run" / checkpoint.CHECKPOINT_NAME) == before
+
+
+def _sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_resume_identifies_the_corpus_by_its_text(tmp_path, monkeypatch):
+    """The package's corpus, then the same text from a file given by a relative path, resumes; other text at
+    that path is refused."""
+    config = LMConfig.preset("tiny", **TINY)
+    run = dict(checkpoint_dir=str(tmp_path / "run"), decay_steps=4, **RESUMABLE)
+    train_lm(config, _quiet(steps=2, **run))
+    (tmp_path / "corpus.txt").write_text(data.load_corpus(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert train_lm(config, _quiet(steps=3, corpus="corpus.txt", resume=True, **run)).step == 3
+    (tmp_path / "corpus.txt").write_text(data.load_corpus().upper(), encoding="utf-8")
+    with pytest.raises(ValueError, match=f"corpus_sha256 \\(--corpus\\): checkpoint '{_sha256(data.load_corpus())}'"):
+        train_lm(config, _quiet(steps=4, corpus="corpus.txt", resume=True, **run))
+
+
+def test_fresh_run_refuses_a_folder_holding_a_checkpoint_unless_overwrite(tmp_path, capsys):
+    """Even one of the other model kind: the flag that continues it and the one that replaces it are named."""
+    train_lm(LMConfig.preset("tiny", **TINY), _quiet(steps=1, batch_size=2, eval_windows=2,
+                                                     checkpoint_dir=str(tmp_path)))
+    before = os.path.getmtime(tmp_path / checkpoint.CHECKPOINT_NAME)
+    run = ["--steps", "1", "--batch-size", "2", "--max-length", "4", "--eval-examples", "2", "--device", "cpu",
+           "--no-progress", "--checkpoint-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        train_copy_main(run)
+    assert exit_info.value.code == 2
+    assert (f"error: checkpoint_dir (--checkpoint-dir) {str(tmp_path)!r} already holds a checkpoint: continue it "
+            "with resume (--resume), or replace it with a fresh run with overwrite (--overwrite)"
+            ) in capsys.readouterr().err
+    assert os.path.getmtime(tmp_path / checkpoint.CHECKPOINT_NAME) == before
+    assert train_copy_main([*run, "--overwrite"]) == 0
+    assert checkpoint.load_checkpoint(str(tmp_path))["kind"] == "seq2seq"
+    with pytest.raises(ValueError, match="overwrite \\(--overwrite\\) starts afresh .* give one of them"):
+        _quiet(checkpoint_dir=str(tmp_path), resume=True, overwrite=True)
+    with pytest.raises(ValueError, match="overwrite \\(--overwrite\\) needs checkpoint_dir"):
+        _quiet(overwrite=True)
 
 
 def test_resume_refuses_another_copy_task(tmp_path):
@@ -261,7 +374,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_checkpoint(path, {"kind": "lm", "step": 2})
     monkeypatch.undo()
-    assert checkpoint.load_checkpoint(path)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
@@ -358,7 +471,7 @@ def _distributed_runs(world_size, out_dir):
         run["checkpoint_dir"] = os.path.join(out_dir, "fsdp")
         train_lm(config, _quiet(steps=2, fsdp=True, **run), env)
         train_lm(config, _quiet(steps=3, fsdp=True, resume=True, **run), env)
-    copy = train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=2, batch_size=4, eval_interval=2,
+    copy = train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=2, batch_size=4, lr=1e-3, eval_interval=2,
                                                            fsdp=world_size > 1), max_length=4, eval_examples=8,
                       env=env)
     copy_params = _parameters(copy.model) if world_size == 1 else get_model_state_dict(
@@ -392,8 +505,8 @@ def _copy_task_runs(world_size, out_dir):
     batch = [t[share] for t in _unequal_copy_batch(config)]
     seq2seq_loss(wrapped, *batch, config.label_smoothing, config.pad_id, env).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    result = train_copy(config, _quiet(steps=2, batch_size=4, log_interval=1, eval_interval=2), max_length=8,
-                        eval_examples=4, env=env)
+    result = train_copy(config, _quiet(steps=2, batch_size=4, lr=1e-3, log_interval=1, eval_interval=2),
+                        max_length=8, eval_examples=4, env=env)
     if env.is_main:
         torch.save({"grads": grads, "losses": result.train_losses, "params": _parameters(result.model)},
                    os.path.join(out_dir, f"copy{world_size}.pt"))
@@ -413,6 +526,32 @@ def _on_two_ranks_and_one(tmp_path, runs, stem):
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), runs), nprocs=2, start_method="fork")
     runs(1, str(tmp_path))
     return torch.load(tmp_path / f"{stem}2.pt"), torch.load(tmp_path / f"{stem}1.pt")
+
+
+def _failing_save_runs(world_size, out_dir):
+    """train-copy whose checkpoint the file system refuses (the test patches the writer); each rank records its
+    exit status and what it wrote to stderr."""
+    torch.set_num_threads(1)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
+        train_copy_main(["--steps", "1", "--batch-size", "2", "--max-length", "4", "--eval-examples", "2",
+                         "--device", "cpu", "--no-progress", "--checkpoint-dir", os.path.join(out_dir, "run")])
+    with open(os.path.join(out_dir, f"rank{os.environ['RANK']}.txt"), "w") as file:
+        file.write(f"{exit_info.value.code}\n{stderr.getvalue()}")
+
+
+def test_checkpoint_write_failure_ends_every_rank_with_the_same_line(tmp_path, monkeypatch):
+    """Rank 0 cannot write the checkpoint: every rank exits with its one-line error and status 1, none with a
+    traceback from waiting for rank 0."""
+    def failing_save(path, payload):
+        raise checkpoint.CheckpointWriteError(f"could not write the checkpoint {path!r}: [Errno 28] No space left")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", failing_save)
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), _failing_save_runs), nprocs=2,
+                       start_method="fork")
+    expected = ("1\npython -m tfm_kernels train-copy: error: could not write the checkpoint "
+                f"{os.path.join(str(tmp_path), 'run', checkpoint.CHECKPOINT_NAME)!r}: [Errno 28] No space left\n")
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == [expected, expected]
 
 
 def test_two_gloo_ranks_compute_what_one_process_computes(tmp_path):

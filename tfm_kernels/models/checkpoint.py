@@ -9,6 +9,9 @@ import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
+# What every checkpoint of a training run holds (training.Trainer.save writes them).
+FIELDS = ("kind", "config", "train_config", "task", "model", "optimizer", "optimizer_layout", "scheduler", "step",
+          "rng", "data_generator")
 
 
 class CheckpointWriteError(OSError):
@@ -61,18 +64,22 @@ def load_checkpoint(path: str, kind: str | None = None, config=None, map_locatio
     """Reads a checkpoint written by save_checkpoint.
 
     Raises FileNotFoundError if there is none at `path`, and ValueError if it is not a checkpoint of this
-    package, is of another model `kind` ("lm" or "seq2seq"), or was trained with a model configuration other
-    than `config` (naming the fields that differ)."""
+    package (naming the fields it lacks, if it has the format), is of another model `kind` ("lm" or "seq2seq"),
+    or was trained with a model configuration other than `config` (naming the fields that differ)."""
     if os.path.isdir(path):
         path = checkpoint_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path!r} is not a readable checkpoint: {error}") from error
+    except Exception as error:  # torch's message advises loading untrusted files unsafely: not repeated here
+        raise ValueError(f"{path!r} is not a tfm_kernels checkpoint: torch.load cannot read it as tensors and "
+                         f"plain data ({type(error).__name__})") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path!r} is not a tfm_kernels checkpoint (format {FORMAT_VERSION})")
+    missing = [name for name in FIELDS if name not in checkpoint]
+    if missing:
+        raise ValueError(f"{path!r} is not a complete tfm_kernels checkpoint: it has no {', '.join(missing)}")
     if kind is not None and checkpoint["kind"] != kind:
         raise ValueError(f"checkpoint {path!r} holds a {checkpoint['kind']!r} model; expected {kind!r}")
     if config is not None:

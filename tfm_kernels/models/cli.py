@@ -15,7 +15,7 @@ from .config import LMConfig, Seq2SeqConfig
 from .generation import generate
 from .lm import TransformerLM
 from .tokenizer import ByteTokenizer
-from .training import TrainConfig, train_copy, train_lm
+from .training import DEFAULT_LR, TrainConfig, train_copy, train_lm
 
 DEFAULT_NEW_TOKENS = 200
 DEFAULT_TEMPERATURE = 0.8
@@ -54,6 +54,12 @@ def _add_common_training_args(parser, default_steps, default_batch, default_lr, 
         "--no-amp, the data and schedule flags) must be the checkpoint's; checkpoint, logging and evaluation "
         "flags and --device may change",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh over the checkpoint in --checkpoint-dir (without it, a fresh run refuses a folder "
+        "that holds one)",
+    )
     parser.add_argument("--eval-interval", type=int, default=100)
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -73,6 +79,7 @@ def _train_config(args, **extra) -> TrainConfig:
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_interval=args.checkpoint_interval,
         resume=args.resume,
+        overwrite=args.overwrite,
         eval_interval=args.eval_interval,
         log_interval=args.log_interval,
         seed=args.seed,
@@ -110,7 +117,7 @@ def train_main(argv=None):
         prog="python -m tfm_kernels train",
         description="Train the byte-level Transformer language model on a text corpus.",
     )
-    _add_common_training_args(parser, default_steps=2000, default_batch=32, default_lr=1e-3,
+    _add_common_training_args(parser, default_steps=2000, default_batch=32, default_lr=DEFAULT_LR["lm"],
                               lr_help="peak learning rate (linear warm-up, cosine decay to 0.1x)")
     parser.add_argument(
         "--corpus", default=None, help="UTF-8 text file (default: the corpus shipped in the package)"
@@ -218,9 +225,7 @@ def train_copy_main(argv=None):
         prog="python -m tfm_kernels train-copy",
         description="Train the encoder-decoder Transformer to copy random strings.",
     )
-    # 0.5: the tiny preset learned to copy more reliably than with the paper's 1.0 (0.98 vs 0.90-0.95 token
-    # accuracy after 400 steps of 32 strings, two seeds each).
-    _add_common_training_args(parser, default_steps=600, default_batch=64, default_lr=0.5,
+    _add_common_training_args(parser, default_steps=600, default_batch=64, default_lr=DEFAULT_LR["seq2seq"],
                               lr_help="multiplier of the paper's inverse-sqrt schedule (1.0: the paper's)")
     parser.set_defaults(eval_interval=200)
     parser.add_argument("--warmup-steps", type=int, default=None, help="override the preset's warm-up steps")

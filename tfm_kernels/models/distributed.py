@@ -145,9 +145,3 @@ def all_gather_objects(obj, env: DistributedEnv) -> list:
     gathered = [None] * env.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def barrier(env: DistributedEnv):
-    """Waits until every process gets here (the checkpoint is complete before anyone goes on)."""
-    if env.distributed:
-        dist.barrier()

@@ -1,7 +1,10 @@
 """Decoding: greedy, temperature and top-k sampling for the language model; greedy and beam search for the
 encoder-decoder. With use_cache=True every step feeds only the newest token and attends the key/value cache
 on the package's kernels; use_cache=False recomputes the whole prefix each step (the reference the cached
-path must equal token for token)."""
+path must equal token for token). These entry points check their token ids against the vocabulary (the models'
+forward does not: its check would wait for the GPU at every training step)."""
+
+import math
 
 import torch
 
@@ -12,6 +15,15 @@ from .seq2seq import EncoderDecoderTransformer
 def _check_count(name, value, minimum=1):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def _check_token_ids(name, ids, vocab_size):
+    """ValueError naming `name` unless every id of `ids` is in [0, vocab_size)."""
+    if ids.numel():
+        low, high = (bound.item() for bound in torch.aminmax(ids))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} must hold token ids in [0, vocab_size={vocab_size}); got ids from {low} to "
+                             f"{high}")
 
 
 def _next_token(logits, greedy, temperature, top_k, generator):
@@ -48,7 +60,8 @@ def generate(
 
     Args:
         model: a TransformerLM (put in eval mode by the caller if it has dropout).
-        prompt: (B, T) int64 token ids, T >= 1; T + max_new_tokens must fit the context length.
+        prompt: (B, T) int64 token ids in [0, vocab_size), T >= 1; T + max_new_tokens must fit the context
+            length.
         greedy: take the most likely token; otherwise sample from softmax(logits / temperature) over the
             `top_k` most likely tokens (all if None).
         generator: torch.Generator for sampling (reproducible runs), on the model's device.
@@ -65,6 +78,7 @@ def generate(
         )
     if prompt.shape[1] == 0:
         raise ValueError("prompt must hold at least one token; got length 0")
+    _check_token_ids("prompt", prompt, model.config.vocab_size)
     _check_count("max_new_tokens", max_new_tokens, 0)
     context = model.config.context_length
     if prompt.shape[1] > context:
@@ -118,7 +132,7 @@ class _Decoder:
             self.cache.reorder(rows)
 
 
-def _check_source(model, src, max_length):
+def _check_source(model, src, max_length, src_lengths):
     if not isinstance(src, torch.Tensor) or src.dim() != 2 or src.dtype != torch.int64:
         raise ValueError(
             f"src must be a (batch, length) int64 tensor; got "
@@ -128,6 +142,18 @@ def _check_source(model, src, max_length):
         raise ValueError(
             f"src length {src.shape[1]} exceeds the model's max_length {model.config.max_length}"
         )
+    _check_token_ids("src", src, model.config.vocab_size)
+    if src_lengths is not None:
+        B, S = src.shape
+        if (not isinstance(src_lengths, torch.Tensor) or src_lengths.shape != (B,)
+                or src_lengths.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"src_lengths must be a ({B},) int64 or int32 tensor (one length per src row); got "
+                             f"{getattr(src_lengths, 'shape', type(src_lengths).__name__)} "
+                             f"{getattr(src_lengths, 'dtype', '')}")
+        if B:
+            low, high = (bound.item() for bound in torch.aminmax(src_lengths))
+            if low < 0 or high > S:
+                raise ValueError(f"src_lengths must be in [0, src length {S}]; got lengths from {low} to {high}")
     _check_count("max_length", max_length)
     # The decoder is fed bos and every generated token but the last: positions 0..max_length - 1.
     if max_length > model.config.max_length:
@@ -138,11 +164,12 @@ def _check_source(model, src, max_length):
 def greedy_decode(
     model: EncoderDecoderTransformer, src, max_length: int, *, src_lengths=None, use_cache=True
 ):
-    """Greedy decoding of each right-padded source row of src (B, S).
+    """Greedy decoding of each right-padded source row of src (B, S) int64 token ids in [0, vocab_size);
+    src_lengths (B,) in [0, S] (None: the non-pad tokens of each row).
 
     Returns (B, n) int64, n <= max_length: the generated tokens after bos, ending with eos where a row
     finished; positions after a row's eos hold pad_id."""
-    _check_source(model, src, max_length)
+    _check_source(model, src, max_length, src_lengths)
     config = model.config
     decoder = _Decoder(model, src, src_lengths, max_length, use_cache)
     tokens = torch.full((src.shape[0], 1), config.bos_id, dtype=torch.int64, device=src.device)
@@ -173,17 +200,19 @@ def beam_search(
     src_lengths=None,
     use_cache=True,
 ):
-    """Beam search over each right-padded source row of src (B, S).
+    """Beam search over each right-padded source row of src (B, S), src_lengths as in greedy_decode.
 
     Each row keeps `beam_size` hypotheses; a finished hypothesis (ended by eos) is carried unchanged with its
-    score. The answer is the hypothesis with the highest log-probability / length_penalty(length, alpha),
-    length counting the tokens after bos up to and including eos.
+    score. The answer is the hypothesis with the highest log-probability / length_penalty(length, alpha) (alpha
+    finite, >= 0), length counting the tokens after bos up to and including eos.
 
     Returns (tokens (B, n) int64 as in greedy_decode, scores (B,) float32 length-normalised
     log-probabilities).
     """
-    _check_source(model, src, max_length)
+    _check_source(model, src, max_length, src_lengths)
     _check_count("beam_size", beam_size)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0; got {alpha!r}")
     config = model.config
     B, K = src.shape[0], beam_size
     device = src.device

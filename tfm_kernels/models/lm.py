@@ -34,7 +34,9 @@ class TransformerLM(nn.Module):
     final LayerNorm and an output head tied to the token embedding.
 
     forward(tokens (B, T) int64, cache=None) -> logits (B, T, vocab_size). With a KVCache (`new_cache`),
-    `tokens` are the positions after the cached ones and only they are computed."""
+    `tokens` are the positions after the cached ones and only they are computed. forward does not check that
+    the ids are in [0, vocab_size) (the check would wait for the GPU at every training step): others fail as
+    nn.Embedding fails; `generation.generate` checks its prompt."""
 
     def __init__(self, config: LMConfig):
         super().__init__()

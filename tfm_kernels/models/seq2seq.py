@@ -85,7 +85,9 @@ class EncoderDecoderTransformer(nn.Module):
     Sequences are right-padded with `config.pad_id`; source lengths default to the count of non-pad tokens.
     forward(src (B, S), tgt_in (B, T), src_lengths (B,) or None) -> logits (B, T, vocab_size), tgt_in starting
     with bos. For decoding: `encode`, `memory_kv` (cross-attention keys/values, computed once per source) and
-    `decode` with a KVCache from `new_cache`."""
+    `decode` with a KVCache from `new_cache`. Token ids are not checked against the vocabulary here (the check
+    would wait for the GPU at every training step): others fail as nn.Embedding fails; greedy_decode and
+    beam_search check theirs."""
 
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
