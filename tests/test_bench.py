@@ -3,12 +3,14 @@ mode steps' gradients, the rows and ratios, the self-check's ability to fail, an
 --quick` end to end (table and JSON record with the expected fields), and the parallel gpu-test runner and
 the compute-sanitizer script of benchmarks/device_check.sh."""
 
+import importlib
 import importlib.machinery
 import importlib.util
 import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -216,6 +218,38 @@ def test_self_check_fails_a_wrong_kernel():
     assert wrong.status == "FAIL" and "out" in wrong.detail
     crashing = selfcheck._run_check("tanh", "b", "c", lambda t: t[99], oracle, oracle, [x], ["out", "dx"])
     assert crashing.status == "FAIL" and "IndexError" in crashing.detail
+    wrong_dtype = selfcheck._run_check("tanh", "b", "c", lambda t: torch.tanh(t).double(), oracle, oracle, [x],
+                                       ["out", "dx"])
+    assert wrong_dtype.status == "FAIL"
+    assert wrong_dtype.detail == "out: dtype torch.float64 where torch gives torch.float32"
+
+
+MLP_MODULE = importlib.import_module("tfm_kernels.mlp")  # the module; tfm_kernels.mlp is also its function mlp
+# name: (function of tfm_kernels.mlp, a wrong version of it, the self-check that must fail, how it fails)
+MLP_FAULTS = {
+    "relu off by one": ("fused_linear", lambda f: lambda x, w, b=None, act="gelu", p=0.0, **kw: (
+        f(x, w, b, act, p, **kw) + (1.0 if act == "relu" else 0.0)), "fused_linear relu", "out: error"),
+    "dropout ignored": ("fused_linear", lambda f: lambda x, w, b=None, act="gelu", p=0.0, **kw: (
+        f(x, w, b, act, 0.0, **kw)), "fused_linear gelu_tanh dropout 0.25", "out: error"),
+    "gated bias ignored": ("gated_linear", lambda f: lambda x, w, act="silu", p=0.0, bias=None, **kw: (
+        f(x, w, act, p, **kw)), "gated_linear identity", "out: error"),
+    "wrong dtype": ("fused_linear", lambda f: lambda *args, **kw: f(*args, **kw).double(), "fused_linear relu",
+                    "out: dtype torch.float64 where torch gives torch.float32"),
+}
+
+
+@pytest.mark.parametrize("fault", MLP_FAULTS)
+def test_self_check_fails_a_wrong_mlp_operator(fault, monkeypatch, capsys):
+    """Each activation, dropout, the gated bias and the output dtype are checked: a fault in any of them makes
+    the bench report FAIL and exit 1."""
+    function, wrong, check, failure = MLP_FAULTS[fault]
+    monkeypatch.setattr(MLP_MODULE, function, wrong(getattr(MLP_MODULE, function)))
+    monkeypatch.setattr(selfcheck, "ATTENTION_BACKENDS", ())  # the MLP checks on the C++ backend suffice here
+    monkeypatch.setattr(selfcheck, "MLP_BACKENDS", ("cpu",))
+    monkeypatch.setattr(cli, "cpu_cases", lambda args, suites, device: [])
+    assert cli.main(["--quick", "--device", "cpu", "--json", ""]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"^FAIL  {re.escape(check)} \[cpu\] .*: {failure}", out, re.MULTILINE), out
 
 
 def test_environment_without_git(monkeypatch):
@@ -224,6 +258,29 @@ def test_environment_without_git(monkeypatch):
     assert env["commit"] == "unknown"
     for key in ("card", "torch", "triton", "cuda", "date", "device_type"):
         assert key in env
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_commit_is_that_of_the_package_checkout_only(tmp_path, monkeypatch):
+    """The record's commit is the HEAD of the checkout whose top level holds tfm_kernels/, "-dirty" when its
+    tracked files changed; a package installed inside another project's checkout has no commit of its own."""
+    project = tmp_path.resolve()
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (project / "tracked").write_text("a")
+    subprocess.run([*git, "add", "tracked"], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    site_packages = project / "venv" / "site-packages"
+    site_packages.mkdir(parents=True)
+    monkeypatch.setattr(report, "PACKAGE_PARENT", site_packages)
+    assert report._commit() == "unknown"  # not the project's HEAD
+    monkeypatch.setattr(report, "PACKAGE_PARENT", project)
+    assert report._commit() == head  # untracked files (venv/) are not changes
+    (project / "tracked").write_text("b")
+    assert report._commit() == head + "-dirty"
+    env = {"device_type": "cpu", "card": "c", "torch": "t", "triton": "t", "commit": head + "-dirty", "date": "d"}
+    assert f"commit {head[:12]}-dirty, d" in cli._title(env)
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
@@ -323,6 +380,63 @@ def test_unwritable_output_paths_fail_before_measuring(tmp_path, flag, capsys):
     assert stop.value.code == 2 and f"{flag}: cannot write in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("target", ["directory", "read-only file"])
+def test_a_json_path_that_cannot_be_appended_to_fails_before_measuring(tmp_path, target, capsys):
+    path = tmp_path / "record"
+    if target == "directory":
+        path.mkdir()
+    else:
+        path.write_text("")
+        path.chmod(0o444)
+        if os.access(path, os.W_OK):
+            pytest.skip("this user can write a read-only file (root)")
+    with pytest.raises(SystemExit) as stop:
+        cli.parse_args(["--device", "cpu", "--json", str(path)])
+    expected = "got the directory" if target == "directory" else "is not writable"
+    assert stop.value.code == 2 and re.search(f"--json: expected a file .*{expected}", capsys.readouterr().err)
+
+
+def _one_quick_case(monkeypatch):
+    """cli.main runs a single instant MLP case (a peer doing nothing) after a passing self-check."""
+    passed = selfcheck.Check("mlp", "cpu", "c", "pass", "within tolerance")
+    monkeypatch.setattr(cli, "self_check", lambda device, dtype: [passed])
+    peer = suite.Provider("peer-ok", False, lambda: lambda: None)
+    case = suite.Case("mlp", "c", {}, "fwd", 1e9, "TFLOP/s", torch.device("cpu"), [peer])
+    monkeypatch.setattr(cli, "cpu_cases", lambda args, suites, device: [case])
+
+
+@pytest.mark.parametrize("flag, writer, error", [
+    ("--json", "append_record", "--json: cannot append the record to {path}: Permission denied"),
+    ("--plot", "plot_attention", "--plot: cannot write in {path}: Permission denied"),
+])
+def test_an_output_that_cannot_be_written_loses_no_table(tmp_path, monkeypatch, capsys, flag, writer, error):
+    """The table is printed before the record and plots are written; a failed write is a one-line error and
+    exit 1."""
+    if flag == "--plot" and report.matplotlib_missing():
+        pytest.skip(report.matplotlib_missing())
+    _one_quick_case(monkeypatch)
+
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(report, writer, refuse)
+    path = tmp_path / "out"
+    assert cli.main(["--quick", "--device", "cpu", "--json", "", flag, str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "## CPU timing" in captured.out and "| peer-ok |" in captured.out
+    assert captured.err.splitlines()[-1] == error.format(path=path)
+
+
+def test_plot_with_nothing_to_draw_says_so_and_makes_no_folder(tmp_path, monkeypatch, capsys):
+    if report.matplotlib_missing():
+        pytest.skip(report.matplotlib_missing())
+    _one_quick_case(monkeypatch)
+    plots = tmp_path / "plots"
+    assert cli.main(["--quick", "--device", "cpu", "--suite", "mlp", "--json", "", "--plot", str(plots)]) == 0
+    assert not plots.exists()
+    assert f"--plot: this run has no attention rows to plot; nothing written to {plots}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--suite", "atention"], r"--suite: expected names among .*; got \['atention'\]"),
     (["--suite", ""], r"--suite: expected names among .*; got none"),
@@ -334,10 +448,14 @@ def test_bad_suites_are_refused_before_anything_runs(argv, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_unknown_mlp_shape_is_refused_before_the_self_check(monkeypatch):
+def test_unknown_mlp_shape_is_refused_before_the_self_check(tmp_path, monkeypatch):
+    """An unknown name stops the run before the self-check, and leaves no empty results folder behind (the
+    default --json's folder is made only when the record is written)."""
     monkeypatch.setattr(cli, "self_check", lambda device, dtype: pytest.fail("the self-check ran first"))
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"--mlp-shapes: unknown \['nope'\]"):
-        cli.main(["--quick", "--device", "cpu", "--json", "", "--mlp-shapes", "nope"])
+        cli.main(["--quick", "--device", "cpu", "--mlp-shapes", "nope"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_replay_picks_a_run_of_the_record(tmp_path, capsys):
@@ -354,6 +472,23 @@ def test_replay_picks_a_run_of_the_record(tmp_path, capsys):
         cli.main(["--replay", str(record), "--run", "2"])
     with pytest.raises(SystemExit, match=r"--replay: cannot read .*missing.jsonl"):
         cli.main(["--replay", str(tmp_path / "missing.jsonl")])
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", r"expected a JSON record of a run; got invalid JSON \(Expecting value: line 1 column 1"),
+    ("[1, 2]", r"expected a JSON object with a list of rows; got '\[1, 2\]'"),
+    ('{"rows": []}', r"the record lacks device_type, card, torch, triton, commit, date$"),
+    ("no status", r"the record lacks rows\[0\]\.status$"),
+])
+def test_replay_of_a_malformed_record_names_what_is_wrong(tmp_path, line, message):
+    record = tmp_path / "r.jsonl"
+    report.append_record(record, report.environment("cpu"), [])  # a good run first: the bad one is line 3
+    if line == "no status":
+        row = {k: v for k, v in suite._empty_row(_case(), suite.Provider("p", True, None)).items() if k != "status"}
+        line = json.dumps({**report.environment("cpu"), "rows": [row]})
+    record.write_text(record.read_text() + "\n" + line + "\n")
+    with pytest.raises(SystemExit, match=rf"^--replay: {re.escape(str(record))} line 3 \(run -1\): {message}"):
+        cli.main(["--replay", str(record)])
 
 
 def test_an_extension_missing_or_failing_to_import_is_named_so(tmp_path, monkeypatch):

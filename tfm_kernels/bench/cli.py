@@ -131,20 +131,26 @@ def parse_args(argv):
         parser.error(report.matplotlib_missing())
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
-    for flag, folder in (("--json", Path(args.json).parent if args.json and not args.replay else None),
+    # The outputs are checked before a run that may take minutes; their folders are made only when written.
+    record = Path(args.json) if args.json and not args.replay else None
+    for flag, folder in (("--json", record.parent if record else None),
                          ("--plot", Path(args.plot) if args.plot else None)):
-        if folder is not None and not _writable_folder(folder):
-            parser.error(f"{flag}: cannot write in {str(folder)!r}")  # checked before a run that may take minutes
+        if folder is not None and not _can_write_in(folder):
+            parser.error(f"{flag}: cannot write in {str(folder)!r}")
+    if record and record.is_dir():
+        parser.error(f"--json: expected a file to append the record to; got the directory {args.json!r}")
+    if record and record.exists() and not os.access(record, os.W_OK):
+        parser.error(f"--json: expected a file that can be appended to; {args.json!r} is not writable")
     return args
 
 
-def _writable_folder(folder: Path) -> bool:
-    """Whether `folder` exists, or can be made, and files can be written in it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK | os.X_OK)
+def _can_write_in(folder: Path) -> bool:
+    """Whether files can be written in `folder` once it is made: it, or else its nearest existing ancestor
+    (where the missing folders would be made), is a writable directory."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
 
 
 def _pick_mlp_shapes(shapes, names):
@@ -224,39 +230,84 @@ def print_checks(checks, stream=None):
         print("ERROR: no operator could be checked here (see the reasons above)", file=stream)
 
 
+RECORD_FIELDS = ("device_type", "card", "torch", "triton", "commit", "date", "rows")  # what --replay reads
+
+
 def _title(env, seconds=None) -> str:
     kind = "GPU timing" if env["device_type"] == "cuda" else "CPU timing (this machine; not a GPU result)"
     took = f" ({seconds:.0f} s)" if seconds is not None else ""
     return (
         f"## {kind}: {env['card']}, torch {env['torch']}, triton {env['triton']}, "
-        f"commit {env['commit'][:12]}, {env['date']}{took}"
+        f"commit {env['commit'][:12]}{'-dirty' if env['commit'].endswith('-dirty') else ''}, {env['date']}{took}"
     )
 
 
-def replay(record_path, index, plot_dir) -> int:
-    """Prints the table of run `index` (Python indexing) recorded in record_path and draws its plots into
-    plot_dir."""
+def _load_run(record_path, index) -> dict:
+    """Run `index` (Python indexing) of the JSON Lines record at record_path, with every field the table and
+    plots read; a clear error naming --replay, the file, the line and what is wrong otherwise."""
     try:
-        lines = [line for line in Path(record_path).read_text().splitlines() if line.strip()]
+        lines = [(number, line) for number, line in enumerate(Path(record_path).read_text().splitlines(), 1)
+                 if line.strip()]
     except OSError as error:
         raise SystemExit(f"--replay: cannot read {record_path}: {error.strerror}") from None
     if not -len(lines) <= index < len(lines):
         raise SystemExit(f"--run {index}: {record_path} holds {len(lines)} run(s)")
-    run = json.loads(lines[index])
-    if plot_dir:
-        paths = report.plot_attention(run["rows"], plot_dir, run["card"])
-        for path in paths:
-            print(f"plot written to {path}", file=sys.stderr)
-        if not paths:
-            print(f"--plot: run {index} of {record_path} has no attention rows to plot", file=sys.stderr)
+    number, line = lines[index]
+    where = f"--replay: {record_path} line {number} (run {index})"
+    try:
+        run = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{where}: expected a JSON record of a run; got invalid JSON ({error})") from None
+    if not isinstance(run, dict) or not isinstance(run.get("rows", []), list):
+        raise SystemExit(f"{where}: expected a JSON object with a list of rows; got {line[:80]!r}")
+    missing = [field for field in RECORD_FIELDS if field not in run]
+    missing += [f"rows[{i}].{field}" for i, row in enumerate(run.get("rows", []))
+                for field in report.ROW_FIELDS if not isinstance(row, dict) or field not in row]
+    if missing:
+        raise SystemExit(f"{where}: the record lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    return run
+
+
+def _save_record(path, env, rows, checks) -> bool:
+    """Appends the run's record to `path`; False, with a one-line error, if it cannot be written."""
+    try:
+        written = report.append_record(path, env, rows, checks)
+    except OSError as error:
+        print(f"--json: cannot append the record to {path}: {error.strerror}", file=sys.stderr)
+        return False
+    print(f"record appended to {written}", file=sys.stderr)
+    return True
+
+
+def _plot(rows, plot_dir, card, source) -> bool:
+    """Draws the attention plots of `rows` (those of `source`, named when there are none) into plot_dir; False,
+    with a one-line error, if they cannot be written."""
+    try:
+        paths = report.plot_attention(rows, plot_dir, card)
+    except OSError as error:
+        print(f"--plot: cannot write in {plot_dir}: {error.strerror}", file=sys.stderr)
+        return False
+    for path in paths:
+        print(f"plot written to {path}", file=sys.stderr)
+    if not paths:
+        print(f"--plot: {source} has no attention rows to plot; nothing written to {plot_dir}", file=sys.stderr)
+    return True
+
+
+def replay(record_path, index, plot_dir) -> int:
+    """Prints the table of run `index` (Python indexing) recorded in record_path and draws its plots into
+    plot_dir. Returns 1 if the plots could not be written, else 0."""
+    run = _load_run(record_path, index)
     print(_title(run) + "\n")
     print(report.markdown_table(run["rows"]))
-    return 0
+    plotted = not plot_dir or _plot(run["rows"], plot_dir, run["card"], f"run {index} of {record_path}")
+    return 0 if plotted else 1
 
 
 def main(argv=None) -> int:
     """Runs the benchmark (and, without a GPU, the self-check). Returns 1 if a check failed, the self-check
-    could check no operator, one of our providers raised an error or the run stopped early, else 0."""
+    could check no operator, one of our providers raised an error, the run stopped early or its record or plots
+    could not be written, else 0."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.replay:
         return replay(args.replay, args.run, args.plot)
@@ -282,12 +333,6 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
     stopped = any(r["reason"] == NOT_RUN for r in rows)
     env = report.environment(device)
-    if args.json:
-        path = report.append_record(args.json, env, rows, checks)
-        print(f"record appended to {path}", file=sys.stderr)
-    if args.plot:
-        for path in report.plot_attention(rows, args.plot, env["card"]):
-            print(f"plot written to {path}", file=sys.stderr)
     for row in rows:
         if row["status"] == "error":
             print(
@@ -298,8 +343,11 @@ def main(argv=None) -> int:
     stop_note = "\nSTOPPED before the end: see the rows marked not run.\n" if stopped else ""
     print(_title(env, time.perf_counter() - started) + "\n" + stop_note)
     print(report.markdown_table(rows))
+    sys.stdout.flush()  # the table is out before the files are written: a failed write cannot lose it
+    saved = not args.json or _save_record(args.json, env, rows, checks)
+    plotted = not args.plot or _plot(rows, args.plot, env["card"], "this run")
     checked_nothing = checks is not None and not any(c.status == "pass" for c in checks)
     failed = checked_nothing or any(c.status == "FAIL" for c in checks or ()) or any(
         r["status"] == "error" for r in rows
     )
-    return 1 if failed or stopped else 0
+    return 1 if failed or stopped or not saved or not plotted else 0

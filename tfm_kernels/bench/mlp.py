@@ -16,9 +16,9 @@ COMPILE_RECOMPILE_LIMIT = 64
 
 
 def eager_mlp(x, w1, b1, w2, b2, activation="gelu", gated=False):
-    """The MLP block in plain torch ops (tfm_kernels.reference, no dropout): the eager peer, the function
-    torch.compile compiles, and in float64 the self-check's oracle. x (..., d_model); w1 (d_ff, d_model), or
-    (2*d_ff, d_model) packed [gate; up] when gated; w2 (d_model, d_ff); biases or None."""
+    """The MLP block in plain torch ops (tfm_kernels.reference, no dropout): the eager peer and the function
+    torch.compile compiles. x (..., d_model); w1 (d_ff, d_model), or (2*d_ff, d_model) packed [gate; up] when
+    gated; w2 (d_model, d_ff); biases or None."""
     if gated:
         hidden = reference.gated_linear(x, w1, b1, activation)  # (..., d_ff)
     else:

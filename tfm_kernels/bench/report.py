@@ -13,24 +13,30 @@ from pathlib import Path
 import torch
 
 DEFAULT_RECORD = Path("benchmarks") / "results" / "bench.jsonl"
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding tfm_kernels/: a checkout's top level
+
+
+def _git(*args) -> str | None:
+    """The output of `git args` run in PACKAGE_PARENT, or None if git is missing or fails."""
+    try:
+        result = subprocess.run(["git", "--no-optional-locks", *args], cwd=PACKAGE_PARENT, capture_output=True,
+                                text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def _commit() -> str:
-    """The package checkout's commit, when git and a checkout are there; else "unknown" (git is optional)."""
+    """The commit of the package's own checkout, with "-dirty" when tracked files have changes; "unknown" when
+    git is missing or the package is not at the top level of a checkout (an install inside another project's
+    checkout: git would find that project's commit)."""
     if shutil.which("git") is None:
         return "unknown"
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
+    top_and_head = (_git("rev-parse", "--show-toplevel", "HEAD") or "").splitlines()
+    if len(top_and_head) != 2 or Path(top_and_head[0]).resolve() != PACKAGE_PARENT:
         return "unknown"
-    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
+    changes = _git("status", "--porcelain", "--untracked-files=no")
+    return top_and_head[1] + ("-dirty" if changes else "")
 
 
 def environment(device) -> dict:
@@ -77,6 +83,12 @@ def _format_value(row) -> str:
     if row["unit"] == "tokens/s":
         return f"{row['value'] / 1e3:,.1f}k"
     return f"{row['value']:.3g}" if row["value"] < 10 else f"{row['value']:.1f}"
+
+
+# The fields of a row that the table and the plots read (suite._empty_row writes them all; host_ms is optional:
+# older records lack it).
+ROW_FIELDS = ("suite", "config", "shape", "mode", "provider", "ours", "unit", "status", "reason", "median_ms",
+              "p20_ms", "p80_ms", "value", "peak_mib", "ratio")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -154,8 +166,6 @@ def plot_attention(rows: list[dict], directory, card: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     panels = defaultdict(lambda: defaultdict(list))  # (head_dim, causal, mode) -> provider -> [(seq, value)]
     tokens = defaultdict(set)  # (head_dim, causal, mode) -> {batch * seq}
     for row in rows:
@@ -164,6 +174,9 @@ def plot_attention(rows: list[dict], directory, card: str) -> list[Path]:
             panel = (shape["head_dim"], shape["causal"], row["mode"])
             panels[panel][row["provider"]].append((shape["seq"], row["value"]))
             tokens[panel].add(shape.get("batch", 1) * shape["seq"])
+    directory = Path(directory)
+    if panels:  # no empty folder when there is nothing to draw
+        directory.mkdir(parents=True, exist_ok=True)
     written = []
     for (head_dim, causal, mode), providers in sorted(panels.items()):
         figure, axes = plt.subplots(figsize=(7, 4.5))

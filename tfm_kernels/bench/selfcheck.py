@@ -12,11 +12,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import backends, reference
+from .. import backends, reference, rng
 from ..attention import scaled_dot_product_attention
 from ..tolerance import tolerance_failure
-from . import configs
-from . import mlp as mlp_cases
 from .timing import randn
 
 # Our kernels; the "torch" backends are the oracles themselves.
@@ -36,14 +34,16 @@ class Check:
 
 
 def _compare(names, ours, baseline, oracle) -> str | None:
-    """The first tolerance failure among paired tensors (output, then each gradient), or None. Pairs whose
-    oracle is None (an input the op does not take) are skipped; a gradient the oracle has and ours
-    lacks fails."""
+    """The first failure among paired tensors (output, then each gradient): a dtype other than torch's (the
+    baseline), a shape other than the oracle's or an error beyond the tolerance; or None. Pairs whose oracle is
+    None (an input the op does not take) are skipped; a gradient the oracle has and ours lacks fails."""
     for name, result, base, exact in zip(names, ours, baseline, oracle):
         if exact is None:
             continue
         if result is None:
             return f"{name}: no gradient where the oracle has one"
+        if result.dtype != base.dtype:
+            return f"{name}: dtype {result.dtype} where torch gives {base.dtype}"
         failure = tolerance_failure(name, result, base, exact)
         if failure:
             return failure
@@ -111,54 +111,78 @@ def attention_checks(device, dtype) -> list[Check]:
     return checks
 
 
-def _mlp_ops(module) -> list[tuple[str, configs.MLPShape, Callable, Callable]]:
-    """(op name, shape, our function(backend) -> fn(x, w1, b1, w2, b2), eager fn(x, w1, b1, w2, b2))."""
-    shape = configs.MLPShape("check", 3 * 7, 33, 100, "gelu", False, torch.float32)
-    gated = configs.MLPShape("check", 3 * 7, 33, 100, "silu", True, torch.float32)
-    return [
-        (
-            "fused_linear gelu",
-            shape,
-            lambda b: lambda x, w1, b1, w2, b2: module.fused_linear(x, w1, b1, "gelu", backend=b),
-            lambda x, w1, b1, w2, b2: reference.linear(x, w1, b1, "gelu"),
-        ),
-        (
-            "gated_linear silu",
-            gated,
-            lambda b: lambda x, w1, b1, w2, b2: module.gated_linear(x, w1, "silu", backend=b),
-            lambda x, w1, b1, w2, b2: reference.gated_linear(x, w1, None, "silu"),
-        ),
-        (
-            "mlp gelu",
-            shape,
-            lambda b: lambda x, w1, b1, w2, b2: module.mlp(x, w1, b1, w2, b2, "gelu", backend=b),
-            lambda x, w1, b1, w2, b2: mlp_cases.eager_mlp(x, w1, b1, w2, b2, "gelu"),
-        ),
-        (
-            "mlp swiglu",
-            gated,
-            lambda b: lambda x, w1, b1, w2, b2: module.mlp(x, w1, b1, w2, b2, "silu", gated=True, backend=b),
-            lambda x, w1, b1, w2, b2: mlp_cases.eager_mlp(x, w1, b1, w2, b2, "silu", gated=True),
-        ),
-    ]
+# (operator, activation, gated, dropout_p): every activation at least once, dropout once, biases everywhere.
+MLP_CHECKS = (
+    ("fused_linear", "relu", False, 0.0),
+    ("fused_linear", "gelu_tanh", False, 0.25),
+    ("gated_linear", None, True, 0.0),
+    ("mlp", "gelu", False, 0.0),
+    ("mlp", "silu", True, 0.0),
+)
+DROPOUT_SEED = 0  # set before each call, so that every backend and the oracle draw the same dropout mask
+
+
+def _mlp_inputs(gated, device, dtype):
+    """x (3, 7, 33) (a leading batch shape); w1 (100, 33), or (200, 33) packed [gate; up] when gated; b1;
+    w2 (33, 100); b2: scaled like nn.Linear's init so that activations stay O(1)."""
+    d_model, d_ff = 33, 100
+    up_rows = 2 * d_ff if gated else d_ff
+
+    def make(*size, fan_in=1):
+        return randn(*size, dtype=dtype, device=device, scale=fan_in**-0.5)
+
+    return (make(3, 7, d_model), make(up_rows, d_model, fan_in=d_model), make(up_rows, fan_in=d_model),
+            make(d_model, d_ff, fan_in=d_ff), make(d_model, fan_in=d_ff))
+
+
+def _ours(module, op, activation, gated, dropout_p, backend) -> Callable:
+    """Our operator `op` of `module` on `backend`, as fn(x, w1, b1, w2, b2)."""
+
+    def run(x, w1, b1, w2, b2):
+        torch.manual_seed(DROPOUT_SEED)
+        if op == "fused_linear":
+            return module.fused_linear(x, w1, b1, activation, dropout_p, backend=backend)
+        if op == "gated_linear":
+            return module.gated_linear(x, w1, activation, dropout_p, bias=b1, backend=backend)
+        return module.mlp(x, w1, b1, w2, b2, activation, dropout_p, gated=gated, backend=backend)
+
+    return run
+
+
+def _reference(op, activation, gated, dropout_p) -> Callable:
+    """The same operator in tfm_kernels.reference's plain torch ops (the oracle in float64, torch's baseline in
+    the inputs' dtype), drawing its dropout seed as our operators do."""
+
+    def run(x, w1, b1, w2, b2):
+        torch.manual_seed(DROPOUT_SEED)
+        seed = rng.seed_for(dropout_p, x.device)
+        x2 = x.reshape(-1, x.shape[-1])  # (M, d_model): the dropout mask's rows are the flattened tokens
+        linear = reference.gated_linear if gated else reference.linear
+        out = linear(x2, w1, b1, activation, dropout_p, seed)  # (M, d_ff)
+        if op == "mlp":
+            out = F.linear(out, w2, b2)  # (M, d_model)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    return run
 
 
 def mlp_checks(device, dtype) -> list[Check]:
-    """fused_linear, gated_linear and mlp on each backend; x (3, 7, 33), d_ff 100."""
+    """fused_linear, gated_linear and mlp (MLP_CHECKS) on each backend; x (3, 7, 33), d_ff 100."""
     try:  # the module: the package re-exports its function mlp under the same name
         module = importlib.import_module("tfm_kernels.mlp")
     except ImportError as error:
         return [Check("mlp", "all", "-", "n/a", f"tfm_kernels.mlp is not available ({error})")]
     checks = []
-    for op, shape, ours_for, eager in _mlp_ops(module):
-        x, w1, b1, w2, b2 = mlp_cases.mlp_weights(shape, device, False, dtype)
-        x = x.view(3, 7, shape.d_model)  # (3, 7, 33): a leading batch shape
-        case = f"x {tuple(x.shape)} d_ff {shape.d_ff} {str(dtype).removeprefix('torch.')}"
+    for op, activation, gated, dropout_p in MLP_CHECKS:
+        inputs = _mlp_inputs(gated, device, dtype)
+        name = f"{op}{' gated' if gated and op == 'mlp' else ''} {activation or 'identity'}"
+        name += f" dropout {dropout_p:g}" if dropout_p else ""
+        case = f"x {tuple(inputs[0].shape)} d_ff 100, biases, {str(dtype).removeprefix('torch.')}"
         names = ["out", "dx", "dw1", "db1", "dw2", "db2"]
+        oracle = _reference(op, activation, gated, dropout_p)
         for backend in MLP_BACKENDS:
-            checks.append(
-                _run_check(op, backend, case, ours_for(backend), eager, eager, [x, w1, b1, w2, b2], names)
-            )
+            ours = _ours(module, op, activation, gated, dropout_p, backend)
+            checks.append(_run_check(name, backend, case, ours, oracle, oracle, inputs, names))
     return checks
 
 
