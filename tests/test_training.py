@@ -635,6 +635,33 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert "preset must be one of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, flag, value, expected", [
+    (train_main, "--steps", "0", "an int >= 1"),
+    (train_main, "--batch-size", "-1", "an int >= 1"),
+    (train_main, "--context-length", "0", "an int >= 1"),
+    (train_main, "--lr", "nan", "a finite number > 0"),
+    (train_main, "--checkpoint-interval", "-1", "an int >= 0"),
+    (train_main, "--seed", str(10**23), "an int in [0, 9223372036854775807]"),
+    (train_copy_main, "--max-length", "x", "an int >= 1"),
+    (generate_main, "--max-new-tokens", "-1", "an int >= 0"),
+    (generate_main, "--temperature", "-1", "a finite number > 0"),
+    (generate_main, "--top-k", "0", "an int >= 1"),
+])
+def test_cli_number_errors_name_the_flag(capsys, command, flag, value, expected):
+    """Out-of-range numbers are refused as the flags are read, naming the flag (not the API field behind it)."""
+    with pytest.raises(SystemExit) as exit_info:
+        command([flag, value] + (["--checkpoint", "unread"] if command is generate_main else []))
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected {expected}; got {value!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, True])
+def test_train_config_seed_stays_below_2_63(seed):
+    """A run seeds torch with seed + rank + step, which must stay below 2**64."""
+    with pytest.raises(ValueError, match=rf"TrainConfig.seed must be an int in \[0, 2\*\*63\); got {seed!r}"):
+        TrainConfig(seed=seed)
+
+
 @pytest.fixture
 def lm_checkpoint(tmp_path):
     """The folder of a one-step language-model checkpoint (context length 32)."""

@@ -6,6 +6,7 @@ and exit status 2; a checkpoint the file system refuses (disk full) ends trainin
 exit status 1."""
 
 import argparse
+import math
 import sys
 
 import torch
@@ -15,18 +16,49 @@ from .config import LMConfig, Seq2SeqConfig
 from .generation import generate
 from .lm import TransformerLM
 from .tokenizer import ByteTokenizer
-from .training import DEFAULT_LR, TrainConfig, train_copy, train_lm
+from .training import DEFAULT_LR, SEED_LIMIT, TrainConfig, train_copy, train_lm
 
 DEFAULT_NEW_TOKENS = 200
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_SEED = 0
 
 
+def _int_at_least(minimum, maximum=None):
+    """An argparse type: an int in [minimum, maximum] (no upper bound for None), so that errors name the flag."""
+    expected = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_number(text):
+    """An argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0; got {text!r}")
+    return value
+
+
+POSITIVE = _int_at_least(1)
+SEED = _int_at_least(0, SEED_LIMIT - 1)
+
+
 def _add_common_training_args(parser, default_steps, default_batch, default_lr, lr_help):
     parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
     parser.add_argument(
         "--steps",
-        type=int,
+        type=POSITIVE,
         default=default_steps,
         help="total optimizer steps (with --resume it may differ from the checkpoint's, not below its step, "
         "where the run then equals an uninterrupted one of the new total: always for train-copy; for train "
@@ -34,17 +66,17 @@ def _add_common_training_args(parser, default_steps, default_batch, default_lr, 
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=POSITIVE,
         default=default_batch,
         help="global batch (sequences per step over all processes)",
     )
-    parser.add_argument("--lr", type=float, default=default_lr, help=lr_help)
+    parser.add_argument("--lr", type=_positive_number, default=default_lr, help=lr_help)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--checkpoint-dir", default=None, help="folder for checkpoint.pt (none: no checkpoint)"
     )
     parser.add_argument(
-        "--checkpoint-interval", type=int, default=0, help="save every N steps (0: at the end)"
+        "--checkpoint-interval", type=_int_at_least(0), default=0, help="save every N steps (0: at the end)"
     )
     parser.add_argument(
         "--resume",
@@ -60,9 +92,9 @@ def _add_common_training_args(parser, default_steps, default_batch, default_lr, 
         help="start afresh over the checkpoint in --checkpoint-dir (without it, a fresh run refuses a folder "
         "that holds one)",
     )
-    parser.add_argument("--eval-interval", type=int, default=100)
-    parser.add_argument("--log-interval", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-interval", type=POSITIVE, default=100)
+    parser.add_argument("--log-interval", type=POSITIVE, default=10)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument(
         "--no-amp", action="store_true", help="train in float32 on GPUs (default: bf16 autocast)"
     )
@@ -123,10 +155,10 @@ def train_main(argv=None):
         "--corpus", default=None, help="UTF-8 text file (default: the corpus shipped in the package)"
     )
     parser.add_argument(
-        "--context-length", type=int, default=None, help="override the preset's context length"
+        "--context-length", type=POSITIVE, default=None, help="override the preset's context length"
     )
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
+    parser.add_argument("--warmup-steps", type=POSITIVE, default=100)
+    parser.add_argument("--eval-windows", type=POSITIVE, default=64, help="validation windows per evaluation")
     args = parser.parse_args(argv)
 
     def job(start):
@@ -174,15 +206,15 @@ def generate_main(argv=None):
     parser.add_argument("--prompt", default="The ", help="text to continue")
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=_int_at_least(0),
         default=None,
         help=f"bytes to generate (default: {DEFAULT_NEW_TOKENS}, or what fits the context)",
     )
-    parser.add_argument("--temperature", type=float, default=None,
+    parser.add_argument("--temperature", type=_positive_number, default=None,
                         help=f"sampling temperature (default {DEFAULT_TEMPERATURE})")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=POSITIVE, default=None)
     parser.add_argument("--greedy", action="store_true", help="always take the most likely byte")
-    parser.add_argument("--seed", type=int, default=None, help=f"seed of the sampling (default {DEFAULT_SEED})")
+    parser.add_argument("--seed", type=SEED, default=None, help=f"seed of the sampling (default {DEFAULT_SEED})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     args = parser.parse_args(argv)
@@ -228,10 +260,10 @@ def train_copy_main(argv=None):
     _add_common_training_args(parser, default_steps=600, default_batch=64, default_lr=DEFAULT_LR["seq2seq"],
                               lr_help="multiplier of the paper's inverse-sqrt schedule (1.0: the paper's)")
     parser.set_defaults(eval_interval=200)
-    parser.add_argument("--warmup-steps", type=int, default=None, help="override the preset's warm-up steps")
-    parser.add_argument("--min-length", type=int, default=1)
-    parser.add_argument("--max-length", type=int, default=10)
-    parser.add_argument("--eval-examples", type=int, default=256, help="held-out strings per evaluation")
+    parser.add_argument("--warmup-steps", type=POSITIVE, default=None, help="override the preset's warm-up steps")
+    parser.add_argument("--min-length", type=POSITIVE, default=1)
+    parser.add_argument("--max-length", type=POSITIVE, default=10)
+    parser.add_argument("--eval-examples", type=POSITIVE, default=256, help="held-out strings per evaluation")
     args = parser.parse_args(argv)
 
     def job(start):

@@ -29,6 +29,8 @@ from .tokenizer import ByteTokenizer
 # learned to copy more reliably than with the paper's 1.0 (0.98 vs 0.90-0.95 token accuracy after 400 steps of 32
 # strings, two seeds each).
 DEFAULT_LR = {"lm": 1e-3, "seq2seq": 0.5}
+# Seeds are below 2**63: the runs seed torch with seed + rank + step, which must stay below 2**64.
+SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -85,6 +87,8 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.checkpoint_interval must be an int >= 0; got {self.checkpoint_interval!r}"
             )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**63); got {self.seed!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a finite number > 0 or None; got {self.lr!r}")
         for name in ("grad_clip", "weight_decay"):
