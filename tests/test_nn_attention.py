@@ -354,7 +354,7 @@ def test_bad_input():
         ours(x, x[0], x)
     with pytest.raises(ValueError, match="query and key must have the same batch size"):
         ours(x, x[:1], x[:1])
-    with pytest.raises(ValueError, match="is_causal=True is a hint that attn_mask is causal and needs it"):
+    with pytest.raises(RuntimeError, match="is_causal=True is a hint that attn_mask is causal and needs it"):
         ours(x, x, x, is_causal=True)
 
 

@@ -485,7 +485,7 @@ def test_bad_input():
         layer(torch.randn(N, S, D_MODEL), src_key_padding_mask=torch.zeros(N, S + 1, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"attn_mask must have shape \(6, 6\) or \(6, 6, 6\)"):
         layer(torch.randn(N, S, D_MODEL), src_mask=torch.zeros(S, S - 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match="is_causal=True is a hint"):
+    with pytest.raises(RuntimeError, match="is_causal=True is a hint"):
         layer(torch.randn(N, S, D_MODEL), is_causal=True)
 
 
@@ -505,3 +505,24 @@ def test_gpu_encoder_bf16():
         return (module(t["src"], mask=t["src_mask"], is_causal=True),)
 
     check_against_torch(reference, ours, inputs, call, torch.bfloat16)
+
+
+@pytest.mark.parametrize("make, call", [
+    (lambda: nn.TransformerEncoderLayer(16, 2, 32, dropout=1.0, batch_first=True), lambda m, x: m(x)),
+    (lambda: nn.MultiheadAttention(16, 2, dropout=1.0, batch_first=True),
+     lambda m, x: m(x, x, x, need_weights=False)[0]),
+], ids=["encoder-layer", "multihead-attention"])
+def test_dropout_of_one_zeroes_what_it_drops_as_torch(make, call):
+    """torch's modules take dropout=1.0 (what it applies to becomes zero in training); the kernels take dropout in
+    [0, 1), so ours compute those parts in torch ops: the same outputs and gradients as torch's."""
+    torch.manual_seed(0)
+    reference = make()
+    ours = copy.deepcopy(reference)
+    tfm_kernels.patch(ours)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    expected, out = call(reference, x), call(ours, x)
+    torch.testing.assert_close(out, expected)
+    expected_grads = torch.autograd.grad(expected.sum(), [x, *reference.parameters()])
+    grads = torch.autograd.grad(out.sum(), [x, *ours.parameters()])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)

@@ -244,6 +244,97 @@ def test_user_model():
     check_against_torch(model, ours, {"x": torch.randn(2, 7, 16, dtype=torch.float64)}, call)
 
 
+class MyEncoder(nn.TransformerEncoder):
+    """A user's subclass of nn.TransformerEncoder with torch's forward: patch skips it but swaps its layers."""
+
+
+def _patched_layers_only(layer):
+    encoder = nn.TransformerEncoder(layer, 2)
+    tfm_kernels.patch(encoder.layers)
+    return encoder
+
+
+@pytest.mark.parametrize("build", [
+    lambda layer: patched_copy(MyEncoder(layer, 2)),
+    _patched_layers_only,
+    lambda layer: nn.TransformerEncoder(fused_nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True), 2),
+], ids=["patched-layers-of-a-user-encoder", "patched-layers-only", "our-layer-in-torchs-encoder"])
+def test_our_layers_take_the_nested_tensor_of_torchs_encoder(monkeypatch, build):
+    """In inference with a padding mask, torch's TransformerEncoder hands its layers a nested tensor: our layers
+    inside it (patched or built so) give torch's output, on the kernels."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True)
+    torch_encoder = nn.TransformerEncoder(layer, 2).eval()
+    model = build(layer)
+    model.load_state_dict(torch_encoder.state_dict())
+    model.eval()
+    calls = count_kernel_calls(monkeypatch)
+    x = torch.randn(2, 5, 16)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        expected, out = torch_encoder(x, src_key_padding_mask=padding), model(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert calls == {"attention": 2, "mlp": 2}
+
+
+class Halved(nn.Module):
+    def forward(self, weight):
+        return 0.5 * weight
+
+
+def test_patch_keeps_parametrizations():
+    """A parametrized MultiheadAttention (torch.nn.utils.parametrize gives it a generated subclass) is converted
+    with its parametrization, which keeps acting; unpatch and remove_parametrizations undo each part."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(16, 2, batch_first=True)
+    parametrize.register_parametrization(reference, "in_proj_weight", Halved())
+    model = nn.Sequential(copy.deepcopy(reference))
+    report = tfm_kernels.patch(model)
+    assert [(name, old) for name, old, _ in report.swapped] == [("0", "torch.nn.modules.activation.MultiheadAttention")]
+    assert isinstance(model[0], fused_nn.MultiheadAttention) and parametrize.is_parametrized(model[0])
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(model[0](x, x, x, need_weights=False)[0], reference(x, x, x, need_weights=False)[0])
+    assert tfm_kernels.unpatch(model).swapped[0][2] == "torch.nn.modules.activation.MultiheadAttention"
+    assert type(model[0]).__bases__ == (nn.MultiheadAttention,)
+    tfm_kernels.patch(model)
+    parametrize.remove_parametrizations(model[0], "in_proj_weight")
+    assert type(model[0]) is fused_nn.MultiheadAttention
+    torch.testing.assert_close(model[0].in_proj_weight, 0.5 * reference.parametrizations.in_proj_weight.original)
+
+
+def test_modules_whose_forward_is_replaced_on_the_instance_are_skipped():
+    """A wrapper library replaces module.forward on the instance: a new class would not reach it, so patch
+    and unpatch leave such modules and say why."""
+    attention = nn.MultiheadAttention(16, 2)
+    attention.forward = lambda *args, original=attention.forward, **kwargs: original(*args, **kwargs)
+    report = tfm_kernels.patch(nn.Sequential(attention))
+    assert report.swapped == [] and report.skipped[0][0] == "0"
+    assert "forward is replaced on the instance" in report.skipped[0][1]
+    assert type(attention) is nn.MultiheadAttention
+    ours = fused_nn.MultiheadAttention(16, 2)
+    ours.forward = lambda *args, original=ours.forward, **kwargs: original(*args, **kwargs)
+    assert "forward is replaced on the instance" in tfm_kernels.unpatch(ours).skipped[0][1]
+    assert type(ours) is fused_nn.MultiheadAttention
+
+
+@pytest.mark.parametrize("model, given", [(None, "NoneType"), ([nn.MultiheadAttention(8, 2)], "list"),
+                                          (nn.MultiheadAttention, "the class MultiheadAttention")])
+def test_patch_and_unpatch_take_a_module(model, given):
+    for convert in (tfm_kernels.patch, tfm_kernels.unpatch):
+        with pytest.raises(TypeError, match=f"model must be an nn.Module instance .*; got {given}"):
+            convert(model)
+
+
+def test_unpatch_reports_subclasses_of_ours():
+    model = nn.Sequential(OwnAttention(16, 2), fused_nn.MultiheadAttention(16, 2))
+    report = tfm_kernels.unpatch(model)
+    assert [name for name, _, _ in report.swapped] == ["1"]
+    assert report.skipped == [("0", f"{OwnAttention.__module__}.OwnAttention subclasses "
+                                    "tfm_kernels.nn.attention.MultiheadAttention; left as it is")]
+
+
 def test_shared_module_is_patched_once():
     attention = nn.MultiheadAttention(24, 3)
     model = nn.ModuleDict({"a": attention, "b": attention})

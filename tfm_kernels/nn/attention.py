@@ -90,8 +90,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         check_backend(self.backend)
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
-            raise ValueError("is_causal=True is a hint that attn_mask is causal and needs it (as in torch); "
-                             "nn.Transformer.generate_square_subsequent_mask(L) makes one")
+            raise RuntimeError("is_causal=True is a hint that attn_mask is causal and needs it (as in torch); "
+                               "nn.Transformer.generate_square_subsequent_mask(L) makes one")
         # torch's rule for the hint: attn_mask gives way to causal attention only where nothing is merged into
         # it and no weights are returned; otherwise attn_mask is authoritative.
         run_causal = is_causal and key_padding_mask is None and not need_weights
@@ -114,11 +114,14 @@ class MultiheadAttention(nn.MultiheadAttention):
         mask = self._kernel_mask(attn_mask, key_padding_mask, N, L, S, k.shape[2] - S, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
 
-        if need_weights:  # the slower explicit path: weights (N, H, L, S') in torch ops, as torch does
+        # The slower explicit path: weights (N, H, L, S') in torch ops, as torch does; also for dropout 1 (torch's
+        # zeroes every weight), which the kernels do not take.
+        if need_weights or dropout_p >= 1.0:
             weights = self._attention_weights(q, k, mask)
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
             out = weights @ v  # (N, H, L, D)
+            weights = weights if need_weights else None
         else:
             weights = None
             out = _attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,

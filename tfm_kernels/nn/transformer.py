@@ -9,7 +9,8 @@ fused MLP (tfm_kernels.mlp.mlp) for the activations it fuses, unless a hook or a
 the submodules to be called (feed_forward). Torch's inference fast paths
 (`torch._transformer_encoder_layer_fwd`, nested tensors in TransformerEncoder) are never taken, so the kernels
 run in training and inference alike; padded positions (key_padding_mask) therefore hold computed values where
-torch's nested-tensor path gives 0.
+torch's nested-tensor path gives 0. Our encoder layer inside torch's TransformerEncoder takes the nested tensor
+that encoder hands its layers in inference.
 """
 
 import torch
@@ -60,11 +61,12 @@ def feed_forward(layer, x):
     submodules in plain torch ops. The dropout after linear2 belongs to the caller. The fused dropout draws
     from tfm_kernels.rng, not from torch's dropout."""
     name = fused_activation_name(layer.activation)
+    dropout_p = layer.dropout.p if layer.dropout.training else 0.0
     fusable = (name is not None and _runs_as_its_class(layer.linear1, (nn.Linear,))
-               and _runs_as_its_class(layer.linear2, (nn.Linear,)) and _runs_as_its_class(layer.dropout, (nn.Dropout,)))
+               and _runs_as_its_class(layer.linear2, (nn.Linear,)) and _runs_as_its_class(layer.dropout, (nn.Dropout,))
+               and dropout_p < 1.0)  # torch's dropout of 1 zeroes the block; the fused one takes [0, 1)
     if not fusable:
         return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
-    dropout_p = layer.dropout.p if layer.dropout.training else 0.0
     return mlp(x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias, name, dropout_p,
                backend=layer.backend)
 
@@ -120,6 +122,8 @@ class TransformerEncoderLayer(_FusedLayer, nn.TransformerEncoderLayer):
     """
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        if src.is_nested and self.self_attn.batch_first:
+            return self._forward_nested(src, src_mask, is_causal)
         x = src
         if self.norm_first:
             x = x + self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
@@ -128,6 +132,17 @@ class TransformerEncoderLayer(_FusedLayer, nn.TransformerEncoderLayer):
             x = self.norm1(x + self._self_attention(x, src_mask, src_key_padding_mask, is_causal))
             x = self.norm2(x + self.dropout2(feed_forward(self, x)))
         return x
+
+    def _forward_nested(self, src, src_mask, is_causal):
+        """torch's TransformerEncoder hands its layers the sequences as a nested tensor (batch-first, each of its
+        own length) in inference with a padding mask, which it then leaves out: they run padded, the padding
+        as key_padding_mask, and come back nested, as from torch's layer."""
+        lengths = [t.shape[0] for t in src.unbind()]
+        padded = src.to_padded_tensor(0.0)  # (N, L_max, E)
+        positions = torch.arange(padded.shape[1], device=padded.device)  # (L_max,)
+        padding = positions >= torch.tensor(lengths, device=padded.device)[:, None]  # (N, L_max), True: padding
+        out = self.forward(padded, src_mask, padding, is_causal)  # (N, L_max, E)
+        return torch.nested.as_nested_tensor([row[:length] for row, length in zip(out, lengths)])
 
 
 class TransformerDecoderLayer(_FusedLayer, nn.TransformerDecoderLayer):
