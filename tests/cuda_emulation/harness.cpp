@@ -182,7 +182,7 @@ int main(int argc, char** argv) {
   params.scale_log2 = float(scale_and_p[0] * 1.4426950408889634);  // as api.cpp
   params.dropout = scale_and_p[1] > 0.0;
   params.dropout_threshold = tfm_kernels::dropout_threshold(scale_and_p[1]);
-  params.dropout_rescale = dropout_keep_scale(scale_and_p[1]);
+  params.dropout_rescale = tfm_kernels::dropout_keep_scale(scale_and_p[1]);
   params.seed = &seed;
   params.grad_out = grad_out_laid.data();
   params.grad_out_strides = q_s;
