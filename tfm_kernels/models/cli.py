@@ -6,6 +6,7 @@ and exit status 2; a checkpoint the file system refuses (disk full) ends trainin
 exit status 1."""
 
 import argparse
+import gc
 import math
 import sys
 
@@ -135,12 +136,16 @@ def _run(parser, job):
     try:
         return job(start)
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        status, message = 2, str(error)
     except checkpoint.CheckpointWriteError as error:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
+        status, message = 1, str(error)
     finally:
+        # The failed job's objects (its DistributedDataParallel model among them) go before the process group
+        # they use: left for the interpreter's exit, they outlived it and could abort the process there.
+        gc.collect()
         for env in started:
             distributed.shutdown(env)
+    parser.exit(status, f"{parser.prog}: error: {message}\n")
 
 
 def train_main(argv=None):
