@@ -132,9 +132,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hv, S, Ev). float16, bfloat16 or float32
             (float64 on the "torch" backend); the triton kernels take E, Ev up to 256. The leading dimensions
             broadcast as torch's do (a matmul's batch dims; size-1 dims are read through zero strides, never
-            copied). With enable_gqa=True (grouped-query attention) Hk and Hv each divide Hq; key/value heads are
-            repeated in memory only where Hk and Hv differ and neither is 1. E = 0 gives every score 0 (as torch);
-            Ev = 0 an empty output. Any strides; only a non-contiguous last dim is copied.
+            copied). With enable_gqa=True (grouped-query attention) Hk and Hv each divide Hq; only where Hk and Hv
+            differ, each of them that is neither 1 nor Hq is repeated in memory to Hq heads. E = 0 gives every
+            score 0 (as torch); Ev = 0 an empty output. Any strides; only a non-contiguous last dim is copied.
         attn_mask: None, or broadcastable to (..., Hq, L, S): bool, where True means "takes part in attention",
             or floating (bool, float32 or the query dtype), added to the scaled scores. Broadcast dims are read
             through zero strides, never expanded in memory. Only the "torch" backend computes the gradient of
