@@ -126,8 +126,8 @@ def fused_linear(x, weight, bias=None, activation="gelu", dropout_p=0.0, *, back
             flattened token index, column = the output feature; the seed comes from torch's generator, so runs
             repeat under torch.manual_seed.
         backend: "auto" (the first backend of tfm_kernels.backends.MLP_AUTO_ORDER that supports the inputs),
-            "cuda" (cuBLASLt + CUDA kernels), "triton", "cpu" (C++ CPU kernels) or "torch" (plain torch ops). An explicit backend never falls
-            back: it runs or raises NotImplementedError with the reasons.
+            "cuda" (cuBLASLt + CUDA kernels), "triton", "cpu" (C++ CPU kernels) or "torch" (plain torch ops). An
+            explicit backend never falls back: it runs or raises NotImplementedError with the reasons.
 
     Returns:
         (..., N) in x's dtype. Differentiable with respect to x, weight and bias. Under autocast, as torch's
