@@ -222,10 +222,10 @@ MLP_BACKENDS = ("cuda", "triton", "cpu", "torch")
 # GPUs: cuBLASLt (cuda) first, on every architecture, Triton next. On an H200 (benchmarks/RESULTS.md,
 # 2026-11-28; 16384 x 4096 -> 16384 GELU, bf16) forward+backward ran 605 (cuda) against 590 (triton) TFLOP/s and
 # the forward alone 590 against 627; eager torch ran 648 and 649 in that run (one shape, no dropout).
-# CPU: the C++ operators run at eager torch's speed without dropout (forward+backward 0.99x GELU, 1.00x SwiGLU
-# at 512 tokens, d 256, float32, 2-core x86; benchmarks/RESULTS.md) and 3.6-7.7x faster than the torch path with
-# dropout, whose Philox mask the C++ loop draws vectorised (fused_linear / gated_linear forward+backward at
-# p = 0.1: 8.2 / 9.7 ms against 63 / 35 ms, same machine and run), so "auto" runs them first.
+# CPU: the C++ operators run at 0.86-1.0x the torch path's speed without dropout and 1.1-1.6x with it, whose
+# Philox mask the C++ loop draws vectorised (fused_linear GELU / gated_linear SiLU forward+backward, 512 tokens,
+# d 256, float32, 2-core x86, p = 0.1: 6.9-7.6 / 8.6-10.0 ms against 9.0-12.3 / 9.6-13.1 ms;
+# benchmarks/RESULTS.md, 2026-11-29), so "auto" runs them first.
 MLP_AUTO_ORDER = {"cuda": AUTO_ORDER["cuda"], "cpu": ("cpu", "torch")}
 
 
