@@ -2,6 +2,7 @@
 nn.MultiheadAttention against tfm_kernels.nn.MultiheadAttention."""
 
 import functools
+import re
 import warnings
 
 import torch
@@ -59,6 +60,10 @@ def _math_fits(shape, mode) -> tuple[bool, int]:
     return needed <= MATH_MEMORY_LIMIT, needed
 
 
+# The C++ source line torch's warnings end with, "(Triggered internally at .../sdp_utils_cpp.cpp:99.)".
+_TORCH_SOURCE = re.compile(r"\s*\(Triggered internally at [^)]*\)")
+
+
 def torch_sdpa(shape, mode, device, name) -> Provider:
     def prepare():
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -81,8 +86,8 @@ def torch_sdpa(shape, mode, device, name) -> Provider:
             try:
                 forward(*make(mode != "fwd"))
             except RuntimeError as error:
-                why = [str(w.message).splitlines()[0] for w in caught] or [str(error).splitlines()[0]]
-                raise Unavailable("; ".join(why)[:200]) from None
+                why = [_TORCH_SOURCE.sub("", str(w.message).splitlines()[0]) for w in caught]
+                raise Unavailable(" ".join(why or [str(error).splitlines()[0]])[:200]) from None
         return timed_step(forward, make, mode, device)
 
     return Provider(f"torch-{name}", False, prepare)
