@@ -26,10 +26,12 @@ def eager_mlp(x, w1, b1, w2, b2, activation="gelu", gated=False):
     return F.linear(hidden, w2, b2)
 
 
-def mlp_weights(shape: configs.MLPShape, device, requires_grad, dtype=None):
+def mlp_weights(shape: configs.MLPShape, device, requires_grad, dtype=None, biases=None):
     """(x, w1, b1, w2, b2) for `shape`, scaled like nn.Linear's init so activations stay O(1). Gated: w1 is
-    the packed (2*d_ff, d_model) gate+up weight and there are no biases."""
+    the packed (2*d_ff, d_model) gate+up weight. biases: whether b1 and b2 are there (None: unless gated, as in
+    LLaMA-style MLPs), else they are None."""
     dtype = shape.dtype if dtype is None else dtype
+    biases = not shape.gated if biases is None else biases
     up_rows = 2 * shape.d_ff if shape.gated else shape.d_ff
 
     def make(*size, fan_in=1):
@@ -38,7 +40,7 @@ def mlp_weights(shape: configs.MLPShape, device, requires_grad, dtype=None):
     x = make(shape.tokens, shape.d_model)  # (M, d_model)
     w1 = make(up_rows, shape.d_model, fan_in=shape.d_model)  # (d_ff or 2*d_ff, d_model)
     w2 = make(shape.d_model, shape.d_ff, fan_in=shape.d_ff)  # (d_model, d_ff)
-    if shape.gated:
+    if not biases:
         return x, w1, None, w2, None
     return x, w1, make(up_rows, fan_in=shape.d_model), w2, make(shape.d_model, fan_in=shape.d_ff)
 

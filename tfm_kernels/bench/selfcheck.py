@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from .. import backends, reference, rng
 from ..attention import scaled_dot_product_attention
 from ..tolerance import tolerance_failure
+from . import configs
+from . import mlp as mlp_cases
 from .timing import randn
 
 # Our kernels; the "torch" backends are the oracles themselves.
@@ -123,16 +125,11 @@ DROPOUT_SEED = 0  # set before each call, so that every backend and the oracle d
 
 
 def _mlp_inputs(gated, device, dtype):
-    """x (3, 7, 33) (a leading batch shape); w1 (100, 33), or (200, 33) packed [gate; up] when gated; b1;
-    w2 (33, 100); b2: scaled like nn.Linear's init so that activations stay O(1)."""
-    d_model, d_ff = 33, 100
-    up_rows = 2 * d_ff if gated else d_ff
-
-    def make(*size, fan_in=1):
-        return randn(*size, dtype=dtype, device=device, scale=fan_in**-0.5)
-
-    return (make(3, 7, d_model), make(up_rows, d_model, fan_in=d_model), make(up_rows, fan_in=d_model),
-            make(d_model, d_ff, fan_in=d_ff), make(d_model, fan_in=d_ff))
+    """x (3, 7, 33) (a leading batch shape); w1 (100, 33), or (200, 33) packed [gate; up] when gated; b1; w2
+    (33, 100); b2."""
+    shape = configs.MLPShape("check", 3 * 7, 33, 100, None, gated, dtype)
+    x, *weights = mlp_cases.mlp_weights(shape, device, False, biases=True)
+    return (x.view(3, 7, shape.d_model), *weights)
 
 
 def _ours(module, op, activation, gated, dropout_p, backend) -> Callable:
