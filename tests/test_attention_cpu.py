@@ -197,6 +197,36 @@ def test_opcheck(args, name):
     torch.library.opcheck(backward_op.default, (grad_out, q, k, v, out, lse, *rest))
 
 
+def rows_of_transposed(B, H, n, D, dtype=torch.float32):
+    """(B, H, n, D) whose last stride is not 1 (rows of a transposed tensor), also when n = 0: contiguous()
+    returns an empty tensor unchanged whatever its strides, so the kernel must not rely on it."""
+    return rand(B, H, D, n + 2, dtype=dtype).transpose(-1, -2)[:, :, :n]  # (B, H, n, D), strides (.., .., 1, n+2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("empty", ["L", "S"])
+def test_empty_inputs_of_any_strides(dtype, empty):
+    """No queries (L = 0) or no keys (S = 0), the empty tensors with last stride != 1: out and every gradient
+    come back empty or zero (no key takes part: out 0, lse +inf), forward and backward, and opcheck passes."""
+    B, Hq, Hk, L, S, E, Ev = 2, 4, 2, 3, 5, 6, 4
+    L, S = (0, S) if empty == "L" else (L, 0)
+    q, k, v = rows_of_transposed(B, Hq, L, E, dtype), rows_of_transposed(B, Hk, S, E, dtype), \
+        rows_of_transposed(B, Hk, S, Ev, dtype)
+    grad_out = rows_of_transposed(B, Hq, L, Ev, dtype)
+    assert q.stride(-1) != 1 and k.stride(-1) != 1 and v.stride(-1) != 1 and grad_out.stride(-1) != 1
+    rest = (None, None, 0.0, False, 0.5, no_seed())
+    out, lse = forward_op(q, k, v, *rest)
+    assert out.shape == (B, Hq, L, Ev) and out.dtype == dtype and lse.shape == (B, Hq, L)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.full_like(lse, math.inf))
+    grads = backward_op(grad_out, q, k, v, out, lse, *rest)
+    for name, grad, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+        assert grad.shape == like.shape and grad.dtype == dtype, name
+        assert torch.equal(grad, torch.zeros_like(grad)), name
+    grad_args = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(forward_op.default, (*grad_args, *rest))
+    torch.library.opcheck(backward_op.default, (grad_out, q, k, v, out, lse, *rest))
+
+
 def test_torch_compile_matches_eager():
     q, k, v = qkv(2, 4, 2, 33, 45, 32, 16)
     mask = torch.rand(2, 1, 33, 45) > 0.2

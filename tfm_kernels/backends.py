@@ -13,11 +13,10 @@ import torch
 from torch.autograd import forward_ad
 
 from . import ops
+from .op_checks import KERNEL_DTYPES, TRITON_MAX_HEAD_DIM
 
 ATTENTION_BACKENDS = ("cuda", "triton", "cpu", "torch")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_HEAD_DIM = 256
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # csrc/generate_kernels.py can build these
 
 # Preference of backend="auto" per device type. CPU: the C++ kernel; torch's reference path is the last resort.

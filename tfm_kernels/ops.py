@@ -8,6 +8,7 @@ gradients' own derivatives, where they are taken, come from the reference ops (t
 """
 
 import contextlib
+import functools
 import glob
 import importlib.machinery
 import inspect
@@ -17,7 +18,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
 
-from . import batching, reference
+from . import batching, op_checks, reference
 from .layout import empty_heads_inner, last_dim_contiguous
 
 
@@ -342,14 +343,33 @@ def _register_autograd(forward_name, gradients, setup_context):
     DIFFERENTIABLE_FORWARD[forward_name] = call
 
 
-def _triton_op(name):
-    """Defines the Triton op tfm_kernels::`name` from its kernel, a function with annotated arguments."""
+def _triton_op(name, check):
+    """Defines the Triton op tfm_kernels::`name` from its kernel, a function with annotated arguments. The op
+    runs check(name, *args) (op_checks) first, as the C++ ops check theirs; KERNELS[name], which the public
+    functions reach with arguments they validated, runs the kernel alone."""
 
     def define(kernel):
         KERNELS[name] = kernel
-        return torch.library.custom_op(f"tfm_kernels::{name}", mutates_args=())(kernel)
+
+        @functools.wraps(kernel)  # the op's schema comes from the kernel's annotated signature
+        def checked(*args):
+            check(name, *args)
+            return kernel(*args)
+
+        return torch.library.custom_op(f"tfm_kernels::{name}", mutates_args=())(checked)
 
     return define
+
+
+def _register_fake(name, check, fake):
+    """Registers fake(*args) as op `name`'s fake kernel, after check(name, *args) (op_checks): a traced call, or
+    one sent to the fake kernel by a meta tensor, fails as the real kernel would."""
+
+    def checked(*args):
+        check(name, *args)
+        return fake(*args)
+
+    torch.library.register_fake(f"tfm_kernels::{name}")(checked)
 
 
 def _cpp_ops(*names):
@@ -363,7 +383,15 @@ def _cpp_ops(*names):
 # tfm_kernels::triton_attention_forward/backward (Triton). Layout contract: csrc/ops.cpp.
 
 
-@_triton_op("triton_attention_forward")
+def _check_triton_attention_forward(op, *args):
+    op_checks.check_triton_head_dims(op, op_checks.check_attention_forward(op, *args))
+
+
+def _check_triton_attention_backward(op, *args):
+    op_checks.check_triton_head_dims(op, op_checks.check_attention_backward(op, *args))
+
+
+@_triton_op("triton_attention_forward", _check_triton_attention_forward)
 def triton_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                              key_lengths: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float,
                              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,7 +400,7 @@ def triton_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return attention_forward(q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed)
 
 
-@_triton_op("triton_attention_backward")
+@_triton_op("triton_attention_backward", _check_triton_attention_backward)
 def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                               key_lengths: torch.Tensor | None, dropout_p: float, is_causal: bool,
@@ -398,6 +426,9 @@ def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, key_lengths, dro
 
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed = inputs
+    if mask is not None and mask.requires_grad:  # its gradient would silently stay None
+        raise RuntimeError("mask requires grad, and the attention operators compute no gradient for it; "
+                           "tfm_kernels.scaled_dot_product_attention computes it on its torch backend")
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # lse's gradient stays None instead of a zero-filled tensor
@@ -449,8 +480,8 @@ def _make_attention_gradients(backward_op):
 
 def _register_attention(forward_name, backward_name, max_batch=None):
     backward_op = _direct(backward_name)
-    torch.library.register_fake(f"tfm_kernels::{forward_name}")(_attention_forward_fake)
-    torch.library.register_fake(f"tfm_kernels::{backward_name}")(_attention_backward_fake)
+    _register_fake(forward_name, op_checks.check_attention_forward, _attention_forward_fake)
+    _register_fake(backward_name, op_checks.check_attention_backward, _attention_backward_fake)
     _register_autograd(forward_name, _make_attention_gradients(backward_op), _attention_setup_context)
     batching.register_attention(forward_name, backward_name, max_batch)
 
@@ -466,7 +497,7 @@ if _C is not None:
 # tfm_kernels::triton_mlp_{linear,gated}_{forward,backward} (Triton). Layout contract: csrc/ops.cpp.
 
 
-@_triton_op("triton_mlp_linear_forward")
+@_triton_op("triton_mlp_linear_forward", op_checks.check_mlp_linear_forward)
 def triton_mlp_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                               activation: str, dropout_p: float,
                               seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,7 +506,7 @@ def triton_mlp_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return linear_forward(x, weight, bias, activation, dropout_p, seed)
 
 
-@_triton_op("triton_mlp_linear_backward")
+@_triton_op("triton_mlp_linear_backward", op_checks.check_mlp_linear_backward)
 def triton_mlp_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                preact: torch.Tensor, activation: str, dropout_p: float,
                                seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -484,7 +515,7 @@ def triton_mlp_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: 
     return linear_backward(grad_out, x, weight, preact, activation, dropout_p, seed)
 
 
-@_triton_op("triton_mlp_gated_forward")
+@_triton_op("triton_mlp_gated_forward", op_checks.check_mlp_gated_forward)
 def triton_mlp_gated_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              activation: str, dropout_p: float,
                              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -493,7 +524,7 @@ def triton_mlp_gated_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return gated_forward(x, weight, bias, activation, dropout_p, seed)
 
 
-@_triton_op("triton_mlp_gated_backward")
+@_triton_op("triton_mlp_gated_backward", op_checks.check_mlp_gated_backward)
 def triton_mlp_gated_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                               gate_up: torch.Tensor, activation: str, dropout_p: float,
                               seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -581,8 +612,8 @@ def _make_mlp_gradients(forward_name, backward_name, gated):
 def _register_mlp(prefix):
     for kind, forward_fake in (("linear", _mlp_linear_forward_fake), ("gated", _mlp_gated_forward_fake)):
         forward_name, backward_name = f"{prefix}mlp_{kind}_forward", f"{prefix}mlp_{kind}_backward"
-        torch.library.register_fake(f"tfm_kernels::{forward_name}")(forward_fake)
-        torch.library.register_fake(f"tfm_kernels::{backward_name}")(_mlp_backward_fake)
+        _register_fake(forward_name, getattr(op_checks, f"check_mlp_{kind}_forward"), forward_fake)
+        _register_fake(backward_name, getattr(op_checks, f"check_mlp_{kind}_backward"), _mlp_backward_fake)
         gradients = _make_mlp_gradients(forward_name, backward_name, gated=kind == "gated")
         _register_autograd(forward_name, gradients, _mlp_setup_context)
         batching.register_mlp(forward_name, backward_name, weights=2)  # weight, bias
@@ -645,8 +676,8 @@ _register_mlp("triton_")
 if _C is not None:
     _cpp_ops(*(f"mlp_{kind}_{part}" for kind in ("linear", "gated", "block") for part in ("forward", "backward")))
     _register_mlp("")
-    torch.library.register_fake("tfm_kernels::mlp_block_forward")(_mlp_block_forward_fake)
-    torch.library.register_fake("tfm_kernels::mlp_block_backward")(_mlp_block_backward_fake)
+    _register_fake("mlp_block_forward", op_checks.check_mlp_block_forward, _mlp_block_forward_fake)
+    _register_fake("mlp_block_backward", op_checks.check_mlp_block_backward, _mlp_block_backward_fake)
     _register_autograd("mlp_block_forward", _make_mlp_block_gradients(_direct("mlp_block_backward")),
                        _mlp_block_setup_context)
     batching.register_mlp("mlp_block_forward", "mlp_block_backward", weights=4)  # w1, b1, w2, b2

@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/dropout_checks.h"
+
 namespace tfm_kernels {
 
 struct AttentionSizes {
@@ -59,12 +61,7 @@ inline AttentionSizes check_attention_args(const char* op, const at::Tensor& q, 
     TORCH_CHECK(lengths.device() == q.device(), op, ": key_lengths must be on q's device ", q.device(), "; got ",
                 lengths.device());
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1); got ", dropout_p);
-  if (dropout_p > 0.0) {
-    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
-                ": seed must be an int64 tensor with one element; got ", seed.scalar_type(), " of shape ",
-                seed.sizes());
-  }
+  check_dropout_args(op, dropout_p, seed);
   return sizes;
 }
 
@@ -75,8 +72,8 @@ inline void check_attention_backward_args(const char* op, const AttentionSizes& 
                                           const at::Tensor& lse) {
   const std::vector<int64_t> out_shape{sizes.batch, sizes.q_heads, sizes.q_len, sizes.value_dim};
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(out_shape), op, ": ", name, " must have shape (B, Hq, L, Ev) = ", out_shape, "; got ",
-                t.sizes());
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(out_shape), op, ": ", name, " must have shape (B, Hq, L, Ev) = ",
+                at::IntArrayRef(out_shape), "; got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
                 "; got ", t.scalar_type());
     TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), "; got ",

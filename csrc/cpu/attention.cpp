@@ -18,7 +18,12 @@ namespace {
 // t as float32 with contiguous rows: t itself when it already is (no copy for float32 inputs).
 at::Tensor as_float_rows(const at::Tensor& t) {
   at::Tensor result = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
-  return result.stride(-1) == 1 || result.size(-1) <= 1 ? result : result.contiguous();
+  if (result.stride(-1) == 1 || result.size(-1) <= 1) {
+    return result;
+  }
+  // contiguous() returns an empty tensor unchanged whatever its strides (it counts as contiguous), and
+  // head_tensor needs stride(-1) == 1: a fresh empty tensor has it, and no elements to copy.
+  return result.numel() == 0 ? at::empty(result.sizes(), result.options()) : result.contiguous();
 }
 
 // A float32 tensor to compute `result` into: result itself when float32, else a float32 twin of its layout.

@@ -23,6 +23,7 @@ using at::Tensor;
 
 constexpr int64_t kRowsPerTask = 16;  // rows of one parallel task: >= 16 * N elements amortise the fork
 
+// After check_dropout_args: the seed, one int64 element, is read only when dropout runs.
 MlpDropout dropout_of(double dropout_p, const Tensor& seed) {
   return make_mlp_dropout(dropout_p, dropout_p > 0.0 ? seed.item<int64_t>() : 0);
 }
@@ -91,8 +92,10 @@ std::tuple<Tensor, Tensor, Tensor> gemm_grads(const Tensor& dz, const Tensor& x,
 // z = x @ weight^T + bias (stored to preact unless the activation is none), out = dropout(act(z)).
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                           std::string activation_name, double dropout_p, const Tensor& seed) {
-  check_mlp_operands(x, weight, bias, weight.size(0));
-  const Activation activation = checked_activation(activation_name);
+  const char* op = "mlp_linear_forward";
+  check_mlp_operands(op, x, weight, bias);
+  const Activation activation = checked_activation(op, activation_name);
+  check_dropout_args(op, dropout_p, seed);
   const Tensor z = linear_float(x, weight, bias);
   Tensor h = activate(z, activation);
   apply_dropout_(h, dropout_of(dropout_p, seed));
@@ -104,10 +107,12 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
 std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                                                    const Tensor& preact, std::string activation_name,
                                                    double dropout_p, const Tensor& seed) {
-  check_mlp_operands(x, weight, std::nullopt, weight.size(0));
-  const Activation activation = checked_activation(activation_name);
-  check_backward_tensor("grad_out", grad_out, x, x.size(0), weight.size(0));
-  if (activation != Activation::kNone) check_backward_tensor("preact", preact, x, x.size(0), weight.size(0));
+  const char* op = "mlp_linear_backward";
+  check_mlp_operands(op, x, weight, std::nullopt);
+  const Activation activation = checked_activation(op, activation_name);
+  check_dropout_args(op, dropout_p, seed);
+  check_backward_tensor(op, "grad_out", grad_out, x, x.size(0), weight.size(0));
+  if (activation != Activation::kNone) check_backward_tensor(op, "preact", preact, x, x.size(0), weight.size(0));
   const Tensor dh = dropout_grad(grad_out, dropout_of(dropout_p, seed));
   const Tensor dz = activation != Activation::kNone ? activation_backward(dh, preact.to(at::kFloat), activation) : dh;
   return gemm_grads(dz, x, weight);
@@ -116,9 +121,11 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
 // [g, u] = x @ weight^T + bias (stored to gate_up), out = dropout(act(g) * u).
 std::tuple<Tensor, Tensor> gated_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                          std::string activation_name, double dropout_p, const Tensor& seed) {
-  check_mlp_operands(x, weight, bias, weight.size(0));
-  check_gated_weight(weight);
-  const Activation activation = checked_activation(activation_name);
+  const char* op = "mlp_gated_forward";
+  check_mlp_operands(op, x, weight, bias);
+  check_gated_weight(op, weight);
+  const Activation activation = checked_activation(op, activation_name);
+  check_dropout_args(op, dropout_p, seed);
   const int64_t F = weight.size(0) / 2;
   const Tensor z = linear_float(x, weight, bias);
   Tensor h = at::mul(activate(z.narrow(1, 0, F), activation), z.narrow(1, F, F));
@@ -130,12 +137,14 @@ std::tuple<Tensor, Tensor> gated_forward(const Tensor& x, const Tensor& weight, 
 std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                                                   const Tensor& gate_up, std::string activation_name,
                                                   double dropout_p, const Tensor& seed) {
+  const char* op = "mlp_gated_backward";
+  check_mlp_operands(op, x, weight, std::nullopt);
+  const Activation activation = checked_activation(op, activation_name);
+  check_dropout_args(op, dropout_p, seed);
+  check_gated_weight(op, weight);
   const int64_t N2 = weight.size(0), M = x.size(0), F = N2 / 2;
-  check_mlp_operands(x, weight, std::nullopt, N2);
-  const Activation activation = checked_activation(activation_name);
-  check_gated_weight(weight);
-  check_backward_tensor("grad_out", grad_out, x, M, F);
-  check_backward_tensor("gate_up", gate_up, x, M, N2);
+  check_backward_tensor(op, "grad_out", grad_out, x, M, F);
+  check_backward_tensor(op, "gate_up", gate_up, x, M, N2);
   const Tensor dh = dropout_grad(grad_out, dropout_of(dropout_p, seed));
   const Tensor gu = gate_up.to(at::kFloat);
   const Tensor g = gu.narrow(1, 0, F), u = gu.narrow(1, F, F);

@@ -651,9 +651,7 @@ class _Common:
 
     def __init__(self, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed):
         B, H, L, E = q.shape
-        Hk, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-        if H % Hk != 0:
-            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk})")
+        Hk, S, Ev = k.shape[1], k.shape[2], v.shape[-1]  # checked by the op (op_checks)
         self.B, self.H, self.Hk, self.L, self.S, self.E, self.Ev = B, H, Hk, L, S, E, Ev
         if mask is None:
             self.mask, self.mask_strides, mask_kind = q, (0, 0, 0, 0), MASK_NONE

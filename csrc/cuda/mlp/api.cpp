@@ -205,13 +205,19 @@ LtGemm forward_gemm(const Tensor& x, const Tensor& weight, Tensor& out) {
                 .ldd = out.size(1)};
 }
 
-MlpDropoutParams dropout_params(double dropout_p, const Tensor& seed) {
+// Every entry point's first check, before its device guard: CUDAGuard accepts only a CUDA device, and the
+// dispatcher picks these kernels for CPU x too when another argument (the seed, grad_out) is a CUDA tensor.
+void check_cuda_x(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor; got device ", x.device());
+}
+
+// The dropout of the epilogue kernels, which read the seed on the device: dropout_p and the seed's dtype and size
+// passed check_dropout_args; the seed must also be on x's device.
+MlpDropoutParams dropout_params(const char* op, double dropout_p, const Tensor& seed, const Tensor& x) {
   MlpDropoutParams params;
   params.active = dropout_p > 0.0;
   if (params.active) {
-    TORCH_CHECK(seed.device() == at::Device(at::kCUDA, at::cuda::current_device()) &&
-                    seed.scalar_type() == at::kLong && seed.numel() == 1,
-                "seed must be an int64 tensor of one element on the current CUDA device; got ", seed.dtype(), " on ",
+    TORCH_CHECK(seed.device() == x.device(), op, ": seed must be on x's device ", x.device(), "; got ",
                 seed.device());
     const MlpDropout host = make_mlp_dropout(dropout_p, 0);
     params.seed = seed.data_ptr<int64_t>();
@@ -245,16 +251,19 @@ bool gemm_with_bias(const Tensor& x, const Tensor& weight, const Tensor& bias, T
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weight_in,
                                           const std::optional<Tensor>& bias, std::string activation_name,
                                           double dropout_p, const Tensor& seed) {
+  const char* op = "mlp_linear_forward";
+  check_cuda_x(op, x_in);
+  check_dropout_args(op, dropout_p, seed);
   const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
+  check_mlp_operands(op, x, weight, bias);
   const int64_t M = x.size(0), N = weight.size(0);
-  check_mlp_operands(x, weight, bias, N);
-  const Activation activation = checked_activation(activation_name);
+  const Activation activation = checked_activation(op, activation_name);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool store_preact = activation != Activation::kNone;
   Tensor out = at::empty({M, N}, x.options());
   Tensor preact = store_preact ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
   const Tensor b = gemm_ready_bias(bias);
-  const MlpDropoutParams dropout = dropout_params(dropout_p, seed);
+  const MlpDropoutParams dropout = dropout_params(op, dropout_p, seed, x);
 
   if (!dropout.active && activation == Activation::kGeluTanh && N % kAuxLdMultiple == 0) {
     LtGemm g = forward_gemm(x, weight, out);
@@ -289,13 +298,16 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weig
 std::tuple<Tensor, Tensor> gated_forward(const Tensor& x_in, const Tensor& weight_in,
                                          const std::optional<Tensor>& bias, std::string activation_name,
                                          double dropout_p, const Tensor& seed) {
+  const char* op = "mlp_gated_forward";
+  check_cuda_x(op, x_in);
+  check_dropout_args(op, dropout_p, seed);
   const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
+  check_mlp_operands(op, x, weight, bias);
   const int64_t M = x.size(0), N2 = weight.size(0);
-  check_mlp_operands(x, weight, bias, N2);
-  check_gated_weight(weight);
-  const Activation activation = checked_activation(activation_name);
+  check_gated_weight(op, weight);
+  const Activation activation = checked_activation(op, activation_name);
   const c10::cuda::CUDAGuard guard(x.device());
-  const MlpDropoutParams dropout = dropout_params(dropout_p, seed);  // checks the seed before any launch
+  const MlpDropoutParams dropout = dropout_params(op, dropout_p, seed, x);  // checks the seed before any launch
   Tensor out = at::empty({M, N2 / 2}, x.options());
   Tensor gate_up = at::empty({M, N2}, x.options());
   const Tensor b = gemm_ready_bias(bias);
@@ -384,14 +396,17 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
                                                    const Tensor& weight_in, const Tensor& preact,
                                                    std::string activation_name,
                                                    double dropout_p, const Tensor& seed) {
+  const char* op = "mlp_linear_backward";
+  check_cuda_x(op, x_in);
+  check_dropout_args(op, dropout_p, seed);
   const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
+  check_mlp_operands(op, x, weight, std::nullopt);
   const int64_t M = x.size(0), N = weight.size(0);
-  check_mlp_operands(x, weight, std::nullopt, N);
-  const Activation activation = checked_activation(activation_name);
-  check_backward_tensor("grad_out", grad_out, x, M, N);
-  if (activation != Activation::kNone) check_backward_tensor("preact", preact, x, M, N);
+  const Activation activation = checked_activation(op, activation_name);
+  check_backward_tensor(op, "grad_out", grad_out, x, M, N);
+  if (activation != Activation::kNone) check_backward_tensor(op, "preact", preact, x, M, N);
   const c10::cuda::CUDAGuard guard(x.device());
-  const MlpDropoutParams dropout = dropout_params(dropout_p, seed);
+  const MlpDropoutParams dropout = dropout_params(op, dropout_p, seed, x);
   const Tensor dy = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
   if (activation == Activation::kNone && !dropout.active) return weight_grads(dy.contiguous(), x, weight);
   return weight_grads(grad_preact(dy, preact.contiguous(), N, activation, false, dropout), x, weight);
@@ -400,17 +415,20 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
 std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& weight_in,
                                                   const Tensor& gate_up, std::string activation_name,
                                                   double dropout_p, const Tensor& seed) {
+  const char* op = "mlp_gated_backward";
+  check_cuda_x(op, x_in);
+  check_dropout_args(op, dropout_p, seed);
   const Tensor x = gemm_operand(x_in), weight = gemm_operand(weight_in);
+  check_mlp_operands(op, x, weight, std::nullopt);
   const int64_t M = x.size(0), N2 = weight.size(0);
-  check_mlp_operands(x, weight, std::nullopt, N2);
-  const Activation activation = checked_activation(activation_name);
-  check_gated_weight(weight);
-  check_backward_tensor("grad_out", grad_out, x, M, N2 / 2);
-  check_backward_tensor("gate_up", gate_up, x, M, N2);
+  const Activation activation = checked_activation(op, activation_name);
+  check_gated_weight(op, weight);
+  check_backward_tensor(op, "grad_out", grad_out, x, M, N2 / 2);
+  check_backward_tensor(op, "gate_up", gate_up, x, M, N2);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor dy = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
   const Tensor dgu =
-      grad_preact(dy, gate_up.contiguous(), N2, activation, true, dropout_params(dropout_p, seed));
+      grad_preact(dy, gate_up.contiguous(), N2, activation, true, dropout_params(op, dropout_p, seed, x));
   return weight_grads(dgu, x, weight);
 }
 
@@ -420,18 +438,16 @@ std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const 
 MlpBlockGrads block_backward_cuda(const Tensor& grad_out, const Tensor& x_in, const Tensor& w1_in,
                                   const Tensor& preact, const Tensor& hidden_in, const Tensor& w2_in,
                                   std::string activation_name, double dropout_p, const Tensor& seed) {
-  const Activation activation = checked_activation(activation_name);
+  const char* op = "mlp_block_backward";
+  check_cuda_x(op, x_in);
+  const Activation activation =
+      check_mlp_block_backward(op, grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p, seed);
   const int64_t M = x_in.size(0), F = w1_in.size(0), N = w2_in.size(0);
   const bool fusable = activation == Activation::kGeluTanh && dropout_p == 0.0 && F % kAuxLdMultiple == 0;
   if (!fusable) return block_backward(grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p,
                                       seed);
   const Tensor x = gemm_operand(x_in), w1 = gemm_operand(w1_in), hidden = gemm_operand(hidden_in);
   const Tensor w2 = gemm_operand(w2_in);
-  check_mlp_operands(x, w1, std::nullopt, F);
-  check_mlp_operands(hidden, w2, std::nullopt, N);
-  check_backward_tensor("grad_out", grad_out, x, M, N);
-  check_backward_tensor("preact", preact, x, M, F);
-  check_backward_tensor("hidden", hidden, x, M, F);
   Tensor aux = preact.contiguous();
   if (alignment_of(aux.data_ptr()) < 16) aux = aux.clone();  // as gemm_ready_bias: 16-byte epilogue pointers
   const c10::cuda::CUDAGuard guard(x.device());
