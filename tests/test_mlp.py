@@ -6,7 +6,9 @@ checks on CUDA with bf16 and 16384-token shapes."""
 
 import copy
 import functools
+import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -24,7 +26,7 @@ from autograd_probe import (
     gradient_penalty_derivatives,
     operator_node,
 )
-from tolerance import assert_within_tolerance, poison_allocator
+from tolerance import assert_within_tolerance, poisoned_memory
 
 import tfm_kernels
 from tfm_kernels import backends, reference, rng
@@ -71,10 +73,10 @@ def check_against_oracle(kind, backend, x, weight, bias=None, activation="gelu",
         out = call(kind, run_backend, cx, cw, cb, activation, dropout_p)
         return out, cast
 
-    poison_allocator(x.device)
-    out, inputs = run(backend, x.dtype)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
+    with poisoned_memory(x.device):
+        out, inputs = run(backend, x.dtype)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, grad_out)
     results = {"out": (out,)}
     for name, dtype in (("baseline", x.dtype), ("oracle", torch.float64)):
         o, cast = run("torch", dtype)
@@ -665,17 +667,18 @@ def check_empty_operator_inputs(backend, device):
                         "gated": reference.gated_linear(*leaves["gated"], name),
                         "block": reference.linear(reference.linear(*leaves["block"][:3], name), *leaves["block"][3:])}
             grad_out = {kind: torch.randn_like(e) for kind, e in expected.items()}
-            poison_allocator(device)
-            out, preact = ops.mlp_linear_forward(x, w, b, activation, 0.0, seed)
-            gated_out, gate_up = ops.mlp_gated_forward(x, gated_w, gated_b, activation, 0.0, seed)
-            block_out, block_preact, hidden = ops.mlp_block_forward(x, w, b, w2, b2, activation, 0.0, seed)
-            results = {
-                "linear": (out, *ops.mlp_linear_backward(grad_out["linear"], x, w, preact, activation, 0.0, seed)),
-                "gated": (gated_out, *ops.mlp_gated_backward(grad_out["gated"], x, gated_w, gate_up, activation, 0.0,
+            with poisoned_memory(device):
+                out, preact = ops.mlp_linear_forward(x, w, b, activation, 0.0, seed)
+                gated_out, gate_up = ops.mlp_gated_forward(x, gated_w, gated_b, activation, 0.0, seed)
+                block_out, block_preact, hidden = ops.mlp_block_forward(x, w, b, w2, b2, activation, 0.0, seed)
+                results = {
+                    "linear": (out, *ops.mlp_linear_backward(grad_out["linear"], x, w, preact, activation, 0.0,
                                                              seed)),
-                "block": (block_out, *ops.mlp_block_backward(grad_out["block"], x, w, block_preact, hidden, w2,
-                                                             activation, 0.0, seed)),
-            }
+                    "gated": (gated_out, *ops.mlp_gated_backward(grad_out["gated"], x, gated_w, gate_up, activation,
+                                                                 0.0, seed)),
+                    "block": (block_out, *ops.mlp_block_backward(grad_out["block"], x, w, block_preact, hidden, w2,
+                                                                 activation, 0.0, seed)),
+                }
             for kind, result in results.items():
                 wanted = (expected[kind], *torch.autograd.grad(expected[kind], leaves[kind], grad_out[kind]))
                 names = ("out", "grad_x", "grad_w", "grad_b", "grad_w2", "grad_b2")
@@ -738,32 +741,128 @@ def test_bad_inputs():
             fn()
 
 
+def check_operator_errors(cases):
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+
+
 def check_backward_operator_errors(device):
-    """The backward operators, called directly, name the tensor that does not match the forward's."""
+    """The operators, called directly, fail with "<op>: " and the argument that is wrong: a backward's tensor
+    that does not match the forward's, dropout_p outside [0, 1) or a seed that is not one int64 element (on
+    every MLP operator), and a block argument by its own name, not as the inner linear operator's."""
     ops = torch.ops.tfm_kernels
     x, weight, _ = linear_inputs((4,), 8, 6, torch.float32, device=device)
     require("cpu" if device == "cpu" else "cuda", x, weight)
     gated_weight = rand(12, 8, device=device)
     seed = torch.zeros((), dtype=torch.int64, device=device)
     grad, preact, gate_up = rand(4, 6, device=device), rand(4, 6, device=device), rand(4, 12, device=device)
-    cases = [
+    check_operator_errors([
         (lambda: ops.mlp_linear_backward(grad.half(), x, weight, preact, "gelu", 0.0, seed),
-         "grad_out must have x's dtype"),
-        (lambda: ops.mlp_linear_backward(grad[:3], x, weight, preact, "gelu", 0.0, seed), r"grad_out must be \(4, 6\)"),
+         "mlp_linear_backward: grad_out must have x's dtype"),
+        (lambda: ops.mlp_linear_backward(grad[:3], x, weight, preact, "gelu", 0.0, seed),
+         r"mlp_linear_backward: grad_out must be \(4, 6\)"),
         (lambda: ops.mlp_linear_backward(grad, x, weight, preact[:, :5], "gelu", 0.0, seed),
-         r"preact must be \(4, 6\); got \[4, 5\]"),
+         r"mlp_linear_backward: preact must be \(4, 6\); got \[4, 5\]"),
         (lambda: ops.mlp_linear_backward(grad, x, weight, preact.half(), "silu", 0.0, seed),
-         "preact must have x's dtype"),
+         "mlp_linear_backward: preact must have x's dtype"),
         (lambda: ops.mlp_gated_backward(grad, x, gated_weight[:11], gate_up, "silu", 0.0, seed),
-         "even number of rows"),
+         "mlp_gated_backward: weight must have an even number of rows"),
         (lambda: ops.mlp_gated_backward(grad, x, gated_weight, gate_up.half(), "silu", 0.0, seed),
-         "gate_up must have x's dtype"),
+         "mlp_gated_backward: gate_up must have x's dtype"),
         (lambda: ops.mlp_gated_backward(grad, x, gated_weight, gate_up[:, :10], "silu", 0.0, seed),
-         r"gate_up must be \(4, 12\)"),
-    ]
-    for fn, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            fn()
+         r"mlp_gated_backward: gate_up must be \(4, 12\)"),
+        (lambda: ops.mlp_linear_forward(x, weight[:, :7], None, "gelu", 0.0, seed),
+         r"mlp_linear_forward: weight must be \(N, K\) with K = 8 and stride\(-1\) == 1; got shape \[6, 7\]"),
+        (lambda: ops.mlp_linear_forward(x, weight[0, 0], None, "gelu", 0.0, seed),
+         r"mlp_linear_forward: weight must be \(N, K\) with K = 8 and stride\(-1\) == 1; got shape \[\]"),
+        (lambda: ops.mlp_linear_forward(x, weight, rand(5, device=device), "gelu", 0.0, seed),
+         r"mlp_linear_forward: bias must be \(6,\); got \[5\]"),
+        (lambda: ops.mlp_gated_forward(x, gated_weight[:11], None, "silu", 0.0, seed),
+         "mlp_gated_forward: weight must have an even number of rows"),
+        (lambda: ops.mlp_gated_forward(x, gated_weight, None, "swish", 0.0, seed),
+         "mlp_gated_forward: activation must be one of none, gelu, gelu_tanh, relu, silu; got swish"),
+    ])
+    check_dropout_operator_errors(device)
+    check_block_operator_errors(device)
+
+
+def mlp_operator_calls(device):
+    """{op name: call(dropout_p, seed)} with valid tensors, for all six MLP operators."""
+    ops = torch.ops.tfm_kernels
+    x, weight, bias = linear_inputs((4,), 8, 6, torch.float32, device=device)
+    gated_weight, gated_bias = rand(12, 8, device=device), rand(12, device=device)
+    w2, b2 = rand(5, 6, device=device), rand(5, device=device)
+    grad, grad_block = rand(4, 6, device=device), rand(4, 5, device=device)
+    preact, hidden, gate_up = rand(4, 6, device=device), rand(4, 6, device=device), rand(4, 12, device=device)
+    return {
+        "mlp_linear_forward": lambda p, seed: ops.mlp_linear_forward(x, weight, bias, "gelu", p, seed),
+        "mlp_linear_backward": lambda p, seed: ops.mlp_linear_backward(grad, x, weight, preact, "gelu", p, seed),
+        "mlp_gated_forward": lambda p, seed: ops.mlp_gated_forward(x, gated_weight, gated_bias, "silu", p, seed),
+        "mlp_gated_backward": lambda p, seed: ops.mlp_gated_backward(grad, x, gated_weight, gate_up, "silu", p, seed),
+        "mlp_block_forward": lambda p, seed: ops.mlp_block_forward(x, weight, bias, w2, b2, "relu", p, seed),
+        "mlp_block_backward": lambda p, seed: ops.mlp_block_backward(grad_block, x, weight, preact, hidden, w2,
+                                                                     "relu", p, seed),
+    }
+
+
+def check_dropout_operator_errors(device):
+    """dropout_p outside [0, 1) (NaN, infinities, and 1, whose keep scale is inf) would silently mean no dropout
+    or drop everything, and a seed of another dtype or size would be converted or fail without its name: every
+    MLP operator refuses them, and reads the seed (of any dtype) only when dropout_p > 0."""
+    seed = torch.zeros((), dtype=torch.int64, device=device)
+    bad_p = {-0.5: "-0.5", math.nan: "nan", math.inf: "inf", -math.inf: "-inf", 1.0: "1", 1e30: "1e+30"}
+    bad_seeds = {"Float of shape []": torch.zeros((), device=device),
+                 "Bool of shape []": torch.zeros((), dtype=torch.bool, device=device),
+                 "Int of shape []": torch.zeros((), dtype=torch.int32, device=device),
+                 "Long of shape [2]": torch.zeros(2, dtype=torch.int64, device=device)}
+    for op, call_op in mlp_operator_calls(device).items():
+        cases = [(functools.partial(call_op, p, seed), re.escape(f"{op}: dropout_p must be in [0, 1); got {text}"))
+                 for p, text in bad_p.items()]
+        cases += [(functools.partial(call_op, 0.1, bad_seed),
+                   re.escape(f"{op}: seed must be an int64 tensor with one element; got {text}"))
+                  for text, bad_seed in bad_seeds.items()]
+        check_operator_errors(cases)
+        call_op(0.0, torch.zeros((), device=device))  # no dropout: the seed is never read
+        call_op(0.1, seed)
+
+
+def check_block_operator_errors(device):
+    """The block operators name each of their own arguments (w1, b1, w2, b2, hidden), not the inner linear
+    operator's x, weight and bias; x (4, 8), w1 (F=8, 8), w2 (N=5, 8)."""
+    ops = torch.ops.tfm_kernels
+    x, w1, b1 = linear_inputs((4,), 8, 8, torch.float32, device=device)
+    w2, b2 = rand(5, 8, device=device), rand(5, device=device)
+    grad, preact, hidden = rand(4, 5, device=device), rand(4, 8, device=device), rand(4, 8, device=device)
+    seed = torch.zeros((), dtype=torch.int64, device=device)
+
+    def forward(x=x, w1=w1, b1=b1, w2=w2, b2=b2, activation="gelu"):
+        return ops.mlp_block_forward(x, w1, b1, w2, b2, activation, 0.0, seed)
+
+    def backward(grad=grad, w1=w1, preact=preact, hidden=hidden, w2=w2, activation="gelu_tanh"):
+        return ops.mlp_block_backward(grad, x, w1, preact, hidden, w2, activation, 0.0, seed)
+
+    check_operator_errors([
+        (lambda: forward(x=x.t()), r"mlp_block_forward: x must be 2-D \(M, K\) with stride\(-1\) == 1"),
+        (lambda: forward(w1=w1[:, :7]), r"mlp_block_forward: w1 must be \(F, K\) with K = 8 .*got shape \[8, 7\]"),
+        (lambda: forward(b1=b1[:7]), r"mlp_block_forward: b1 must be \(8,\); got \[7\]"),
+        (lambda: forward(w2=w2[:, :7]),
+         r"mlp_block_forward: w2 must be \(N, F\) with F = 8 and stride\(-1\) == 1; got shape \[5, 7\]"),
+        (lambda: forward(w2=w2.half()), "mlp_block_forward: w2 must have x's dtype"),
+        (lambda: forward(b2=b2[:4]), r"mlp_block_forward: b2 must be \(5,\); got \[4\]"),
+        (lambda: forward(b2=b2.half()), "mlp_block_forward: b2 must have x's dtype"),
+        (lambda: forward(activation="swish"), "mlp_block_forward: activation must be one of"),
+        (lambda: backward(w1=w1[:, :7]), r"mlp_block_backward: w1 must be \(F, K\) with K = 8"),
+        (lambda: backward(w2=w2[:, :7]), r"mlp_block_backward: w2 must be \(N, F\) with F = 8"),
+        (lambda: backward(grad=grad[:, :4]), r"mlp_block_backward: grad_out must be \(4, 5\); got \[4, 4\]"),
+        (lambda: backward(preact=preact[:3]), r"mlp_block_backward: preact must be \(4, 8\); got \[3, 8\]"),
+        (lambda: backward(hidden=hidden[:, :7]), r"mlp_block_backward: hidden must be \(4, 8\); got \[4, 7\]"),
+        (lambda: backward(hidden=hidden.t().contiguous().t()),
+         r"mlp_block_backward: hidden must be 2-D \(M, F\) with stride\(-1\) == 1"),
+        (lambda: backward(hidden=hidden.half()), "mlp_block_backward: hidden must have x's dtype"),
+        (lambda: backward(activation="swish"), "mlp_block_backward: activation must be one of"),
+    ])
+    backward(preact=preact[:0], activation="none")  # preact is read only with an activation
 
 
 def test_backward_operator_errors():
@@ -894,6 +993,20 @@ def test_gpu_second_derivatives(backend, kind, activation, dropout_p, with_bias)
 @pytest.mark.gpu
 def test_gpu_backward_operator_errors():
     check_backward_operator_errors("cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_operators_refuse_cpu_x():
+    """CPU x and weight beside a CUDA seed reach the CUDA kernels (the dispatcher takes the CUDA key of any
+    argument); they refuse x before their device guard, which would fail on a CPU device."""
+    cuda_x, cuda_weight, _ = linear_inputs((4,), 8, 6, torch.float32, device="cuda")
+    require("cuda", cuda_x, cuda_weight)
+    calls = mlp_operator_calls("cpu")
+    seed = torch.zeros((), dtype=torch.int64, device="cuda")
+    for op in ("mlp_linear_forward", "mlp_linear_backward", "mlp_gated_forward", "mlp_gated_backward",
+               "mlp_block_backward"):
+        with pytest.raises(RuntimeError, match=f"{op}: x must be a CUDA tensor; got device cpu"):
+            calls[op](0.1, seed)
 
 
 @pytest.mark.gpu
