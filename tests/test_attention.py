@@ -6,10 +6,10 @@ strided views. On the CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_within_tolerance, poison_allocator
+from tolerance import assert_within_tolerance, poisoned_memory
 
 import tfm_kernels
-from tfm_kernels import attention, backends, reference, rng
+from tfm_kernels import attention, backends, ops, reference, rng
 
 CPU_BACKENDS = ["triton", "cpu"]
 GPU_BACKENDS = ["triton", "cuda"]
@@ -24,9 +24,11 @@ def plain_torch(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
     """The tolerance rule's baseline: attention in plain torch ops in the inputs' dtype, without the float32
     upcast of the "torch" backend (as FlashAttention's tests), on inputs normalised and with the dropout seed
     drawn as scaled_dot_product_attention does them."""
-    q4, k4, v4 = (attention._to_4d(t) for t in (q, k, v))  # (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev)
-    B, H, L, E = q4.shape
-    mask = None if attn_mask is None else attention._mask_to_4d(attn_mask, q.shape, B, H, L, k4.shape[2])
+    tensors = [q, k, v] if attn_mask is None else [q, k, v, attention._broadcast_mask(attn_mask, q.shape, k.shape[-2])]
+    # (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev), and the mask (B, Hq, L, S) if one is given
+    q4, k4, v4, *masks = attention._to_4d(tensors, keep_batch=key_lengths is not None)
+    mask = masks[0] if masks else None
+    E = q4.shape[-1]
     seed = rng.seed_for(float(dropout_p), q.device)
     out, _ = reference.attention(q4, k4, v4, mask, key_lengths, dropout_p, is_causal,
                                  E**-0.5 if scale is None else scale, seed)
@@ -35,7 +37,7 @@ def plain_torch(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 
 def require(backend, q, k, v, mask=None, **kwargs):
     """Skips only where the environment lacks the backend (no build, no GPU), never a feature it should run."""
-    reasons = backends.not_supported_reasons(backend, *(attention._to_4d(t) for t in (q, k, v)))
+    reasons = backends.not_supported_reasons(backend, *attention._to_4d([q, k, v], keep_batch=True))
     environment = backends.missing_environment(reasons)
     if environment:
         pytest.skip("; ".join(environment))
@@ -46,10 +48,10 @@ def check_against_oracle(backend, q, k, v, attend=plain_torch, **kwargs):
     from `attend`, plain_torch or torch's own SDPA for inputs that plain_torch does not normalise."""
     require(backend, q, k, v, **kwargs)
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    poison_allocator(q.device)
-    out = sdpa(backend, *inputs, **kwargs)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
+    with poisoned_memory(q.device):
+        out = sdpa(backend, *inputs, **kwargs)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, grad_out)
 
     def run_torch(dtype, attend):
         cast = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
@@ -150,8 +152,8 @@ def test_finfo_min_mask_rows(backend):
         out = sdpa(backend, *inputs, attn_mask=mask.to(dtype))  # float32 min is exact and finite in float64
         return (out, *torch.autograd.grad(out, inputs, grad_out.to(dtype)))
 
-    poison_allocator(q.device)
-    results = run(backend, torch.float32, grad_out)
+    with poisoned_memory(q.device):
+        results = run(backend, torch.float32, grad_out)
     baseline, oracle = run("torch", torch.float32, grad_out), run("torch", torch.float64, grad_out)
     torch_sdpa = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
     torch.testing.assert_close(oracle[0][:, :, uniform_rows], torch_sdpa[:, :, uniform_rows])
@@ -303,6 +305,28 @@ def test_broadcast_leading_dims_as_torch(backend, case, is_causal):
     q, k, v = rand(*q_shape), rand(*k_shape), rand(*v_shape)
     check_against_oracle(backend, q, k, v, attend=F.scaled_dot_product_attention, is_causal=is_causal,
                          enable_gqa=enable_gqa)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rank_5_broadcasts_reach_the_kernels_uncopied(backend, monkeypatch):
+    """q (2, 3, 4, L, E) against k, v and a mask that broadcast over the outer batch dim: the three leading
+    dims cannot merge into the kernels' batch dim as views of k, so they split as (batch 2, heads 3 * 4), and
+    k, v and the mask reach the kernel through zero strides; outputs and gradients as torch's."""
+    q, k, v = rand(2, 3, 4, 9, 8), rand(1, 3, 4, 11, 8), rand(1, 3, 4, 11, 6)
+    mask = rand(3, 4, 9, 11)
+    storage_bytes = {}
+
+    def spy(forward):
+        def call(q, k, v, mask, *rest):
+            storage_bytes.update({name: t.untyped_storage().nbytes() for name, t in zip("kvm", (k, v, mask))})
+            return forward(q, k, v, mask, *rest)
+        return call
+
+    for name in ("attention_forward", "triton_attention_forward"):
+        if name in ops.DIFFERENTIABLE_FORWARD:
+            monkeypatch.setitem(ops.DIFFERENTIABLE_FORWARD, name, spy(ops.DIFFERENTIABLE_FORWARD[name]))
+    check_against_oracle(backend, q, k, v, attend=F.scaled_dot_product_attention, attn_mask=mask)
+    assert storage_bytes == {name: t.untyped_storage().nbytes() for name, t in zip("kvm", (k, v, mask))}
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -10,8 +10,10 @@ import contextlib
 import functools
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from autograd_probe import (
     LOSSES,
     DispatchedOps,
@@ -607,6 +609,16 @@ def bad_inputs():
             r"key_lengths must be an int32 or int64 tensor",
         ),
         "unknown_backend": ((q, k, v), {"backend": "fastest"}, ValueError, r"backend must be one of"),
+        "is_causal_not_bool": ((q, k, v), {"is_causal": "no"}, TypeError, r"is_causal must be a bool; got str"),
+        "is_causal_none": ((q, k, v), {"is_causal": None}, TypeError, r"is_causal must be a bool; got NoneType"),
+        "enable_gqa_not_bool": ((q, k, v), {"enable_gqa": "False"}, TypeError, r"enable_gqa must be a bool; got str"),
+        "scale_not_a_number": ((q, k, v), {"scale": "0.5"}, TypeError, r"scale must be a real number; got str"),
+        "dropout_not_a_number": ((q, k, v), {"dropout_p": "0.1"}, TypeError,
+                                 r"dropout_p must be a real number; got str"),
+        "float8": ((q.to(torch.float8_e4m3fn), k, v), {}, TypeError,
+                   r"query must be float16, bfloat16, float32 or float64; got torch.float8_e4m3fn"),
+        "nested": ((torch.nested.nested_tensor([q[0], q[1, :, :4]], layout=torch.jagged), k, v), {}, TypeError,
+                   r"query must be a dense tensor; got a nested tensor"),
     }
 
 
@@ -616,6 +628,23 @@ def test_bad_input_errors(backend, case):
     args, kwargs, error, message = bad_inputs()[case]
     with pytest.raises(error, match=message):
         tfm_kernels.scaled_dot_product_attention(*args, **{"backend": backend, **kwargs})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float_arguments_as_torch_takes_them(backend):
+    """dropout_p and scale as NumPy scalars or one-element tensors, and a mask with a leading size-1 dim beyond
+    the scores' rank (torch 2.14 takes both): the results of the same Python floats and of torch's SDPA."""
+    q, k, v = qkv(1, 3, 3, 5, 7, 8, 8)
+    require(backend, q, k, v)
+    mask = rand(1, 3, 5, 7)
+    expected = tfm_kernels.scaled_dot_product_attention(q, k, v, scale=0.5, backend=backend)
+    for scale in (np.float32(0.5), torch.tensor(0.5)):
+        for dropout_p in (np.float64(0.0), torch.tensor(0.0)):
+            out = tfm_kernels.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, backend=backend)
+            assert torch.equal(out, expected)
+    q3, k3, v3 = q[0], k[0], v[0]  # (3, 5, 8): the mask (1, 3, 5, 7) has one more dim
+    torch.testing.assert_close(tfm_kernels.scaled_dot_product_attention(q3, k3, v3, attn_mask=mask, backend=backend),
+                               F.scaled_dot_product_attention(q3, k3, v3, attn_mask=mask[0]))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["cuda"])

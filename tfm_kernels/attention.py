@@ -1,6 +1,7 @@
 """scaled_dot_product_attention: validation, normalisation to (B, H, L, D), and dispatch to a backend."""
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,18 @@ def _forward_op(backend):
     return ops.DIFFERENTIABLE_FORWARD["attention_forward"]  # C++: dispatches to the CPU or CUDA kernel by device
 
 
-def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, key_lengths):
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
+        if t.is_nested:
+            raise TypeError(f"{name} must be a dense tensor; got a nested tensor (pad it, and pass key_lengths or "
+                            f"attn_mask for the padding)")
+        if t.dtype not in INPUT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
         if t.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (..., seq, head_dim); got shape {tuple(t.shape)}")
     if not (query.dtype == key.dtype == value.dtype):
@@ -45,7 +52,10 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, key_length
             raise TypeError(f"attn_mask must be bool, float32 or the query dtype {query.dtype}; got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask must be on {query.device}; got {attn_mask.device}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1); got {dropout_p!r}")
     if key_lengths is not None:
         if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
@@ -53,6 +63,15 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, key_length
             raise TypeError(f"key_lengths must be an int32 or int64 tensor; got {given}")
         if key_lengths.device != query.device:
             raise ValueError(f"key_lengths must be on {query.device}; got {key_lengths.device}")
+
+
+def _as_float(name, x) -> float:
+    """A float argument as torch's SDPA takes it: a Python or NumPy real number, or a one-element real tensor."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
+        return float(x)
+    if isinstance(x, numbers.Real):
+        return float(x)
+    raise TypeError(f"{name} must be a real number; got {type(x).__name__}")
 
 
 def _broadcast_shapes(what, *shapes):
@@ -92,28 +111,43 @@ def _broadcast(query, key, value, enable_gqa):
     return spread(query, heads), spread(key, kv_heads), spread(value, kv_heads)
 
 
-def _to_4d(t):
-    """(..., H, N, D) -> (B, H, N, D), a view wherever the strides allow."""
-    if t.dim() == 2:
-        return t[None, None]  # (1, 1, N, D)
-    if t.dim() == 3:
-        return t[None]  # (1, H, N, D)
-    if t.dim() == 4:
-        return t
-    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # (B, H, N, D); -1 is ambiguous when t is empty
+def _merges_as_view(t, first, last) -> bool:
+    """Whether dims first .. last - 1 of t merge into one dim without a copy."""
+    dims = [d for d in range(first, last) if t.shape[d] != 1]
+    return t.numel() == 0 or all(t.stride(a) == t.stride(b) * t.shape[b] for a, b in zip(dims, dims[1:]))
 
 
-def _mask_to_4d(attn_mask, query_shape, B, H, L, S):
-    """Broadcasts attn_mask to (B, H, L, S) through zero strides, never copying the broadcast dims."""
-    target = (*query_shape[:-1], S)  # the scores' shape, (..., Hq, L, S)
-    full = (*query_shape[:-3], H, L, S)
+def _to_4d(tensors, keep_batch):
+    """(*batch, H_t, N, D) tensors with the same batch dims -> (B, H, N, D) each, views wherever the strides
+    allow. The leading dims split into a batch group and a head group (each tensor's heads and the batch dims
+    after the cut): the cut nearest the heads at which every tensor's groups merge as views, so that broadcast
+    (zero-stride) and sliced dims are not copied. Dropout's keep-mask and grouped heads come out the same for
+    every cut (the kernels index (b, h) as b * H + h, and a kv head serves query heads h // (Hq / Hk)).
+    keep_batch: B must be the product of the batch dims (key_lengths is per batch element). Where no cut
+    merges every tensor as views, the tensors are copied at that cut."""
+    if tensors[0].dim() == 4:
+        return tensors
+    if tensors[0].dim() == 2:
+        return [t[None, None] for t in tensors]  # (1, 1, N, D)
+    batch_rank = tensors[0].dim() - 3
+    cuts = [batch_rank] if keep_batch else range(batch_rank, -1, -1)
+    cut = next((c for c in cuts if all(_merges_as_view(t, 0, c) and _merges_as_view(t, c, t.dim() - 2)
+                                       for t in tensors)), batch_rank)
+    return [t.reshape(math.prod(t.shape[:cut]), math.prod(t.shape[cut:-2]), *t.shape[-2:]) for t in tensors]
+
+
+def _broadcast_mask(attn_mask, query_shape, S):
+    """attn_mask broadcast to the scores' shape (..., Hq, L, S) through zero strides, never copied. Leading
+    size-1 dims beyond the scores' rank are dropped, as torch 2.14 allows."""
+    target = (*query_shape[:-1], S)
+    while attn_mask.dim() > len(target) and attn_mask.shape[0] == 1:
+        attn_mask = attn_mask[0]
     try:
         if attn_mask.dim() > len(target) or torch.broadcast_shapes(attn_mask.shape, target) != target:
             raise RuntimeError
     except RuntimeError:
         raise ValueError(f"attn_mask must broadcast to {target}; got {tuple(attn_mask.shape)}") from None
-    expanded = attn_mask.expand(full)
-    return expanded.reshape(B, H, L, S)  # a view for the usual (B, H, L, S) and 3-D cases
+    return attn_mask.expand(target)
 
 
 def _zero_attention(q, k, v):
@@ -134,11 +168,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             broadcast as torch's do (a matmul's batch dims; size-1 dims are read through zero strides, never
             copied). With enable_gqa=True (grouped-query attention) Hk and Hv each divide Hq; only where Hk and Hv
             differ, each of them that is neither 1 nor Hq is repeated in memory to Hq heads. E = 0 gives every
-            score 0 (as torch); Ev = 0 an empty output. Any strides; only a non-contiguous last dim is copied.
-        attn_mask: None, or broadcastable to (..., Hq, L, S): bool, where True means "takes part in attention",
-            or floating (bool, float32 or the query dtype), added to the scaled scores. Broadcast dims are read
-            through zero strides, never expanded in memory. Only the "torch" backend computes the gradient of
-            a mask that requires grad, so "auto" runs it for such a mask while grad mode is on.
+            score 0 (as torch); Ev = 0 an empty output. Any strides; only a non-contiguous last dim is copied,
+            and, with more than one batch dim, tensors whose batch and head dims merge into the kernels' two
+            (batch, heads) dims at no common place without a copy (e.g. a 5-D mask broadcast over heads but not
+            over the inner batch dim).
+        attn_mask: None, or broadcastable to (..., Hq, L, S) (leading size-1 dims beyond that rank allowed):
+            bool, where True means "takes part in attention", or floating (float32 or the query dtype), added to
+            the scaled scores. Broadcast dims are read through zero strides, not expanded in memory (for 4-D and
+            smaller inputs always). Only the "torch" backend computes the gradient of a mask that requires
+            grad, so "auto" runs it for such a mask while grad mode is on.
         dropout_p: dropout probability on the attention weights, in [0, 1); applied whenever > 0 (as torch).
             The keep-mask comes from a counter-based RNG seeded from torch's generator (tfm_kernels.rng), so
             runs repeat under torch.manual_seed and every backend draws the same mask. A call draws exactly one
@@ -179,21 +217,24 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, key_lengths, backend):
     """scaled_dot_product_attention past autocast."""
-    _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, key_lengths)
+    dropout_p = _as_float("dropout_p", dropout_p)
+    scale = None if scale is None else _as_float("scale", scale)
+    _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths)
     query, key, value = _broadcast(query, key, value, enable_gqa)
     out_shape = (*query.shape[:-1], value.shape[-1])
-    q, k, v = (last_dim_contiguous(t) for t in (query, key, value))
-    q, k, v = _to_4d(q), _to_4d(k), _to_4d(v)  # (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev)
-    B, H, L, E = q.shape
-    S = k.shape[2]
-    if key_lengths is not None and key_lengths.shape != (B,):
-        raise ValueError(f"key_lengths must have shape ({B},); got {tuple(key_lengths.shape)}")
-    mask = None
+    tensors = [last_dim_contiguous(t) for t in (query, key, value)]
     if attn_mask is not None:
-        mask = _mask_to_4d(attn_mask, query.shape, B, H, L, S)  # (B, Hq, L, S), zero-stride broadcasts
+        tensors.append(_broadcast_mask(attn_mask, query.shape, key.shape[-2]))  # (..., Hq, L, S)
+    if key_lengths is not None:
+        batch = math.prod(query.shape[:-3])
+        if key_lengths.shape != (batch,):
+            raise ValueError(f"key_lengths must have shape ({batch},); got {tuple(key_lengths.shape)}")
+    q, k, v, *masks = _to_4d(tensors, keep_batch=key_lengths is not None)
+    mask = masks[0] if masks else None  # (B, Hq, L, S), zero strides where it broadcasts
+    B, H, L, E = q.shape  # q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev)
+    S = k.shape[2]
     # With no head dim every score is 0, whatever the scale (torch: an empty sum).
-    scale = 1.0 if E == 0 else 1.0 / math.sqrt(E) if scale is None else float(scale)
-    dropout_p = float(dropout_p)
+    scale = 1.0 if E == 0 else 1.0 / math.sqrt(E) if scale is None else scale
     seed = seed_for(dropout_p, q.device)
 
     if backend == "auto":
