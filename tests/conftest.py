@@ -4,10 +4,10 @@ import zlib
 import pytest
 import torch
 
-# The Triton kernels run on CPU tensors under the interpreter; it must be set before triton is imported. Forced,
-# not defaulted: an inherited TRITON_INTERPRET=0 would turn every Triton test into a skip.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from tfm_kernels.bench.interpreter import use_triton_interpreter_without_gpu
+
+# Without a GPU the Triton kernels run on CPU tensors under the interpreter, set up before triton is imported.
+use_triton_interpreter_without_gpu()
 # Autotuning would compile and time each kernel's whole config list for every test shape (thousands of
 # compiles on a GPU); tests run the first config that fits, and test_tuning.py checks every config by name.
 os.environ.setdefault("TFM_KERNELS_AUTOTUNE", "0")

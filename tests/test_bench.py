@@ -508,6 +508,40 @@ def test_an_extension_missing_or_failing_to_import_is_named_so(tmp_path, monkeyp
         assert backends._extension_reasons() == [f"the compiled extension tfm_kernels._C {state} (why)"]
 
 
+def test_interpreted_triton_providers_run_but_are_not_timed():
+    """On CPU our Triton providers build and run their step under the interpreter (what the pytest-benchmark
+    cases with --benchmark-disable rely on), while the table gives them an n/a row saying why, unbuilt."""
+    from tfm_kernels.bench import attention, mlp
+
+    attention_shape = configs.AttentionShape("t", 1, 2, 32, 16, True, torch.float32)
+    mlp_shape = configs.MLPShape("t", 16, 16, 32, "gelu", False, torch.float32)
+    cases = (attention.attention_cases([attention_shape], ("fwd+bwd",), "cpu", with_flex="none")
+             + mlp.mlp_cases([mlp_shape], ("fwd+bwd",), "cpu", with_compile=False))
+    interpreted = [p for case in cases for p in case.providers if p.untimed]
+    assert [(p.name, p.untimed) for p in interpreted] == [("ours-triton", suite.INTERPRETED)] * 2
+    for provider in interpreted:
+        grad_query_or_x, *_ = provider.prepare()()  # the step runs, for attention and for the MLP
+        assert torch.isfinite(grad_query_or_x).all()
+    rows = suite.run_cases(cases, warmup_ms=1, rep_ms=2)
+    assert {(r["provider"], r["status"], r["reason"]) for r in rows if r["provider"] == "ours-triton"} == {
+        ("ours-triton", "n/a", suite.INTERPRETED)}
+    assert all(r["status"] == "ok" for r in rows if r["provider"] in ("torch-flash", "torch eager")), rows
+
+
+def test_interpreter_setup_comes_before_any_triton_import():
+    """tests/ and benchmarks/ conftests import the setup before anything imports triton (triton.jit reads
+    TRITON_INTERPRET when it decorates a kernel): importing it must import neither triton nor our kernels, and
+    without a GPU it overrides an inherited TRITON_INTERPRET=0."""
+    probe = ("import os, sys; from tfm_kernels.bench import interpreter; "
+             "imported = sorted(m for m in sys.modules if m.split('.')[0] == 'triton' or "
+             "m.startswith('tfm_kernels.triton')); interpreter.use_triton_interpreter_without_gpu(); "
+             "print(imported, os.environ['TRITON_INTERPRET'])")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=pathlib.Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "0" if torch.cuda.is_available() else "1"]
+
+
 def test_model_suite_times_our_language_model_and_its_torch_peer():
     from tfm_kernels.bench import model
 

@@ -4,6 +4,11 @@ A Case is one problem (a named shape and a mode); its providers are the implemen
 the peers, in the same run. A provider that cannot run here raises `Unavailable(reason)` from `prepare` and
 becomes an "n/a (reason)" row: nothing is silently dropped. An unexpected exception in one of our providers
 becomes an "error" row (and a non-zero exit of the CLI); a peer's exception is its unavailability.
+
+Whether a provider can run here and whether its time means anything here are separate questions: one that
+runs but whose speed means nothing (Triton's CPU interpreter) says why in `untimed`. The table gives it an
+"n/a" row with that reason without building it; the pytest-benchmark cases still run its step, so CPU CI
+catches a step that fails.
 """
 
 import gc
@@ -23,16 +28,27 @@ class Unavailable(Exception):
     """A provider cannot run on this machine, torch build or shape; the message says why."""
 
 
+INTERPRETED = "the Triton interpreter on CPU checks correctness; its speed means nothing"
+
+
+def untimed_reason(backend: str, device: torch.device) -> str:
+    """Why our `backend`'s time on `device` means nothing ("" where it means something): Triton kernels on
+    CPU tensors run in the interpreter, a Python emulation thousands of times slower than any kernel."""
+    return INTERPRETED if backend == "triton" and device.type == "cpu" else ""
+
+
 @dataclass
 class Provider:
     """name: shown in the table; ours: our implementation (else a peer); prepare(): builds inputs and returns
     the zero-argument callable that is timed, or raises Unavailable; compiles: its first call runs
-    torch.compile (tens of seconds), so a time-budgeted run measures it after everything else."""
+    torch.compile (tens of seconds), so a time-budgeted run measures it after everything else; untimed: why
+    its time means nothing here although it runs ("" when it is timed)."""
 
     name: str
     ours: bool
     prepare: Callable[[], Callable[[], Any]]
     compiles: bool = False
+    untimed: str = ""
 
 
 @dataclass
@@ -93,6 +109,8 @@ def _empty_row(case: Case, provider: Provider) -> dict:
 def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: float) -> dict:
     """One table row: the provider's timing on the case, or why it has none."""
     row = _empty_row(case, provider)
+    if provider.untimed:  # a number would mislead; the pytest cases run its step, the self-check checks it
+        return {**row, "status": "n/a", "reason": provider.untimed}
     fn = None
     try:
         fn = provider.prepare()
