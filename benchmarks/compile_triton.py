@@ -41,7 +41,9 @@ from tfm_kernels.triton import attention, mlp
 from tfm_kernels.triton.precision import dot_precision
 from tfm_kernels.triton.tuning import descriptor
 
-SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in (H100 227 KiB, A100 163 KiB)
+# Bytes per block, opt-in: H100 227 KiB, A100 163 KiB, sm_86 (RTX 30xx, A10, A40; sm_89's RTX 40xx, L4 and
+# L40S have the same) 99 KiB.
+SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912, 86: 101376}
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MASK_KINDS = {"none": attention.MASK_NONE, "bool": attention.MASK_BOOL, "additive": attention.MASK_ADDITIVE}
 ATTENTION_KERNELS = {"forward": (attention._FORWARD, attention.FORWARD_DESCRIPTORS),
@@ -192,7 +194,8 @@ def mlp_kernel(args):
     estimate_args = {"a_ptr": torch.empty(0, dtype=dtype), "GATED": args.gated}
     launched = _launched_configs(mlp._GEMM, estimate_args, args.arch,
                                  {name: torch.empty(16, 16, dtype=dtype) for name in ("a_desc", "b_desc")})
-    for config in mlp._GEMM.configs:
+    fallback = [] if mlp._GEMM.fallback is None else [mlp._GEMM.fallback]
+    for config in [*mlp._GEMM.configs, *fallback]:
         if args.admitted and config not in launched:
             continue
         kw = config.kwargs

@@ -1,5 +1,6 @@
 """The Triton kernels compiled for GPU targets without a GPU (benchmarks/compile_triton.py): every config the
-launcher would run on sm_90 or sm_80 compiles and fits that target's shared memory.
+launcher would run on sm_90, sm_80 or sm_86 (99 KiB per block, as sm_89) compiles and fits that target's shared
+memory.
 
 The launchers choose configs by a shared-memory estimate (tfm_kernels/triton/attention.py, mlp.py) less a
 margin; a config that passes the estimate but compiles to more than the device has would raise OutOfResources
@@ -27,12 +28,27 @@ CASES = {
                                "--kernel", "dq", *EVERY_FEATURE],
     # attention dK/dV at the largest head dim, where the margin covers layout-conversion scratch
     "sm90-bf16-d256-attention": ["--arch", "90", "--dtype", "bf16", "--head-dim", "256", *EVERY_FEATURE],
-    # float32 with TF32 dots, operands rounded to TF32 in registers first (precision.dot): GEMM 128x128x32,
-    # 163840 (triton 3.8; 147456 with 3.6) of 166912 bytes
-    "sm80-tf32-gated-mlp": ["--mlp", "--arch", "80", "--dtype", "fp32", "--tf32", "--activation", "gelu_tanh",
+    # float32 with TF32 dots, operands rounded to TF32 in registers first (precision.dot): GEMM 128x128x32 and
+    # 64x64x64, 180224 of 232448 bytes (triton 3.8). On sm_80 float32 gated now runs the fallback (32768
+    # bytes), where 128x128x32 (163840 of 166912) ran past its estimate of 196608
+    "sm90-tf32-gated-mlp": ["--mlp", "--arch", "90", "--dtype", "fp32", "--tf32", "--activation", "gelu_tanh",
                             "--gated", "--dropout", "--bias"],
     # the gated GEMM, two weight tiles per stage, TMA barriers beyond the estimate
     "sm90-bf16-gated-mlp": ["--mlp", "--arch", "90", "--dtype", "bf16", "--activation", "gelu_tanh", "--gated",
+                            "--dropout", "--bias"],
+    # float32 attention on 99 KiB, where its score tiles outweigh the small head dim's tiles: d16 forward 64x64
+    # (69632 of 101376 bytes); d32 dK/dV 32x128 (73984) and dQ 64x64 (98304). Before the estimate counted the
+    # score tiles, forward 128x64 (122880), dK/dV 64x128 (115200) and dQ 128x64 (114688) ran
+    "sm86-fp32-d16-forward": ["--arch", "86", "--dtype", "fp32", "--head-dim", "16", "--kernel", "forward",
+                              *EVERY_FEATURE],
+    "sm86-fp32-d32-backward": ["--arch", "86", "--dtype", "fp32", "--head-dim", "32", "--kernel", "dk_dv",
+                               "--kernel", "dq", *EVERY_FEATURE],
+    # float32 gated on 99 KiB: no listed config's estimate fits, the fallback 64x64x32 runs (24576 bytes);
+    # without it 128x128x32 in 4 stages ran, 147456 bytes: OutOfResources on an RTX 30xx/40xx, A10, L4
+    "sm86-fp32-gated-mlp": ["--mlp", "--arch", "86", "--dtype", "fp32", "--activation", "gelu_tanh", "--gated",
+                            "--dropout", "--bias"],
+    # 16-bit gated on 99 KiB: 128x128x32 and 64x64x64 in 4 stages, 73728 of 101376 bytes
+    "sm86-bf16-gated-mlp": ["--mlp", "--arch", "86", "--dtype", "bf16", "--activation", "gelu_tanh", "--gated",
                             "--dropout", "--bias"],
 }
 

@@ -74,6 +74,26 @@ def test_budget_is_the_limit_less_the_margin():
         assert tuning.shared_memory_budget(torch.device("cuda", 0), 5) == limit - 5
 
 
+# Opt-in shared memory per block: H100 (sm_90), A100 (sm_80), RTX 30xx/40xx, A10, L4, L40S (sm_86, sm_89).
+DEVICE_SHARED_MEMORY = {"sm90": 232448, "sm80": 166912, "sm86": 101376}
+
+
+@pytest.mark.parametrize("limit", DEVICE_SHARED_MEMORY.values(), ids=DEVICE_SHARED_MEMORY.keys())
+def test_gemm_launches_within_every_device_budget(monkeypatch, limit):
+    """The GPU config list (not the interpreter's single config): for every dtype, gated or not, the config a
+    launch takes has an estimate within the device's budget. Float32 gated on sm_86 fits no listed config and
+    so needs the fallback; without one it took the smallest, 128x128x32 in 4 stages (196608 bytes)."""
+    monkeypatch.setattr(mlp, "triton_interpreting", lambda: False)
+    configs, fallback = mlp._gemm_configs()
+    monkeypatch.setattr(mlp._GEMM, "configs", configs)
+    monkeypatch.setattr(mlp._GEMM, "fallback", fallback)
+    for dtype, gated in itertools.product((torch.float16, torch.bfloat16, torch.float32), (False, True)):
+        a = torch.empty(0, dtype=dtype)
+        args = {"a_ptr": a, "GATED": gated, "a_desc": a, "b_desc": a}  # no tensor descriptors: TMA unusable
+        config = mlp._GEMM.fitting(args, limit - mlp._GEMM.margin)[0]
+        assert mlp._GEMM.shared_bytes(config, args) <= limit - mlp._GEMM.margin, (dtype, gated, config)
+
+
 def test_launch_runs_the_first_config_that_fits():
     budget = tuning.shared_memory_budget(torch.device(DEVICE), 0)
     kernel = write_block_kernel(block_configs(512, 128, 64), 100 * KIB)
@@ -312,7 +332,8 @@ def test_interrupted_parallel_compilation_leaves_no_compile_mode_active():
 
 
 def every_config(kernel):
-    return [*kernel.configs, *([kernel.fallback] if kernel.fallback not in kernel.configs else [])]
+    extra = kernel.fallback is not None and kernel.fallback not in kernel.configs
+    return [*kernel.configs, *([kernel.fallback] if extra else [])]
 
 
 def config_id(config):
@@ -357,7 +378,7 @@ def test_gpu_every_attention_config(monkeypatch, name, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["linear", "gated"])
-@pytest.mark.parametrize("config", mlp._GEMM.configs, ids=config_id)
+@pytest.mark.parametrize("config", every_config(mlp._GEMM), ids=config_id)
 def test_gpu_every_gemm_config(monkeypatch, config, kind):
     """3999 tokens, 1040 -> 2000 (gated: 2 x 1000): more output tiles than an H100/H200 has SMs in the forward
     and in both gradient GEMMs, so the persistent programs of the TMA configs each loop over several tiles;

@@ -51,9 +51,9 @@ MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
 # Problems of at least this much work (B * H * L * S score elements) are autotuned (tuning.py).
 AUTOTUNE_MIN_WORK = 1 << 26
-# The tile estimate of _tile_shared_bytes leaves out the layout-conversion scratch (Triton 3.8, sm_90a, head
-# dim 256: 8.2 KiB for dK/dV 64x64); this margin covers it. Hopper: 227 - 27 = 200 KiB; Ampere: 163 - 27 =
-# 136 KiB.
+# The tile estimate of _tile_shared_bytes for tensor-core dots leaves out the layout-conversion scratch (Triton
+# 3.8, sm_90a, head dim 256: 8.2 KiB for dK/dV 64x64); this margin, added to it, covers that. Hopper: 227 - 27 =
+# 200 KiB of tiles; Ampere: 163 - 27 = 136 KiB; sm_86/sm_89: 99 - 27 = 72 KiB.
 SHARED_MEMORY_MARGIN = 27 * 1024
 
 
@@ -613,30 +613,57 @@ def _backward_q_kernel(Q, K, V, GradOut, KDesc, VDesc, Lse, Delta, GradQ, Mask, 
 # Launchers
 
 
-def _tile_shared_bytes(resident, streamed):
+def _tile_shared_bytes(resident, streamed, resident_columns):
     """Shared memory estimate of an attention kernel whose `resident` block stays while num_stages
-    `streamed` blocks are pipelined past it: element size x (E + Ev padded) x rows of those tiles."""
+    `streamed` blocks are pipelined past it.
+
+    16-bit: element size x (E + Ev padded) x rows of those tiles, plus SHARED_MEMORY_MARGIN for the scratch
+    this leaves out (on sm_90 the tiles alone match the compiled size). Float32 also keeps score tiles in
+    shared memory, which do not shrink with the head dim: with a mask, num_stages - 1 pipelined mask tiles
+    (4 bytes a score when additive), and with IEEE dots (no tensor cores, on every GPU) the scores' layout
+    conversion into the second dot's operand (4 bytes a score). Without them forward 128x64 at d16 with every
+    feature was estimated 40960 B and compiled to 122880 B (Triton 3.8, sm_86: 99 KiB a block; TF32 106496 B).
+    IEEE dots are counted from their allocations instead: the `resident_columns` tiles of the resident rows
+    converted once, num_stages - 1 buffers of the streamed tiles with their rows' log-sum-exp and delta (8
+    bytes), the score tiles. That matches the compiled dK/dV and dQ and overcounts the forward by 8 bytes a
+    streamed row (sm_90, d64, every feature, forward 128x128: 230400 estimated, 229376 compiled, of 232448)."""
     def estimate(config, args):
-        rows = config.kwargs[resident] + max(config.num_stages, 1) * config.kwargs[streamed]
-        return args["Q"].element_size() * (args["BLOCK_D"] + args["BLOCK_DV"]) * rows
+        element = args["Q"].element_size()
+        block_rows, block_stream = config.kwargs[resident], config.kwargs[streamed]
+        rows = block_rows + max(config.num_stages, 1) * block_stream
+        tensor_core = element * (args["BLOCK_D"] + args["BLOCK_DV"]) * rows + SHARED_MEMORY_MARGIN
+        if element != 4:
+            return tensor_core
+        buffers = max(config.num_stages - 1, 1)
+        mask_bytes = {MASK_NONE: 0, MASK_BOOL: 1, MASK_ADDITIVE: element}[args["MASK_KIND"]]
+        scores = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+        if args["DOT_PRECISION"] != "ieee":  # TF32 tensor-core dots
+            return tensor_core + scores * mask_bytes * buffers
+        tiles = element * (sum(args[c] for c in resident_columns) * block_rows
+                           + (args["BLOCK_D"] + args["BLOCK_DV"] + 2) * block_stream * buffers)
+        # Never below the tensor-core rule, under which every config of the sweeps at d40-d256 fits.
+        return max(tensor_core, tiles + scores * (element + mask_bytes * buffers))
 
     return estimate
 
 
-def _tuned(kernel, configs, fallback, resident, streamed, descriptors):
+def _tuned(kernel, configs, fallback, resident, streamed, resident_columns, descriptors):
     """The kernel's TunedKernel. Its key adds the layout flags of its tensor descriptors (`descriptors`) to
-    AUTOTUNE_KEY: the tiles that pay differ between heads-inner and (B, H, N, D) memory."""
+    AUTOTUNE_KEY: the tiles that pay differ between heads-inner and (B, H, N, D) memory. The estimate includes
+    its margin (_tile_shared_bytes), so the budget is the device's whole limit."""
     key = AUTOTUNE_KEY + [heads_inner for _, _, heads_inner in descriptors.values()]
-    return TunedKernel(kernel, configs, key, _tile_shared_bytes(resident, streamed), min_work=AUTOTUNE_MIN_WORK,
-                       probe="Q", fallback=fallback, margin=SHARED_MEMORY_MARGIN,
+    return TunedKernel(kernel, configs, key, _tile_shared_bytes(resident, streamed, resident_columns),
+                       min_work=AUTOTUNE_MIN_WORK, probe="Q", fallback=fallback,
                        usable=needs_descriptors(*descriptors), size_class=_sequence_class)
 
 
-_FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N", FORWARD_DESCRIPTORS)
+# Resident tiles that feed a dot: forward Q; dK/dV K and V; dQ Q and dO.
+_FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N", ("BLOCK_D",),
+                  FORWARD_DESCRIPTORS)
 _BACKWARD_KV = _tuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N", "BLOCK_M",
-                      BACKWARD_KV_DESCRIPTORS)
+                      ("BLOCK_D", "BLOCK_DV"), BACKWARD_KV_DESCRIPTORS)
 _BACKWARD_Q = _tuned(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M", "BLOCK_N",
-                     BACKWARD_Q_DESCRIPTORS)
+                     ("BLOCK_D", "BLOCK_DV"), BACKWARD_Q_DESCRIPTORS)
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
 # At most this many elements per delta tile: 64 rows x 256 float32 O and dO spill 392 bytes with 4 warps.
 DELTA_TILE_ELEMENTS = 64 * 128

@@ -41,12 +41,13 @@ GELU_TANH_CUBIC = tl.constexpr(0.044715)
 
 
 def _gemm_configs():
-    """A small list for Hopper/Ampere (bf16/fp16 128x128-256 tiles); one config under the CPU interpreter,
-    which never autotunes. Configs with TMA=True load tiles through tensor descriptors and run persistent (one
-    program per SM looping over output tiles); only Hopper and newer run them, where autotuning measures
-    whether they pay."""
+    """(configs, fallback): a small list for Hopper/Ampere (bf16/fp16 128x128-256 tiles), and the config run
+    where none fits the device's shared memory; one config under the CPU interpreter, which never autotunes.
+    Configs with TMA=True load tiles through tensor descriptors and run persistent (one program per SM looping
+    over output tiles); only Hopper and newer run them, where autotuning measures whether they pay."""
     if triton_interpreting():
-        return [_gemm_config(32, 32, 32, 4, 1, group_m=4)]
+        config = _gemm_config(32, 32, 32, 4, 1, group_m=4)
+        return [config], config
     # ptxas (Triton 3.8, sm_90a, bf16), plain GEMM: 106-239 registers, no spills, in every config and layout.
     # The gated GELU-tanh epilogue with dropout (two accumulators plus a Philox tile) spills, in bytes:
     # 128x256x64 3372 (and 240 KiB of shared memory: pruned), 128x128x64 244, 256x128x64 2288,
@@ -60,8 +61,17 @@ def _gemm_configs():
     # No 128x256x64 TMA config: on an H200 (Triton 3.6) it computed a wrong dW = dz^T @ x (the transposed-A
     # descriptor path) while every other config passed the same test (benchmarks/RESULTS.md, 2026-11-28).
     tma_shapes = [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
+    # The fallback, for float32 gated GEMMs on devices with 99 KiB (101376 bytes) per block (sm_86/sm_89:
+    # RTX 30xx/40xx, A10, L4, L40S), where no listed config's estimate fits (the smallest, 128x128x32 in 4
+    # stages, estimates 196608 bytes and compiles to 147456 on sm_86: OutOfResources). 64x64x32 in 2 stages
+    # estimates 49152 bytes (float32 gated, the most any dtype takes), within every device's limit down to
+    # sm_75's 64 KiB, and compiles to 24576 on sm_86 (one stage buffered), with the gated GELU-tanh + dropout
+    # epilogue in 254 registers without spills (TF32: 32768 bytes, 32 spilled). It also takes float32 gated
+    # on sm_80 (128x128x32 ran there past its estimate, 163840 of 166912 bytes with TF32) and plain float32
+    # on sm_86.
+    fallback = _gemm_config(64, 64, 32, 4, 2)
     return ([_gemm_config(*shape) for shape in shapes] +
-            [_gemm_config(*shape, tma=True) for shape in tma_shapes])
+            [_gemm_config(*shape, tma=True) for shape in tma_shapes]), fallback
 
 
 def _gemm_config(block_m, block_n, block_k, num_warps, num_stages, *, group_m=8, tma=False):
@@ -294,9 +304,10 @@ GRAD_BLOCK = 64  # 64x64 elementwise tiles: 4096 elements per program, enough wo
 # Products of at least this many multiply-adds (M * N * K) are autotuned, once per shape (tuning.py).
 AUTOTUNE_MIN_WORK = 1 << 30
 # The key names every constexpr but the tile's: the epilogue changes a config's registers and so its speed.
-_GEMM = TunedKernel(_gemm_kernel, _gemm_configs(), ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "STORE_PREACT",
-                                                    "DROPOUT", "GATED", "ROWSUM_A", "INPUT_PRECISION", "A_T", "B_T"],
-                    _shared_memory_bytes, min_work=AUTOTUNE_MIN_WORK, probe="a_ptr",
+_GEMM_CONFIGS, _GEMM_FALLBACK = _gemm_configs()
+_GEMM = TunedKernel(_gemm_kernel, _GEMM_CONFIGS, ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "STORE_PREACT", "DROPOUT",
+                                                 "GATED", "ROWSUM_A", "INPUT_PRECISION", "A_T", "B_T"],
+                    _shared_memory_bytes, min_work=AUTOTUNE_MIN_WORK, probe="a_ptr", fallback=_GEMM_FALLBACK,
                     usable=needs_descriptors("a_desc", "b_desc"))
 # Programs of a persistent (TMA) launch off the GPU, where there are no SMs to count: few, so that the
 # interpreter's programs each take several tiles.
