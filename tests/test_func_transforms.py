@@ -371,6 +371,20 @@ def test_mlp_vmap_folds_the_rows(backend, kind):
     assert set(calls.values()) == {3 if backend == "cpu" or kind != "block" else 6}, calls
 
 
+def test_compiled_vmap_keeps_the_vmapped_size_symbolic():
+    """torch.compile(dynamic=True) of a vmapped MLP call: new vmap sizes reuse the graph (the vmap rule makes one
+    call, with no Python loop over the size), as for torch's linear."""
+    weight = rand(6, 8)
+    vmapped = vmap(lambda x: tfm_kernels.fused_linear(x, weight, None, backend="cpu"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # counts of earlier tests' compilations
+    compiled = torch.compile(vmapped, dynamic=True, backend="aot_eager", fullgraph=True)
+    for n in (3, 4, 6, 9):
+        x = rand(n, 5, 8)
+        torch.testing.assert_close(compiled(x), vmapped(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # torch's linear: 2 (sizes 3, then any)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_vmap_over_zero_elements(backend):
     """vmap over a dim of size 0 gives empty outputs and gradients of the shapes torch ops give (torch's SDPA

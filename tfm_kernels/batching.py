@@ -69,10 +69,12 @@ def _register(name, folded, per_element_when, max_batch=None):
             return _no_elements(op, in_dims, args)
         if per_element_when(in_dims, args):
             return _per_element(op, info, in_dims, args)
-        n = step = info.batch_size
-        if max_batch is not None:
-            batch = args[folded[0]].shape[1 if in_dims[folded[0]] == 0 else 0]  # one element's B
-            step = max(1, max_batch // max(batch, 1))
+        n = info.batch_size
+        if max_batch is None:  # one call, without a loop over n: n stays symbolic under torch.compile and export
+            outputs = folded_call(n, in_dims, args)
+            return outputs, (0,) * len(outputs)
+        batch = args[folded[0]].shape[1 if in_dims[folded[0]] == 0 else 0]  # one element's B
+        step = max(1, max_batch // max(batch, 1))
         chunks = []
         for start in range(0, n, step):
             size = min(step, n - start)
