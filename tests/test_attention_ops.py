@@ -631,6 +631,31 @@ def test_bad_input_errors(backend, case):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_recorded_operators_follow_autocast(backend):
+    """A program recorded without autocast (torch.export, torch.jit.trace) and run under it: the forward
+    operators cast their floating inputs as the public functions (and torch's own operators) do, through their
+    Autocast kernels, and give what an eager call under autocast gives."""
+    dtype = torch.float16 if backend == "triton" else torch.bfloat16  # the interpreter's bf16 dots are wrong
+    q, k, v = qkv(2, 3, 3, 5, 7, 8, 8)
+    require(backend, q.to(dtype), k.to(dtype), v.to(dtype))
+    weight, mask = rand(6, 8), rand(5, 7)
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            out = tfm_kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+            return tfm_kernels.fused_linear(out, weight, None, "gelu", backend=backend)
+
+    args = (q, k, v, mask)
+    with torch.autocast("cpu", dtype=dtype):
+        expected = Block()(*args)
+    for recorded in (torch.export.export(Block(), args).module(), torch.jit.trace(Block(), args)):
+        with torch.autocast("cpu", dtype=dtype):
+            out = recorded(*args)
+        assert out.dtype == expected.dtype == dtype
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_float_arguments_as_torch_takes_them(backend):
     """dropout_p and scale as NumPy scalars or one-element tensors, and a mask with a leading size-1 dim beyond
     the scores' rank (torch 2.14 takes both): the results of the same Python floats and of torch's SDPA."""
