@@ -19,6 +19,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/attention_checks.h"
 #include "common/attention_layout.h"
 #include "common/philox.h"
 #include "cuda/attention/instantiations/head_dims.h"
@@ -50,14 +51,15 @@ bool is_compiled_head_dim(int64_t head_dim) {
   return false;
 }
 
-void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "attention (CUDA): ", name, " must be a CUDA tensor; got device ", t.device());
-  TORCH_CHECK(t.device() == q.device(), "attention (CUDA): ", name, " must be on ", q.device(), " like q; got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "attention (CUDA): ", name, " must have q's dtype ",
-              q.scalar_type(), "; got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, "attention (CUDA): ", name, " must be 4-D (B, H, N, D); got shape ", t.sizes());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "attention (CUDA): ", name,
+void check_on_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor; got device ", t.device());
+}
+
+// What the CUDA kernels need of a 4-D q, k, v, grad_out or out beyond check_attention_args: a CUDA tensor with a
+// contiguous last dimension (16-byte row loads).
+void check_cuda_rows(const char* op, const char* name, const at::Tensor& t) {
+  check_on_cuda(op, name, t);
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name,
               " must have a contiguous last dimension (stride 1); got strides ", t.strides());
 }
 
@@ -77,55 +79,40 @@ ElementType element_type(const at::Tensor& q) {
   return q.scalar_type() == at::kHalf ? ElementType::kFloat16 : ElementType::kBFloat16;
 }
 
-// Checks q, k, v, the options, and fills every field of `params` but the output pointers. Returns the
-// aligned (possibly copied) q, k, v and the int32 key lengths, which must outlive the launch.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepare(
-    ForwardParams& params, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+// Checks q, k, v and the options for operator `op` (check_attention_args, then the CUDA kernels' own limits),
+// and fills every field of `params` but the output pointers. Returns the sizes, the aligned (possibly copied) q,
+// k, v and the int32 key lengths, which must outlive the launch.
+std::tuple<AttentionSizes, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepare(
+    const char* op, ForwardParams& params, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& key_lengths, double dropout_p,
     bool is_causal, double scale, const at::Tensor& seed) {
-  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
-              "attention (CUDA): q must be float16 or bfloat16; got ", q_in.scalar_type());
-  check_attention_tensor(q_in, "q", q_in);
-  check_attention_tensor(k_in, "k", q_in);
-  check_attention_tensor(v_in, "v", q_in);
-  const int64_t B = q_in.size(0), Hq = q_in.size(1), L = q_in.size(2), D = q_in.size(3);
-  const int64_t Hk = k_in.size(1), S = k_in.size(2);
-  TORCH_CHECK(k_in.size(0) == B && v_in.size(0) == B, "attention (CUDA): k and v must have q's batch size ", B,
-              "; got k ", k_in.sizes(), ", v ", v_in.sizes());
-  TORCH_CHECK(v_in.size(1) == Hk && v_in.size(2) == S, "attention (CUDA): v must have k's heads and length (", Hk,
-              ", ", S, "); got v ", v_in.sizes());
-  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "attention (CUDA): k's heads must divide q's heads ", Hq, "; got ", Hk);
-  TORCH_CHECK(k_in.size(3) == D && v_in.size(3) == D, "attention (CUDA): k and v must have q's head dim ", D,
-              "; got k ", k_in.size(3), ", v ", v_in.size(3));
-  TORCH_CHECK(is_compiled_head_dim(D), "attention (CUDA): q's head dim must be one of the compiled head dims (",
+  const AttentionSizes sizes = check_attention_args(op, q_in, k_in, v_in, mask, key_lengths, dropout_p, seed);
+  const int64_t B = sizes.batch, Hq = sizes.q_heads, L = sizes.q_len, S = sizes.kv_len, D = sizes.head_dim;
+  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16, op,
+              ": q must be float16 or bfloat16 for the CUDA kernels; got ", q_in.scalar_type());
+  check_cuda_rows(op, "q", q_in);
+  check_cuda_rows(op, "k", k_in);
+  check_cuda_rows(op, "v", v_in);
+  TORCH_CHECK(sizes.value_dim == D, op, ": the CUDA kernels need v's head dim equal to q's ", D, "; got ",
+              sizes.value_dim);
+  TORCH_CHECK(is_compiled_head_dim(D), op, ": q's head dim must be one of the compiled head dims (",
               compiled_head_dims(), "; set TFM_KERNELS_HEAD_DIMS when building); got ", D);
-  TORCH_CHECK(!mask.has_value(), "attention (CUDA): mask is not supported by the CUDA kernels (use key_lengths, "
-              "is_causal, or the triton/cpu backends); got a mask of shape ",
+  TORCH_CHECK(!mask.has_value(), op, ": mask is not supported by the CUDA kernels (use key_lengths, is_causal, "
+              "or the triton/cpu backends); got a mask of shape ",
               mask.has_value() ? mask->sizes() : at::IntArrayRef{});
-  TORCH_CHECK(B <= kMaxGridYZ && Hq <= kMaxGridYZ, "attention (CUDA): batch and heads must be <= ", kMaxGridYZ,
-              "; got batch ", B, ", heads ", Hq);
-  TORCH_CHECK(L <= std::numeric_limits<int>::max() / 2 && S <= std::numeric_limits<int>::max() / 2,
-              "attention (CUDA): sequence lengths must be < 2^30; got L ", L, ", S ", S);
-  TORCH_CHECK(std::isfinite(scale), "attention (CUDA): scale must be finite; got ", scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (CUDA): dropout_p must be in [0, 1); got ", dropout_p);
+  TORCH_CHECK(B <= kMaxGridYZ && Hq <= kMaxGridYZ, op, ": batch and heads must be <= ", kMaxGridYZ,
+              " (grid limits); got batch ", B, ", heads ", Hq);
+  TORCH_CHECK(L <= std::numeric_limits<int>::max() / 2 && S <= std::numeric_limits<int>::max() / 2, op,
+              ": sequence lengths must be < 2^30; got L ", L, ", S ", S);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.device() == q_in.device(), op, ": seed must be on q's device ", q_in.device(), "; got ",
+                seed.device());
+  }
 
   std::optional<at::Tensor> lengths;
   if (key_lengths.has_value()) {
-    const at::Tensor& kl = *key_lengths;
-    TORCH_CHECK(kl.device() == q_in.device(), "attention (CUDA): key_lengths must be on ", q_in.device(), "; got ",
-                kl.device());
-    TORCH_CHECK(kl.scalar_type() == at::kInt || kl.scalar_type() == at::kLong,
-                "attention (CUDA): key_lengths must be int32 or int64; got ", kl.scalar_type());
-    TORCH_CHECK(kl.dim() == 1 && kl.size(0) == B, "attention (CUDA): key_lengths must have shape (", B, ",); got ",
-                kl.sizes());
-    lengths = kl.clamp(0, S).to(at::kInt).contiguous();  // stays on the device: no synchronisation
-  }
-  if (dropout_p > 0.0) {
-    TORCH_CHECK(seed.device() == q_in.device(), "attention (CUDA): seed must be on ", q_in.device(), "; got ",
-                seed.device());
-    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
-                "attention (CUDA): seed must be an int64 tensor with one element; got ", seed.scalar_type(),
-                " of shape ", seed.sizes());
+    lengths = key_lengths->clamp(0, S).to(at::kInt).contiguous();  // stays on the device: no synchronisation
   }
 
   at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
@@ -137,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepar
   params.v_strides = strides_of(v);
   params.batch = static_cast<int>(B);
   params.heads_q = static_cast<int>(Hq);
-  params.heads_k = static_cast<int>(Hk);
+  params.heads_k = static_cast<int>(sizes.kv_heads);
   params.q_len = static_cast<int>(L);
   params.kv_len = static_cast<int>(S);
   params.key_lengths = lengths.has_value() ? lengths->data_ptr<int32_t>() : nullptr;
@@ -148,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> prepar
   params.dropout_threshold = dropout_threshold(dropout_p);
   params.dropout_rescale = dropout_keep_scale(dropout_p);
   params.seed = params.dropout ? seed.data_ptr<int64_t>() : nullptr;
-  return {q, k, v, lengths};
+  return {sizes, q, k, v, lengths};
 }
 
 template <typename Params>
@@ -176,11 +163,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           const std::optional<at::Tensor>& key_lengths,
                                                           double dropout_p, bool is_causal, double scale,
                                                           const at::Tensor& seed) {
-  TORCH_CHECK(q.is_cuda(), "attention (CUDA): q must be a CUDA tensor; got device ", q.device());
+  const char* op = "attention_forward";
+  check_on_cuda(op, "q", q);  // before the guard, which needs a CUDA device
   const at::cuda::CUDAGuard guard(q.device());
   ForwardParams params;
-  auto [q_a, k_a, v_a, lengths] = prepare(params, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  auto [sizes, q_a, k_a, v_a, lengths] =
+      prepare(op, params, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed);
+  const int64_t B = sizes.batch, H = sizes.q_heads, L = sizes.q_len, D = sizes.head_dim;
   at::Tensor out = empty_heads_inner(B, H, L, D, q.options());  // (B, H, L, D), stored (B, L, H, D)
   at::Tensor lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   params.out = out.data_ptr();
@@ -196,21 +185,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& key_lengths,
     double dropout_p, bool is_causal, double scale, const at::Tensor& seed) {
-  TORCH_CHECK(q.is_cuda(), "attention (CUDA): q must be a CUDA tensor; got device ", q.device());
+  const char* op = "attention_backward";
+  check_on_cuda(op, "q", q);  // before the guard, which needs a CUDA device
   const at::cuda::CUDAGuard guard(q.device());
   BackwardParams params;
-  auto [q_a, k_a, v_a, lengths] = prepare(params, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed);
-  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
-  const int64_t Hk = k.size(1), S = k.size(2);
-  check_attention_tensor(grad_out, "grad_out", q);
-  check_attention_tensor(out, "out", q);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "attention (CUDA): grad_out must have shape ", q.sizes(), "; got ",
-              grad_out.sizes());
-  TORCH_CHECK(out.sizes() == q.sizes(), "attention (CUDA): out must have shape ", q.sizes(), "; got ", out.sizes());
-  TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::kFloat &&
-                  lse.sizes() == at::IntArrayRef({B, Hq, L}),
-              "attention (CUDA): lse must be a float32 tensor of shape (", B, ", ", Hq, ", ", L, ") on ", q.device(),
-              "; got ", lse.scalar_type(), " of shape ", lse.sizes(), " on ", lse.device());
+  auto [sizes, q_a, k_a, v_a, lengths] =
+      prepare(op, params, q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed);
+  check_attention_backward_args(op, sizes, q, grad_out, out, lse);
+  check_cuda_rows(op, "grad_out", grad_out);
+  check_cuda_rows(op, "out", out);
+  const int64_t B = sizes.batch, Hq = sizes.q_heads, L = sizes.q_len, D = sizes.head_dim;
+  const int64_t Hk = sizes.kv_heads, S = sizes.kv_len;
   const at::Tensor grad_out_a = aligned(grad_out), out_a = aligned(out), lse_c = lse.contiguous();
   at::Tensor grad_q = empty_heads_inner(B, Hq, L, D, q.options());  // (B, Hq, L, D), stored (B, L, Hq, D)
   at::Tensor grad_k = empty_heads_inner(B, Hk, S, D, k.options());  // (B, Hk, S, D), stored (B, S, Hk, D)
