@@ -34,18 +34,23 @@ def seed(device="cpu", dtype=torch.int64, shape=()):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+def with_changes(args, device, changes):
+    """The values of `args` (name -> valid value) with `changes` applied (a callable change receives the valid
+    value), tensors moved to `device`."""
+    for name, change in changes.items():
+        args[name] = change(args[name]) if callable(change) else change
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args.values()]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Attention: (q, k, v, mask, key_lengths, dropout_p, is_causal, scale, seed).
 
 
 def attention_args(device, **changes):
-    """Valid attention_forward arguments (B=2, Hq=4, Hk=2, L=5, S=7, E=Ev=8) with `changes` applied; a
-    callable change receives the valid value."""
+    """Valid attention_forward arguments (B=2, Hq=4, Hk=2, L=5, S=7, E=Ev=8) with `changes` applied."""
     args = {"q": torch.randn(2, 4, 5, 8), "k": torch.randn(2, 2, 7, 8), "v": torch.randn(2, 2, 7, 8), "mask": None,
             "key_lengths": None, "dropout_p": 0.0, "is_causal": False, "scale": 1.0, "seed": seed()}
-    for name, change in changes.items():
-        args[name] = change(args[name]) if callable(change) else change
-    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args.values()]
+    return with_changes(args, device, changes)
 
 
 ATTENTION_ERRORS = {
@@ -130,13 +135,11 @@ def test_a_mask_that_requires_grad_is_refused_not_left_without_gradient(prefix):
 # dropout_p, seed).
 
 
-def mlp_args(device, gated=False, **changes):
+def mlp_args(device, **changes):
     """Valid forward arguments: x (4, 8), weight (6, 8) (gated: F = 3), bias (6,), with `changes` applied."""
     args = {"x": torch.randn(4, 8), "weight": torch.randn(6, 8), "bias": torch.randn(6), "activation": "gelu",
             "dropout_p": 0.0, "seed": seed()}
-    for name, change in changes.items():
-        args[name] = change(args[name]) if callable(change) else change
-    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args.values()]
+    return with_changes(args, device, changes)
 
 
 MLP_ERRORS = {

@@ -67,9 +67,7 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
 
 def _as_float(name, x) -> float:
     """A float argument as torch's SDPA takes it: a Python or NumPy real number, or a one-element real tensor."""
-    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
-        return float(x)
-    if isinstance(x, numbers.Real):
+    if isinstance(x, numbers.Real) or (isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex()):
         return float(x)
     raise TypeError(f"{name} must be a real number; got {type(x).__name__}")
 

@@ -343,33 +343,33 @@ def _register_autograd(forward_name, gradients, setup_context):
     DIFFERENTIABLE_FORWARD[forward_name] = call
 
 
+def _checked(name, check, fn):
+    """fn after check(name, *args) (op_checks), with fn's signature (an op's schema is inferred from it)."""
+
+    @functools.wraps(fn)
+    def call(*args):
+        check(name, *args)
+        return fn(*args)
+
+    return call
+
+
 def _triton_op(name, check):
     """Defines the Triton op tfm_kernels::`name` from its kernel, a function with annotated arguments. The op
-    runs check(name, *args) (op_checks) first, as the C++ ops check theirs; KERNELS[name], which the public
-    functions reach with arguments they validated, runs the kernel alone."""
+    runs check first, as the C++ ops check their arguments; KERNELS[name], which the public functions reach with
+    arguments they validated, runs the kernel alone."""
 
     def define(kernel):
         KERNELS[name] = kernel
-
-        @functools.wraps(kernel)  # the op's schema comes from the kernel's annotated signature
-        def checked(*args):
-            check(name, *args)
-            return kernel(*args)
-
-        return torch.library.custom_op(f"tfm_kernels::{name}", mutates_args=())(checked)
+        return torch.library.custom_op(f"tfm_kernels::{name}", mutates_args=())(_checked(name, check, kernel))
 
     return define
 
 
 def _register_fake(name, check, fake):
-    """Registers fake(*args) as op `name`'s fake kernel, after check(name, *args) (op_checks): a traced call, or
-    one sent to the fake kernel by a meta tensor, fails as the real kernel would."""
-
-    def checked(*args):
-        check(name, *args)
-        return fake(*args)
-
-    torch.library.register_fake(f"tfm_kernels::{name}")(checked)
+    """Registers fake as op `name`'s fake kernel, after check: a traced call, or one sent to the fake kernel by a
+    meta tensor, fails as the real kernel would."""
+    torch.library.register_fake(f"tfm_kernels::{name}")(_checked(name, check, fake))
 
 
 def _cpp_ops(*names):
