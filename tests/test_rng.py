@@ -62,3 +62,13 @@ def test_keep_rate(p):
     keep = rng.dropout_keep_mask(2024, 4, 256, 256, p)
     rate = keep.double().mean().item()
     assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5 + 2**-16
+
+
+def test_triton_kernels_constants_are_rngs():
+    """The Triton kernels write rng's constants out (tfm_kernels/triton/philox.py says why); they must equal them."""
+    philox = pytest.importorskip("tfm_kernels.triton.philox")
+    kernels = (philox.philox_m0(), philox.philox_m1(), philox.philox_w0(), philox.philox_w1(),
+               philox.philox_rounds(), philox.dropout_bits(), philox.columns_per_draw())
+    assert kernels == (rng.PHILOX_M0, rng.PHILOX_M1, rng.PHILOX_W0, rng.PHILOX_W1, rng.PHILOX_ROUNDS,
+                       rng.DROPOUT_BITS, rng.COLUMNS_PER_DRAW)
+    assert philox.low16() == (1 << rng.DROPOUT_BITS) - 1

@@ -43,10 +43,25 @@ from .tuning import (
     unread_descriptors,
 )
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-# The lowest scaled additive mask value (base-2 logits); csrc/cpu/attention_scores.cpp says why a power of two.
-MASK_FLOOR = tl.constexpr(-(2.0**127))
+
+# Constants as constexpr functions, not constexpr globals: philox.py says why.
+@triton.constexpr_function
+def log2e():
+    return 1.4426950408889634
+
+
+@triton.constexpr_function
+def ln2():
+    return 0.6931471805599453
+
+
+@triton.constexpr_function
+def mask_floor():
+    """The lowest scaled additive mask value (base-2 logits); csrc/cpu/attention_scores.cpp says why a power of
+    two."""
+    return -(2.0**127)
+
+
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
 # Problems of at least this much work (B * H * L * S score elements) are autotuned (tuning.py).
@@ -92,7 +107,7 @@ def _masked_scores(s, rows, cols, row0, col0, col_end, mask_bh, stride_ml, strid
         else:
             additive = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
             # finfo.min * log2(e) overflows to -inf (no key): finite masks stay finite, as in torch; -inf stays.
-            s = s + tl.where(additive > float("-inf"), tl.maximum(additive * LOG2E, MASK_FLOOR), additive)
+            s = s + tl.where(additive > float("-inf"), tl.maximum(additive * log2e(), mask_floor()), additive)
     if APPLY_CAUSAL:
         s = tl.where(cols <= rows, s, float("-inf"))
     if APPLY_COL_END:
@@ -346,7 +361,7 @@ def _forward_kernel(Q, K, V, KDesc, VDesc, Out, Lse, Mask, KeyLengths, Seed, str
     if HAS_DROPOUT:
         out_scale = out_scale * inv_keep
     out = acc * out_scale[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * ln2())
     o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + m_start.to(tl.int64) * stride_om
               + offs_m[:, None] * stride_om + offs_dv[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok & dv_ok[None, :])
@@ -401,7 +416,7 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
         else:
             qT = _load_tile(qT_ptrs, d_ok[:, None], row_ok[None, :], CHECK_D, True)
         # Rows past L read lse = +inf, which makes their p exactly 0.
-        lse_log2 = tl.load(lse_bh + row_ids, mask=row_ok, other=float("inf")) * LOG2E
+        lse_log2 = tl.load(lse_bh + row_ids, mask=row_ok, other=float("inf")) * log2e()
         sT = dot(k, qT, None, DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
         sT = _masked_scores(sT, rows, cols, start_m, col0, col_end, mask_bh, stride_ml, stride_ms, L, S,
                             MASK_KIND, APPLY_CAUSAL, APPLY_COL_END)
@@ -582,7 +597,7 @@ def _backward_q_kernel(Q, K, V, GradOut, KDesc, VDesc, Lse, Delta, GradQ, Mask, 
     do = _load_tile(GradOut + b64 * stride_gb + h64 * stride_gh + m_start64 * stride_gm
                     + offs_m[:, None] * stride_gm + offs_dv[None, :], row_ok[:, None], dv_ok[None, :], True,
                     CHECK_DV)
-    lse_log2 = tl.load(Lse + bh64 * L + row_ids, mask=row_ok, other=float("inf")) * LOG2E
+    lse_log2 = tl.load(Lse + bh64 * L + row_ids, mask=row_ok, other=float("inf")) * log2e()
     delta = tl.load(Delta + bh64 * L + row_ids, mask=row_ok, other=0.0)
     kT_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None]

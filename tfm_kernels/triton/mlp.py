@@ -34,10 +34,27 @@ from .tuning import (
 
 # Activation codes, equal to csrc/common/mlp_epilogue.h's Activation enum.
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
-INV_SQRT2 = tl.constexpr(0.70710678118654752)
-INV_SQRT_2PI = tl.constexpr(0.39894228040143268)
-SQRT_2_OVER_PI = tl.constexpr(0.79788456080286536)
-GELU_TANH_CUBIC = tl.constexpr(0.044715)
+
+
+# Constants as constexpr functions, not constexpr globals: philox.py says why.
+@triton.constexpr_function
+def inv_sqrt2():
+    return 0.70710678118654752
+
+
+@triton.constexpr_function
+def inv_sqrt_2pi():
+    return 0.39894228040143268
+
+
+@triton.constexpr_function
+def sqrt_2_over_pi():
+    return 0.79788456080286536
+
+
+@triton.constexpr_function
+def gelu_tanh_cubic():
+    return 0.044715
 
 
 def _gemm_configs():
@@ -114,9 +131,9 @@ def _tanh(u):
 @triton.jit
 def _activate(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
-        return 0.5 * z * (1.0 + tl.erf(z * INV_SQRT2))
+        return 0.5 * z * (1.0 + tl.erf(z * inv_sqrt2()))
     elif ACTIVATION == 2:
-        return 0.5 * z * (1.0 + _tanh((z + z * z * z * GELU_TANH_CUBIC) * SQRT_2_OVER_PI))
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * gelu_tanh_cubic()) * sqrt_2_over_pi()))
     elif ACTIVATION == 3:
         return tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as in torch.relu
     elif ACTIVATION == 4:
@@ -128,10 +145,10 @@ def _activate(z, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation_grad(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
-        return 0.5 * (1.0 + tl.erf(z * INV_SQRT2)) + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+        return 0.5 * (1.0 + tl.erf(z * inv_sqrt2())) + z * tl.exp(-0.5 * z * z) * inv_sqrt_2pi()
     elif ACTIVATION == 2:
-        t = _tanh((z + z * z * z * GELU_TANH_CUBIC) * SQRT_2_OVER_PI)
-        inner_grad = (1.0 + z * z * GELU_TANH_CUBIC * 3.0) * SQRT_2_OVER_PI
+        t = _tanh((z + z * z * z * gelu_tanh_cubic()) * sqrt_2_over_pi())
+        inner_grad = (1.0 + z * z * gelu_tanh_cubic() * 3.0) * sqrt_2_over_pi()
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * inner_grad
     elif ACTIVATION == 3:
         return tl.where(z <= 0.0, 0.0, 1.0)  # 1 at NaN, as torch's relu backward

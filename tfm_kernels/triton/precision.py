@@ -13,12 +13,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreting
 
-# float32 has 23 mantissa bits, TF32 10: rounding adds half of the 13 dropped bits' range, then clears them.
-TF32_HALF_DROPPED = tl.constexpr(1 << 12)
-TF32_KEPT_BITS = tl.constexpr(0xFFFFE000)
-ROUND_OPERANDS_TO_TF32 = tl.constexpr(not triton_interpreting())
+# Constants as constexpr functions, not constexpr globals: philox.py says why. float32 has 23 mantissa bits,
+# TF32 10: rounding adds half of the 13 dropped bits' range, then clears them.
+@triton.constexpr_function
+def tf32_half_dropped():
+    return 1 << 12
+
+
+@triton.constexpr_function
+def tf32_kept_bits():
+    return 0xFFFFE000
+
+
+@triton.constexpr_function
+def round_operands_to_tf32():
+    """Whether `dot` rounds float32 operands for TF32: in compiled kernels, not in the interpreter."""
+    return not triton.knobs.runtime.interpret
 
 
 def tf32_allowed() -> bool:
@@ -42,13 +53,13 @@ def round_to_tf32(x):
     half; infinities keep their bits, NaNs with a payload bit among the kept ones (quiet NaNs) stay NaN, the
     largest finite values round to infinity."""
     bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + TF32_HALF_DROPPED) & TF32_KEPT_BITS).to(tl.float32, bitcast=True)
+    return ((bits + tf32_half_dropped()) & tf32_kept_bits()).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def dot(a, b, acc, PRECISION: tl.constexpr):
     """tl.dot(a, b, acc) in PRECISION (dot_precision), float32 operands rounded to TF32 when that is "tf32"."""
-    if ROUND_OPERANDS_TO_TF32:
+    if round_operands_to_tf32():
         if PRECISION == "tf32":
             if a.dtype == tl.float32:
                 a = round_to_tf32(a)
