@@ -46,6 +46,9 @@ def test_presets_hold_the_published_shapes():
     (lambda: Seq2SeqConfig(pad_id=300), "pad_id must be an int in [0, vocab_size=259); got 300"),
     (lambda: Seq2SeqConfig(bos_id=256), "pad_id, bos_id and eos_id must differ"),
     (lambda: Seq2SeqConfig(label_smoothing=-0.1), "label_smoothing must be a float in [0, 1)"),
+    (lambda: Seq2SeqConfig(pad_id=True), "pad_id must be an int in [0, vocab_size=259); got True"),
+    (lambda: Seq2SeqConfig(norm_first="False"), "norm_first must be a bool; got 'False'"),
+    (lambda: LMConfig(bias="False"), "bias must be a bool; got 'False'"),
 ])
 def test_config_errors_name_the_field(make, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

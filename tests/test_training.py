@@ -312,6 +312,27 @@ def test_train_config_refuses_non_finite_and_out_of_range_floats(setting, value)
         TrainConfig(**{setting: value})
 
 
+@pytest.mark.parametrize("setting, value, expected", [
+    ("decay_steps", 2.5, "a positive int or None"), ("decay_steps", True, "a positive int or None"),
+    ("checkpoint_interval", True, "an int >= 0"), ("resume", "False", "a bool"), ("amp", 1, "a bool"),
+    ("fsdp", "no", "a bool"), ("progress", None, "a bool"), ("overwrite", 0, "a bool"),
+])
+def test_train_config_refuses_values_of_the_wrong_type(setting, value, expected):
+    """A bool given as a string (from a file or the environment) or an int is refused, not read as truthy."""
+    with pytest.raises(ValueError, match=f"TrainConfig.{setting} must be {expected}; got {value!r}"):
+        TrainConfig(**{setting: value})
+
+
+def test_validation_windows_span_a_split_past_float32_integers():
+    """Evenly spaced starts from the first token to the last window, exact past 2**24 tokens (float32 rounds
+    16777219 up to 16777220, a window past the end)."""
+    high = 2**24 + 3  # the last window's start
+    tokens = torch.arange(high + 8 + 1) % 251  # (high + 9,): a last window of 8 tokens and its target
+    inputs, targets = data.validation_windows(tokens, 8, 4)
+    assert inputs[:, 0].tolist() == [t % 251 for t in (0, high // 3, 2 * high // 3, high)]
+    assert targets[-1, -1] == tokens[-1]
+
+
 def test_checkpoint_interval_needs_a_checkpoint_dir():
     """A checkpoint interval without a folder to save in would be ignored: refused instead."""
     with pytest.raises(ValueError, match=r"TrainConfig.checkpoint_interval \(5\) needs checkpoint_dir"):
@@ -632,7 +653,8 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert "--prompt is 17 bytes, longer than the model's context length 16" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--preset", "enormous"])
-    assert "preset must be one of" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "argument --preset: invalid choice: 'enormous'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, flag, value, expected", [

@@ -12,10 +12,11 @@ COMMANDS = {
     "generate": ("tfm_kernels.models.cli", "generate_main", "sample text from a language-model checkpoint"),
     "train-copy": ("tfm_kernels.models.cli", "train_copy_main", "train the encoder-decoder on the copy task"),
 }
+INFO_HELP = "build and device information"
 
 
 def info_main(argv):
-    parser = argparse.ArgumentParser(prog="python -m tfm_kernels info", description="build and device information")
+    parser = argparse.ArgumentParser(prog="python -m tfm_kernels info", description=INFO_HELP)
     parser.parse_args(argv)
     import torch
 
@@ -33,7 +34,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m tfm_kernels")
     parser.add_argument("command", choices=[*COMMANDS, "info"],
-                        help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+                        help="; ".join([*(f"{k}: {v[2]}" for k, v in COMMANDS.items()), f"info: {INFO_HELP}"]))
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "info":
         return info_main(argv[1:])

@@ -55,8 +55,9 @@ POSITIVE = _int_at_least(1)
 SEED = _int_at_least(0, SEED_LIMIT - 1)
 
 
-def _add_common_training_args(parser, default_steps, default_batch, default_lr, lr_help):
-    parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+def _add_common_training_args(parser, config_class, default_steps, default_batch, default_lr, lr_help):
+    parser.add_argument("--preset", default="tiny", choices=sorted(config_class.PRESETS),
+                        help="model preset (default: tiny)")
     parser.add_argument(
         "--steps",
         type=POSITIVE,
@@ -154,7 +155,7 @@ def train_main(argv=None):
         prog="python -m tfm_kernels train",
         description="Train the byte-level Transformer language model on a text corpus.",
     )
-    _add_common_training_args(parser, default_steps=2000, default_batch=32, default_lr=DEFAULT_LR["lm"],
+    _add_common_training_args(parser, LMConfig, default_steps=2000, default_batch=32, default_lr=DEFAULT_LR["lm"],
                               lr_help="peak learning rate (linear warm-up, cosine decay to 0.1x)")
     parser.add_argument(
         "--corpus", default=None, help="UTF-8 text file (default: the corpus shipped in the package)"
@@ -262,7 +263,8 @@ def train_copy_main(argv=None):
         prog="python -m tfm_kernels train-copy",
         description="Train the encoder-decoder Transformer to copy random strings.",
     )
-    _add_common_training_args(parser, default_steps=600, default_batch=64, default_lr=DEFAULT_LR["seq2seq"],
+    _add_common_training_args(parser, Seq2SeqConfig, default_steps=600, default_batch=64,
+                              default_lr=DEFAULT_LR["seq2seq"],
                               lr_help="multiplier of the paper's inverse-sqrt schedule (1.0: the paper's)")
     parser.set_defaults(eval_interval=200)
     parser.add_argument("--warmup-steps", type=POSITIVE, default=None, help="override the preset's warm-up steps")

@@ -28,6 +28,13 @@ def _check_probability(config, *names):
             raise ValueError(f"{type(config).__name__}.{name} must be a float in [0, 1); got {value!r}")
 
 
+def _check_bool(config, *names):
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{type(config).__name__}.{name} must be a bool; got {value!r}")
+
+
 def _check_heads(config):
     if config.d_model % config.n_heads:
         raise ValueError(
@@ -96,6 +103,7 @@ class LMConfig(_Presets):
     def __post_init__(self):
         _check_positive(self, "vocab_size", "context_length", "d_model", "n_layers", "n_heads", "d_ff")
         _check_probability(self, "dropout")
+        _check_bool(self, "bias")
         _check_heads(self)
 
 
@@ -143,10 +151,11 @@ class Seq2SeqConfig(_Presets):
             "warmup_steps",
         )
         _check_probability(self, "dropout", "label_smoothing")
+        _check_bool(self, "norm_first")
         _check_heads(self)
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
         for name, value in ids.items():
-            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
                 raise ValueError(
                     f"Seq2SeqConfig.{name} must be an int in [0, vocab_size={self.vocab_size}); got {value!r}"
                 )

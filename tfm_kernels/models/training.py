@@ -79,11 +79,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int; got {value!r}")
-        if self.decay_steps is not None and self.decay_steps < 1:
+        if self.decay_steps is not None and (not isinstance(self.decay_steps, int) or isinstance(self.decay_steps, bool)
+                                             or self.decay_steps < 1):
             raise ValueError(
                 f"TrainConfig.decay_steps must be a positive int or None; got {self.decay_steps!r}"
             )
-        if not isinstance(self.checkpoint_interval, int) or self.checkpoint_interval < 0:
+        if (not isinstance(self.checkpoint_interval, int) or isinstance(self.checkpoint_interval, bool)
+                or self.checkpoint_interval < 0):
             raise ValueError(
                 f"TrainConfig.checkpoint_interval must be an int >= 0; got {self.checkpoint_interval!r}"
             )
@@ -95,6 +97,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= 0; got {value!r}")
+        for name in ("resume", "overwrite", "amp", "fsdp", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be a bool; got {getattr(self, name)!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
         if self.resume and not self.checkpoint_dir:

@@ -42,7 +42,8 @@ class FusedMLP(nn.Module):
             None, or the callables F.relu, F.gelu, F.silu.
         dropout: in [0, 1). bias: whether both linears have a bias.
         backend: "auto", "cuda", "triton", "cpu" or "torch" (see tfm_kernels.fused_linear).
-    Input (..., d_model) -> output (..., d_model), in the parameters' dtype.
+    Input (..., d_model) in the parameters' dtype -> output (..., d_model) in that dtype (under autocast: the
+    autocast dtype).
     """
 
     __prepare_scriptable__ = refuse_torchscript
