@@ -13,6 +13,7 @@ tensors as the reference: their host time plus a few microseconds of arithmetic.
 
     PYTHONPATH=. python benchmarks/host_overhead.py             # the table, microseconds per call
     PYTHONPATH=. python benchmarks/host_overhead.py --profile "ours MultiheadAttention fwd+bwd"
+    PYTHONPATH=. python benchmarks/host_overhead.py --cpu-time --rounds 30 --case "ours fused_linear gelu fwd+bwd"
 
 The numbers are for the CPU it runs on; compare rows of one run, not runs on different machines.
 """
@@ -121,17 +122,17 @@ def stubbed_launches():
         yield
 
 
-def per_call_us(fn, repeat):
-    """Best of three runs of the mean host microseconds of `repeat` calls, after a warm-up."""
+def per_call_us(fn, repeat, rounds=3, clock=time.perf_counter):
+    """Best of `rounds` runs of the mean host microseconds of `repeat` calls, after a warm-up, on `clock`."""
     repeat = max(round(repeat), 1)
     for _ in range(max(repeat // 10, 1)):
         fn()
     best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
+    for _ in range(rounds):
+        start = clock()
         for _ in range(repeat):
             fn()
-        best = min(best, (time.perf_counter() - start) / repeat * 1e6)
+        best = min(best, (clock() - start) / repeat * 1e6)
     return best
 
 
@@ -203,15 +204,25 @@ def cases():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=300, help="calls per timing (default 300)")
+    parser.add_argument("--rounds", type=int, default=3, help="timings of which the best is shown (default 3)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the process's CPU time, not wall-clock time: steadier on a shared machine, "
+                        "where other work delays a run")
+    parser.add_argument("--case", action="append", metavar="CASE", help="time only this case (repeatable)")
     parser.add_argument("--profile", metavar="CASE", help="print cProfile's top functions for one case")
     args = parser.parse_args(argv)
+    if args.repeat < 1 or args.rounds < 1:
+        parser.error(f"--repeat and --rounds must be >= 1; got {args.repeat} and {args.rounds}")
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.manual_seed(0)
     torch.set_num_threads(1)
     with stubbed_launches():
         found = cases()
+        for option, names in (("--profile", [args.profile] if args.profile else []), ("--case", args.case or [])):
+            unknown = [n for n in names if n not in found]
+            if unknown:
+                parser.error(f"{option} must name one of {sorted(found)}; got {unknown}")
         if args.profile:
-            if args.profile not in found:
-                parser.error(f"--profile must name one of {sorted(found)}; got {args.profile!r}")
             fn, share = found[args.profile]
             per_call_us(fn, args.repeat * share)
             profile = cProfile.Profile()
@@ -219,10 +230,12 @@ def main(argv=None):
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
             return
         print(f"host us per call, {BATCH}x{HEADS}x{SEQ}x{HEAD_DIM} {str(DTYPE).removeprefix('torch.')}, "
-              f"torch {torch.__version__}, 1 thread; ours: Triton's launch path up to a stand-in driver")
+              f"torch {torch.__version__}, 1 thread, {'process CPU' if args.cpu_time else 'wall-clock'} time, best of "
+              f"{args.rounds} rounds; ours: Triton's launch path up to a stand-in driver")
         print("| case | us |\n|---|---:|")
         for name, (fn, share) in found.items():
-            print(f"| {name} | {per_call_us(fn, args.repeat * share):.1f} |")
+            if not args.case or name in args.case:
+                print(f"| {name} | {per_call_us(fn, args.repeat * share, args.rounds, clock):.1f} |")
 
 
 if __name__ == "__main__":

@@ -758,6 +758,19 @@ def test_host_overhead_script_times_every_case_and_restores_the_launches(capsys)
     assert attention._FORWARD.min_work > 0
 
 
+def test_host_overhead_script_times_chosen_cases_on_cpu_time(capsys):
+    host_overhead = _load_script("host_overhead")
+    case = "ours fused_linear gelu fwd+bwd"
+    host_overhead.main(["--repeat", "2", "--rounds", "2", "--cpu-time", "--case", case])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith(("| ours", "| torch"))]
+    assert "process CPU time, best of 2 rounds" in out
+    assert [name.strip() for name, _ in rows] == [case] and float(rows[0][1]) > 0
+    with pytest.raises(SystemExit):
+        host_overhead.main(["--case", "ours nothing"])
+    assert "--case must name one of" in capsys.readouterr().err
+
+
 def _empty_kernel(X, n, BLOCK: tl.constexpr):
     pass
 
