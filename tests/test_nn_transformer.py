@@ -526,3 +526,71 @@ def test_dropout_of_one_zeroes_what_it_drops_as_torch(make, call):
     grads = torch.autograd.grad(out.sum(), [x, *ours.parameters()])
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
+
+
+def _captured_self_attention(layer, captured):
+    """`layer._sa_block`, overridden on the instance, that keeps the attention weights, as users capture them."""
+
+    def sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+        out, weights = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                      need_weights=True)
+        captured.append(weights)
+        return self.dropout1(out)
+
+    layer._sa_block = sa_block.__get__(layer)
+
+
+def test_overridden_blocks_run_as_in_torch():
+    """The layers run their blocks through _sa_block, _mha_block and _ff_block, as torch's: a subclass
+    that overrides one, and an instance given its own before patch(), run it."""
+
+    def halved_ff(cls):
+        return type(f"Halved{cls.__name__}", (cls,), {"_ff_block": lambda self, x: 0.5 * cls._ff_block(self, x)})
+
+    def zero_cross(cls):
+        return type(f"NoCross{cls.__name__}", (cls,), {"_mha_block": lambda self, x, mem, *a, **k: 0 * x})
+
+    reference, ours = make_pair(halved_ff(nn.TransformerEncoderLayer), halved_ff(TransformerEncoderLayer),
+                                **layer_kwargs(batch_first=True))
+    check_against_torch(reference, ours, encoder_inputs("padding", True), encoder_layer_call())
+    reference, ours = make_pair(zero_cross(nn.TransformerDecoderLayer), zero_cross(TransformerDecoderLayer),
+                                **layer_kwargs(batch_first=True))
+    src, tgt = torch.randn(N, S, D_MODEL), torch.randn(N, T, D_MODEL)
+    assert_within_tolerance("out", ours(tgt, src), reference(tgt, src), copy.deepcopy(reference).double()(
+        tgt.double(), src.double()).float())
+    layer = randomize_parameters(nn.TransformerEncoderLayer(**layer_kwargs(batch_first=True))).eval()
+    captured = []
+    _captured_self_attention(layer, captured)
+    src, padding = torch.randn(N, S, D_MODEL), padding_mask(S)
+    expected = layer(src, src_key_padding_mask=padding)
+    tfm_kernels.patch(layer)
+    assert type(layer) is TransformerEncoderLayer
+    assert_within_tolerance("out", layer(src, src_key_padding_mask=padding), expected,
+                            copy.deepcopy(layer).double()(src.double(), src_key_padding_mask=padding).float())
+    assert len(captured) == 3 and torch.equal(captured[1], captured[0])
+
+
+class _PaddingLayer(nn.Module):
+    """A user's encoder layer that reads src_key_padding_mask as a number, as torch's encoder hands it over (with
+    the self_attn torch's encoder looks at)."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True)
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        self.seen = (src_mask, src_key_padding_mask)
+        return src + src_key_padding_mask.clamp(min=-1.0)[..., None]
+
+
+def test_encoder_gives_other_layers_torchs_float_masks():
+    """Layers other than ours get both masks from our encoder as from torch's: float, -inf where masked."""
+    padding = padding_mask(S)
+    src_mask = torch.ones(S, S, dtype=torch.bool).triu(1)  # causal, detected as such
+    src = torch.randn(N, S, D_MODEL)
+    reference = nn.TransformerEncoder(_PaddingLayer(), 2, enable_nested_tensor=False)
+    ours = TransformerEncoder(_PaddingLayer(), 2, enable_nested_tensor=False)
+    assert torch.equal(ours(src, mask=src_mask, src_key_padding_mask=padding),
+                       reference(src, mask=src_mask, src_key_padding_mask=padding))
+    for mine, theirs in zip(ours.layers[0].seen, reference.layers[0].seen):
+        assert mine.dtype == theirs.dtype == torch.float32 and torch.equal(mine, theirs)

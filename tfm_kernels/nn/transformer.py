@@ -9,8 +9,12 @@ fused MLP (tfm_kernels.mlp.mlp) for the activations it fuses, unless a hook or a
 the submodules to be called (feed_forward). Torch's inference fast paths
 (`torch._transformer_encoder_layer_fwd`, nested tensors in TransformerEncoder) are never taken, so the kernels
 run in training and inference alike; padded positions (key_padding_mask) therefore hold computed values where
-torch's nested-tensor path gives 0. Our encoder layer inside torch's TransformerEncoder takes the nested tensor
-that encoder hands its layers in inference.
+torch's nested-tensor path gives 0. In nn.Transformer those encoder outputs reach every decoder position
+through cross-attention unless memory_key_padding_mask hides them: pass it (as the source padding mask) for
+inference outputs that match torch's. Likewise is_causal=True without a mask raises in inference too, where
+torch's fast path ignores the hint. Our encoder layer inside torch's TransformerEncoder takes the nested tensor
+that encoder hands its layers in inference. The layers run their blocks through torch's `_sa_block`,
+`_mha_block` and `_ff_block`, so that overriding one works as in torch.
 """
 
 import torch
@@ -101,7 +105,9 @@ class _FusedLayer:
         _convert_subtree(self, backend)
         self.backend = backend
 
-    def _self_attention(self, x, attn_mask, key_padding_mask, is_causal):
+    # The blocks, as torch's layers name them, so that a subclass or an instance that overrides one (to capture
+    # attention weights, to change the feed-forward) has it called, as in torch.
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
         out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                              need_weights=False, is_causal=is_causal)[0]
         return self.dropout1(out)
@@ -126,12 +132,15 @@ class TransformerEncoderLayer(_FusedLayer, nn.TransformerEncoderLayer):
             return self._forward_nested(src, src_mask, is_causal)
         x = src
         if self.norm_first:
-            x = x + self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
-            x = x + self.dropout2(feed_forward(self, self.norm2(x)))
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            x = x + self._ff_block(self.norm2(x))
         else:
-            x = self.norm1(x + self._self_attention(x, src_mask, src_key_padding_mask, is_causal))
-            x = self.norm2(x + self.dropout2(feed_forward(self, x)))
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            x = self.norm2(x + self._ff_block(x))
         return x
+
+    def _ff_block(self, x):
+        return self.dropout2(feed_forward(self, x))
 
     def _forward_nested(self, src, src_mask, is_causal):
         """torch's TransformerEncoder hands its layers the sequences as a nested tensor (batch-first, each of its
@@ -161,21 +170,33 @@ class TransformerDecoderLayer(_FusedLayer, nn.TransformerDecoderLayer):
                 memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
         x = tgt
         if self.norm_first:
-            x = x + self._self_attention(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
-            x = x + self._cross_attention(self.norm2(x), memory, memory_mask, memory_key_padding_mask,
-                                          memory_is_causal)
-            x = x + self.dropout3(feed_forward(self, self.norm3(x)))
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, is_causal=tgt_is_causal)
+            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask,
+                                    is_causal=memory_is_causal)
+            x = x + self._ff_block(self.norm3(x))
         else:
-            x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
-            x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
-                                                     memory_is_causal))
-            x = self.norm3(x + self.dropout3(feed_forward(self, x)))
+            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, is_causal=tgt_is_causal))
+            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask,
+                                               is_causal=memory_is_causal))
+            x = self.norm3(x + self._ff_block(x))
         return x
 
-    def _cross_attention(self, x, memory, attn_mask, key_padding_mask, is_causal):
-        out = self.multihead_attn(x, memory, memory, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+    def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
+        out = self.multihead_attn(x, mem, mem, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                   need_weights=False, is_causal=is_causal)[0]
         return self.dropout2(out)
+
+    def _ff_block(self, x):
+        return self.dropout3(feed_forward(self, x))
+
+
+def _float_masks(src, mask, key_padding_mask):
+    """(mask, key_padding_mask) as torch's TransformerEncoder hands them to its layers (and detects a causal
+    mask on): in src's float dtype, -inf where a bool mask is True (masked out)."""
+    return (F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="", target_type=src.dtype,
+                              check_other=False),
+            F._canonical_mask(mask=key_padding_mask, mask_name="src_key_padding_mask",
+                              other_type=F._none_or_dtype(mask), other_name="mask", target_type=src.dtype))
 
 
 class TransformerEncoder(nn.TransformerEncoder):
@@ -185,6 +206,8 @@ class TransformerEncoder(nn.TransformerEncoder):
 
     forward(src, mask=None, src_key_padding_mask=None, is_causal=None): as torch's; is_causal=None detects
     a causal `mask` (bool or float) as torch does, so the kernels run causal attention without reading it.
+    Layers other than our TransformerEncoderLayer get both masks as torch's encoder gives them, in src's float
+    dtype with -inf where masked out.
     """
 
     def __init__(self, encoder_layer, num_layers, norm=None, enable_nested_tensor=True, mask_check=True):
@@ -193,15 +216,19 @@ class TransformerEncoder(nn.TransformerEncoder):
         _convert_subtree(self, "auto")
 
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        float_masks = None  # both masks as torch's encoder hands them to its layers, made when first needed
         if is_causal is None and mask is not None:
-            # torch detects on the mask turned into src's float dtype (a bool causal mask counts too)
-            canonical = F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="",
-                                          target_type=src.dtype, check_other=False)
-            is_causal = _detect_is_causal_mask(canonical, None, _get_seq_len(src, self._batch_first()))
+            float_masks = _float_masks(src, mask, src_key_padding_mask)
+            is_causal = _detect_is_causal_mask(float_masks[0], None, _get_seq_len(src, self._batch_first()))
         output = src
         for layer in self.layers:
-            output = layer(output, src_mask=mask, is_causal=bool(is_causal),
-                           src_key_padding_mask=src_key_padding_mask)
+            if type(layer) is TransformerEncoderLayer:  # ours reads the masks as given
+                layer_masks = mask, src_key_padding_mask
+            else:
+                float_masks = float_masks or _float_masks(src, mask, src_key_padding_mask)
+                layer_masks = float_masks
+            output = layer(output, src_mask=layer_masks[0], is_causal=bool(is_causal),
+                           src_key_padding_mask=layer_masks[1])
         return output if self.norm is None else self.norm(output)
 
     def _batch_first(self):
