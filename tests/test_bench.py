@@ -161,17 +161,28 @@ def test_measure_provider_statuses():
     def broken():
         raise RuntimeError("kernel exploded")
 
+    def refused():
+        raise NotImplementedError("the backward of this kernel is not written yet")
+
+    def not_built():
+        raise NotImplementedError("backend='cpu' cannot run these inputs: tfm_kernels._C is not built")
+
     def slow():
         return lambda: time.sleep(0.002)
 
     rows = suite.run_cases([_case(suite.Provider("ours-x", True, unavailable),
                                   suite.Provider("ours-y", True, broken),
+                                  suite.Provider("ours-refused", True, refused),
+                                  suite.Provider("ours-not-built", True, not_built),
                                   suite.Provider("peer-z", False, broken),
+                                  suite.Provider("peer-refused", False, refused),
                                   suite.Provider("peer-ok", False, slow))], warmup_ms=2, rep_ms=10)
     by_name = {r["provider"]: r for r in rows}
     assert by_name["ours-x"]["status"] == "n/a" and "no such backend" in by_name["ours-x"]["reason"]
     assert by_name["ours-y"]["status"] == "error" and "kernel exploded" in by_name["ours-y"]["reason"]
-    assert by_name["peer-z"]["status"] == "n/a"  # a peer that cannot run is unavailable, not our failure
+    assert by_name["ours-refused"]["status"] == "error"  # ours say what they support when prepared
+    assert by_name["ours-not-built"]["status"] == "n/a"
+    assert by_name["peer-z"]["status"] == by_name["peer-refused"]["status"] == "n/a"  # unavailable, not our failure
     ok = by_name["peer-ok"]
     assert ok["status"] == "ok" and ok["ratio"] == 1.0
     assert ok["value"] == pytest.approx(1e9 / (ok["median_ms"] * 1e-3) / 1e12)
@@ -252,6 +263,16 @@ def test_self_check_fails_a_wrong_mlp_operator(fault, monkeypatch, capsys):
     assert re.search(rf"^FAIL  {re.escape(check)} \[cpu\] .*: {failure}", out, re.MULTILINE), out
 
 
+def test_self_check_fails_an_attention_that_ignores_dropout(monkeypatch):
+    original = selfcheck.scaled_dot_product_attention
+    monkeypatch.setattr(selfcheck, "scaled_dot_product_attention",
+                        lambda *args, dropout_p=0.0, **kw: original(*args, dropout_p=0.0, **kw))
+    monkeypatch.setattr(selfcheck, "ATTENTION_BACKENDS", ("cpu",))
+    checks = selfcheck.attention_checks(torch.device("cpu"), torch.float32)
+    assert [c.status for c in checks] == ["pass", "pass", "FAIL"]
+    assert "dropout 0.2" in checks[2].case and checks[2].detail.startswith("out: error")
+
+
 def test_environment_without_git(monkeypatch):
     monkeypatch.setattr(report.shutil, "which", lambda name: None)
     env = report.environment("cpu")
@@ -263,12 +284,16 @@ def test_environment_without_git(monkeypatch):
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_commit_is_that_of_the_package_checkout_only(tmp_path, monkeypatch):
     """The record's commit is the HEAD of the checkout whose top level holds tfm_kernels/, "-dirty" when its
-    tracked files changed; a package installed inside another project's checkout has no commit of its own."""
+    tracked files other than benchmarks/results/ changed; a package installed inside another project's checkout
+    has no commit of its own."""
     project = tmp_path.resolve()
     git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     (project / "tracked").write_text("a")
-    subprocess.run([*git, "add", "tracked"], check=True)
+    record = project / report.DEFAULT_RECORD
+    record.parent.mkdir(parents=True)
+    record.write_text("{}\n")
+    subprocess.run([*git, "add", "tracked", str(record)], check=True)
     subprocess.run([*git, "commit", "-qm", "first"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
     site_packages = project / "venv" / "site-packages"
@@ -277,6 +302,8 @@ def test_commit_is_that_of_the_package_checkout_only(tmp_path, monkeypatch):
     assert report._commit() == "unknown"  # not the project's HEAD
     monkeypatch.setattr(report, "PACKAGE_PARENT", project)
     assert report._commit() == head  # untracked files (venv/) are not changes
+    record.write_text("{}\n{}\n")
+    assert report._commit() == head  # nor the results a run appends to
     (project / "tracked").write_text("b")
     assert report._commit() == head + "-dirty"
     env = {"device_type": "cpu", "card": "c", "torch": "t", "triton": "t", "commit": head + "-dirty", "date": "d"}
@@ -443,6 +470,8 @@ def test_plot_with_nothing_to_draw_says_so_and_makes_no_folder(tmp_path, monkeyp
 @pytest.mark.parametrize("argv, message", [
     (["--suite", "atention"], r"--suite: expected names among .*; got \['atention'\]"),
     (["--suite", ""], r"--suite: expected names among .*; got none"),
+    (["--quick", "--full"], r"argument --full: not allowed with argument --quick"),
+    (["--run", "0"], r"--run picks a run of a --replay record; got no --replay"),
 ])
 def test_bad_suites_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -459,6 +488,33 @@ def test_unknown_mlp_shape_is_refused_before_the_self_check(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=r"--mlp-shapes: unknown \['nope'\]"):
         cli.main(["--quick", "--device", "cpu", "--mlp-shapes", "nope"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU only")
+def test_cli_without_a_gpu_runs_the_triton_kernels_in_the_interpreter():
+    """The self-check of a CPU run checks the Triton kernels too, under the interpreter, whatever
+    TRITON_INTERPRET the shell set."""
+    program = ("import os\n"
+               "from tfm_kernels.bench import cli\n"
+               "cli.self_check = lambda device, dtype: print('TRITON_INTERPRET', os.environ['TRITON_INTERPRET'])"
+               " or []\n"
+               "cli.cpu_cases = lambda args, suites, device: []\n"
+               "cli.main(['--quick', '--json', ''])\n")
+    result = subprocess.run([sys.executable, "-c", program], env={**os.environ, "TRITON_INTERPRET": "0"},
+                            cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert "TRITON_INTERPRET 1" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mlp-shapes", ","], r"--mlp-shapes: unknown none"),
+    (["--suite", "model", "--lm-presets", "tiny"], r"--lm-presets: the language-model rows are timed on a GPU only"),
+])
+def test_options_a_cpu_run_cannot_honour_are_refused(argv, message, monkeypatch):
+    """An empty shape list, and language-model presets on the CPU (whose model table times an encoder), stop
+    the run before the self-check rather than giving a table without what was asked."""
+    monkeypatch.setattr(cli, "self_check", lambda device, dtype: pytest.fail("the self-check ran first"))
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["--quick", "--device", "cpu", "--json", "", *argv])
 
 
 def test_replay_picks_a_run_of_the_record(tmp_path, capsys):

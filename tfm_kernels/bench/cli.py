@@ -19,12 +19,14 @@ import torch
 
 from . import configs, report
 from .attention import attention_cases, mha_cases
+from .interpreter import use_triton_interpreter_without_gpu
 from .mlp import mlp_cases
 from .model import model_cases
 from .selfcheck import self_check
 from .suite import NOT_RUN, run_cases
 
 SUITES = ("attention", "mlp", "mha", "model")
+DEFAULT_LM_PRESET = "gpt2-small"  # the model suite's language model on a GPU
 # The default GPU run stays under 3 minutes: measurements start within this budget (a compile begun near its
 # end may run on for tens of seconds); what is left shows as "not run" rows.
 GPU_BUDGET_S = 140.0
@@ -59,10 +61,11 @@ def parse_args(argv):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
         "--quick", action="store_true", help="fewer shapes and shorter timing (CI, a first look)"
     )
-    parser.add_argument(
+    size.add_argument(
         "--full",
         action="store_true",
         help="GPU: the whole sweep (s512..s16384, FlexAttention everywhere, math, MHA and models)",
@@ -79,8 +82,9 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--lm-presets",
-        default="gpt2-small",
-        help="tfm_kernels.models presets for the model suite (comma-separated)",
+        default=None,
+        help=f"tfm_kernels.models presets for the model suite's language-model rows, timed on a GPU only "
+        f"(comma-separated; default {DEFAULT_LM_PRESET})",
     )
     parser.add_argument(
         "--device",
@@ -117,11 +121,13 @@ def parse_args(argv):
     parser.add_argument(
         "--run",
         type=int,
-        default=-1,
+        default=None,
         metavar="N",
         help="with --replay: which run of the record, counted from 0 (default -1: the last; -2 the one before)",
     )
     args = parser.parse_args(argv)
+    if args.run is not None and not args.replay:
+        parser.error("--run picks a run of a --replay record; got no --replay")
     if args.suite is not None:
         args.suite = tuple(name.strip() for name in args.suite.split(",") if name.strip())
         unknown = sorted(set(args.suite) - set(SUITES))
@@ -159,8 +165,8 @@ def _pick_mlp_shapes(shapes, names):
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     known = {s.model: s for s in shapes}
     missing = [n for n in wanted if n not in known]
-    if missing:
-        raise SystemExit(f"--mlp-shapes: unknown {missing}; known: {sorted(known)}")
+    if missing or not wanted:
+        raise SystemExit(f"--mlp-shapes: unknown {missing or 'none'}; known: {sorted(known)}")
     return [known[n] for n in wanted]
 
 
@@ -191,12 +197,15 @@ def gpu_cases(args, suites, device):
             configs.ENCODER_SHAPES,
             ("fwd+bwd",),
             device,
-            lm_presets=[p for p in args.lm_presets.split(",") if p],
+            lm_presets=[p for p in (args.lm_presets or DEFAULT_LM_PRESET).split(",") if p],
         )
     return cases
 
 
 def cpu_cases(args, suites, device):
+    if args.lm_presets is not None:
+        raise SystemExit("--lm-presets: the language-model rows are timed on a GPU only; the CPU model table times "
+                         "an encoder")
     attention_shapes = configs.CPU_QUICK_ATTENTION_SHAPES if args.quick else configs.CPU_ATTENTION_SHAPES
     mlp_shapes = configs.CPU_QUICK_MLP_SHAPES if args.quick else configs.CPU_MLP_SHAPES
     modes = ("fwd", "fwd+bwd")
@@ -310,9 +319,10 @@ def main(argv=None) -> int:
     could not be written, else 0."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.replay:
-        return replay(args.replay, args.run, args.plot)
+        return replay(args.replay, -1 if args.run is None else args.run, args.plot)
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
+    use_triton_interpreter_without_gpu()  # so that the self-check runs the Triton kernels on CPU tensors
     suites = args.suite or (SUITES if args.full else ("attention", "mlp"))
     started = time.perf_counter()
     torch.manual_seed(0)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_RECORD = Path("benchmarks") / "results" / "bench.jsonl"
+RESULTS_FOLDER = Path("benchmarks") / "results"
+DEFAULT_RECORD = RESULTS_FOLDER / "bench.jsonl"
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding tfm_kernels/: a checkout's top level
 
 
@@ -27,15 +28,16 @@ def _git(*args) -> str | None:
 
 
 def _commit() -> str:
-    """The commit of the package's own checkout, with "-dirty" when tracked files have changes; "unknown" when
-    git is missing or the package is not at the top level of a checkout (an install inside another project's
-    checkout: git would find that project's commit)."""
+    """The commit of the package's own checkout, with "-dirty" when tracked files other than the recorded
+    results (benchmarks/results/, which every run appends to) have changes; "unknown" when git is missing or the
+    package is not at the top level of a checkout (an install inside another project's checkout: git would find
+    that project's commit)."""
     if shutil.which("git") is None:
         return "unknown"
     top_and_head = (_git("rev-parse", "--show-toplevel", "HEAD") or "").splitlines()
     if len(top_and_head) != 2 or Path(top_and_head[0]).resolve() != PACKAGE_PARENT:
         return "unknown"
-    changes = _git("status", "--porcelain", "--untracked-files=no")
+    changes = _git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS_FOLDER}")
     return top_and_head[1] + ("-dirty" if changes else "")
 
 

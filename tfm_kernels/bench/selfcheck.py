@@ -85,30 +85,39 @@ def _run_check(op, backend, case, ours_fn, baseline_fn, oracle_fn, inputs, names
     )
 
 
+DROPOUT_SEED = 0  # set before each call, so that every backend and the oracle draw the same dropout mask
+# (is_causal, dropout_p, (L, S)) of the attention checks.
+ATTENTION_CHECKS = ((False, 0.0, (37, 53)), (True, 0.0, (37, 37)), (False, 0.2, (37, 53)))
+
+
 def attention_checks(device, dtype) -> list[Check]:
-    """Our attention on each backend: full attention with L != S and causal attention, B=2, H=3, D=32."""
+    """Our attention on each backend (ATTENTION_CHECKS), B=2, H=3, D=32. With dropout, torch's SDPA draws
+    another mask, so the reference in the inputs' dtype is the baseline, drawing the seed as our call does."""
     checks = []
-    for causal, (length, keys) in ((False, (37, 53)), (True, (37, 37))):
+    for causal, dropout_p, (length, keys) in ATTENTION_CHECKS:
         kind = "causal" if causal else "full"
+        kind += f" dropout {dropout_p:g}" if dropout_p else ""
         case = f"b2 h3 l{length} s{keys} d32 {kind} {str(dtype).removeprefix('torch.')}"
         q = randn(2, 3, length, 32, dtype=dtype, device=device)  # (B, H, L, D)
         k, v = (randn(2, 3, keys, 32, dtype=dtype, device=device) for _ in range(2))  # (B, H, S, D)
 
-        def oracle(q, k, v, causal=causal):
-            return reference.attention(q, k, v, is_causal=causal)[0]
+        def oracle(q, k, v, causal=causal, dropout_p=dropout_p):
+            torch.manual_seed(DROPOUT_SEED)
+            seed = rng.seed_for(dropout_p, q.device)
+            return reference.attention(q, k, v, dropout_p=dropout_p, is_causal=causal, seed=seed)[0]
 
         def torch_sdpa(q, k, v, causal=causal):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         for backend in ATTENTION_BACKENDS:
 
-            def ours(q, k, v, causal=causal, backend=backend):
-                return scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
+            def ours(q, k, v, causal=causal, dropout_p=dropout_p, backend=backend):
+                torch.manual_seed(DROPOUT_SEED)
+                return scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, backend=backend)
 
+            baseline = oracle if dropout_p else torch_sdpa
             checks.append(
-                _run_check(
-                    "attention", backend, case, ours, torch_sdpa, oracle, [q, k, v], ["out", "dq", "dk", "dv"]
-                )
+                _run_check("attention", backend, case, ours, baseline, oracle, [q, k, v], ["out", "dq", "dk", "dv"])
             )
     return checks
 
@@ -121,7 +130,6 @@ MLP_CHECKS = (
     ("mlp", "gelu", False, 0.0),
     ("mlp", "silu", True, 0.0),
 )
-DROPOUT_SEED = 0  # set before each call, so that every backend and the oracle draw the same dropout mask
 
 
 def _mlp_inputs(gated, device, dtype):

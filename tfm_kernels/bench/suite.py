@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import backends
 from . import timing
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -117,13 +118,15 @@ def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: f
         result = timing.measure(fn, case.device, warmup_ms, rep_ms)
     except Unavailable as why:
         row.update(status="n/a", reason=str(why))
-    except NotImplementedError as why:  # our backend= contract: unsupported inputs raise with the reasons
-        row.update(status="n/a", reason=_first_line(why))
     except Exception as error:  # noqa: BLE001 - one provider's failure must not end the run
-        if provider.ours:
-            row.update(status="error", reason=_first_line(error), traceback=traceback.format_exc(limit=6))
+        # Our providers raise Unavailable for what they do not support; any other failure of ours is an error,
+        # unless it names a missing environment. A peer that cannot run is n/a.
+        reason = _first_line(error)
+        missing = isinstance(error, NotImplementedError) and backends.missing_environment([reason])
+        if provider.ours and not missing:
+            row.update(status="error", reason=reason, traceback=traceback.format_exc(limit=6))
         else:
-            row.update(status="n/a", reason=_first_line(error))
+            row.update(status="n/a", reason=reason)
     else:
         row.update(
             median_ms=result.median_ms,

@@ -10,9 +10,10 @@ import triton
 import triton.language as tl
 
 # The kernels' constants are constexpr functions with their values written out, not constexpr globals: Triton
-# compares every global a kernel reads with its value at compile time on each launch (about 1.5 us apiece on
-# the host), while a function's source is part of the compiled kernel's cache key. The values equal rng.py's
-# (tests/test_rng.py checks them), so the three implementations cannot drift apart.
+# compares every global a kernel reads with its value at compile time on each launch (0.5-1.7 us apiece on the
+# hosts measured, benchmarks/RESULTS.md), while a function's source is part of the compiled kernel's cache
+# key. The values equal rng.py's (tests/test_rng.py checks them), so the three implementations cannot drift
+# apart.
 
 
 @triton.constexpr_function
