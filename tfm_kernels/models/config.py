@@ -14,10 +14,15 @@ from .tokenizer import ByteTokenizer
 ACTIVATIONS = ("gelu", "relu")
 
 
-def _check_positive(config, *names):
+def is_int(value) -> bool:
+    """Whether `value` is an int and not a bool (which Python counts as an int, but is never a count or an id)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive(config, *names):
     for name in names:
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{type(config).__name__}.{name} must be a positive int; got {value!r}")
 
 
@@ -28,7 +33,7 @@ def _check_probability(config, *names):
             raise ValueError(f"{type(config).__name__}.{name} must be a float in [0, 1); got {value!r}")
 
 
-def _check_bool(config, *names):
+def check_bool(config, *names):
     for name in names:
         value = getattr(config, name)
         if not isinstance(value, bool):
@@ -101,9 +106,9 @@ class LMConfig(_Presets):
     }
 
     def __post_init__(self):
-        _check_positive(self, "vocab_size", "context_length", "d_model", "n_layers", "n_heads", "d_ff")
+        check_positive(self, "vocab_size", "context_length", "d_model", "n_layers", "n_heads", "d_ff")
         _check_probability(self, "dropout")
-        _check_bool(self, "bias")
+        check_bool(self, "bias")
         _check_heads(self)
 
 
@@ -139,7 +144,7 @@ class Seq2SeqConfig(_Presets):
     }
 
     def __post_init__(self):
-        _check_positive(
+        check_positive(
             self,
             "vocab_size",
             "max_length",
@@ -151,11 +156,11 @@ class Seq2SeqConfig(_Presets):
             "warmup_steps",
         )
         _check_probability(self, "dropout", "label_smoothing")
-        _check_bool(self, "norm_first")
+        check_bool(self, "norm_first")
         _check_heads(self)
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
         for name, value in ids.items():
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+            if not is_int(value) or not 0 <= value < self.vocab_size:
                 raise ValueError(
                     f"Seq2SeqConfig.{name} must be an int in [0, vocab_size={self.vocab_size}); got {value!r}"
                 )

@@ -8,12 +8,13 @@ import math
 
 import torch
 
+from .config import is_int
 from .lm import TransformerLM
 from .seq2seq import EncoderDecoderTransformer
 
 
 def _check_count(name, value, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import data, distributed
-from .config import LMConfig, Seq2SeqConfig
+from .config import LMConfig, Seq2SeqConfig, check_bool, check_positive, is_int
 from .generation import greedy_decode
 from .lm import TransformerLM
 from .progress import ProgressLine
@@ -75,21 +75,16 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "warmup_steps", "eval_interval", "eval_windows", "log_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int; got {value!r}")
-        if self.decay_steps is not None and (not isinstance(self.decay_steps, int) or isinstance(self.decay_steps, bool)
-                                             or self.decay_steps < 1):
+        check_positive(self, "steps", "batch_size", "warmup_steps", "eval_interval", "eval_windows", "log_interval")
+        if self.decay_steps is not None and (not is_int(self.decay_steps) or self.decay_steps < 1):
             raise ValueError(
                 f"TrainConfig.decay_steps must be a positive int or None; got {self.decay_steps!r}"
             )
-        if (not isinstance(self.checkpoint_interval, int) or isinstance(self.checkpoint_interval, bool)
-                or self.checkpoint_interval < 0):
+        if not is_int(self.checkpoint_interval) or self.checkpoint_interval < 0:
             raise ValueError(
                 f"TrainConfig.checkpoint_interval must be an int >= 0; got {self.checkpoint_interval!r}"
             )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT:
+        if not is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"TrainConfig.seed must be an int in [0, 2**63); got {self.seed!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a finite number > 0 or None; got {self.lr!r}")
@@ -97,9 +92,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= 0; got {value!r}")
-        for name in ("resume", "overwrite", "amp", "fsdp", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be a bool; got {getattr(self, name)!r}")
+        check_bool(self, "resume", "overwrite", "amp", "fsdp", "progress")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
         if self.resume and not self.checkpoint_dir:
@@ -558,7 +551,7 @@ def train_copy(
     config = _with_default_lr(config, "seq2seq")
     env = env or distributed.init_from_env(config.device)
     _check_fsdp(config, env)
-    if not isinstance(eval_examples, int) or isinstance(eval_examples, bool) or eval_examples < 1:
+    if not is_int(eval_examples) or eval_examples < 1:
         raise ValueError(f"eval_examples (--eval-examples) must be an int >= 1; got {eval_examples!r}")
     if not 1 <= min_length <= max_length:
         raise ValueError(
