@@ -14,6 +14,9 @@ os.environ.setdefault("TFM_KERNELS_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slow tests first: under pytest-xdist (-n) the others then fill the workers' time around them, rather
+    # than a slow one left for last running alone.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; runs in benchmarks/device_check.sh")

@@ -24,6 +24,7 @@ CSRC = os.path.join(ROOT, "csrc")
 KEPT_FROM = {"memory.cuh": "// The top of iteration", "mma.cuh": "// The A fragment of k-step"}
 PRIMITIVES = {"memory.cuh": "memory_prims.h", "mma.cuh": "mma_prims.h"}
 SEED = 0x1234_5678_9ABC_DEF0 - 2**63
+pytestmark = pytest.mark.slow  # a std::thread per CUDA thread
 
 
 def emulated_headers(directory):

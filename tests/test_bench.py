@@ -797,6 +797,7 @@ def test_sanitizer_script_turns_off_the_caching_allocator():
     assert result.stdout.strip() == "1"  # memcheck sees each tensor as its own allocation
 
 
+@pytest.mark.slow
 def test_host_overhead_script_times_every_case_and_restores_the_launches(capsys):
     host_overhead = _load_script("host_overhead")
     from triton.runtime.driver import driver

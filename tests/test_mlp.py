@@ -14,6 +14,7 @@ import sys
 import types
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -716,6 +717,17 @@ def test_autocast_as_torch_linear(backend):
         x.grad = weight.grad = None
 
 
+@pytest.mark.parametrize("dropout_p", [np.float32(0.25), torch.tensor(0.25)], ids=["numpy", "tensor"])
+def test_dropout_p_is_taken_as_torchs_dropout_takes_it(dropout_p):
+    """A NumPy scalar or a one-element tensor is a dropout probability, as for attention and torch's dropout."""
+    x, weight, bias = linear_inputs((2, 3), 8, 5, torch.float32)
+    outputs = []
+    for p in (dropout_p, 0.25):
+        torch.manual_seed(0)
+        outputs.append(tfm_kernels.fused_linear(x, weight, bias, dropout_p=p, backend="torch"))
+    assert torch.equal(*outputs)
+
+
 def test_bad_inputs():
     x, weight, bias = linear_inputs((2, 3), 8, 5, torch.float32)
     linear = tfm_kernels.fused_linear
@@ -727,6 +739,7 @@ def test_bad_inputs():
         (lambda: linear(x, weight.to("meta")), ValueError, "weight must be on x's device cpu; got meta"),
         (lambda: linear(x, weight, dropout_p=1.0), ValueError, r"dropout_p must be .*\[0, 1\); got 1.0"),
         (lambda: linear(x, weight, dropout_p=-0.1), ValueError, "dropout_p.*got -0.1"),
+        (lambda: linear(x, weight, dropout_p="0.1"), TypeError, "dropout_p must be a real number; got str"),
         (lambda: linear(x.long(), weight), TypeError, "x must be a floating-point tensor; got torch.int64"),
         (lambda: tfm_kernels.gated_linear(x, rand(5, 8)), ValueError, "even number of rows"),
         (lambda: tfm_kernels.mlp(x, rand(6, 8), None, rand(8, 5), None), ValueError,
@@ -867,6 +880,21 @@ def check_block_operator_errors(device):
 
 def test_backward_operator_errors():
     check_backward_operator_errors("cpu")
+
+
+@pytest.mark.parametrize("arch, capability, runs", [
+    ("80", (8, 6), True), ("80", (9, 0), False), ("90a", (9, 0), True), ("90a", (9, 1), False),
+    ("100f", (10, 3), True), ("100f", (10, 0), True), ("103f", (10, 0), False), ("100f", (12, 0), False),
+])
+def test_sass_runs_on_its_major_or_exactly_its_device_when_arch_specific(arch, capability, runs):
+    assert backends._runs_on(arch, capability) == runs
+
+
+@pytest.mark.parametrize("value, interpreting", [("1", True), ("true", True), ("ON", True), ("yes", True),
+                                                 ("0", False), ("false", False), ("", False), ("2", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, interpreting):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backends.triton_interpreting() == interpreting
 
 
 def test_auto_on_cpu_picks_the_measured_fastest():

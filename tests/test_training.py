@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -31,6 +32,7 @@ from tfm_kernels.models import (
 )
 from tfm_kernels.models.cli import generate_main, train_copy_main, train_main
 from tfm_kernels.models.generation import generate
+from tfm_kernels.models.progress import ProgressLine
 from tfm_kernels.models.schedules import inverse_sqrt, warmup_cosine
 from tfm_kernels.models.tokenizer import ByteTokenizer
 from tfm_kernels.models.training import TrainConfig, lm_loss, seq2seq_loss, train_copy, train_lm
@@ -306,6 +308,7 @@ def test_resume_may_change_what_does_not_change_training(tmp_path):
 @pytest.mark.parametrize("setting, value", [
     ("lr", math.inf), ("lr", math.nan), ("grad_clip", math.nan), ("grad_clip", math.inf),
     ("weight_decay", math.inf), ("weight_decay", math.nan), ("min_lr_ratio", math.nan), ("min_lr_ratio", 1.5),
+    ("val_fraction", 0.0), ("val_fraction", 1.0),
 ])
 def test_train_config_refuses_non_finite_and_out_of_range_floats(setting, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{setting} must be .*; got {value!r}"):
@@ -316,11 +319,42 @@ def test_train_config_refuses_non_finite_and_out_of_range_floats(setting, value)
     ("decay_steps", 2.5, "a positive int or None"), ("decay_steps", True, "a positive int or None"),
     ("checkpoint_interval", True, "an int >= 0"), ("resume", "False", "a bool"), ("amp", 1, "a bool"),
     ("fsdp", "no", "a bool"), ("progress", None, "a bool"), ("overwrite", 0, "a bool"),
+    ("lr", "1e-3", "a finite number > 0 or None"), ("grad_clip", True, "a finite number >= 0"),
+    ("checkpoint_dir", 3, re.escape("a path (str or os.PathLike) or None")),
 ])
 def test_train_config_refuses_values_of_the_wrong_type(setting, value, expected):
     """A bool given as a string (from a file or the environment) or an int is refused, not read as truthy."""
     with pytest.raises(ValueError, match=f"TrainConfig.{setting} must be {expected}; got {value!r}"):
         TrainConfig(**{setting: value})
+
+
+def test_paths_and_numpy_numbers_are_checkpointed_as_plain_values(tmp_path):
+    """A pathlib folder or a numpy float in the settings is stored as str or float: torch.load's weights_only
+    mode, which reads the checkpoint back, refuses other types."""
+    config = _quiet(steps=1, batch_size=2, eval_windows=2, checkpoint_dir=tmp_path, corpus=tmp_path / "corpus.txt",
+                    lr=np.float64(1e-3), min_lr_ratio=np.float32(0.5))
+    assert (config.checkpoint_dir, config.corpus) == (str(tmp_path), str(tmp_path / "corpus.txt"))
+    assert type(config.lr) is float and type(config.min_lr_ratio) is float and config.min_lr_ratio == 0.5
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    model_config = LMConfig.preset("tiny", **TINY, dropout=np.float64(0.1))
+    assert type(model_config.dropout) is float
+    train_lm(model_config, config)
+    assert checkpoint.load_checkpoint(str(tmp_path), "lm", model_config)["step"] == 1
+
+
+def test_progress_shows_the_rate_each_step_used(monkeypatch):
+    """The learning rate beside a step's loss is the one its optimizer step used, not the next step's."""
+    shown = []
+    monkeypatch.setattr(ProgressLine, "update", lambda self, step, loss, lr: shown.append(lr))
+    train_lm(LMConfig.preset("tiny", **TINY), _quiet(steps=3, batch_size=2, eval_windows=2, warmup_steps=4,
+                                                      lr=1e-3, log_interval=1, eval_interval=100))
+    assert shown == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
+
+
+def test_windows_need_a_context_and_its_target():
+    for make in (lambda: data.LMBatches(torch.arange(4), 4, 2), lambda: data.validation_windows(torch.arange(4), 4, 3)):
+        with pytest.raises(ValueError, match="a window of context_length 4 needs at least 5 tokens .*; got 4"):
+            make()
 
 
 def test_validation_windows_span_a_split_past_float32_integers():
@@ -341,8 +375,8 @@ def test_checkpoint_interval_needs_a_checkpoint_dir():
 
 @pytest.mark.parametrize("inside", [False, True])
 def test_checkpoint_dir_that_is_a_file_fails_before_training(tmp_path, monkeypatch, capsys, inside):
-    """--checkpoint-dir naming a file (or a folder inside one) fails before training starts and before
-    anything is written, as other bad input (status 2)."""
+    """--checkpoint-dir naming a file (or a folder inside one), which no checkpoint can be written in, fails
+    before training starts, as other bad input (status 2), with the file system's reason."""
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     target = str(blocker / "run" if inside else blocker)
@@ -351,9 +385,11 @@ def test_checkpoint_dir_that_is_a_file_fails_before_training(tmp_path, monkeypat
         train_main(["--steps", "2", "--batch-size", "2", "--eval-windows", "2", "--checkpoint-dir", target,
                     "--device", "cpu", "--no-progress"])
     assert exit_info.value.code == 2
-    expected = f"checkpoint_dir (--checkpoint-dir) {target!r} cannot hold checkpoints: {str(blocker)!r} is not a"
-    assert expected in capsys.readouterr().err
-    with pytest.raises(ValueError, match="is not a folder"):
+    reason = "Not a directory" if inside else "File exists"
+    expected = f"checkpoint_dir (--checkpoint-dir) {target!r} cannot hold checkpoints: [Errno "
+    error = capsys.readouterr().err
+    assert expected in error and reason in error
+    with pytest.raises(ValueError, match=reason):
         train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=2, batch_size=2, checkpoint_dir=target))
     assert blocker.read_text() == "x"
 
@@ -372,6 +408,14 @@ def test_cli_checkpoint_write_failure_ends_with_one_line(tmp_path, monkeypatch, 
     assert error.startswith("python -m tfm_kernels train: error: could not write the checkpoint") and (
         "No space left on device" in error and "\n" not in error)
     assert os.listdir(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("lengths", [(1, 4.0), (0, 4), (5, 4), (True, 4)])
+def test_train_copy_lengths_are_ints_from_1(lengths):
+    with pytest.raises(ValueError, match=re.escape(f"copy lengths must be ints with 1 <= min_length <= max_length; "
+                                                   f"got {lengths[0]!r}, {lengths[1]!r}")):
+        train_copy(Seq2SeqConfig.preset("tiny"), _quiet(steps=1, batch_size=2), min_length=lengths[0],
+                   max_length=lengths[1])
 
 
 @pytest.mark.parametrize("eval_examples", [0, -1])
@@ -733,6 +777,22 @@ def test_unavailable_device_is_refused_naming_the_flag(lm_checkpoint, capsys, mo
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="--device 'cuda:3': this machine has 1 CUDA device"):
         distributed.resolve_device("cuda:3")
+    with pytest.raises(ValueError, match="--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'meta'"):
+        distributed.resolve_device("meta")
+
+
+@pytest.mark.parametrize("environment, message", [
+    ({"WORLD_SIZE": "2"}, "environment variable RANK must be an integer (torchrun sets it); got None"),
+    ({"WORLD_SIZE": ""}, "environment variable WORLD_SIZE must be an integer (torchrun sets it); got ''"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, "environment variable LOCAL_RANK must be an integer"),
+])
+def test_malformed_launcher_environment_names_the_variable(monkeypatch, environment, message):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        distributed.init_from_env("cpu")
 
 
 def test_cli_train_copy_takes_the_longest_copy_the_model_holds(capsys):

@@ -1,7 +1,6 @@
 """scaled_dot_product_attention: validation, normalisation to (B, H, L, D), and dispatch to a backend."""
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 from . import backends, ops, reference
 from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
+from .op_checks import as_float
 from .rng import seed_for
 
 
@@ -63,13 +63,6 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
             raise TypeError(f"key_lengths must be an int32 or int64 tensor; got {given}")
         if key_lengths.device != query.device:
             raise ValueError(f"key_lengths must be on {query.device}; got {key_lengths.device}")
-
-
-def _as_float(name, x) -> float:
-    """A float argument as torch's SDPA takes it: a Python or NumPy real number, or a one-element real tensor."""
-    if isinstance(x, numbers.Real) or (isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex()):
-        return float(x)
-    raise TypeError(f"{name} must be a real number; got {type(x).__name__}")
 
 
 def _broadcast_shapes(what, *shapes):
@@ -215,8 +208,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, key_lengths, backend):
     """scaled_dot_product_attention past autocast."""
-    dropout_p = _as_float("dropout_p", dropout_p)
-    scale = None if scale is None else _as_float("scale", scale)
+    dropout_p = as_float("dropout_p", dropout_p)
+    scale = None if scale is None else as_float("scale", scale)
     _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths)
     query, key, value = _broadcast(query, key, value, enable_gqa)
     out_shape = (*query.shape[:-1], value.shape[-1])

@@ -75,7 +75,8 @@ def triton_available() -> bool:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether TRITON_INTERPRET turns Triton's interpreter on, read with the values Triton takes as true."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def _triton_reasons(t) -> list[str]:
@@ -120,11 +121,12 @@ def _cpu_reasons(t) -> list[str]:
 
 
 def _runs_on(arch: str, capability: tuple[int, int]) -> bool:
-    """Whether SASS built for `arch` ("80", "90a") runs on a device of `capability`: same major and a minor at
-    least as high, or exactly that device for arch-specific ("a") builds. The build embeds no PTX."""
+    """Whether SASS built for `arch` ("80", "90a", "100f") runs on a device of `capability`: same major and a
+    minor at least as high, as also for family-specific ("f") builds; exactly that device for arch-specific
+    ("a") builds. The build embeds no PTX."""
     digits = arch.rstrip("af")
     major, minor = int(digits[:-1]), int(digits[-1])
-    if arch != digits:
+    if arch.endswith("a"):
         return capability == (major, minor)
     return capability[0] == major and capability[1] >= minor
 

@@ -24,6 +24,7 @@ import torch
 from . import backends, ops, reference
 from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
+from .op_checks import as_float
 from .rng import seed_for
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", None)
@@ -48,14 +49,17 @@ def _check_tensor(name, t, like=None):
             raise ValueError(f"{name} must be on x's device {like.device}; got {t.device}")
 
 
-def _check_common(x, activation, dropout_p):
+def _check_common(x, activation, dropout_p) -> float:
+    """Checks x, activation and dropout_p; returns dropout_p as a float."""
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension (..., in_features); got shape {tuple(x.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    p = as_float("dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1); got {dropout_p!r}")
+    return p
 
 
 def _check_weight(name, weight, x, rows=None):
@@ -135,7 +139,7 @@ def fused_linear(x, weight, bias=None, activation="gelu", dropout_p=0.0, *, back
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
     with autocast_off(x):
-        _check_common(x, activation, dropout_p)
+        dropout_p = _check_common(x, activation, dropout_p)
         _check_weight("weight", weight, x)
         _check_bias("bias", bias, x, weight.shape[0])
         return _run(False, x, weight, bias, activation, dropout_p, backend, weight.shape[0])
@@ -158,7 +162,7 @@ def gated_linear(x, weight, activation="silu", dropout_p=0.0, *, bias=None, back
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
     with autocast_off(x):
-        _check_common(x, activation, dropout_p)
+        dropout_p = _check_common(x, activation, dropout_p)
         _check_weight("weight", weight, x)
         if weight.shape[0] % 2:
             raise ValueError(f"weight must have an even number of rows (2F: gate then up); got "
@@ -186,7 +190,7 @@ def mlp(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, *, gated=False, bac
     """
     x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
     with autocast_off(x):
-        _check_common(x, activation, dropout_p)
+        dropout_p = _check_common(x, activation, dropout_p)
         _check_weight("w1", w1, x)
         if gated and w1.shape[0] % 2:
             raise ValueError(f"w1 must have an even number of rows (2 d_ff: gate then up) when gated; got "

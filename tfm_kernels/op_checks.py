@@ -6,9 +6,11 @@ The Triton operators run them before launching (their kernels would otherwise re
 batch or bias of the wrong size), and every operator's fake kernel runs them, so that a call traced by
 torch.compile, or one that reaches the fake kernel through a meta tensor, fails as the real kernel would
 instead of returning a tensor of a made-up shape. The public functions (attention.py, mlp.py) validate their
-own arguments first and reach the kernels past these checks (ops.KERNELS).
+own arguments first and reach the kernels past these checks (ops.KERNELS); as_float converts their float
+arguments as torch's functions take them.
 """
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -16,6 +18,14 @@ import torch
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256  # the Triton attention kernels hold a (block, head dim) tile in registers
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
+
+
+def as_float(name, x) -> float:
+    """A float argument as torch's SDPA and dropout take it: a Python or NumPy real number, or a one-element
+    real tensor; TypeError naming `name` otherwise."""
+    if not (isinstance(x, numbers.Real) or (isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex())):
+        raise TypeError(f"{name} must be a real number; got {type(x).__name__}")
+    return float(x)
 
 
 def _fail(op, message):

@@ -41,6 +41,19 @@ def restore_rng(state: dict, device: torch.device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def check_writable(directory: str):
+    """Creates `directory` if needed and writes and removes a small file there, so that a folder the file system
+    refuses is found before a run rather than at its first save. Raises CheckpointWriteError naming the reason."""
+    probe = os.path.join(directory, f"{CHECKPOINT_NAME}.probe.{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise CheckpointWriteError(f"cannot write checkpoints in {directory!r}: {error}") from error
+
+
 def save_checkpoint(path: str, payload: dict):
     """Writes `payload` to `path` atomically: readers see the previous checkpoint or the new one, never part
     of one, even if the process dies while writing. Raises CheckpointWriteError when the file system refuses."""

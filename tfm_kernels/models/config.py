@@ -7,6 +7,7 @@ preset with optional overrides.
 """
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 from .tokenizer import ByteTokenizer
@@ -26,11 +27,18 @@ def check_positive(config, *names):
             raise ValueError(f"{type(config).__name__}.{name} must be a positive int; got {value!r}")
 
 
+def check_real(config, name, holds, expected):
+    """Makes config.name a plain float (a numpy scalar would make a checkpoint that torch.load's weights_only
+    mode refuses) if it is a real number, not a bool, for which `holds(value)`; else ValueError saying `expected`."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not holds(float(value)):
+        raise ValueError(f"{type(config).__name__}.{name} must be {expected}; got {value!r}")
+    setattr(config, name, float(value))
+
+
 def _check_probability(config, *names):
     for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{type(config).__name__}.{name} must be a float in [0, 1); got {value!r}")
+        check_real(config, name, lambda value: 0.0 <= value < 1.0, "a float in [0, 1)")
 
 
 def check_bool(config, *names):

@@ -54,6 +54,13 @@ def _windows(tokens, starts, length):
     return window[:, :-1], window[:, 1:]
 
 
+def _check_window_fits(tokens, context_length):
+    """A window needs context_length inputs and the target after the last of them."""
+    if len(tokens) < context_length + 1:
+        raise ValueError(f"a window of context_length {context_length} needs at least {context_length + 1} tokens "
+                         f"(inputs and the next token as target); got {len(tokens)}")
+
+
 class LMBatches:
     """Random context windows of a token stream, sharded over processes.
 
@@ -66,6 +73,7 @@ class LMBatches:
             raise ValueError(
                 f"batch size {global_batch} must be divisible by the number of processes {world_size}"
             )
+        _check_window_fits(tokens, context_length)
         self.tokens = tokens
         self.context_length = context_length
         self.global_batch = global_batch
@@ -81,6 +89,7 @@ class LMBatches:
 
 def validation_windows(tokens, context_length, count, rank=0, world_size=1):
     """This process's share of `count` evenly spaced, fixed validation windows (inputs, targets)."""
+    _check_window_fits(tokens, context_length)
     high = len(tokens) - context_length - 1
     starts = torch.arange(count) * high // max(count - 1, 1)  # integers: linspace's float32 rounds above 2**24
     return _windows(tokens, starts[rank::world_size], context_length)

@@ -41,6 +41,8 @@ def resolve_device(device: str) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as error:
         raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from error
+    if resolved.type == "meta":  # holds shapes, not values
+        raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r}: CUDA is not available")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
@@ -53,15 +55,27 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def _environment_int(name, default=None) -> int:
+    """torchrun's integer environment variable `name` (`default` when unset; ValueError when unset without a
+    default, or not an integer)."""
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"environment variable {name} must be an integer (torchrun sets it); got {value!r}") from None
+
+
 def init_from_env(device: str = "auto") -> DistributedEnv:
     """Joins the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT) when WORLD_SIZE > 1: nccl on GPUs (one per local rank), gloo on CPU. Otherwise returns a
     single-process environment on `device`."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _environment_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return DistributedEnv(device=resolve_device(device))
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = _environment_int("RANK")
+    local_rank = _environment_int("LOCAL_RANK", 0)
     resolved = resolve_device(device)
     if resolved.type == "cuda":
         resolved = torch.device("cuda", local_rank)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import data, distributed
-from .config import LMConfig, Seq2SeqConfig, check_bool, check_positive, is_int
+from .config import LMConfig, Seq2SeqConfig, check_bool, check_positive, check_real, is_int
 from .generation import greedy_decode
 from .lm import TransformerLM
 from .progress import ProgressLine
@@ -86,15 +86,19 @@ class TrainConfig:
             )
         if not is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"TrainConfig.seed must be an int in [0, 2**63); got {self.seed!r}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be a finite number > 0 or None; got {self.lr!r}")
+        if self.lr is not None:
+            check_real(self, "lr", lambda value: math.isfinite(value) and value > 0, "a finite number > 0 or None")
         for name in ("grad_clip", "weight_decay"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0; got {value!r}")
+            check_real(self, name, lambda value: math.isfinite(value) and value >= 0, "a finite number >= 0")
+        check_real(self, "min_lr_ratio", lambda value: 0 <= value <= 1, "a number in [0, 1]")
+        check_real(self, "val_fraction", lambda value: 0 < value < 1, "a number in (0, 1)")
         check_bool(self, "resume", "overwrite", "amp", "fsdp", "progress")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
+        for name in ("checkpoint_dir", "corpus"):  # a path object is stored as its string: checkpoints hold plain data
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
+                    raise ValueError(f"TrainConfig.{name} must be a path (str or os.PathLike) or None; got {value!r}")
+                setattr(self, name, os.fspath(value))
         if self.resume and not self.checkpoint_dir:
             raise ValueError("TrainConfig.resume needs checkpoint_dir (the folder holding the checkpoint)")
         if self.overwrite and not self.checkpoint_dir:
@@ -298,6 +302,7 @@ class Trainer:
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
             self.optimizer.step()
+            step_lr = self.optimizer.param_groups[0]["lr"]  # this step's rate; the scheduler moves to the next
             self.scheduler.step()
             self.step += 1
             progress.count_tokens(self.tokens_per_step)
@@ -306,7 +311,7 @@ class Trainer:
                     distributed.all_reduce_sum(loss.detach().float(), self.env).item() / self.env.world_size
                 )
                 result.train_losses.append((self.step, loss_value))
-                progress.update(self.step, loss_value, self.scheduler.get_last_lr()[0])
+                progress.update(self.step, loss_value, step_lr)
             if self.step % config.eval_interval == 0 or self.step == config.steps:
                 self._evaluate(progress, result)
             if config.checkpoint_dir and (
@@ -403,8 +408,8 @@ def _check_fsdp(config: TrainConfig, env):
 
 
 def _check_checkpoint_dir(config: TrainConfig):
-    """Fails before training when config.checkpoint_dir cannot become a folder of checkpoints (it, or else the
-    nearest of its ancestors that exists, must be a folder) or, in a fresh run without overwrite, holds one."""
+    """Fails before training when config.checkpoint_dir, in a fresh run without overwrite, holds a checkpoint, or
+    cannot be written (it is created, and a probe file written and removed there)."""
     if not config.checkpoint_dir:
         return
     if not (config.resume or config.overwrite) and os.path.exists(ckpt.checkpoint_path(config.checkpoint_dir)):
@@ -412,14 +417,11 @@ def _check_checkpoint_dir(config: TrainConfig):
             f"checkpoint_dir (--checkpoint-dir) {config.checkpoint_dir!r} already holds a checkpoint: continue it "
             "with resume (--resume), or replace it with a fresh run with overwrite (--overwrite)"
         )
-    existing = os.path.abspath(config.checkpoint_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(
-            f"checkpoint_dir (--checkpoint-dir) {config.checkpoint_dir!r} cannot hold checkpoints: {existing!r} "
-            "is not a folder"
-        )
+    try:
+        ckpt.check_writable(config.checkpoint_dir)
+    except ckpt.CheckpointWriteError as error:
+        raise ValueError(f"checkpoint_dir (--checkpoint-dir) {config.checkpoint_dir!r} cannot hold checkpoints: "
+                         f"{error.__cause__}") from error
 
 
 def _with_default_lr(config: TrainConfig, kind):
@@ -457,8 +459,8 @@ def train_lm(
 ) -> TrainResult:
     """Trains the language model on config.corpus (None: the package's English corpus), byte-tokenised, with
     the last val_fraction of the text held out. Evaluations report validation loss and perplexity over
-    `eval_windows` fixed windows. Inputs are checked (corpus, checkpoint, configuration) before anything is
-    written."""
+    `eval_windows` fixed windows. Inputs are checked (corpus, checkpoint folder, configuration) before training
+    starts."""
     config = _with_default_lr(config, "lm")
     env = env or distributed.init_from_env(config.device)
     _check_fsdp(config, env)
@@ -553,9 +555,9 @@ def train_copy(
     _check_fsdp(config, env)
     if not is_int(eval_examples) or eval_examples < 1:
         raise ValueError(f"eval_examples (--eval-examples) must be an int >= 1; got {eval_examples!r}")
-    if not 1 <= min_length <= max_length:
+    if not (is_int(min_length) and is_int(max_length) and 1 <= min_length <= max_length):
         raise ValueError(
-            f"copy lengths must satisfy 1 <= min_length <= max_length; got {min_length}, {max_length}"
+            f"copy lengths must be ints with 1 <= min_length <= max_length; got {min_length!r}, {max_length!r}"
         )
     if max_length + 1 > model_config.max_length:
         raise ValueError(
