@@ -601,8 +601,10 @@ def test_interpreter_setup_comes_before_any_triton_import():
 def test_model_suite_times_our_language_model_and_its_torch_peer():
     from tfm_kernels.bench import model
 
-    cases = model.model_cases([], ("fwd+bwd",), "cpu", lm_presets=["tiny"], lm_batch=2, lm_seq=32,
+    cases = model.model_cases([], ("fwd+bwd",), "cpu", lm_presets=["tiny"], lm_batch=2, lm_seq=1024,
                               dtype=torch.float32, with_compile=False)
+    # the tiny preset holds 64 positions: its case runs at that length, not at lm_seq
+    assert [(c.config, c.shape["seq"], c.work) for c in cases] == [("lm tiny b2 s64", 64, 128)]
     rows = suite.run_cases(cases, warmup_ms=1, rep_ms=5)
     assert [(r["provider"], r["status"]) for r in rows] == [("ours tfm_kernels.models", "ok"),
                                                            ("torch-layer baseline", "ok")], rows

@@ -159,12 +159,32 @@ def test_cache_errors_when_full_and_reorders_rows():
     torch.testing.assert_close(cache.keys[0], k[[2, 2, 0]], rtol=0, atol=0)
 
 
-def test_lm_rejects_sequences_longer_than_the_context():
-    model = TransformerLM(LMConfig.preset("tiny", context_length=8))
+@pytest.mark.parametrize("model_class", [TransformerLM, TorchLM])
+def test_lm_rejects_sequences_longer_than_the_context(model_class):
+    """Also the torch-layer baseline: past its position table it would fail in an embedding lookup (a
+    device-side assert on a GPU)."""
+    model = model_class(LMConfig.preset("tiny", context_length=8))
     with pytest.raises(ValueError, match="sequence length 9 .* exceeds the context length 8"):
         model(torch.zeros(1, 9, dtype=torch.int64))
-    with pytest.raises(ValueError, match="tokens must be a \\(batch, length\\) int64 tensor"):
+    with pytest.raises(ValueError, match="tokens must be a \\(batch, length\\) int64 or int32 tensor"):
         model(torch.zeros(9))
+
+
+def test_encoder_decoder_errors_name_the_argument():
+    model = EncoderDecoderTransformer(Seq2SeqConfig.preset("tiny", max_length=16))
+    src, tgt = torch.randint(3, 200, (3, 5)), torch.randint(3, 200, (3, 4))
+    cases = [
+        ((src[0], tgt), r"src must be a \(batch, length\) int64 or int32 tensor; got torch.Size\(\[5\]\)"),
+        ((src, tgt[0]), r"tgt_in must be a \(batch, length\) int64 or int32 tensor; got torch.Size\(\[4\]\)"),
+        ((src.float(), tgt), r"src must be a \(batch, length\) int64 or int32 tensor; got .* torch.float32"),
+        ((src[:2], tgt), "src and tgt_in must have the same batch size; got 2 and 3"),
+        ((torch.ones(3, 20, dtype=torch.int64), tgt), "src: sequence length 20 exceeds max_length 16"),
+        ((src, torch.ones(3, 20, dtype=torch.int64)), "tgt: sequence length 20 exceeds max_length 16"),
+        ((src, tgt, torch.full((3, 1), 5)), r"src_lengths must be a \(3,\) int64 or int32 tensor"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(*args)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

@@ -92,6 +92,15 @@ def language_model(preset, batch, seq, mode, device, which, compiled, dtype) -> 
     return Provider(f"{owner}{' compiled' if compiled else ''}", which == "ours", prepare, compiles=compiled)
 
 
+def _lm_sequence(preset, longest):
+    """The language-model case's sequence length: `longest`, or the preset's context length where shorter."""
+    try:
+        from ..models import LMConfig
+    except ImportError:
+        return longest  # the case's providers say why they cannot run
+    return min(longest, LMConfig.PRESETS.get(preset, {}).get("context_length", longest))
+
+
 def model_cases(
     encoder_shapes,
     modes,
@@ -102,7 +111,8 @@ def model_cases(
     dtype=torch.bfloat16,
     with_compile=True,
 ) -> list[Case]:
-    """Encoder cases for `encoder_shapes` and language-model cases for `lm_presets` at (lm_batch, lm_seq)."""
+    """Encoder cases for `encoder_shapes` and language-model cases for `lm_presets` at (lm_batch, lm_seq), or at a
+    preset's context length where it is shorter than lm_seq."""
     device = torch.device(device)
     compile_options = (False, True) if with_compile else (False,)
     cases = []
@@ -117,25 +127,26 @@ def model_cases(
                 )
             )
     for preset in lm_presets:
+        seq = _lm_sequence(preset, lm_seq)
         for mode in modes:
             providers = [
-                language_model(preset, lm_batch, lm_seq, mode, device, which, c, dtype)
+                language_model(preset, lm_batch, seq, mode, device, which, c, dtype)
                 for which in ("ours", "torch")
                 for c in compile_options
             ]
             shape = {
                 "preset": preset,
                 "batch": lm_batch,
-                "seq": lm_seq,
+                "seq": seq,
                 "dtype": str(dtype).removeprefix("torch."),
             }
             cases.append(
                 Case(
                     "model",
-                    f"lm {preset} b{lm_batch} s{lm_seq}",
+                    f"lm {preset} b{lm_batch} s{seq}",
                     shape,
                     mode,
-                    lm_batch * lm_seq,
+                    lm_batch * seq,
                     "tokens/s",
                     device,
                     providers,

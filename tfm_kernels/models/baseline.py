@@ -1,13 +1,13 @@
-"""The language model built from PyTorch's own layers, for comparisons: same architecture, parameter count
-and initialisation as TransformerLM, with nn.TransformerEncoderLayer (norm_first, causal mask) in place of
-the package's attention and fused MLP. Benchmarks time both; tests check that they compute the same logits
-from the same weights."""
+"""The language model built from PyTorch's own layers, for comparisons: same architecture and parameter count
+as TransformerLM, with nn.TransformerEncoderLayer (norm_first, causal mask) in place of the package's attention
+and fused MLP; build_torch_lm also gives it TransformerLM's initialisation. Benchmarks time both; tests check
+that they compute the same logits from the same weights."""
 
 import torch
 from torch import nn
 
 from .config import LMConfig
-from .lm import TransformerLM
+from .lm import TransformerLM, check_tokens
 
 
 class TorchLM(nn.Module):
@@ -29,7 +29,7 @@ class TorchLM(nn.Module):
         self.final_norm = nn.LayerNorm(config.d_model)
 
     def forward(self, tokens):
-        T = tokens.shape[1]
+        T = check_tokens(tokens, self.config.context_length)
         positions = torch.arange(T, device=tokens.device)
         x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))  # (B, T, C)
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=tokens.device, dtype=x.dtype)

@@ -10,7 +10,7 @@ import torch
 
 from .config import is_int
 from .lm import TransformerLM
-from .seq2seq import EncoderDecoderTransformer
+from .seq2seq import EncoderDecoderTransformer, check_src_lengths
 
 
 def _check_count(name, value, minimum=1):
@@ -146,11 +146,7 @@ def _check_source(model, src, max_length, src_lengths):
     _check_token_ids("src", src, model.config.vocab_size)
     if src_lengths is not None:
         B, S = src.shape
-        if (not isinstance(src_lengths, torch.Tensor) or src_lengths.shape != (B,)
-                or src_lengths.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"src_lengths must be a ({B},) int64 or int32 tensor (one length per src row); got "
-                             f"{getattr(src_lengths, 'shape', type(src_lengths).__name__)} "
-                             f"{getattr(src_lengths, 'dtype', '')}")
+        check_src_lengths(src_lengths, B)
         if B:
             low, high = (bound.item() for bound in torch.aminmax(src_lengths))
             if low < 0 or high > S:

@@ -29,11 +29,25 @@ class DecoderBlock(nn.Module):
         return x + self.dropout(self.feed_forward(self.norm2(x)))
 
 
+def check_tokens(tokens, context_length, past=0) -> int:
+    """Checks token ids (batch, length) of int64 or int32 that fit the context after `past` cached positions;
+    returns their length."""
+    if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"tokens must be a (batch, length) int64 or int32 tensor; got {tuple(tokens.shape)} {tokens.dtype}"
+        )
+    T = tokens.shape[1]
+    if past + T > context_length:
+        raise ValueError(f"sequence length {past + T} ({past} cached + {T} new) exceeds the context length "
+                         f"{context_length}")
+    return T
+
+
 class TransformerLM(nn.Module):
     """GPT-style language model: token + learned position embeddings, `n_layers` pre-norm decoder blocks, a
     final LayerNorm and an output head tied to the token embedding.
 
-    forward(tokens (B, T) int64, cache=None) -> logits (B, T, vocab_size). With a KVCache (`new_cache`),
+    forward(tokens (B, T) int64 or int32, cache=None) -> logits (B, T, vocab_size). With a KVCache (`new_cache`),
     `tokens` are the positions after the cached ones and only they are computed. forward does not check that
     the ids are in [0, vocab_size) (the check would wait for the GPU at every training step): others fail as
     nn.Embedding fails; `generation.generate` checks its prompt."""
@@ -66,17 +80,8 @@ class TransformerLM(nn.Module):
         return KVCache(self.config.n_layers, max_length or self.config.context_length)
 
     def forward(self, tokens, cache: KVCache | None = None):
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"tokens must be a (batch, length) int64 tensor; got {tuple(tokens.shape)} {tokens.dtype}"
-            )
-        B, T = tokens.shape
         past = cache.length if cache is not None else 0
-        if past + T > self.config.context_length:
-            raise ValueError(
-                f"sequence length {past + T} ({past} cached + {T} new) exceeds the context length "
-                f"{self.config.context_length}"
-            )
+        T = check_tokens(tokens, self.config.context_length, past)
         positions = torch.arange(past, past + T, device=tokens.device)  # (T,)
         x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))  # (B, T, C)
         for layer, block in enumerate(self.blocks):

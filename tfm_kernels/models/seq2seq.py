@@ -78,6 +78,22 @@ class DecoderLayer(nn.Module):
         return self.residual3(x, self.feed_forward)
 
 
+def _check_ids(name, tokens):
+    """Token ids (batch, length) of int64 or int32 (their values are not checked: that would wait for the GPU)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be a (batch, length) int64 or int32 tensor; got "
+                         f"{getattr(tokens, 'shape', type(tokens).__name__)} {getattr(tokens, 'dtype', '')}")
+
+
+def check_src_lengths(src_lengths, batch):
+    """src_lengths: (batch,) int64 or int32, one length per source row (values unchecked, as token ids)."""
+    if (not isinstance(src_lengths, torch.Tensor) or src_lengths.shape != (batch,)
+            or src_lengths.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"src_lengths must be a ({batch},) int64 or int32 tensor (one length per src row); got "
+                         f"{getattr(src_lengths, 'shape', type(src_lengths).__name__)} "
+                         f"{getattr(src_lengths, 'dtype', '')}")
+
+
 class EncoderDecoderTransformer(nn.Module):
     """The paper's Transformer. Source and target share one vocabulary and one embedding matrix, which is also
     the output projection; embeddings are scaled by sqrt(d_model) and added to sinusoidal positions.
@@ -112,10 +128,11 @@ class EncoderDecoderTransformer(nn.Module):
         # logits through the tied output projection.
         nn.init.normal_(self.embedding.weight, std=self.config.d_model**-0.5)
 
-    def _embed(self, tokens, offset=0):
+    def _embed(self, name, tokens, offset=0):
+        _check_ids(name, tokens)
         T = tokens.shape[1]
         if offset + T > self.config.max_length:
-            raise ValueError(f"sequence length {offset + T} exceeds max_length {self.config.max_length}")
+            raise ValueError(f"{name}: sequence length {offset + T} exceeds max_length {self.config.max_length}")
         x = self.embedding(tokens) * math.sqrt(self.config.d_model) + self.positions[offset : offset + T]
         return self.dropout(x)  # (B, T, C)
 
@@ -125,9 +142,10 @@ class EncoderDecoderTransformer(nn.Module):
 
     def encode(self, src, src_lengths=None):
         """src (B, S) -> memory (B, S, d_model); padded positions take no part as keys."""
+        x = self._embed("src", src)
         if src_lengths is None:
             src_lengths = self.source_lengths(src)
-        x = self._embed(src)
+        check_src_lengths(src_lengths, src.shape[0])
         for layer in self.encoder_layers:
             x = layer(x, src_lengths)
         return self.encoder_norm(x)
@@ -145,7 +163,8 @@ class EncoderDecoderTransformer(nn.Module):
         (B, S, d_model) itself, which every layer then projects. With a cache, tgt holds only the positions after
         the cached ones."""
         past = cache.length if cache is not None else 0
-        x = self._embed(tgt, past)
+        x = self._embed("tgt", tgt, past)
+        check_src_lengths(src_lengths, tgt.shape[0])
         for index, layer in enumerate(self.decoder_layers):
             layer_kv = memory_kv if isinstance(memory_kv, torch.Tensor) else memory_kv[index]
             x = layer(x, layer_kv, src_lengths, cache, index)
@@ -154,6 +173,10 @@ class EncoderDecoderTransformer(nn.Module):
         return F.linear(self.decoder_norm(x), self.embedding.weight)  # (B, T, V)
 
     def forward(self, src, tgt_in, src_lengths=None):
+        _check_ids("src", src)
+        _check_ids("tgt_in", tgt_in)
+        if src.shape[0] != tgt_in.shape[0]:
+            raise ValueError(f"src and tgt_in must have the same batch size; got {src.shape[0]} and {tgt_in.shape[0]}")
         if src_lengths is None:
             src_lengths = self.source_lengths(src)
         memory = self.encode(src, src_lengths)
