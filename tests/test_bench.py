@@ -201,12 +201,25 @@ def test_a_stopped_run_keeps_its_rows_and_lists_the_rest():
     assert rows[1]["reason"] == rows[2]["reason"] == suite.NOT_RUN
 
 
+def _ratio_rows(config, *rows):
+    return [{"suite": "s", "config": config, "mode": "fwd", "ours": ours, "status": status, "value": value,
+             "reason": reason} for ours, status, value, reason in rows]
+
+
 def test_ratios_are_against_the_best_peer():
-    rows = [{"suite": "s", "config": "c", "mode": "fwd", "ours": o, "status": "ok", "value": v}
-            for o, v in ((True, 300.0), (False, 200.0), (False, 100.0))]
-    rows.append({"suite": "s", "config": "c", "mode": "fwd", "ours": True, "status": "n/a", "value": None})
+    rows = _ratio_rows("c", (True, "ok", 300.0, None), (False, "ok", 200.0, None), (False, "ok", 100.0, None),
+                       (True, "n/a", None, "unsupported"), (False, "n/a", None, "a peer that cannot run"))
     ratios = [r["ratio"] for r in suite.add_ratios(rows)]
-    assert ratios == [1.5, 1.0, 0.5, None]
+    assert ratios == [1.5, 1.0, 0.5, None, None]
+
+
+@pytest.mark.parametrize("reason", [suite.OVER_BUDGET, suite.NOT_RUN])
+def test_a_case_with_an_unmeasured_peer_has_no_ratios(reason):
+    """Where a budget or a stop left a peer (torch compiled, say) unmeasured, the best peer is unknown: ours is
+    not compared with the slower peers that ran."""
+    rows = _ratio_rows("cut", (True, "ok", 300.0, None), (False, "ok", 200.0, None), (False, "n/a", None, reason))
+    rows += _ratio_rows("whole", (True, "ok", 300.0, None), (False, "ok", 200.0, None))
+    assert [r["ratio"] for r in suite.add_ratios(rows)] == [None, None, None, 1.5, 1.0]
 
 
 def test_ratio_summary_is_a_geometric_mean():

@@ -144,14 +144,18 @@ def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: f
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """ratio = value / the best peer's value on the same case (peers included: the best peer gets 1.0)."""
-    best = {}
+    """ratio = value / the best peer's value on the same case (peers included: the best peer gets 1.0). A case
+    with a peer left unmeasured by a budget or a stop gets no ratios: its best peer is unknown."""
+    best, unmeasured = {}, set()
     for row in rows:
-        if row["status"] == "ok" and not row["ours"]:
-            key = (row["suite"], row["config"], row["mode"])
+        key = (row["suite"], row["config"], row["mode"])
+        if not row["ours"] and row["reason"] in (OVER_BUDGET, NOT_RUN):
+            unmeasured.add(key)
+        elif row["status"] == "ok" and not row["ours"]:
             best[key] = max(best.get(key, 0.0), row["value"])
     for row in rows:
-        peer = best.get((row["suite"], row["config"], row["mode"]))
+        key = (row["suite"], row["config"], row["mode"])
+        peer = None if key in unmeasured else best.get(key)
         row["ratio"] = row["value"] / peer if row["status"] == "ok" and peer else None
     return rows
 
