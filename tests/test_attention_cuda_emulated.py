@@ -168,3 +168,20 @@ def test_emulated_kernels_ignore_what_lies_past_key_lengths(harness, tmp_path, c
     padded = run_emulated(harness, tmp_path, q, k_nan, v_nan, grad_out, *args)
     for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), clean[:5], padded[:5]):
         assert torch.equal(a, b), f"emulated cuda {name} changed with NaN past key_lengths"
+
+
+def test_emulated_keys_no_row_sees_keep_zero_gradients_beside_a_nan_key(harness, tmp_path):
+    """A NaN key makes the rows that see it NaN, their lse too. The keys no row sees (causal, L < S) get
+    dK = dV = 0 though they share key blocks with those rows, as tests/test_attention.py checks of the other
+    backends (the oracle's dV there is NaN, a difference the README allows)."""
+    B, Hq, Hk, L, S, D = 1, 2, 1, 75, 130, 128  # MQA: both query heads see key head 0
+    q, k, v = (torch.randn(B, h, n, D, dtype=torch.bfloat16) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+    k[0, 0, 9, 2] = float("nan")  # rows 9 .. L - 1 of both heads see it
+    grad_out = torch.randn(B, Hq, L, D, dtype=torch.bfloat16)
+    out, dq, dk, dv, lse, races, log = run_emulated(harness, tmp_path, q, k, v, grad_out, None, 0.0, True, D**-0.5,
+                                                   False, True, True)
+    assert races == 0, log
+    assert (dk[:, :, L:] == 0).all() and (dv[:, :, L:] == 0).all()
+    nan_keys = torch.zeros(B, Hk, S, dtype=torch.bool)
+    nan_keys[0, 0, :L] = True  # every key a NaN row sees
+    assert torch.equal(dk.isnan().any(-1), nan_keys) and torch.equal(dv.isnan().any(-1), nan_keys)

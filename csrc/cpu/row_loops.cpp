@@ -21,6 +21,7 @@ namespace {
 // Reductions keep kLanes partial results so that the compiler can vectorise them without reassociating float
 // sums (the order, and with it the result, is fixed by the source, whatever the vector width).
 constexpr int kLanes = 16;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // 2^x for x <= 127, within about 1 ulp; 0 for x < -126.5 (and -inf). Exponent by bit construction, 2^f on
 // f in [-0.5, 0.5) by its degree-7 Taylor polynomial (truncation error 0.35^8 / 8! ~ 5e-9).
@@ -70,7 +71,6 @@ TFM_ROW_LOOP float row_max(const float* __restrict x, int64_t n) {
   // A GCC vector type: the compiler does not vectorise a float max reduction written with scalars (NaN and
   // signed-zero rules), but it lowers this one to the widest max instruction of each clone.
   using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   Lanes lanes = {};
   lanes += kNegInf;
   int64_t c = 0;
@@ -91,7 +91,7 @@ TFM_ROW_LOOP float row_max(const float* __restrict x, int64_t n) {
 
 TFM_ROW_LOOP void exp2_row(float* __restrict x, int64_t n, float offset) {
   for (int64_t c = 0; c < n; ++c) {
-    x[c] = exp2_approx(x[c] - offset);
+    x[c] = x[c] == kNegInf ? 0.0f : exp2_approx(x[c] - offset);
   }
 }
 
@@ -118,7 +118,7 @@ TFM_ROW_LOOP float exp2_row_sum(float* __restrict x, int64_t n, float offset) {
 
 TFM_ROW_LOOP void softmax_grad_row(float* __restrict grad, const float* __restrict probs, int64_t n, float delta) {
   for (int64_t c = 0; c < n; ++c) {
-    grad[c] = probs[c] * (grad[c] - delta);
+    grad[c] = probs[c] == 0.0f ? 0.0f : probs[c] * (grad[c] - delta);
   }
 }
 

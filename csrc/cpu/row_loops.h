@@ -23,10 +23,12 @@ float row_max(const float* x, int64_t n);
 // x[c] = 2^(x[c] - offset); returns the sum of the new x. exp2(-inf) == 0.
 float exp2_row_sum(float* x, int64_t n, float offset);
 
-// x[c] = 2^(x[c] - offset). offset may be +inf (then every x[c] becomes 0).
+// x[c] = 2^(x[c] - offset), and 0 where x[c] is -inf (a masked score) whatever the offset: in a row whose
+// log-sum-exp is NaN (a NaN key it sees), its masked keys keep P = 0. offset may be +inf (then every x[c] is 0).
 void exp2_row(float* x, int64_t n, float offset);
 
-// The softmax gradient of one row: grad[c] = probs[c] * (grad[c] - delta), delta = rowsum(dO * O).
+// The softmax gradient of one row: grad[c] = probs[c] * (grad[c] - delta), delta = rowsum(dO * O), and 0 where
+// probs[c] is 0 even if delta is NaN, so that keys no row sees get the zero gradient of a masked score.
 void softmax_grad_row(float* grad, const float* probs, int64_t n, float delta);
 
 // Dropout multipliers of row i, columns [j0, j0 + n) of Philox stream z (csrc/common/philox.h):

@@ -420,7 +420,9 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
         sT = dot(k, qT, None, DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
         sT = _masked_scores(sT, rows, cols, start_m, col0, col_end, mask_bh, stride_ml, stride_ms, L, S,
                             MASK_KIND, APPLY_CAUSAL, APPLY_COL_END)
-        pT = tl.math.exp2(sT - lse_log2[None, :])
+        # A masked score gives P = 0 and dS = 0 even in a row whose log-sum-exp is NaN (a NaN key it sees): the keys
+        # no row sees keep zero gradients.
+        pT = tl.where(sT == float("-inf"), 0.0, tl.math.exp2(sT - lse_log2[None, :]))
         if TMA:
             do = _descriptor_tile(do_desc, b, h, start_m, BLOCK_M, BLOCK_DV, DO_HEADS_INNER)  # (BLOCK_M, BLOCK_DV)
         else:
@@ -434,7 +436,7 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
             p_dropped = pT
         dv = dot(p_dropped.to(do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_bh + row_ids, mask=row_ok, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
+        dsT = tl.where(pT == 0.0, 0.0, pT * (dpT - delta[None, :]))
         dk = dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_gm

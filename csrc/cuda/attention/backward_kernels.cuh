@@ -157,16 +157,16 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
     const float* lse = sLse + stage * kBlockM;
     const float* delta = sDelta + stage * kBlockM;
 
-    // P^T (16 keys x kBlockM queries); masked scores are -inf before the exponent, so P^T = 0 there.
+    // P^T (16 keys x kBlockM queries); P^T = 0 where masked, also in a row whose lse is NaN (a NaN key it sees).
     float p_t[kBlockM / 8][4];
     zero(p_t);
     gemm_smem_nt<T, kBlockM, D, kStride>(p_t, sK_warp, sQ_stage, lane);
     const bool needs_mask =
         n_start + kBlockN > keys || m_start + kBlockM > L || (params.causal && n_start + kBlockN - 1 > m_start);
     for_each_element(p_t, key0, m_start, lane, [&](float& x, int key, int query, int) {
-      x *= params.scale_log2;
-      if (needs_mask && (key >= keys || query >= L || (params.causal && key > query))) x = -INFINITY;
-      x = exp2f(x - lse[query - m_start] * kLog2e);  // lse = +inf (no key in the row) gives 0
+      const bool masked = needs_mask && (key >= keys || query >= L || (params.causal && key > query));
+      // lse = +inf (no key in the row) gives 0
+      x = masked ? 0.0f : exp2f(x * params.scale_log2 - lse[query - m_start] * kLog2e);
     });
 
     float dp_t[kBlockM / 8][4];
@@ -179,8 +179,10 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
       keep_bits = dropout_keep_bits<kBlockM / 8, true>(seed, z, key0, m_start, lane, params.dropout_threshold);
       apply_keep_bits(dp_t, keep_bits, params.dropout_rescale);
     }
-    for_each_element_pair(p_t, dp_t, key0, m_start, lane,
-                          [&](float& p, float& dp, int, int query, int) { dp = p * (dp - delta[query - m_start]); });
+    // dS^T = 0 where P^T = 0 even if delta is NaN: keys no row sees keep zero gradients.
+    for_each_element_pair(p_t, dp_t, key0, m_start, lane, [&](float& p, float& dp, int, int query, int) {
+      dp = p == 0.0f ? 0.0f : p * (dp - delta[query - m_start]);
+    });
     if (params.dropout) apply_keep_bits(p_t, keep_bits, params.dropout_rescale);
 
     if (kFusedDq && d_slice == 0) {
