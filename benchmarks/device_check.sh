@@ -3,7 +3,7 @@
 # tests (TEST_WORKERS pytest processes at once: benchmarks/run_gpu_tests.py), compute-sanitizer memcheck of an
 # attention case, then the short benchmark table, printed last.
 #
-#   bash benchmarks/device_check.sh           install, gpu tests, memcheck, attention + MLP table
+#   bash benchmarks/device_check.sh [all]     install, gpu tests, memcheck, attention + MLP table
 #   bash benchmarks/device_check.sh tests     a second call when the first one's tests hit their cap: the
 #                                             gpu tests alone, with the whole budget
 #   bash benchmarks/device_check.sh models    the second call otherwise: the host time per call without
@@ -11,12 +11,12 @@
 #                                             nn.MultiheadAttention and LM calls (benchmarks/profile_step.py),
 #                                             then nn.MultiheadAttention, a 12-layer TransformerEncoder and
 #                                             GPT-2-small LM training against torch, eager and compiled
-# (the second calls install only if no CUDA build is there)
+# (every call installs: on a warm machine only what changed is rebuilt)
 #
 # Knobs: TFM_KERNELS_CUDA_ARCHS (default 90a here, for a fast build on H100/H200; the package's own default is
 # "80;90a"), MAX_JOBS (default 16), TEST_WORKERS (default 16: the tests' time is Triton compiles, one core per
 # process; 8 processes took 280 s on an H200 machine's 16 cores), PYTHON (default python3), SKIP_INSTALL=1
-# (reuse the installed build, e.g. a second run on the same machine), BUDGET_S (345: the whole script's time;
+# (reuse the installed build as it is), BUDGET_S (345: the whole script's time;
 # each step's cap comes out of what is left, keeping BENCH_RESERVE_S, 170, for the table, and TESTS_TIMEOUT_S,
 # 150, at most for the tests in the first call). A benchmark stopped by its cap still prints the rows it
 # measured. Logs, the JSON record and the table go to $OUT when set (the
@@ -64,20 +64,23 @@ find_sanitizer() {
     return 1
 }
 
-# Installs unless a CUDA build of the package is already there (the second calls on a warm machine).
-install_if_needed() {
-    if "$PYTHON" -c "import sys, tfm_kernels; sys.exit(not tfm_kernels.build_info().get('cuda'))" 2>/dev/null; then
-        echo "== install skipped (a CUDA build is there)"
-    else
-        echo "== install (TFM_KERNELS_CUDA_ARCHS=$TFM_KERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
-        "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -q -e .
+# Builds and installs the package with its CUDA kernels. On a warm machine ninja recompiles only the sources
+# changed since the last call, so a second call never tests or times stale kernels.
+install() {
+    if [ "${SKIP_INSTALL:-0}" = 1 ]; then
+        echo "== install skipped (SKIP_INSTALL=1)"
+        return
     fi
+    local t0=$SECONDS
+    echo "== install (TFM_KERNELS_CUDA_ARCHS=$TFM_KERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
+    "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -q -e .
+    echo "installed in $((SECONDS - t0)) s"
 }
 
 # The gpu tests alone, with what is left of the budget.
 tests() {
     local tests_rc=0 limit
-    install_if_needed
+    install
     limit=$(cap 30 60)
     echo "== gpu tests (cap $limit s)"
     timeout -k 20 $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers "$TEST_WORKERS" --timeout "$limit" || tests_rc=$?
@@ -91,7 +94,7 @@ tests() {
 # against theirs say how much slower this machine's CPU issues the same calls).
 models() {
     local bench_rc=0 limit
-    install_if_needed
+    install
     echo "== host time per call, kernels not launched (cap 40 s)"
     timeout -k 10 40 "$PYTHON" benchmarks/host_overhead.py || echo "host_overhead: exit $?"
     limit=$(cap 240 30 60)
@@ -121,14 +124,7 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device visible")
 PY
 
-    local t0=$SECONDS
-    if [ "${SKIP_INSTALL:-0}" = 1 ]; then
-        echo "== install skipped (SKIP_INSTALL=1)"
-    else
-        echo "== install (TFM_KERNELS_CUDA_ARCHS=$TFM_KERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
-        "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -q -e .
-        echo "installed in $((SECONDS - t0)) s"
-    fi
+    install
     "$PYTHON" -m tfm_kernels info
 
     limit=$(cap $((BENCH_RESERVE_S + SANITIZER_TIMEOUT_S)) 30 "$TESTS_TIMEOUT_S")
@@ -165,7 +161,8 @@ PY
 }
 
 case "${1:-}" in
+    "" | all) main 2>&1 | tee "$LOG" ;;
     models) models 2>&1 | tee "$LOG" ;;
     tests) tests 2>&1 | tee "$LOG" ;;
-    *) main 2>&1 | tee "$LOG" ;;
+    *) echo "usage: bash benchmarks/device_check.sh [all | tests | models]; got '$1'" >&2; exit 2 ;;
 esac

@@ -31,6 +31,7 @@ import time
 
 INTERRUPT_GRACE_S = 10  # for an interrupted pytest to print its summary before it is killed
 POLL_S = 0.2
+HANG_DUMP_S = 120
 PROGRESS_ENV = "TFM_KERNELS_TEST_PROGRESS"  # the file a pytest process records its tests' starts and ends in
 PLUGIN = pathlib.Path(__file__).stem
 
@@ -117,8 +118,9 @@ class Run:
         plugin_path = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent),
                                                     os.environ.get("PYTHONPATH")]))
         env = {**os.environ, PROGRESS_ENV: self.progress_path, "PYTHONPATH": plugin_path}
+        # faulthandler_timeout: a test still running after HANG_DUMP_S prints every thread's stack, naming it.
         self.process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                         "-p", PLUGIN, *selection],
+                                         "-o", f"faulthandler_timeout={HANG_DUMP_S}", "-p", PLUGIN, *selection],
                                         stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env)
         self.interrupted = False
 
@@ -155,8 +157,10 @@ def main(argv=None):
     failed_groups, crashed = set(), []
     deadline = start + args.timeout
     interrupting = False
+    terminated = []  # a SIGTERM (a time limit around the runner) stops the groups as the deadline does
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     while running:
-        if time.monotonic() >= deadline and not interrupting:  # one grace for all, not one each in turn
+        if (terminated or time.monotonic() >= deadline) and not interrupting:  # one grace for all, not each in turn
             interrupting = True
             for run in running.values():
                 run.interrupted = True
@@ -173,7 +177,8 @@ def main(argv=None):
             started, finished = run.progress()
             killed_by_signal = status < 0 and not run.interrupted  # not our own kill at the deadline
             crash = next((i for i in reversed(started) if i not in finished), None) if killed_by_signal else None
-            label = f"stopped after {args.timeout:.0f} s" if run.interrupted else status
+            stopped = "stopped by SIGTERM" if terminated else f"stopped after {args.timeout:.0f} s"
+            label = stopped if run.interrupted else status
             if status != 0:
                 failed_groups.add(index)
             print(f"---- group {index} of {len(groups)} ({run.selection[0]} and {len(run.selection) - 1} more "

@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -684,6 +685,14 @@ SCRIPTS = pathlib.Path(__file__).parents[1] / "benchmarks"
 RUNNER = SCRIPTS / "run_gpu_tests.py"
 
 
+def test_device_check_refuses_an_unknown_mode(tmp_path):
+    """A mistyped mode would otherwise run the whole first call (install, tests, benchmark) on scarce GPU time."""
+    result = subprocess.run(["bash", str(SCRIPTS / "device_check.sh"), "table"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "OUT": str(tmp_path)})
+    assert result.returncode == 2 and "usage: bash benchmarks/device_check.sh [all | tests | models]; got 'table'" in (
+        result.stderr)
+
+
 def _load_script(name):
     """benchmarks/<name>.py as a module (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
@@ -742,6 +751,36 @@ def test_gpu_test_runner_stops_every_process_within_one_grace(tmp_path, monkeypa
     assert elapsed < timeout + runner.INTERRUPT_GRACE_S + 2.5, elapsed
     out = capsys.readouterr().out
     assert out.count("exit stopped after 5 s") == 4 and "0 of 4 groups passed" in out
+
+
+FAIL_THEN_HANG = """
+import time
+import pytest
+
+@pytest.mark.gpu
+def test_a_fails():
+    assert 1 == 2
+
+@pytest.mark.gpu
+def test_b_hangs():
+    open("hang_started", "w").close()
+    time.sleep(60)
+"""
+
+
+def test_gpu_test_runner_prints_what_ran_when_terminated(tmp_path):
+    """A SIGTERM (device_check.sh's or the device tool's time limit) stops the groups as the deadline does, so
+    their output, the failures so far, is printed rather than lost with the runner."""
+    (tmp_path / "test_fail_then_hang.py").write_text(FAIL_THEN_HANG)
+    runner = subprocess.Popen([sys.executable, str(RUNNER), "--workers", "1", "--timeout", "100", "."],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (tmp_path / "hang_started").exists():
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 1, out
+    assert "exit stopped by SIGTERM" in out and "test_a_fails" in out and "assert 1 == 2" in out, out
 
 
 CRASHING_TESTS = """
