@@ -4,9 +4,10 @@
 # attention case, then the short benchmark table, printed last.
 #
 #   bash benchmarks/device_check.sh [all]     install, gpu tests, memcheck, attention + MLP table
-#   bash benchmarks/device_check.sh tests     a second call when the first one's tests hit their cap: the
-#                                             gpu tests alone, with the whole budget
-#   bash benchmarks/device_check.sh models    the second call otherwise: the host time per call without
+#   bash benchmarks/device_check.sh tests     the gpu tests alone, with the whole budget (the first call's
+#                                             share of it, TESTS_TIMEOUT_S, runs only part of them)
+#   bash benchmarks/device_check.sh table     install, memcheck, attention + MLP table: after "tests"
+#   bash benchmarks/device_check.sh models    the host time per call without
 #                                             kernels (benchmarks/host_overhead.py), a profile of the eager
 #                                             nn.MultiheadAttention and LM calls (benchmarks/profile_step.py),
 #                                             then nn.MultiheadAttention, a 12-layer TransformerEncoder and
@@ -112,8 +113,9 @@ models() {
     [ "$bench_rc" = 0 ]
 }
 
+# $1 = 1: with the gpu tests (capped at TESTS_TIMEOUT_S); 0: without them (mode "table").
 main() {
-    local tests_rc=0 sanitizer_rc=skipped bench_rc=0 limit
+    local tests_rc=skipped sanitizer_rc=skipped bench_rc=0 limit
     echo "== device ($(date -u))"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null \
         || echo "nvidia-smi: not available"
@@ -127,11 +129,15 @@ PY
     install
     "$PYTHON" -m tfm_kernels info
 
-    limit=$(cap $((BENCH_RESERVE_S + SANITIZER_TIMEOUT_S)) 30 "$TESTS_TIMEOUT_S")
-    echo "== gpu tests (cap $limit s)"
-    t0=$SECONDS
-    timeout -k 20 $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers "$TEST_WORKERS" --timeout "$limit" || tests_rc=$?
-    echo "gpu tests: exit $tests_rc in $((SECONDS - t0)) s"
+    if [ "$1" = 1 ]; then
+        limit=$(cap $((BENCH_RESERVE_S + SANITIZER_TIMEOUT_S)) 30 "$TESTS_TIMEOUT_S")
+        echo "== gpu tests (cap $limit s)"
+        t0=$SECONDS
+        tests_rc=0
+        timeout -k 20 $((limit + 20)) "$PYTHON" benchmarks/run_gpu_tests.py --workers "$TEST_WORKERS" \
+            --timeout "$limit" || tests_rc=$?
+        echo "gpu tests: exit $tests_rc in $((SECONDS - t0)) s"
+    fi
 
     if [ -f benchmarks/sanitize_attention.py ]; then
         local sanitizer
@@ -157,12 +163,14 @@ PY
          "total $SECONDS s"
     echo
     cat "$TABLE"
-    [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && { [ "$sanitizer_rc" = 0 ] || [[ "$sanitizer_rc" == skipped* ]]; }
+    { [ "$tests_rc" = 0 ] || [ "$tests_rc" = skipped ]; } && [ "$bench_rc" = 0 ] \
+        && { [ "$sanitizer_rc" = 0 ] || [[ "$sanitizer_rc" == skipped* ]]; }
 }
 
 case "${1:-}" in
-    "" | all) main 2>&1 | tee "$LOG" ;;
+    "" | all) main 1 2>&1 | tee "$LOG" ;;
+    table) main 0 2>&1 | tee "$LOG" ;;
     models) models 2>&1 | tee "$LOG" ;;
     tests) tests 2>&1 | tee "$LOG" ;;
-    *) echo "usage: bash benchmarks/device_check.sh [all | tests | models]; got '$1'" >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/device_check.sh [all | tests | table | models]; got '$1'" >&2; exit 2 ;;
 esac
