@@ -3,12 +3,15 @@
 `LMConfig` describes the decoder-only language model, `Seq2SeqConfig` the encoder-decoder Transformer of
 "Attention Is All You Need". Both validate on construction and raise ValueError naming the field, what was
 expected and what was given. `LMConfig.preset("tiny")` / `Seq2SeqConfig.preset("base", dropout=0.0)` build a
-preset with optional overrides.
+preset with optional overrides. The checks here (is_int, check_positive, check_real, check_bool, check_token_ids)
+are shared by the models, training and generation.
 """
 
 import dataclasses
 import numbers
 from dataclasses import dataclass
+
+import torch
 
 from .tokenizer import ByteTokenizer
 
@@ -18,6 +21,13 @@ ACTIVATIONS = ("gelu", "relu")
 def is_int(value) -> bool:
     """Whether `value` is an int and not a bool (which Python counts as an int, but is never a count or an id)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_token_ids(name, tokens):
+    """Token ids (batch, length) of int64 or int32 (their values are not checked: that would wait for the GPU)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be a (batch, length) int64 or int32 tensor; got "
+                         f"{getattr(tokens, 'shape', type(tokens).__name__)} {getattr(tokens, 'dtype', '')}")
 
 
 def check_positive(config, *names):

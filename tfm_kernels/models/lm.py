@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import LMConfig
+from .config import LMConfig, check_token_ids
 from .layers import FeedForward, SelfAttention
 
 
@@ -32,10 +32,7 @@ class DecoderBlock(nn.Module):
 def check_tokens(tokens, context_length, past=0) -> int:
     """Checks token ids (batch, length) of int64 or int32 that fit the context after `past` cached positions;
     returns their length."""
-    if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"tokens must be a (batch, length) int64 or int32 tensor; got {tuple(tokens.shape)} {tokens.dtype}"
-        )
+    check_token_ids("tokens", tokens)
     T = tokens.shape[1]
     if past + T > context_length:
         raise ValueError(f"sequence length {past + T} ({past} cached + {T} new) exceeds the context length "

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import Seq2SeqConfig
+from .config import Seq2SeqConfig, check_token_ids
 from .layers import CrossAttention, FeedForward, SelfAttention
 
 
@@ -78,13 +78,6 @@ class DecoderLayer(nn.Module):
         return self.residual3(x, self.feed_forward)
 
 
-def _check_ids(name, tokens):
-    """Token ids (batch, length) of int64 or int32 (their values are not checked: that would wait for the GPU)."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must be a (batch, length) int64 or int32 tensor; got "
-                         f"{getattr(tokens, 'shape', type(tokens).__name__)} {getattr(tokens, 'dtype', '')}")
-
-
 def check_src_lengths(src_lengths, batch):
     """src_lengths: (batch,) int64 or int32, one length per source row (values unchecked, as token ids)."""
     if (not isinstance(src_lengths, torch.Tensor) or src_lengths.shape != (batch,)
@@ -129,7 +122,7 @@ class EncoderDecoderTransformer(nn.Module):
         nn.init.normal_(self.embedding.weight, std=self.config.d_model**-0.5)
 
     def _embed(self, name, tokens, offset=0):
-        _check_ids(name, tokens)
+        check_token_ids(name, tokens)
         T = tokens.shape[1]
         if offset + T > self.config.max_length:
             raise ValueError(f"{name}: sequence length {offset + T} exceeds max_length {self.config.max_length}")
@@ -173,8 +166,8 @@ class EncoderDecoderTransformer(nn.Module):
         return F.linear(self.decoder_norm(x), self.embedding.weight)  # (B, T, V)
 
     def forward(self, src, tgt_in, src_lengths=None):
-        _check_ids("src", src)
-        _check_ids("tgt_in", tgt_in)
+        check_token_ids("src", src)
+        check_token_ids("tgt_in", tgt_in)
         if src.shape[0] != tgt_in.shape[0]:
             raise ValueError(f"src and tgt_in must have the same batch size; got {src.shape[0]} and {tgt_in.shape[0]}")
         if src_lengths is None:
