@@ -648,11 +648,14 @@ def labelled(label):
 
 
 def check_empty_operator_inputs(backend, device):
-    """The C++ operators themselves on M = 0, K = 0 and N = 0 (the public functions route empty inputs to the
+    """The operators themselves on M = 0, K = 0 and N = 0 (the public functions route empty inputs to the
     oracle, so only direct calls reach them): outputs and gradients as the oracle's, e.g. out = act(bias) and
-    grad_bias = the column sums of dz for K = 0. On cuda no empty GEMM may reach cuBLASLt (leading dimension 0)
-    and k = 0 must still write zeros (poisoned memory shows a missed write as NaN)."""
-    ops = torch.ops.tfm_kernels
+    grad_bias = the column sums of dz for K = 0 (where dW's grid has no program). On cuda no empty GEMM may
+    reach cuBLASLt (leading dimension 0) and k = 0 must still write zeros (poisoned memory shows a missed
+    write as NaN). Triton has no block operator (its backend runs the block as two linears)."""
+    prefix = "triton_" if backend == "triton" else ""
+    ops = types.SimpleNamespace(**{name: getattr(torch.ops.tfm_kernels, prefix + name) for name in (
+        "mlp_linear_forward", "mlp_linear_backward", "mlp_gated_forward", "mlp_gated_backward")})
     seed = torch.tensor(0, dtype=torch.int64, device=device)
     for M, K, N in ((0, 8, 16), (4, 0, 16), (4, 8, 0)):
         x, w, b = linear_inputs((M,), K, N, torch.float32, device)
@@ -671,15 +674,17 @@ def check_empty_operator_inputs(backend, device):
             with poisoned_memory(device):
                 out, preact = ops.mlp_linear_forward(x, w, b, activation, 0.0, seed)
                 gated_out, gate_up = ops.mlp_gated_forward(x, gated_w, gated_b, activation, 0.0, seed)
-                block_out, block_preact, hidden = ops.mlp_block_forward(x, w, b, w2, b2, activation, 0.0, seed)
                 results = {
                     "linear": (out, *ops.mlp_linear_backward(grad_out["linear"], x, w, preact, activation, 0.0,
                                                              seed)),
                     "gated": (gated_out, *ops.mlp_gated_backward(grad_out["gated"], x, gated_w, gate_up, activation,
                                                                  0.0, seed)),
-                    "block": (block_out, *ops.mlp_block_backward(grad_out["block"], x, w, block_preact, hidden, w2,
-                                                                 activation, 0.0, seed)),
                 }
+                if backend != "triton":
+                    block = torch.ops.tfm_kernels
+                    block_out, block_preact, hidden = block.mlp_block_forward(x, w, b, w2, b2, activation, 0.0, seed)
+                    results["block"] = (block_out, *block.mlp_block_backward(grad_out["block"], x, w, block_preact,
+                                                                             hidden, w2, activation, 0.0, seed))
             for kind, result in results.items():
                 wanted = (expected[kind], *torch.autograd.grad(expected[kind], leaves[kind], grad_out[kind]))
                 names = ("out", "grad_x", "grad_w", "grad_b", "grad_w2", "grad_b2")
@@ -688,8 +693,32 @@ def check_empty_operator_inputs(backend, device):
                                                msg=labelled(f"{kind} {activation} {what} M={M} K={K} N={N}"))
 
 
-def test_empty_operator_inputs():
-    check_empty_operator_inputs("cpu", "cpu")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_operator_inputs(backend):
+    check_empty_operator_inputs(backend, "cpu")
+
+
+@pytest.mark.parametrize("kind", ["linear", "gated"])
+def test_triton_operators_read_strided_bias_grad_out_and_preact(kind):
+    """The Triton operators called directly (the public functions pass contiguous tensors) with a strided bias,
+    a transposed grad_out and a transposed pre-activation: the results of the same call on contiguous copies,
+    bit for bit, as the C++ operators under the same schema give."""
+    x, weight, _ = linear_inputs((9,), 12, 10, torch.float32)
+    if kind == "gated":
+        weight = torch.cat([weight, rand(10, 12, scale=12 ** -0.5)])
+    forward, backward = (getattr(torch.ops.tfm_kernels, f"triton_mlp_{kind}_{step}")
+                         for step in ("forward", "backward"))
+    require("triton", x, weight)
+    seed = torch.tensor(123, dtype=torch.int64)
+    bias = rand(2 * weight.shape[0])[::2]
+    strided_out, preact = forward(x, weight, bias, "gelu", 0.0, seed)
+    out, _ = forward(x, weight, bias.contiguous(), "gelu", 0.0, seed)
+    torch.testing.assert_close(strided_out, out, rtol=0, atol=0)
+    grad_out = rand(out.shape[1], out.shape[0]).t()
+    strided = backward(grad_out, x, weight, preact.t().contiguous().t(), "gelu", 0.0, seed)
+    contiguous = backward(grad_out.contiguous(), x, weight, preact, "gelu", 0.0, seed)
+    for name, a, b in zip(("grad_x", "grad_weight", "grad_bias"), strided, contiguous, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=labelled(name))
 
 
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "torch"])
@@ -981,6 +1010,18 @@ def test_gpu_triton_gated_up_half_past_2_31_elements():
 
 
 @pytest.mark.gpu
+def test_gpu_triton_gradients_of_rows_2_26_elements_apart():
+    """x = h[:, 0] of a long sequence: rows 2^26 elements apart (a 8.6 GiB bf16 h), so the K loop of
+    dW = dz^T @ x, which steps over the rows, moves 2^26 * BLOCK_K >= 2^31 elements a step: a 64-bit step."""
+    rows, K, N, row_stride = 65, 16, 32, 1 << 26
+    h = torch.empty((rows - 1) * row_stride + K, dtype=torch.bfloat16, device="cuda")
+    x = h.as_strided((rows, K), (row_stride, 1))
+    x.copy_(torch.randn(rows, K, device="cuda"))
+    weight = rand(N, K, dtype=torch.bfloat16, device="cuda", scale=K ** -0.5)
+    check_against_oracle("linear", "triton", x, weight, None, None)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
@@ -1038,8 +1079,9 @@ def test_gpu_operators_refuse_cpu_x():
 
 
 @pytest.mark.gpu
-def test_gpu_empty_operator_inputs():
-    check_empty_operator_inputs("cuda", "cuda")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_empty_operator_inputs(backend):
+    check_empty_operator_inputs(backend, "cuda")
 
 
 def test_triton_under_the_new_tf32_api(tf32_by_new_api):

@@ -272,6 +272,23 @@ def test_attention_is_timed_once_per_sequence_class(monkeypatch):
     assert attention._sequence_class({"L": 1, "S": 100_000}) == (1, attention.LONGEST_SEQUENCE_CLASS)
 
 
+def test_gemm_is_timed_once_per_size_class(monkeypatch):
+    """GEMM launches are tuned per power-of-2 class of M, N and K, not per exact size: the token count varies
+    from call to call (prompts, packed batches), and each new count would be timed again."""
+    calls = autotuning(monkeypatch, mlp, "_GEMM", [mlp._gemm_config(32, 32, 32, 4, 1, group_m=2)])
+
+    def forward(tokens, out_features=48):
+        x, weight, bias = linear_inputs((tokens,), 40, out_features, torch.float16, device=DEVICE)
+        mlp.linear_forward(x, weight, bias, "gelu", 0.0, rng.seed_for(0.0, x.device))
+        return sum(warmup for runs in calls.values() for warmup, _ in runs)
+
+    assert forward(20) == 1
+    assert forward(31) == 1  # class (32, 64, 64), as before
+    assert forward(33) == 2  # M class 64
+    assert forward(33, out_features=80) == 3  # N class 128
+    assert mlp._gemm_size_class({"M": 1000, "N": 4096, "K": 11008}) == (1024, 4096, 16384)
+
+
 def test_interrupted_parallel_compilation_runs_again_at_the_next_launch(monkeypatch):
     """An interrupt (Ctrl-C) during our parallel compilation propagates, and the next launch of the same key
     compiles its configs in parallel again instead of leaving them to the autotuner one by one."""

@@ -28,6 +28,7 @@ from .tuning import (
     descriptor,
     device_guard,
     needs_descriptors,
+    next_power_of_2,
     tensor_descriptors_supported,
     unread_descriptors,
 )
@@ -250,6 +251,9 @@ def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, 
         a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks.to(tl.int64)[None, :] * stride_ak
         b_ptrs = b_ptr + ks.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
         up_offset = tl.cast(gate_offset, tl.int64) * stride_bn  # 64-bit: F * K elements when b is W^T
+        # 64-bit steps: a row stride of 2^25 elements (x = h[:, 0] of a long sequence) times BLOCK_K is 2^31
+        a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
+        b_step = BLOCK_K * tl.cast(stride_bk, tl.int64)
         for k0 in range(0, K, BLOCK_K):
             k_in = ks < K - k0
             a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
@@ -261,8 +265,8 @@ def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, 
             if ROWSUM_A:
                 if pid_n == 0:
                     rowsum += tl.sum(a.to(tl.float32), axis=1)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+            a_ptrs += a_step
+            b_ptrs += b_step
 
     if ROWSUM_A:
         if pid_n == 0:
@@ -318,14 +322,22 @@ def _grad_preact_kernel(dy_ptr, preact_ptr, dz_ptr, seed_ptr, M, N, stride_dym, 
 GRAD_BLOCK = 64  # 64x64 elementwise tiles: 4096 elements per program, enough work to hide the Philox cost
 
 
-# Products of at least this many multiply-adds (M * N * K) are autotuned, once per shape (tuning.py).
+# Products of at least this many multiply-adds (M * N * K) are autotuned, once per size class (tuning.py).
 AUTOTUNE_MIN_WORK = 1 << 30
-# The key names every constexpr but the tile's: the epilogue changes a config's registers and so its speed.
+
+
+def _gemm_size_class(args):
+    """The size class of a GEMM launch: M, N and K each rounded up to a power of 2. The token count is M (or K,
+    for dW) and varies from call to call (prompts, packed batches); exact sizes would time every new one."""
+    return tuple(next_power_of_2(args[n]) for n in ("M", "N", "K"))
+
+
 _GEMM_CONFIGS, _GEMM_FALLBACK = _gemm_configs()
-_GEMM = TunedKernel(_gemm_kernel, _GEMM_CONFIGS, ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "STORE_PREACT", "DROPOUT",
-                                                 "GATED", "ROWSUM_A", "INPUT_PRECISION", "A_T", "B_T"],
+# The key names every constexpr but the tile's: the epilogue changes a config's registers and so its speed.
+_GEMM = TunedKernel(_gemm_kernel, _GEMM_CONFIGS, ["HAS_BIAS", "ACTIVATION", "STORE_PREACT", "DROPOUT", "GATED",
+                                                 "ROWSUM_A", "INPUT_PRECISION", "A_T", "B_T"],
                     _shared_memory_bytes, min_work=AUTOTUNE_MIN_WORK, probe="a_ptr", fallback=_GEMM_FALLBACK,
-                    usable=needs_descriptors("a_desc", "b_desc"))
+                    usable=needs_descriptors("a_desc", "b_desc"), size_class=_gemm_size_class)
 # Programs of a persistent (TMA) launch off the GPU, where there are no SMs to count: few, so that the
 # interpreter's programs each take several tiles.
 PERSISTENT_PROGRAMS_OFF_GPU = 3
@@ -375,8 +387,14 @@ def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation
         _GEMM.launch(grid, M * N * K, args, constexprs)
 
 
+def _contiguous_bias(bias):
+    """The epilogue reads the bias with unit stride."""
+    return bias.contiguous() if bias is not None else None
+
+
 def linear_forward(x, weight, bias, activation, dropout_p, seed):
     """x (M, K), weight (N, K) -> (out (M, N), preact (M, N) or (0,) when activation == "none")."""
+    bias = _contiguous_bias(bias)
     M, N = x.shape[0], weight.shape[0]
     out = x.new_empty(M, N)
     preact = x.new_empty(M, N) if activation != "none" else x.new_empty(0)
@@ -387,6 +405,7 @@ def linear_forward(x, weight, bias, activation, dropout_p, seed):
 
 def gated_forward(x, weight, bias, activation, dropout_p, seed):
     """x (M, K), weight (2F, K) = [gate; up] -> (out (M, F), gate_up (M, 2F))."""
+    bias = _contiguous_bias(bias)
     M, F = x.shape[0], weight.shape[0] // 2
     out = x.new_empty(M, F)
     gate_up = x.new_empty(M, 2 * F)
@@ -396,7 +415,11 @@ def gated_forward(x, weight, bias, activation, dropout_p, seed):
 
 
 def _grad_preact(grad_out, preact, activation, dropout_p, seed, gated):
-    """dz (M, width) in grad_out's dtype; width = N, or 2F for the gated [dg, du]."""
+    """dz (M, width) in grad_out's dtype; width = N, or 2F for the gated [dg, du]. The kernel reads grad_out's
+    rows with unit column stride and preact as a contiguous (M, width) matrix."""
+    if grad_out.stride(1) != 1:
+        grad_out = grad_out.contiguous()
+    preact = preact.contiguous()
     M, N = grad_out.shape
     dz = grad_out.new_empty(M, 2 * N if gated else N)
     threshold, keep_scale = _dropout_args(dropout_p)
@@ -414,9 +437,12 @@ def _weight_grads(dz, x, weight):
     N = weight.shape[0]
     grad_x = x.new_empty(M, K)
     grad_weight = weight.new_empty(N, K)
-    grad_bias = torch.empty(N, dtype=torch.float32, device=x.device)
     _gemm(dz, weight, grad_x)
-    _gemm(dz.t(), x, grad_weight, rowsum=grad_bias)
+    if K == 0:  # dW's grid (N, K) has no program to sum dz's columns
+        grad_bias = dz.sum(0, dtype=torch.float32)
+    else:
+        grad_bias = torch.empty(N, dtype=torch.float32, device=x.device)
+        _gemm(dz.t(), x, grad_weight, rowsum=grad_bias)
     return grad_x, grad_weight, grad_bias.to(x.dtype)
 
 
