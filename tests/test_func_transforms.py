@@ -371,19 +371,23 @@ def test_mlp_vmap_folds_the_rows(backend, kind):
     assert set(calls.values()) == {3 if backend == "cpu" or kind != "block" else 6}, calls
 
 
-def test_compiled_vmap_keeps_the_vmapped_size_symbolic():
-    """torch.compile(dynamic=True) of a vmapped MLP call: new vmap sizes reuse the graph (the vmap rule makes one
-    call, with no Python loop over the size), as for torch's linear. Before torch 2.14 dynamo runs the operators
-    under a transform eagerly (ops._COMPILED_TRANSFORMS_CALL_THE_OP: a graph break), so there only the results
-    are compared."""
-    weight = rand(6, 8)
-    vmapped = vmap(lambda x: tfm_kernels.fused_linear(x, weight, None, backend="cpu"))
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_compiled_vmap_keeps_the_vmapped_size_symbolic(kind):
+    """torch.compile(dynamic=True) of a vmapped MLP or attention call: new vmap sizes reuse the graph (the vmap
+    rule makes one call, with no Python loop over the size: attention's chunking past the CUDA grid limit only
+    runs on concrete sizes), as for torch's linear. Before torch 2.14 dynamo runs the operators under a transform
+    eagerly (ops._COMPILED_TRANSFORMS_CALL_THE_OP: a graph break), so there only the results are compared."""
+    if kind == "mlp":
+        weight = rand(6, 8)
+        vmapped = vmap(lambda x: tfm_kernels.fused_linear(x, weight, None, backend="cpu"))
+    else:
+        vmapped = vmap(lambda x: sdpa("cpu", x, x, x, is_causal=True))
     traced = ops._COMPILED_TRANSFORMS_CALL_THE_OP
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # counts of earlier tests' compilations
     compiled = torch.compile(vmapped, dynamic=True, backend="aot_eager", fullgraph=traced)
     for n in (3, 4, 6, 9):
-        x = rand(n, 5, 8)
+        x = rand(n, 2, 5, 8)
         torch.testing.assert_close(compiled(x), vmapped(x))
     if traced:
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # torch's linear: 2 (size 3, then any)

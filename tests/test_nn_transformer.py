@@ -321,7 +321,7 @@ def test_decoder_layer(batch_first, norm_first, masks):
     check_against_torch(reference, ours, decoder_inputs(masks, batch_first), decoder_call(masks == "causal"))
 
 
-def stack_pair(kind, batch_first, norm_first=False, layers=2):
+def stack_pair(kind, batch_first, norm_first=False, layers=2, nhead=NHEAD):
     """torch's TransformerEncoder/Decoder (random weights) and ours, built from our layer, loaded from it."""
     torch_layer, fused_layer, torch_stack, fused_stack = {
         "encoder": (nn.TransformerEncoderLayer, TransformerEncoderLayer, nn.TransformerEncoder,
@@ -329,7 +329,7 @@ def stack_pair(kind, batch_first, norm_first=False, layers=2):
         "decoder": (nn.TransformerDecoderLayer, TransformerDecoderLayer, nn.TransformerDecoder,
                     TransformerDecoder),
     }[kind]
-    kwargs = layer_kwargs(batch_first=batch_first, norm_first=norm_first)
+    kwargs = layer_kwargs(batch_first=batch_first, norm_first=norm_first, nhead=nhead)
     reference = randomize_parameters(torch_stack(torch_layer(**kwargs), layers, norm=nn.LayerNorm(D_MODEL)))
     ours = fused_stack(fused_layer(**kwargs), layers, norm=nn.LayerNorm(D_MODEL))
     ours.load_state_dict(reference.state_dict())
@@ -373,8 +373,8 @@ def test_decoder(batch_first):
 
 def test_inference_runs_the_kernels_without_torch_fast_paths(monkeypatch):
     """In eval mode without grad torch's encoder runs `_transformer_encoder_layer_fwd` on nested tensors; ours
-    runs the kernels and agrees with torch at every non-padded position (torch's nested path writes 0 at
-    padded ones)."""
+    runs the kernels and agrees with torch, the 0 that torch's nested path writes at padded positions
+    included."""
     calls = {"attention": 0, "mlp": 0}
     original_attention = tfm_kernels.attention.scaled_dot_product_attention
     original_mlp = fused_transformer.mlp
@@ -389,18 +389,40 @@ def test_inference_runs_the_kernels_without_torch_fast_paths(monkeypatch):
     monkeypatch.setattr(tfm_kernels.attention, "scaled_dot_product_attention", count("attention",
                                                                                        original_attention))
     monkeypatch.setattr(fused_transformer, "mlp", count("mlp", original_mlp))
-    reference, ours = stack_pair("encoder", batch_first=True, layers=3)
+    reference, ours = stack_pair("encoder", batch_first=True, layers=3, nhead=2)  # torch nests even head counts
     reference.eval()
     ours.eval()
     src = torch.randn(N, S, D_MODEL)
-    kpm = padding_mask(S)
-    kpm[0] = False  # one full-length sequence, so torch's nested output keeps the full length
+    kpm = torch.arange(S) >= torch.tensor([S, 3])[:, None]  # (N, S), True = padding
     with torch.inference_mode():
         expected = reference(src, src_key_padding_mask=kpm)
         out = ours(src, src_key_padding_mask=kpm)
     assert calls == {"attention": 3, "mlp": 3}
-    torch.testing.assert_close(out[~kpm], expected[~kpm])
-    assert (expected[kpm] == 0).all()  # torch took its nested-tensor path, which ours does not
+    with torch.inference_mode():  # torch took its nested-tensor path: 0 at padded positions before the norm
+        assert (expected[kpm] == reference.norm(torch.zeros(D_MODEL))).all()
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_inference_with_a_source_padding_mask_as_torchs(norm_first):
+    """nn.Transformer in inference with src_key_padding_mask alone: the decoder's cross-attention reads every
+    encoder position, the padded ones included, so they must hold what torch's nested-tensor encoder leaves
+    there (0 before the final norm). A padding mask that is not left-aligned, grad enabled, or norm_first
+    keeps torch off that path, and ours then computes the padded positions as torch does."""
+    torch.manual_seed(0)
+    kwargs = dict(d_model=D_MODEL, nhead=2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=D_FF,
+                  dropout=0.0, batch_first=True, norm_first=norm_first)
+    reference = nn.Transformer(**kwargs).eval()
+    ours = Transformer(**kwargs).eval()
+    ours.load_state_dict(reference.state_dict())
+    src, tgt = torch.randn(N, S, D_MODEL), torch.randn(N, 5, D_MODEL)
+    left_aligned = torch.arange(S) >= torch.tensor([S - 2, 3])[:, None]  # (N, S), True = padding
+    not_left_aligned = left_aligned.flip(-1)
+    for kpm, grad in ((left_aligned, False), (left_aligned.float().masked_fill(left_aligned, float("-inf")), False),
+                      (not_left_aligned, False), (left_aligned, True)):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(ours(src, tgt, src_key_padding_mask=kpm),
+                                       reference(src, tgt, src_key_padding_mask=kpm))
 
 
 def test_same_initial_weights_and_state_dict_as_torch():

@@ -70,11 +70,14 @@ def _register(name, folded, per_element_when, max_batch=None):
         if per_element_when(in_dims, args):
             return _per_element(op, info, in_dims, args)
         n = info.batch_size
-        if max_batch is None:  # one call, without a loop over n: n stays symbolic under torch.compile and export
+        batch = args[folded[0]].shape[1 if in_dims[folded[0]] == 0 else 0]  # one element's B
+        total = n * batch
+        # One call, without a loop over n, where the folded batch fits or is symbolic (torch.compile(dynamic=True),
+        # export): n stays symbolic, and a CUDA kernel refuses a batch past its limit with a clear error.
+        if max_batch is None or not isinstance(total, int) or total <= max_batch:
             outputs = folded_call(n, in_dims, args)
             return outputs, (0,) * len(outputs)
-        batch = args[folded[0]].shape[1 if in_dims[folded[0]] == 0 else 0]  # one element's B
-        step = max(1, max_batch // max(batch, 1))
+        step = max(1, max_batch // batch)
         chunks = []
         for start in range(0, n, step):
             size = min(step, n - start)

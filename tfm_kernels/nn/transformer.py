@@ -8,10 +8,9 @@ tfm_kernels.nn.MultiheadAttention; the feed-forward block linear2(dropout(activa
 fused MLP (tfm_kernels.mlp.mlp) for the activations it fuses, unless a hook or a replaced submodule asks for
 the submodules to be called (feed_forward). Torch's inference fast paths
 (`torch._transformer_encoder_layer_fwd`, nested tensors in TransformerEncoder) are never taken, so the kernels
-run in training and inference alike; padded positions (key_padding_mask) therefore hold computed values where
-torch's nested-tensor path gives 0. In nn.Transformer those encoder outputs reach every decoder position
-through cross-attention unless memory_key_padding_mask hides them: pass it (as the source padding mask) for
-inference outputs that match torch's. Likewise is_causal=True without a mask raises in inference too, where
+run in training and inference alike; where torch's encoder would run on nested tensors, ours writes the 0 that
+path leaves at padded positions (before the final norm), so that its outputs, and in nn.Transformer what
+cross-attention reads from them, equal torch's. is_causal=True without a mask raises in inference too, where
 torch's fast path ignores the hint. Our encoder layer inside torch's TransformerEncoder takes the nested tensor
 that encoder hands its layers in inference. The layers run their blocks through torch's `_sa_block`,
 `_mha_block` and `_ff_block`, so that overriding one works as in torch.
@@ -229,7 +228,25 @@ class TransformerEncoder(nn.TransformerEncoder):
                 layer_masks = float_masks
             output = layer(output, src_mask=layer_masks[0], is_causal=bool(is_causal),
                            src_key_padding_mask=layer_masks[1])
+        if self._torch_runs_nested(src, mask, src_key_padding_mask):
+            padded = _float_masks(src, mask, src_key_padding_mask)[1] != 0  # (N, S), as torch's nested tensor
+            output = output.masked_fill((padded if self._batch_first() else padded.t())[..., None], 0.0)
         return output if self.norm is None else self.norm(output)
+
+    def _torch_runs_nested(self, src, mask, key_padding_mask):
+        """Whether torch's TransformerEncoder.forward would run this call on nested tensors (its inference fast
+        path), whose padded positions come out 0: the checks of that forward, with the padding mask left-aligned
+        (torch's mask_check; a mask that is not would make torch's nested tensor drop the wrong tokens, which is
+        not copied). Never while compiling, where torch's left-alignment check cannot run."""
+        if (key_padding_mask is None or mask is not None or src.dim() != 3 or src.is_nested
+                or not torch.backends.mha.get_fastpath_enabled() or not getattr(self, "use_nested_tensor", False)
+                or self.layers[0].training or torch.compiler.is_compiling() or torch.is_autocast_enabled()
+                or src.device.type not in ("cpu", "cuda")):
+            return False
+        if torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in self.layers[0].parameters())):
+            return False
+        valid = _float_masks(src, None, key_padding_mask)[1] == 0
+        return bool(torch._nested_tensor_from_mask_left_aligned(src, valid))
 
     def _batch_first(self):
         attention = getattr(self.layers[0], "self_attn", None)
