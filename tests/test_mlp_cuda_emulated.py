@@ -26,6 +26,8 @@ BITS = {2: torch.int16, 4: torch.int32}  # element size -> the integer type its 
 POISON = -1  # the harness's output poison, 0xFF bytes, read as those integers
 DROPOUT_P = 0.3
 KEPT_MAGNITUDE = 1e-2  # a kept element this far from 0 in the oracle is far from 0 in the kernel too
+# A __syncthreads that some threads never reach leaves the others waiting forever.
+RUN_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,8 @@ def run_harness(harness, tmp_path, args, header, tensors, dtype):
     data = header + b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors)
     (tmp_path / "in.bin").write_bytes(data)
     result = subprocess.run([harness, *args, str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
-                            capture_output=True, text=True, env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+                            capture_output=True, text=True, env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"},
+                            timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=dtype)
 

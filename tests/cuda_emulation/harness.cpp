@@ -26,21 +26,26 @@ long races = 0;
 
 // A read races a cp.async write of the same word if it may overlap the copy in flight: another thread reads
 // between the copy's issue and the barrier after its wait, or the issuing thread reads before its own wait.
-void count_races(const std::vector<emu::Access>& log) {
+void count_races(const std::vector<std::vector<emu::Access>>& logs) {
   std::unordered_map<long, std::vector<const emu::Access*>> writes;
-  for (const auto& a : log) {
-    if (a.write) writes[a.word].push_back(&a);
+  for (const auto& log : logs) {
+    for (const auto& a : log) {
+      if (a.write) writes[a.word].push_back(&a);
+    }
   }
-  for (const auto& r : log) {
-    if (r.write) continue;
-    const auto it = writes.find(r.word);
-    if (it == writes.end()) continue;
-    for (const emu::Access* w : it->second) {
-      const bool overlaps = w->thread == r.thread ? w->order < r.order && r.order < w->wait_order
-                                                  : w->epoch <= r.epoch && r.epoch <= w->wait_epoch;
-      if (overlaps && races++ < 3) {
-        std::fprintf(stderr, "race on shared word %ld: read by thread %d at barrier epoch %d, written by thread %d "
-                     "in flight over epochs %d..%d\n", r.word, r.thread, r.epoch, w->thread, w->epoch, w->wait_epoch);
+  for (const auto& log : logs) {
+    for (const auto& r : log) {
+      if (r.write) continue;
+      const auto it = writes.find(r.word);
+      if (it == writes.end()) continue;
+      for (const emu::Access* w : it->second) {
+        const bool overlaps = w->thread == r.thread ? w->order < r.order && r.order < w->wait_order
+                                                    : w->epoch <= r.epoch && r.epoch <= w->wait_epoch;
+        if (overlaps && races++ < 3) {
+          std::fprintf(stderr, "race on shared word %ld: read by thread %d at barrier epoch %d, written by thread "
+                       "%d in flight over epochs %d..%d\n", r.word, r.thread, r.epoch, w->thread, w->epoch,
+                       w->wait_epoch);
+        }
       }
     }
   }
@@ -65,7 +70,7 @@ void launch(void (*kernel)(Params), int grid_x, int grid_y, int grid_z, int thre
           });
         }
         for (auto& thread : pool) thread.join();
-        count_races(block.log);
+        count_races(block.logs);
         emu::block = nullptr;
       }
     }
@@ -211,6 +216,7 @@ int main(int argc, char** argv) {
   }
   TFM_EMULATE_HEAD_DIM(32)
   TFM_EMULATE_HEAD_DIM(64)
+  TFM_EMULATE_HEAD_DIM(96)
   TFM_EMULATE_HEAD_DIM(128)
   TFM_EMULATE_HEAD_DIM(256)
   EMU_CHECK(known, "head dim not emulated");

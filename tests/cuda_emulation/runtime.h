@@ -11,7 +11,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #define __global__
@@ -76,9 +75,9 @@ struct Block {
   std::barrier<> block_barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
   uint64_t exchange[32][32][8];  // [warp][lane][word]: operands of warp-collective operations
-  std::mutex log_mutex;
-  std::vector<Access> log;
-  Block(int threads, unsigned char* s, size_t bytes) : smem(s), smem_bytes(bytes), block_barrier(threads) {
+  std::vector<std::vector<Access>> logs;  // [thread]: each thread appends to its own, without a lock
+  Block(int threads, unsigned char* s, size_t bytes)
+      : smem(s), smem_bytes(bytes), block_barrier(threads), logs(threads) {
     for (int w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
   }
 };
@@ -101,11 +100,11 @@ inline long smem_offset(const void* p, int bytes) {
 }
 
 inline void log_access(const Access& a, int bytes) {
-  std::lock_guard<std::mutex> lock(block->log_mutex);
+  std::vector<Access>& log = block->logs[thread()];
   for (int b = 0; b < bytes; b += 4) {
     Access word = a;
     word.word += b / 4;
-    block->log.push_back(word);
+    log.push_back(word);
   }
 }
 
