@@ -17,6 +17,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from autograd_probe import (
@@ -581,6 +582,21 @@ def test_fused_mlp_loads_transformer_encoder_layer(backend):
     torch.manual_seed(3)
     train_out = module(x)
     assert not torch.allclose(train_out, expected), "dropout must act in training mode"
+
+
+def test_fused_mlp_takes_a_torch_layers_activation():
+    """FusedMLP(activation=layer.activation) for what torch's layers hold: the functions, or nn.ReLU, nn.GELU
+    (either approximation) and nn.SiLU modules; a module with a hook (which the fused kernels would not call),
+    another callable or an unhashable object is refused with the activations it takes."""
+    nn = torch.nn
+    for activation, name in ((F.relu, "relu"), (F.gelu, "gelu"), (nn.ReLU(), "relu"), (nn.GELU(), "gelu"),
+                             (nn.GELU(approximate="tanh"), "gelu_tanh"), (nn.SiLU(), "silu"), (None, None)):
+        assert FusedMLP(8, 16, activation=activation).activation == name, activation
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda module, args, out: out)
+    for activation in (hooked, torch.tanh, [F.relu]):
+        with pytest.raises(ValueError, match="activation must be one of .* nn.GELU or nn.SiLU module without hooks"):
+            FusedMLP(8, 16, activation=activation)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

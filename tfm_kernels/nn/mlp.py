@@ -13,14 +13,46 @@ from .torchscript import refuse_torchscript
 _CALLABLE_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
 
 
+def fused_activation_name(activation):
+    """The name under which the fused MLP computes `activation` (a layer's callable), or None if it does not.
+
+    relu: F.relu, torch.relu, nn.ReLU; gelu: F.gelu, nn.GELU(); gelu_tanh: nn.GELU(approximate="tanh");
+    silu: F.silu, nn.SiLU. Modules count only as exactly these classes without hooks (subclasses may
+    compute something else)."""
+    if isinstance(activation, nn.Module):
+        if not runs_as_its_class(activation, (nn.ReLU, nn.GELU, nn.SiLU)):
+            return None
+        if isinstance(activation, nn.GELU):
+            return "gelu" if activation.approximate == "none" else "gelu_tanh"
+        return "relu" if isinstance(activation, nn.ReLU) else "silu"
+    return next((name for fn, name in _CALLABLE_ACTIVATIONS.items() if fn is activation), None)
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def runs_as_its_class(module, classes):
+    """Whether calling `module` computes exactly what its class's forward does in `classes`: the class itself (no
+    subclass, e.g. a quantized or LoRA Linear), and no hooks of the module or global ones (which may change
+    inputs or outputs, or expect to run: spectral_norm's pre-hook, a profiler's forward hook)."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return (type(module) in classes and not any(own)
+            and not any(getattr(torch.nn.modules.module, name) for name in _GLOBAL_HOOKS))
+
+
 def _activation_name(activation):
-    """A name from ACTIVATIONS, also for F.relu / F.gelu / F.silu as passed to nn.TransformerEncoderLayer."""
-    if callable(activation) and activation in _CALLABLE_ACTIVATIONS:
-        return _CALLABLE_ACTIVATIONS[activation]
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS} or F.relu, F.gelu, F.silu; got "
-                         f"{activation!r}")
-    return activation
+    """A name from ACTIVATIONS, or the one the fused MLP computes a layer's activation callable under
+    (fused_activation_name: F.relu, F.gelu, F.silu, nn.ReLU(), nn.GELU(approximate=...), nn.SiLU())."""
+    if activation is None or isinstance(activation, str):
+        name, known = activation, activation in ACTIVATIONS
+    else:
+        name = fused_activation_name(activation)
+        known = name is not None
+    if not known:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, F.relu, F.gelu, F.silu, or an nn.ReLU, nn.GELU "
+                         f"or nn.SiLU module without hooks; got {activation!r}")
+    return name
 
 
 def _check_dropout(dropout):
@@ -39,7 +71,8 @@ class FusedMLP(nn.Module):
     Args:
         d_model: input and output features; d_ff: hidden features.
         activation: "relu" (default, as nn.TransformerEncoderLayer), "gelu" (erf), "gelu_tanh", "silu",
-            None, or the callables F.relu, F.gelu, F.silu.
+            None, the callables F.relu, F.gelu, F.silu, or an nn.ReLU, nn.GELU (either approximation) or nn.SiLU
+            module without hooks, as a torch layer's `activation` holds them.
         dropout: in [0, 1). bias: whether both linears have a bias.
         backend: "auto", "cuda", "triton", "cpu" or "torch" (see tfm_kernels.fused_linear).
     Input (..., d_model) in the parameters' dtype -> output (..., d_model) in that dtype (under autocast: the

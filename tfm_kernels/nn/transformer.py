@@ -23,36 +23,8 @@ from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..mlp import mlp
 from .attention import check_backend
-from .mlp import _CALLABLE_ACTIVATIONS
+from .mlp import fused_activation_name, runs_as_its_class
 from .torchscript import refuse_torchscript
-
-
-def fused_activation_name(activation):
-    """The name under which the fused MLP computes `activation` (a layer's callable), or None if it does not.
-
-    relu: F.relu, torch.relu, nn.ReLU; gelu: F.gelu, nn.GELU(); gelu_tanh: nn.GELU(approximate="tanh");
-    silu: F.silu, nn.SiLU. Modules count only as exactly these classes without hooks (subclasses may
-    compute something else)."""
-    if isinstance(activation, nn.Module):
-        if not _runs_as_its_class(activation, (nn.ReLU, nn.GELU, nn.SiLU)):
-            return None
-        if isinstance(activation, nn.GELU):
-            return "gelu" if activation.approximate == "none" else "gelu_tanh"
-        return "relu" if isinstance(activation, nn.ReLU) else "silu"
-    return next((name for fn, name in _CALLABLE_ACTIVATIONS.items() if fn is activation), None)
-
-
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
-
-
-def _runs_as_its_class(module, classes):
-    """Whether calling `module` computes exactly what its class's forward does in `classes`: the class itself (no
-    subclass, e.g. a quantized or LoRA Linear), and no hooks of the module or global ones (which may change
-    inputs or outputs, or expect to run: spectral_norm's pre-hook, a profiler's forward hook)."""
-    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return (type(module) in classes and not any(own)
-            and not any(getattr(torch.nn.modules.module, name) for name in _GLOBAL_HOOKS))
 
 
 def feed_forward(layer, x):
@@ -65,8 +37,8 @@ def feed_forward(layer, x):
     from tfm_kernels.rng, not from torch's dropout."""
     name = fused_activation_name(layer.activation)
     dropout_p = layer.dropout.p if layer.dropout.training else 0.0
-    fusable = (name is not None and _runs_as_its_class(layer.linear1, (nn.Linear,))
-               and _runs_as_its_class(layer.linear2, (nn.Linear,)) and _runs_as_its_class(layer.dropout, (nn.Dropout,))
+    fusable = (name is not None and runs_as_its_class(layer.linear1, (nn.Linear,))
+               and runs_as_its_class(layer.linear2, (nn.Linear,)) and runs_as_its_class(layer.dropout, (nn.Dropout,))
                and dropout_p < 1.0)  # torch's dropout of 1 zeroes the block; the fused one takes [0, 1)
     if not fusable:
         return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
