@@ -399,15 +399,20 @@ def test_gpu_every_attention_config(monkeypatch, name, head_dim):
 def test_gpu_every_gemm_config(monkeypatch, config, kind):
     """3999 tokens, 1040 -> 2000 (gated: 2 x 1000): more output tiles than an H100/H200 has SMs in the forward
     and in both gradient GEMMs, so the persistent programs of the TMA configs each loop over several tiles;
-    no size a multiple of its block."""
+    no size a multiple of its block. The config must really launch: one that is unusable for the inputs (a TMA
+    config without descriptors) would give way to the fallback."""
     x, weight, bias = linear_inputs((3, 1333), 1040, 2000, torch.bfloat16, device="cuda")
     estimate = mlp._shared_memory_bytes(config, {"GATED": kind == "gated", "a_ptr": x})
     budget = tuning.shared_memory_budget(x.device, mlp._GEMM.margin)
     if estimate > budget:
         pytest.skip(f"pruned on this device ({estimate} > {budget} bytes of shared memory): the launcher never runs it")
-    monkeypatch.setattr(mlp._GEMM, "configs", [config])
+    launches = []
+    forced = copy.copy(config)
+    forced.pre_hook = lambda args, hook=config.pre_hook: (launches.append(args["BLOCK_M"]), hook(args))
+    monkeypatch.setattr(mlp._GEMM, "configs", [forced])
     activation = "gelu" if kind == "linear" else "silu"
     check_mlp(kind, "triton", x, weight, bias, activation=activation, dropout_p=0.1)
+    assert len(launches) == 3, f"{config_id(config)} launched {len(launches)} times, not in every GEMM"
 
 
 @pytest.mark.gpu
