@@ -43,14 +43,19 @@ TORCH_LIBRARY(tfm_kernels, m) {
   // mlp_gated_forward: weight (2F, K) = [gate; up], bias (2F,) or None; out = dropout(act(g) * u) (M, F), and
   //   gate_up = [g, u] = x @ weight^T + bias (M, 2F) for backward.
   // mlp_gated_backward: (grad_x (M, K), grad_weight (2F, K), grad_bias (2F,)).
+  // The backward operators take a flag per gradient (needs_x, needs_weight, ...; all true by default, as autograd's
+  // needs_input_grad): a gradient not needed is neither computed nor stored, and comes back as an empty (0,)
+  // tensor (frozen weights skip their GEMM).
   m.def("mlp_linear_forward(Tensor x, Tensor weight, Tensor? bias, str activation, float dropout_p, Tensor seed) "
         "-> (Tensor, Tensor)");
   m.def("mlp_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor preact, str activation, "
-        "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+        "float dropout_p, Tensor seed, bool needs_x=True, bool needs_weight=True, bool needs_bias=True) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("mlp_gated_forward(Tensor x, Tensor weight, Tensor? bias, str activation, float dropout_p, Tensor seed) "
         "-> (Tensor, Tensor)");
   m.def("mlp_gated_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor gate_up, str activation, "
-        "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+        "float dropout_p, Tensor seed, bool needs_x=True, bool needs_weight=True, bool needs_bias=True) "
+        "-> (Tensor, Tensor, Tensor)");
   // mlp_block_forward: the feed-forward block out = dropout(act(x @ w1^T + b1)) @ w2^T + b2, w1 (F, K),
   //   w2 (N, F); returns out (M, N), preact (M, F) (empty (0,) for activation "none") and hidden (M, F), the
   //   dropout output that w2 multiplies. One autograd boundary for both projections, so that the backward can
@@ -59,7 +64,8 @@ TORCH_LIBRARY(tfm_kernels, m) {
   m.def("mlp_block_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, "
         "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
   m.def("mlp_block_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor preact, Tensor hidden, Tensor w2, "
-        "str activation, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "str activation, float dropout_p, Tensor seed, bool needs_x=True, bool needs_w1=True, bool needs_b1=True, "
+        "bool needs_w2=True, bool needs_b2=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The backward operators compute first derivatives only. Without an Autograd kernel, a double backward through

@@ -6,6 +6,7 @@ checks on CUDA with bf16 and 16384-token shapes."""
 
 import copy
 import functools
+import itertools
 import math
 import os
 import re
@@ -29,6 +30,7 @@ from autograd_probe import (
     operator_node,
 )
 from tolerance import assert_within_tolerance, poisoned_memory
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tfm_kernels
 from tfm_kernels import backends, reference, rng
@@ -518,19 +520,136 @@ def _op_samples(prefix):
         leaves = (x.clone().requires_grad_(), weight.clone().requires_grad_())
         samples.append((linear_fwd, (*leaves, b, activation, dropout_p, seed)))
         out, preact = linear_fwd(x, weight, b, activation, dropout_p, seed)
-        samples.append((linear_bwd, (torch.randn_like(out), x, weight, preact, activation, dropout_p, seed)))
+        needs = (True, False, with_bias)  # a frozen weight: its gradient not computed, a (0,) tensor back
+        for mask in ((), needs):
+            samples.append((linear_bwd, (torch.randn_like(out), x, weight, preact, activation, dropout_p, seed, *mask)))
         samples.append((gated_fwd, (*leaves, b, activation, dropout_p, seed)))
         out, gate_up = gated_fwd(x, weight, b, activation, dropout_p, seed)
-        samples.append((gated_bwd, (torch.randn_like(out), x, weight, gate_up, activation, dropout_p, seed)))
+        for mask in ((), needs[::-1]):
+            samples.append((gated_bwd, (torch.randn_like(out), x, weight, gate_up, activation, dropout_p, seed, *mask)))
         if prefix == "":  # the block operators are C++ only
             w2, b2 = rand(7, 10), (rand(7) if with_bias else None)
             block_args = (x, weight, b, w2, b2, activation, dropout_p, seed)
             samples.append((ops.mlp_block_forward, (*leaves, b, w2.clone().requires_grad_(), b2, activation,
                                                     dropout_p, seed)))
             out, preact, hidden = ops.mlp_block_forward(*block_args)
-            samples.append((ops.mlp_block_backward, (torch.randn_like(out), x, weight, preact, hidden, w2,
-                                                     activation, dropout_p, seed)))
+            for mask in ((), (False, True, with_bias, False, with_bias), (False,) * 3 + (True, with_bias)):
+                samples.append((ops.mlp_block_backward, (torch.randn_like(out), x, weight, preact, hidden, w2,
+                                                         activation, dropout_p, seed, *mask)))
     return samples
+
+
+def check_backward_flags(backend, kind, device, activation="gelu", dropout_p=0.2, d_ff=10):
+    """A backward operator told that a gradient is not needed (autograd's needs_input_grad: a frozen weight, an
+    input without grad) returns an empty (0,) tensor for it, and for the others the values of the full call,
+    bit for bit; every combination of flags. One exception: where the GPU backends sum a frozen weight's bias
+    gradient apart from the weight gradient's GEMM (in torch or our column-sum kernel, not in the GEMM's
+    epilogue), another order of the same sum, that gradient is held to the tolerance rule against the oracle."""
+    if backend == "triton" and kind == "block":
+        pytest.skip("the Triton backend has no block operator (it runs the block as two linears)")
+    prefix = "triton_" if backend == "triton" else ""
+    x, weight, bias = linear_inputs((9,), 12, d_ff, torch.float32, device=device)
+    require(backend, x, weight)
+    ops = torch.ops.tfm_kernels
+    seed = torch.tensor(7, dtype=torch.int64, device=device)
+    if kind == "gated":
+        weight = torch.cat([weight, rand(d_ff, 12, device=device, scale=12 ** -0.5)])
+        bias = rand(2 * d_ff, device=device)
+    tensors = (x, weight, bias, rand(7, d_ff, device=device), rand(7, device=device))[:5 if kind == "block" else 3]
+    if kind == "block":
+        out, *saved = ops.mlp_block_forward(*tensors, activation, dropout_p, seed)
+        saved.append(tensors[3])  # preact, hidden, w2
+        backward_op = ops.mlp_block_backward
+    else:
+        out, *saved = getattr(ops, f"{prefix}mlp_{kind}_forward")(*tensors, activation, dropout_p, seed)
+        backward_op = getattr(ops, f"{prefix}mlp_{kind}_backward")
+    grad_out = torch.randn_like(out)
+
+    def backward(*needs):
+        return backward_op(grad_out, x, weight, *saved, activation, dropout_p, seed, *needs)
+
+    def reference_gradients(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in tensors]
+        name = _reference_activation_name(activation)
+        if kind == "block":
+            result = reference.linear(reference.linear(*leaves[:3], name, dropout_p, seed), *leaves[3:])
+        else:
+            result = (reference.gated_linear if kind == "gated" else reference.linear)(*leaves, name, dropout_p, seed)
+        return torch.autograd.grad(result, leaves, grad_out.to(dtype))
+
+    full = backward()
+    rule = functools.cache(lambda: (reference_gradients(torch.float32), reference_gradients(torch.float64)))
+    for needs in itertools.product((False, True), repeat=len(tensors)):
+        for i, (need, got, want) in enumerate(zip(needs, backward(*needs), full, strict=True)):
+            if backend != "cpu" and i in (2, 4) and need and not needs[i - 1]:  # a bias without its weight
+                baseline, oracle = rule()
+                assert_within_tolerance(f"{kind} gradient {i}, needs {needs}", got, baseline[i], oracle[i])
+            else:
+                torch.testing.assert_close(got, want if need else want.new_empty(0), rtol=0, atol=0,
+                                           msg=labelled(f"{kind} gradient {i}, needs {needs}"))
+
+
+def _reference_activation_name(activation):
+    return None if activation == "none" else activation
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "gated", "block"])
+def test_backward_operators_compute_only_the_gradients_needed(backend, kind):
+    check_backward_flags(backend, kind, "cpu")
+
+
+class BackwardFlags(TorchDispatchMode):
+    """Records the needs_* flags of every MLP backward operator dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "tfm_kernels" and func.__name__.split(".")[0].endswith("_backward"):
+            # Trailing arguments equal to their defaults reach a dispatch mode left out.
+            given = (*args, *(a.default_value for a in func._schema.arguments[len(args):]))
+            self.calls.append(tuple(a for a in given if isinstance(a, bool)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "gated", "block"])
+def test_frozen_weights_get_no_gradient_and_the_rest_within_the_rule(backend, kind):
+    """Through autograd, frozen weights (requires_grad False) pass needs_weight=False to the backward operator
+    (recorded as dispatched): they get no gradient, and the gradients of the other leaves keep the tolerance rule
+    (the "torch" backend in float32 as baseline, in float64 as oracle)."""
+    x, weight, bias = linear_inputs((2, 5), 12, 10, torch.float32)
+    w2, b2 = rand(7, 10), rand(7)
+    require(backend, x, weight)
+    if kind == "gated":
+        weight = torch.cat([weight, rand(10, 12, scale=12 ** -0.5)])
+        bias = rand(20)
+
+    tensors = (x, weight, bias, w2, b2) if kind == "block" else (x, weight, bias)
+
+    def run(run_backend, dtype, frozen):
+        leaves = [t.to(dtype).requires_grad_(i not in frozen) for i, t in enumerate(tensors)]
+        if kind == "block":
+            out = tfm_kernels.mlp(*leaves, activation="gelu", backend=run_backend)
+        else:
+            out = call(kind, run_backend, *leaves, "gelu", 0.0)
+        trainable = [i for i, t in enumerate(leaves) if t.requires_grad]
+        return dict(zip(trainable, torch.autograd.grad(out.square().sum(), [leaves[i] for i in trainable])))
+
+    for frozen in ((1,), (1, 2), (0, 2), (0, 1)) + (((0, 3), (1, 2, 3, 4)) if kind == "block" else ()):
+        with BackwardFlags() as flags:
+            got = run(backend, torch.float32, frozen)
+        needs = tuple(i not in frozen for i in range(len(tensors)))
+        if kind == "block" and backend == "triton":  # two linears: the down projection's backward first
+            assert flags.calls == [(any(needs[:3]), *needs[3:]), needs[:3]], frozen
+        else:
+            assert flags.calls == [needs], frozen
+        baseline, oracle = run("torch", torch.float32, frozen), run("torch", torch.float64, frozen)
+        assert got.keys() == oracle.keys()
+        for i, gradient in got.items():
+            assert_within_tolerance(f"frozen {frozen}: leaf {i}", gradient, baseline[i], oracle[i])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -679,7 +798,7 @@ def check_empty_operator_inputs(backend, device):
         w2, b2 = rand(6, N, device=device), rand(6, device=device)
         require(backend, x, w)
         for activation in ("gelu_tanh", "none"):
-            name = None if activation == "none" else activation
+            name = _reference_activation_name(activation)
             leaves = {kind: [t.clone().requires_grad_() for t in tensors]
                       for kind, tensors in (("linear", (x, w, b)), ("gated", (x, gated_w, gated_b)),
                                             ("block", (x, w, b, w2, b2)))}
@@ -1092,6 +1211,17 @@ def test_gpu_operators_refuse_cpu_x():
                "mlp_block_backward"):
         with pytest.raises(RuntimeError, match=f"{op}: x must be a CUDA tensor; got device cpu"):
             calls[op](0.1, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "gated", "block"])
+def test_gpu_backward_operators_compute_only_the_gradients_needed(backend, kind):
+    """As on the CPU; on cuda also the block's fused path (GELU-tanh without dropout, d_ff a multiple of 8), whose
+    up-projection bias gradient comes from the DGELU_BGRAD epilogue whatever the flags."""
+    check_backward_flags(backend, kind, "cuda")
+    if kind == "block":
+        check_backward_flags(backend, kind, "cuda", activation="gelu_tanh", dropout_p=0.0, d_ff=16)
 
 
 @pytest.mark.gpu

@@ -223,11 +223,12 @@ def check_mlp_gated_forward(op, x, weight, bias, activation, dropout_p, seed):
     _check_mlp_forward(op, x, weight, bias, activation, dropout_p, seed, gated=True)
 
 
-def check_mlp_linear_backward(op, grad_out, x, weight, preact, activation, dropout_p, seed):
+def check_mlp_linear_backward(op, grad_out, x, weight, preact, activation, dropout_p, seed, *needs):
+    """needs: the operator's needs_* flags, which every value of its bool type is valid for."""
     _check_mlp_backward(op, grad_out, x, weight, preact, activation, dropout_p, seed, gated=False)
 
 
-def check_mlp_gated_backward(op, grad_out, x, weight, gate_up, activation, dropout_p, seed):
+def check_mlp_gated_backward(op, grad_out, x, weight, gate_up, activation, dropout_p, seed, *needs):
     _check_mlp_backward(op, grad_out, x, weight, gate_up, activation, dropout_p, seed, gated=True)
 
 
@@ -242,9 +243,9 @@ def check_mlp_block_forward(op, x, w1, b1, w2, b2, activation, dropout_p, seed):
     _check_dropout(op, dropout_p, seed, "x", x)
 
 
-def check_mlp_block_backward(op, grad_out, x, w1, preact, hidden, w2, activation, dropout_p, seed):
+def check_mlp_block_backward(op, grad_out, x, w1, preact, hidden, w2, activation, dropout_p, seed, *needs):
     """The forward's arguments, then grad_out (M, N) and what the forward saved: preact (M, F) (read unless the
-    activation is none) and hidden (M, F), the down projection's input."""
+    activation is none) and hidden (M, F), the down projection's input; needs: the needs_* flags."""
     check_mlp_block_forward(op, x, w1, None, w2, None, activation, dropout_p, seed)
     M, F, N = x.shape[0], w1.shape[0], w2.shape[0]
     _check_tensor(op, "grad_out", grad_out, x, M, N)

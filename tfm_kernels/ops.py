@@ -509,10 +509,12 @@ def triton_mlp_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
 @_triton_op("triton_mlp_linear_backward", op_checks.check_mlp_linear_backward)
 def triton_mlp_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                preact: torch.Tensor, activation: str, dropout_p: float,
-                               seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               seed: torch.Tensor, needs_x: bool = True, needs_weight: bool = True,
+                               needs_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton.mlp import linear_backward
 
-    return linear_backward(grad_out, x, weight, preact, activation, dropout_p, seed)
+    return linear_backward(grad_out, x, weight, preact, activation, dropout_p, seed, needs_x, needs_weight,
+                           needs_bias)
 
 
 @_triton_op("triton_mlp_gated_forward", op_checks.check_mlp_gated_forward)
@@ -527,10 +529,12 @@ def triton_mlp_gated_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 @_triton_op("triton_mlp_gated_backward", op_checks.check_mlp_gated_backward)
 def triton_mlp_gated_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                               gate_up: torch.Tensor, activation: str, dropout_p: float,
-                              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              seed: torch.Tensor, needs_x: bool = True, needs_weight: bool = True,
+                              needs_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton.mlp import gated_backward
 
-    return gated_backward(grad_out, x, weight, gate_up, activation, dropout_p, seed)
+    return gated_backward(grad_out, x, weight, gate_up, activation, dropout_p, seed, needs_x, needs_weight,
+                          needs_bias)
 
 
 def _mlp_linear_forward_fake(x, weight, bias, activation, dropout_p, seed):
@@ -544,8 +548,15 @@ def _mlp_gated_forward_fake(x, weight, bias, activation, dropout_p, seed):
     return x.new_empty(M, N2 // 2), x.new_empty(M, N2)
 
 
-def _mlp_backward_fake(grad_out, x, weight, saved, activation, dropout_p, seed):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+def _needed(needs, shape, like):
+    """An empty tensor of `shape` like `like` where the gradient is needed, else the (0,) a backward op returns."""
+    return like.new_empty(shape if needs else (0,))
+
+
+def _mlp_backward_fake(grad_out, x, weight, saved, activation, dropout_p, seed, needs_x=True, needs_weight=True,
+                       needs_bias=True):
+    return (_needed(needs_x, x.shape, x), _needed(needs_weight, weight.shape, weight),
+            _needed(needs_bias, weight.shape[:1], weight))
 
 
 def _mlp_setup_context(ctx, inputs, output):
@@ -585,13 +596,12 @@ def _make_mlp_gradients(forward_name, backward_name, gated):
 
     def gradients(ctx, saved_tensors, grad_out, _grad_saved):
         activation, dropout_p = ctx.mlp_args
-        needs_bias = ctx.needs_input_grad[2]
+        needs = ctx.needs_input_grad[:3]  # x, weight, bias: a frozen weight's GEMM is skipped
         kept_bias = ctx.kept_bias
 
         def kernel(x, weight, bias, saved, seed, grad_out):
-            grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, saved, activation,
-                                                         dropout_p, seed)
-            return grad_x, grad_weight, grad_bias if needs_bias else None, None, None, None
+            grads = backward_op(grad_out.contiguous(), x, weight, saved, activation, dropout_p, seed, *needs)
+            return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
         def reference_gradients(x, weight, bias, saved, seed, grad_out):
             _check_unchanged(kept_bias, "bias", forward_name)
@@ -625,9 +635,10 @@ def _mlp_block_forward_fake(x, w1, b1, w2, b2, activation, dropout_p, seed):
     return x.new_empty(M, w2.shape[0]), preact, x.new_empty(M, F)
 
 
-def _mlp_block_backward_fake(grad_out, x, w1, preact, hidden, w2, activation, dropout_p, seed):
-    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape),
-            w2.new_empty(w2.shape[0]))
+def _mlp_block_backward_fake(grad_out, x, w1, preact, hidden, w2, activation, dropout_p, seed, needs_x=True,
+                             needs_w1=True, needs_b1=True, needs_w2=True, needs_b2=True):
+    return (_needed(needs_x, x.shape, x), _needed(needs_w1, w1.shape, w1), _needed(needs_b1, w1.shape[:1], w1),
+            _needed(needs_w2, w2.shape, w2), _needed(needs_b2, w2.shape[:1], w2))
 
 
 def _mlp_block_setup_context(ctx, inputs, output):
@@ -649,10 +660,9 @@ def _make_mlp_block_gradients(backward_op):
         kept_biases = ctx.kept_biases
 
         def kernel(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
-            grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = backward_op(grad_out.contiguous(), x, w1, preact, hidden, w2,
-                                                                     activation, dropout_p, seed)
-            return (grad_x, grad_w1, grad_b1 if needs[2] else None, grad_w2, grad_b2 if needs[4] else None,
-                    None, None, None)
+            grads = backward_op(grad_out.contiguous(), x, w1, preact, hidden, w2, activation, dropout_p, seed,
+                                *needs[:5])
+            return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
         def reference_gradients(x, w1, b1, preact, hidden, w2, b2, seed, grad_out):
             _check_unchanged(kept_biases[0], "b1", "mlp_block_forward")

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/mlp_block.h"
 #include "common/mlp_checks.h"
 #include "common/mlp_epilogue.h"
 #include "cpu/row_loops.h"
@@ -80,13 +81,14 @@ Tensor dropout_grad(const Tensor& grad_out, const MlpDropout& dropout) {
   return dh;
 }
 
-// grad_x = dz @ weight, grad_weight = dz^T @ x, grad_bias = sum over rows of dz; dz (M, N) float, results in
-// x's dtype.
-std::tuple<Tensor, Tensor, Tensor> gemm_grads(const Tensor& dz, const Tensor& x, const Tensor& weight) {
-  const Tensor grad_x = at::mm(dz, weight.to(at::kFloat));
-  const Tensor grad_weight = at::mm(dz.t(), x.to(at::kFloat));
-  const Tensor grad_bias = dz.sum(0);
-  return {grad_x.to(x.scalar_type()), grad_weight.to(x.scalar_type()), grad_bias.to(x.scalar_type())};
+// grad_x = dz @ weight, grad_weight = dz^T @ x, grad_bias = sum over rows of dz, each where needed (else an empty
+// (0,) tensor); dz (M, N) float, results in x's dtype.
+std::tuple<Tensor, Tensor, Tensor> gemm_grads(const Tensor& dz, const Tensor& x, const Tensor& weight,
+                                              const GradMask& needs) {
+  const auto none = [&] { return at::empty({0}, x.options()); };  // a tensor each: outputs never alias
+  return {needs.x ? at::mm(dz, weight.to(at::kFloat)).to(x.scalar_type()) : none(),
+          needs.weight ? at::mm(dz.t(), x.to(at::kFloat)).to(x.scalar_type()) : none(),
+          needs.bias ? dz.sum(0).to(x.scalar_type()) : none()};
 }
 
 // z = x @ weight^T + bias (stored to preact unless the activation is none), out = dropout(act(z)).
@@ -106,7 +108,8 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
 // dz = grad_out * dropout multiplier * act'(preact), then the three gradient reductions.
 std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                                                    const Tensor& preact, std::string activation_name,
-                                                   double dropout_p, const Tensor& seed) {
+                                                   double dropout_p, const Tensor& seed, bool needs_x,
+                                                   bool needs_weight, bool needs_bias) {
   const char* op = "mlp_linear_backward";
   check_mlp_operands(op, x, weight, std::nullopt);
   const Activation activation = checked_activation(op, activation_name);
@@ -115,7 +118,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
   if (activation != Activation::kNone) check_backward_tensor(op, "preact", preact, x, x.size(0), weight.size(0));
   const Tensor dh = dropout_grad(grad_out, dropout_of(dropout_p, seed));
   const Tensor dz = activation != Activation::kNone ? activation_backward(dh, preact.to(at::kFloat), activation) : dh;
-  return gemm_grads(dz, x, weight);
+  return gemm_grads(dz, x, weight, {needs_x, needs_weight, needs_bias});
 }
 
 // [g, u] = x @ weight^T + bias (stored to gate_up), out = dropout(act(g) * u).
@@ -136,7 +139,8 @@ std::tuple<Tensor, Tensor> gated_forward(const Tensor& x, const Tensor& weight, 
 // dh = grad_out * dropout multiplier; dg = dh * u * act'(g), du = dh * act(g); then the gradient reductions.
 std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                                                   const Tensor& gate_up, std::string activation_name,
-                                                  double dropout_p, const Tensor& seed) {
+                                                  double dropout_p, const Tensor& seed, bool needs_x,
+                                                  bool needs_weight, bool needs_bias) {
   const char* op = "mlp_gated_backward";
   check_mlp_operands(op, x, weight, std::nullopt);
   const Activation activation = checked_activation(op, activation_name);
@@ -152,7 +156,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const 
   dgu.narrow(1, 0, F).copy_(activation_backward(dh * u, g, activation));
   Tensor du = dgu.narrow(1, F, F);
   at::mul_out(du, dh, activate(g, activation));
-  return gemm_grads(dgu, x, weight);
+  return gemm_grads(dgu, x, weight, {needs_x, needs_weight, needs_bias});
 }
 
 }  // namespace

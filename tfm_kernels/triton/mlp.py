@@ -431,31 +431,37 @@ def _grad_preact(grad_out, preact, activation, dropout_p, seed, gated):
     return dz
 
 
-def _weight_grads(dz, x, weight):
-    """grad_x = dz @ W (M, K), grad_weight = dz^T @ x (N, K) and grad_bias = column sums of dz (N,)."""
+def _weight_grads(dz, x, weight, needs_x, needs_weight, needs_bias):
+    """grad_x = dz @ W (M, K), grad_weight = dz^T @ x (N, K) and grad_bias = column sums of dz (N,), each where
+    needed (else an empty (0,) tensor); the bias gradient rides on dW's GEMM when that runs."""
     M, K = x.shape
     N = weight.shape[0]
-    grad_x = x.new_empty(M, K)
-    grad_weight = weight.new_empty(N, K)
-    _gemm(dz, weight, grad_x)
-    if K == 0:  # dW's grid (N, K) has no program to sum dz's columns
-        grad_bias = dz.sum(0, dtype=torch.float32)
-    else:
-        grad_bias = torch.empty(N, dtype=torch.float32, device=x.device)
-        _gemm(dz.t(), x, grad_weight, rowsum=grad_bias)
-    return grad_x, grad_weight, grad_bias.to(x.dtype)
+    grad_x, grad_weight, grad_bias = (x.new_empty(0) for _ in range(3))  # three tensors: outputs never alias
+    if needs_x:
+        grad_x = x.new_empty(M, K)
+        _gemm(dz, weight, grad_x)
+    if needs_weight:
+        grad_weight = weight.new_empty(N, K)
+    if needs_bias and (K == 0 or not needs_weight):  # no dW program to sum dz's columns
+        grad_bias = dz.sum(0, dtype=torch.float32).to(x.dtype)
+    elif needs_weight:
+        rowsum = torch.empty(N, dtype=torch.float32, device=x.device) if needs_bias else None
+        _gemm(dz.t(), x, grad_weight, rowsum=rowsum)
+        if needs_bias:
+            grad_bias = rowsum.to(x.dtype)
+    return grad_x, grad_weight, grad_bias
 
 
-def linear_backward(grad_out, x, weight, preact, activation, dropout_p, seed):
-    """-> (grad_x (M, K), grad_weight (N, K), grad_bias (N,))."""
+def linear_backward(grad_out, x, weight, preact, activation, dropout_p, seed, *needs):
+    """-> (grad_x (M, K), grad_weight (N, K), grad_bias (N,)); needs: needs_x, needs_weight, needs_bias."""
     if activation == "none" and dropout_p == 0.0:
         dz = grad_out
     else:
         dz = _grad_preact(grad_out, preact, activation, dropout_p, seed, gated=False)
-    return _weight_grads(dz, x, weight)
+    return _weight_grads(dz, x, weight, *needs)
 
 
-def gated_backward(grad_out, x, weight, gate_up, activation, dropout_p, seed):
-    """-> (grad_x (M, K), grad_weight (2F, K), grad_bias (2F,))."""
+def gated_backward(grad_out, x, weight, gate_up, activation, dropout_p, seed, *needs):
+    """-> (grad_x (M, K), grad_weight (2F, K), grad_bias (2F,)); needs: needs_x, needs_weight, needs_bias."""
     dgu = _grad_preact(grad_out, gate_up, activation, dropout_p, seed, gated=True)  # (M, 2F)
-    return _weight_grads(dgu, x, weight)
+    return _weight_grads(dgu, x, weight, *needs)

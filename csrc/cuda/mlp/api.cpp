@@ -330,6 +330,18 @@ std::tuple<Tensor, Tensor> gated_forward(const Tensor& x_in, const Tensor& weigh
   return {out, gate_up};
 }
 
+// The column sums of dz (M, N contiguous) into grad_bias (N,), in our kernel.
+void column_sum(const Tensor& dz, const Tensor& grad_bias) {
+  ColumnSumParams sum;
+  sum.x = dz.data_ptr();
+  sum.out = grad_bias.data_ptr();
+  sum.rows = dz.size(0);
+  sum.cols = dz.size(1);
+  sum.dtype = mlp_dtype(dz.scalar_type());
+  launch_column_sum(sum, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // grad_weight (N, K) = dz^T @ x; with `grad_bias` defined, also its column sums of dz (M, N) into grad_bias (N,).
 Tensor weight_grad(const Tensor& dz, const Tensor& x, const Tensor& grad_bias) {
   const int64_t M = x.size(0), K = x.size(1), N = dz.size(1);
@@ -343,17 +355,21 @@ Tensor weight_grad(const Tensor& dz, const Tensor& x, const Tensor& grad_bias) {
     if (run_gemm(dw, x.scalar_type(), x)) return grad_weight;
     dw.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
     dw.bias = nullptr;
-    ColumnSumParams sum;
-    sum.x = dz.data_ptr();
-    sum.out = grad_bias.data_ptr();
-    sum.rows = M;
-    sum.cols = N;
-    sum.dtype = mlp_dtype(x.scalar_type());
-    launch_column_sum(sum, at::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    column_sum(dz, grad_bias);
   }
   run_gemm_or_fail(dw, x.scalar_type(), x);
   return grad_weight;
+}
+
+// grad_weight and grad_bias where needed: the bias gradient fused into the weight gradient's GEMM, or alone in
+// our column-sum kernel for a frozen weight; an empty (0,) tensor for each gradient not needed.
+std::tuple<Tensor, Tensor> weight_and_bias_grads(const Tensor& dz, const Tensor& x, bool needs_weight,
+                                                 bool needs_bias) {
+  const auto none = [&] { return at::empty({0}, x.options()); };  // a tensor each: outputs never alias
+  Tensor grad_bias = needs_bias ? at::empty({dz.size(1)}, x.options()) : Tensor();
+  if (needs_weight) return {weight_grad(dz, x, grad_bias), needs_bias ? grad_bias : none()};
+  if (needs_bias) column_sum(dz, grad_bias);
+  return {none(), needs_bias ? grad_bias : none()};
 }
 
 // grad_x (M, K) = dz (M, N) @ weight (N, K): column-major grad_x^T (K, M) = weight^T (K, N) @ dz^T (N, M).
@@ -366,11 +382,11 @@ Tensor input_grad(const Tensor& dz, const Tensor& weight) {
   return grad_x;
 }
 
-// grad_x = dz @ weight, grad_weight = dz^T @ x and grad_bias = column sums of dz (M, N contiguous).
-std::tuple<Tensor, Tensor, Tensor> weight_grads(const Tensor& dz, const Tensor& x, const Tensor& weight) {
-  Tensor grad_bias = at::empty({weight.size(0)}, x.options());
-  Tensor grad_weight = weight_grad(dz, x, grad_bias);
-  return {input_grad(dz, weight), grad_weight, grad_bias};
+// grad_x = dz @ weight, grad_weight = dz^T @ x and grad_bias = column sums of dz (M, N contiguous), where needed.
+std::tuple<Tensor, Tensor, Tensor> weight_grads(const Tensor& dz, const Tensor& x, const Tensor& weight,
+                                                const GradMask& needs) {
+  auto [grad_weight, grad_bias] = weight_and_bias_grads(dz, x, needs.weight, needs.bias);
+  return {needs.x ? input_grad(dz, weight) : at::empty({0}, x.options()), grad_weight, grad_bias};
 }
 
 Tensor grad_preact(const Tensor& grad_out, const Tensor& z, int64_t width, Activation activation, bool gated,
@@ -394,8 +410,8 @@ Tensor grad_preact(const Tensor& grad_out, const Tensor& z, int64_t width, Activ
 
 std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const Tensor& x_in,
                                                    const Tensor& weight_in, const Tensor& preact,
-                                                   std::string activation_name,
-                                                   double dropout_p, const Tensor& seed) {
+                                                   std::string activation_name, double dropout_p, const Tensor& seed,
+                                                   bool needs_x, bool needs_weight, bool needs_bias) {
   const char* op = "mlp_linear_backward";
   check_cuda_x(op, x_in);
   check_dropout_args(op, dropout_p, seed);
@@ -408,13 +424,15 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_out, const
   const c10::cuda::CUDAGuard guard(x.device());
   const MlpDropoutParams dropout = dropout_params(op, dropout_p, seed, x);
   const Tensor dy = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
-  if (activation == Activation::kNone && !dropout.active) return weight_grads(dy.contiguous(), x, weight);
-  return weight_grads(grad_preact(dy, preact.contiguous(), N, activation, false, dropout), x, weight);
+  const GradMask needs{needs_x, needs_weight, needs_bias};
+  if (activation == Activation::kNone && !dropout.active) return weight_grads(dy.contiguous(), x, weight, needs);
+  return weight_grads(grad_preact(dy, preact.contiguous(), N, activation, false, dropout), x, weight, needs);
 }
 
 std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const Tensor& x_in, const Tensor& weight_in,
                                                   const Tensor& gate_up, std::string activation_name,
-                                                  double dropout_p, const Tensor& seed) {
+                                                  double dropout_p, const Tensor& seed, bool needs_x,
+                                                  bool needs_weight, bool needs_bias) {
   const char* op = "mlp_gated_backward";
   check_cuda_x(op, x_in);
   check_dropout_args(op, dropout_p, seed);
@@ -429,7 +447,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const 
   const Tensor dy = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
   const Tensor dgu =
       grad_preact(dy, gate_up.contiguous(), N2, activation, true, dropout_params(op, dropout_p, seed, x));
-  return weight_grads(dgu, x, weight);
+  return weight_grads(dgu, x, weight, {needs_x, needs_weight, needs_bias});
 }
 
 // The block's backward with the up projection's GELU-tanh derivative and bias gradient fused into the GEMM that
@@ -437,15 +455,21 @@ std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const 
 // (another activation, dropout, F not a multiple of 8, no algorithm) takes the generic composition.
 MlpBlockGrads block_backward_cuda(const Tensor& grad_out, const Tensor& x_in, const Tensor& w1_in,
                                   const Tensor& preact, const Tensor& hidden_in, const Tensor& w2_in,
-                                  std::string activation_name, double dropout_p, const Tensor& seed) {
+                                  std::string activation_name, double dropout_p, const Tensor& seed, bool needs_x,
+                                  bool needs_w1, bool needs_b1, bool needs_w2, bool needs_b2) {
   const char* op = "mlp_block_backward";
   check_cuda_x(op, x_in);
   const Activation activation =
       check_mlp_block_backward(op, grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p, seed);
   const int64_t M = x_in.size(0), F = w1_in.size(0), N = w2_in.size(0);
-  const bool fusable = activation == Activation::kGeluTanh && dropout_p == 0.0 && F % kAuxLdMultiple == 0;
-  if (!fusable) return block_backward(grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p,
-                                      seed);
+  const GradMask up{needs_x, needs_w1, needs_b1};
+  const bool fusable = activation == Activation::kGeluTanh && dropout_p == 0.0 && F % kAuxLdMultiple == 0 &&
+                       (needs_x || needs_w1 || needs_b1);
+  auto generic = [&] {
+    return block_backward(grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p, seed, up,
+                          needs_w2, needs_b2);
+  };
+  if (!fusable) return generic();
   const Tensor x = gemm_operand(x_in), w1 = gemm_operand(w1_in), hidden = gemm_operand(hidden_in);
   const Tensor w2 = gemm_operand(w2_in);
   Tensor aux = preact.contiguous();
@@ -458,13 +482,11 @@ MlpBlockGrads block_backward_cuda(const Tensor& grad_out, const Tensor& x_in, co
   const LtGemm hidden_grad{.m = F, .n = M, .k = N, .a = w2.data_ptr(), .lda = leading_dim(w2), .b = dy.data_ptr(),
                            .ldb = N, .d = dz.data_ptr(), .ldd = F, .epilogue = CUBLASLT_EPILOGUE_DGELU_BGRAD,
                            .bias = grad_b1.data_ptr(), .aux = aux.data_ptr(), .ld_aux = F};
-  if (!run_gemm(hidden_grad, x.scalar_type(), x)) {
-    return block_backward(grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p, seed);
-  }
-  Tensor grad_b2 = at::empty({N}, x.options());
-  Tensor grad_w2 = weight_grad(dy, hidden, grad_b2);
-  Tensor grad_w1 = weight_grad(dz, x, Tensor());
-  return {input_grad(dz, w1), grad_w1, grad_b1, grad_w2, grad_b2};
+  if (!run_gemm(hidden_grad, x.scalar_type(), x)) return generic();
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  auto [grad_w2, grad_b2] = weight_and_bias_grads(dy, hidden, needs_w2, needs_b2);
+  return {needs_x ? input_grad(dz, w1) : none(), needs_w1 ? weight_grad(dz, x, Tensor()) : none(),
+          needs_b1 ? grad_b1 : none(), grad_w2, grad_b2};
 }
 
 }  // namespace
