@@ -64,6 +64,7 @@ void launch(void (*kernel)(Params), int grid_x, int grid_y, int grid_z, int thre
         std::vector<std::thread> pool;
         for (int t = 0; t < threads; ++t) {
           pool.emplace_back([&, t] {
+            emu::flush_denormals_as_the_device();
             threadIdx = {unsigned(t), 0, 0};
             blockIdx = {unsigned(x), unsigned(y), unsigned(z)};
             kernel(params);

@@ -64,7 +64,7 @@ inline void ldmatrix(uint32_t (&frag)[4], const void* row, bool transpose) {
   emu::log_access({emu::thread(), false, emu::epoch, 0, emu::order++, 0, offset / 4}, 16);
   auto& slots = emu::block->exchange[emu::warp()];
   slots[emu::lane()][7] = reinterpret_cast<uintptr_t>(row);
-  emu::warp_sync();
+  emu::collective_sync(emu::Collective::kLdmatrix);
   const int g = emu::lane() / 4, c = emu::lane() % 4;
   for (int i = 0; i < 4; ++i) {
     uint16_t m[8][8];

@@ -40,6 +40,7 @@ void run_blocks(void (*kernel)(Params), dim3 grid, dim3 block, const Params& par
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
+      emu::flush_denormals_as_the_device();
       threadIdx = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
       gridDim = grid;
       blockDim = block;

@@ -35,7 +35,7 @@ struct MmaOps {
     for (int i = 0; i < 4; ++i) slots[emu::lane()][i] = a[i];
     slots[emu::lane()][4] = b0;
     slots[emu::lane()][5] = b1;
-    emu::warp_sync();
+    emu::collective_sync(emu::Collective::kMma);
     float A[16][16], B[16][8];
     for (int t = 0; t < 32; ++t) {
       const int g = t / 4, c = t % 4;

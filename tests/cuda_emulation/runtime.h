@@ -11,7 +11,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #define __global__
 #define __device__
@@ -90,6 +94,30 @@ inline int warp() { return thread() / 32; }
 inline int lane() { return thread() % 32; }
 inline void warp_sync() { block->warp_barriers[warp()]->arrive_and_wait(); }
 
+// The device code is built with --use_fast_math, under which float32 arithmetic flushes denormal inputs and
+// results to zero; each emulated thread's SSE unit is set to do the same (x86: MXCSR flush-to-zero and
+// denormals-are-zero), so that e.g. a tiny exp2 that the GPU makes 0 is 0 here too.
+inline void flush_denormals_as_the_device() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_setcsr(_mm_getcsr() | 0x8040);
+#endif
+}
+
+// The warp-collective operations. Lanes of one warp that reach different ones would pair up on the same warp
+// barrier and read each other's operands as their own; on a GPU that is undefined behaviour.
+enum class Collective : uint64_t { kShuffle = 1, kShuffleXor, kLdmatrix, kMma };
+
+// The first barrier of a collective: publishes this lane's operation (exchange word 6) and checks, once every
+// lane has arrived, that the whole warp runs the same one.
+inline void collective_sync(Collective kind) {
+  auto& slots = block->exchange[warp()];
+  slots[lane()][6] = uint64_t(kind);
+  warp_sync();
+  for (int other = 0; other < 32; ++other) {
+    EMU_CHECK(slots[other][6] == uint64_t(kind), "lanes of a warp in different warp-collective operations");
+  }
+}
+
 // Byte offset of a shared-memory access, checked against the launch's dynamic allocation and alignment.
 inline long smem_offset(const void* p, int bytes) {
   const unsigned char* c = static_cast<const unsigned char*>(p);
@@ -115,25 +143,32 @@ inline void __syncthreads() {
   ++emu::epoch;
 }
 
-inline unsigned __shfl_sync(unsigned mask, unsigned x, int src_lane) {
+namespace emu {
+
+// x of the lane `source` (every lane of the warp calls it), its bits copied whatever its type, as CUDA's
+// overloads for int, unsigned, float, ... move them.
+template <typename T>
+T shuffle(unsigned mask, T x, int source, Collective kind) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "a shuffle moves 8 bytes at most");
   EMU_CHECK(mask == 0xffffffffu, "shuffle with a partial mask");
-  EMU_CHECK(0 <= src_lane && src_lane < 32, "shuffle from a lane outside the warp");
-  auto& slots = emu::block->exchange[emu::warp()];
-  std::memcpy(&slots[emu::lane()][0], &x, 4);
-  emu::warp_sync();
-  unsigned y;
-  std::memcpy(&y, &slots[src_lane][0], 4);
-  emu::warp_sync();
+  EMU_CHECK(0 <= source && source < 32, "shuffle from a lane outside the warp");
+  auto& slots = block->exchange[warp()];
+  std::memcpy(&slots[lane()][0], &x, sizeof(T));
+  collective_sync(kind);
+  T y;
+  std::memcpy(&y, &slots[source][0], sizeof(T));
+  warp_sync();
   return y;
 }
 
-inline float __shfl_xor_sync(unsigned mask, float x, int offset) {
-  EMU_CHECK(mask == 0xffffffffu, "shuffle with a partial mask");
-  auto& slots = emu::block->exchange[emu::warp()];
-  std::memcpy(&slots[emu::lane()][0], &x, 4);
-  emu::warp_sync();
-  float y;
-  std::memcpy(&y, &slots[emu::lane() ^ offset][0], 4);
-  emu::warp_sync();
-  return y;
+}  // namespace emu
+
+template <typename T>
+T __shfl_sync(unsigned mask, T x, int src_lane) {
+  return emu::shuffle(mask, x, src_lane, emu::Collective::kShuffle);
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T x, int offset) {
+  return emu::shuffle(mask, x, emu::lane() ^ offset, emu::Collective::kShuffleXor);
 }
