@@ -200,25 +200,26 @@ class TransformerEncoder(nn.TransformerEncoder):
                 layer_masks = float_masks
             output = layer(output, src_mask=layer_masks[0], is_causal=bool(is_causal),
                            src_key_padding_mask=layer_masks[1])
-        if self._torch_runs_nested(src, mask, src_key_padding_mask):
-            padded = _float_masks(src, mask, src_key_padding_mask)[1] != 0  # (N, S), as torch's nested tensor
+        padded = self._nested_padding(src, mask, src_key_padding_mask)
+        if padded is not None:
             output = output.masked_fill((padded if self._batch_first() else padded.t())[..., None], 0.0)
         return output if self.norm is None else self.norm(output)
 
-    def _torch_runs_nested(self, src, mask, key_padding_mask):
-        """Whether torch's TransformerEncoder.forward would run this call on nested tensors (its inference fast
-        path), whose padded positions come out 0: the checks of that forward, with the padding mask left-aligned
-        (torch's mask_check; a mask that is not would make torch's nested tensor drop the wrong tokens, which is
-        not copied). Never while compiling, where torch's left-alignment check cannot run."""
+    def _nested_padding(self, src, mask, key_padding_mask):
+        """(N, S), True at the padded positions, where torch's TransformerEncoder.forward would run this call on
+        nested tensors (its inference fast path), whose padded positions come out 0; else None. The checks of
+        that forward, with the padding mask left-aligned (torch's mask_check; a mask that is not would make
+        torch's nested tensor drop the wrong tokens, which is not copied). Never while compiling, where torch's
+        left-alignment check cannot run."""
         if (key_padding_mask is None or mask is not None or src.dim() != 3 or src.is_nested
                 or not torch.backends.mha.get_fastpath_enabled() or not getattr(self, "use_nested_tensor", False)
                 or self.layers[0].training or torch.compiler.is_compiling() or torch.is_autocast_enabled()
                 or src.device.type not in ("cpu", "cuda")):
-            return False
+            return None
         if torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in self.layers[0].parameters())):
-            return False
-        valid = _float_masks(src, None, key_padding_mask)[1] == 0
-        return bool(torch._nested_tensor_from_mask_left_aligned(src, valid))
+            return None
+        padded = _float_masks(src, None, key_padding_mask)[1] != 0  # as torch's nested tensor reads it
+        return padded if torch._nested_tensor_from_mask_left_aligned(src, ~padded) else None
 
     def _batch_first(self):
         attention = getattr(self.layers[0], "self_attn", None)
