@@ -1,7 +1,6 @@
 // Every operator schema of tfm_kernels, in one place, and the pybind11 module `_C` for what is not an
 // operator (build information). Kernels register per device elsewhere with TORCH_LIBRARY_IMPL:
 // CPU in csrc/cpu/, CUDA in csrc/cuda/*/api.cpp. Fake kernels and autograd live in tfm_kernels/ops.py.
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <torch/extension.h>
 
@@ -66,15 +65,6 @@ TORCH_LIBRARY(tfm_kernels, m) {
   m.def("mlp_block_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor preact, Tensor hidden, Tensor w2, "
         "str activation, float dropout_p, Tensor seed, bool needs_x=True, bool needs_w1=True, bool needs_b1=True, "
         "bool needs_w2=True, bool needs_b2=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-// The backward operators compute first derivatives only. Without an Autograd kernel, a double backward through
-// them (a gradient penalty) would treat their inputs as constants and give wrong second derivatives after a
-// warning; this fallback records a node that raises "derivative for ... is not implemented" instead.
-TORCH_LIBRARY_IMPL(tfm_kernels, Autograd, m) {
-  for (const char* name : {"attention_backward", "mlp_linear_backward", "mlp_gated_backward", "mlp_block_backward"}) {
-    m.impl(name, torch::autograd::autogradNotImplementedFallback());
-  }
 }
 
 namespace {

@@ -1,11 +1,14 @@
 """Probes of autograd around an operator: an identity that drops its gradient, a record of the operators a region
 dispatches (those autograd itself calls included, such as the zero-filling of a gradient it materialises), the
 autograd node behind an output, the first and second derivatives of a gradient penalty, and a check that
-saved-tensors hooks change nothing."""
+saved-tensors hooks change nothing, and a check that an operator refuses the derivatives it does not have."""
 
 import collections
+import re
 
+import pytest
 import torch
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -64,3 +67,30 @@ def assert_unchanged_by_saved_tensors_hooks(compute):
         hooked = compute()
     assert packed
     assert all(torch.equal(a, b) for a, b in zip(hooked, compute()))
+
+
+def assert_refuses_derivatives_it_lacks(op, args):
+    """op(*args) (an operator or its overload) with a forward-mode tangent on its first floating-point tensor
+    raises instead of returning a zero tangent, under forward_ad and torch.func.jvp; a backward operator's outputs,
+    differentiated in turn, raise instead of treating its inputs as constants."""
+    op = getattr(op, "default", op)
+    name = re.escape(op.name())
+    position = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point())
+    primal = args[position].detach()
+    tangent = torch.randn_like(primal)
+
+    def call(t):
+        return op(*args[:position], t, *args[position + 1:])
+
+    with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode derivative"):
+        with forward_ad.dual_level():
+            call(forward_ad.make_dual(primal, tangent))
+    with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode derivative"):
+        torch.func.jvp(call, (primal,), (tangent,))
+    if op.name().endswith("_backward"):
+        inputs = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                  for a in args]
+        outputs = [o for o in op(*inputs) if o.numel()]
+        with pytest.raises(RuntimeError, match=f"{name} has no derivative of its own"):
+            torch.autograd.grad(sum(o.sum() for o in outputs), [a for a in inputs if isinstance(a, torch.Tensor)
+                                                               and a.requires_grad])

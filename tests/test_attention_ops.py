@@ -18,6 +18,7 @@ from autograd_probe import (
     LOSSES,
     DispatchedOps,
     DropGradient,
+    assert_refuses_derivatives_it_lacks,
     assert_unchanged_by_saved_tensors_hooks,
     gradient_penalty_derivatives,
     operator_node,
@@ -191,31 +192,38 @@ def op_cases(B, H, L, S):
     }
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", list(op_cases(2, 1, 1, 1)))
-def test_opcheck(backend, case):
+def op_samples(backend, case):
+    """[(forward op, its arguments), (backward op, its arguments)] for an op_cases case; q, k, v require grad in
+    the forward's."""
     B, Hq, Hk, L, S, E, Ev = 2, 2, 1, 5, 7, 8, 12
     q, k, v = qkv(B, Hq, Hk, L, S, E, Ev)
     require(backend, q, k, v)
-    forward_name, backward_name = OPS[backend]
-    forward_op = getattr(torch.ops.tfm_kernels, forward_name).default
-    backward_op = getattr(torch.ops.tfm_kernels, backward_name).default
+    forward_op, backward_op = (getattr(torch.ops.tfm_kernels, name).default for name in OPS[backend])
     options = op_cases(B, Hq, L, S)[case]
-    dropout_p = options.get("dropout_p", 0.0)
-    seed = rng.draw_seed("cpu")
     rest = (
         options.get("mask"),
         options.get("key_lengths"),
-        dropout_p,
+        options.get("dropout_p", 0.0),
         options.get("is_causal", False),
         E**-0.5,
-        seed,
+        rng.draw_seed("cpu"),
     )
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(forward_op, (q, k, v, *rest))
-    out, lse = forward_op(q.detach(), k.detach(), v.detach(), *rest)
-    grad_out = torch.randn_like(out)
-    torch.library.opcheck(backward_op, (grad_out, q.detach(), k.detach(), v.detach(), out, lse, *rest))
+    out, lse = forward_op(q, k, v, *rest)
+    backward_args = (torch.randn_like(out), q, k, v, out, lse, *rest)
+    return [(forward_op, (*(t.clone().requires_grad_() for t in (q, k, v)), *rest)), (backward_op, backward_args)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", list(op_cases(2, 1, 1, 1)))
+def test_opcheck(backend, case):
+    for op, args in op_samples(backend, case):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_operators_refuse_the_derivatives_they_lack(backend):
+    for op, args in op_samples(backend, "float_mask_dropout"):
+        assert_refuses_derivatives_it_lacks(op, args)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

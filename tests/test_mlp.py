@@ -25,6 +25,7 @@ from autograd_probe import (
     LOSSES,
     DispatchedOps,
     DropGradient,
+    assert_refuses_derivatives_it_lacks,
     assert_unchanged_by_saved_tensors_hooks,
     gradient_penalty_derivatives,
     operator_node,
@@ -657,6 +658,13 @@ def test_opcheck(backend):
     require(backend, rand(2, 2), rand(2, 2))
     for op, args in _op_samples("triton_" if backend == "triton" else ""):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_operators_refuse_the_derivatives_they_lack(backend):
+    require(backend, rand(2, 2), rand(2, 2))
+    for op, args in _op_samples("triton_" if backend == "triton" else ""):
+        assert_refuses_derivatives_it_lacks(op, args)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

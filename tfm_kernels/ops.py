@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
+from torch.autograd import forward_ad
 
 from . import batching, op_checks, reference
 from .layout import empty_heads_inner, last_dim_contiguous
@@ -325,9 +326,46 @@ def _function(name, run, setup_context, backward, **attributes):
         "backward": staticmethod(backward), **attributes})
 
 
-def _register_autograd(forward_name, gradients, setup_context):
+_AUTOGRAD_KERNELS = torch.library.Library("tfm_kernels", "IMPL")  # every op's Autograd kernel
+
+
+def _has_tangent(a) -> bool:
+    return isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None
+
+
+def _register_autograd_kernel(name, backward, setup_context=None):
+    """Registers op `name`'s Autograd kernel: torch's, as torch.library.register_autograd(backward, setup_context)
+    makes it, except that it refuses an input with a forward-mode tangent, which torch's would run past and drop
+    (a silent zero tangent)."""
+    info = torch._library.autograd.Info(backward, setup_context)
+    autograd_kernel = torch._library.autograd.make_autograd_impl(getattr(torch.ops.tfm_kernels, name).default, info)
+
+    def kernel(keyset, *args):
+        if forward_ad._current_level >= 0 and any(_has_tangent(a) for a in args):
+            raise NotImplementedError(
+                f"tfm_kernels::{name} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
+                f"forward_ad); tfm_kernels.scaled_dot_product_attention, fused_linear, gated_linear and mlp take "
+                f"their torch backend there")
+        return autograd_kernel(keyset, *args)
+
+    _AUTOGRAD_KERNELS.impl(name, kernel, "Autograd", with_keyset=True)
+
+
+def _register_first_derivative_op(name):
+    """A backward op's Autograd kernel: differentiating its outputs raises (its inputs are not constants of
+    the gradients it returns; second derivatives come from differentiating the forward op's gradients)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"tfm_kernels::{name} has no derivative of its own; differentiate the gradients of "
+                           f"its forward op (torch.autograd.grad(..., create_graph=True)) instead")
+
+    _register_autograd_kernel(name, backward)
+
+
+def _register_autograd(forward_name, backward_name, gradients, setup_context):
     backward = _twice_differentiable(gradients)
-    torch.library.register_autograd(f"tfm_kernels::{forward_name}", backward, setup_context=setup_context)
+    _register_autograd_kernel(forward_name, backward, setup_context)
+    _register_first_derivative_op(backward_name)
     forward_op = getattr(torch.ops.tfm_kernels, forward_name)
     transformed = _function(f"{forward_name}_function", forward_op, setup_context, backward, generate_vmap_rule=True)
     kernel = KERNELS[forward_name]
@@ -482,7 +520,8 @@ def _register_attention(forward_name, backward_name, max_batch=None):
     backward_op = _direct(backward_name)
     _register_fake(forward_name, op_checks.check_attention_forward, _attention_forward_fake)
     _register_fake(backward_name, op_checks.check_attention_backward, _attention_backward_fake)
-    _register_autograd(forward_name, _make_attention_gradients(backward_op), _attention_setup_context)
+    _register_autograd(forward_name, backward_name, _make_attention_gradients(backward_op),
+                       _attention_setup_context)
     batching.register_attention(forward_name, backward_name, max_batch)
 
 
@@ -625,7 +664,7 @@ def _register_mlp(prefix):
         _register_fake(forward_name, getattr(op_checks, f"check_mlp_{kind}_forward"), forward_fake)
         _register_fake(backward_name, getattr(op_checks, f"check_mlp_{kind}_backward"), _mlp_backward_fake)
         gradients = _make_mlp_gradients(forward_name, backward_name, gated=kind == "gated")
-        _register_autograd(forward_name, gradients, _mlp_setup_context)
+        _register_autograd(forward_name, backward_name, gradients, _mlp_setup_context)
         batching.register_mlp(forward_name, backward_name, weights=2)  # weight, bias
 
 
@@ -688,6 +727,6 @@ if _C is not None:
     _register_mlp("")
     _register_fake("mlp_block_forward", op_checks.check_mlp_block_forward, _mlp_block_forward_fake)
     _register_fake("mlp_block_backward", op_checks.check_mlp_block_backward, _mlp_block_backward_fake)
-    _register_autograd("mlp_block_forward", _make_mlp_block_gradients(_direct("mlp_block_backward")),
-                       _mlp_block_setup_context)
+    _register_autograd("mlp_block_forward", "mlp_block_backward",
+                       _make_mlp_block_gradients(_direct("mlp_block_backward")), _mlp_block_setup_context)
     batching.register_mlp("mlp_block_forward", "mlp_block_backward", weights=4)  # w1, b1, w2, b2
