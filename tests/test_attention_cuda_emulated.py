@@ -69,11 +69,11 @@ def from_bits(data, shape, dtype):
 
 
 def run_emulated(harness, tmp_path, q, k, v, grad_out, key_lengths, dropout_p, is_causal, scale, packed, deferred,
-                 fused_dq):
+                 fused_dq, mixed=False):
     B, Hq, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     header = np.array([D, q.dtype == torch.bfloat16, B, Hq, Hk, L, S, is_causal, deferred, packed,
-                       key_lengths is not None, SEED, fused_dq], dtype=np.int64).tobytes()
+                       key_lengths is not None, SEED, fused_dq, mixed], dtype=np.int64).tobytes()
     data = header + np.array([scale, dropout_p], dtype=np.float64).tobytes()
     if key_lengths is not None:
         data += key_lengths.clamp(0, S).to(torch.int32).numpy().tobytes()  # clamped as api.cpp does
@@ -106,7 +106,7 @@ CASES = [
 ]
 
 
-def check_against_oracle(harness, tmp_path, case, fused_dq, nan_at=()):
+def check_against_oracle(harness, tmp_path, case, fused_dq, nan_at=(), mixed=False):
     """The emulated kernels' out, dq, dk, dv and lse against the float64 oracle; nan_at: (tensor name, index)
     pairs where q, k or v get a NaN, whose NaN the results must carry exactly where the oracle's do."""
     B, Hq, Hk, L, S, D, dtype, is_causal, lengths, dropout_p, packed, deferred = case
@@ -118,7 +118,7 @@ def check_against_oracle(harness, tmp_path, case, fused_dq, nan_at=()):
     key_lengths = None if lengths is None else torch.tensor(lengths)
     scale = D**-0.5
     out, dq, dk, dv, lse, races, log = run_emulated(harness, tmp_path, q, k, v, grad_out, key_lengths, dropout_p,
-                                                   is_causal, scale, packed, deferred, fused_dq)
+                                                   is_causal, scale, packed, deferred, fused_dq, mixed)
     assert races == 0, log
 
     def oracle(dtype_):
@@ -140,6 +140,15 @@ def check_against_oracle(harness, tmp_path, case, fused_dq, nan_at=()):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}Hk{c[2]}L{c[3]}S{c[4]}D{c[5]}")
 def test_emulated_kernels_against_oracle(harness, tmp_path, case, backward):
     check_against_oracle(harness, tmp_path, case, backward == "fused_dq")
+
+
+@pytest.mark.parametrize("case,backward", [(CASES[0], "fused_dq"), (CASES[1], "deterministic")],
+                         ids=lambda c: c if isinstance(c, str) else f"B{c[0]}Hq{c[1]}Hk{c[2]}L{c[3]}S{c[4]}D{c[5]}")
+def test_emulated_kernels_read_each_tensor_by_its_own_strides(harness, tmp_path, case, backward):
+    """k and v, q and grad_out in different layouts, and the backward's out in a third: api.cpp passes every
+    tensor's strides separately, and the kernels must not read one tensor by another's (each backward once,
+    with head dims 64 and 128)."""
+    check_against_oracle(harness, tmp_path, case, backward == "fused_dq", mixed=True)
 
 
 # Every key these cases hold takes part in every row. Where a mask hides keys from a NaN row, the oracle's

@@ -7,6 +7,7 @@
 //
 //   harness INPUT OUTPUT   (binary formats: tests/test_attention_cuda_emulated.py)
 #include <fstream>
+#include <functional>
 #include <thread>
 #include <unordered_map>
 
@@ -81,7 +82,7 @@ void launch(void (*kernel)(Params), int grid_x, int grid_y, int grid_z, int thre
 // Header of the input file, all int64: the fields below in order, then scale and dropout_p as two doubles.
 struct Header {
   int64_t head_dim, bf16, batch, heads_q, heads_k, q_len, kv_len, causal, deferred, packed, has_key_lengths, seed,
-      fused_dq;
+      fused_dq, mixed;
 };
 
 // Element strides of a (B, H, N, D) tensor stored (B, H, N, D) or, packed, (B, N, H, D).
@@ -100,13 +101,16 @@ void restride(const uint16_t* src, const Strides& src_s, uint16_t* dst, const St
                     src + b * src_s.batch + hh * src_s.head + i * src_s.row, h.head_dim * 2);
 }
 
+// between_passes runs after the forward (mixed layouts: moves out to another layout for the backward).
 template <int D, typename T>
-void run(const Header& h, const ForwardParams& forward, const BackwardParams& backward) {
+void run(const Header& h, const ForwardParams& forward, const BackwardParams& backward,
+         const std::function<void()>& between_passes) {
   using FT = ForwardTraits<D>;
   using KT = BackwardKVTraits<D>;
   using QT = BackwardQTraits<D>;
   launch(attention_forward_kernel<D, T>, ceil_div(int(h.q_len), FT::kBlockM), int(h.heads_q), int(h.batch),
          FT::kThreads, FT::kSmemElems * sizeof(T), forward);
+  between_passes();
   launch(attention_backward_delta_kernel<D, T>, ceil_div(int(h.q_len), BackwardDeltaTraits::kRowsPerBlock),
          int(h.heads_q), int(h.batch), BackwardDeltaTraits::kThreads, 0, backward);
   const bool fused_dq = backward.grad_q_accum != nullptr;
@@ -155,13 +159,17 @@ int main(int argc, char** argv) {
 
   // Inputs in the requested layout; outputs (B, N, H, D) memory as api.cpp allocates them, NaN-poisoned.
   const Strides q_s = strides(h, Hq, L, h.packed), k_s = strides(h, Hk, S, h.packed);
+  // Mixed: v and grad_out in the other layout than k and q, and out read back by the backward from a third
+  // buffer, (B, H, N, D) contiguous: each tensor's strides reach the kernels on their own, as from api.cpp.
+  const Strides v_s = strides(h, Hk, S, h.mixed ? !h.packed : h.packed);
+  const Strides grad_out_s = strides(h, Hq, L, h.mixed ? !h.packed : h.packed);
   const Strides q_contiguous = strides(h, Hq, L, false), k_contiguous = strides(h, Hk, S, false);
   const Strides out_s = strides(h, Hq, L, true), kv_out_s = strides(h, Hk, S, true);
   std::vector<uint16_t> q(q_in.size()), k(k_in.size()), v(v_in.size()), grad_out_laid(grad_out.size());
   restride(q_in.data(), q_contiguous, q.data(), q_s, h, Hq, L);
-  restride(grad_out.data(), q_contiguous, grad_out_laid.data(), q_s, h, Hq, L);  // as q: heads inside rows if packed
+  restride(grad_out.data(), q_contiguous, grad_out_laid.data(), grad_out_s, h, Hq, L);
   restride(k_in.data(), k_contiguous, k.data(), k_s, h, Hk, S);
-  restride(v_in.data(), k_contiguous, v.data(), k_s, h, Hk, S);
+  restride(v_in.data(), k_contiguous, v.data(), v_s, h, Hk, S);
   std::vector<uint16_t> out(q.size(), 0xFFFF), grad_q(q.size(), 0xFFFF), grad_k(k.size(), 0xFFFF),
       grad_v(v.size(), 0xFFFF);
   std::vector<float> lse(size_t(B * Hq * L), NAN), delta(size_t(B * Hq * L), NAN);
@@ -175,7 +183,7 @@ int main(int argc, char** argv) {
   params.lse = lse.data();
   params.q_strides = q_s;
   params.k_strides = k_s;
-  params.v_strides = k_s;
+  params.v_strides = v_s;
   params.out_strides = out_s;
   params.batch = int(B);
   params.heads_q = int(Hq);
@@ -191,7 +199,7 @@ int main(int argc, char** argv) {
   params.dropout_rescale = tfm_kernels::dropout_keep_scale(scale_and_p[1]);
   params.seed = &seed;
   params.grad_out = grad_out_laid.data();
-  params.grad_out_strides = q_s;
+  params.grad_out_strides = grad_out_s;
   params.grad_q = grad_q.data();
   params.grad_k = grad_k.data();
   params.grad_v = grad_v.data();
@@ -207,13 +215,20 @@ int main(int argc, char** argv) {
   }
   tfm_kernels::cuda::deferred_copies = h.deferred != 0;
 
+  std::vector<uint16_t> out_contiguous(out.size(), 0xFFFF);
+  auto between_passes = [&] {
+    if (!h.mixed) return;
+    restride(out.data(), out_s, out_contiguous.data(), q_contiguous, h, Hq, L);
+    params.out = out_contiguous.data();
+    params.out_strides = q_contiguous;
+  };
   const ForwardParams& forward = params;
   bool known = false;
-#define TFM_EMULATE_HEAD_DIM(DIM)                                                   \
-  if (D == DIM) {                                                                   \
-    known = true;                                                                   \
-    if (h.bf16) run<DIM, __nv_bfloat16>(h, forward, params);                        \
-    else run<DIM, __half>(h, forward, params);                                      \
+#define TFM_EMULATE_HEAD_DIM(DIM)                                            \
+  if (D == DIM) {                                                            \
+    known = true;                                                            \
+    if (h.bf16) run<DIM, __nv_bfloat16>(h, forward, params, between_passes); \
+    else run<DIM, __half>(h, forward, params, between_passes);               \
   }
   TFM_EMULATE_HEAD_DIM(32)
   TFM_EMULATE_HEAD_DIM(64)
