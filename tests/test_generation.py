@@ -1,11 +1,15 @@
 """Generation: cached decoding equals uncached decoding token for token (greedy, sampling, beam search), the
 sampling controls do what they say, and bad arguments raise clear errors."""
 
+import copy
+import itertools
+import zlib
+
 import pytest
 import torch
 from threads import one_thread  # noqa: F401  (fixture)
 
-from tfm_kernels.models import EncoderDecoderTransformer, LMConfig, Seq2SeqConfig, TransformerLM, generation
+from tfm_kernels.models import EncoderDecoderTransformer, KVCache, LMConfig, Seq2SeqConfig, TransformerLM, generation
 from tfm_kernels.models.generation import beam_search, generate, greedy_decode, length_penalty
 from tfm_kernels.models.tokenizer import ByteTokenizer
 
@@ -77,6 +81,71 @@ def test_seq2seq_greedy_cached_equals_uncached(seq2seq):
     assert torch.equal(cached, greedy_decode(seq2seq, src, 15, use_cache=False))
 
 
+def test_seq2seq_greedy_cached_log_probs_follow_the_tolerance_rule(seq2seq, monkeypatch):
+    """Every cached decoding step's log-probabilities against a float64 model's on the same prefix: at most 2x
+    the error of the uncached float32 decoder. Token equality alone cannot fail here: this untrained model
+    repeats one token per row, and greedy decoding with the target positions reset to 0 in the cached path
+    decoded the same tokens."""
+    steps = []
+    log_probs = generation._Decoder.log_probs
+
+    def recording(self, prefix):
+        out = log_probs(self, prefix)
+        steps.append((prefix.clone(), out))
+        return out
+
+    monkeypatch.setattr(generation._Decoder, "log_probs", recording)
+    src = torch.randint(0, 256, (4, 9))
+    src[2, 5:] = seq2seq.config.pad_id
+    greedy_decode(seq2seq, src, 15)
+    oracle_model = copy.deepcopy(seq2seq).double()
+    assert len(steps) > 1
+    with torch.no_grad():
+        for prefix, cached in steps:
+            oracle = torch.log_softmax(oracle_model(src, prefix)[:, -1], dim=-1)
+            plain = torch.log_softmax(seq2seq(src, prefix)[:, -1].float(), dim=-1)
+            error, plain_error = ((t.double() - oracle).abs().max().item() for t in (cached, plain))
+            assert error <= 2 * plain_error + 1e-6, (prefix.shape[1], error, plain_error)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+def test_exhaustive_beam_search_finds_the_best_normalised_hypothesis(seq2seq, monkeypatch, alpha):
+    """A decoder with three possible tokens (two letters and eos) and a beam wide enough to keep every
+    hypothesis (31 at 4 steps): beam search must return the hypothesis of highest log-probability / length
+    penalty over all of them, found by enumeration, with that score. Hypotheses end at every length and beams
+    are reordered at every step, so this checks the bookkeeping of scores, lengths and finished beams that
+    the random models (whose best hypothesis ends at the first step or never) leave untested."""
+    config = seq2seq.config
+    letters, eos, K, steps = (97, 98), config.eos_id, 32, 4
+    live = torch.tensor([*letters, eos])
+
+    def table(row, prefix):  # log-probabilities of the next token, a fixed random draw per (row, prefix)
+        generator = torch.Generator().manual_seed(zlib.crc32(repr((row, prefix)).encode()))
+        out = torch.full((config.vocab_size,), float("-inf"))
+        out[live] = torch.log_softmax(2.0 * torch.randn(3, generator=generator), dim=0)
+        return out
+
+    monkeypatch.setattr(generation._Decoder, "log_probs", lambda self, prefix: torch.stack(
+        [table(index // K, tuple(row)) for index, row in enumerate(prefix.tolist())]))
+    src = torch.randint(97, 123, (2, 5))
+    tokens, scores = beam_search(seq2seq, src, steps, beam_size=K, alpha=alpha)
+    for row in range(2):
+        hypotheses = [(*body, eos) for n in range(steps) for body in itertools.product(letters, repeat=n)]
+        hypotheses += itertools.product(letters, repeat=steps)  # unfinished at the last step
+        best = None
+        for sequence in hypotheses:
+            prefix, total = (config.bos_id,), 0.0
+            for token in sequence:
+                total += table(row, prefix)[token].item()
+                prefix += (token,)
+            score = total / length_penalty(torch.tensor(float(len(sequence))), alpha).item()
+            if best is None or score > best[0]:
+                best = (score, sequence)
+        expected = list(best[1]) + [config.pad_id] * (tokens.shape[1] - len(best[1]))
+        assert tokens[row].tolist() == expected
+        assert scores[row].item() == pytest.approx(best[0], abs=1e-5)
+
+
 @pytest.mark.parametrize("beam_size", [1, 3, 5])
 def test_beam_search_cached_equals_uncached(seq2seq, beam_size):
     src = torch.randint(0, 256, (3, 8))
@@ -88,6 +157,38 @@ def test_beam_search_cached_equals_uncached(seq2seq, beam_size):
     if beam_size == 1:  # one beam is greedy decoding
         greedy = greedy_decode(seq2seq, src, 12)
         assert torch.equal(tokens[:, :greedy.shape[1]], greedy)
+
+
+def test_cache_reorder_copies_only_the_cached_positions():
+    """Beam search reorders the cache every step: the copy must follow the decoded length, not the capacity
+    (it gathered all max_length positions, so a short decode with a large max_length spent most of its time
+    there). Rows keep their values through reorders that also change the batch size."""
+    gathered = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if "index_select" in getattr(func, "__name__", ""):
+                gathered.append(args[0].shape)
+            return func(*args, **(kwargs or {}))
+
+    cache = KVCache(n_layers=2, max_length=64)
+    keys = torch.randn(2, 3, 4, 5, 8)  # (layer, B, H, positions, D)
+    values = torch.randn(2, 3, 4, 5, 8)
+    expected_k, expected_v = keys[:, :, :, :3], values[:, :, :, :3]
+    for layer in range(2):
+        cache.update(layer, keys[layer, :, :, :3], values[layer, :, :, :3])
+    cache.advance(3)
+    for rows in ([2, 0, 0], [1, 2, 2], [0, 2]):
+        rows = torch.tensor(rows)
+        with Record():
+            cache.reorder(rows)
+        expected_k, expected_v = expected_k[:, rows], expected_v[:, rows]
+        assert gathered and all(shape[3] == cache.length for shape in gathered), gathered
+        gathered.clear()
+    for layer in range(2):  # a step after the reorders appends to the reordered rows
+        k, v = cache.update(layer, keys[layer, :2, :, 3:4], values[layer, :2, :, 3:4])
+        torch.testing.assert_close(k, torch.cat([expected_k[layer], keys[layer, :2, :, 3:4]], 2), rtol=0, atol=0)
+        torch.testing.assert_close(v, torch.cat([expected_v[layer], values[layer, :2, :, 3:4]], 2), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -107,7 +208,8 @@ def test_seq2seq_decodes_as_many_tokens_as_the_model_holds(seq2seq, monkeypatch,
 
 def test_beam_search_scores_are_length_normalised_log_probabilities():
     """The returned score is the decoder's log-probability of the returned sequence (eos included) divided by
-    the length penalty; and it is at least the greedy sequence's normalised score on a model that ends."""
+    the length penalty (here the best hypotheses end at the first step: other lengths are checked by
+    test_exhaustive_beam_search_finds_the_best_normalised_hypothesis)."""
     config = Seq2SeqConfig.preset("tiny")
     model = EncoderDecoderTransformer(config).eval()
     with torch.no_grad():  # make eos likely so that hypotheses finish at different lengths
@@ -132,13 +234,38 @@ def test_beam_search_scores_are_length_normalised_log_probabilities():
     (dict(prompt_length=40, max_new_tokens=9), ValueError, "prompt length 40 \\+ max_new_tokens 9 exceeds"),
     (dict(prompt_length=0, max_new_tokens=1), ValueError, "prompt must hold at least one token"),
     (dict(prompt_length=3, max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0; got -1"),
-    (dict(prompt_length=3, max_new_tokens=2, temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(prompt_length=3, max_new_tokens=2, temperature=0.0), ValueError,
+     "temperature must be a finite number > 0 when sampling; got 0.0"),
+    (dict(prompt_length=3, max_new_tokens=2, temperature=float("inf"), top_k=3), ValueError,
+     "temperature must be a finite number > 0 when sampling; got inf"),
+    (dict(prompt_length=3, max_new_tokens=2, temperature="0.5"), ValueError,
+     "temperature must be a finite number > 0 when sampling; got '0.5'"),
+    (dict(prompt_length=3, max_new_tokens=2, generator=123), ValueError,
+     "generator must be a torch.Generator on cpu or None; got int"),
     (dict(prompt_length=3, max_new_tokens=2, top_k=0), ValueError, "top_k must be an int >= 1; got 0"),
 ])
 def test_generate_rejects_bad_arguments(lm, kwargs, error, message):
     prompt = torch.zeros(1, kwargs.pop("prompt_length"), dtype=torch.int64)
     with pytest.raises(error, match=message):
         generate(lm, prompt, kwargs.pop("max_new_tokens"), **kwargs)
+
+
+def test_decoding_rejects_inputs_on_another_device_than_the_model():
+    """An id tensor on another device than the model is named with both devices (it failed inside the
+    embedding or the attention, naming key_lengths for a src on the wrong device). The meta device stands in
+    for a GPU on machines without one."""
+    lm = TransformerLM(LMConfig.preset("tiny", context_length=16)).to("meta")
+    with pytest.raises(ValueError, match="prompt must be on the model's device meta; got cpu"):
+        generate(lm, torch.zeros(1, 3, dtype=torch.int64), 2, greedy=True)
+    seq2seq = EncoderDecoderTransformer(Seq2SeqConfig.preset("tiny", max_length=16)).to("meta")
+    src = torch.randint(97, 123, (1, 5))
+    for decode in (greedy_decode, beam_search):
+        with pytest.raises(ValueError, match="src must be on the model's device meta; got cpu"):
+            decode(seq2seq, src, 3)
+    seq2seq = EncoderDecoderTransformer(Seq2SeqConfig.preset("tiny", max_length=16))
+    for decode in (greedy_decode, beam_search):
+        with pytest.raises(ValueError, match="src_lengths must be on the model's device cpu; got meta"):
+            decode(seq2seq, src, 3, src_lengths=torch.tensor([5], device="meta"))
 
 
 def test_seq2seq_decoding_rejects_bad_arguments(seq2seq):
@@ -173,6 +300,29 @@ def test_seq2seq_decoding_rejects_bad_source_lengths(seq2seq, src_lengths, messa
     for decode in (greedy_decode, beam_search):
         with pytest.raises(ValueError, match=message):
             decode(seq2seq, src, 4, src_lengths=src_lengths)
+
+
+def test_cache_rejects_steps_unlike_its_first_and_bad_sizes():
+    """A cache holds one batch, head layout, dtype and device: a step that differs is named with both (it failed
+    in the copy with torch's message, or, for a float32 step after a bfloat16 autocast prefill, was cast
+    silently and failed in attention naming query/key/value); a capacity < 1 is refused (new_cache(0) gave the
+    context length)."""
+    model = TransformerLM(LMConfig.preset("tiny", context_length=16))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(torch.randint(0, 256, (3, 4)), cache)
+        with pytest.raises(ValueError, match=r"KVCache holds keys \(B=3, H=4, n, D=16\).* of torch.float32 on "
+                                             r"cpu; got keys \(2, 4, 1, 16\) torch.float32"):
+            model(torch.randint(0, 256, (2, 1)), cache)
+        cache = model.new_cache()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randint(0, 256, (3, 4)), cache)
+        with pytest.raises(ValueError, match=r"of torch.bfloat16 on cpu; got keys \(3, 4, 1, 16\) torch.float32"):
+            model(torch.randint(0, 256, (3, 1)), cache)
+    assert cache.length == 4
+    for max_length in (0, -3, 2.0):
+        with pytest.raises(ValueError, match=f"KVCache max_length must be an int >= 1; got {max_length}"):
+            model.new_cache(max_length)
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -0.5])

@@ -2,6 +2,8 @@
 
 import torch
 
+from .config import is_int
+
 
 class KVCache:
     """Keys and values of every layer's self-attention for the tokens decoded so far.
@@ -13,11 +15,15 @@ class KVCache:
     rows — and then `advance(n)` once. `reorder(indices)` selects batch rows (beam search)."""
 
     def __init__(self, n_layers: int, max_length: int):
+        for name, value in (("n_layers", n_layers), ("max_length", max_length)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"KVCache {name} must be an int >= 1; got {value!r}")
         self.n_layers = n_layers
         self.max_length = max_length
         self.length = 0
         self.keys = None
         self.values = None
+        self._spare = None  # (keys, values) that `reorder` gathers into
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Writes k, v (B, H, n, D) at positions [length, length + n) of `layer`; returns the cached keys and
@@ -32,16 +38,41 @@ class KVCache:
             shape = (self.n_layers, B, H, self.max_length, D)
             self.keys = k.new_empty(shape)
             self.values = v.new_empty(shape[:-1] + (v.shape[-1],))
+        else:
+            self._check_like_cached(k, v)
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, H, end, D) views
+
+    def _check_like_cached(self, k, v):
+        """ValueError unless k, v (B, H, n, D) match the cached rows, heads, head dims, dtype and device (a batch
+        of another size failed in the copy with torch's message; another dtype, after an autocast prefill, was
+        cast silently and failed later in attention)."""
+        _, B, H, _, D = self.keys.shape
+        Dv = self.values.shape[-1]
+        given = (k.shape[0], k.shape[1], k.shape[3], v.shape[0], v.shape[1], v.shape[3], k.dtype, v.dtype,
+                 k.device, v.device)
+        if given != (B, H, D, B, H, Dv, self.keys.dtype, self.keys.dtype, self.keys.device, self.keys.device):
+            raise ValueError(
+                f"KVCache holds keys (B={B}, H={H}, n, D={D}) and values (B={B}, H={H}, n, D={Dv}) of "
+                f"{self.keys.dtype} on {self.keys.device}; got keys {tuple(k.shape)} {k.dtype} on {k.device} and "
+                f"values {tuple(v.shape)} {v.dtype} on {v.device}"
+            )
 
     def advance(self, n: int):
         """Marks n more positions as cached (after every layer has written them)."""
         self.length += n
 
     def reorder(self, indices: torch.Tensor):
-        """Keeps batch rows `indices` (B',) in order: beam search follows each surviving beam's parent."""
-        if self.keys is not None:
-            self.keys = self.keys.index_select(1, indices)
-            self.values = self.values.index_select(1, indices)
+        """Keeps batch rows `indices` (B',) in order: beam search follows each surviving beam's parent. The rows
+        are gathered into a second pair of buffers, kept for the next reorder, and only the cached positions are
+        copied: a reorder costs what has been decoded, not the capacity."""
+        if self.keys is None:
+            return
+        if self._spare is None or self._spare[0].shape[1] != indices.shape[0]:
+            self._spare = tuple(t.new_empty((t.shape[0], indices.shape[0], *t.shape[2:]))
+                                for t in (self.keys, self.values))
+        cached = slice(0, self.length)
+        for spare, buffer in zip(self._spare, (self.keys, self.values)):
+            spare[:, :, :, cached] = buffer[:, :, :, cached].index_select(1, indices)
+        self._spare, (self.keys, self.values) = (self.keys, self.values), self._spare

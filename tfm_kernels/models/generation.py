@@ -5,6 +5,7 @@ path must equal token for token). These entry points check their token ids again
 forward does not: its check would wait for the GPU at every training step)."""
 
 import math
+import numbers
 
 import torch
 
@@ -25,6 +26,14 @@ def _check_token_ids(name, ids, vocab_size):
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{name} must hold token ids in [0, vocab_size={vocab_size}); got ids from {low} to "
                              f"{high}")
+
+
+def _check_device(name, tensor, model):
+    """ValueError naming `name` unless `tensor` is on the model's device (the embedding lookup would fail with
+    torch's message, naming neither the argument nor the devices' owners)."""
+    device = next(model.parameters()).device
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on the model's device {device}; got {tensor.device}")
 
 
 def _next_token(logits, greedy, temperature, top_k, generator):
@@ -79,6 +88,7 @@ def generate(
         )
     if prompt.shape[1] == 0:
         raise ValueError("prompt must hold at least one token; got length 0")
+    _check_device("prompt", prompt, model)
     _check_token_ids("prompt", prompt, model.config.vocab_size)
     _check_count("max_new_tokens", max_new_tokens, 0)
     context = model.config.context_length
@@ -89,8 +99,14 @@ def generate(
             f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
             f"context length {context}"
         )
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling; got {temperature!r}")
+    # inf would make every scaled logit 0: a uniform draw over the whole vocabulary, top_k included.
+    if not greedy and (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+                       or not (math.isfinite(temperature) and temperature > 0)):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling; got {temperature!r}")
+    if not greedy and generator is not None:
+        if not isinstance(generator, torch.Generator) or generator.device.type != prompt.device.type:
+            raise ValueError(f"generator must be a torch.Generator on {prompt.device.type} or None; got "
+                             f"{getattr(generator, 'device', type(generator).__name__)}")
     if top_k is not None:
         _check_count("top_k", top_k)
 
@@ -143,10 +159,12 @@ def _check_source(model, src, max_length, src_lengths):
         raise ValueError(
             f"src length {src.shape[1]} exceeds the model's max_length {model.config.max_length}"
         )
+    _check_device("src", src, model)
     _check_token_ids("src", src, model.config.vocab_size)
     if src_lengths is not None:
         B, S = src.shape
         check_src_lengths(src_lengths, B)
+        _check_device("src_lengths", src_lengths, model)
         if B:
             low, high = (bound.item() for bound in torch.aminmax(src_lengths))
             if low < 0 or high > S:

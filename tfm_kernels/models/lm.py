@@ -74,7 +74,7 @@ class TransformerLM(nn.Module):
 
     def new_cache(self, max_length: int | None = None) -> KVCache:
         """An empty key/value cache for up to `max_length` (default: the context length) positions."""
-        return KVCache(self.config.n_layers, max_length or self.config.context_length)
+        return KVCache(self.config.n_layers, self.config.context_length if max_length is None else max_length)
 
     def forward(self, tokens, cache: KVCache | None = None):
         past = cache.length if cache is not None else 0

@@ -149,7 +149,7 @@ class EncoderDecoderTransformer(nn.Module):
 
     def new_cache(self, max_length: int | None = None) -> KVCache:
         """An empty self-attention cache of the decoder for `max_length` (default: config's) positions."""
-        return KVCache(self.config.n_decoder_layers, max_length or self.config.max_length)
+        return KVCache(self.config.n_decoder_layers, self.config.max_length if max_length is None else max_length)
 
     def decode(self, tgt, memory_kv, src_lengths, cache: KVCache | None = None):
         """tgt (B, T) -> logits (B, T, vocab_size). memory_kv: the list from `memory_kv`, or the memory
