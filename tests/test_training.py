@@ -695,6 +695,10 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
         generate_main(["--checkpoint", str(tmp_path), "--prompt", "x" * 17, "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "--prompt is 17 bytes, longer than the model's context length 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # by default as many bytes as fit: none fits
+        generate_main(["--checkpoint", str(tmp_path), "--prompt", "x" * 16, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "--prompt is 16 bytes and fills the model's context length: no byte fits" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--preset", "enormous"])
     assert exit_info.value.code == 2

@@ -239,7 +239,11 @@ def generate_main(argv=None):
         prompt = _encode_prompt(args.prompt, model_config.context_length).to(device)  # (1, T)
         new_tokens = args.max_new_tokens
         if new_tokens is None:
-            new_tokens = min(DEFAULT_NEW_TOKENS, model_config.context_length - prompt.shape[1])
+            room = model_config.context_length - prompt.shape[1]
+            if room == 0:
+                raise ValueError(f"--prompt is {prompt.shape[1]} bytes and fills the model's context length: "
+                                 f"no byte fits after it")
+            new_tokens = min(DEFAULT_NEW_TOKENS, room)
         generator = torch.Generator(device=device).manual_seed(DEFAULT_SEED if args.seed is None else args.seed)
         tokens = generate(
             model,
