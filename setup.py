@@ -108,7 +108,8 @@ def cublaslt_library(library_dirs):
 
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
+    # -g0 over Python's own -g: the CPU-only library is 0.5 MB instead of 18.6 MB
+    cxx = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
     cxx += ["-fopenmp", "-fno-trapping-math", "-DTFM_KERNELS_VERSION=\"0.1.0\""]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda(CUDA_HOME):

@@ -304,7 +304,7 @@ def test_commit_is_that_of_the_package_checkout_only(tmp_path, monkeypatch):
     git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     (project / "tracked").write_text("a")
-    record = project / report.DEFAULT_RECORD
+    record = project / report.RESULTS_FOLDER / "bench.jsonl"
     record.parent.mkdir(parents=True)
     record.write_text("{}\n")
     subprocess.run([*git, "add", "tracked", str(record)], check=True)
@@ -422,6 +422,15 @@ def test_unwritable_output_paths_fail_before_measuring(tmp_path, flag, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.parse_args(["--device", "cpu", flag, target])
     assert stop.value.code == 2 and f"{flag}: cannot write in" in capsys.readouterr().err
+
+
+def test_the_default_record_is_in_the_checkout_and_none_for_an_installed_package(tmp_path, monkeypatch):
+    """A run from a checkout appends to its benchmarks/results/bench.jsonl wherever it starts; an installed
+    package (no benchmarks/ beside it) writes no record unless --json names one."""
+    expected = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench.jsonl"
+    assert cli.parse_args(["--device", "cpu"]).json == str(expected)
+    monkeypatch.setattr(report, "PACKAGE_PARENT", tmp_path / "site-packages")
+    assert cli.parse_args(["--device", "cpu"]).json == ""
 
 
 @pytest.mark.parametrize("target", ["directory", "read-only file"])

@@ -5,7 +5,8 @@ time budget (--budget; compiled peers are measured last) (--full adds the sequen
 everywhere, torch's math backend, nn.MultiheadAttention and whole models, with no budget).
 Without one: a correctness self-check of every operator that can run here, then a CPU timing table against
 torch's CPU implementations. The Markdown table goes to stdout, last; progress to stderr; a JSON record of
-the run is appended to --json (default benchmarks/results/bench.jsonl)."""
+the run is appended to --json (default benchmarks/results/bench.jsonl of the package's checkout; none for an
+installed package)."""
 
 import argparse
 import json
@@ -97,8 +98,9 @@ def parse_args(argv):
         "--json",
         "--out",
         dest="json",
-        default=str(report.DEFAULT_RECORD),
-        help="append the run's JSON record to this file (JSON Lines); '' for none",
+        default=report.default_record(),
+        help="append the run's JSON record to this file (JSON Lines); '' for none (default: "
+        "benchmarks/results/bench.jsonl of the package's checkout; none for an installed package)",
     )
     parser.add_argument(
         "--plot", default=None, metavar="DIR", help="write attention PNG plots here (matplotlib)"

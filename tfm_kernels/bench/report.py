@@ -13,8 +13,15 @@ from pathlib import Path
 import torch
 
 RESULTS_FOLDER = Path("benchmarks") / "results"
-DEFAULT_RECORD = RESULTS_FOLDER / "bench.jsonl"
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding tfm_kernels/: a checkout's top level
+
+
+def default_record() -> str:
+    """Where a run's record goes by default: benchmarks/results/bench.jsonl of the package's checkout, or
+    nowhere ("") for an installed package, whose runs would otherwise write into whatever folder they start in."""
+    if not (PACKAGE_PARENT / "benchmarks" / "RESULTS.md").is_file():
+        return ""
+    return str(PACKAGE_PARENT / RESULTS_FOLDER / "bench.jsonl")
 
 
 def _git(*args) -> str | None:
