@@ -13,6 +13,7 @@ import glob
 import importlib.machinery
 import inspect
 import os
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -348,7 +349,12 @@ def _register_autograd_kernel(name, backward, setup_context=None):
                 f"their torch backend there")
         return autograd_kernel(keyset, *args)
 
-    _AUTOGRAD_KERNELS.impl(name, kernel, "Autograd", with_keyset=True)
+    # A Triton op (torch.library.custom_op) has its own Autograd kernel, which this one replaces: torch before 2.14
+    # refuses a second Python kernel for a key unless the first is forgotten, and warns of the C++ override.
+    torch.library._impls.discard(f"tfm_kernels/{name}/Autograd")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Warning only once for all operators")
+        _AUTOGRAD_KERNELS.impl(name, kernel, "Autograd", with_keyset=True)
 
 
 def _register_first_derivative_op(name):
