@@ -50,9 +50,8 @@ class KVCache:
         cast silently and failed later in attention)."""
         _, B, H, _, D = self.keys.shape
         Dv = self.values.shape[-1]
-        given = (k.shape[0], k.shape[1], k.shape[3], v.shape[0], v.shape[1], v.shape[3], k.dtype, v.dtype,
-                 k.device, v.device)
-        if given != (B, H, D, B, H, Dv, self.keys.dtype, self.keys.dtype, self.keys.device, self.keys.device):
+        held = [(t.shape[1:3], t.shape[4], t.dtype, t.device) for t in (self.keys, self.values)]
+        if [(t.shape[:2], t.shape[3], t.dtype, t.device) for t in (k, v)] != held:
             raise ValueError(
                 f"KVCache holds keys (B={B}, H={H}, n, D={D}) and values (B={B}, H={H}, n, D={Dv}) of "
                 f"{self.keys.dtype} on {self.keys.device}; got keys {tuple(k.shape)} {k.dtype} on {k.device} and "

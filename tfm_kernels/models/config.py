@@ -23,6 +23,11 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_real(value) -> bool:
+    """Whether `value` is a real number and not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_token_ids(name, tokens):
     """Token ids (batch, length) of int64 or int32 (their values are not checked: that would wait for the GPU)."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
@@ -41,7 +46,7 @@ def check_real(config, name, holds, expected):
     """Makes config.name a plain float (a numpy scalar would make a checkpoint that torch.load's weights_only
     mode refuses) if it is a real number, not a bool, for which `holds(value)`; else ValueError saying `expected`."""
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not holds(float(value)):
+    if not is_real(value) or not holds(float(value)):
         raise ValueError(f"{type(config).__name__}.{name} must be {expected}; got {value!r}")
     setattr(config, name, float(value))
 

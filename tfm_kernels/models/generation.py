@@ -5,11 +5,10 @@ path must equal token for token). These entry points check their token ids again
 forward does not: its check would wait for the GPU at every training step)."""
 
 import math
-import numbers
 
 import torch
 
-from .config import is_int
+from .config import is_int, is_real
 from .lm import TransformerLM
 from .seq2seq import EncoderDecoderTransformer, check_src_lengths
 
@@ -100,8 +99,7 @@ def generate(
             f"context length {context}"
         )
     # inf would make every scaled logit 0: a uniform draw over the whole vocabulary, top_k included.
-    if not greedy and (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-                       or not (math.isfinite(temperature) and temperature > 0)):
+    if not greedy and not (is_real(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0 when sampling; got {temperature!r}")
     if not greedy and generator is not None:
         if not isinstance(generator, torch.Generator) or generator.device.type != prompt.device.type:
