@@ -573,6 +573,32 @@ def test_replay_of_a_malformed_record_names_what_is_wrong(tmp_path, line, messag
         cli.main(["--replay", str(record)])
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("median_ms", None, r"rows\[0\]\.median_ms \(expected a number in an ok row; got None\)"),
+    ("ratio", "x", r"rows\[0\]\.ratio \(expected a number or null; got 'x'\)"),
+    ("ratio", 0.0, r"rows\[0\]\.ratio \(expected a number > 0 or null; got 0\.0\)"),
+    ("value", "fast", r"rows\[0\]\.value \(expected a number or null; got 'fast'\)"),
+    ("unit", None, r"rows\[0\]\.unit \(expected text; got None\)"),
+])
+def test_replay_of_a_record_with_a_mistyped_field_names_it(tmp_path, field, value, message):
+    """Fields present but of another type failed in the table's formatting with a traceback."""
+    row = {**suite._empty_row(_case(), suite.Provider("p", True, None)), "status": "ok", "median_ms": 1.0,
+           "p20_ms": 1.0, "p80_ms": 1.0, "value": 1.0, "ratio": 1.0}
+    record = tmp_path / "r.jsonl"
+    record.write_text(json.dumps({**report.environment("cpu"), "rows": [{**row, field: value}]}) + "\n")
+    with pytest.raises(SystemExit, match=rf"^--replay: {re.escape(str(record))} line 1 \(run -1\): the record has "
+                                         rf"{message}"):
+        cli.main(["--replay", str(record)])
+
+
+def test_replay_of_a_file_that_is_not_text_names_it(tmp_path):
+    record = tmp_path / "r.jsonl"
+    record.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(SystemExit, match=rf"^--replay: {re.escape(str(record))} is not a JSON Lines record \(not "
+                                         rf"UTF-8"):
+        cli.main(["--replay", str(record)])
+
+
 def test_an_extension_missing_or_failing_to_import_is_named_so(tmp_path, monkeypatch):
     """A package without its compiled extension reports it as not built, with how to build it, rather than
     Python's guess of a circular import; one whose file is there but does not load says it fails to import, which

@@ -325,6 +325,19 @@ def test_cache_rejects_steps_unlike_its_first_and_bad_sizes():
             model.new_cache(max_length)
 
 
+def test_beam_search_takes_a_numpy_length_penalty(seq2seq):
+    """alpha accepts the real numbers temperature and the configs accept (it refused np.float32(0.6) as "not a
+    finite number >= 0")."""
+    import numpy as np
+
+    src = torch.randint(97, 123, (1, 5))
+    for alpha in (np.float32(0.6), np.float64(0.6)):
+        tokens, scores = beam_search(seq2seq, src, 4, alpha=alpha)
+        expected_tokens, expected_scores = beam_search(seq2seq, src, 4, alpha=0.6)
+        assert torch.equal(tokens, expected_tokens)
+        torch.testing.assert_close(scores, expected_scores)
+
+
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -0.5])
 def test_beam_search_rejects_a_length_penalty_that_is_not_finite_and_non_negative(seq2seq, alpha):
     with pytest.raises(ValueError, match=f"alpha must be a finite number >= 0; got {alpha}"):

@@ -765,6 +765,8 @@ def test_gated_mlp_refuses_gate_and_up_of_other_shapes(gate_rows, up_rows, colum
     weight = without_bias.gate_up_proj.weight.clone()
     with pytest.raises(ValueError, match="gate_bias and up_bias must both be given iff the module has biases"):
         without_bias.load_gate_up(torch.ones(32, 16), torch.ones(32, 16), bias, bias)
+    with pytest.raises(TypeError, match=r"gate_weight must be a tensor of shape \(32, 16\); got None"):
+        without_bias.load_gate_up(None, torch.ones(32, 16))
     assert torch.equal(without_bias.gate_up_proj.weight, weight)
     assert torch.equal(module.gate_up_proj.weight, before["gate_up_proj.weight"])  # torch loads down_proj
 

@@ -159,6 +159,24 @@ def test_cache_errors_when_full_and_reorders_rows():
     torch.testing.assert_close(cache.keys[0], k[[2, 2, 0]], rtol=0, atol=0)
 
 
+def test_cache_rejects_a_first_step_whose_keys_and_values_disagree_and_layers_it_lacks():
+    """The first update has no buffers to compare with: a v of another batch or length was broadcast into them
+    silently, and a model with more layers than its cache failed with an IndexError."""
+    k = torch.randn(2, 2, 3, 4)
+    for v in (torch.randn(1, 2, 3, 4), torch.randn(2, 2, 1, 4), k.half()):
+        with pytest.raises(ValueError, match=r"KVCache k and v must agree in \(B, H, n\), dtype and device"):
+            KVCache(n_layers=1, max_length=8).update(0, k, v)
+    for layer in (1, -1):
+        with pytest.raises(ValueError, match=rf"KVCache layer must be an int in \[0, n_layers=1\); got {layer}"):
+            KVCache(n_layers=1, max_length=8).update(layer, k, k)
+    model = TransformerLM(LMConfig.preset("tiny", context_length=8))
+    with pytest.raises(ValueError, match=r"KVCache layer must be an int in \[0, n_layers=1\); got 1"):
+        model(torch.zeros(1, 3, dtype=torch.int64), KVCache(n_layers=1, max_length=8))
+    cache = KVCache(n_layers=1, max_length=8)
+    keys, values = cache.update(0, k, torch.randn(2, 2, 3, 6))  # Ev may differ from E
+    assert values.shape == (2, 2, 3, 6)
+
+
 @pytest.mark.parametrize("model_class", [TransformerLM, TorchLM])
 def test_lm_rejects_sequences_longer_than_the_context(model_class):
     """Also the torch-layer baseline: past its position table it would fail in an embedding lookup (a

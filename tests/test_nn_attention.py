@@ -356,6 +356,22 @@ def test_bad_input():
         ours(x, x[:1], x[:1])
     with pytest.raises(RuntimeError, match="is_causal=True is a hint that attn_mask is causal and needs it"):
         ours(x, x, x, is_causal=True)
+    # a mask on another device (a meta tensor stands in for a CPU mask beside CUDA inputs) is named, on both paths
+    for need_weights in (True, False):
+        with pytest.raises(ValueError, match=r"key_padding_mask must be on query's device cpu; got meta"):
+            ours(x, x, x, key_padding_mask=torch.zeros(N, L, dtype=torch.bool, device="meta"),
+                 need_weights=need_weights)
+        with pytest.raises(ValueError, match=r"attn_mask must be on query's device cpu; got meta"):
+            ours(x, x, x, attn_mask=torch.zeros(L, L, device="meta"), need_weights=need_weights)
+    # dropout outside [0, 1] ran without dropout with need_weights=True and was named dropout_p otherwise
+    for dropout in (-0.5, 1.5):
+        with pytest.raises(ValueError, match=rf"dropout must be a float in \[0, 1\]; got {dropout}"):
+            MultiheadAttention(E, H, dropout=dropout)
+        patched = tfm_kernels.patch(torch_mha := nn.MultiheadAttention(E, H, dropout=dropout, batch_first=True))
+        assert patched.swapped
+        for need_weights in (True, False):
+            with pytest.raises(ValueError, match=rf"dropout must be a float in \[0, 1\]; got {dropout}"):
+                torch_mha.train()(x, x, x, need_weights=need_weights)
 
 
 @pytest.mark.gpu

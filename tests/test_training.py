@@ -181,6 +181,25 @@ def test_malformed_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, cont
     assert error.splitlines()[-1] == f"python -m tfm_kernels generate: error: {str(path)!r} {message}"
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda saved: {**saved, "config": {**saved["config"], "rope": True}},
+     r"holds a model configuration this version cannot build: LMConfig has no fields \['rope'\]"),
+    (lambda saved: {**saved, "config": "tiny"}, r"is not a tfm_kernels checkpoint: its config is a str, not a dict"),
+    (lambda saved: {**saved, "config": {**saved["config"], "d_ff": 128}},
+     r"holds weights that do not fit its model configuration: Error\(s\) in loading state_dict for TransformerLM"),
+    (lambda saved: {**saved, "model": {}}, r"holds weights that do not fit its model configuration: .*Missing key"),
+], ids=["unknown-field", "config-not-a-dict", "weights-unlike-config", "no-weights"])
+def test_generate_from_an_inconsistent_checkpoint_is_one_line(lm_checkpoint, capsys, change, message):
+    """A checkpoint whose config has a field this version lacks, or whose weights do not fit its config, ended
+    with a TypeError or load_state_dict's RuntimeError traceback (exit status 1)."""
+    path = os.path.join(lm_checkpoint, checkpoint.CHECKPOINT_NAME)
+    torch.save(change(torch.load(path, weights_only=True)), path)
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--checkpoint", lm_checkpoint, "--device", "cpu", "--max-new-tokens", "1"])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+
+
 RESUMABLE = dict(batch_size=2, lr=1e-3, warmup_steps=2, eval_windows=2)
 
 

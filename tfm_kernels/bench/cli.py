@@ -261,6 +261,8 @@ def _load_run(record_path, index) -> dict:
                  if line.strip()]
     except OSError as error:
         raise SystemExit(f"--replay: cannot read {record_path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise SystemExit(f"--replay: {record_path} is not a JSON Lines record (not UTF-8 text: {error})") from None
     if not -len(lines) <= index < len(lines):
         raise SystemExit(f"--run {index}: {record_path} holds {len(lines)} run(s)")
     number, line = lines[index]
@@ -276,7 +278,36 @@ def _load_run(record_path, index) -> dict:
                 for field in report.ROW_FIELDS if not isinstance(row, dict) or field not in row]
     if missing:
         raise SystemExit(f"{where}: the record lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    wrong = [f"rows[{i}].{problem}" for i, row in enumerate(run["rows"]) for problem in _row_type_problems(row)]
+    if wrong:
+        raise SystemExit(f"{where}: the record has {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
     return run
+
+
+_ROW_TEXT_FIELDS = ("suite", "config", "mode", "provider", "unit", "status", "reason")
+_ROW_NUMBER_FIELDS = ("median_ms", "p20_ms", "p80_ms", "value", "peak_mib", "ratio", "host_ms")  # or None
+_ROW_OK_NUMBER_FIELDS = ("median_ms", "p20_ms", "p80_ms", "value")  # what an "ok" row's table cells print
+
+
+def _row_type_problems(row) -> list[str]:
+    """What in a replayed row the table and plots cannot print: "field (expected ...; got ...)" each."""
+    def is_number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    problems = [f"{field} (expected text; got {row[field]!r})" for field in _ROW_TEXT_FIELDS
+                if not isinstance(row[field], str)]
+    if not isinstance(row["ours"], bool):
+        problems.append(f"ours (expected true or false; got {row['ours']!r})")
+    if not isinstance(row["shape"], dict):
+        problems.append(f"shape (expected an object; got {row['shape']!r})")
+    problems += [f"{field} (expected a number or null; got {row[field]!r})" for field in _ROW_NUMBER_FIELDS
+                 if row.get(field) is not None and not is_number(row[field])]
+    if row["status"] == "ok":
+        problems += [f"{field} (expected a number in an ok row; got {row[field]!r})" for field in _ROW_OK_NUMBER_FIELDS
+                     if not is_number(row[field])]
+    if is_number(row["ratio"]) and not row["ratio"] > 0:  # the summary takes its logarithm
+        problems.append(f"ratio (expected a number > 0 or null; got {row['ratio']!r})")
+    return problems
 
 
 def _save_record(path, env, rows, checks) -> bool:

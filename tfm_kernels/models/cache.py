@@ -28,6 +28,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Writes k, v (B, H, n, D) at positions [length, length + n) of `layer`; returns the cached keys and
         values (B, H, length + n, D) of that layer as views."""
+        self._check_step(layer, k, v)
         B, H, n, D = k.shape
         end = self.length + n
         if end > self.max_length:
@@ -38,20 +39,31 @@ class KVCache:
             shape = (self.n_layers, B, H, self.max_length, D)
             self.keys = k.new_empty(shape)
             self.values = v.new_empty(shape[:-1] + (v.shape[-1],))
-        else:
-            self._check_like_cached(k, v)
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, H, end, D) views
 
-    def _check_like_cached(self, k, v):
-        """ValueError unless k, v (B, H, n, D) match the cached rows, heads, head dims, dtype and device (a batch
-        of another size failed in the copy with torch's message; another dtype, after an autocast prefill, was
-        cast silently and failed later in attention)."""
+    def _check_step(self, layer, k, v):
+        """ValueError unless `layer` is one of the cache's and k, v are (B, H, n, D) / (B, H, n, Dv) tensors that
+        agree in everything but the head dim and match what the cache holds. Without it, a v of another batch or
+        length was broadcast into the buffers silently, a layer past the last failed with an IndexError, a batch
+        of another size failed in the copy with torch's message, and another dtype (after an autocast prefill)
+        was cast silently and failed later in attention."""
+        if not is_int(layer) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"KVCache layer must be an int in [0, n_layers={self.n_layers}); got {layer!r}")
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"KVCache {name} must be a 4-D (B, H, n, D) tensor; got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+        if k.shape[:3] != v.shape[:3] or k.dtype != v.dtype or k.device != v.device:
+            raise ValueError(f"KVCache k and v must agree in (B, H, n), dtype and device; got keys {tuple(k.shape)} "
+                             f"{k.dtype} on {k.device} and values {tuple(v.shape)} {v.dtype} on {v.device}")
+        if self.keys is None:
+            return
         _, B, H, _, D = self.keys.shape
         Dv = self.values.shape[-1]
-        held = [(t.shape[1:3], t.shape[4], t.dtype, t.device) for t in (self.keys, self.values)]
-        if [(t.shape[:2], t.shape[3], t.dtype, t.device) for t in (k, v)] != held:
+        if (k.shape[:2], k.shape[3], v.shape[3], k.dtype, k.device) != ((B, H), D, Dv, self.keys.dtype,
+                                                                        self.keys.device):
             raise ValueError(
                 f"KVCache holds keys (B={B}, H={H}, n, D={D}) and values (B={B}, H={H}, n, D={Dv}) of "
                 f"{self.keys.dtype} on {self.keys.device}; got keys {tuple(k.shape)} {k.dtype} on {k.device} and "

@@ -93,6 +93,10 @@ def load_checkpoint(path: str, kind: str | None = None, config=None, map_locatio
     missing = [name for name in FIELDS if name not in checkpoint]
     if missing:
         raise ValueError(f"{path!r} is not a complete tfm_kernels checkpoint: it has no {', '.join(missing)}")
+    for name in ("config", "model"):
+        if not isinstance(checkpoint[name], dict):
+            raise ValueError(f"{path!r} is not a tfm_kernels checkpoint: its {name} is a "
+                             f"{type(checkpoint[name]).__name__}, not a dict")
     if kind is not None and checkpoint["kind"] != kind:
         raise ValueError(f"checkpoint {path!r} holds a {checkpoint['kind']!r} model; expected {kind!r}")
     if config is not None:
@@ -109,3 +113,13 @@ def load_checkpoint(path: str, kind: str | None = None, config=None, map_locatio
                 + ")"
             )
     return checkpoint
+
+
+def load_model(module: torch.nn.Module, checkpoint: dict, path: str):
+    """Loads checkpoint["model"] into `module`; ValueError naming the checkpoint where its weights do not fit the
+    module built from its config (load_state_dict's RuntimeError would end the command lines with a traceback)."""
+    try:
+        module.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {path!r} holds weights that do not fit its model configuration: "
+                         f"{' '.join(str(error).split())}") from error

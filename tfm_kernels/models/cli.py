@@ -232,9 +232,13 @@ def generate_main(argv=None):
     def job(start):
         device = distributed.resolve_device(args.device)
         saved = checkpoint.load_checkpoint(args.checkpoint, kind="lm")
-        model_config = LMConfig.from_dict(saved["config"])
+        try:
+            model_config = LMConfig.from_dict(saved["config"])
+        except ValueError as error:
+            raise ValueError(f"checkpoint {args.checkpoint!r} holds a model configuration this version cannot "
+                             f"build: {error}") from error
         model = TransformerLM(model_config)
-        model.load_state_dict(saved["model"])
+        checkpoint.load_model(model, saved, args.checkpoint)
         model.to(device).eval()
         prompt = _encode_prompt(args.prompt, model_config.context_length).to(device)  # (1, T)
         new_tokens = args.max_new_tokens

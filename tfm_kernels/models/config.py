@@ -102,7 +102,13 @@ class _Presets:
 
     @classmethod
     def from_dict(cls, values: dict):
-        """The config of a to_dict() result, validated again."""
+        """The config of a to_dict() result, validated again (ValueError for anything but a mapping of its fields,
+        e.g. a checkpoint's config written by another version, rather than a TypeError from the constructor)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{cls.__name__}.from_dict expects a dict of its fields; got {type(values).__name__}")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {unknown}")
         return cls(**values)
 
 

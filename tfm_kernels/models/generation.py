@@ -224,7 +224,7 @@ def beam_search(
     """
     _check_source(model, src, max_length, src_lengths)
     _check_count("beam_size", beam_size)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
+    if not is_real(alpha) or not (math.isfinite(alpha) and alpha >= 0):  # is_real: NumPy scalars too, as temperature
         raise ValueError(f"alpha must be a finite number >= 0; got {alpha!r}")
     config = model.config
     B, K = src.shape[0], beam_size
@@ -255,6 +255,6 @@ def beam_search(
         finished = finished[parent] | (next_token == config.eos_id)
         if finished.all():
             break
-    normalised = scores.flatten() / length_penalty(lengths, alpha)  # (B*K,)
+    normalised = scores.flatten() / length_penalty(lengths, float(alpha))  # (B*K,)
     best = normalised.view(B, K).argmax(dim=-1) + torch.arange(B, device=device) * K  # (B,)
     return tokens[best, 1:], normalised[best]

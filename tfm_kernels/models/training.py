@@ -264,7 +264,7 @@ class Trainer:
                 options=StateDictOptions(full_state_dict=True),
             )
         else:
-            self.module.load_state_dict(checkpoint["model"])
+            ckpt.load_model(self.module, checkpoint, ckpt.checkpoint_path(self.config.checkpoint_dir))
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.step = checkpoint["step"]

@@ -33,6 +33,13 @@ def _split_heads(x, num_heads, batch_first):
     return x.permute(0, 2, 1, 3) if batch_first else x.permute(1, 2, 0, 3)  # (N, H, L, D)
 
 
+def _check_dropout(dropout):
+    """torch's MultiheadAttention takes any dropout and applies it only with need_weights=False through SDPA, so a
+    negative one ran without dropout on the need_weights=True path and failed naming dropout_p on the other."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1]; got {dropout!r}")
+
+
 def _check_mask_dtype(name, mask):
     if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor; got {mask.dtype}")
@@ -77,6 +84,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise ValueError(f"embed_dim must be divisible by num_heads; got embed_dim={embed_dim} and "
                              f"num_heads={num_heads}")
         check_backend(backend)
+        _check_dropout(dropout)
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
@@ -88,6 +96,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise ValueError("MultiheadAttention takes no nested tensors; pass a padded tensor and "
                              "key_padding_mask")
         check_backend(self.backend)
+        if self.training:  # a module converted by tfm_kernels.patch did not run our constructor
+            _check_dropout(self.dropout)
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
             raise RuntimeError("is_causal=True is a hint that attn_mask is causal and needs it (as in torch); "
@@ -166,6 +176,10 @@ class MultiheadAttention(nn.MultiheadAttention):
                                  f"{tuple(key.shape)}")
         else:
             N, L, S = 1, query.shape[0], key.shape[0]
+        for name, t in (("key", key), ("value", value), ("key_padding_mask", key_padding_mask),
+                        ("attn_mask", attn_mask)):
+            if t is not None and t.device != query.device:
+                raise ValueError(f"{name} must be on query's device {query.device}; got {t.device}")
         _check_mask_dtype("key_padding_mask", key_padding_mask)
         _check_mask_dtype("attn_mask", attn_mask)
         if key_padding_mask is not None:

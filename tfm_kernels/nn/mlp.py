@@ -151,6 +151,10 @@ class GatedMLP(nn.Module):
         for name, t in (("gate_weight", gate_weight), ("up_weight", up_weight), ("gate_bias", gate_bias),
                         ("up_bias", up_bias)):
             expected = _half_shape(self, name.split("_")[1])
+            if t is None and name.endswith("weight"):
+                raise TypeError(f"{name} must be a tensor of shape {expected}; got None")
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor of shape {expected}; got {type(t).__name__}")
             if t is not None and tuple(t.shape) != expected:
                 raise ValueError(f"{name} must have shape {expected}; got {tuple(t.shape)}")
         self.gate_up_proj.weight.copy_(torch.cat([gate_weight, up_weight]))  # (2 d_ff, d_model)
