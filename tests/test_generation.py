@@ -243,6 +243,9 @@ def test_beam_search_scores_are_length_normalised_log_probabilities():
     (dict(prompt_length=3, max_new_tokens=2, generator=123), ValueError,
      "generator must be a torch.Generator on cpu or None; got int"),
     (dict(prompt_length=3, max_new_tokens=2, top_k=0), ValueError, "top_k must be an int >= 1; got 0"),
+    # strings and None counted as True or False
+    (dict(prompt_length=3, max_new_tokens=2, greedy="no"), TypeError, "greedy must be a bool; got str"),
+    (dict(prompt_length=3, max_new_tokens=2, use_cache=None), TypeError, "use_cache must be a bool; got NoneType"),
 ])
 def test_generate_rejects_bad_arguments(lm, kwargs, error, message):
     prompt = torch.zeros(1, kwargs.pop("prompt_length"), dtype=torch.int64)
@@ -275,6 +278,9 @@ def test_seq2seq_decoding_rejects_bad_arguments(seq2seq):
         greedy_decode(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 65)
     with pytest.raises(ValueError, match="beam_size must be an int >= 1; got 0"):
         beam_search(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 5, beam_size=0)
+    for decode in (greedy_decode, beam_search):
+        with pytest.raises(TypeError, match="use_cache must be a bool; got str"):
+            decode(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 5, use_cache="no")
 
 
 @pytest.mark.parametrize("bad_id", [259, -1])

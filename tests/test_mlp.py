@@ -922,6 +922,11 @@ def test_bad_inputs():
         (lambda: linear(x, weight, backend="fast"), ValueError, "backend must be one of"),
         (lambda: FusedMLP(8, 16, activation="swish"), ValueError, "activation must be one of"),
         (lambda: GatedMLP(8, 16, dropout=1.5), ValueError, r"dropout must be a float in \[0, 1\); got 1.5"),
+        # a string counted as True; the modules named a bad backend only at their first forward
+        (lambda: tfm_kernels.mlp(x, rand(6, 8), None, rand(8, 6), None, gated="yes"), TypeError,
+         "gated must be a bool; got str"),
+        (lambda: FusedMLP(8, 16, backend="gpu"), ValueError, "backend must be one of .*; got 'gpu'"),
+        (lambda: GatedMLP(8, 16, backend="gpu"), ValueError, "backend must be one of .*; got 'gpu'"),
     ]
     for fn, error, pattern in cases:
         with pytest.raises(error, match=pattern):

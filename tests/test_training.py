@@ -339,7 +339,9 @@ def test_train_config_refuses_non_finite_and_out_of_range_floats(setting, value)
     ("checkpoint_interval", True, "an int >= 0"), ("resume", "False", "a bool"), ("amp", 1, "a bool"),
     ("fsdp", "no", "a bool"), ("progress", None, "a bool"), ("overwrite", 0, "a bool"),
     ("lr", "1e-3", "a finite number > 0 or None"), ("grad_clip", True, "a finite number >= 0"),
-    ("checkpoint_dir", 3, re.escape("a path (str or os.PathLike) or None")),
+    ("checkpoint_dir", 3, re.escape("a non-empty path (str or os.PathLike) or None")),
+    ("checkpoint_dir", "", re.escape("a non-empty path (str or os.PathLike) or None")),
+    ("corpus", "", re.escape("a non-empty path (str or os.PathLike) or None")),
 ])
 def test_train_config_refuses_values_of_the_wrong_type(setting, value, expected):
     """A bool given as a string (from a file or the environment) or an int is refused, not read as truthy."""

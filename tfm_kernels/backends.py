@@ -16,6 +16,14 @@ from . import ops
 from .op_checks import KERNEL_DTYPES, TRITON_MAX_HEAD_DIM
 
 ATTENTION_BACKENDS = ("cuda", "triton", "cpu", "torch")
+BACKEND_CHOICES = ("auto",) + ATTENTION_BACKENDS  # the MLP's are the same (MLP_BACKENDS)
+
+
+def check_backend(backend):
+    """ValueError unless `backend` is one of BACKEND_CHOICES: the modules check it when built or set, before a
+    forward would."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}; got {backend!r}")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # csrc/generate_kernels.py can build these
 

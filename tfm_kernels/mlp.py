@@ -191,6 +191,8 @@ def mlp(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, *, gated=False, bac
     x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
     with autocast_off(x):
         dropout_p = _check_common(x, activation, dropout_p)
+        if not isinstance(gated, bool):
+            raise TypeError(f"gated must be a bool; got {type(gated).__name__}")
         _check_weight("w1", w1, x)
         if gated and w1.shape[0] % 2:
             raise ValueError(f"w1 must have an even number of rows (2 d_ff: gate then up) when gated; got "

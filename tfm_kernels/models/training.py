@@ -96,8 +96,10 @@ class TrainConfig:
         for name in ("checkpoint_dir", "corpus"):  # a path object is stored as its string: checkpoints hold plain data
             value = getattr(self, name)
             if value is not None:
-                if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
-                    raise ValueError(f"TrainConfig.{name} must be a path (str or os.PathLike) or None; got {value!r}")
+                # "" would read as no path: a run given --checkpoint-dir "" trained and saved nothing, unsaid
+                if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str) or not value:
+                    raise ValueError(f"TrainConfig.{name} must be a non-empty path (str or os.PathLike) or None; got "
+                                     f"{value!r}")
                 setattr(self, name, os.fspath(value))
         if self.resume and not self.checkpoint_dir:
             raise ValueError("TrainConfig.resume needs checkpoint_dir (the folder holding the checkpoint)")

@@ -16,15 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import attention as _attention
-from ..backends import ATTENTION_BACKENDS
+from ..backends import check_backend
 from .torchscript import refuse_torchscript
-
-BACKEND_CHOICES = ("auto",) + ATTENTION_BACKENDS
-
-
-def check_backend(backend):
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}; got {backend!r}")
 
 
 def _split_heads(x, num_heads, batch_first):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..backends import check_backend
 from ..mlp import ACTIVATIONS, mlp
 from .torchscript import refuse_torchscript
 
@@ -86,6 +87,7 @@ class FusedMLP(nn.Module):
         super().__init__()
         activation = _activation_name(activation)
         _check_dropout(dropout)
+        check_backend(backend)
         self.linear1 = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
         self.linear2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
         self.activation = activation
@@ -126,6 +128,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         activation = _activation_name(activation)
         _check_dropout(dropout)
+        check_backend(backend)
         self.gate_up_proj = nn.Linear(d_model, 2 * d_ff, bias=bias, device=device, dtype=dtype)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
         self.activation = activation

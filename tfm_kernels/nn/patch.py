@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..backends import check_backend
 from . import attention, transformer
 
 FUSED_CLASSES = {
@@ -95,7 +96,7 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
         Modules of our classes and their subclasses run our kernels already and are in neither list.
     """
     _check_model(model)
-    attention.check_backend(backend)
+    check_backend(backend)
     report = PatchReport()
     for name, module in model.named_modules():
         cls = _own_class(module)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
+from ..backends import check_backend
 from ..mlp import mlp
-from .attention import check_backend
 from .mlp import fused_activation_name, runs_as_its_class
 from .torchscript import refuse_torchscript
 
