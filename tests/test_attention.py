@@ -234,12 +234,12 @@ def test_nan_past_key_lengths(backend):
     check_nan_past_key_lengths(backend, torch.float16 if backend == "triton" else torch.float32, "cpu")
 
 
-def check_nan_inputs(backend, dtype, device, L, S):
+def check_nan_inputs(backend, dtype, device, L, S, **kwargs):
     """A NaN in a query row makes that row's output and gradients NaN, and a NaN in a key or a value reaches every
     row that sees it, exactly as in the float64 oracle: never the zeros of a row without keys."""
     q, k, v = (rand(2, 2, n, 64, dtype=dtype, device=device) for n in (L, S, S))
     q[0, 1, 5, 3], k[0, 0, 9, 2], v[1, 1, 20, 1] = float("nan"), float("nan"), float("nan")
-    check_against_oracle(backend, q, k, v)
+    check_against_oracle(backend, q, k, v, **kwargs)
 
 
 def check_nan_key_under_a_causal_mask(backend, dtype, device, L, S):
@@ -263,6 +263,35 @@ def check_nan_key_under_a_causal_mask(backend, dtype, device, L, S):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_inputs(backend):
     check_nan_inputs(backend, torch.float32, "cpu", 33, 45)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_inputs_with_scale_0(backend):
+    """scale=0 makes every score 0 * (q . k), which is NaN where q or k holds a NaN (as in the oracle and torch):
+    the C++ kernel's score product with factor 0 must still read q and k, which BLAS skips."""
+    check_nan_inputs(backend, torch.float32, "cpu", 33, 45, scale=0.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_query_row_under_dropout(backend):
+    """A NaN query row's dropped weights are 0 * NaN in the oracle, so every key that row sees gets a NaN dV, the
+    dropped keys too (the rows without NaN stay finite): the same NaN as the oracle's, as on the C++ backends."""
+    q, k, v = rand(1, 2, 16, 32), rand(1, 2, 24, 32), rand(1, 2, 24, 32)
+    q[0, 1, 5, 3] = float("nan")
+    grad_out = rand(1, 2, 16, 32)
+
+    def run(attend, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(2024)  # the seed is the call's first draw: one keep-mask for every run
+        out = attend(*inputs, dropout_p=0.5)
+        return (out, *torch.autograd.grad(out, inputs, grad_out.to(dtype)))
+
+    require(backend, q, k, v)
+    result = run(lambda *t, **kw: sdpa(backend, *t, **kw), torch.float32)
+    baseline, oracle = run(plain_torch, torch.float32), run(plain_torch, torch.float64)
+    assert oracle[3][0, 1].isnan().all() and not oracle[3][0, 0].isnan().any()
+    for name, r, b, o in zip(("out", "dq", "dk", "dv"), result, baseline, oracle):
+        assert_within_tolerance(f"{backend} dropout {name}", r, b, o)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/from_blob.h>
 
 #include <cstdint>
@@ -22,9 +23,21 @@ inline at::Tensor transposed(const float* data, int64_t rows, int64_t cols, int6
 }
 
 // c = alpha * a @ b + beta * c; beta == 0 ignores c's old contents (NaN included). The CPU kernel is called
-// directly (at::cpu::), skipping the dispatcher: these products are small and many.
+// directly (at::cpu::), skipping the dispatcher: these products are small and many. With alpha == 0 (scale=0)
+// addmm, as BLAS, does not read a and b at all, which would turn a NaN or infinity in q or k into a score of 0;
+// the reference computes (q @ k^T) * scale, whose NaN reaches the output: so the product is formed and then
+// scaled.
 inline void matmul_accumulate(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, float alpha, float beta) {
   if (c.numel() == 0) {
+    return;
+  }
+  if (alpha == 0.0f) {
+    const at::Tensor product = at::cpu::mm(a, b).mul_(alpha);  // 0 * NaN = NaN, 0 * inf = NaN, else 0
+    if (beta == 0.0f) {
+      c.copy_(product);
+    } else {
+      c.mul_(beta).add_(product);
+    }
     return;
   }
   at::cpu::addmm_out(c, c, a, b, beta, alpha);

@@ -430,7 +430,9 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
         dpT = dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
             keep = tl.trans(dropout_keep(k0, k1, z, start_m, col0, BLOCK_M, k.shape[0], threshold))  # (keys, rows)
-            p_dropped = tl.where(keep, pT * inv_keep, 0.0)
+            # A product, not a select: a dropped weight of a NaN row stays 0 * NaN = NaN in dV, as in the
+            # reference and the C++ kernels (only keys a mask hides get P = 0 above).
+            p_dropped = pT * tl.where(keep, inv_keep, 0.0)
             dpT = tl.where(keep, dpT * inv_keep, 0.0)
         else:
             p_dropped = pT
