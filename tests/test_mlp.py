@@ -31,6 +31,7 @@ from autograd_probe import (
     operator_node,
 )
 from tolerance import assert_within_tolerance, poisoned_memory
+from torch.nn.utils import prune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tfm_kernels
@@ -785,6 +786,66 @@ def test_modules_under_autocast(backend):
         assert out.dtype == torch.bfloat16 and first_weight.dtype == torch.float32
         bf16_copy = copy.deepcopy(module).bfloat16()
         torch.testing.assert_close(out, bf16_copy(x.bfloat16()), rtol=0, atol=0)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """A Linear with its own forward, as LoRA or quantized linears have."""
+
+    def forward(self, x):
+        return 1.5 * super().forward(x)
+
+
+def _replace_first_linear(module):
+    first = "linear1" if isinstance(module, FusedMLP) else "gate_up_proj"
+    old = getattr(module, first)
+    replacement = _ScaledLinear(old.in_features, old.out_features)
+    replacement.load_state_dict(old.state_dict())
+    setattr(module, first, replacement)
+
+
+MODULE_LINEAR_CHANGES = {
+    "forward_hook": lambda first, last: first.register_forward_hook(lambda m, args, out: 0.5 * out),
+    "pre_hook": lambda first, last: last.register_forward_pre_hook(lambda m, args: (2.0 * args[0],)),
+    "spectral_norm": lambda first, last: torch.nn.utils.spectral_norm(first),
+    "prune": lambda first, last: prune.random_unstructured(first, "weight", amount=0.5),
+}
+
+
+@pytest.mark.parametrize("change", [*MODULE_LINEAR_CHANGES, "linear_subclass"])
+@pytest.mark.parametrize("module_class", [FusedMLP, GatedMLP])
+def test_modules_call_changed_linears(module_class, change):
+    """FusedMLP and GatedMLP whose linears compute something else than nn.Linear (a hook, spectral_norm's or
+    prune's pre-hook, a subclass) call them, as the Transformer layers' feed-forward does, instead of reading
+    their weight and bias into the fused MLP (which ignored the hooks, and with prune failed in the second
+    backward): outputs and gradients over two SGD steps equal the same modules run in torch ops."""
+    torch.manual_seed(0)
+    module = module_class(8, 12, activation="gelu", bias=True, dropout=0.0, backend="cpu")
+    reference = copy.deepcopy(module)
+    for m in (module, reference):
+        torch.manual_seed(1)  # spectral_norm's and prune's random state alike in both
+        if change == "linear_subclass":
+            _replace_first_linear(m)
+        else:
+            linears = [c for c in m.children() if isinstance(c, torch.nn.Linear)]
+            MODULE_LINEAR_CHANGES[change](linears[0], linears[-1])
+
+    def torch_ops(x):
+        if module_class is FusedMLP:
+            return reference.linear2(F.gelu(reference.linear1(x)))
+        gate, up = reference.gate_up_proj(x).chunk(2, dim=-1)
+        return reference.down_proj(F.gelu(gate) * up)
+
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (module, reference)]
+    for _ in range(2):
+        x = rand(3, 8)
+        out, expected = module(x), torch_ops(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for optimizer, y in zip(optimizers, (out, expected)):
+            optimizer.zero_grad()
+            y.square().sum().backward()
+            optimizer.step()
+        for (name, p), q in zip(module.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=labelled(f"grad {name}"))
 
 
 def labelled(label):

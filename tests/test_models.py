@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from threads import one_thread  # noqa: F401  (fixture)
 from tolerance import assert_within_tolerance
+from torch.nn.utils import prune
 
 from tfm_kernels.models import (
     EncoderDecoderTransformer,
@@ -20,6 +21,7 @@ from tfm_kernels.models import (
 )
 from tfm_kernels.models.baseline import TorchLM, build_torch_lm
 from tfm_kernels.models.seq2seq import sinusoidal_positions
+from tfm_kernels.nn import mlp as nn_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -309,7 +311,7 @@ def test_autocast_runs_attention_and_mlp_in_the_autocast_dtype(monkeypatch):
             return out
         return call
 
-    monkeypatch.setattr(layers, "mlp", recording("mlp", layers.mlp))
+    monkeypatch.setattr(nn_mlp, "mlp", recording("mlp", nn_mlp.mlp))
     monkeypatch.setattr(layers, "scaled_dot_product_attention",
                         recording("attention", layers.scaled_dot_product_attention))
     model = TransformerLM(LMConfig.preset("tiny", n_layers=1))
@@ -319,3 +321,22 @@ def test_autocast_runs_attention_and_mlp_in_the_autocast_dtype(monkeypatch):
     assert dtypes == [("attention", torch.bfloat16), ("mlp", torch.bfloat16)]
     reference = model(tokens)
     assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_feed_forward_with_pruned_linear_trains():
+    """A feed-forward linear pruned with torch.nn.utils.prune (a forward pre-hook that recomputes the weight from
+    weight_orig and the mask) is called as a module: the mask applies at every step, and a second training step
+    does not reuse the first step's freed graph, as reading its weight into the fused MLP did."""
+    torch.manual_seed(0)
+    model = TransformerLM(LMConfig.preset("tiny", dropout=0.0, n_layers=1))
+    linear1 = model.blocks[0].feed_forward.linear1
+    prune.l1_unstructured(linear1, "weight", amount=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        tokens = torch.randint(0, model.config.vocab_size, (2, 6))
+        logits = model(tokens)
+        with torch.no_grad():
+            torch.testing.assert_close(linear1.weight, linear1.weight_orig * linear1.weight_mask, rtol=0, atol=0)
+        optimizer.zero_grad()
+        F.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+        optimizer.step()

@@ -1,12 +1,11 @@
-"""Building blocks of the models: self-attention (with a key/value cache), cross-attention and the
-feed-forward network, all running on the package's kernels (`tfm_kernels.scaled_dot_product_attention`
-and `tfm_kernels.mlp.mlp`)."""
+"""Attention blocks of the models: self-attention (with a key/value cache) and cross-attention, on the
+package's kernels (`tfm_kernels.scaled_dot_product_attention`). Their feed-forward network is
+`tfm_kernels.nn.FusedMLP`."""
 
 import torch
 from torch import nn
 
 from ..attention import scaled_dot_product_attention
-from ..mlp import mlp
 
 
 def _attend(q, k, v, past_length, causal, key_lengths, dropout_p):
@@ -82,22 +81,3 @@ class CrossAttention(nn.Module):
             q, k, v, dropout_p=dropout_p, key_lengths=key_lengths
         )  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-
-
-class FeedForward(nn.Module):
-    """Position-wise feed-forward network linear2(dropout(act(linear1(x)))) as one fused MLP call.
-
-    x (..., d_model) -> (..., d_model); under autocast in the autocast dtype, as torch's linears
-    (tfm_kernels.mlp follows autocast)."""
-
-    def __init__(self, d_model: int, d_ff: int, activation: str, dropout: float, bias: bool = True):
-        super().__init__()
-        self.activation = activation
-        self.dropout = dropout
-        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
-        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
-
-    def forward(self, x):
-        dropout_p = self.dropout if self.training else 0.0
-        return mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                   activation=self.activation, dropout_p=dropout_p)

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.mlp import FusedMLP
 from .cache import KVCache
 from .config import LMConfig, check_token_ids
-from .layers import FeedForward, SelfAttention
+from .layers import SelfAttention
 
 
 class DecoderBlock(nn.Module):
@@ -19,7 +20,7 @@ class DecoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(config.d_model)
         self.attention = SelfAttention(config.d_model, config.n_heads, config.dropout, config.bias)
         self.norm2 = nn.LayerNorm(config.d_model)
-        self.feed_forward = FeedForward(
+        self.feed_forward = FusedMLP(
             config.d_model, config.d_ff, config.activation, config.dropout, config.bias
         )
         self.dropout = nn.Dropout(config.dropout)

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.mlp import FusedMLP
 from .cache import KVCache
 from .config import Seq2SeqConfig, check_token_ids
-from .layers import CrossAttention, FeedForward, SelfAttention
+from .layers import CrossAttention, SelfAttention
 
 
 def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
@@ -45,7 +46,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         c = config
         self.self_attention = SelfAttention(c.d_model, c.n_heads, c.dropout)
-        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.activation, c.dropout)
+        self.feed_forward = FusedMLP(c.d_model, c.d_ff, c.activation, c.dropout)
         self.residual1 = _Residual(c.d_model, c.dropout, c.norm_first)
         self.residual2 = _Residual(c.d_model, c.dropout, c.norm_first)
 
@@ -63,7 +64,7 @@ class DecoderLayer(nn.Module):
         c = config
         self.self_attention = SelfAttention(c.d_model, c.n_heads, c.dropout)
         self.cross_attention = CrossAttention(c.d_model, c.n_heads, c.dropout)
-        self.feed_forward = FeedForward(c.d_model, c.d_ff, c.activation, c.dropout)
+        self.feed_forward = FusedMLP(c.d_model, c.d_ff, c.activation, c.dropout)
         self.residual1 = _Residual(c.d_model, c.dropout, c.norm_first)
         self.residual2 = _Residual(c.d_model, c.dropout, c.norm_first)
         self.residual3 = _Residual(c.d_model, c.dropout, c.norm_first)

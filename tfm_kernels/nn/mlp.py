@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from ..backends import check_backend
 from ..mlp import ACTIVATIONS, mlp
+from ..reference import activation
 from .torchscript import refuse_torchscript
 
 # The activation callables nn.TransformerEncoderLayer accepts, by the name the fused kernels use.
@@ -56,6 +57,13 @@ def _activation_name(activation):
     return name
 
 
+def linears_as_modules(*linears):
+    """Whether a module's linears must be called rather than read (weight, bias) by the fused MLP: one is not
+    exactly nn.Linear, or has hooks (a forward hook, spectral_norm's or torch.nn.utils.prune's pre-hook, a
+    global hook)."""
+    return not all(runs_as_its_class(linear, (nn.Linear,)) for linear in linears)
+
+
 def _check_dropout(dropout):
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1); got {dropout!r}")
@@ -67,7 +75,9 @@ class FusedMLP(nn.Module):
     Parameters are `linear1` (d_ff, d_model) and `linear2` (d_model, d_ff) nn.Linear modules, so the
     state_dict keys (`linear1.weight`, `linear1.bias`, `linear2.weight`, `linear2.bias`) are those of the
     encoder layer's feed-forward. Dropout (probability `dropout`, training mode only) follows the
-    activation; the layer's second dropout, after linear2, is not part of this module.
+    activation; the layer's second dropout, after linear2, is not part of this module. Linears with hooks
+    (spectral_norm, torch.nn.utils.prune) or of a subclass are called as modules, in torch ops (dropout then
+    from torch's generator), as the Transformer layers' feed-forward does; GatedMLP likewise.
 
     Args:
         d_model: input and output features; d_ff: hidden features.
@@ -95,8 +105,12 @@ class FusedMLP(nn.Module):
         self.backend = backend
 
     def forward(self, x):
+        dropout_p = self.dropout if self.training else 0.0
+        if linears_as_modules(self.linear1, self.linear2):  # torch ops, so that hooks and subclasses run
+            hidden = activation(self.linear1(x), self.activation)  # (..., d_ff)
+            return self.linear2(F.dropout(hidden, dropout_p, training=dropout_p > 0.0))
         return mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                   self.activation, self.dropout if self.training else 0.0, backend=self.backend)
+                   self.activation, dropout_p, backend=self.backend)
 
     def extra_repr(self):
         return f"activation={self.activation!r}, dropout={self.dropout}, backend={self.backend!r}"
@@ -138,8 +152,13 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         gate_up, down = self.gate_up_proj, self.down_proj
-        return mlp(x, gate_up.weight, gate_up.bias, down.weight, down.bias, self.activation,
-                   self.dropout if self.training else 0.0, gated=True, backend=self.backend)
+        dropout_p = self.dropout if self.training else 0.0
+        if linears_as_modules(gate_up, down):  # torch ops, so that hooks and subclasses run
+            gate, up = gate_up(x).chunk(2, dim=-1)  # (..., d_ff) each
+            hidden = activation(gate, self.activation) * up  # (..., d_ff)
+            return down(F.dropout(hidden, dropout_p, training=dropout_p > 0.0))
+        return mlp(x, gate_up.weight, gate_up.bias, down.weight, down.bias, self.activation, dropout_p, gated=True,
+                   backend=self.backend)
 
     @torch.no_grad()
     def load_gate_up(self, gate_weight, up_weight, gate_bias=None, up_bias=None):

@@ -23,7 +23,7 @@ from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..backends import check_backend
 from ..mlp import mlp
-from .mlp import fused_activation_name, runs_as_its_class
+from .mlp import fused_activation_name, linears_as_modules, runs_as_its_class
 from .torchscript import refuse_torchscript
 
 
@@ -37,8 +37,8 @@ def feed_forward(layer, x):
     from tfm_kernels.rng, not from torch's dropout."""
     name = fused_activation_name(layer.activation)
     dropout_p = layer.dropout.p if layer.dropout.training else 0.0
-    fusable = (name is not None and runs_as_its_class(layer.linear1, (nn.Linear,))
-               and runs_as_its_class(layer.linear2, (nn.Linear,)) and runs_as_its_class(layer.dropout, (nn.Dropout,))
+    fusable = (name is not None and not linears_as_modules(layer.linear1, layer.linear2)
+               and runs_as_its_class(layer.dropout, (nn.Dropout,))
                and dropout_p < 1.0)  # torch's dropout of 1 zeroes the block; the fused one takes [0, 1)
     if not fusable:
         return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
