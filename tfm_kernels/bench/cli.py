@@ -79,7 +79,8 @@ def parse_args(argv):
     parser.add_argument(
         "--mlp-shapes",
         default=None,
-        help="comma-separated MLP model names from tfm_kernels.bench.configs (default: all)",
+        help="comma-separated MLP model names from tfm_kernels.bench.configs (default: all; with --quick on a GPU: "
+        f"{configs.HEADLINE_MLP})",
     )
     parser.add_argument(
         "--lm-presets",
