@@ -62,17 +62,17 @@ def _add_common_training_args(parser, config_class, default_steps, default_batch
         "--steps",
         type=POSITIVE,
         default=default_steps,
-        help="total optimizer steps (with --resume it may differ from the checkpoint's, not below its step, "
-        "where the run then equals an uninterrupted one of the new total: always for train-copy; for train "
-        "only from a checkpoint still within the warm-up, as its learning rate decays over --steps)",
+        help="total optimizer steps (default: %(default)s; with --resume it may differ from the checkpoint's, not "
+        "below its step, where the run then equals an uninterrupted one of the new total: always for train-copy; "
+        "for train only from a checkpoint still within the warm-up, as its learning rate decays over --steps)",
     )
     parser.add_argument(
         "--batch-size",
         type=POSITIVE,
         default=default_batch,
-        help="global batch (sequences per step over all processes)",
+        help="global batch (sequences per step over all processes; default: %(default)s)",
     )
-    parser.add_argument("--lr", type=_positive_number, default=default_lr, help=lr_help)
+    parser.add_argument("--lr", type=_positive_number, default=default_lr, help=f"{lr_help} (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--checkpoint-dir", default=None, help="folder for checkpoint.pt (none: no checkpoint)"
@@ -94,9 +94,12 @@ def _add_common_training_args(parser, config_class, default_steps, default_batch
         help="start afresh over the checkpoint in --checkpoint-dir (without it, a fresh run refuses a folder "
         "that holds one)",
     )
-    parser.add_argument("--eval-interval", type=POSITIVE, default=100)
-    parser.add_argument("--log-interval", type=POSITIVE, default=10)
-    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--eval-interval", type=POSITIVE, default=100,
+                        help="steps between validation evaluations (default: %(default)s)")
+    parser.add_argument("--log-interval", type=POSITIVE, default=10,
+                        help="steps between training-loss reports (default: %(default)s)")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seed of the initial weights, the data order and dropout (default: %(default)s)")
     parser.add_argument(
         "--no-amp", action="store_true", help="train in float32 on GPUs (default: bf16 autocast)"
     )
@@ -163,7 +166,8 @@ def train_main(argv=None):
     parser.add_argument(
         "--context-length", type=POSITIVE, default=None, help="override the preset's context length"
     )
-    parser.add_argument("--warmup-steps", type=POSITIVE, default=100)
+    parser.add_argument("--warmup-steps", type=POSITIVE, default=100,
+                        help="steps of linear learning-rate warm-up (default: %(default)s)")
     parser.add_argument("--eval-windows", type=POSITIVE, default=64, help="validation windows per evaluation")
     args = parser.parse_args(argv)
 
@@ -209,7 +213,7 @@ def generate_main(argv=None):
         description="Sample text from a language-model checkpoint (KV-cached).",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or the folder holding it")
-    parser.add_argument("--prompt", default="The ", help="text to continue")
+    parser.add_argument("--prompt", default="The ", help="text to continue (default: %(default)r)")
     parser.add_argument(
         "--max-new-tokens",
         type=_int_at_least(0),
@@ -218,10 +222,11 @@ def generate_main(argv=None):
     )
     parser.add_argument("--temperature", type=_positive_number, default=None,
                         help=f"sampling temperature (default {DEFAULT_TEMPERATURE})")
-    parser.add_argument("--top-k", type=POSITIVE, default=None)
+    parser.add_argument("--top-k", type=POSITIVE, default=None,
+                        help="sample among the k most likely bytes (default: all)")
     parser.add_argument("--greedy", action="store_true", help="always take the most likely byte")
     parser.add_argument("--seed", type=SEED, default=None, help=f"seed of the sampling (default {DEFAULT_SEED})")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     args = parser.parse_args(argv)
     sampling = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
@@ -276,8 +281,10 @@ def train_copy_main(argv=None):
                               lr_help="multiplier of the paper's inverse-sqrt schedule (1.0: the paper's)")
     parser.set_defaults(eval_interval=200)
     parser.add_argument("--warmup-steps", type=POSITIVE, default=None, help="override the preset's warm-up steps")
-    parser.add_argument("--min-length", type=POSITIVE, default=1)
-    parser.add_argument("--max-length", type=POSITIVE, default=10)
+    parser.add_argument("--min-length", type=POSITIVE, default=1,
+                        help="shortest string to copy, in symbols (default: %(default)s)")
+    parser.add_argument("--max-length", type=POSITIVE, default=10,
+                        help="longest string to copy, in symbols (default: %(default)s)")
     parser.add_argument("--eval-examples", type=POSITIVE, default=256, help="held-out strings per evaluation")
     args = parser.parse_args(argv)
 
