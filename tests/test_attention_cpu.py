@@ -168,6 +168,62 @@ def test_deterministic_across_runs_and_thread_counts(shape):
         assert torch.equal(a, c), "one thread and several threads differ"
 
 
+def peak_allocated_bytes(fn):
+    """The most bytes fn() holds allocated at once through torch's CPU allocator (which the kernels' tensors come
+    from), counted from the profiler's allocation events, above what was allocated before."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        fn()
+    events = sorted((e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("feature", ["plain", "causal", "mask", "padding", "key_lengths", "strided", "gqa"])
+def test_forward_backward_memory_grows_with_length_not_scores(feature):
+    """Forward and backward hold what grows with L (out, lse, dq, dk, dv, delta and the chunked backward's dQ
+    buffers), never an L x S matrix: a (1, 1, L, S) mask and a (B, 1, 1, S) padding mask are read through zero
+    strides, GQA's single K/V head is not repeated, and views of a packed (B, L, 3, H, D) projection are not
+    copied. At L = S = 4096 the scores of one head take 64 MiB; forward and backward hold 11 MiB at H = 2 (7 dQ
+    buffers of 1 MiB beside out, dq, dk and dv) and 69 MiB with GQA's 8 query heads (15 buffers of 4 MiB)."""
+    B, H, L, E = 1, 2, 4096, 32
+    heads = (8, 1) if feature == "gqa" else (H, H)
+    q, k, v = qkv(B, heads[0], heads[1], L, L, E, E)
+    kwargs = {"enable_gqa": feature == "gqa", "is_causal": feature == "causal"}
+    if feature == "mask":
+        kwargs["attn_mask"] = torch.ones(1, 1, L, L, dtype=torch.bool).tril_()
+    elif feature == "padding":
+        kwargs["attn_mask"] = torch.arange(L).expand(B, 1, 1, L) < L - 100
+    elif feature == "key_lengths":
+        kwargs["key_lengths"] = torch.tensor([L - 100])
+    leaves = (q, k, v)
+    if feature == "strided":
+        packed = torch.stack([q, k, v], dim=2).permute(0, 3, 2, 1, 4).contiguous()  # (B, L, 3, H, E)
+        leaves = (packed,)
+        q, k, v = (t.transpose(1, 2) for t in packed.unbind(2))  # (B, H, L, E) views
+    for t in leaves:
+        t.requires_grad_()
+    grad_out = rand(B, heads[0], L, E)
+
+    def run():
+        out = sdpa("cpu", q, k, v, **kwargs)
+        out.backward(grad_out)
+
+    q_bytes = B * heads[0] * L * E * 4  # q, out, dq, grad_out * out: each this size
+    kv_bytes = B * heads[1] * L * E * 4
+    chunks = min(L // 128, -(-16 // (B * heads[1])))  # csrc/cpu/attention_backward.cpp
+    packed_grad = 3 * q_bytes if feature == "strided" else 0  # unbind's backward stacks dq, dk, dv
+    # out, dq, dQ buffers for all chunks but the first (which adds into dq), dk, dv, the packed gradient, and
+    # lse, lse * log2(e) and delta, (B, Hq, L) each, with 64 KiB to spare
+    budget = (2 + chunks - 1) * q_bytes + 2 * kv_bytes + packed_grad + 3 * B * heads[0] * L * 4 + (1 << 16)
+    peak = peak_allocated_bytes(run)
+    assert peak <= budget, f"{peak / 2**20:.1f} MiB held; expected at most {budget / 2**20:.1f} MiB"
+    assert peak < B * heads[0] * L * L * 4 / 4, "as much as a quarter of the scores"
+
+
 def opcheck_samples():
     """(forward args, name): every optional input, a zero-stride mask, dropout, GQA, bfloat16."""
     B, Hq, Hk, L, S, E, Ev = 2, 4, 2, 19, 23, 16, 8

@@ -268,6 +268,56 @@ def test_mlp_block(backend, gated):
         check_mlp_block(backend, gated, "gelu_tanh", 0.0)
 
 
+def saved_storage_bytes(forward):
+    """The bytes of the distinct storages forward() saves for backward (saved_tensors_hooks), and the output."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return sum(storages.values()), out
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_block_saves_no_more_than_torch(activation, dropout_p):
+    """mlp() on the block operator saves what torch's linear1, activation, dropout, linear2 saves, or less: for
+    relu one (M, d_ff) activation (torch's relu saves its result, which linear2 saves too), not the
+    pre-activation beside it; for gelu its input and output. The gradients stay within the rule, where a NaN in x
+    reaches relu's input too."""
+    M, d_model, d_ff = 64, 16, 256  # (M, d_ff) float32: 64 KiB, the rest (x, weights) 36 KiB
+    x = rand(M, d_model).requires_grad_()
+    w1, w2 = rand(d_ff, d_model).requires_grad_(), rand(d_model, d_ff).requires_grad_()
+    b1, b2 = rand(d_ff).requires_grad_(), rand(d_model).requires_grad_()
+    require("cpu", x, w1)
+
+    def torch_block():
+        hidden = F.dropout(reference.activation(F.linear(x, w1, b1), activation), dropout_p)
+        return F.linear(hidden, w2, b2)
+
+    ours, out = saved_storage_bytes(lambda: tfm_kernels.mlp(x, w1, b1, w2, b2, activation, dropout_p, backend="cpu"))
+    out.backward(torch.randn_like(out))
+    theirs, _ = saved_storage_bytes(torch_block)
+    activations = M * d_ff * 4
+    seed = 8  # the block's int64 dropout seed
+    assert ours <= theirs + seed, (ours, theirs)
+    assert ours == (x.numel() + w1.numel() + w2.numel()) * 4 + (1 if activation == "relu" else 2) * activations + seed
+    check_mlp_block("cpu", False, activation, dropout_p)
+    with mock.patch(f"{__name__}.rand", functools.partial(rand_with_nan, rand)):
+        check_mlp_block("cpu", False, activation, dropout_p)
+
+
+def rand_with_nan(rand, *shape, **kwargs):
+    """rand(*shape) with a NaN in its first element, for 3-D (x) tensors."""
+    t = rand(*shape, **kwargs)
+    if len(shape) == 3:
+        t.view(-1)[0] = float("nan")
+    return t
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "gated", "block"])
 def test_backward_gets_no_filled_gradients(backend, kind):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from nn_check import check_against_torch, randomize_parameters
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tfm_kernels
 import tfm_kernels.attention
@@ -387,3 +388,36 @@ def test_gpu_bf16(is_causal):
         inputs["key_padding_mask"] = make_mask("bool", (batch, seq), device="cuda")
     call = self_attention_call(False, is_causal=is_causal)
     check_against_torch(reference, ours, inputs, call, torch.bfloat16)
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """The bytes of the tensors the aten operators dispatched while active return, by operator (views excluded:
+    they share their input's storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_op = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.by_op[str(func.overloadpacket)] = self.by_op.get(str(func.overloadpacket), 0) + t.nbytes
+        return out
+
+
+def test_merged_masks_allocate_one_mask():
+    """A bool attn_mask (L, S) with a key_padding_mask (N, S) merge into one (N, 1, L, S) bool mask, made once (not
+    an (N * H, L, S) one as torch's, nor a second one for its negation); a key_padding_mask alone reaches the
+    kernel as (N, 1, 1, S)."""
+    N, H, L, E = 2, 4, 96, 32
+    module = MultiheadAttention(E, H, batch_first=True)
+    x = torch.randn(N, L, E)
+    padding = torch.arange(L).expand(N, L) >= L - 7  # True = masked out
+    causal = torch.ones(L, L, dtype=torch.bool).triu(1)
+    for attn_mask, mask_bytes in ((causal, N * L * L), (None, N * L)):
+        with AllocatedBytes() as allocated:
+            module(x, x, x, key_padding_mask=padding, attn_mask=attn_mask, need_weights=False)
+        mask_ops = ("aten.logical_or", "aten.bitwise_not", "aten.logical_not", "aten.expand", "aten.clone")
+        assert sum(allocated.by_op.get(op, 0) for op in mask_ops) == mask_bytes, allocated.by_op

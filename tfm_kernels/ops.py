@@ -691,6 +691,12 @@ def _mlp_block_setup_context(ctx, inputs, output):
     _, preact, hidden = output
     ctx.mark_non_differentiable(preact, hidden)
     ctx.set_materialize_grads(False)  # their gradients stay None instead of zero-filled (M, F) tensors
+    if activation == "relu":
+        # relu' (0 where z <= 0, else 1, NaN included) reads the same from hidden = relu(z) times a dropout factor
+        # >= 1, or 0 where dropped (whose gradient the backward's dropout factor zeroes anyway): hidden serves as
+        # the pre-activation, so that the block saves one (M, F) tensor, as torch's relu saves its result only,
+        # instead of two.
+        preact = hidden
     ctx.save_for_backward(x, w1, preact, hidden, w2, seed)
     ctx.kept_biases = (_kept_unsaved(b1), _kept_unsaved(b2))
     ctx.mlp_args = (activation, dropout_p)

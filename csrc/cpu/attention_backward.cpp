@@ -5,9 +5,9 @@
 // Work split: at::parallel_for over units (batch, kv head, chunk of key blocks). A unit accumulates dK and dV
 // of one key block in local buffers over every query head of its group and every query row that can see the
 // block, then writes them: it owns those dK/dV rows. dQ sums over key blocks; when a head's key blocks are
-// split into several chunks (too few batch x kv-head units to keep the threads busy), each chunk adds into its
-// own float32 dQ buffer and the buffers are summed in chunk order afterwards. The chunk count depends only on
-// the shapes, so results are bit-identical from run to run and across thread counts.
+// split into several chunks (too few batch x kv-head units to keep the threads busy), the first chunk adds into
+// dQ and each other chunk into its own float32 dQ buffer, added to dQ in chunk order afterwards. The chunk count
+// depends only on the shapes, so results are bit-identical from run to run and across thread counts.
 // Tests: tests/test_attention.py -k cpu, tests/test_attention_cpu.py.
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
@@ -102,19 +102,19 @@ void attention_backward_kernel(const AttentionProblem& problem, const at::Tensor
   const int64_t head_units = B * Hk;
   const int64_t chunks =
       std::max<int64_t>(1, std::min(key_blocks, (kMinUnits + head_units - 1) / std::max<int64_t>(head_units, 1)));
-  // dQ accumulators: dq itself for one chunk, else (chunks, B, L, Hq, E) float32 buffers summed below.
+  // dQ accumulators: dq itself for chunk 0, and (chunks - 1, B, L, Hq, E) float32 buffers for the others, added
+  // to it below (chunks - 1 times dQ's size: 15 at B * Hk = 1, where a buffer for chunk 0 too made it 16).
+  dq.zero_();
   at::Tensor dq_partial;
-  if (chunks == 1) {
-    dq.zero_();
-  } else {
-    dq_partial = at::zeros({chunks, B, L, Hq, E}, dq.options()).permute({0, 1, 3, 2, 4});  // (C, B, Hq, L, E)
+  if (chunks > 1) {
+    dq_partial = at::zeros({chunks - 1, B, L, Hq, E}, dq.options()).permute({0, 1, 3, 2, 4});  // (C-1, B, Hq, L, E)
   }
 
   at::parallel_for(0, head_units * chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardScratch scratch(E, Ev, problem.dropout.enabled);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / (Hk * chunks), hk = unit / chunks % Hk, chunk = unit % chunks;
-      const HeadTensor dq_rows = chunks == 1 ? head_tensor(dq) : head_tensor(dq_partial[chunk]);
+      const HeadTensor dq_rows = chunk == 0 ? head_tensor(dq) : head_tensor(dq_partial[chunk - 1]);
       const int64_t length = problem.key_lengths[b];
       for (int64_t kb = chunk * key_blocks / chunks; kb < (chunk + 1) * key_blocks / chunks; ++kb) {
         const int64_t j0 = kb * kKeyBlock;
@@ -145,12 +145,8 @@ void attention_backward_kernel(const AttentionProblem& problem, const at::Tensor
     }
   });
 
-  if (chunks > 1) {
-    at::Tensor total = dq_partial[0];
-    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-      total.add_(dq_partial[chunk]);  // in chunk order: the same sum every run
-    }
-    dq.copy_(total);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    dq.add_(dq_partial[chunk - 1]);  // in chunk order: the same sum every run
   }
 }
 

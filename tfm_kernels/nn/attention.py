@@ -241,7 +241,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not masks:
             return None
         if all(m.dtype == torch.bool for m in masks):
-            merged = ~functools.reduce(torch.logical_or, masks)  # broadcast, at most (N, H, L, S)
+            # broadcast, at most (N, H, L, S); negated in place where the merge made a new tensor, so that the
+            # merge holds one such tensor rather than two
+            merged = ~masks[0] if len(masks) == 1 else functools.reduce(torch.logical_or, masks).logical_not_()
             return F.pad(merged, (0, added_keys), value=True) if added_keys else merged
         # The kernel reads float32 or the query dtype; other float masks are cast to the query dtype.
         float_dtypes = [m.dtype if m.dtype in (torch.float32, dtype) else dtype
