@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from . import backends, ops, reference
 from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
-from .op_checks import as_float
+from .op_checks import as_float, check_flags
 from .rng import seed_for
 
 
@@ -52,9 +52,7 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
             raise TypeError(f"attn_mask must be bool, float32 or the query dtype {query.dtype}; got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask must be on {query.device}; got {attn_mask.device}")
-    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+    check_flags(is_causal=is_causal, enable_gqa=enable_gqa)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1); got {dropout_p!r}")
     if key_lengths is not None:

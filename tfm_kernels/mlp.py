@@ -24,7 +24,7 @@ import torch
 from . import backends, ops, reference
 from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
-from .op_checks import as_float
+from .op_checks import as_float, check_flags
 from .rng import seed_for
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", None)
@@ -191,8 +191,7 @@ def mlp(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, *, gated=False, bac
     x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
     with autocast_off(x):
         dropout_p = _check_common(x, activation, dropout_p)
-        if not isinstance(gated, bool):
-            raise TypeError(f"gated must be a bool; got {type(gated).__name__}")
+        check_flags(gated=gated)
         _check_weight("w1", w1, x)
         if gated and w1.shape[0] % 2:
             raise ValueError(f"w1 must have an even number of rows (2 d_ff: gate then up) when gated; got "

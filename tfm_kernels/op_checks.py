@@ -28,6 +28,13 @@ def as_float(name, x) -> float:
     return float(x)
 
 
+def check_flags(**flags):
+    """TypeError naming the first flag that is not a bool (a string such as "no" would count as True)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+
+
 def _fail(op, message):
     raise RuntimeError(f"{op}: {message}")
 

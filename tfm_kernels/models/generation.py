@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from ..op_checks import check_flags
 from .config import is_int, is_real
 from .lm import TransformerLM
 from .seq2seq import EncoderDecoderTransformer, check_src_lengths
@@ -16,13 +17,6 @@ from .seq2seq import EncoderDecoderTransformer, check_src_lengths
 def _check_count(name, value, minimum=1):
     if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-
-
-def _check_flags(**flags):
-    """TypeError naming the first flag that is not a bool (a string such as "no" would count as True)."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
 
 
 def _check_token_ids(name, ids, vocab_size):
@@ -97,7 +91,7 @@ def generate(
     _check_device("prompt", prompt, model)
     _check_token_ids("prompt", prompt, model.config.vocab_size)
     _check_count("max_new_tokens", max_new_tokens, 0)
-    _check_flags(greedy=greedy, use_cache=use_cache)
+    check_flags(greedy=greedy, use_cache=use_cache)
     context = model.config.context_length
     if prompt.shape[1] > context:
         raise ValueError(f"prompt length {prompt.shape[1]} exceeds the model's context length {context}")
@@ -191,7 +185,7 @@ def greedy_decode(
     Returns (B, n) int64, n <= max_length: the generated tokens after bos, ending with eos where a row
     finished; positions after a row's eos hold pad_id."""
     _check_source(model, src, max_length, src_lengths)
-    _check_flags(use_cache=use_cache)
+    check_flags(use_cache=use_cache)
     config = model.config
     decoder = _Decoder(model, src, src_lengths, max_length, use_cache)
     tokens = torch.full((src.shape[0], 1), config.bos_id, dtype=torch.int64, device=src.device)
@@ -233,7 +227,7 @@ def beam_search(
     """
     _check_source(model, src, max_length, src_lengths)
     _check_count("beam_size", beam_size)
-    _check_flags(use_cache=use_cache)
+    check_flags(use_cache=use_cache)
     if not is_real(alpha) or not (math.isfinite(alpha) and alpha >= 0):  # is_real: NumPy scalars too, as temperature
         raise ValueError(f"alpha must be a finite number >= 0; got {alpha!r}")
     config = model.config
