@@ -106,15 +106,38 @@ def cublaslt_library(library_dirs):
     return ":" + versioned[0] if versioned else "cublasLt"
 
 
+def shared_libstdcxx_link_args():
+    """Where the C++ compiler finds no shared libstdc++ to link (libstdc++.so missing or a broken link, so the
+    linker falls back to libstdc++.a), the extension would carry a static copy of it beside the shared one that
+    torch loads; two copies of its locale tables crash the first message that formats a number (a SIGSEGV in
+    a TORCH_CHECK, seen on a GPU machine's image). There the libstdc++.so.6 torch runs with is linked instead;
+    elsewhere nothing changes."""
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []
+    import torch  # noqa: F401  (loads the libstdc++ the extension will run with)
+
+    with open("/proc/self/maps") as maps:
+        loaded = sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line})
+    print(f"setup.py: {compiler} finds no shared libstdc++ ({found!r}); linking {loaded or 'nothing'}")
+    return loaded[:1]
+
+
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -g0 over Python's own -g: the CPU-only library is 0.5 MB instead of 18.6 MB
     cxx = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
     cxx += ["-fopenmp", "-fno-trapping-math", "-DTFM_KERNELS_VERSION=\"0.1.0\""]
     include_dirs = [os.path.join(ROOT, "csrc")]
+    link_libstdcxx = shared_libstdcxx_link_args()
     if not want_cuda(CUDA_HOME):
         return CppExtension("tfm_kernels._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"] + link_libstdcxx)
     head_dims = ",".join(map(str, HEAD_DIMS))
     defines = ["-DTFM_KERNELS_WITH_CUDA", f"-DTFM_KERNELS_CUDA_ARCHS=\"{';'.join(ARCHS)}\"",
                f"-DTFM_KERNELS_HEAD_DIMS=\"{head_dims}\""]
@@ -130,7 +153,7 @@ def extension():
                          library_dirs=library_dirs, libraries=[cublaslt_library(library_dirs)],
                          runtime_library_dirs=library_dirs,
                          extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
-                         extra_link_args=["-fopenmp"])
+                         extra_link_args=["-fopenmp"] + link_libstdcxx)
 
 
 setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

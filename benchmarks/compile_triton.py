@@ -181,14 +181,13 @@ def mlp_kernel(args):
     fn = _jit_function(mlp._gemm_kernel)
     element = "*" + args.dtype
     types = {a: element for a in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "preact_ptr")}
-    types.update(rowsum_ptr="*fp32", seed_ptr="*i64", keep_scale="fp32")
+    types.update(seed_ptr="*i64", keep_scale="fp32")
     types.update({a: "i32" for a in fn.arg_names if a not in types and not a.endswith("_desc")})
     # The forward layout: x (M, K) row-major, weight^T (K, N) column-major (read as weight (N, K) through a
     # descriptor, B_T), both unit strides specialised.
     features = dict(stride_ak=1, stride_bk=1, HAS_BIAS=args.bias, ACTIVATION=mlp.ACTIVATION_CODES[args.activation],
                     STORE_PREACT=args.activation != "none" or args.gated, DROPOUT=args.dropout, GATED=args.gated,
-                    ROWSUM_A=False, INPUT_PRECISION=dot_precision(TORCH_DTYPES[args.dtype]), A_T=False,
-                    B_T=True)
+                    INPUT_PRECISION=dot_precision(TORCH_DTYPES[args.dtype]), A_T=False, B_T=True)
     aligned = {"M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_pm", "gate_offset"}
     dtype = TORCH_DTYPES[args.dtype]
     estimate_args = {"a_ptr": torch.empty(0, dtype=dtype), "GATED": args.gated}

@@ -301,9 +301,9 @@ def test_bad_inputs_raise_naming_the_argument():
 
 
 # A C++ error from three sources, each in a fresh process: torch's own CUDA code, our CPU operator, our CUDA
-# operator. On an H200 (benchmarks/RESULTS.md, 2026-11-28) the first TORCH_CHECK error from a CUDA operator
-# killed its pytest process (SIGSEGV) late in a run; these tell a fault of every C++ exception on that machine,
-# of ours only, and of a process's earlier work apart.
+# operator. On the H200 machines a TORCH_CHECK message that formats a number killed its process (SIGSEGV) while
+# the extension carried a static copy of libstdc++ (benchmarks/RESULTS.md, 2026-11-30; setup.py now links the
+# shared one); these tell a fault of every C++ exception on a machine, of ours only, and of earlier work apart.
 CPP_ERRORS = {
     "torch cuda": "torch.ones(2, device='cuda') @ torch.ones(3, device='cuda')",
     "our cpu operator": "torch.ops.tfm_kernels.mlp_linear_backward(torch.ones(4, 6).half(), torch.ones(4, 8), "

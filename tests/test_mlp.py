@@ -591,7 +591,7 @@ def _op_samples(prefix):
     return samples
 
 
-def check_backward_flags(backend, kind, device, activation="gelu", dropout_p=0.2, d_ff=10):
+def check_backward_flags(backend, kind, device, activation="gelu", dropout_p=0.2, d_ff=10, dtype=torch.float32):
     """A backward operator told that a gradient is not needed (autograd's needs_input_grad: a frozen weight, an
     input without grad) returns an empty (0,) tensor for it, and for the others the values of the full call,
     bit for bit; every combination of flags. One exception: where the GPU backends sum a frozen weight's bias
@@ -600,14 +600,15 @@ def check_backward_flags(backend, kind, device, activation="gelu", dropout_p=0.2
     if backend == "triton" and kind == "block":
         pytest.skip("the Triton backend has no block operator (it runs the block as two linears)")
     prefix = "triton_" if backend == "triton" else ""
-    x, weight, bias = linear_inputs((9,), 12, d_ff, torch.float32, device=device)
+    x, weight, bias = linear_inputs((9,), 12, d_ff, dtype, device=device)
     require(backend, x, weight)
     ops = torch.ops.tfm_kernels
     seed = torch.tensor(7, dtype=torch.int64, device=device)
     if kind == "gated":
-        weight = torch.cat([weight, rand(d_ff, 12, device=device, scale=12 ** -0.5)])
-        bias = rand(2 * d_ff, device=device)
-    tensors = (x, weight, bias, rand(7, d_ff, device=device), rand(7, device=device))[:5 if kind == "block" else 3]
+        weight = torch.cat([weight, rand(d_ff, 12, dtype=dtype, device=device, scale=12 ** -0.5)])
+        bias = rand(2 * d_ff, dtype=dtype, device=device)
+    tensors = (x, weight, bias, rand(7, d_ff, dtype=dtype, device=device),
+               rand(7, dtype=dtype, device=device))[:5 if kind == "block" else 3]
     if kind == "block":
         out, *saved = ops.mlp_block_forward(*tensors, activation, dropout_p, seed)
         saved.append(tensors[3])  # preact, hidden, w2
@@ -630,7 +631,7 @@ def check_backward_flags(backend, kind, device, activation="gelu", dropout_p=0.2
         return torch.autograd.grad(result, leaves, grad_out.to(dtype))
 
     full = backward()
-    rule = functools.cache(lambda: (reference_gradients(torch.float32), reference_gradients(torch.float64)))
+    rule = functools.cache(lambda: (reference_gradients(dtype), reference_gradients(torch.float64)))
     for needs in itertools.product((False, True), repeat=len(tensors)):
         for i, (need, got, want) in enumerate(zip(needs, backward(*needs), full, strict=True)):
             if backend != "cpu" and i in (2, 4) and need and not needs[i - 1]:  # a bias without its weight
@@ -1343,11 +1344,13 @@ def test_gpu_operators_refuse_cpu_x():
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "gated", "block"])
 def test_gpu_backward_operators_compute_only_the_gradients_needed(backend, kind):
-    """As on the CPU; on cuda also the block's fused path (GELU-tanh without dropout, d_ff a multiple of 8), whose
-    up-projection bias gradient comes from the DGELU_BGRAD epilogue whatever the flags."""
+    """As on the CPU; on cuda also the block's fused path (bfloat16 GELU-tanh without dropout, d_ff a multiple of
+    8), whose up-projection bias gradient comes from the DGELU_BGRAD epilogue whatever the flags, and the
+    float32 block with the same arguments, which takes the generic path."""
     check_backward_flags(backend, kind, "cuda")
     if kind == "block":
-        check_backward_flags(backend, kind, "cuda", activation="gelu_tanh", dropout_p=0.0, d_ff=16)
+        for dtype in (torch.bfloat16, torch.float32):
+            check_backward_flags(backend, kind, "cuda", activation="gelu_tanh", dropout_p=0.0, d_ff=16, dtype=dtype)
 
 
 @pytest.mark.gpu

@@ -5,8 +5,9 @@ One tiled GEMM kernel, C = A @ B with arbitrary strides, serves every product:
   gated forward    the gate and up tiles of x @ [Wg; Wu]^T in one program (two accumulators), storing [g, u]
                    and writing dropout(act(g) * u);
   backward         dz = dy * dropout * act'(z) in one elementwise kernel (gated: dg, du), then
-                   dx = dz @ W and dW = dz^T @ x, the latter also summing dz's columns into db while it
-                   streams dz through (the bias gradient costs no extra pass over memory).
+                   dx = dz @ W and dW = dz^T @ x; db = dz's column sums in torch. Not in dW's GEMM loop:
+                   a row sum of the A tile beside the dot in a pipelined loop gave a wrong dW on an H200
+                   (Triton 3.6; benchmarks/RESULTS.md, 2026-11-30).
 Programs walk the output in GROUP_M-row bands so neighbouring programs share A and B tiles in L2. Accumulation
 is float32; float32 inputs multiply in IEEE precision unless torch allows TF32. On Hopper and newer, 16-bit
 operands with aligned layouts can also be read through tensor descriptors (TMA) by persistent programs; those
@@ -171,19 +172,18 @@ def _dropout_multiplier(seed_ptr, row0, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr, M, N, K,
+def _gemm_kernel(a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, seed_ptr, M, N, K,
                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset,
                  threshold, keep_scale,
                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
-                 DROPOUT: tl.constexpr, GATED: tl.constexpr, ROWSUM_A: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr):
+                 DROPOUT: tl.constexpr, GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr, A_T: tl.constexpr,
+                 B_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, TMA: tl.constexpr):
     """c (M, N) = epilogue(a (M, K) @ b (K, N)).
 
     GATED: b's columns [gate_offset, gate_offset + N) are the up projection (bias[gate_offset:] its bias);
     the output is act(g) * u and preact holds g at column j and u at column N + j. Otherwise act(z).
     Epilogue order: + bias, store preact, activation (gated product), dropout, cast to c's dtype.
-    ROWSUM_A: rowsum[m] = sum_k a[m, k] in float32, written by the programs of the first column band.
     TMA: a and b are read through the tensor descriptors a_desc (over a, or over a^T (K, M) when A_T) and
     b_desc (over b, or over b^T (N + gate_offset, K) when B_T), and each program loops over the output tiles
     tile = program_id, program_id + num_programs, ... (persistent); otherwise one tile per program, read
@@ -192,24 +192,24 @@ def _gemm_kernel(a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, rows
     if TMA:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr, M, N,
-                       K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset, threshold,
-                       keep_scale, HAS_BIAS, ACTIVATION, STORE_PREACT, DROPOUT, GATED, ROWSUM_A, INPUT_PRECISION,
-                       A_T, B_T, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)
+            _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, seed_ptr, M, N, K,
+                       stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset, threshold,
+                       keep_scale, HAS_BIAS, ACTIVATION, STORE_PREACT, DROPOUT, GATED, INPUT_PRECISION, A_T, B_T,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)
     else:
-        _gemm_tile(tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, rowsum_ptr,
-                   seed_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset,
-                   threshold, keep_scale, HAS_BIAS, ACTIVATION, STORE_PREACT, DROPOUT, GATED, ROWSUM_A,
-                   INPUT_PRECISION, A_T, B_T, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)
+        _gemm_tile(tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, seed_ptr, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset, threshold,
+                   keep_scale, HAS_BIAS, ACTIVATION, STORE_PREACT, DROPOUT, GATED, INPUT_PRECISION, A_T, B_T,
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)
 
 
 @triton.jit
-def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, rowsum_ptr, seed_ptr, M, N, K,
+def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, seed_ptr, M, N, K,
                stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_pm, gate_offset, threshold, keep_scale,
                HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr, DROPOUT: tl.constexpr,
-               GATED: tl.constexpr, ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr, A_T: tl.constexpr,
-               B_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GROUP_M: tl.constexpr, TMA: tl.constexpr):
+               GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+               TMA: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) output tile of _gemm_kernel. Tiles walk the output in GROUP_M-row bands."""
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -225,7 +225,6 @@ def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, 
     col_in = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if TMA:  # out-of-range rows and columns of a descriptor's tile read 0
         for k0 in range(0, K, BLOCK_K):
             if A_T:
@@ -243,9 +242,6 @@ def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, 
                 else:
                     b_up = b_desc.load([k0, gate_offset + pid_n * BLOCK_N])
                 acc_up = dot(a, b_up, acc_up, INPUT_PRECISION)
-            if ROWSUM_A:
-                if pid_n == 0:
-                    rowsum += tl.sum(a.to(tl.float32), axis=1)
     else:
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks.to(tl.int64)[None, :] * stride_ak
@@ -262,15 +258,9 @@ def _gemm_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, preact_ptr, 
             if GATED:
                 b_up = tl.load(b_ptrs + up_offset, mask=k_in[:, None] & col_in[None, :], other=0.0)
                 acc_up = dot(a, b_up, acc_up, INPUT_PRECISION)
-            if ROWSUM_A:
-                if pid_n == 0:
-                    rowsum += tl.sum(a.to(tl.float32), axis=1)
             a_ptrs += a_step
             b_ptrs += b_step
 
-    if ROWSUM_A:
-        if pid_n == 0:
-            tl.store(rowsum_ptr + rows, rowsum, mask=row_in)
     out_mask = row_in[:, None] & col_in[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
@@ -335,7 +325,7 @@ def _gemm_size_class(args):
 _GEMM_CONFIGS, _GEMM_FALLBACK = _gemm_configs()
 # The key names every constexpr but the tile's: the epilogue changes a config's registers and so its speed.
 _GEMM = TunedKernel(_gemm_kernel, _GEMM_CONFIGS, ["HAS_BIAS", "ACTIVATION", "STORE_PREACT", "DROPOUT", "GATED",
-                                                 "ROWSUM_A", "INPUT_PRECISION", "A_T", "B_T"],
+                                                 "INPUT_PRECISION", "A_T", "B_T"],
                     _shared_memory_bytes, min_work=AUTOTUNE_MIN_WORK, probe="a_ptr", fallback=_GEMM_FALLBACK,
                     usable=needs_descriptors("a_desc", "b_desc"), size_class=_gemm_size_class)
 # Programs of a persistent (TMA) launch off the GPU, where there are no SMs to count: few, so that the
@@ -360,7 +350,7 @@ def _matrix_descriptor(t, rows, cols, transposed):
     return descriptor(view, [cols, rows] if transposed else [rows, cols], view.stride())
 
 
-def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation="none", dropout_p=0.0,
+def _gemm(a, b, c, *, bias=None, preact=None, seed=None, activation="none", dropout_p=0.0,
           gated=False, gate_offset=0):
     """Launches _gemm_kernel: c (M, N) = epilogue(a (M, K) @ b (K, N)); a and b are any strided views
     (gated: b's up columns follow at gate_offset)."""
@@ -377,12 +367,12 @@ def _gemm(a, b, c, *, bias=None, preact=None, rowsum=None, seed=None, activation
     tiles = lambda meta: cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])  # noqa: E731
     grid = lambda meta: (min(tiles(meta), _persistent_programs(a.device)) if meta["TMA"] else tiles(meta),)  # noqa: E731
     args = (a, b, a_desc, b_desc, c, bias if bias is not None else c, preact if preact is not None else c,
-            rowsum if rowsum is not None else c, seed if seed is not None else c, M, N, K,
+            seed if seed is not None else c, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
             preact.stride(0) if preact is not None else 0, gate_offset, threshold, keep_scale)
     constexprs = dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
                       STORE_PREACT=preact is not None, DROPOUT=dropout_p > 0.0, GATED=gated,
-                      ROWSUM_A=rowsum is not None, INPUT_PRECISION=dot_precision(a.dtype), A_T=a_t, B_T=b_t)
+                      INPUT_PRECISION=dot_precision(a.dtype), A_T=a_t, B_T=b_t)
     with device_guard(a):
         _GEMM.launch(grid, M * N * K, args, constexprs)
 
@@ -433,7 +423,7 @@ def _grad_preact(grad_out, preact, activation, dropout_p, seed, gated):
 
 def _weight_grads(dz, x, weight, needs_x, needs_weight, needs_bias):
     """grad_x = dz @ W (M, K), grad_weight = dz^T @ x (N, K) and grad_bias = column sums of dz (N,), each where
-    needed (else an empty (0,) tensor); the bias gradient rides on dW's GEMM when that runs."""
+    needed (else an empty (0,) tensor)."""
     M, K = x.shape
     N = weight.shape[0]
     grad_x, grad_weight, grad_bias = (x.new_empty(0) for _ in range(3))  # three tensors: outputs never alias
@@ -442,13 +432,10 @@ def _weight_grads(dz, x, weight, needs_x, needs_weight, needs_bias):
         _gemm(dz, weight, grad_x)
     if needs_weight:
         grad_weight = weight.new_empty(N, K)
-    if needs_bias and (K == 0 or not needs_weight):  # no dW program to sum dz's columns
+        if K:
+            _gemm(dz.t(), x, grad_weight)
+    if needs_bias:
         grad_bias = dz.sum(0, dtype=torch.float32).to(x.dtype)
-    elif needs_weight:
-        rowsum = torch.empty(N, dtype=torch.float32, device=x.device) if needs_bias else None
-        _gemm(dz.t(), x, grad_weight, rowsum=rowsum)
-        if needs_bias:
-            grad_bias = rowsum.to(x.dtype)
     return grad_x, grad_weight, grad_bias
 
 

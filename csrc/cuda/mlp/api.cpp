@@ -10,7 +10,7 @@
 //            gated:                   BIAS into [g, u], then out = dropout(act(g) * u) in our kernel.
 //   backward dz = grad_out * dropout * act'(z) in our kernel, then grad_x = dz @ W (DEFAULT) and
 //            grad_weight = dz^T @ x with BGRADB, which sums dz's rows into grad_bias inside the same GEMM;
-//   block    (mlp_block_backward, both projections) for gelu_tanh without dropout: the GEMM that produces the
+//   block    (mlp_block_backward, both projections) for 16-bit gelu_tanh without dropout: the GEMM that produces the
 //            hidden gradient, grad_out @ W2, applies GELU' from the saved pre-activation and sums the bias
 //            gradient in its epilogue (DGELU_BGRAD), so dz never takes a separate pass.
 // Each fused epilogue falls back to the plain GEMM plus our kernel (bias add, column sum) when cuBLASLt offers
@@ -451,8 +451,11 @@ std::tuple<Tensor, Tensor, Tensor> gated_backward(const Tensor& grad_out, const 
 }
 
 // The block's backward with the up projection's GELU-tanh derivative and bias gradient fused into the GEMM that
-// produces the hidden gradient (cuBLASLt DGELU_BGRAD, the pre-activation as its aux input); every other case
-// (another activation, dropout, F not a multiple of 8, no algorithm) takes the generic composition.
+// produces the hidden gradient (cuBLASLt DGELU_BGRAD, the pre-activation as its aux input), for float16 and
+// bfloat16; every other case (float32, another activation, dropout, F not a multiple of 8, no algorithm) takes
+// the generic composition. Float32 is left out because the epilogue's bias gradient was not float32-accurate on
+// an H200 (cuBLASLt of CUDA 13.0: 5.5e-05 off on values near 5 summed over 9 tokens, where torch's own float32
+// is within 1.3e-06; benchmarks/RESULTS.md, 2026-11-30); in 16-bit types that is below their rounding.
 MlpBlockGrads block_backward_cuda(const Tensor& grad_out, const Tensor& x_in, const Tensor& w1_in,
                                   const Tensor& preact, const Tensor& hidden_in, const Tensor& w2_in,
                                   std::string activation_name, double dropout_p, const Tensor& seed, bool needs_x,
@@ -463,8 +466,8 @@ MlpBlockGrads block_backward_cuda(const Tensor& grad_out, const Tensor& x_in, co
       check_mlp_block_backward(op, grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p, seed);
   const int64_t M = x_in.size(0), F = w1_in.size(0), N = w2_in.size(0);
   const GradMask up{needs_x, needs_w1, needs_b1};
-  const bool fusable = activation == Activation::kGeluTanh && dropout_p == 0.0 && F % kAuxLdMultiple == 0 &&
-                       (needs_x || needs_w1 || needs_b1);
+  const bool fusable = x_in.scalar_type() != at::kFloat && activation == Activation::kGeluTanh &&
+                       dropout_p == 0.0 && F % kAuxLdMultiple == 0 && (needs_x || needs_w1 || needs_b1);
   auto generic = [&] {
     return block_backward(grad_out, x_in, w1_in, preact, hidden_in, w2_in, activation_name, dropout_p, seed, up,
                           needs_w2, needs_b2);
