@@ -6,7 +6,9 @@ Environment knobs (all optional):
   TFM_KERNELS_HEAD_DIMS="64,128"     head dims of the CUDA attention kernels (also 32, 96, 256)
   TFM_KERNELS_DEBUG=1                -O0 -g host code, -lineinfo device code
   MAX_JOBS=N                         parallel compile jobs (ninja)
-  CUDA_HOME                          CUDA toolkit root; found from nvcc when unset
+  NVCC_THREADS=N                     threads of each nvcc job (default 2)
+  CUDA_HOME or CUDA_PATH             CUDA toolkit root; found from nvcc when unset
+  CXX                                the host compiler (default c++)
 No network and no git are used.
 """
 
