@@ -7,6 +7,8 @@
 #   bash benchmarks/device_check.sh tests     the gpu tests alone, with the whole budget (the first call's
 #                                             share of it, TESTS_TIMEOUT_S, runs only part of them)
 #   bash benchmarks/device_check.sh table     install, memcheck, attention + MLP table: after "tests"
+#   bash benchmarks/device_check.sh pytest-bench   `pytest benchmarks/ --benchmark-only`: pytest-benchmark's
+#                                             timing of the suite's core cases, with the whole budget
 #   bash benchmarks/device_check.sh models    the host time per call without
 #                                             kernels (benchmarks/host_overhead.py), a profile of the eager
 #                                             nn.MultiheadAttention and LM calls (benchmarks/profile_step.py),
@@ -113,6 +115,19 @@ models() {
     [ "$bench_rc" = 0 ]
 }
 
+# pytest-benchmark over the suite's core cases (benchmarks/bench_*.py, synchronised after each call), with what
+# is left of the budget; its table goes to the log.
+pytest_bench() {
+    local rc=0 limit
+    install
+    limit=$(cap 10 60)
+    echo "== pytest benchmarks/ --benchmark-only (cap $limit s)"
+    timeout -k 20 "$limit" "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-only \
+        --benchmark-columns=median,iqr,rounds --benchmark-sort=name || rc=$?
+    echo "== summary: pytest-benchmark exit $rc, total $SECONDS s"
+    [ "$rc" = 0 ]
+}
+
 # $1 = 1: with the gpu tests (capped at TESTS_TIMEOUT_S); 0: without them (mode "table").
 main() {
     local tests_rc=skipped sanitizer_rc=skipped bench_rc=0 limit
@@ -172,5 +187,7 @@ case "${1:-}" in
     table) main 0 2>&1 | tee "$LOG" ;;
     models) models 2>&1 | tee "$LOG" ;;
     tests) tests 2>&1 | tee "$LOG" ;;
-    *) echo "usage: bash benchmarks/device_check.sh [all | tests | table | models]; got '$1'" >&2; exit 2 ;;
+    pytest-bench) pytest_bench 2>&1 | tee "$LOG" ;;
+    *) echo "usage: bash benchmarks/device_check.sh [all | tests | table | models | pytest-bench]; got '$1'" >&2
+       exit 2 ;;
 esac

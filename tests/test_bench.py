@@ -724,7 +724,7 @@ def test_device_check_refuses_an_unknown_mode(tmp_path):
     """A mistyped mode would otherwise run the whole first call (install, tests, benchmark) on scarce GPU time."""
     result = subprocess.run(["bash", str(SCRIPTS / "device_check.sh"), "tabel"], capture_output=True, text=True,
                             timeout=60, env={**os.environ, "OUT": str(tmp_path)})
-    usage = "usage: bash benchmarks/device_check.sh [all | tests | table | models]; got 'tabel'"
+    usage = "usage: bash benchmarks/device_check.sh [all | tests | table | models | pytest-bench]; got 'tabel'"
     assert result.returncode == 2 and usage in result.stderr
 
 
