@@ -21,16 +21,23 @@ def loaded_libstdcxx():
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def stand_in_compiler(tmp_path, answer):
+    """A C++ compiler whose -print-file-name=libstdc++.so prints `answer`."""
+    compiler = tmp_path / "c++"
+    compiler.write_text(f'#!/bin/sh\n[ "$1" = "-print-file-name=libstdc++.so" ] && echo {answer}\n')
+    compiler.chmod(0o755)
+    return str(compiler)
+
+
 def test_links_torchs_libstdcxx_where_the_compiler_has_only_the_static_one(tmp_path):
     """A compiler that finds no libstdc++.so (it prints the bare name back, as the GPU machines' /opt/gcc g++
     does) would link libstdc++.a into the extension: a second copy of it in the process, which crashed the first
     error message that formats a number. setup.py links the libstdc++.so.6 that torch loads instead."""
-    compiler = tmp_path / "c++"
-    compiler.write_text('#!/bin/sh\n[ "$1" = "-print-file-name=libstdc++.so" ] && echo libstdc++.so\n')
-    compiler.chmod(0o755)
-    output = setup_output({"CXX": str(compiler)})
+    output = setup_output({"CXX": stand_in_compiler(tmp_path, "libstdc++.so")})
     assert f"linking ['{loaded_libstdcxx()}']" in output, output
 
 
-def test_links_as_usual_where_the_compiler_finds_the_shared_libstdcxx():
-    assert "finds no shared libstdc++" not in setup_output({}), "the compiler here has libstdc++.so"
+def test_links_as_usual_where_the_compiler_finds_the_shared_libstdcxx(tmp_path):
+    found = tmp_path / "libstdc++.so"
+    found.touch()
+    assert "finds no shared libstdc++" not in setup_output({"CXX": stand_in_compiler(tmp_path, found)})

@@ -77,8 +77,10 @@ def _gemm_configs():
     # of spills (175 registers), where 128x256x64 spills 100 bytes.
     shapes = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
-    # No 128x256x64 TMA config: on an H200 (Triton 3.6) it computed a wrong dW = dz^T @ x (the transposed-A
-    # descriptor path) while every other config passed the same test (benchmarks/RESULTS.md, 2026-11-28).
+    # No 128x256x64 TMA config: on an H200 (Triton 3.6) it computed a wrong dW = dz^T @ x while every other config
+    # passed the same test (benchmarks/RESULTS.md, 2026-11-28). The likelier cause, found on 2026-11-30 in
+    # non-TMA configs too, was the bias gradient's row sum in dW's loop, since removed; the config stays out
+    # until it passes on a GPU.
     tma_shapes = [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
     # The fallback, for float32 gated GEMMs on devices with 99 KiB (101376 bytes) per block (sm_86/sm_89:
     # RTX 30xx/40xx, A10, L4, L40S), where no listed config's estimate fits (the smallest, 128x128x32 in 4
