@@ -3,11 +3,12 @@
 A call's host time is what the CPU spends before its kernels are queued. It bounds the speed of every call
 whose kernels are short: the benchmark's timer counts the time the GPU waits for a call's Python
 (tfm_kernels/bench/timing.py), and so does a training step of small layers. This script measures it on any
-machine, all but the last step of each launch. Triton runs its launch path as on a Hopper GPU (binding and
-specialising the arguments, the cache lookup of the compiled kernel) up to the driver's launch call, which
-does nothing: a stand-in driver names an sm_90 target, and the compiled kernel is a stand-in whose launch
-returns at once (the autotuner's timings return a constant). The launchers run on CPU tensors as they would on
-a Hopper GPU: autotuned launch path, tensor descriptors built. Left out: the launch call itself (packing the
+machine, all but the last step of each launch. Launches run as on a Hopper GPU, a fingerprint's first through
+Triton's launch path (binding and specialising the arguments, the cache lookup of the compiled kernel) and
+later ones as replays (tfm_kernels/triton/replay.py), up to the compiled launcher's call, which does nothing:
+a stand-in driver names an sm_90 target, and the compiled kernel is a stand-in whose launch returns at once
+(the autotuner's timings return a constant). The launchers run on CPU tensors as they would on a Hopper GPU:
+autotuned launch path, tensor descriptors built. Left out: the launch call itself (packing the
 arguments, cuLaunchKernel), a few microseconds a launch. torch's modules run for real on the same tiny CPU
 tensors as the reference: their host time plus a few microseconds of arithmetic.
 
@@ -119,6 +120,8 @@ def stubbed_launches():
             enter(mock.patch.object(kernel, "min_work", 0))
             enter(mock.patch.object(kernel, "_tuned", {}))
             enter(mock.patch.object(kernel, "_tuners", {}))
+        for replays in (*(kernel.replays for kernel in tuned), attention._DELTA, mlp._GRAD_PREACT):
+            enter(mock.patch.object(replays, "_entries", {}))  # no stand-in kernel kept for replays
         yield
 
 

@@ -32,6 +32,7 @@ from ..layout import empty_heads_inner, last_dim_contiguous
 from ..rng import dropout_keep_scale, dropout_threshold
 from .philox import dropout_keep, philox_key
 from .precision import dot, dot_precision
+from .replay import ReplayedLaunches
 from .tuning import (
     TunedKernel,
     cdiv,
@@ -683,6 +684,7 @@ _BACKWARD_KV = _tuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALL
                       ("BLOCK_D", "BLOCK_DV"), BACKWARD_KV_DESCRIPTORS)
 _BACKWARD_Q = _tuned(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M", "BLOCK_N",
                      ("BLOCK_D", "BLOCK_DV"), BACKWARD_Q_DESCRIPTORS)
+_DELTA = ReplayedLaunches(_backward_delta_kernel)
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
 # At most this many elements per delta tile: 64 rows x 256 float32 O and dO spill 392 bytes with 4 warps.
 DELTA_TILE_ELEMENTS = 64 * 128
@@ -782,9 +784,9 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
     block_dv = c.constexprs["BLOCK_DV"]
     with device_guard(q):
         delta_rows = min(DELTA_BLOCK_M, DELTA_TILE_ELEMENTS // block_dv)
-        _backward_delta_kernel[(cdiv(c.L, delta_rows) * c.B * c.H,)](
-            out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], c.H, c.L,
-            HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=delta_rows)
+        _DELTA.launch((cdiv(c.L, delta_rows) * c.B * c.H,),
+                      (out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], c.H, c.L),
+                      dict(HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=delta_rows))
         inputs, row_stats = (q, k, v, grad_out), (lse, delta)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
         H, group, L, S = c.scalars

@@ -23,6 +23,7 @@ from ..backends import triton_interpreting
 from ..rng import dropout_keep_scale, dropout_threshold
 from .philox import dropout_keep, philox_key
 from .precision import dot, dot_precision
+from .replay import ReplayedLaunches
 from .tuning import (
     TunedKernel,
     cdiv,
@@ -325,6 +326,7 @@ def _gemm_size_class(args):
 
 
 _GEMM_CONFIGS, _GEMM_FALLBACK = _gemm_configs()
+_GRAD_PREACT = ReplayedLaunches(_grad_preact_kernel)
 # The key names every constexpr but the tile's: the epilogue changes a config's registers and so its speed.
 _GEMM = TunedKernel(_gemm_kernel, _GEMM_CONFIGS, ["HAS_BIAS", "ACTIVATION", "STORE_PREACT", "DROPOUT", "GATED",
                                                  "INPUT_PRECISION", "A_T", "B_T"],
@@ -417,9 +419,9 @@ def _grad_preact(grad_out, preact, activation, dropout_p, seed, gated):
     threshold, keep_scale = _dropout_args(dropout_p)
     grid = (cdiv(M, GRAD_BLOCK), cdiv(N, GRAD_BLOCK))
     with device_guard(grad_out):
-        _grad_preact_kernel[grid](grad_out, preact, dz, seed, M, N, grad_out.stride(0), threshold, keep_scale,
-                                  ACTIVATION=ACTIVATION_CODES[activation], DROPOUT=dropout_p > 0.0, GATED=gated,
-                                  BLOCK_M=GRAD_BLOCK, BLOCK_N=GRAD_BLOCK)
+        _GRAD_PREACT.launch(grid, (grad_out, preact, dz, seed, M, N, grad_out.stride(0), threshold, keep_scale),
+                            dict(ACTIVATION=ACTIVATION_CODES[activation], DROPOUT=dropout_p > 0.0, GATED=gated,
+                                 BLOCK_M=GRAD_BLOCK, BLOCK_N=GRAD_BLOCK))
     return dz
 
 

@@ -21,6 +21,7 @@ from triton.runtime import _async_compile
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import triton_interpreting
+from .replay import ReplayedLaunches
 
 AUTOTUNE = os.environ.get("TFM_KERNELS_AUTOTUNE", "1") != "0"
 # Off the GPU (the interpreter) there is no device limit; the largest any supported device gives is 227 KiB.
@@ -156,6 +157,7 @@ class TunedKernel:
         self.probe = probe
         self.margin = margin
         self._timed_configs = configs if fallback is None or fallback in configs else [*configs, fallback]
+        self.replays = ReplayedLaunches(kernel)
 
     def fitting(self, args, budget):
         """The configs whose shared-memory estimate fits `budget` bytes, in list order (never empty)."""
@@ -191,10 +193,17 @@ class TunedKernel:
         return self.autotunes(work) or bool(self.configs[0].kwargs.get("TMA"))
 
     def launch(self, grid, work, args, constexprs):
-        """Runs the kernel on positional `args` and keyword `constexprs` (the config's tile sizes excluded)."""
+        """Runs the kernel on positional `args` and keyword `constexprs` (the config's tile sizes excluded).
+        A launch of a fingerprint seen before replays its compiled kernel and config (replay.py): the config
+        is a function of the fingerprint, of whether the launch autotunes, and of the objects in `_choice`."""
+        autotunes = self.autotunes(work)
+        fingerprint = self.replays.fingerprint(args, constexprs, autotunes)
+        choice = self._choice()
+        if self.replays.replay(fingerprint, grid, args, choice):
+            return
         named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
         device = named[self.probe].device
-        if self.autotunes(work):
+        if autotunes:
             config = self._tuned_config(grid, args, constexprs, named, device)
             if config is None:
                 return  # the autotuner timed the configs and ran the best one
@@ -202,7 +211,15 @@ class TunedKernel:
             config = self.fitting(named, shared_memory_budget(device, self.margin))[0]
         if config.pre_hook is not None:
             config.pre_hook({**named, **config.kwargs})
-        self.kernel[grid](*args, **constexprs, **config.all_kwargs())
+        constants = {**constexprs, **config.all_kwargs()}
+        self.replays.record(fingerprint, self.kernel[grid](*args, **constants), args, constants, config.pre_hook,
+                            choice)
+
+    def _choice(self):
+        """What a launch's config is chosen from besides its arguments: the lists and rules, and the tuned
+        configs (which never change once chosen, unless the whole dict is replaced)."""
+        return (self.configs, self.fallback, self.margin, self.usable, self.shared_bytes, self.size_class,
+                self.key, self._tuned)
 
     def _tuned_config(self, grid, args, constexprs, named, device):
         """The config the autotuner chose for this launch's key; None after a launch of a new key, which the

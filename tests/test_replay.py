@@ -1,0 +1,306 @@
+"""Replayed launches of compiled Triton kernels (tfm_kernels/triton/replay.py).
+
+CPU: compiled (not interpreted) kernels under benchmarks/host_overhead.py's stand-in driver, whose compiled
+kernel records what its launcher is given: a repeated launch passes the launcher exactly what Triton's launch
+path passed it, and every change Triton would specialise on goes through Triton again. GPU: attention and MLP
+results of replayed launches equal those of the first launch, bit for bit, and a misaligned input is not
+served a replay."""
+
+import contextlib
+import os
+import pathlib
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from test_attention import check_against_oracle as check_attention
+from test_bench import _load_script
+from triton.runtime.jit import JITFunction
+
+import tfm_kernels
+from tfm_kernels.triton import attention, mlp, replay, tuning
+
+host_overhead = _load_script("host_overhead")
+
+
+def _five_arguments(X, Y, n, scale, flag, BLOCK: tl.constexpr):
+    pass
+
+
+def _write_block(out_ptr, BLOCK: tl.constexpr):
+    pass
+
+
+class StandIn:
+    """Launches under the stand-in driver: `launched` lists what each compiled launcher call was given,
+    `through_triton` counts the launches that took Triton's own launch path."""
+
+    def __init__(self, kernel):
+        self.launched = []
+        self.through_triton = 0
+        triton_run = kernel.run
+
+        def counted(*args, **kwargs):
+            self.through_triton += 1
+            return triton_run(*args, **kwargs)
+
+        kernel.run = counted
+
+
+@pytest.fixture
+def stand_in():
+    """start(kernel) -> StandIn: the kernel's launches from then on, under the stand-in driver."""
+    with host_overhead.stubbed_launches(), contextlib.ExitStack() as stack:
+        def start(kernel):
+            seen = StandIn(kernel)
+            record = lambda compiled, *given: seen.launched.append(given)  # noqa: E731
+            stack.enter_context(mock.patch.object(host_overhead._StandInKernel, "run", record))
+            return seen
+
+        yield start
+
+
+def launched_values(launch):
+    """The launcher's argument values, past (grid x, y, z, stream, function, metadata, launch metadata, enter
+    and exit hooks)."""
+    return launch[9:]
+
+
+def same_values(found, expected):
+    return len(found) == len(expected) and all(
+        f is e if isinstance(e, torch.Tensor) else (type(f) is type(e) and f == e) for f, e in zip(found, expected))
+
+
+def test_a_repeated_launch_replays_what_triton_launched(stand_in):
+    kernel = JITFunction(_five_arguments)
+    seen = stand_in(kernel)
+    launches = replay.ReplayedLaunches(kernel)
+    grid = lambda meta: (meta["n"] // meta["BLOCK"], 2)  # noqa: E731
+    x, y = torch.zeros(64), torch.zeros(64)
+    launches.launch(grid, (x, y, 64, 0.5, True), {"BLOCK": 16})
+    x2, y2 = torch.zeros(64), torch.zeros(64)
+    launches.launch(grid, (x2, y2, 64, 0.25, True), {"BLOCK": 16})  # a float is not specialised on
+    assert seen.through_triton == 1 and len(launches) == 1
+    first, replayed = seen.launched
+    assert first[:4] == replayed[:4] == (4, 2, 1, 0)  # the grid from the named arguments, the stream
+    assert same_values(launched_values(first), (x, y, 64, 0.5, True, 16))
+    assert same_values(launched_values(replayed), (x2, y2, 64, 0.25, True, 16))
+
+
+@pytest.mark.parametrize("change", ["dtype", "misaligned", "not_a_multiple_of_16", "one", "bool_to_int",
+                                    "constexpr"])
+def test_what_triton_specialises_on_goes_through_triton(stand_in, change):
+    kernel = JITFunction(_five_arguments)
+    seen = stand_in(kernel)
+    launches = replay.ReplayedLaunches(kernel)
+    x, y = torch.zeros(64), torch.zeros(64)
+    args, constants = [x, y, 64, 0.5, True], {"BLOCK": 16}
+    launches.launch((1,), tuple(args), constants)
+    if change == "dtype":
+        args[0] = x.half()
+    elif change == "misaligned":
+        args[0] = torch.zeros(65)[1:]  # 4 bytes past a 16-byte boundary
+    elif change == "not_a_multiple_of_16":
+        args[2] = 65
+    elif change == "one":
+        args[2] = 1
+    elif change == "bool_to_int":
+        args[4] = 1
+    else:
+        constants = {"BLOCK": 32}
+    launches.launch((1,), tuple(args), constants)
+    assert seen.through_triton == 2
+    assert same_values(launched_values(seen.launched[1]), (*args, constants["BLOCK"]))
+    launches.launch((1,), tuple(args), constants)  # and is replayed from then on
+    assert seen.through_triton == 2 and len(seen.launched) == 3
+
+
+def test_arguments_of_other_kinds_always_go_through_triton():
+    assert replay.argument_fingerprint((torch.zeros(1), 3, None)) is not None
+    assert replay.argument_fingerprint((torch.zeros(1), (3, 4))) is None
+
+
+def test_the_cache_starts_over_when_full(stand_in, monkeypatch):
+    monkeypatch.setattr(replay, "MAX_REPLAYED_LAUNCHES", 3)
+    kernel = JITFunction(_five_arguments)
+    seen = stand_in(kernel)
+    launches = replay.ReplayedLaunches(kernel)
+    x = torch.zeros(64)
+    for n in (16, 32, 48, 64):
+        launches.launch((1,), (x, x, n, 0.5, True), {"BLOCK": 16})
+    assert len(launches) == 1 and seen.through_triton == 4
+
+
+def tuned_write_block(pre_hook):
+    configs = [triton.Config({"BLOCK": 8}, pre_hook=pre_hook)]
+    return tuning.TunedKernel(JITFunction(_write_block), configs, [], lambda config, args: 0, min_work=1 << 40,
+                              probe="out_ptr")
+
+
+def test_a_replayed_tuned_launch_runs_its_configs_pre_hook_and_grid(stand_in, monkeypatch):
+    hooked = []
+    kernel = tuned_write_block(lambda named: hooked.append(named["BLOCK"]))
+    seen = stand_in(kernel.kernel)
+    out = torch.zeros(4, dtype=torch.int32)
+    grid = lambda meta: (12 // meta["BLOCK"],)  # noqa: E731
+    for _ in range(2):
+        kernel.launch(grid, 1, (out,), {})
+    assert seen.through_triton == 1 and hooked == [8, 8]
+    assert [launch[0] for launch in seen.launched] == [1, 1]
+    # A replaced config list (as tests force a config) is never answered with a config of the old one.
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK": 4})])
+    kernel.launch(grid, 1, (out,), {})
+    assert seen.through_triton == 2 and seen.launched[-1][0] == 3
+    assert same_values(launched_values(seen.launched[-1]), (out, 4))
+
+
+def test_interpreted_launches_neither_ask_the_driver_nor_keep_anything():
+    if not tfm_kernels.backends.triton_interpreting():
+        pytest.skip("the interpreter runs Triton on the CPU only")
+    q = torch.randn(1, 2, 5, 16)
+    tfm_kernels.scaled_dot_product_attention(q, q, q, backend="triton")
+    assert len(attention._FORWARD.replays) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: replays against the first launch
+
+
+def count_replays(monkeypatch):
+    replays = []
+    replay_once = replay.ReplayedLaunches.replay
+
+    def counted(self, *args, **kwargs):
+        replayed = replay_once(self, *args, **kwargs)
+        replays.append(replayed)
+        return replayed
+
+    monkeypatch.setattr(replay.ReplayedLaunches, "replay", counted)
+    return replays
+
+
+@pytest.mark.gpu
+def test_gpu_replayed_attention_equals_its_first_launch(monkeypatch):
+    """Forward and backward, dropout and GQA, three times from one seed: the second and third replay every
+    kernel (4 launches each) and give the first one's bits."""
+    replays = count_replays(monkeypatch)
+    q = torch.randn(2, 4, 300, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    k, v = (torch.randn(2, 2, 317, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 4, 300, 64, dtype=torch.bfloat16, device="cuda")
+    results = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        out = tfm_kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True, enable_gqa=True,
+                                                       backend="triton")
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    assert replays[4:] == [True] * 8, replays
+    for later in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], later))
+
+
+@pytest.mark.gpu
+def test_gpu_misaligned_input_after_an_aligned_one():
+    """The same shapes with q 2 bytes off a 16-byte boundary (another fingerprint: Triton compiles for it, with
+    no TMA for q) after aligned ones: right against the oracle."""
+    q, k, v = (torch.randn(2, 4, 129, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    check_attention("triton", q, k, v)
+    storage = torch.randn(q.numel() + 1, dtype=torch.bfloat16, device="cuda")
+    misaligned = storage[1:].view_as(q).copy_(q)
+    assert misaligned.data_ptr() % 16
+    check_attention("triton", misaligned, k, v)
+
+
+@pytest.mark.gpu
+def test_gpu_replayed_mlp_equals_its_first_launch(monkeypatch):
+    replays = count_replays(monkeypatch)
+    x = torch.randn(300, 256, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    weight = torch.randn(512, 256, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    bias = torch.randn(512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    results = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        out = tfm_kernels.fused_linear(x, weight, bias, "gelu", dropout_p=0.1, backend="triton")
+        results.append((out, *torch.autograd.grad(out.float().square().sum(), (x, weight, bias))))
+    assert any(replays) and all(replays[len(replays) // 3:]), replays
+    for later in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], later))
+    assert len(mlp._GRAD_PREACT) > 0
+
+
+# Run without the interpreter (compiled kernels, the stand-in driver): each launcher of the package launches
+# three times on the same inputs. Every kernel's first launch goes through Triton's launch path (a tuned one's
+# through the autotuner, which does not record it; its second through Triton), the third is a replay, and all
+# three must hand the compiled launcher equal values.
+REAL_LAUNCHERS = r"""
+import importlib.util, sys
+from unittest import mock
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+import tfm_kernels
+from tfm_kernels.triton import attention, mlp, replay
+caches = [*(kernel.replays for kernel in (attention._FORWARD, attention._BACKWARD_KV, attention._BACKWARD_Q,
+                                          mlp._GEMM)), attention._DELTA, mlp._GRAD_PREACT]
+spec = importlib.util.spec_from_file_location("host_overhead", sys.argv[1])
+host_overhead = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_overhead)
+
+def comparable(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, value.shape, value.stride(), value.data_ptr() % 16)
+    if isinstance(value, TensorDescriptor):
+        return ("descriptor", comparable(value.base), list(value.shape), list(value.strides),
+                list(value.block_shape), value.padding)
+    return (type(value), value)
+
+launched, replayed_launches = [], []
+replay_once = replay.ReplayedLaunches.replay
+
+def counted_replay(self, *args):
+    replayed_launches.append(replay_once(self, *args))
+    return replayed_launches[-1]
+
+with host_overhead.stubbed_launches(), mock.patch.object(
+        host_overhead._StandInKernel, "run", lambda self, *given: launched.append(given)), mock.patch.object(
+        replay.ReplayedLaunches, "replay", counted_replay):
+    q, k, v = (torch.randn(2, 2, 16, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    x = torch.randn(24, 32, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(64, dtype=torch.bfloat16, requires_grad=True)
+    gate_up = torch.randn(128, 32, dtype=torch.bfloat16, requires_grad=True)
+    calls = {
+        "attention": lambda: tfm_kernels.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1,
+                                                                       backend="triton").sum().backward(),
+        "linear": lambda: tfm_kernels.fused_linear(x, weight, bias, "gelu", dropout_p=0.1,
+                                                   backend="triton").sum().backward(),
+        "gated": lambda: tfm_kernels.gated_linear(x, gate_up, "silu", backend="triton").sum().backward(),
+    }
+    for name, call in calls.items():
+        per_call = []
+        for _ in range(3):
+            start = len(launched)
+            replayed_launches.clear()
+            call()
+            per_call.append([[comparable(value) for value in launch] for launch in launched[start:]])
+        replayed = per_call[2]
+        for earlier in per_call[:2]:
+            assert len(earlier) == len(replayed) > 0, (name, len(earlier), len(replayed))
+            for a, b in zip(earlier, replayed):
+                assert a == b, (name, [(i, x, y) for i, (x, y) in enumerate(zip(a, b)) if x != y])
+        assert replayed_launches == [True] * len(replayed), (name, replayed_launches)  # all of the third call
+        print(name, len(replayed))
+    assert all(len(replays) for replays in caches)
+assert not any(len(replays) for replays in caches)  # the stand-in kernels are forgotten
+"""
+
+
+def test_every_launcher_replays_what_triton_launched():
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "host_overhead.py"
+    result = subprocess.run([sys.executable, "-c", REAL_LAUNCHERS, str(script)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = dict(line.split() for line in result.stdout.splitlines())
+    assert counts == {"attention": "4", "linear": "4", "gated": "4"}, counts
