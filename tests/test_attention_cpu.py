@@ -224,6 +224,23 @@ def test_forward_backward_memory_grows_with_length_not_scores(feature):
     assert peak < B * heads[0] * L * L * 4 / 4, "as much as a quarter of the scores"
 
 
+def test_bfloat16_keys_broadcast_over_the_batch_are_converted_once():
+    """Keys and values of one batch element serving every query batch (read through a zero batch stride): right
+    against the oracle, and converted to float32 once, not once per batch element. The forward holds q and out
+    in float32, out in bfloat16, lse, and one float32 copy of k and of v: 5.5 MiB at B = 8, where written-out
+    float32 copies of k and v would add 3.5 MiB."""
+    q, k, v = rand(3, 2, 17, 40, dtype=torch.bfloat16), *(rand(1, 2, 23, 40, dtype=torch.bfloat16) for _ in range(2))
+    check_against_oracle("cpu", q, k, v, is_causal=True)
+    B, H, L, S, E = 8, 2, 512, 512, 64
+    q = rand(B, H, L, E, dtype=torch.bfloat16)
+    k, v = (rand(1, H, S, E, dtype=torch.bfloat16) for _ in range(2))
+    q_floats = B * H * L * E
+    budget = 2 * q_floats * 4 + q_floats * 2 + B * H * L * 4 + 2 * H * S * E * 4 + (1 << 16)
+    with torch.no_grad():
+        peak = peak_allocated_bytes(lambda: sdpa("cpu", q, k, v))
+    assert peak <= budget, f"{peak / 2**20:.2f} MiB held; expected at most {budget / 2**20:.2f} MiB"
+
+
 def opcheck_samples():
     """(forward args, name): every optional input, a zero-stride mask, dropout, GQA, bfloat16."""
     B, Hq, Hk, L, S, E, Ev = 2, 4, 2, 19, 23, 16, 8

@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "common/attention_checks.h"
 #include "common/attention_layout.h"
@@ -15,9 +17,19 @@
 namespace tfm_kernels::cpu {
 namespace {
 
+// t converted to float32, its broadcast dims (zero strides) converted once and broadcast again: written out,
+// a key or value broadcast over the batch would take batch times its memory.
+at::Tensor to_float_keeping_broadcast(const at::Tensor& t) {
+  std::vector<int64_t> stored = t.sizes().vec();  // t's sizes with each broadcast dim cut to 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) == 0) stored[d] = std::min<int64_t>(stored[d], 1);
+  }
+  return t.as_strided(stored, t.strides()).to(at::kFloat).expand(t.sizes());
+}
+
 // t as float32 with contiguous rows: t itself when it already is (no copy for float32 inputs).
 at::Tensor as_float_rows(const at::Tensor& t) {
-  at::Tensor result = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  at::Tensor result = t.scalar_type() == at::kFloat ? t : to_float_keeping_broadcast(t);
   if (result.stride(-1) == 1 || result.size(-1) <= 1) {
     return result;
   }
