@@ -92,7 +92,8 @@ tests() {
 }
 
 # The module and model tables of issues 5 and 6, printed last, after a profile of their eager calls (each
-# call's host, wall and device ms in the log; the profiler's tables in $RESULTS/profile-*.txt) and the host
+# call's host, wall and device ms in the log; the profiler's tables in $RESULTS/profile-*.txt), the MHA calls
+# again without replayed launches (tfm_kernels/triton/replay.py: what the replays save there), and the host
 # time of the Triton paths measured as on the development machines (benchmarks/host_overhead.py; its rows
 # against theirs say how much slower this machine's CPU issues the same calls).
 models() {
@@ -105,6 +106,10 @@ models() {
     timeout -k 20 "$limit" "$PYTHON" -u benchmarks/profile_step.py > "$RESULTS/profile-$STAMP.txt" \
         || echo "profile: exit $? (the rows it finished are in $RESULTS/profile-$STAMP.txt)"
     grep "^###" "$RESULTS/profile-$STAMP.txt" || true
+    echo "== the same MHA calls with every Triton launch through Triton's own launch path (cap 30 s)"
+    TFM_KERNELS_REPLAY=0 timeout -k 10 30 "$PYTHON" -u benchmarks/profile_step.py --suite mha \
+        > "$RESULTS/profile-no-replay-$STAMP.txt" || echo "profile without replays: exit $?"
+    grep "^###" "$RESULTS/profile-no-replay-$STAMP.txt" || true
     limit=$(cap 10 90)  # at least 90: the bench's --budget below stays positive (0 would mean no budget)
     echo "== module and model benchmark (cap $limit s)"
     timeout -k 20 "$limit" "$PYTHON" -m tfm_kernels bench --suite mha,model --budget $((limit - 60)) \

@@ -119,6 +119,17 @@ def test_what_triton_specialises_on_goes_through_triton(stand_in, change):
     assert seen.through_triton == 2 and len(seen.launched) == 3
 
 
+def test_no_replays_with_the_knob_off(stand_in, monkeypatch):
+    monkeypatch.setattr(replay, "REPLAY", False)  # TFM_KERNELS_REPLAY=0
+    kernel = JITFunction(_five_arguments)
+    seen = stand_in(kernel)
+    launches = replay.ReplayedLaunches(kernel)
+    x = torch.zeros(64)
+    for _ in range(2):
+        launches.launch((1,), (x, x, 64, 0.5, True), {"BLOCK": 16})
+    assert seen.through_triton == 2 and len(launches) == 0
+
+
 def test_arguments_of_other_kinds_always_go_through_triton():
     assert replay.argument_fingerprint((torch.zeros(1), 3, None)) is not None
     assert replay.argument_fingerprint((torch.zeros(1), (3, 4))) is None

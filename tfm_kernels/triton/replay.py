@@ -21,8 +21,10 @@ argument of any other kind makes the launch go through Triton every time.
 
 What a replay skips: Triton's check that the globals a kernel reads have not changed since it compiled, and
 Triton's knobs (debug, instrumentation), read at the fingerprint's first launch. Interpreted kernels
-(TRITON_INTERPRET) are never replayed.
+(TRITON_INTERPRET) are never replayed, nor is anything with TFM_KERNELS_REPLAY=0.
 """
+
+import os
 
 import torch
 from triton import knobs
@@ -30,6 +32,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+REPLAY = os.environ.get("TFM_KERNELS_REPLAY", "1") != "0"
 # Fingerprints kept per kernel; past this the cache starts over (a workload whose shapes never repeat).
 MAX_REPLAYED_LAUNCHES = 64
 
@@ -82,7 +85,7 @@ class ReplayedLaunches:
     def fingerprint(self, args, constants, *extra):
         """The launch's fingerprint: the current device, `args`' fingerprint, the keyword `constants` and
         whatever else the caller's choices depend on (`extra`); None where the launch is not replayed."""
-        if not self._compiled:
+        if not (self._compiled and REPLAY):
             return None
         prints = argument_fingerprint(args)
         if prints is None:
