@@ -130,6 +130,18 @@ def test_no_replays_with_the_knob_off(stand_in, monkeypatch):
     assert seen.through_triton == 2 and len(launches) == 0
 
 
+def test_a_kernel_with_pre_run_hooks_is_not_replayed(stand_in):
+    kernel = JITFunction(_five_arguments)
+    hooked = []
+    kernel.add_pre_run_hook(lambda *args, **kwargs: hooked.append(args[2]))
+    seen = stand_in(kernel)
+    launches = replay.ReplayedLaunches(kernel)
+    x = torch.zeros(64)
+    for _ in range(2):
+        launches.launch((1,), (x, x, 64, 0.5, True), {"BLOCK": 16})
+    assert seen.through_triton == 2 and hooked == [64, 64]
+
+
 def test_arguments_of_other_kinds_always_go_through_triton():
     assert replay.argument_fingerprint((torch.zeros(1), 3, None)) is not None
     assert replay.argument_fingerprint((torch.zeros(1), (3, 4))) is None

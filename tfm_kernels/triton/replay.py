@@ -21,7 +21,8 @@ argument of any other kind makes the launch go through Triton every time.
 
 What a replay skips: Triton's check that the globals a kernel reads have not changed since it compiled, and
 Triton's knobs (debug, instrumentation), read at the fingerprint's first launch. Interpreted kernels
-(TRITON_INTERPRET) are never replayed, nor is anything with TFM_KERNELS_REPLAY=0.
+(TRITON_INTERPRET) are never replayed, nor a kernel with pre-run hooks (Triton runs them at every launch),
+nor anything with TFM_KERNELS_REPLAY=0.
 """
 
 import os
@@ -85,7 +86,7 @@ class ReplayedLaunches:
     def fingerprint(self, args, constants, *extra):
         """The launch's fingerprint: the current device, `args`' fingerprint, the keyword `constants` and
         whatever else the caller's choices depend on (`extra`); None where the launch is not replayed."""
-        if not (self._compiled and REPLAY):
+        if not (self._compiled and REPLAY) or self.kernel.pre_run_hooks:
             return None
         prints = argument_fingerprint(args)
         if prints is None:
