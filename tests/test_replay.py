@@ -3,8 +3,8 @@
 CPU: compiled (not interpreted) kernels under benchmarks/host_overhead.py's stand-in driver, whose compiled
 kernel records what its launcher is given: a repeated launch passes the launcher exactly what Triton's launch
 path passed it, and every change Triton would specialise on goes through Triton again. GPU: attention and MLP
-results of replayed launches equal those of the first launch, bit for bit, and a misaligned input is not
-served a replay."""
+results of replayed launches equal those of the first launch, bit for bit, and a misaligned input after
+aligned ones is right."""
 
 import contextlib
 import os
