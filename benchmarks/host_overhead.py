@@ -96,12 +96,16 @@ def _stand_in_compiler(compiled):
     return do_compile
 
 
+TUNED_KERNELS = (attention._FORWARD, attention._BACKWARD_KV, attention._BACKWARD_Q, mlp._GEMM)
+# Every kernel's replayed launches (tfm_kernels/triton/replay.py).
+REPLAY_CACHES = (*(kernel.replays for kernel in TUNED_KERNELS), attention._DELTA, mlp._GRAD_PREACT)
+
+
 @contextlib.contextmanager
 def stubbed_launches():
     """Triton's launch path up to the driver's launch call, which does nothing, and the launchers taking the
     GPU's path on CPU tensors: the autotuned launch of every size, tensor descriptors where a GPU of compute
     capability 9 would get them."""
-    tuned = (attention._FORWARD, attention._BACKWARD_KV, attention._BACKWARD_Q, mlp._GEMM)
     compiled = set()
     with contextlib.ExitStack() as stack:
         enter = stack.enter_context
@@ -116,11 +120,11 @@ def stubbed_launches():
         enter(mock.patch.object(tuning, "triton_interpreting", lambda: False))
         for module in (attention, mlp):
             enter(mock.patch.object(module, "tensor_descriptors_supported", lambda device: True))
-        for kernel in tuned:  # every size autotuned; the stubs' choices forgotten on exit
+        for kernel in TUNED_KERNELS:  # every size autotuned; the stubs' choices forgotten on exit
             enter(mock.patch.object(kernel, "min_work", 0))
             enter(mock.patch.object(kernel, "_tuned", {}))
             enter(mock.patch.object(kernel, "_tuners", {}))
-        for replays in (*(kernel.replays for kernel in tuned), attention._DELTA, mlp._GRAD_PREACT):
+        for replays in REPLAY_CACHES:
             enter(mock.patch.object(replays, "_entries", {}))  # no stand-in kernel kept for replays
         yield
 
