@@ -92,10 +92,11 @@ tests() {
 }
 
 # The module and model tables of issues 5 and 6, printed last, after a profile of their eager calls (each
-# call's host, wall and device ms in the log; the profiler's tables in $RESULTS/profile-*.txt), the MHA calls
-# again without replayed launches (tfm_kernels/triton/replay.py: what the replays save there), and the host
-# time of the Triton paths measured as on the development machines (benchmarks/host_overhead.py; its rows
-# against theirs say how much slower this machine's CPU issues the same calls).
+# call's host, wall and device ms in the log; torch.profiler's and cProfile's tables in
+# $RESULTS/profile-*.txt), the MHA calls again without replayed launches (tfm_kernels/triton/replay.py: what
+# the replays save there), and the host time of the Triton paths measured as on the development machines
+# (benchmarks/host_overhead.py; its rows against theirs say how much slower this machine's CPU issues the same
+# calls).
 models() {
     local bench_rc=0 limit
     install

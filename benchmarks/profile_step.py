@@ -1,8 +1,9 @@
 """Where the time of a benchmarked call goes: the same callables the bench times for nn.MultiheadAttention and
 the language model (ours and torch's, eager), run under torch.profiler.
 
-For each it prints one summary line and torch.profiler's table of the operators and kernels that take the most
-device time (CPU time without a GPU):
+For each it prints one summary line, torch.profiler's table of the operators and kernels that take the most
+device time (CPU time without a GPU), and cProfile's table of the Python functions that take the most host time
+(the launchers' own Python included, which benchmarks/host_overhead.py leaves out):
   host ms   the Python of one call, until its last kernel is queued (calls issued back to back, no sync);
   wall ms   one call from issue to the end of its kernels (a sync after the calls);
   device ms the kernels' own time in one call (the profiler's sum over kernels).
@@ -14,6 +15,9 @@ wall ms has gaps between kernels; otherwise the kernels themselves are the time,
 """
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
@@ -26,6 +30,7 @@ from tfm_kernels.bench.suite import Unavailable
 
 WARMUP_CALLS = 3  # compiles, autotunes and fills the caching allocator before anything is measured
 TABLE_ROWS = 12
+PYTHON_ROWS = 20
 LM_PRESET = "gpt2-small"
 
 
@@ -40,8 +45,18 @@ def _device_ms(events, calls):
     return total_us / 1e3 / calls
 
 
+def python_profile(fn, device, calls):
+    """cProfile's table of the functions with the most host time over `calls` calls (own time, not callees')."""
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [fn() for _ in range(calls)])
+    _sync(device)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(PYTHON_ROWS)
+    return text.getvalue()
+
+
 def profile_call(fn, device, calls):
-    """(host ms, wall ms, device ms) per call, and the profiler's table."""
+    """(host ms, wall ms, device ms) per call, the profiler's table and cProfile's."""
     for _ in range(WARMUP_CALLS):
         fn()
     _sync(device)
@@ -60,7 +75,8 @@ def profile_call(fn, device, calls):
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = events.table(sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=60)
     per_call = 1e3 / calls
-    return (issued - start) * per_call, (done - start) * per_call, _device_ms(events, calls), table
+    return (issued - start) * per_call, (done - start) * per_call, _device_ms(events, calls), table, \
+        python_profile(fn, device, calls)
 
 
 def cases(suites, device):
@@ -95,9 +111,10 @@ def main(argv=None):
             except Unavailable as reason:
                 print(f"### {title}: n/a ({reason})\n")
                 continue
-            host, wall, device_ms, table = profile_call(fn, device, args.calls)
+            host, wall, device_ms, table, python_table = profile_call(fn, device, args.calls)
             print(f"### {title}: host {host:.3f} ms, wall {wall:.3f} ms, device {device_ms:.3f} ms per call\n")
             print(table)
+            print(python_table)
             del fn
             _sync(device)
 

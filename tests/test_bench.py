@@ -940,8 +940,12 @@ def test_host_overhead_launches_run_triton_and_leave_no_stand_in_cached():
 def test_profile_script_summarises_each_mha_call(capsys):
     profile_step = _load_script("profile_step")
     profile_step.main(["--suite", "mha", "--calls", "1"])
-    summaries = [line for line in capsys.readouterr().out.splitlines() if line.startswith("### ")]
+    out = capsys.readouterr().out
+    summaries = [line for line in out.splitlines() if line.startswith("### ")]
     assert len(summaries) == 4  # fwd and fwd+bwd, ours and torch's
+    # cProfile's table after each: our calls' own Python is in it
+    assert out.count("Ordered by: internal time") == 4
+    assert "tfm_kernels/nn/attention.py" in out.split(summaries[1])[0]
     for line in summaries:
         host, wall = (float(line.split(f"{what} ")[1].split(" ms")[0]) for what in ("host", "wall"))
         assert 0 < host <= wall
