@@ -124,8 +124,9 @@ def stubbed_launches():
             enter(mock.patch.object(kernel, "min_work", 0))
             enter(mock.patch.object(kernel, "_tuned", {}))
             enter(mock.patch.object(kernel, "_tuners", {}))
-        for replays in REPLAY_CACHES:
-            enter(mock.patch.object(replays, "_entries", {}))  # no stand-in kernel kept for replays
+        for replays in REPLAY_CACHES:  # no stand-in kernel kept for replays
+            enter(mock.patch.object(replays, "_entries", {}))
+            enter(mock.patch.object(replays, "_families", {}))
         yield
 
 

@@ -153,9 +153,41 @@ def test_the_cache_starts_over_when_full(stand_in, monkeypatch):
     seen = stand_in(kernel)
     launches = replay.ReplayedLaunches(kernel)
     x = torch.zeros(64)
-    for n in (16, 32, 48, 64):
-        launches.launch((1,), (x, x, n, 0.5, True), {"BLOCK": 16})
+    for block in (16, 32, 64, 128):
+        launches.launch((1,), (x, x, 64, 0.5, True), {"BLOCK": block})
     assert len(launches) == 1 and seen.through_triton == 4
+
+
+def test_ints_that_triton_specialises_alike_replay_one_compiled_kernel(stand_in):
+    """A new int value of the same width and divisibility by 16 replays (a sequence length that grows at each
+    decoding step); one Triton specialises otherwise goes through Triton."""
+    kernel = JITFunction(_five_arguments)
+    seen = stand_in(kernel)
+    launches = replay.ReplayedLaunches(kernel)
+    x = torch.zeros(64)
+    for n in (17, 18, 19, 64, 80, 2**31 + 16, 2**31 + 32):
+        launches.launch((1,), (x, x, n, 0.5, True), {"BLOCK": 16})
+        assert same_values(launched_values(seen.launched[-1]), (x, x, n, 0.5, True, 16))
+    assert seen.through_triton == 3  # 17 (i32), 64 (i32, divisible by 16), 2**31 + 16 (i64, divisible)
+    assert len(launches) == 7  # every fingerprint kept: its next launch replays without a family lookup
+
+
+def test_int_families_are_triton_specialisations():
+    """Two ints of one family compile alike: Triton's own specialisation of them is equal."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    edges = [0, 1, 2, 15, 16, 17, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, -2**31, -2**31 - 1, -2**31 - 16,
+             2**63 - 16, 2**63 - 1, 2**63, 2**63 + 16, 2**64 - 1, -5, -16]
+
+    def family(n):
+        return replay.family((0, (n,), (), ()), ())
+
+    for a in edges:
+        for b in edges:
+            if family(a) == family(b):
+                specialised = [native_specialize_impl(BaseBackend, n, False, True, True) for n in (a, b)]
+                assert specialised[0] == specialised[1], (a, b, specialised)
 
 
 def tuned_write_block(pre_hook):
@@ -179,6 +211,27 @@ def test_a_replayed_tuned_launch_runs_its_configs_pre_hook_and_grid(stand_in, mo
     kernel.launch(grid, 1, (out,), {})
     assert seen.through_triton == 2 and seen.launched[-1][0] == 3
     assert same_values(launched_values(seen.launched[-1]), (out, 4))
+
+
+def test_an_autotuned_launch_of_another_size_class_goes_through_triton(stand_in, monkeypatch):
+    """Autotuned launches choose their config per size class: ints of one family but of another size class
+    are tuned, not replayed with the other class's config."""
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    configs = [triton.Config({"BLOCK": 16})]
+    kernel = tuning.TunedKernel(JITFunction(_five_arguments), configs, [], lambda config, args: 0, min_work=0,
+                                probe="X", size_class=lambda named: (named["n"] > 1000,))
+    seen = stand_in(kernel.kernel)
+    x = torch.zeros(64)
+
+    def launch(n):
+        kernel.launch((1,), 1, (x, x, n, 0.5, True), {})
+        assert same_values(launched_values(seen.launched[-1]), (x, x, n, 0.5, True, 16))
+
+    # Each class: the autotuner's launch, Triton's (kept), then a replay of the family for a new value.
+    for n, replays in ((32, False), (32, False), (2048, False), (2048, False), (48, True), (4096, True)):
+        through_triton = seen.through_triton
+        launch(n)
+        assert (seen.through_triton == through_triton) == replays, n
 
 
 def test_interpreted_launches_neither_ask_the_driver_nor_keep_anything():
@@ -315,6 +368,31 @@ with host_overhead.stubbed_launches(), mock.patch.object(
         assert replayed_launches == [True] * len(replayed), (name, replayed_launches)  # all of the third call
         print(name, len(replayed))
     assert all(len(replays) for replays in caches)
+
+    # Decoding: one query against a growing slice of a key/value cache, each step a new key length. The
+    # launcher gets what it gets through Triton's launch path, and from the second step on, replays.
+    cache_k, cache_v = (torch.randn(2, 2, 40, 16, dtype=torch.bfloat16) for _ in range(2))
+    step_q = torch.randn(2, 2, 1, 16, dtype=torch.bfloat16)
+
+    def decode():
+        steps = []
+        for S in range(17, 24):
+            start = len(launched)
+            replayed_launches.clear()
+            with torch.no_grad():
+                tfm_kernels.scaled_dot_product_attention(step_q, cache_k[:, :, :S], cache_v[:, :, :S],
+                                                         backend="triton")
+            steps.append(([[comparable(value) for value in launch] for launch in launched[start:]],
+                          list(replayed_launches)))
+        return steps
+
+    replay.REPLAY = False
+    through_triton = decode()
+    replay.REPLAY = True
+    replayed = decode()
+    assert [values for values, _ in replayed] == [values for values, _ in through_triton]
+    assert [replays for _, replays in replayed] == [[False]] + [[True]] * 6, replayed
+    print("decode", len(replayed))
 assert not any(len(replays) for replays in caches)  # the stand-in kernels are forgotten
 """
 
@@ -325,4 +403,4 @@ def test_every_launcher_replays_what_triton_launched():
                             timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     counts = dict(line.split() for line in result.stdout.splitlines())
-    assert counts == {"attention": "4", "linear": "4", "gated": "4"}, counts
+    assert counts == {"attention": "4", "linear": "4", "gated": "4", "decode": "7"}, counts

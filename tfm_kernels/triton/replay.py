@@ -12,12 +12,18 @@ The fingerprint holds everything Triton's specialisation of a launch can depend 
   tensors       dtype and whether the address is 16-byte aligned;
   tensor descriptors   the base's dtype, the block shape, the padding and rounding options (the descriptor's
                 shape and strides are read by the launcher at each launch, not compiled in);
-  ints          the exact value (Triton keys on 1, divisibility by 16, and the integer width);
+  ints          the exact value;
   floats        the type only (always passed as fp32), so that a changing scale replays;
   bools, str, None   the value;
 plus the keyword constexprs and the current device. A caller that chooses a tile config per launch adds what
 the choice depends on, and the objects it chooses from as a guard (a replay needs the same objects). An
 argument of any other kind makes the launch go through Triton every time.
+
+Launches whose fingerprints differ only in ints that Triton specialises alike (1 is compiled in; others by
+width, i32, i64 or u64, and by whether 16 divides them) form a family, and share one compiled kernel: a new
+fingerprint replays its family's kernel and is kept from then on. So a sequence length that grows by one at
+each step (decoding against a key/value cache) replays. A caller whose choices read the exact value of ints
+(an autotuned config, chosen per size class) adds what its choice reads of them to the family.
 
 What a replay skips: Triton's check that the globals a kernel reads have not changed since it compiled, and
 Triton's knobs (debug, instrumentation), read at the fingerprint's first launch. Interpreted kernels
@@ -60,6 +66,22 @@ def argument_fingerprint(args):
     return tuple(prints)
 
 
+def _int_specialisation(n):
+    """What Triton compiles an int argument for: the constant 1, or the width and whether 16 divides it."""
+    if n == 1:
+        return 1
+    width = "i32" if -0x80000000 <= n <= 0x7FFFFFFF else "i64" if n <= 0x7FFFFFFFFFFFFFFF else "u64"
+    return width, n % 16 == 0
+
+
+def family(fingerprint, choice_inputs):
+    """The family of a launch (see the module docstring): its fingerprint with each int argument replaced by
+    what Triton specialises of it, and `choice_inputs`, what the caller's choices read of the ints."""
+    device, prints, constants, extra = fingerprint
+    specialised = tuple([_int_specialisation(p) if type(p) is int else p for p in prints])
+    return device, specialised, constants, extra, choice_inputs
+
+
 class ReplayedLaunches:
     """The compiled launches of one Triton kernel, by fingerprint.
 
@@ -67,13 +89,15 @@ class ReplayedLaunches:
     choose a tile config per launch (TunedKernel) use the steps: fingerprint, replay, and after a launch
     through Triton, record. Their `guard` is a tuple of the objects the choice was made from: a replay needs
     each to be the same object (not an equal one), so that replacing a config list (as tests do, to force a
-    config) is never answered with a config of the old list."""
+    config) is never answered with a config of the old list. Their `choice_inputs()` gives what the choice
+    reads of the int arguments (their family, in the module docstring)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
         self._compiled = isinstance(kernel, JITFunction)  # not an interpreted one
         # fingerprint -> (compiled kernel, trailing argument values, constants, pre_hook, guard)
         self._entries = {}
+        self._families = {}  # family -> the entry of its latest launch through Triton
 
     def __len__(self):
         return len(self._entries)
@@ -93,13 +117,18 @@ class ReplayedLaunches:
             return None
         return driver.active.get_current_device(), prints, tuple(constants.items()), extra
 
-    def replay(self, fingerprint, grid, args, guard=()):
-        """Launches the compiled kernel recorded for `fingerprint` and `guard` on `args`; False (nothing
-        launched) where none is. `grid` is a tuple, or a callable of the named arguments (tile sizes included)
-        as Triton calls it."""
+    def replay(self, fingerprint, grid, args, guard=(), choice_inputs=tuple):
+        """Launches the compiled kernel recorded for `fingerprint` (or its family) and `guard` on `args`; False
+        (nothing launched) where none is. `grid` is a tuple, or a callable of the named arguments (tile sizes
+        included) as Triton calls it."""
         entry = self._entries.get(fingerprint)
+        new = entry is None and fingerprint is not None
+        if new:
+            entry = self._families.get(family(fingerprint, choice_inputs()))
         if entry is None or any(kept is not now for kept, now in zip(entry[4], guard, strict=True)):
             return False
+        if new:
+            self._keep(fingerprint, entry)
         compiled, trailing, constants, pre_hook, _ = entry
         if pre_hook is not None or callable(grid):
             named = dict(zip(self.kernel.arg_names, args))
@@ -116,17 +145,22 @@ class ReplayedLaunches:
                      runtime.launch_enter_hook, runtime.launch_exit_hook, *values)
         return True
 
-    def record(self, fingerprint, compiled, args, constants, pre_hook=None, guard=()):
+    def record(self, fingerprint, compiled, args, constants, pre_hook=None, guard=(), choice_inputs=tuple):
         """Keeps `compiled`, what a launch through Triton of `args` and the keyword `constants` (a config's
-        tile sizes and options included) returned, for replays of `fingerprint` and `guard`; `pre_hook` (a
-        config's) runs before each replay. Nothing is kept without a fingerprint or a compiled kernel, or where
-        a parameter was left to its default."""
+        tile sizes and options included) returned, for replays of `fingerprint`, of its family, and `guard`;
+        `pre_hook` (a config's) runs before each replay. Nothing is kept without a fingerprint or a compiled
+        kernel, or where a parameter was left to its default."""
         if fingerprint is None or compiled is None:
             return
         names = self.kernel.arg_names[len(args):]
         if any(name not in constants for name in names):
             return
+        entry = (compiled, tuple(constants[name] for name in names), dict(constants), pre_hook, guard)
+        self._keep(fingerprint, entry)
+        self._families[family(fingerprint, choice_inputs())] = entry
+
+    def _keep(self, fingerprint, entry):
         if len(self._entries) >= MAX_REPLAYED_LAUNCHES:
             self._entries.clear()
-        self._entries[fingerprint] = (compiled, tuple(constants[name] for name in names), dict(constants),
-                                      pre_hook, guard)
+            self._families.clear()
+        self._entries[fingerprint] = entry

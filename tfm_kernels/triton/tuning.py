@@ -11,6 +11,7 @@ few hundred shapes would otherwise compile thousands of variants).
 """
 
 import contextlib
+import functools
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -136,9 +137,11 @@ class TunedKernel:
 
     shared_bytes(config, args) estimates one program's shared memory from the launch's named arguments and
     constexprs; configs over the device budget are never run, nor those for which usable(config, args) is
-    false. `fallback` runs where no config fits (default: the usable config with the smallest estimate).
-    `probe` names the tensor argument whose device and element size matter. A config's pre_hook runs before
-    each launch with it. `size_class(args)`, where given, names the size class of a launch (e.g. its sequence
+    false. Both read the constexprs and the arguments' kinds and dtypes, never the value of an int argument:
+    launches that differ only in ints replay one another's config (replay.py), unless they autotune.
+    `fallback` runs where no config fits (default: the usable config with the smallest estimate). `probe`
+    names the tensor argument whose device and element size matter. A config's pre_hook runs before each
+    launch with it. `size_class(args)`, where given, names the size class of a launch (e.g. its sequence
     lengths rounded up to a power of 2): each class is timed on its own, with its own autotuner, because the
     best tiles of a short loop and of a long one differ, while a key of exact sizes would time every new size."""
 
@@ -194,12 +197,14 @@ class TunedKernel:
 
     def launch(self, grid, work, args, constexprs):
         """Runs the kernel on positional `args` and keyword `constexprs` (the config's tile sizes excluded).
-        A launch of a fingerprint seen before replays its compiled kernel and config (replay.py): the config
-        is a function of the fingerprint, of whether the launch autotunes, and of the objects in `_choice`."""
+        A launch of a fingerprint seen before, or of its family, replays its compiled kernel and config
+        (replay.py): the config is a function of the fingerprint's kinds and dtypes, of whether the launch
+        autotunes (and then of `_autotune_inputs`), and of the objects in `_choice`."""
         autotunes = self.autotunes(work)
         fingerprint = self.replays.fingerprint(args, constexprs, autotunes)
         choice = self._choice()
-        if self.replays.replay(fingerprint, grid, args, choice):
+        choice_inputs = functools.partial(self._autotune_inputs, args, constexprs) if autotunes else tuple
+        if self.replays.replay(fingerprint, grid, args, choice, choice_inputs):
             return
         named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
         device = named[self.probe].device
@@ -213,7 +218,14 @@ class TunedKernel:
             config.pre_hook({**named, **config.kwargs})
         constants = {**constexprs, **config.all_kwargs()}
         self.replays.record(fingerprint, self.kernel[grid](*args, **constants), args, constants, config.pre_hook,
-                            choice)
+                            choice, choice_inputs)
+
+    def _autotune_inputs(self, args, constexprs):
+        """What an autotuned launch's config is chosen by besides the fingerprint's kinds and dtypes: its size
+        class and `key` values (a launch that does not autotune runs the first fitting config, whose rules read
+        no int argument)."""
+        named = {**dict(zip(self.kernel.arg_names, args)), **constexprs}
+        return self.size_class(named), *(named[k] for k in self.key)
 
     def _choice(self):
         """What a launch's config is chosen from besides its arguments: the lists and rules, and the tuned
