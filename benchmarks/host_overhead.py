@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import cProfile
 import functools
+import itertools
 import pstats
 import time
 from unittest import mock
@@ -47,6 +48,9 @@ DTYPE = torch.bfloat16
 # 100 single-operator calls, so it is timed over 30 times fewer calls (10 a round at the default --repeat).
 LM_LAYERS = 12
 STEP_CALLS_SHARE = 1 / 30
+# A decoding step's attention: one query against the first S positions of a key/value cache, S one longer at each
+# call, cycling through this many lengths past SEQ.
+DECODE_LENGTHS = 256
 
 
 # The device number the stand-in driver answers: no real device has it, so the stand-in kernels Triton caches
@@ -178,9 +182,22 @@ def cases():
     def torch_linear():
         return torch.nn.functional.gelu(torch.nn.functional.linear(x_leaf, weight, bias))
 
+    cache_k, cache_v = (torch.randn(BATCH, HEADS, SEQ + DECODE_LENGTHS, HEAD_DIM, dtype=DTYPE) for _ in range(2))
+    step_q = torch.randn(BATCH, HEADS, 1, HEAD_DIM, dtype=DTYPE)
+    lengths = itertools.cycle(range(SEQ + 1, SEQ + DECODE_LENGTHS + 1))
+
+    def decode_step(attend):
+        S = next(lengths)
+        return attend(step_q, cache_k[:, :, :S], cache_v[:, :, :S])
+
+    attend = {"ours": functools.partial(tfm_kernels.scaled_dot_product_attention, backend="triton"),
+              "torch": torch.nn.functional.scaled_dot_product_attention}
+
     found = {}
     for who, sdpa, linear in (("ours", ours_sdpa, ours_linear), ("torch", torch_sdpa, torch_linear)):
         found[f"{who} scaled_dot_product_attention fwd"] = (_no_grad(sdpa), 1)
+        found[f"{who} scaled_dot_product_attention decode step"] = (
+            _no_grad(functools.partial(decode_step, attend[who])), 1)
         found[f"{who} scaled_dot_product_attention fwd+bwd"] = (
             lambda sdpa=sdpa: torch.autograd.grad(sdpa(), leaves, grad), 1)
         found[f"{who} fused_linear gelu fwd+bwd"] = (

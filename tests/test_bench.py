@@ -899,7 +899,7 @@ def test_host_overhead_script_times_every_case_and_restores_the_launches(capsys)
     host_overhead.main(["--repeat", "2"])
     rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines()
             if line.startswith(("| ours", "| torch"))]
-    assert len(rows) == 12 and all(float(us) > 0 for _, us in rows)
+    assert len(rows) == 14 and all(float(us) > 0 for _, us in rows)
     assert restored == (JITFunction._do_compile, driver._active, attention._FORWARD._tuned, backends.AUTO_ORDER)
     assert attention._FORWARD.min_work > 0
 
