@@ -22,7 +22,9 @@ TORCH_LIBRARY(tfm_kernels, m) {
   //   is_causal: key j takes part in query row i only if j <= i (top-left aligned, as torch).
   //   seed: int64 tensor of shape () on q's device, read only when dropout_p > 0 (see tfm_kernels/rng.py).
   // Returns out (B, Hq, L, Dv) in q's dtype, stored as (B, L, Hq, Dv), and lse (B, Hq, L) float32, the
-  // natural-log sum of exp of the scaled, masked scores; lse = +inf for a row where no key takes part
+  // base-2 log of the sum of exp of the scaled, masked scores (log2(sum_j exp(s_j)), the kernels' units, so the
+  // backward recomputes each weight as exp2(s_j * log2(e) - lse) with no conversion of lse to round); lse =
+  // +inf for a row where no key takes part
   // (its output and gradients are 0). Gradients come back in the layout of out: (B, L, H, D) memory.
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_lengths, float dropout_p, "
         "bool is_causal, float scale, Tensor seed) -> (Tensor, Tensor)");

@@ -170,10 +170,9 @@ def test_finfo_min_mask_rows(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_finfo_min_rows_backward_as_torch(backend):
-    """Rows with every key at finfo(float32).min keep a log-sum-exp that goes to natural units and back exactly
-    (the scaled mask's floor is a power of two), so the backward weights each of their keys by 1, as torch's CPU
-    kernel does: exact with one key (against the float64 oracle), torch's gradients with three. At the floor
-    -finfo.max the round trip was an ulp of 2^127 off, and the rows dropped out of the gradients."""
+    """Rows with every key at finfo(float32).min keep their log-sum-exp at the scaled mask's floor, so the
+    backward weights each of their keys by 1, as torch's CPU kernel does: exact with one key (against the
+    float64 oracle), torch's gradients with three."""
     low = torch.finfo(torch.float32).min
     q, k, v = rand(1, 2, 5, 16), rand(1, 2, 1, 16), rand(1, 2, 1, 16)
     check_against_oracle(backend, q, k, v, attn_mask=torch.full((1, 2, 5, 1), low))
@@ -184,6 +183,20 @@ def test_finfo_min_rows_backward_as_torch(backend):
     theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), grad_out)
     for name, a, b in zip(("dq", "dk", "dv"), ours, theirs):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{backend} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_weight_of_a_dominant_key_with_large_scores_is_exact(backend):
+    """Scores near 4431 (6393 in base 2), one key taking the row's whole weight: the backward rebuilds the weight
+    from the saved log-sum-exp, which stays in the scores' base-2 units, so it is exactly 1 (torch's kernels give
+    1). Converted to natural units and back, the log-sum-exp had lost one float32 ulp at that magnitude: dv was
+    1.00034."""
+    q = torch.tensor([[[[2.777202844619751, -73.08706665039062]]]])  # (1, 1, 1, 2)
+    k = torch.tensor([[[[4.166596412658691, -85.58724975585938], [19.1375789642334, -5.483348369598389]]]])
+    v = torch.ones(1, 1, 2, 2, requires_grad=True)
+    require(backend, q, k, v)
+    dv = torch.autograd.grad(sdpa(backend, q, k, v).sum(), v)[0]
+    assert torch.equal(dv, torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])), dv
 
 
 def test_triton_under_the_new_tf32_api(tf32_by_new_api):

@@ -1,6 +1,8 @@
 """Readable eager oracles. Tests compare every kernel with these (in float64 on the CPU, or float32 upcast on a
 GPU) and the "torch" backend runs them; fast paths never call them."""
 
+import math
+
 import torch
 
 from .rng import dropout_keep_mask, dropout_keep_scale
@@ -19,7 +21,8 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
     else the mask every backend draws from `seed` (tfm_kernels.rng). Rows where no key takes part give 0.
     query_offset: q holds rows query_offset .. query_offset + L - 1 of a longer problem (its causal rows and
     dropout mask rows); mask then holds the same rows.
-    Returns (out (B, Hq, L, Dv), lse (B, Hq, L)); lse is +inf for rows where no key takes part.
+    Returns (out (B, Hq, L, Dv), lse (B, Hq, L)); lse is log2 of the sum of exp of the row's scaled scores, as the
+    operators return it, and +inf for rows where no key takes part.
     """
     B, Hq, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
@@ -47,7 +50,8 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)  # (B, Hq, L, 1)
     empty = denom == 0
-    lse = torch.where(empty, torch.full_like(denom, float("inf")), row_max + torch.log(denom)).squeeze(-1)
+    lse = torch.where(empty, torch.full_like(denom, float("inf")), (row_max + torch.log(denom)) / math.log(2))
+    lse = lse.squeeze(-1)
     probs = weights / torch.where(empty, torch.ones_like(denom), denom)
     if dropout_p > 0.0:
         if keep_mask is None:

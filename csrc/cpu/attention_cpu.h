@@ -14,7 +14,6 @@
 namespace tfm_kernels::cpu {
 
 constexpr float kLog2e = 1.4426950408889634f;  // scores are kept in base 2: exp(x) = exp2(x * log2(e))
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInfinity = std::numeric_limits<float>::infinity();
 
 // A float32 (B, H, N, D) tensor whose last dim is contiguous: row (b, h, n) starts at row(b, h, n).
@@ -76,7 +75,7 @@ void prepare_score_row(const AttentionProblem& problem, float* scores, int64_t n
                        int64_t h, int64_t i, int64_t j0);
 
 // Forward. q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) float32 views with contiguous rows; writes
-// out (B, Hq, L, Ev) float32 view and lse (B, Hq, L) contiguous float32 (natural log; +inf for empty rows).
+// out (B, Hq, L, Ev) float32 view and lse (B, Hq, L) contiguous float32 (base-2 log of the sum of exp; +inf for empty rows).
 void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 

@@ -98,7 +98,7 @@ void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor&
           out_row[d] = acc_row[d] * inverse_sum;
         }
         lse_data[(b * Hq + h) * L + i] =
-            empty ? kInfinity : (running_max[r] + std::log2(running_sum[r])) * kLn2;
+            empty ? kInfinity : running_max[r] + std::log2(running_sum[r]);
       }
     }
   });

@@ -11,9 +11,8 @@ namespace tfm_kernels::cpu {
 namespace {
 
 // The lowest scaled mask value (base-2 logits): finfo.min * log2(e) overflows to -inf, which would mean "no key",
-// while torch keeps finite masks finite. A power of two, so that the log-sum-exp of a row with every key at the
-// floor goes to natural units and back (* ln 2 * log2(e), whose float product is 1) exactly, and the backward
-// gives that row's keys the weight torch's CPU kernel gives them (1 each: log(S) is lost at this magnitude).
+// while torch keeps finite masks finite. The backward gives the keys of a row with every key at the floor the
+// weight torch's CPU kernel gives them (1 each: log2(S) is lost in the log-sum-exp at this magnitude).
 constexpr float kMaskFloor = -0x1p127f;
 
 // scores[c] += mask[c] * log2(e) for an additive mask of element type T.

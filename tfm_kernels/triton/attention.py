@@ -2,12 +2,13 @@
 
 Forward: one program per (BLOCK_M query rows, batch*head); it streams BLOCK_N key/value blocks through an
 online softmax in float32 (exp2, with log2(e) folded into the scale), never writing an L x S matrix, and
-saves the natural-log log-sum-exp of every row. Backward: a preprocessing pass delta = rowsum(dO * O), then
-one program per (BLOCK_N keys, batch*kv-head) accumulating dK, dV over all query rows of the kv head's query
-group (so grouped-query K/V are never repeated and no atomics are needed), and one program per (BLOCK_M rows,
-batch*head) accumulating dQ. P is recomputed from the saved log-sum-exp. On Hopper and newer every kernel also
-has TMA configs, which read the streamed tiles (forward and dQ: K, V; dK/dV: Q, dO) through 4-D tensor
-descriptors instead of pointer tiles, with fewer registers; autotuning decides whether they run.
+saves the log-sum-exp of every row in base 2, the scores' units. Backward: a preprocessing pass delta =
+rowsum(dO * O), then one program per (BLOCK_N keys, batch*kv-head) accumulating dK, dV over all query rows of
+the kv head's query group (so grouped-query K/V are never repeated and no atomics are needed), and one program
+per (BLOCK_M rows, batch*head) accumulating dQ. P is recomputed from the saved log-sum-exp. On Hopper and
+newer every kernel also has TMA configs, which read the streamed tiles (forward and dQ: K, V; dK/dV: Q, dO)
+through 4-D tensor descriptors instead of pointer tiles, with fewer registers; autotuning decides whether
+they run.
 
 Masking, in every kernel through `_masked_scores`: causal (key j visible to row i iff j <= i; key blocks above
 the diagonal are skipped, only the diagonal blocks are masked), key_lengths (keys j >= key_lengths[b]),
@@ -52,14 +53,8 @@ def log2e():
 
 
 @triton.constexpr_function
-def ln2():
-    return 0.6931471805599453
-
-
-@triton.constexpr_function
 def mask_floor():
-    """The lowest scaled additive mask value (base-2 logits); csrc/cpu/attention_scores.cpp says why a power of
-    two."""
+    """The lowest scaled additive mask value (base-2 logits); csrc/cpu/attention_scores.cpp says why."""
     return -(2.0**127)
 
 
@@ -362,7 +357,7 @@ def _forward_kernel(Q, K, V, KDesc, VDesc, Out, Lse, Mask, KeyLengths, Seed, str
     if HAS_DROPOUT:
         out_scale = out_scale * inv_keep
     out = acc * out_scale[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * ln2())
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))  # base 2, as the scores
     o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + m_start.to(tl.int64) * stride_om
               + offs_m[:, None] * stride_om + offs_dv[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok & dv_ok[None, :])
@@ -417,7 +412,7 @@ def _backward_kv_steps(dk, dv, k, v, q_bh, do_bh, q_desc, do_desc, b, h, lse_bh,
         else:
             qT = _load_tile(qT_ptrs, d_ok[:, None], row_ok[None, :], CHECK_D, True)
         # Rows past L read lse = +inf, which makes their p exactly 0.
-        lse_log2 = tl.load(lse_bh + row_ids, mask=row_ok, other=float("inf")) * log2e()
+        lse_log2 = tl.load(lse_bh + row_ids, mask=row_ok, other=float("inf"))
         sT = dot(k, qT, None, DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
         sT = _masked_scores(sT, rows, cols, start_m, col0, col_end, mask_bh, stride_ml, stride_ms, L, S,
                             MASK_KIND, APPLY_CAUSAL, APPLY_COL_END)
@@ -602,7 +597,7 @@ def _backward_q_kernel(Q, K, V, GradOut, KDesc, VDesc, Lse, Delta, GradQ, Mask, 
     do = _load_tile(GradOut + b64 * stride_gb + h64 * stride_gh + m_start64 * stride_gm
                     + offs_m[:, None] * stride_gm + offs_dv[None, :], row_ok[:, None], dv_ok[None, :], True,
                     CHECK_DV)
-    lse_log2 = tl.load(Lse + bh64 * L + row_ids, mask=row_ok, other=float("inf")) * log2e()
+    lse_log2 = tl.load(Lse + bh64 * L + row_ids, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + bh64 * L + row_ids, mask=row_ok, other=0.0)
     kT_base = K + b64 * stride_kb + kv_h64 * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_base = V + b64 * stride_vb + kv_h64 * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None]

@@ -37,8 +37,6 @@
 
 namespace tfm_kernels::attention {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
 template <int D, typename T>
 __global__ void __launch_bounds__(BackwardDeltaTraits::kThreads)
     attention_backward_delta_kernel(const BackwardParams params) {
@@ -166,7 +164,7 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
     for_each_element(p_t, key0, m_start, lane, [&](float& x, int key, int query, int) {
       const bool masked = needs_mask && (key >= keys || query >= L || (params.causal && key > query));
       // lse = +inf (no key in the row) gives 0
-      x = masked ? 0.0f : exp2f(x * params.scale_log2 - lse[query - m_start] * kLog2e);
+      x = masked ? 0.0f : exp2f(x * params.scale_log2 - lse[query - m_start]);
     });
 
     float dp_t[kBlockM / 8][4];
@@ -261,7 +259,7 @@ __global__ void __launch_bounds__(BackwardQTraits<D>::kThreads)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + lane / 4 + 8 * r;
-    lse_log2[r] = row < L ? params.lse[row_base + row] * kLog2e : INFINITY;
+    lse_log2[r] = row < L ? params.lse[row_base + row] : INFINITY;
     delta[r] = row < L ? params.delta[row_base + row] : 0.0f;
   }
 

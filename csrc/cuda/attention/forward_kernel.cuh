@@ -1,5 +1,5 @@
 // Attention forward: out = softmax(scale * q k^T, masked) v with optional dropout on the weights, and the
-// natural-log sum of exp of each row's scaled scores (lse), FlashAttention-2 style: one pass over the keys
+// base-2 log of the sum of exp of each row's scaled scores (lse), FlashAttention-2 style: one pass over the keys
 // with an online softmax in registers, nothing of size L x S in memory.
 //
 // Work split: grid (ceil(L / kBlockM), Hq, B); block = 4 warps; warp w owns the kMTiles row tiles of 16 query
@@ -26,8 +26,6 @@
 #include "cuda/common/reductions.cuh"
 
 namespace tfm_kernels::attention {
-
-constexpr float kLn2 = 0.6931471805599453f;
 
 template <int D, typename T>
 __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_kernel(const ForwardParams params) {
@@ -137,7 +135,7 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
       const bool empty = sum == 0.0f;  // a NaN sum (a NaN score) is not empty: out and lse become NaN
       const float inverse = empty ? 0.0f : params.dropout_rescale / sum;
       const int row = lane / 4 + 8 * r;
-      if (lane % 4 == 0 && row < tile_rows) lse[tile_row0 + row] = empty ? INFINITY : row_max[m][r] * kLn2 + logf(sum);
+      if (lane % 4 == 0 && row < tile_rows) lse[tile_row0 + row] = empty ? INFINITY : row_max[m][r] + log2f(sum);
 #pragma unroll
       for (int t = 0; t < D / 8; ++t) {
         o_acc[m][t][2 * r] *= inverse;

@@ -22,7 +22,7 @@ struct ForwardParams {
   const void* k = nullptr;
   const void* v = nullptr;
   void* out = nullptr;
-  float* lse = nullptr;  // (B, Hq, L) contiguous: natural-log sum of exp of the scaled scores, +inf if empty
+  float* lse = nullptr;  // (B, Hq, L) contiguous: log2 of the sum of exp of the scaled scores, +inf if empty
   Strides q_strides, k_strides, v_strides, out_strides;
 
   int batch = 0;
