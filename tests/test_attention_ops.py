@@ -627,6 +627,8 @@ def bad_inputs():
                    r"query must be float16, bfloat16, float32 or float64; got torch.float8_e4m3fn"),
         "nested": ((torch.nested.nested_tensor([q[0], q[1, :, :4]], layout=torch.jagged), k, v), {}, TypeError,
                    r"query must be a dense tensor; got a nested tensor"),
+        "sparse": ((q, k.to_sparse(), v), {}, TypeError, r"key must be a dense \(strided\) tensor; got layout "
+                   r"torch.sparse_coo"),
     }
 
 

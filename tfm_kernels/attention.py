@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from . import backends, ops, reference
 from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
-from .op_checks import as_float, check_flags
+from .op_checks import as_float, check_flags, check_input_tensor
 from .rng import seed_for
 
 
@@ -19,18 +19,12 @@ def _forward_op(backend):
     return ops.DIFFERENTIABLE_FORWARD["attention_forward"]  # C++: dispatches to the CPU or CUDA kernel by device
 
 
-INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, key_lengths):
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.is_nested:
+        if isinstance(t, torch.Tensor) and t.is_nested:
             raise TypeError(f"{name} must be a dense tensor; got a nested tensor (pad it, and pass key_lengths or "
                             f"attn_mask for the padding)")
-        if t.dtype not in INPUT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+        check_input_tensor(name, t)
         if t.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (..., seq, head_dim); got shape {tuple(t.shape)}")
     if not (query.dtype == key.dtype == value.dtype):

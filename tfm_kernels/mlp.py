@@ -19,12 +19,10 @@ Every kernel backend saves the pre-activation (M, N) in x's dtype for backward, 
 
 import math
 
-import torch
-
 from . import backends, ops, reference
 from .autocast import autocast_inputs, autocast_off
 from .layout import last_dim_contiguous
-from .op_checks import as_float, check_flags
+from .op_checks import as_float, check_flags, check_input_tensor
 from .rng import seed_for
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", None)
@@ -38,10 +36,7 @@ def _linear_ops(backend):
 
 
 def _check_tensor(name, t, like=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
+    check_input_tensor(name, t)
     if like is not None:
         if t.dtype != like.dtype:
             raise TypeError(f"{name} must have x's dtype {like.dtype}; got {t.dtype}")

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: the "torch" backend
 TRITON_MAX_HEAD_DIM = 256  # the Triton attention kernels hold a (block, head dim) tile in registers
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
 
@@ -26,6 +27,17 @@ def as_float(name, x) -> float:
     if not (isinstance(x, numbers.Real) or (isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex())):
         raise TypeError(f"{name} must be a real number; got {type(x).__name__}")
     return float(x)
+
+
+def check_input_tensor(name, t):
+    """TypeError naming `name` unless t is a dense (strided) tensor of one of INPUT_DTYPES, the dtypes of the
+    public functions' inputs."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {t.layout}")
+    if t.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
 
 
 def check_flags(**flags):
