@@ -156,6 +156,28 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     assert os.path.getmtime(tmp_path / checkpoint.CHECKPOINT_NAME) == before
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         train_lm(config, _quiet(steps=4, checkpoint_dir=str(tmp_path / "elsewhere"), resume=True))
+    assert not (tmp_path / "elsewhere").exists()  # a mistyped folder to resume is not created
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("optimizer", {}, r"holds a training state this run cannot restore \(KeyError: 'param_groups'\)"),
+    ("scheduler", {}, r"holds a training state this run cannot restore \(KeyError: "),
+    ("rng", [{}], r"holds a training state this run cannot restore \(KeyError: 'python'\)"),
+    ("data_generator", torch.zeros(3, dtype=torch.uint8),
+     r"holds a training state this run cannot restore \(RuntimeError: "),
+    ("step", "2", r"is not a tfm_kernels checkpoint: its step is a str, where int is expected"),
+    ("train_config", [], r"is not a tfm_kernels checkpoint: its train_config is a list, where dict is expected"),
+])
+def test_resume_from_a_checkpoint_with_a_malformed_field_is_a_value_error(tmp_path, field, value, message):
+    """A field present with content torch cannot restore (a checkpoint edited or written elsewhere) is the
+    ValueError naming the checkpoint that the command lines report in one line, not a KeyError or TypeError."""
+    config = LMConfig.preset("tiny", **TINY)
+    run = dict(batch_size=2, eval_windows=2, checkpoint_dir=str(tmp_path))
+    train_lm(config, _quiet(steps=2, **run))
+    path = tmp_path / checkpoint.CHECKPOINT_NAME
+    torch.save({**torch.load(path, weights_only=True), field: value}, path)
+    with pytest.raises(ValueError, match=message):
+        train_lm(config, _quiet(steps=3, resume=True, **run))
 
 
 @pytest.mark.parametrize("content, message", [
@@ -184,14 +206,19 @@ def test_malformed_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, cont
 @pytest.mark.parametrize("change, message", [
     (lambda saved: {**saved, "config": {**saved["config"], "rope": True}},
      r"holds a model configuration this version cannot build: LMConfig has no fields \['rope'\]"),
-    (lambda saved: {**saved, "config": "tiny"}, r"is not a tfm_kernels checkpoint: its config is a str, not a dict"),
+    (lambda saved: {**saved, "config": "tiny"},
+     r"is not a tfm_kernels checkpoint: its config is a str, where dict is expected"),
     (lambda saved: {**saved, "config": {**saved["config"], "d_ff": 128}},
      r"holds weights that do not fit its model configuration: Error\(s\) in loading state_dict for TransformerLM"),
     (lambda saved: {**saved, "model": {}}, r"holds weights that do not fit its model configuration: .*Missing key"),
-], ids=["unknown-field", "config-not-a-dict", "weights-unlike-config", "no-weights"])
+    (lambda saved: {**saved, "model": {**saved["model"], "final_norm.weight": torch.full_like(
+        saved["model"]["final_norm.weight"], float("nan"))}},
+     r"holds non-finite weights \(NaN or inf; the training diverged\) in final_norm.weight$"),
+], ids=["unknown-field", "config-not-a-dict", "weights-unlike-config", "no-weights", "nan-weights"])
 def test_generate_from_an_inconsistent_checkpoint_is_one_line(lm_checkpoint, capsys, change, message):
     """A checkpoint whose config has a field this version lacks, or whose weights do not fit its config, ended
-    with a TypeError or load_state_dict's RuntimeError traceback (exit status 1)."""
+    with a TypeError or load_state_dict's RuntimeError traceback (exit status 1); one with NaN weights (a
+    diverged run) in torch's multinomial error, or with greedy, in bytes 0."""
     path = os.path.join(lm_checkpoint, checkpoint.CHECKPOINT_NAME)
     torch.save(change(torch.load(path, weights_only=True)), path)
     with pytest.raises(SystemExit) as exit_info:

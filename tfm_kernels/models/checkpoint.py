@@ -12,6 +12,9 @@ FORMAT_VERSION = 1
 # What every checkpoint of a training run holds (training.Trainer.save writes them).
 FIELDS = ("kind", "config", "train_config", "task", "model", "optimizer", "optimizer_layout", "scheduler", "step",
           "rng", "data_generator")
+# The type of each field whose content is not checked by a field of its own (model against config, ...).
+FIELD_TYPES = {"config": dict, "train_config": dict, "task": dict, "model": dict, "optimizer": dict,
+               "scheduler": dict, "step": int, "rng": list, "data_generator": torch.Tensor}
 
 
 class CheckpointWriteError(OSError):
@@ -93,10 +96,10 @@ def load_checkpoint(path: str, kind: str | None = None, config=None, map_locatio
     missing = [name for name in FIELDS if name not in checkpoint]
     if missing:
         raise ValueError(f"{path!r} is not a complete tfm_kernels checkpoint: it has no {', '.join(missing)}")
-    for name in ("config", "model"):
-        if not isinstance(checkpoint[name], dict):
+    for name, expected in FIELD_TYPES.items():
+        if not isinstance(checkpoint[name], expected) or isinstance(checkpoint[name], bool):
             raise ValueError(f"{path!r} is not a tfm_kernels checkpoint: its {name} is a "
-                             f"{type(checkpoint[name]).__name__}, not a dict")
+                             f"{type(checkpoint[name]).__name__}, where {expected.__name__} is expected")
     if kind is not None and checkpoint["kind"] != kind:
         raise ValueError(f"checkpoint {path!r} holds a {checkpoint['kind']!r} model; expected {kind!r}")
     if config is not None:

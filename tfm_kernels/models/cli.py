@@ -244,6 +244,11 @@ def generate_main(argv=None):
                              f"build: {error}") from error
         model = TransformerLM(model_config)
         checkpoint.load_model(model, saved, args.checkpoint)
+        diverged = [name for name, weight in saved["model"].items()
+                    if weight.is_floating_point() and not torch.isfinite(weight).all()]
+        if diverged:  # its logits would be NaN: sampling fails in torch, greedy picks byte 0 at every step
+            raise ValueError(f"checkpoint {args.checkpoint!r} holds non-finite weights (NaN or inf; the training "
+                             f"diverged) in {', '.join(diverged[:3])}{', ...' if len(diverged) > 3 else ''}")
         model.to(device).eval()
         prompt = _encode_prompt(args.prompt, model_config.context_length).to(device)  # (1, T)
         new_tokens = args.max_new_tokens

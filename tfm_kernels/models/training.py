@@ -250,7 +250,17 @@ class Trainer:
             raise ckpt.CheckpointWriteError(failure)
 
     def load(self, checkpoint):
-        """Continues from a checkpoint's state: parameters, optimizer, schedule, step, data stream, RNGs."""
+        """Continues from a checkpoint's state: parameters, optimizer, schedule, step, data stream, RNGs. A state
+        that torch cannot restore (a checkpoint written by hand or by another program) is a ValueError naming
+        the checkpoint, as the command lines report bad input."""
+        try:
+            self._restore(checkpoint)
+        except (KeyError, TypeError, IndexError, RuntimeError) as error:
+            raise ValueError(f"checkpoint {ckpt.checkpoint_path(self.config.checkpoint_dir)!r} holds a training "
+                             f"state this run cannot restore ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())})") from error
+
+    def _restore(self, checkpoint):
         if checkpoint["optimizer_layout"] != self.optimizer_layout:
             saved = checkpoint["optimizer_layout"]
             raise ValueError(f"the checkpoint's optimizer state was written by a {saved!r} run; resume it as "
@@ -477,8 +487,8 @@ def train_lm(
         raise ValueError(
             f"eval_windows {config.eval_windows} must be at least the number of processes {env.world_size}"
         )
+    resume_from = _prepare_resume(config, "lm", model_config, task)  # first: a mistyped folder is not created
     _check_checkpoint_dir(config)
-    resume_from = _prepare_resume(config, "lm", model_config, task)
     model = _build(TransformerLM, model_config, config, env)
     generator = torch.Generator().manual_seed(config.seed)
     batches = data.LMBatches(
@@ -572,8 +582,8 @@ def train_copy(
     symbols = data.copy_symbols()
     _check_copy_vocabulary(model_config, symbols)
     task = {"min_length": min_length, "max_length": max_length}
+    resume_from = _prepare_resume(config, "seq2seq", model_config, task)  # first: a mistyped folder is not created
     _check_checkpoint_dir(config)
-    resume_from = _prepare_resume(config, "seq2seq", model_config, task)
     model = _build(EncoderDecoderTransformer, model_config, config, env)
     c = model_config
     generator = torch.Generator().manual_seed(config.seed)
