@@ -217,7 +217,8 @@ def test_forward_backward_memory_grows_with_length_not_scores(feature):
     chunks = min(L // 128, -(-16 // (B * heads[1])))  # csrc/cpu/attention_backward.cpp
     packed_grad = 3 * q_bytes if feature == "strided" else 0  # unbind's backward stacks dq, dk, dv
     # out, dq, dQ buffers for all chunks but the first (which adds into dq), dk, dv, the packed gradient, and
-    # lse, lse * log2(e) and delta, (B, Hq, L) each, with 64 KiB to spare
+    # lse and delta, (B, Hq, L) each, budgeted as three (the backward once also held lse * log2(e)), with 64 KiB
+    # to spare
     budget = (2 + chunks - 1) * q_bytes + 2 * kv_bytes + packed_grad + 3 * B * heads[0] * L * 4 + (1 << 16)
     peak = peak_allocated_bytes(run)
     assert peak <= budget, f"{peak / 2**20:.1f} MiB held; expected at most {budget / 2**20:.1f} MiB"

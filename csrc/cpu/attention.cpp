@@ -111,10 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor dv = empty_heads_inner(sizes.batch, sizes.kv_heads, sizes.kv_len, sizes.value_dim, q.options());
   const at::Tensor grad_float = as_float_rows(grad_out);
   const at::Tensor delta = (grad_float * out.to(at::kFloat)).sum(-1).contiguous();  // (B, Hq, L) rowsum(dO * O)
-  const at::Tensor lse_log2 = lse.contiguous();                                         // (B, Hq, L)
   const at::Tensor dq_float = float_target(dq), dk_float = float_target(dk), dv_float = float_target(dv);
-  attention_backward_kernel(problem, as_float_rows(q), as_float_rows(k), as_float_rows(v), grad_float, lse_log2,
-                            delta, dq_float, dk_float, dv_float);
+  attention_backward_kernel(problem, as_float_rows(q), as_float_rows(k), as_float_rows(v), grad_float,
+                            lse.contiguous(), delta, dq_float, dk_float, dv_float);
   for (auto [result, computed] : {std::pair{dq, dq_float}, std::pair{dk, dk_float}, std::pair{dv, dv_float}}) {
     if (!computed.is_same(result)) {
       result.copy_(computed);

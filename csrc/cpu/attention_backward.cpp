@@ -1,5 +1,5 @@
 // CPU attention backward in float32: recomputes the probabilities of each (query block, key block) tile from
-// the saved log-sum-exp, P = exp2(s * scale * log2(e) - lse * log2(e)), and forms
+// the saved log-sum-exp, P = exp2(s * scale * log2(e) - lse), and forms
 //   dV += P_drop^T dO,  dP = dO V^T (dropped like P),  dS = P * (dP - delta),  dK += scale dS^T Q,
 //   dQ += scale dS K,   with delta = rowsum(dO * O) computed by the host.
 // Work split: at::parallel_for over units (batch, kv head, chunk of key blocks). A unit accumulates dK and dV
@@ -45,10 +45,10 @@ struct BackwardScratch {
 // adds into scratch.dk_acc (unscaled), scratch.dv_acc and the dQ rows in dq_rows.
 void backward_tile(const AttentionProblem& problem, const HeadTensor& q_rows, const HeadTensor& k_rows,
                    const HeadTensor& v_rows, const HeadTensor& grad_rows, const HeadTensor& dq_rows,
-                   const float* lse_log2, const float* delta, BackwardScratch& scratch, int64_t b, int64_t h,
+                   const float* lse, const float* delta, BackwardScratch& scratch, int64_t b, int64_t h,
                    int64_t hk, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
   const int64_t E = problem.head_dim, Ev = problem.value_dim, L = problem.q_len;
-  const int64_t row_offset = (b * problem.q_heads + h) * L;  // of (b, h, 0) in lse_log2 and delta
+  const int64_t row_offset = (b * problem.q_heads + h) * L;  // of (b, h, 0) in lse and delta
   const at::Tensor q_block = matrix(q_rows.row(b, h, i0), rows, E, q_rows.row_stride);
   const at::Tensor grad_block = matrix(grad_rows.row(b, h, i0), rows, Ev, grad_rows.row_stride);
   at::Tensor probs = matrix(scratch.probs.data(), rows, cols, cols);
@@ -64,7 +64,7 @@ void backward_tile(const AttentionProblem& problem, const HeadTensor& q_rows, co
     float* p = scratch.probs.data() + r * cols;
     float* ds = scratch.grad_scores.data() + r * cols;
     prepare_score_row(problem, p, cols, problem.visible_keys(b, i) - j0, b, h, i, j0);
-    exp2_row(p, cols, lse_log2[row_offset + i]);  // lse = +inf (a row with no key) gives P = 0
+    exp2_row(p, cols, lse[row_offset + i]);  // lse = +inf (a row with no key) gives P = 0
     if (dropout.enabled) {
       float* keep = scratch.keep.data() + r * cols;
       dropout_row(keep, cols, dropout.seed, static_cast<uint64_t>(b * problem.q_heads + h),
@@ -88,14 +88,14 @@ void backward_tile(const AttentionProblem& problem, const HeadTensor& q_rows, co
 }  // namespace
 
 void attention_backward_kernel(const AttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& grad_out, const at::Tensor& lse_log2,
+                               const at::Tensor& v, const at::Tensor& grad_out, const at::Tensor& lse,
                                const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
                                const at::Tensor& dv) {
   const int64_t B = problem.batch, Hq = problem.q_heads, Hk = problem.kv_heads, L = problem.q_len;
   const int64_t S = problem.kv_len, E = problem.head_dim, Ev = problem.value_dim;
   const HeadTensor q_rows = head_tensor(q), k_rows = head_tensor(k), v_rows = head_tensor(v);
   const HeadTensor grad_rows = head_tensor(grad_out), dk_rows = head_tensor(dk), dv_rows = head_tensor(dv);
-  const float* lse_data = lse_log2.data_ptr<float>();
+  const float* lse_data = lse.data_ptr<float>();
   const float* delta_data = delta.data_ptr<float>();
 
   const int64_t key_blocks = (S + kKeyBlock - 1) / kKeyBlock;

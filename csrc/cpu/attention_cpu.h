@@ -79,11 +79,11 @@ void prepare_score_row(const AttentionProblem& problem, float* scores, int64_t n
 void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 
-// Backward. As the forward, plus grad_out (B, Hq, L, Ev), lse_log2 = lse * log2(e) and delta = rowsum(dO * O),
+// Backward. As the forward, plus grad_out (B, Hq, L, Ev), the forward's lse and delta = rowsum(dO * O),
 // both (B, Hq, L) contiguous float32. Writes dq (B, Hq, L, E), dk (B, Hk, S, E), dv (B, Hk, S, Ev) float32
 // views, every element (zero where no score takes part). Deterministic: a fixed summation order per element.
 void attention_backward_kernel(const AttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& grad_out, const at::Tensor& lse_log2,
+                               const at::Tensor& v, const at::Tensor& grad_out, const at::Tensor& lse,
                                const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
                                const at::Tensor& dv);
 
