@@ -12,7 +12,7 @@ FORMAT_VERSION = 1
 # What every checkpoint of a training run holds (training.Trainer.save writes them).
 FIELDS = ("kind", "config", "train_config", "task", "model", "optimizer", "optimizer_layout", "scheduler", "step",
           "rng", "data_generator")
-# The type of each field whose content is not checked by a field of its own (model against config, ...).
+# The type of every field but the strings (kind, optimizer_layout), whose values are compared where they are read.
 FIELD_TYPES = {"config": dict, "train_config": dict, "task": dict, "model": dict, "optimizer": dict,
                "scheduler": dict, "step": int, "rng": list, "data_generator": torch.Tensor}
 
