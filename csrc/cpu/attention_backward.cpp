@@ -111,6 +111,7 @@ void attention_backward_kernel(const AttentionProblem& problem, const at::Tensor
   }
 
   at::parallel_for(0, head_units * chunks, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas single_threaded;
     BackwardScratch scratch(E, Ev, problem.dropout.enabled);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / (Hk * chunks), hk = unit / chunks % Hk, chunk = unit % chunks;

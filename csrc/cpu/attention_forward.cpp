@@ -38,6 +38,7 @@ void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor&
   const int64_t units = problem.batch * Hq * row_blocks;
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas single_threaded;
     std::vector<float> scores(kRowBlock * kKeyBlock), acc(kRowBlock * Ev), keep(kKeyBlock);
     std::vector<float> running_max(kRowBlock), running_sum(kRowBlock);
     for (int64_t unit = begin; unit < end; ++unit) {

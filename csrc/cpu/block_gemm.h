@@ -1,8 +1,9 @@
 // Float32 block matrix products for the CPU attention kernels, run by ATen's CPU addmm kernel (the BLAS torch
-// was built with) on non-owning views of the kernels' buffers. Called inside at::parallel_for, where the BLAS
-// runs single-threaded, so each block product stays on its thread.
+// was built with) on non-owning views of the kernels' buffers, inside at::parallel_for, each block product on
+// the thread of its unit (SingleThreadedBlas).
 #pragma once
 
+#include <ATen/Config.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
@@ -10,7 +11,41 @@
 
 #include <cstdint>
 
+#if AT_MKL_ENABLED()
+// MKL's thread count for the calling thread only (0: its global count again); declared weak, as torch builds
+// need not export it, and then null.
+extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+#endif
+
 namespace tfm_kernels::cpu {
+
+// Within its scope the BLAS of this thread runs single-threaded. MKL's sgemm splits a product by the number of
+// threads it may use, even inside at::parallel_for's threads and its one-thread path (taken for a single unit),
+// and the split changes the rounding: an AVX-512 machine gave 64 x 64 x 64 products 5e-7 apart with 2 threads
+// and with 1. Pinned to one thread, every block product is computed alike whatever torch's thread count, and
+// each unit's results, so the kernels' outputs, do not depend on it (tests/test_attention_cpu.py).
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+#if AT_MKL_ENABLED()
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      previous_ = MKL_Set_Num_Threads_Local(1);
+    }
+#endif
+  }
+  ~SingleThreadedBlas() {
+#if AT_MKL_ENABLED()
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      MKL_Set_Num_Threads_Local(previous_);
+    }
+#endif
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 // The rows x cols matrix whose element (r, c) is data[r * row_stride + c].
 inline at::Tensor matrix(const float* data, int64_t rows, int64_t cols, int64_t row_stride) {
