@@ -39,7 +39,7 @@ from triton.compiler import ASTSource
 
 from tfm_kernels.triton import attention, mlp
 from tfm_kernels.triton.precision import dot_precision
-from tfm_kernels.triton.tuning import descriptor
+from tfm_kernels.triton.tuning import config_label, descriptor
 
 # Bytes per block, opt-in: H100 227 KiB, A100 163 KiB, sm_86 (RTX 30xx, A10, A40; sm_89's RTX 40xx, L4 and
 # L40S have the same) 99 KiB.
@@ -101,8 +101,7 @@ def _report(name, fn, types, constexprs, aligned, arch, config, estimate, runs):
     launcher's `estimate` and the target's limit, or the error. `runs`: whether the launcher would run it.
     Returns whether it would fail on the GPU: it runs and does not compile or does not fit."""
     kw = config.kwargs
-    label = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
-    label += f" w{config.num_warps} s{config.num_stages}" + (" tma" if kw.get("TMA") else "")
+    label = config_label(config)
     launched = "runs" if runs else "pruned"
     try:
         shared, registers, spilled, instructions, tensor_core = _compile(

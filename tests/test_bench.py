@@ -633,6 +633,31 @@ def test_interpreted_triton_providers_run_but_are_not_timed():
     assert all(r["status"] == "ok" for r in rows if r["provider"] in ("torch-flash", "torch eager")), rows
 
 
+def test_rows_of_our_triton_kernels_name_the_configs_they_ran():
+    """The tiles of a row: each of our Triton kernels that its timed calls launched, with the config it ran
+    (under the interpreter, the one config of each list), and nothing a case measured before launched."""
+    import dataclasses
+
+    from tfm_kernels.bench import attention, mlp
+    from tfm_kernels.triton import attention as triton_attention
+    from tfm_kernels.triton import mlp as triton_mlp
+    from tfm_kernels.triton.tuning import config_label
+
+    attention_shape = configs.AttentionShape("t", 1, 2, 32, 16, True, torch.float32)
+    mlp_shape = configs.MLPShape("t", 16, 16, 32, "gelu", False, torch.float32)
+    cases = (attention.attention_cases([attention_shape], ("fwd+bwd", "fwd"), "cpu", with_flex="none")
+             + mlp.mlp_cases([mlp_shape], ("fwd",), "cpu", with_compile=False))
+    for case in cases:  # timed here, to read their rows: the interpreter's times mean nothing
+        case.providers = [dataclasses.replace(p, untimed="") for p in case.providers if p.name == "ours-triton"]
+    rows = suite.run_cases(cases, warmup_ms=1, rep_ms=2)
+    forward, dk_dv, dq = (config_label(k.configs[0]) for k in triton_attention.TUNED_KERNELS.values())
+    gemm = config_label(triton_mlp.TUNED_KERNELS["gemm"].configs[0])
+    assert [(r["mode"], r["status"], r["tiles"]) for r in rows] == [
+        ("fwd+bwd", "ok", f"fwd {forward}; dk/dv {dk_dv}; dq {dq}"), ("fwd", "ok", f"fwd {forward}"),
+        ("fwd", "ok", f"gemm {gemm}")]
+    assert f"| fwd {forward} |" in report.markdown_table(rows)
+
+
 def test_interpreter_setup_comes_before_any_triton_import():
     """tests/ and benchmarks/ conftests import the setup before anything imports triton (triton.jit reads
     TRITON_INTERPRET when it decorates a kernel): importing it must import neither triton nor our kernels, and
@@ -694,6 +719,8 @@ def test_attention_providers_run_on_cuda(mode):
     for peer in ("torch-flash", "torch-efficient", "torch-flex (compiled)"):
         assert by_name[peer]["status"] == "ok", by_name[peer]
     assert by_name["ours-triton"]["status"] == "ok", by_name["ours-triton"]
+    kernels = [part.split(" ")[0] for part in by_name["ours-triton"]["tiles"].split("; ")]
+    assert kernels == (["fwd"] if mode == "fwd" else ["fwd", "dk/dv", "dq"]), by_name["ours-triton"]["tiles"]
 
 
 def test_a_time_budget_measures_compiling_providers_last(monkeypatch):

@@ -234,6 +234,37 @@ def test_an_autotuned_launch_of_another_size_class_goes_through_triton(stand_in,
         assert (seen.through_triton == through_triton) == replays, n
 
 
+def test_launched_names_the_configs_run_since_the_launches_were_forgotten(stand_in, monkeypatch):
+    """`launched` (what the benchmark table's tiles say) holds the config of every launch: a replay's was added
+    by the launch through Triton it replays, and forget_launches() sends the next launch through Triton again."""
+    kernel = tuned_write_block(None)
+    seen = stand_in(kernel.kernel)
+    out = torch.zeros(4, dtype=torch.int32)
+    for _ in range(2):
+        kernel.launch((1,), 1, (out,), {})
+    assert seen.through_triton == 1 and kernel.launched == set(kernel.configs)
+    kernel.forget_launches()
+    assert kernel.launched == set() and len(kernel.replays) == 0
+    kernel.launch((1,), 1, (out,), {})
+    assert seen.through_triton == 2 and kernel.launched == set(kernel.configs)
+    first = kernel.configs[0]
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK": 4}, num_warps=2, num_stages=1)])
+    kernel.launch((1,), 1, (out,), {})
+    assert kernel.launched == {first, kernel.configs[0]}
+
+
+def test_an_autotuned_launch_names_the_config_the_autotuner_chose(stand_in, monkeypatch):
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    configs = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32}, num_warps=8)]
+    kernel = tuning.TunedKernel(JITFunction(_five_arguments), configs, [], lambda config, args: 0, min_work=0,
+                                probe="X")
+    stand_in(kernel.kernel)
+    x = torch.zeros(64)
+    kernel.launch((1,), 1, (x, x, 32, 0.5, True), {})  # the autotuner's launch: its timings are the stand-in's
+    [chosen] = kernel._tuned.values()
+    assert kernel.launched == {chosen}
+
+
 def test_interpreted_launches_neither_ask_the_driver_nor_keep_anything():
     if not tfm_kernels.backends.triton_interpreting():
         pytest.skip("the interpreter runs Triton on the CPU only")

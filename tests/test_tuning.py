@@ -354,9 +354,7 @@ def every_config(kernel):
 
 
 def config_id(config):
-    kw = config.kwargs
-    tiles = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
-    return f"{tiles}-w{config.num_warps}-s{config.num_stages}" + ("-tma" if kw.get("TMA") else "")
+    return tuning.config_label(config).replace(" ", "-")
 
 
 def attention_case(head_dim):

@@ -48,7 +48,8 @@ def ours(shape, mode, device, backend) -> Provider:
 
         return timed_step(forward, _qkv_maker(shape, device), mode, device)
 
-    return Provider(f"ours-{backend}", True, prepare, untimed=untimed_reason(backend, device))
+    return Provider(f"ours-{backend}", True, prepare, untimed=untimed_reason(backend, device),
+                    triton_module="attention" if backend == "triton" else "")
 
 
 def _math_fits(shape, mode) -> tuple[bool, int]:
@@ -181,7 +182,8 @@ def mha(shape: configs.MHAShape, mode, device, which) -> Provider:
         return timed_step(forward, make, mode, device, params=list(module.parameters()))
 
     name = "ours nn.MultiheadAttention" if which == "ours" else "torch nn.MultiheadAttention"
-    return Provider(name, which == "ours", prepare)
+    on_gpu = torch.device(device).type == "cuda"  # where the module's attention may run our Triton kernels
+    return Provider(name, which == "ours", prepare, triton_module="attention" if which == "ours" and on_gpu else "")
 
 
 def mha_cases(shapes, modes, device) -> list[Case]:

@@ -303,6 +303,8 @@ def _row_type_problems(row) -> list[str]:
         problems.append(f"shape (expected an object; got {row['shape']!r})")
     problems += [f"{field} (expected a number or null; got {row[field]!r})" for field in _ROW_NUMBER_FIELDS
                  if row.get(field) is not None and not is_number(row[field])]
+    if not isinstance(row.get("tiles", ""), str):  # older records lack it
+        problems.append(f"tiles (expected text; got {row['tiles']!r})")
     if row["status"] == "ok":
         problems += [f"{field} (expected a number in an ok row; got {row[field]!r})" for field in _ROW_OK_NUMBER_FIELDS
                      if not is_number(row[field])]

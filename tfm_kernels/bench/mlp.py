@@ -66,7 +66,8 @@ def ours(shape, mode, device, backend) -> Provider:
 
         return timed_step(forward, lambda grad: mlp_weights(shape, device, grad), mode, device)
 
-    return Provider(f"ours-{backend}", True, prepare, untimed=untimed_reason(backend, device))
+    return Provider(f"ours-{backend}", True, prepare, untimed=untimed_reason(backend, device),
+                    triton_module="mlp" if backend == "triton" else "")
 
 
 @functools.cache

@@ -94,8 +94,8 @@ def _format_value(row) -> str:
     return f"{row['value']:.3g}" if row["value"] < 10 else f"{row['value']:.1f}"
 
 
-# The fields of a row that the table and the plots read (suite._empty_row writes them all; host_ms is optional:
-# older records lack it).
+# The fields of a row that the table and the plots read (suite._empty_row writes them all; host_ms and tiles are
+# optional: older records lack them).
 ROW_FIELDS = ("suite", "config", "shape", "mode", "provider", "ours", "unit", "status", "reason", "median_ms",
               "p20_ms", "p80_ms", "value", "peak_mib", "ratio")
 
@@ -103,7 +103,8 @@ ROW_FIELDS = ("suite", "config", "shape", "mode", "provider", "ours", "unit", "s
 def markdown_table(rows: list[dict]) -> str:
     """One Markdown table per suite: config, mode, provider (ours in bold), throughput, ms (median [p20,
     p80]), host ms (the CPU's time to issue one call, on CUDA; at or above the median the call is CPU-bound),
-    peak MiB, ratio to the best peer on the same case, and why a provider has no number."""
+    peak MiB, ratio to the best peer on the same case, and a note: why a provider has no number, or the tile
+    configs our Triton kernels ran."""
     by_suite = defaultdict(list)
     for row in rows:
         by_suite[row["suite"]].append(row)
@@ -122,7 +123,7 @@ def markdown_table(rows: list[dict]) -> str:
             peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "-"
             ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
             provider = f"**{row['provider']}**" if row["ours"] else row["provider"]
-            note = row["reason"].replace("|", "/")
+            note = (row["reason"] or row.get("tiles", "")).replace("|", "/")  # older records lack tiles
             cells = [row["config"], row["mode"], provider, _format_value(row), ms, host, peak, ratio, note]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + ratio_summary(suite_rows)

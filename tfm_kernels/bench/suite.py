@@ -12,6 +12,7 @@ catches a step that fails.
 """
 
 import gc
+import importlib
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -43,13 +44,16 @@ class Provider:
     """name: shown in the table; ours: our implementation (else a peer); prepare(): builds inputs and returns
     the zero-argument callable that is timed, or raises Unavailable; compiles: its first call runs
     torch.compile (tens of seconds), so a time-budgeted run measures it after everything else; untimed: why
-    its time means nothing here although it runs ("" when it is timed)."""
+    its time means nothing here although it runs ("" when it is timed); triton_module: where given, the
+    tfm_kernels.triton module (e.g. "attention") whose TUNED_KERNELS it launches: its row then names the
+    configs they ran (its "tiles")."""
 
     name: str
     ours: bool
     prepare: Callable[[], Callable[[], Any]]
     compiles: bool = False
     untimed: str = ""
+    triton_module: str = ""
 
 
 @dataclass
@@ -104,7 +108,26 @@ def _empty_row(case: Case, provider: Provider) -> dict:
         "peak_mib": None,
         "host_ms": None,
         "ratio": None,
+        "tiles": "",
     }
+
+
+def _tuned_kernels(triton_module: str) -> dict:
+    """TUNED_KERNELS of tfm_kernels.triton.<triton_module> ({} for ""): imported only where a provider of our
+    Triton kernels is measured, so that nothing else imports Triton."""
+    if not triton_module:
+        return {}
+    return importlib.import_module(f"tfm_kernels.triton.{triton_module}").TUNED_KERNELS
+
+
+def tiles_label(kernels: dict) -> str:
+    """"fwd 128x64 w8 s3 tma; dq 128x64 w8 s2": the configs each of `kernels` (short name -> TunedKernel)
+    launched since its launches were last forgotten; kernels that launched nothing are left out."""
+    from ..triton.tuning import config_label
+
+    parts = [f"{name} {', '.join(sorted(config_label(c) for c in kernel.launched))}"
+             for name, kernel in kernels.items() if kernel.launched]
+    return "; ".join(parts)
 
 
 def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: float) -> dict:
@@ -112,8 +135,11 @@ def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: f
     row = _empty_row(case, provider)
     if provider.untimed:  # a number would mislead; the pytest cases run its step, the self-check checks it
         return {**row, "status": "n/a", "reason": provider.untimed}
-    fn = None
+    fn, kernels = None, {}
     try:
+        kernels = _tuned_kernels(provider.triton_module)
+        for kernel in kernels.values():
+            kernel.forget_launches()  # the configs of this provider's calls, not of earlier cases
         fn = provider.prepare()
         result = timing.measure(fn, case.device, warmup_ms, rep_ms)
     except Unavailable as why:
@@ -135,6 +161,7 @@ def measure_provider(case: Case, provider: Provider, warmup_ms: float, rep_ms: f
             value=throughput(case.work, case.unit, result.median_ms),
             peak_mib=None if result.peak_bytes is None else result.peak_bytes / 2**20,
             host_ms=result.host_ms,
+            tiles=tiles_label(kernels),
         )
     del fn
     gc.collect()

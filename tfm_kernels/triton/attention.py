@@ -679,6 +679,8 @@ _BACKWARD_KV = _tuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALL
                       ("BLOCK_D", "BLOCK_DV"), BACKWARD_KV_DESCRIPTORS)
 _BACKWARD_Q = _tuned(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M", "BLOCK_N",
                      ("BLOCK_D", "BLOCK_DV"), BACKWARD_Q_DESCRIPTORS)
+# The kernels with config lists, by the name the benchmark table gives their tiles.
+TUNED_KERNELS = {"fwd": _FORWARD, "dk/dv": _BACKWARD_KV, "dq": _BACKWARD_Q}
 _DELTA = ReplayedLaunches(_backward_delta_kernel)
 DELTA_BLOCK_M = 16 if triton_interpreting() else 64
 # At most this many elements per delta tile: 64 rows x 256 float32 O and dO spill 392 bytes with 4 warps.

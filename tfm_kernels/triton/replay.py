@@ -159,8 +159,12 @@ class ReplayedLaunches:
         self._keep(fingerprint, entry)
         self._families[family(fingerprint, choice_inputs())] = entry
 
+    def clear(self):
+        """Forgets every recorded launch: the next launch of each fingerprint goes through Triton again."""
+        self._entries.clear()
+        self._families.clear()
+
     def _keep(self, fingerprint, entry):
         if len(self._entries) >= MAX_REPLAYED_LAUNCHES:
-            self._entries.clear()
-            self._families.clear()
+            self.clear()
         self._entries[fingerprint] = entry

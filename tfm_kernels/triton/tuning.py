@@ -123,6 +123,14 @@ def unread_descriptors(*names):
     return hook
 
 
+def config_label(config):
+    """A tile config in a few characters, e.g. "128x64 w8 s3 tma": its block sizes, warps and pipeline stages,
+    and "tma" where it loads through tensor descriptors."""
+    kw = config.kwargs
+    tiles = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
+    return f"{tiles} w{config.num_warps} s{config.num_stages}" + (" tma" if kw.get("TMA") else "")
+
+
 def needs_descriptors(*names):
     """A `usable` predicate: configs with TMA=True run only where the arguments `names` are tensor
     descriptors (the launcher passes plain tensors where it could make none)."""
@@ -161,6 +169,9 @@ class TunedKernel:
         self.margin = margin
         self._timed_configs = configs if fallback is None or fallback in configs else [*configs, fallback]
         self.replays = ReplayedLaunches(kernel)
+        # The configs of the launches since forget_launches(). Replays are not counted: each runs the config of
+        # an earlier launch through Triton, which was.
+        self.launched = set()
 
     def fitting(self, args, budget):
         """The configs whose shared-memory estimate fits `budget` bytes, in list order (never empty)."""
@@ -184,6 +195,12 @@ class TunedKernel:
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         return self.fitting(args, shared_memory_budget(args[self.probe].device, self.margin))
+
+    def forget_launches(self):
+        """Empties `launched` and forgets the recorded launches (replay.py), so that from now on `launched`
+        names the config of every launch, a replayed fingerprint's included."""
+        self.launched.clear()
+        self.replays.clear()
 
     def autotunes(self, work):
         """Whether a launch of this much work goes through the autotuner."""
@@ -214,6 +231,7 @@ class TunedKernel:
                 return  # the autotuner timed the configs and ran the best one
         else:
             config = self.fitting(named, shared_memory_budget(device, self.margin))[0]
+        self.launched.add(config)
         if config.pre_hook is not None:
             config.pre_hook({**named, **config.kwargs})
         constants = {**constexprs, **config.all_kwargs()}
@@ -249,6 +267,7 @@ class TunedKernel:
         tuner = self.tuner(device, size_class)
         tuner[grid](*args, **constexprs)
         self._tuned[key] = tuner.best_config
+        self.launched.add(tuner.best_config)
         return None
 
     def _precompile(self, grid, args, constexprs, named, budget):
