@@ -5,9 +5,9 @@
 //   backward epilogue: dz = grad_out * dropout * act'(z) (gated: [dg, du]), the input of the gradient GEMMs;
 //   column sum:        bias gradient where the BGRADB epilogue is unavailable.
 // Work split: elementwise kernels use 256-thread blocks along a row, each thread one group of 8 consecutive
-// columns (the columns one Philox call decides), grid.y walks rows (grid-stride past 65535 rows); the column
-// sum uses 32x8 blocks, 32 columns per block, 8 row-strided partial sums reduced in shared memory
-// (deterministic, no atomics). All math in float.
+// columns (the columns one Philox call decides, read and written in 16-byte accesses where the group is whole
+// and aligned), grid.y walks rows (grid-stride past 65535 rows); the column sum uses 32x8 blocks, 32 columns
+// per block, 8 row-strided partial sums reduced in shared memory (deterministic, no atomics). All math in float.
 // The kernels, their dtype/activation dispatch and their grids live here; epilogue_kernels.cu launches them, and
 // tests/cuda_emulation/mlp_harness.cpp runs this same header on the CPU.
 // Test: tests/test_mlp_cuda_emulated.py (CPU emulation), tests/test_mlp.py -m gpu (backend "cuda" against the
@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "cuda/mlp/params.h"
@@ -39,19 +40,57 @@ __device__ __forceinline__ MlpDropout device_dropout(const MlpDropoutParams& p) 
   return MlpDropout{seed, p.threshold, p.keep_scale, p.active};
 }
 
-// Calls element(row, col, multiplier) for each element of the (rows, cols) problem this thread owns: groups of
-// 8 consecutive columns of a row, whose dropout one Philox call decides, strided over the grid.
-template <typename Element>
-__device__ __forceinline__ void for_each_element(int64_t rows, int64_t cols, const MlpDropout& dropout,
-                                                 Element&& element) {
+// The memory of one group of kColumnsPerDraw consecutive elements of a row (the columns one Philox call decides):
+// one 16-byte access for 16-bit types, two for float.
+template <typename T>
+struct alignas(16) GroupBits {
+  T v[kColumnsPerDraw];
+};
+
+// The `count` (<= kColumnsPerDraw) elements at p as floats, the rest 0: a whole group at a 16-byte aligned
+// address in vector loads (each thread's group takes one instruction where element loads took 8, each touching
+// a warp's whole 512-byte span), else element by element (a group at the end of a row, a row stride that is not a
+// multiple of 8 elements).
+template <typename T>
+__device__ __forceinline__ void load_group(const T* p, int count, float (&values)[kColumnsPerDraw]) {
+  if (count == kColumnsPerDraw && reinterpret_cast<uintptr_t>(p) % alignof(GroupBits<T>) == 0) {
+    const GroupBits<T> bits = *reinterpret_cast<const GroupBits<T>*>(p);
+#pragma unroll
+    for (int c = 0; c < kColumnsPerDraw; ++c) values[c] = static_cast<float>(bits.v[c]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < kColumnsPerDraw; ++c) values[c] = c < count ? static_cast<float>(p[c]) : 0.0f;
+  }
+}
+
+// Stores the first `count` of `values` at p in T, as load_group reads them.
+template <typename T>
+__device__ __forceinline__ void store_group(T* p, int count, const float (&values)[kColumnsPerDraw]) {
+  if (count == kColumnsPerDraw && reinterpret_cast<uintptr_t>(p) % alignof(GroupBits<T>) == 0) {
+    GroupBits<T> bits;
+#pragma unroll
+    for (int c = 0; c < kColumnsPerDraw; ++c) bits.v[c] = static_cast<T>(values[c]);
+    *reinterpret_cast<GroupBits<T>*>(p) = bits;
+  } else {
+#pragma unroll
+    for (int c = 0; c < kColumnsPerDraw; ++c) {
+      if (c < count) p[c] = static_cast<T>(values[c]);  // constant indices: `values` stays in registers
+    }
+  }
+}
+
+// Calls group(row, first, count, keep) for each group of kColumnsPerDraw consecutive columns of a row that this
+// thread owns (first: its first column; count: its columns inside the problem; keep: its dropout byte), strided
+// over the grid.
+template <typename Group>
+__device__ __forceinline__ void for_each_group(int64_t rows, int64_t cols, const MlpDropout& dropout, Group&& group) {
   const int64_t groups = (cols + kColumnsPerDraw - 1) / kColumnsPerDraw;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    for (int64_t group = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; group < groups;
-         group += int64_t(gridDim.x) * blockDim.x) {
-      const uint32_t keep = dropout.keep_byte(row, group);
-      const int64_t first = group * kColumnsPerDraw;
+    for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups;
+         g += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t first = g * kColumnsPerDraw;
       const int count = cols - first < kColumnsPerDraw ? static_cast<int>(cols - first) : kColumnsPerDraw;
-      for (int c = 0; c < count; ++c) element(row, first + c, dropout.multiplier(keep, c));
+      group(row, first, count, dropout.keep_byte(row, g));
     }
   }
 }
@@ -61,23 +100,34 @@ __global__ void forward_epilogue_kernel(MlpForwardEpilogueParams p) {
   T* z = static_cast<T*>(p.z);
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
-  for_each_element(p.rows, p.cols, device_dropout(p.dropout), [&](int64_t row, int64_t col, float multiplier) {
+  const MlpDropout dropout = device_dropout(p.dropout);
+  for_each_group(p.rows, p.cols, dropout, [&](int64_t row, int64_t first, int count, uint32_t keep) {
     T* z_row = z + row * p.ld_z;
-    float g = load_float(z_row, col);
+    float g[kColumnsPerDraw], h[kColumnsPerDraw], b[kColumnsPerDraw];
+    load_group(z_row + first, count, g);
     if (bias != nullptr) {
-      g += load_float(bias, col);
-      if (p.store_preact) z_row[col] = static_cast<T>(g);
+      load_group(bias + first, count, b);
+#pragma unroll
+      for (int c = 0; c < kColumnsPerDraw; ++c) g[c] += b[c];
+      if (p.store_preact) store_group(z_row + first, count, g);
     }
-    float h = activate<A>(g);
+#pragma unroll
+    for (int c = 0; c < kColumnsPerDraw; ++c) h[c] = activate<A>(g[c]);
     if constexpr (kGated) {
-      float u = load_float(z_row, p.cols + col);
+      float u[kColumnsPerDraw];
+      load_group(z_row + p.cols + first, count, u);
       if (bias != nullptr) {
-        u += load_float(bias, p.cols + col);
-        if (p.store_preact) z_row[p.cols + col] = static_cast<T>(u);
+        load_group(bias + p.cols + first, count, b);
+#pragma unroll
+        for (int c = 0; c < kColumnsPerDraw; ++c) u[c] += b[c];
+        if (p.store_preact) store_group(z_row + p.cols + first, count, u);
       }
-      h *= u;
+#pragma unroll
+      for (int c = 0; c < kColumnsPerDraw; ++c) h[c] *= u[c];
     }
-    out[row * p.ld_out + col] = static_cast<T>(h * multiplier);
+#pragma unroll
+    for (int c = 0; c < kColumnsPerDraw; ++c) h[c] *= dropout.multiplier(keep, c);
+    store_group(out + row * p.ld_out + first, count, h);
   });
 }
 
@@ -87,17 +137,31 @@ __global__ void backward_epilogue_kernel(MlpBackwardEpilogueParams p) {
   const T* z = static_cast<const T*>(p.z);
   T* dz = static_cast<T*>(p.dz);
   const int64_t width = kGated ? 2 * p.cols : p.cols;
-  for_each_element(p.rows, p.cols, device_dropout(p.dropout), [&](int64_t row, int64_t col, float multiplier) {
-    const float h = load_float(grad_out, row * p.ld_grad_out + col) * multiplier;
-    const int64_t at = row * width + col;
+  const MlpDropout dropout = device_dropout(p.dropout);
+  for_each_group(p.rows, p.cols, dropout, [&](int64_t row, int64_t first, int count, uint32_t keep) {
+    float h[kColumnsPerDraw], g[kColumnsPerDraw];
+    load_group(grad_out + row * p.ld_grad_out + first, count, h);
+#pragma unroll
+    for (int c = 0; c < kColumnsPerDraw; ++c) h[c] *= dropout.multiplier(keep, c);
+    const int64_t at = row * width + first;
     if constexpr (kGated) {
-      const float g = load_float(z, at), u = load_float(z, at + p.cols);
-      dz[at] = static_cast<T>(h * u * activation_grad<A>(g));
-      dz[at + p.cols] = static_cast<T>(h * activate<A>(g));
+      float u[kColumnsPerDraw], du[kColumnsPerDraw];
+      load_group(z + at, count, g);
+      load_group(z + at + p.cols, count, u);
+#pragma unroll
+      for (int c = 0; c < kColumnsPerDraw; ++c) {
+        du[c] = h[c] * activate<A>(g[c]);
+        g[c] = h[c] * u[c] * activation_grad<A>(g[c]);
+      }
+      store_group(dz + at, count, g);
+      store_group(dz + at + p.cols, count, du);
     } else if constexpr (A == Activation::kNone) {
-      dz[at] = static_cast<T>(h);
+      store_group(dz + at, count, h);
     } else {
-      dz[at] = static_cast<T>(h * activation_grad<A>(load_float(z, at)));
+      load_group(z + at, count, g);
+#pragma unroll
+      for (int c = 0; c < kColumnsPerDraw; ++c) g[c] = h[c] * activation_grad<A>(g[c]);
+      store_group(dz + at, count, g);
     }
   });
 }
