@@ -658,6 +658,29 @@ def test_rows_of_our_triton_kernels_name_the_configs_they_ran():
     assert f"| fwd {forward} |" in report.markdown_table(rows)
 
 
+def test_rows_without_triton_installed():
+    """Triton is optional: without it every row still comes out (tiles "" and nothing imported for them), and a
+    provider of our Triton kernels is n/a with its own reason, not an error."""
+    probe = """
+import sys
+sys.modules["triton"] = None  # import triton now fails, as where it is not installed
+import torch
+from tfm_kernels.bench import suite
+
+def no_triton():
+    raise NotImplementedError("backend='triton' cannot run these inputs: triton is not installed")
+
+case = suite.Case("attention", "c", {}, "fwd", 1e9, "TFLOP/s", torch.device("cpu"), [
+    suite.Provider("peer", False, lambda: lambda: None),
+    suite.Provider("ours-triton", True, no_triton, triton_module="attention")])
+print([(r["provider"], r["status"], r["tiles"]) for r in suite.run_cases([case], warmup_ms=1, rep_ms=2)])
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            cwd=pathlib.Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[('peer', 'ok', ''), ('ours-triton', 'n/a', '')]"
+
+
 def test_interpreter_setup_comes_before_any_triton_import():
     """tests/ and benchmarks/ conftests import the setup before anything imports triton (triton.jit reads
     TRITON_INTERPRET when it decorates a kernel): importing it must import neither triton nor our kernels, and

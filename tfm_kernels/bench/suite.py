@@ -113,16 +113,20 @@ def _empty_row(case: Case, provider: Provider) -> dict:
 
 
 def _tuned_kernels(triton_module: str) -> dict:
-    """TUNED_KERNELS of tfm_kernels.triton.<triton_module> ({} for ""): imported only where a provider of our
-    Triton kernels is measured, so that nothing else imports Triton."""
-    if not triton_module:
+    """TUNED_KERNELS of tfm_kernels.triton.<triton_module>; {} for "" and where Triton is not installed (the
+    provider then says so itself). Imported only where a provider of our Triton kernels is measured, so that
+    nothing else imports Triton."""
+    if not triton_module or not backends.triton_available():
         return {}
     return importlib.import_module(f"tfm_kernels.triton.{triton_module}").TUNED_KERNELS
 
 
 def tiles_label(kernels: dict) -> str:
     """"fwd 128x64 w8 s3 tma; dq 128x64 w8 s2": the configs each of `kernels` (short name -> TunedKernel)
-    launched since its launches were last forgotten; kernels that launched nothing are left out."""
+    launched since its launches were last forgotten; kernels that launched nothing are left out ("" for no
+    kernels, without importing Triton)."""
+    if not kernels:
+        return ""
     from ..triton.tuning import config_label
 
     parts = [f"{name} {', '.join(sorted(config_label(c) for c in kernel.launched))}"
