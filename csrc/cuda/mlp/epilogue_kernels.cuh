@@ -47,13 +47,19 @@ struct alignas(16) GroupBits {
   T v[kColumnsPerDraw];
 };
 
-// The `count` (<= kColumnsPerDraw) elements at p as floats, the rest 0: a whole group at a 16-byte aligned
-// address in vector loads (each thread's group takes one instruction where element loads took 8, each touching
-// a warp's whole 512-byte span), else element by element (a group at the end of a row, a row stride that is not a
-// multiple of 8 elements).
+// Whether the group of `count` elements at p moves in vector accesses: whole and 16-byte aligned (not a group at
+// the end of a row, nor in a row whose stride is not a multiple of 8 elements).
+template <typename T>
+__device__ __forceinline__ bool vector_group(const T* p, int count) {
+  return count == kColumnsPerDraw && reinterpret_cast<uintptr_t>(p) % alignof(GroupBits<T>) == 0;
+}
+
+// The `count` (<= kColumnsPerDraw) elements at p as floats, the rest 0: in vector loads where vector_group (each
+// thread's group takes one instruction where element loads took 8, each touching a warp's whole 512-byte span),
+// else element by element.
 template <typename T>
 __device__ __forceinline__ void load_group(const T* p, int count, float (&values)[kColumnsPerDraw]) {
-  if (count == kColumnsPerDraw && reinterpret_cast<uintptr_t>(p) % alignof(GroupBits<T>) == 0) {
+  if (vector_group(p, count)) {
     const GroupBits<T> bits = *reinterpret_cast<const GroupBits<T>*>(p);
 #pragma unroll
     for (int c = 0; c < kColumnsPerDraw; ++c) values[c] = static_cast<float>(bits.v[c]);
@@ -66,7 +72,7 @@ __device__ __forceinline__ void load_group(const T* p, int count, float (&values
 // Stores the first `count` of `values` at p in T, as load_group reads them.
 template <typename T>
 __device__ __forceinline__ void store_group(T* p, int count, const float (&values)[kColumnsPerDraw]) {
-  if (count == kColumnsPerDraw && reinterpret_cast<uintptr_t>(p) % alignof(GroupBits<T>) == 0) {
+  if (vector_group(p, count)) {
     GroupBits<T> bits;
 #pragma unroll
     for (int c = 0; c < kColumnsPerDraw; ++c) bits.v[c] = static_cast<T>(values[c]);
