@@ -51,7 +51,7 @@ ATTENTION_KERNELS = {"forward": (attention._FORWARD, attention.FORWARD_DESCRIPTO
                      "dq": (attention._BACKWARD_Q, attention.BACKWARD_Q_DESCRIPTORS)}
 
 
-def _jit_function(kernel):
+def jit_function(kernel):
     """The JITFunction under autotune / heuristics wrappers."""
     while not isinstance(kernel, triton.runtime.jit.JITFunction):
         kernel = kernel.fn
@@ -71,22 +71,28 @@ def sass_instructions(cubin: bytes):
     return len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+\S", listing, re.MULTILINE))  # "/*0a10*/  IMAD ..." lines
 
 
-def _compile(fn, types, constexprs, aligned, arch, num_warps, num_stages):
-    """Compiles fn with runtime argument types `types` (name -> Triton type) and `constexprs`; returns
-    (shared bytes, registers, spill-store bytes, SASS instructions, tensor-core instruction) or raises the
-    compiler's error."""
+def compiled_kernel(fn, types, constexprs, aligned, arch, num_warps, num_stages, log=None):
+    """fn compiled for `arch` with runtime argument types `types` (name -> Triton type), `constexprs`, and the
+    arguments in `aligned` (and every pointer) 16-byte divisible; raises the compiler's error. `log`: a text
+    stream for ptxas's -v report."""
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         signature[name] = "constexpr" if name in constexprs else types[name]
         if name in types and (types[name].startswith("*") or name in aligned):
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    log = io.StringIO()
-    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed by Triton
+    triton.knobs.nvidia.dump_ptxas_log = log is not None  # ptxas -v output, printed by Triton
     triton.knobs.compilation.always_compile = True  # a cached kernel would come without that output
-    with contextlib.redirect_stdout(log):
-        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": num_warps, "num_stages": num_stages})
+    with contextlib.redirect_stdout(log or io.StringIO()):
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _compile(fn, types, constexprs, aligned, arch, num_warps, num_stages):
+    """Compiles fn (compiled_kernel); returns (shared bytes, registers, spill-store bytes, SASS instructions,
+    tensor-core instruction) or raises the compiler's error."""
+    log = io.StringIO()
+    kernel = compiled_kernel(fn, types, constexprs, aligned, arch, num_warps, num_stages, log)
     registers = re.search(r"Used (\d+) registers", log.getvalue())
     spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
     ptx = kernel.asm["ptx"]
@@ -129,6 +135,26 @@ def _launched_configs(tuned, args, arch, descriptor_tensors):
     return tuned.fitting({**args, **stand_ins}, SHARED_MEMORY_LIMIT[arch] - tuned.margin)
 
 
+def attention_argument_types(fn, dtype, mask_kind):
+    """The Triton types of an attention kernel's runtime arguments, its tensors of `dtype` ("bf16", ...).
+    Descriptor arguments are unread placeholders of that element type, unless a TMA config makes them
+    descriptors."""
+    element = "*" + dtype
+    pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i64", "Seed": "*i64",
+                     "Mask": "*u8" if mask_kind == attention.MASK_BOOL else element}
+    types = {}
+    for arg in fn.arg_names:
+        if arg in ("scale", "scale_log2", "inv_keep"):
+            types[arg] = "fp32"
+        elif arg in pointer_types or arg in ("Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"):
+            types[arg] = pointer_types.get(arg, element)
+        elif arg.endswith("Desc"):
+            types[arg] = element
+        else:
+            types[arg] = "i32"
+    return types
+
+
 def attention_kernels(args):
     """Reports every config of the three attention kernels; yields, per config, whether it would fail."""
     element = "*" + args.dtype
@@ -141,22 +167,11 @@ def attention_kernels(args):
     dtype = TORCH_DTYPES[args.dtype]
     estimate_args = {"Q": torch.empty(0, dtype=dtype), **features}
     row_lengths = {"BLOCK_D": E, "BLOCK_DV": Ev}  # a descriptor's columns -> the head dim its rows hold
-    pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i64", "Seed": "*i64",
-                     "Mask": "*u8" if mask_kind == attention.MASK_BOOL else element}
     for name, (tiled, descriptors) in ATTENTION_KERNELS.items():
         if args.kernel and name not in args.kernel:
             continue
-        fn = _jit_function(tiled.kernel)
-        types = {}
-        for arg in fn.arg_names:
-            if arg in ("scale", "scale_log2", "inv_keep"):
-                types[arg] = "fp32"
-            elif arg in pointer_types or arg in ("Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"):
-                types[arg] = pointer_types.get(arg, element)
-            elif arg.endswith("Desc"):
-                types[arg] = element  # an unread placeholder, unless a TMA config below makes it a descriptor
-            else:
-                types[arg] = "i32"
+        fn = jit_function(tiled.kernel)
+        types = attention_argument_types(fn, args.dtype, mask_kind)
         aligned = {a for a in types if aligned_strides and a.startswith("stride") and not a.startswith("stride_m")}
         launched = _launched_configs(tiled, estimate_args, args.arch,
                                      {desc: torch.empty(16, row_lengths[cols], dtype=dtype)
@@ -177,7 +192,7 @@ def attention_kernels(args):
 
 def mlp_kernel(args):
     """Reports every config of the MLP GEMM; yields, per config, whether it would fail."""
-    fn = _jit_function(mlp._gemm_kernel)
+    fn = jit_function(mlp._gemm_kernel)
     element = "*" + args.dtype
     types = {a: element for a in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "preact_ptr")}
     types.update(seed_ptr="*i64", keep_scale="fp32")

@@ -6,9 +6,11 @@ The launchers choose configs by a shared-memory estimate (tfm_kernels/triton/att
 margin; a config that passes the estimate but compiles to more than the device has would raise OutOfResources
 on the GPU. The cases are those whose compiled kernels came closest to each target's limit in the sweep over
 dtypes, head dims and features recorded in benchmarks/RESULTS.md, and one with TF32 dots, the only path that
-traces their operand rounding (the interpreter leaves it out). The compiler runs in a subprocess, since
+traces their operand rounding (the interpreter leaves it out). One more test reads the float32 backward's
+compiled dots (tests/fma_chain_probe.py). The compiler runs in a subprocess, since
 this test session runs Triton under the interpreter (tests/conftest.py)."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -53,13 +55,32 @@ CASES = {
 }
 
 
+def compiler_env():
+    """This process's environment without the interpreter switch, the checkout first on the import path."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", CASES.values(), ids=CASES.keys())
 def test_every_config_the_launcher_runs_fits_the_target(argv):
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, str(SCRIPT), "--admitted", *argv], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, str(SCRIPT), "--admitted", *argv], env=compiler_env(), capture_output=True,
                             text=True, timeout=1200)
     report = result.stdout + result.stderr
     assert " runs " in result.stdout, report  # configs were compiled, not all pruned or skipped
     assert result.returncode == 0, report
+
+
+@pytest.mark.slow
+def test_float32_delta_pass_sums_as_the_dp_product():
+    """With exact float32 dots the delta pass sums rowsum(dO * O) as the dq and dk/dv kernels sum each dP: one
+    chain of fused multiply-adds over the value head dim (64, beside the score's 32) from 0 per element. A row
+    whose weight is all on one key then gets dP - delta = 0 exactly, as torch's softmax backward does."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "fma_chain_probe.py")], env=compiler_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    chains = {kernel: {int(length): count for length, count in lengths.items()}
+              for kernel, lengths in json.loads(result.stdout).items()}
+    assert set(chains["delta"]) == {64}, chains
+    assert 64 in chains["dq"] and 64 in chains["dk_dv"], chains

@@ -372,9 +372,13 @@ def _forward_kernel(Q, K, V, KDesc, VDesc, Out, Lse, Mask, KeyLengths, Seed, str
 @triton.jit
 def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om, stride_gb, stride_gh,
                            stride_gm, H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-                           BLOCK_M: tl.constexpr):
+                           BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32: the rowsum(P * dP) of softmax's
-    backward (dropout included, since O already carries the dropped and rescaled P)."""
+    backward (dropout included, since O already carries the dropped and rescaled P).
+
+    With exact float32 dots ("ieee") the sum is the diagonal of the dot dO O^T: the same fused multiply-adds in
+    the same order as each dP = dO v^T of the other kernels, so a row whose weight is all on one key (O = v)
+    gets dP - delta = 0 exactly, as softmax's backward gives, not the rounding of two differently ordered sums."""
     pid_m, pid_bh = _program_ids(tl.cdiv(L, BLOCK_M), False)
     b64 = (pid_bh // H).to(tl.int64)
     h64 = (pid_bh % H).to(tl.int64)
@@ -386,7 +390,13 @@ def _backward_delta_kernel(Out, GradOut, Delta, stride_ob, stride_oh, stride_om,
                 mask=ok, other=0.0).to(tl.float32)
     do = tl.load(GradOut + b64 * stride_gb + h64 * stride_gh + rows.to(tl.int64)[:, None] * stride_gm
                  + offs_dv[None, :], mask=ok, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
+    if DOT_PRECISION == "ieee":
+        products = tl.dot(do, tl.trans(o), input_precision="ieee")  # (BLOCK_M, BLOCK_M)
+        on_diagonal = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+        delta = tl.sum(tl.where(on_diagonal, products, 0.0), 1)
+    else:
+        delta = tl.sum(o * do, 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * L + rows, delta, mask=rows < L)
 
 
 @triton.jit
@@ -783,7 +793,8 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, key_lengths, dropout_p
         delta_rows = min(DELTA_BLOCK_M, DELTA_TILE_ELEMENTS // block_dv)
         _DELTA.launch((cdiv(c.L, delta_rows) * c.B * c.H,),
                       (out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], c.H, c.L),
-                      dict(HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=delta_rows))
+                      dict(HEAD_DIM_V=c.Ev, BLOCK_DV=block_dv, BLOCK_M=delta_rows,
+                           DOT_PRECISION=c.constexprs["DOT_PRECISION"]))
         inputs, row_stats = (q, k, v, grad_out), (lse, delta)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
         H, group, L, S = c.scalars
