@@ -1,5 +1,6 @@
-// CPU attention backward in float32: recomputes the probabilities of each (query block, key block) tile from
-// the saved log-sum-exp, P = exp2(s * scale * log2(e) - lse), and forms
+// CPU attention backward in float32: recomputes the probabilities of each (query block, key block) tile, the
+// forward's score blocks by the forward's own products (attention_cpu.h), from the saved log-sum-exp,
+// P = exp2(s * scale * log2(e) - lse), and forms
 //   dV += P_drop^T dO,  dP = dO V^T (dropped like P),  dS = P * (dP - delta),  dK += scale dS^T Q,
 //   dQ += scale dS K,   with delta = rowsum(dO * O) computed by the host.
 // Work split: at::parallel_for over units (batch, kv head, chunk of key blocks). A unit accumulates dK and dV
@@ -24,21 +25,19 @@
 namespace tfm_kernels::cpu {
 namespace {
 
-// 128 x 128 tiles: five BLAS products per tile, each ~2 MFLOP at E = 64, large enough that the per-call cost
-// of the ATen kernel stays small beside the product.
-constexpr int64_t kRowBlock = 128;
-constexpr int64_t kKeyBlock = 128;
+// Tiles are the forward's score blocks (attention_cpu.h), 64 x 512: five BLAS products per tile, each ~4 MFLOP
+// at E = 64, large enough that the per-call cost of the ATen kernel stays small beside the product.
 // Below this many batch x kv-head units the key blocks of a head are split into chunks (see above).
 constexpr int64_t kMinUnits = 16;
 
 struct BackwardScratch {
   std::vector<float> probs, grad_scores, keep, dk_acc, dv_acc;
   BackwardScratch(int64_t E, int64_t Ev, bool dropout)
-      : probs(kRowBlock * kKeyBlock),
-        grad_scores(kRowBlock * kKeyBlock),
-        keep(dropout ? kRowBlock * kKeyBlock : 0),
-        dk_acc(kKeyBlock * E),
-        dv_acc(kKeyBlock * Ev) {}
+      : probs(kScoreRows * kScoreCols),
+        grad_scores(kScoreRows * kScoreCols),
+        keep(dropout ? kScoreRows * kScoreCols : 0),
+        dk_acc(kScoreCols * E),
+        dv_acc(kScoreCols * Ev) {}
 };
 
 // The contributions of query rows [i0, i0 + rows) of head h to the key block [j0, j0 + cols) of kv head hk:
@@ -98,7 +97,7 @@ void attention_backward_kernel(const AttentionProblem& problem, const at::Tensor
   const float* lse_data = lse.data_ptr<float>();
   const float* delta_data = delta.data_ptr<float>();
 
-  const int64_t key_blocks = (S + kKeyBlock - 1) / kKeyBlock;
+  const int64_t key_blocks = (S + kScoreCols - 1) / kScoreCols;
   const int64_t head_units = B * Hk;
   const int64_t chunks =
       std::max<int64_t>(1, std::min(key_blocks, (kMinUnits + head_units - 1) / std::max<int64_t>(head_units, 1)));
@@ -116,20 +115,21 @@ void attention_backward_kernel(const AttentionProblem& problem, const at::Tensor
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / (Hk * chunks), hk = unit / chunks % Hk, chunk = unit % chunks;
       const HeadTensor dq_rows = chunk == 0 ? head_tensor(dq) : head_tensor(dq_partial[chunk - 1]);
-      const int64_t length = problem.key_lengths[b];
       for (int64_t kb = chunk * key_blocks / chunks; kb < (chunk + 1) * key_blocks / chunks; ++kb) {
-        const int64_t j0 = kb * kKeyBlock;
-        const int64_t cols = std::min(kKeyBlock, S - j0);
-        // Keys at or beyond the key length take part nowhere: their gradients stay 0.
-        const int64_t active_cols = std::clamp<int64_t>(length - j0, 0, cols);
+        const int64_t j0 = kb * kScoreCols;
+        const int64_t cols = std::min(kScoreCols, S - j0);
         std::fill(scratch.dk_acc.begin(), scratch.dk_acc.end(), 0.0f);
         std::fill(scratch.dv_acc.begin(), scratch.dv_acc.end(), 0.0f);
-        // Causal: rows before j0 see none of these keys.
-        const int64_t first_row = problem.is_causal ? std::min(j0, L) : 0;
-        for (int64_t h = hk * problem.group_size(); active_cols > 0 && h < (hk + 1) * problem.group_size(); ++h) {
-          for (int64_t i0 = first_row; i0 < L; i0 += kRowBlock) {
-            backward_tile(problem, q_rows, k_rows, v_rows, grad_rows, dq_rows, lse_data, delta_data, scratch, b,
-                          h, hk, i0, std::min(kRowBlock, L - i0), j0, active_cols);
+        for (int64_t h = hk * problem.group_size(); h < (hk + 1) * problem.group_size(); ++h) {
+          for (int64_t i0 = 0; i0 < L; i0 += kScoreRows) {
+            const int64_t rows = std::min(kScoreRows, L - i0);
+            // The forward's score block: keys past the key length, or (causal) past the block's last row, take
+            // no part in it; keys that take part in no block keep gradients 0.
+            const int64_t active_cols = score_block_cols(problem, b, i0, rows, j0);
+            if (active_cols > 0) {
+              backward_tile(problem, q_rows, k_rows, v_rows, grad_rows, dq_rows, lse_data, delta_data, scratch, b,
+                            h, hk, i0, rows, j0, active_cols);
+            }
           }
         }
         for (int64_t c = 0; c < cols; ++c) {

@@ -67,6 +67,24 @@ struct AttentionProblem {
   }
 };
 
+// The score blocks, which both kernels compute with one BLAS product each: query rows [i0, i0 + kScoreRows) of
+// one head, i0 a multiple of kScoreRows, against keys [j0, j0 + score_block_cols(...)), j0 a multiple of
+// kScoreCols. The backward rebuilds each weight as exp2(s - lse) from the forward's lse, so it must compute
+// every score s bit for bit as the forward did. A BLAS sums a product's terms in an order that depends on the
+// product's shape: blocks of 64 x 512 in the forward and 128 x 128 in the backward gave scores apart by up to
+// 3e-7 relative, rows of weights that missed 1 by 2e-5 at scores near 100, and dv 8x torch's error. So both
+// multiply the same blocks. 64 rows give B * Hq * L / 64 forward units (256 at B=4, H=8, L=512) to spread over
+// the threads; a 64 x 512 float32 block (128 KiB) fits L2, and 512 keys take S = 512 in one pass of the online
+// softmax (blocks of 128 x 128 made the forward about 1.3x slower at that shape).
+constexpr int64_t kScoreRows = 64;
+constexpr int64_t kScoreCols = 512;
+
+// The columns of the score block of query rows [i0, i0 + rows) at key j0 in batch b: the keys its last row sees
+// (the most any of its rows sees), at most kScoreCols.
+inline int64_t score_block_cols(const AttentionProblem& problem, int64_t b, int64_t i0, int64_t rows, int64_t j0) {
+  return std::clamp<int64_t>(problem.visible_keys(b, i0 + rows - 1) - j0, 0, kScoreCols);
+}
+
 // Completes the base-2 logits of query row i against keys [j0, j0 + n) (b, h fixed), which the score product
 // wrote already scaled (q_i . k_j * problem.score_scale_log2()): adds the additive mask * log2(e), or sets -inf
 // where the key takes no part (bool mask false, or j0 + c >= j0 + valid). `valid` may be <= 0 (no key of the

@@ -1,9 +1,10 @@
 // CPU attention forward: tiled online softmax (FlashAttention-style) in float32.
-// Work split: at::parallel_for over units (batch, query head, block of kRowBlock query rows); a unit walks the
+// Work split: at::parallel_for over units (batch, query head, block of kScoreRows query rows); a unit walks the
 // key blocks its rows may see (causal rows stop at the diagonal, key_lengths cut the tail), computes the score
-// block with one BLAS product, turns it into probabilities against a running row maximum, rescales its
-// accumulator when the maximum grows and adds probs @ V with a second product. Each unit owns its output rows,
-// so there are no races and results do not depend on the thread count.
+// block (attention_cpu.h; the backward computes the same blocks) with one BLAS product, turns it into
+// probabilities against a running row maximum, rescales its accumulator when the maximum grows and adds
+// probs @ V with a second product. Each unit owns its output rows, so there are no races and results do not
+// depend on the thread count.
 // Tests: tests/test_attention.py -k cpu, tests/test_attention_cpu.py.
 #include <ATen/Parallel.h>
 
@@ -17,16 +18,6 @@
 #include "cpu/block_gemm.h"
 
 namespace tfm_kernels::cpu {
-namespace {
-
-// 64 rows give B * Hq * L / 64 units (256 at B=4, H=8, L=512) to spread over the threads. A 64 x 512 float32
-// score block (128 KiB) fits L2; 512 keys take S = 512 in one block, one pass of the online softmax
-// (256-key blocks timed the same within the noise of a shared 2-core machine: ~31 ms per forward on one
-// thread at that shape, as torch's own CPU kernel).
-constexpr int64_t kRowBlock = 64;
-constexpr int64_t kKeyBlock = 512;
-
-}  // namespace
 
 void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
@@ -34,17 +25,17 @@ void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor&
   const HeadTensor out_rows = head_tensor(out);
   float* lse_data = lse.data_ptr<float>();  // (B, Hq, L) contiguous
   const int64_t L = problem.q_len, E = problem.head_dim, Ev = problem.value_dim, Hq = problem.q_heads;
-  const int64_t row_blocks = (L + kRowBlock - 1) / kRowBlock;
+  const int64_t row_blocks = (L + kScoreRows - 1) / kScoreRows;
   const int64_t units = problem.batch * Hq * row_blocks;
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     const SingleThreadedBlas single_threaded;
-    std::vector<float> scores(kRowBlock * kKeyBlock), acc(kRowBlock * Ev), keep(kKeyBlock);
-    std::vector<float> running_max(kRowBlock), running_sum(kRowBlock);
+    std::vector<float> scores(kScoreRows * kScoreCols), acc(kScoreRows * Ev), keep(kScoreCols);
+    std::vector<float> running_max(kScoreRows), running_sum(kScoreRows);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / (Hq * row_blocks), h = unit / row_blocks % Hq, i0 = unit % row_blocks * kRowBlock;
+      const int64_t b = unit / (Hq * row_blocks), h = unit / row_blocks % Hq, i0 = unit % row_blocks * kScoreRows;
       const int64_t hk = h / problem.group_size();
-      const int64_t rows = std::min(kRowBlock, L - i0);
+      const int64_t rows = std::min(kScoreRows, L - i0);
       // Keys beyond what the last row of the block sees take part in no row: skip their blocks.
       const int64_t key_end = problem.visible_keys(b, i0 + rows - 1);
       std::fill(acc.begin(), acc.begin() + rows * Ev, 0.0f);
@@ -53,8 +44,8 @@ void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor&
       const at::Tensor q_block = matrix(q_rows.row(b, h, i0), rows, E, q_rows.row_stride);
       at::Tensor acc_block = matrix(acc.data(), rows, Ev, Ev);
 
-      for (int64_t j0 = 0; j0 < key_end; j0 += kKeyBlock) {
-        const int64_t cols = std::min(kKeyBlock, key_end - j0);
+      for (int64_t j0 = 0; j0 < key_end; j0 += kScoreCols) {
+        const int64_t cols = score_block_cols(problem, b, i0, rows, j0);
         at::Tensor score_block = matrix(scores.data(), rows, cols, cols);
         matmul_accumulate(score_block, q_block, transposed(k_rows.row(b, hk, j0), cols, E, k_rows.row_stride),
                           problem.score_scale_log2(), 0.0f);
