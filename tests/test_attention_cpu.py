@@ -32,11 +32,13 @@ def qkv(B, Hq, Hk, L, S, E, Ev, dtype=torch.float32):
     return rand(B, Hq, L, E, dtype=dtype), rand(B, Hk, S, E, dtype=dtype), rand(B, Hk, S, Ev, dtype=dtype)
 
 
-# (B, Hq, Hk, L, S, E, Ev): several query blocks (64 rows forward, 128 backward) and key blocks (512 keys
-# forward, 128 backward); B * Hk < 16 splits the backward's key blocks into chunks with separate dQ buffers.
+# Keys per score block of the kernels (kScoreCols, csrc/cpu/attention_cpu.h); each block has 64 query rows.
+SCORE_COLS = 512
+# (B, Hq, Hk, L, S, E, Ev): several query blocks and key blocks; B * Hk < 16 splits the backward's key blocks
+# into chunks with separate dQ buffers.
 MULTI_BLOCK_SHAPES = [
     (1, 2, 1, 200, 600, 64, 64),
-    (2, 2, 2, 130, 129, 32, 48),
+    (2, 2, 2, 130, 1030, 32, 48),
     (1, 1, 1, 300, 70, 16, 16),
 ]
 
@@ -100,7 +102,7 @@ DROPOUT_CASES = [(0.1, 12345), (0.5, -(2**62) + 17), (0.3, 2**40 + 3), (0.9, 7)]
 
 @pytest.mark.parametrize("p,seed", DROPOUT_CASES)
 def test_dropout_keep_mask_is_rng_scheme(p, seed):
-    B, H, L, S, E = 2, 3, 70, 600, 8  # two forward key blocks, two forward row blocks
+    B, H, L, S, E = 2, 3, 70, 600, 8  # two key blocks, two row blocks
     expected = rng.dropout_keep_mask(seed, B * H, L, S, p).view(B, H, L, S)
     seed_t = torch.tensor(seed, dtype=torch.int64)
     q, k = torch.zeros(B, H, L, E), rand(B, H, S, E)
@@ -188,7 +190,7 @@ def test_forward_backward_memory_grows_with_length_not_scores(feature):
     buffers), never an L x S matrix: a (1, 1, L, S) mask and a (B, 1, 1, S) padding mask are read through zero
     strides, GQA's single K/V head is not repeated, and views of a packed (B, L, 3, H, D) projection are not
     copied. At L = S = 4096 the scores of one head take 64 MiB; forward and backward hold 11 MiB at H = 2 (7 dQ
-    buffers of 1 MiB beside out, dq, dk and dv) and 69 MiB with GQA's 8 query heads (15 buffers of 4 MiB)."""
+    buffers of 1 MiB beside out, dq, dk and dv) and 37 MiB with GQA's 8 query heads (7 buffers of 4 MiB)."""
     B, H, L, E = 1, 2, 4096, 32
     heads = (8, 1) if feature == "gqa" else (H, H)
     q, k, v = qkv(B, heads[0], heads[1], L, L, E, E)
@@ -214,7 +216,7 @@ def test_forward_backward_memory_grows_with_length_not_scores(feature):
 
     q_bytes = B * heads[0] * L * E * 4  # q, out, dq, grad_out * out: each this size
     kv_bytes = B * heads[1] * L * E * 4
-    chunks = min(L // 128, -(-16 // (B * heads[1])))  # csrc/cpu/attention_backward.cpp
+    chunks = min(-(-L // SCORE_COLS), -(-16 // (B * heads[1])))  # csrc/cpu/attention_backward.cpp
     packed_grad = 3 * q_bytes if feature == "strided" else 0  # unbind's backward stacks dq, dk, dv
     # out, dq, dQ buffers for all chunks but the first (which adds into dq), dk, dv, the packed gradient, and
     # lse and delta, (B, Hq, L) each, budgeted as three (the backward once also held lse * log2(e)), with 64 KiB

@@ -76,7 +76,9 @@ def test_every_config_the_launcher_runs_fits_the_target(argv):
 def test_float32_delta_pass_sums_as_the_dp_product():
     """With exact float32 dots the delta pass sums rowsum(dO * O) as the dq and dk/dv kernels sum each dP: one
     chain of fused multiply-adds over the value head dim (64, beside the score's 32) from 0 per element. A row
-    whose weight is all on one key then gets dP - delta = 0 exactly, as torch's softmax backward does."""
+    whose weight is all on one key then gets dP - delta = 0 exactly, as torch's softmax backward does. Only the
+    chains' lengths and starts are compared: that each runs over k in order is Triton's lowering of such a dot.
+    The dq and dk/dv assertions guard the premise (their dP chains); the delta one fails with a plain row sum."""
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "fma_chain_probe.py")], env=compiler_env(),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

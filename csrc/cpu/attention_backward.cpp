@@ -8,7 +8,9 @@
 // block, then writes them: it owns those dK/dV rows. dQ sums over key blocks; when a head's key blocks are
 // split into several chunks (too few batch x kv-head units to keep the threads busy), the first chunk adds into
 // dQ and each other chunk into its own float32 dQ buffer, added to dQ in chunk order afterwards. The chunk count
-// depends only on the shapes, so results are bit-identical from run to run and across thread counts.
+// depends only on the shapes, so results are bit-identical from run to run and across thread counts. A head of
+// at most 512 keys is one key block, so one unit: with fewer batch x kv-head pairs than threads, the backward
+// leaves threads idle.
 // Tests: tests/test_attention.py -k cpu, tests/test_attention_cpu.py.
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
@@ -118,8 +120,8 @@ void attention_backward_kernel(const AttentionProblem& problem, const at::Tensor
       for (int64_t kb = chunk * key_blocks / chunks; kb < (chunk + 1) * key_blocks / chunks; ++kb) {
         const int64_t j0 = kb * kScoreCols;
         const int64_t cols = std::min(kScoreCols, S - j0);
-        std::fill(scratch.dk_acc.begin(), scratch.dk_acc.end(), 0.0f);
-        std::fill(scratch.dv_acc.begin(), scratch.dv_acc.end(), 0.0f);
+        std::fill(scratch.dk_acc.begin(), scratch.dk_acc.begin() + cols * E, 0.0f);
+        std::fill(scratch.dv_acc.begin(), scratch.dv_acc.begin() + cols * Ev, 0.0f);
         for (int64_t h = hk * problem.group_size(); h < (hk + 1) * problem.group_size(); ++h) {
           for (int64_t i0 = 0; i0 < L; i0 += kScoreRows) {
             const int64_t rows = std::min(kScoreRows, L - i0);
