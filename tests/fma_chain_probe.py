@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
 
-from compile_triton import attention_argument_types, compiled_kernel, jit_function  # noqa: E402
+from compile_triton import ATTENTION_KERNELS, attention_argument_types, compiled_kernel, jit_function  # noqa: E402
 
 from tfm_kernels.triton import attention  # noqa: E402
 
@@ -46,10 +46,11 @@ def main():
     report = {"delta": chains_from_zero(compiled_kernel(
         delta, attention_argument_types(delta, "fp32", attention.MASK_NONE), delta_constexprs, (), 90, 4,
         1).asm["llir"])}
-    for name, tuned in (("dq", attention._BACKWARD_Q), ("dk_dv", attention._BACKWARD_KV)):
+    for name in ("dq", "dk_dv"):
+        tuned, descriptors = ATTENTION_KERNELS[name]
         fn = jit_function(tuned.kernel)
         config = tuned.fallback
-        layouts = {p.name: False for p in fn.params if p.is_constexpr and p.name.endswith("_HEADS_INNER")}
+        layouts = {flag: False for _, _, flag in descriptors.values()}  # descriptors over (B, H, N, D) memory
         kernel = compiled_kernel(fn, attention_argument_types(fn, "fp32", attention.MASK_NONE),
                                  {**features, **config.kwargs, **layouts}, (), 90, config.num_warps, config.num_stages)
         report[name] = chains_from_zero(kernel.asm["llir"])
