@@ -127,6 +127,27 @@ def test_nan_inputs_as_in_torch(backend, activation, kind):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "gated"])
+def test_gelu_tanh_negative_tail(backend, kind):
+    """Pre-activations z in tanh-GELU's negative tail, (-4, -2.5), where 1 + tanh(u) cancels, and (gated) an up
+    projection of 100 that scales the gate's error: within the rule (computed from 1 + tanh, the kernels lost
+    about twice torch's accuracy there)."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.rand(256, 1) * 1.5 - 4.0, torch.ones(256, 1)], dim=1)  # (256, 2): rows [z, 1]
+    weight = torch.tensor([[1.0, 0.0], [0.0, 100.0]] if kind == "gated" else [[1.0, 0.0]])  # g = z, u = 100
+    check_against_oracle(kind, backend, x, weight, activation="gelu_tanh")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gated_relu_gradient_is_zero_below_an_infinite_up(backend):
+    """relu's backward selects 0 where the gate is <= 0, as torch's does, even where the gradient reaching it,
+    dh * u, is infinite: no inf * 0 = NaN in grad x or the gate's weight row."""
+    x = torch.tensor([[0.5, -1.0, 0.25], [1.0, -float("inf"), 0.5]])  # token 1: g = -inf, u = +inf
+    weight = torch.tensor([[1.0, 1.0, 0.0], [0.5, -1.0, 1.0]])  # (2 F, K), F = 1: [gate; up]
+    check_against_oracle("gated", backend, x, weight, activation="relu")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", [((1,), 1, 1), ((5,), 1, 3), ((2, 3), 17, 64), ((97,), 40, 257), ((), 8, 6),
                                    ((2, 1, 3), 65, 31), ((3,), 300, 20)], ids=str)
 def test_odd_shapes(backend, shape):
@@ -739,6 +760,26 @@ def test_compile_fullgraph(backend, gated):
         results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "gated", "block"])
+def test_compile_one_input_feature_read_with_a_stride(backend, kind):
+    """x with one input feature, its last dim strided and a size-1 dim before it: a reshape may give that size-1
+    last dim any stride (under torch.compile's fake tensors it kept 2), so the operators' inputs are fixed after
+    flattening, as in eager."""
+    x = rand(3, 1, 2)[..., ::2]  # (3, 1, 1), strides (2, 2, 2)
+    weight = rand(4 if kind == "gated" else 2, 1)  # (F or 2 F, K = 1), F = 2
+    w2 = rand(1, 2)  # the block's down projection, (d_model = 1, F)
+    require(backend, x, weight)
+
+    def fn(t):
+        if kind == "block":
+            return tfm_kernels.mlp(t, weight, None, w2, None, "gelu", backend=backend)
+        return call(kind, backend, t, weight, None, "gelu", 0.0)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), fn(x.contiguous()), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

@@ -83,12 +83,13 @@ def check(name, result, baseline, oracle):
 
 
 def check_epilogue(harness, tmp_path, dtype, activation, gated, rows, cols, bias=True, dropout_p=0.0, pad=(0, 0, 0),
-                   row_block_limit=0, nan_at=None):
+                   row_block_limit=0, values_at=(), z_range=None):
     """Forward then backward epilogue of one configuration laid out as api.cpp lays it out: the pre-activation
     stored for an activation or a gate and given to the backward, else out written over z and no pre-activation
     for the backward. Row strides are padded by `pad` elements (z, out, grad_out); row_block_limit > 0 shrinks
-    gridDim.y's limit so the row loop strides; nan_at, an index (row, column), puts a NaN into z and the
-    pre-activation there."""
+    gridDim.y's limit so the row loop strides; values_at, (index (row, column), value) pairs, puts those values
+    into z and the pre-activation; z_range, (low, high), draws z and the pre-activation uniformly from it rather
+    than from a normal distribution."""
     activation_name = None if activation == "none" else activation
     width = 2 * cols if gated else cols
     store_preact = gated or activation != "none"
@@ -101,8 +102,12 @@ def check_epilogue(harness, tmp_path, dtype, activation, gated, rows, cols, bias
     b = torch.randn(width, dtype=dtype) if bias else None
     grad_out = torch.randn(rows, ld_grad_out, dtype=dtype)
     preact = torch.randn(rows, width, dtype=dtype)
-    if nan_at is not None:
-        z[nan_at] = preact[nan_at] = float("nan")
+    if z_range is not None:
+        low, high = z_range
+        z.uniform_(low, high)
+        preact.uniform_(low, high)
+    for index, value in values_at:
+        z[index] = preact[index] = value
     header = np.array([gated, rows, cols, ld_z, ld_out, ld_grad_out, bias, store_preact, out_aliases_z, seed,
                        row_block_limit], dtype=np.int64).tobytes() + np.array([dropout_p]).tobytes()
     flat = run_harness(harness, tmp_path, ["epilogue", DTYPES[dtype], activation], header,
@@ -165,7 +170,24 @@ def test_nan_pre_activation_as_in_torch(harness, tmp_path, activation, gated):
     """A NaN pre-activation (in the gate, when gated) gives NaN where the oracle has it, in out and dz: relu
     keeps NaN and passes its gradient there, as torch.relu does."""
     torch.manual_seed(ACTIVATIONS.index(activation))
-    check_epilogue(harness, tmp_path, torch.float32, activation, gated, 4, 33, nan_at=(1, 3))
+    check_epilogue(harness, tmp_path, torch.float32, activation, gated, 4, 33, values_at=[((1, 3), float("nan"))])
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
+def test_gelu_tanh_negative_tail(harness, tmp_path, gated):
+    """Pre-activations in tanh-GELU's negative tail, (-4, -2.5), where 1 + tanh(u) cancels: out and dz within
+    the rule in float32."""
+    torch.manual_seed(gated)
+    check_epilogue(harness, tmp_path, torch.float32, "gelu_tanh", gated, 64, 33, bias=False, z_range=(-4.0, -2.5))
+
+
+def test_gated_relu_gradient_is_zero_below_an_infinite_up(harness, tmp_path):
+    """relu's backward selects 0 where the gate is <= 0, as torch's does, even where the gradient reaching it,
+    dh * u, is infinite: no inf * 0 = NaN in the gate's dz."""
+    torch.manual_seed(0)
+    inf = float("inf")
+    check_epilogue(harness, tmp_path, torch.float32, "relu", True, 4, 33, bias=False,
+                   values_at=[((1, 3), -inf), ((1, 33 + 3), inf)])
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])

@@ -87,8 +87,9 @@ def _resolve(backend, x2, weight):
 
 
 def _flatten(x):
-    """(..., K) -> (M, K) with stride(-1) == 1: a view wherever the strides allow."""
-    return last_dim_contiguous(x).reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (M, K)
+    """(..., K) -> (M, K) with stride(-1) == 1: a view wherever the strides allow. The stride is fixed after the
+    reshape: a reshape may give a size-1 last dim any stride (fake tensors under torch.compile do)."""
+    return last_dim_contiguous(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]))  # (M, K)
 
 
 def _contiguous_bias(bias):

@@ -35,12 +35,16 @@ inline bool parse_activation(const char* name, Activation* activation) {
 
 TFM_HOST_DEVICE float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-// tanh through one exponential, sign(u) (1 - a) / (1 + a) with a = e^{-2|u|}: never overflows, and stays
-// accurate under --use_fast_math, where tanhf becomes tanh.approx (relative error 2^-11, visible in float32).
-TFM_HOST_DEVICE float tanh_via_exp(float u) {
-  const float a = expf(-2.0f * fabsf(u));
-  const float t = (1.0f - a) / (1.0f + a);
-  return u < 0.0f ? -t : t;
+// s = (1 + tanh(u)) / 2 = sigmoid(2u) for u the tanh-GELU argument of z, and s (1 - s) in *slope: from one
+// exponential e = e^{-|2u|} in (0, 1], so nothing overflows and neither value is a difference of nearby numbers
+// (1 + tanh(u) loses GELU's negative tail to cancellation). expf stays accurate under --use_fast_math, where
+// tanhf would become tanh.approx (relative error 2^-11, visible in float32).
+TFM_HOST_DEVICE float gelu_tanh_sigmoid(float z, float* slope) {
+  const float x = 2.0f * kSqrt2OverPi * (z + kGeluTanhCubic * z * z * z);
+  const float e = expf(-fabsf(x));
+  const float r = 1.0f / (1.0f + e);
+  *slope = e * r * r;
+  return x < 0.0f ? e * r : r;
 }
 
 template <Activation A>
@@ -48,7 +52,8 @@ TFM_HOST_DEVICE float activate(float z) {
   if constexpr (A == Activation::kGelu) {
     return 0.5f * z * (1.0f + erff(z * kInvSqrt2));
   } else if constexpr (A == Activation::kGeluTanh) {
-    return 0.5f * z * (1.0f + tanh_via_exp(kSqrt2OverPi * (z + kGeluTanhCubic * z * z * z)));
+    float slope;
+    return z * gelu_tanh_sigmoid(z, &slope);
   } else if constexpr (A == Activation::kRelu) {
     return z < 0.0f ? 0.0f : z;  // NaN stays NaN, as in torch.relu
   } else if constexpr (A == Activation::kSilu) {
@@ -58,21 +63,23 @@ TFM_HOST_DEVICE float activate(float z) {
   }
 }
 
-// d act(z) / dz.
+// grad * act'(z); relu selects grad or 0 as torch's relu backward does (0 where z <= 0 even for an infinite
+// grad; grad where z is NaN).
 template <Activation A>
-TFM_HOST_DEVICE float activation_grad(float z) {
+TFM_HOST_DEVICE float activation_backward(float grad, float z) {
   if constexpr (A == Activation::kGelu) {
-    return 0.5f * (1.0f + erff(z * kInvSqrt2)) + z * kInvSqrt2Pi * expf(-0.5f * z * z);
+    return grad * (0.5f * (1.0f + erff(z * kInvSqrt2)) + z * kInvSqrt2Pi * expf(-0.5f * z * z));
   } else if constexpr (A == Activation::kGeluTanh) {
-    const float t = tanh_via_exp(kSqrt2OverPi * (z + kGeluTanhCubic * z * z * z));
-    return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * z * z);
+    float slope;
+    const float s = gelu_tanh_sigmoid(z, &slope);
+    return grad * (s + 2.0f * z * slope * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * z * z));
   } else if constexpr (A == Activation::kRelu) {
-    return z <= 0.0f ? 0.0f : 1.0f;  // 1 at NaN, as torch's relu backward
+    return z <= 0.0f ? 0.0f : grad;
   } else if constexpr (A == Activation::kSilu) {
     const float s = sigmoid(z);
-    return s * (1.0f + z * (1.0f - s));
+    return grad * (s * (1.0f + z * (1.0f - s)));
   } else {
-    return 1.0f;
+    return grad;
   }
 }
 

@@ -125,12 +125,14 @@ def _shared_memory_bytes(config, args):
 
 
 @triton.jit
-def _tanh(u):
-    # sign(u) (1 - a) / (1 + a) with a = e^{-2|u|} in (0, 1]: never overflows, and keeps tanh's relative
-    # accuracy for large |u|, where 1 - tanh^2 in GELU's derivative depends on it.
-    a = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - a) / (1.0 + a)
-    return tl.where(u < 0.0, -t, t)
+def _gelu_tanh_sigmoid(z):
+    """(s, s (1 - s)) for s = (1 + tanh(u)) / 2 = sigmoid(2u), u the tanh-GELU argument of z: from one
+    exponential e = e^{-|2u|} in (0, 1], so nothing overflows and neither factor is a difference of nearby numbers
+    (1 + tanh(u) loses GELU's negative tail to cancellation)."""
+    x = 2.0 * sqrt_2_over_pi() * (z + z * z * z * gelu_tanh_cubic())
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return tl.where(x < 0.0, e * r, r), e * r * r
 
 
 @triton.jit
@@ -138,7 +140,8 @@ def _activate(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
         return 0.5 * z * (1.0 + tl.erf(z * inv_sqrt2()))
     elif ACTIVATION == 2:
-        return 0.5 * z * (1.0 + _tanh((z + z * z * z * gelu_tanh_cubic()) * sqrt_2_over_pi()))
+        s, _ = _gelu_tanh_sigmoid(z)
+        return z * s
     elif ACTIVATION == 3:
         return tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as in torch.relu
     elif ACTIVATION == 4:
@@ -148,20 +151,21 @@ def _activate(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _activation_grad(z, ACTIVATION: tl.constexpr):
+def _activation_backward(grad, z, ACTIVATION: tl.constexpr):
+    """grad * act'(z); relu selects grad or 0 as torch's relu backward does (0 where z <= 0 even for an infinite
+    grad; grad where z is NaN)."""
     if ACTIVATION == 1:
-        return 0.5 * (1.0 + tl.erf(z * inv_sqrt2())) + z * tl.exp(-0.5 * z * z) * inv_sqrt_2pi()
+        return grad * (0.5 * (1.0 + tl.erf(z * inv_sqrt2())) + z * tl.exp(-0.5 * z * z) * inv_sqrt_2pi())
     elif ACTIVATION == 2:
-        t = _tanh((z + z * z * z * gelu_tanh_cubic()) * sqrt_2_over_pi())
-        inner_grad = (1.0 + z * z * gelu_tanh_cubic() * 3.0) * sqrt_2_over_pi()
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * inner_grad
+        s, slope = _gelu_tanh_sigmoid(z)
+        return grad * (s + 2.0 * z * slope * (1.0 + z * z * gelu_tanh_cubic() * 3.0) * sqrt_2_over_pi())
     elif ACTIVATION == 3:
-        return tl.where(z <= 0.0, 0.0, 1.0)  # 1 at NaN, as torch's relu backward
+        return tl.where(z <= 0.0, 0.0, grad)
     elif ACTIVATION == 4:
         s = tl.sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
+        return grad * (s * (1.0 + z * (1.0 - s)))
     else:
-        return tl.full(z.shape, 1.0, tl.float32)
+        return grad
 
 
 @triton.jit
@@ -306,10 +310,10 @@ def _grad_preact_kernel(dy_ptr, preact_ptr, dz_ptr, seed_ptr, M, N, stride_dym, 
     z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
     if GATED:
         u = tl.load(z_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dz_ptrs, (dh * u * _activation_grad(z, ACTIVATION)).to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptrs, _activation_backward(dh * u, z, ACTIVATION).to(dz_ptr.dtype.element_ty), mask=mask)
         tl.store(dz_ptrs + N, (dh * _activate(z, ACTIVATION)).to(dz_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(dz_ptrs, (dh * _activation_grad(z, ACTIVATION)).to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptrs, _activation_backward(dh, z, ACTIVATION).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 GRAD_BLOCK = 64  # 64x64 elementwise tiles: 4096 elements per program, enough work to hide the Philox cost

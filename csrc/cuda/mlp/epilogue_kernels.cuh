@@ -157,7 +157,7 @@ __global__ void backward_epilogue_kernel(MlpBackwardEpilogueParams p) {
 #pragma unroll
       for (int c = 0; c < kColumnsPerDraw; ++c) {
         du[c] = h[c] * activate<A>(g[c]);
-        g[c] = h[c] * u[c] * activation_grad<A>(g[c]);
+        g[c] = activation_backward<A>(h[c] * u[c], g[c]);
       }
       store_group(dz + at, count, g);
       store_group(dz + at + p.cols, count, du);
@@ -166,7 +166,7 @@ __global__ void backward_epilogue_kernel(MlpBackwardEpilogueParams p) {
     } else {
       load_group(z + at, count, g);
 #pragma unroll
-      for (int c = 0; c < kColumnsPerDraw; ++c) g[c] = h[c] * activation_grad<A>(g[c]);
+      for (int c = 0; c < kColumnsPerDraw; ++c) g[c] = activation_backward<A>(h[c], g[c]);
       store_group(dz + at, count, g);
     }
   });
