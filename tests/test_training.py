@@ -491,6 +491,20 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+def test_checkpoint_save_removes_temporaries_of_killed_writers(tmp_path):
+    """A writer killed mid-write leaves its temporary file; the next save removes it, and keeps those of writers
+    still alive."""
+    path = str(tmp_path / "checkpoint.pt")
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (tmp_path / f"checkpoint.pt.tmp.{killed.pid}").write_bytes(b"partial")
+    killed.kill()
+    killed.wait()
+    alive = tmp_path / f"checkpoint.pt.tmp.{os.getppid()}"
+    alive.write_bytes(b"being written")
+    checkpoint.save_checkpoint(path, {"kind": "lm", "step": 1})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", alive.name]
+
+
 def test_rng_state_follows_the_training_gpu_only(monkeypatch):
     """A checkpoint holds the generator of the GPU the process trains on, and puts it back on the GPU the
     resumed process trains on: a run saved on cuda:3 of an 8-GPU machine resumes on a 1-GPU one. (CPU test:
@@ -522,6 +536,16 @@ def test_bad_corpus_fails_before_anything_is_written(tmp_path, write, error, mes
     with pytest.raises(error, match=message):
         train_lm(LMConfig.preset("tiny", **TINY),
                  _quiet(steps=2, corpus=str(corpus), checkpoint_dir=str(out)))
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux's /proc/self/mem")
+def test_unreadable_corpus_is_a_clear_error(tmp_path):
+    """A corpus whose read fails (here an I/O error: /proc/self/mem at offset 0 is unmapped) is bad input, as a
+    missing one is: a ValueError naming it, nothing written."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="corpus '/proc/self/mem' cannot be read: Input/output error"):
+        train_lm(LMConfig.preset("tiny", **TINY), _quiet(steps=2, corpus="/proc/self/mem", checkpoint_dir=str(out)))
     assert not out.exists()
 
 

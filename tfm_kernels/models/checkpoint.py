@@ -2,6 +2,7 @@
 needed to continue a run bit-identically — model, optimizer, schedule, step, configuration, and the random
 number generator states (Python, torch CPU and CUDA) of every process."""
 
+import contextlib
 import os
 import random
 
@@ -57,6 +58,28 @@ def check_writable(directory: str):
         raise CheckpointWriteError(f"cannot write checkpoints in {directory!r}: {error}") from error
 
 
+def _remove_orphaned_temporaries(path: str):
+    """Removes the temporary files `path`.tmp.<pid> of writers that died mid-write (killed, so their own
+    cleanup never ran): those whose process no longer exists."""
+    prefix = os.path.basename(path) + ".tmp."
+    directory = os.path.dirname(os.path.abspath(path))
+    for name in os.listdir(directory):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and not _process_exists(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def save_checkpoint(path: str, payload: dict):
     """Writes `payload` to `path` atomically: readers see the previous checkpoint or the new one, never part
     of one, even if the process dies while writing. Raises CheckpointWriteError when the file system refuses."""
@@ -64,6 +87,7 @@ def save_checkpoint(path: str, payload: dict):
     temporary = f"{path}.tmp.{os.getpid()}"
     try:
         os.makedirs(directory, exist_ok=True)
+        _remove_orphaned_temporaries(path)
         with open(temporary, "wb") as file:
             torch.save({"format": FORMAT_VERSION, **payload}, file)
             file.flush()

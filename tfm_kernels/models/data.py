@@ -12,8 +12,8 @@ DEFAULT_CORPUS = "corpus.txt"  # tfm_kernels/data/corpus.txt
 def load_corpus(path: str | None = None) -> str:
     """The text at `path`, or the package's default English corpus when path is None.
 
-    Raises FileNotFoundError for a missing path, ValueError for a directory, an empty file, or text that is
-    not UTF-8."""
+    Raises FileNotFoundError for a missing path, ValueError for a directory, a file that cannot be read
+    (permissions, an I/O error), an empty file, or text that is not UTF-8."""
     if path is None:
         return resources.files("tfm_kernels").joinpath("data", DEFAULT_CORPUS).read_text(encoding="utf-8")
     if not os.path.exists(path):
@@ -25,6 +25,8 @@ def load_corpus(path: str | None = None) -> str:
             text = file.read()
     except UnicodeDecodeError as error:
         raise ValueError(f"corpus {path!r} is not UTF-8 text: {error}") from error
+    except OSError as error:
+        raise ValueError(f"corpus {path!r} cannot be read: {error.strerror or error}") from error
     if not text.strip():
         raise ValueError(f"corpus {path!r} is empty")
     return text
