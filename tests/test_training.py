@@ -167,6 +167,8 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
      r"holds a training state this run cannot restore \(RuntimeError: "),
     ("step", "2", r"is not a tfm_kernels checkpoint: its step is a str, where int is expected"),
     ("train_config", [], r"is not a tfm_kernels checkpoint: its train_config is a list, where dict is expected"),
+    ("train_config", {}, r"records no steps or decay_steps in its train_config"),
+    ("step", -1, r"is at step -1; a training step count is >= 0"),
 ])
 def test_resume_from_a_checkpoint_with_a_malformed_field_is_a_value_error(tmp_path, field, value, message):
     """A field present with content torch cannot restore (a checkpoint edited or written elsewhere) is the

@@ -391,6 +391,10 @@ def _check_resume_settings(path, kind, saved, config: TrainConfig, task):
     differences = [_difference(name, recorded, given) for name in RESUME_SETTINGS[kind]
                    if recorded.get(name) != given[name]]
     if kind == "lm":
+        missing = [name for name in ("steps", "decay_steps") if name not in recorded]
+        if missing:
+            raise ValueError(f"checkpoint {path!r} records no {' or '.join(missing)} in its train_config, which the "
+                             "learning-rate schedule of a resumed run needs (written by another program?)")
         differences += _schedule_difference(recorded, given, saved["step"])
     if differences:
         raise ValueError(
@@ -406,6 +410,8 @@ def _prepare_resume(config: TrainConfig, kind, model_config, task):
         return None
     path = ckpt.checkpoint_path(config.checkpoint_dir)
     saved = ckpt.load_checkpoint(path, kind, model_config)
+    if saved["step"] < 0:
+        raise ValueError(f"checkpoint {path!r} is at step {saved['step']}; a training step count is >= 0")
     if saved["step"] > config.steps:
         raise ValueError(f"steps {config.steps} is behind the checkpoint, which is at step {saved['step']}")
     _check_resume_settings(path, kind, saved, config, task)
