@@ -471,6 +471,20 @@ def test_gpu_matrix(backend, dtype, shape, is_causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape, q_scale, scale", [((1, 6, 2, 65, 64), 10, 0.1), ((1, 1, 129, 222, 64), 16, None)],
+                         ids=["few-rows", "many-rows"])
+def test_gpu_float32_large_scores_triton(shape, q_scale, scale):
+    """float32 scores of 20-100 without TF32: dq and dk inherit the rounding of the score dots. Under the CPU
+    interpreter the few-rows case keeps the rule when each dot is rounded once (summed in float64) and breaks it,
+    dk up to 6x torch's error, when each dot is one sequential float32 chain, as compiled float32 dots sum."""
+    B, H, L, S, E = shape
+    generator = torch.Generator().manual_seed(1)
+    q = q_scale * torch.randn(B, H, L, E, generator=generator)
+    k, v = (torch.randn(B, H, S, E, generator=generator) for _ in range(2))
+    check_against_oracle("triton", *(t.cuda() for t in (q, k, v)), scale=scale)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", list(masks(1, 1, 2, 2, torch.float32)))
 def test_gpu_masks_triton(dtype, kind):

@@ -182,6 +182,45 @@ def test_resume_from_a_checkpoint_with_a_malformed_field_is_a_value_error(tmp_pa
         train_lm(config, _quiet(steps=3, resume=True, **run))
 
 
+def _edit(field, *keys, value):
+    """A function setting checkpoint[field][keys[0]][keys[1]]... to value."""
+    def edit(state):
+        inner = state[field]
+        for key in keys[:-1]:
+            inner = inner[key]
+        inner[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit("optimizer", "state", 0, "exp_avg", value=torch.zeros(3)),
+     r"optimizer state\[0\]\['exp_avg'\] has shape \(3,\), where a tensor of its parameter's shape \(\d+, \d+\)"),
+    (_edit("optimizer", "state", 1, "exp_avg_sq", value=[0.0]),
+     r"optimizer state\[1\]\['exp_avg_sq'\] is of type list"),
+    (_edit("optimizer", "state", 0, "step", value="2"), r"optimizer state\[0\]\['step'\] is '2', where a number"),
+    (_edit("optimizer", "state", 2, value=5), r"optimizer state\[2\] is of type int, where a dict is expected"),
+    (_edit("optimizer", "param_groups", 0, "betas", value=(0.9,)),
+     r"optimizer param_groups\[0\]\['betas'\] is \(0.9,\), where a value like \(0.9, 0.95\) is expected"),
+    (_edit("optimizer", "param_groups", 1, "lr", value="0.1"), r"optimizer param_groups\[1\]\['lr'\] is '0.1'"),
+    (_edit("scheduler", "last_epoch", value="2"),
+     r"scheduler\['last_epoch'\] is '2', where a value like 0 is expected"),
+    (_edit("scheduler", "base_lrs", value=[]), r"scheduler\['base_lrs'\] is \[\]"),
+], ids=["moment-shape", "moment-list", "step-str", "state-int", "betas-length", "lr-str", "epoch-str",
+        "base-lrs-empty"])
+def test_resume_from_an_optimizer_or_schedule_state_that_would_fail_at_the_first_step(tmp_path, edit, message):
+    """Torch's load_state_dict takes these hand edits, and the first step fails in a traceback; the resume
+    refuses them instead, as the ValueError naming the checkpoint and the setting."""
+    config = LMConfig.preset("tiny", **TINY)
+    run = dict(batch_size=2, eval_windows=2, checkpoint_dir=str(tmp_path))
+    train_lm(config, _quiet(steps=2, **run))
+    path = tmp_path / checkpoint.CHECKPOINT_NAME
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="holds a training state this run cannot restore \\(TypeError: " + message):
+        train_lm(config, _quiet(steps=3, resume=True, **run))
+
+
 @pytest.mark.parametrize("content, message", [
     (b"not a checkpoint", "is not a tfm_kernels checkpoint: torch.load cannot read it as tensors and plain data "
                           "(UnpicklingError)"),

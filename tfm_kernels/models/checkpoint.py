@@ -142,6 +142,55 @@ def load_checkpoint(path: str, kind: str | None = None, config=None, map_locatio
     return checkpoint
 
 
+def _same_kind(saved, fresh) -> bool:
+    """Whether a restored setting can stand where this run has `fresh`: a number for a number (a 0-d tensor
+    too), a bool or None for a bool or None, a sequence of as many such values for a sequence, else the type."""
+    if isinstance(fresh, (bool, type(None))):
+        return isinstance(saved, (bool, type(None)))
+    if isinstance(fresh, (int, float)):
+        scalar_tensor = isinstance(saved, torch.Tensor) and saved.dim() == 0
+        return scalar_tensor or isinstance(saved, (int, float)) and not isinstance(saved, bool)
+    if isinstance(fresh, (tuple, list)):
+        return (isinstance(saved, (tuple, list)) and len(saved) == len(fresh)
+                and all(_same_kind(a, b) for a, b in zip(saved, fresh)))
+    return type(saved) is type(fresh)
+
+
+def _check_settings(where, saved, fresh):
+    """TypeError where a saved setting of fresh's names is not of the kind of this run's value."""
+    if not isinstance(saved, dict):
+        raise TypeError(f"{where} is of type {type(saved).__name__}, where a dict is expected")
+    for name, value in fresh.items():
+        if name in saved and not _same_kind(saved[name], value):
+            raise TypeError(f"{where}[{name!r}] is {saved[name]!r}, where a value like {value!r} is expected")
+
+
+def check_restorable_state(optimizer_state, schedule_state, optimizer, scheduler):
+    """TypeError naming the setting where a checkpoint's optimizer or schedule state (torch's state dicts,
+    the optimizer's keyed by parameter index) holds what torch's load_state_dict takes but the first step
+    cannot use: a setting of another kind than this run's, a moment of another shape than its parameter, a
+    step count that is not a number. What load_state_dict itself refuses is left to it."""
+    parameters = {}  # saved index -> parameter, paired as load_state_dict pairs them
+    for index, (saved, group) in enumerate(zip(optimizer_state.get("param_groups", []), optimizer.param_groups)):
+        _check_settings(f"optimizer param_groups[{index}]", saved,
+                        {name: value for name, value in group.items() if name != "params"})
+        parameters.update(zip(saved.get("params", []), group["params"]))
+    states = optimizer_state.get("state", {})
+    for key, parameter in parameters.items():
+        state = states.get(key, {}) if isinstance(states, dict) else {}
+        where = f"optimizer state[{key!r}]"
+        _check_settings(where, state, {})
+        for name, value in state.items():
+            if name == "step" and not _same_kind(value, 0):
+                raise TypeError(f"{where}['step'] is {value!r}, where a number is expected")
+            if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != parameter.shape):
+                found = (f"has shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                         else f"is of type {type(value).__name__}")
+                raise TypeError(f"{where}[{name!r}] {found}, where a tensor of its parameter's shape "
+                                f"{tuple(parameter.shape)} is expected")
+    _check_settings("scheduler", schedule_state, scheduler.state_dict())
+
+
 def load_model(module: torch.nn.Module, checkpoint: dict, path: str):
     """Loads checkpoint["model"] into `module`; ValueError naming the checkpoint where its weights do not fit the
     module built from its config (load_state_dict's RuntimeError would end the command lines with a traceback)."""

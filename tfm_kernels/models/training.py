@@ -276,6 +276,8 @@ class Trainer:
                 options=StateDictOptions(full_state_dict=True),
             )
         else:
+            ckpt.check_restorable_state(checkpoint["optimizer"], checkpoint["scheduler"], self.optimizer,
+                                        self.scheduler)
             ckpt.load_model(self.module, checkpoint, ckpt.checkpoint_path(self.config.checkpoint_dir))
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
