@@ -20,12 +20,14 @@ import torch.multiprocessing as mp
 from threads import one_thread  # noqa: F401  (fixture)
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from tfm_kernels.__main__ import main as tfm_main
 from tfm_kernels.models import (
     EncoderDecoderTransformer,
     LMConfig,
     Seq2SeqConfig,
     TransformerLM,
     checkpoint,
+    cli,
     data,
     distributed,
     training,
@@ -91,6 +93,81 @@ def test_perplexity_is_the_exponential_of_the_validation_loss(monkeypatch, loss,
     result = train_lm(LMConfig.preset("tiny", **TINY), _quiet(steps=1, batch_size=2, eval_windows=2))
     metrics = result.evaluations[-1][1]
     assert metrics["val_loss"] == loss and metrics["val_ppl"] == perplexity
+
+
+def _loss_nan_from_step(monkeypatch, first_nan_step):
+    """Makes the language model's training loss NaN from step `first_nan_step` (1-based) on."""
+    real_loss, calls = training.lm_loss, []
+
+    def loss(model, inputs, targets):
+        calls.append(model.training)
+        value = real_loss(model, inputs, targets)
+        return value * math.nan if model.training and calls.count(True) >= first_nan_step else value
+
+    monkeypatch.setattr(training, "lm_loss", loss)
+
+
+def test_a_loss_that_becomes_nan_stops_training_before_a_save(tmp_path, monkeypatch):
+    """A diverged run (a learning rate far too high) ran on to its last step, saved NaN weights and printed a
+    NaN perplexity with exit status 0; the loss is now checked where it is read and before each save."""
+    _loss_nan_from_step(monkeypatch, 3)
+    config = _quiet(steps=6, batch_size=2, eval_windows=2, checkpoint_dir=str(tmp_path), checkpoint_interval=2,
+                    log_interval=4)
+    with pytest.raises(training.TrainingDiverged, match=r"^training diverged: the training loss is nan at step 4 "
+                       r"\(learning rate .*\); a lower learning rate or a longer warm-up may train; the checkpoint "
+                       rf"in {re.escape(repr(str(tmp_path)))} was saved before step 4$"):
+        train_lm(LMConfig.preset("tiny", **TINY), config)
+    assert torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, weights_only=True)["step"] == 2
+
+
+def test_train_command_of_a_diverged_run_is_one_line_with_status_1(tmp_path, monkeypatch, capsys):
+    _loss_nan_from_step(monkeypatch, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--steps", "3", "--batch-size", "2", "--eval-windows", "2", "--device", "cpu", "--no-progress",
+                    "--log-interval", "1"])
+    assert exit_info.value.code == 1
+    assert re.fullmatch(r"python -m tfm_kernels train: error: training diverged: the training loss is nan at "
+                        r"step 1 \(learning rate .*\); a lower learning rate or a longer warm-up may train",
+                        capsys.readouterr().err.strip())
+
+
+@pytest.mark.parametrize("error, status", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 4000000000000 bytes. Error code 12 (Cannot allocate memory)"), 1),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 1),
+    (RuntimeError("another error"), None),
+], ids=["cpu-allocator", "cuda", "not-memory"])
+def test_memory_that_runs_out_is_one_line(monkeypatch, capsys, error, status):
+    """--batch-size 1000000000000 ended in the allocator's traceback; other errors still raise as they are."""
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "train_lm", out_of_memory)
+    argv = ["--steps", "1", "--device", "cpu", "--no-progress"]
+    if status is None:
+        with pytest.raises(RuntimeError, match="another error"):
+            train_main(argv)
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    assert exit_info.value.code == status
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("python -m tfm_kernels train: error: out of memory (") and "\n" not in message
+    assert message.endswith("); a smaller batch, evaluation or model may fit")
+
+
+def test_interrupted_command_is_one_line_with_the_sigint_status(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train_main", interrupted)
+    assert tfm_main(["train"]) == 130
+    assert capsys.readouterr().err == "python -m tfm_kernels train: interrupted\n"
+
+
+def test_a_huge_metric_is_shown_in_exponent_notation():
+    assert training.format_metric(3.14159) == "3.1416"
+    assert training.format_metric(1.5e160, 2) == "1.50e+160"
 
 
 @pytest.mark.parametrize("model_config, message", [

@@ -13,6 +13,7 @@ COMMANDS = {
     "train-copy": ("tfm_kernels.models.cli", "train_copy_main", "train the encoder-decoder on the copy task"),
 }
 INFO_HELP = "build and device information"
+INTERRUPTED = 128 + 2  # exit status of a command stopped by SIGINT
 
 
 def info_main(argv):
@@ -39,7 +40,11 @@ def main(argv=None):
     if args.command == "info":
         return info_main(argv[1:])
     module, function, _ = COMMANDS[args.command]
-    return getattr(importlib.import_module(module), function)(argv[1:])
+    try:
+        return getattr(importlib.import_module(module), function)(argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, not a traceback
+        print(f"python -m tfm_kernels {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Each runs unchanged under `torchrun --nproc-per-node N -m tfm_kernels train ...`
 (DistributedDataParallel, or FSDP with --fsdp). Bad input ends with a one-line error naming the argument
-and exit status 2; a checkpoint the file system refuses (disk full) ends training with a one-line error and
-exit status 1."""
+and exit status 2; a checkpoint the file system refuses (disk full), a training whose loss becomes NaN or
+infinite, or memory that runs out ends with a one-line error and exit status 1."""
 
 import argparse
 import gc
@@ -17,7 +17,7 @@ from .config import LMConfig, Seq2SeqConfig
 from .generation import generate
 from .lm import TransformerLM
 from .tokenizer import ByteTokenizer
-from .training import DEFAULT_LR, SEED_LIMIT, TrainConfig, train_copy, train_lm
+from .training import DEFAULT_LR, SEED_LIMIT, TrainConfig, TrainingDiverged, format_metric, train_copy, train_lm
 
 DEFAULT_NEW_TOKENS = 200
 DEFAULT_TEMPERATURE = 0.8
@@ -127,10 +127,22 @@ def _train_config(args, **extra) -> TrainConfig:
     )
 
 
+# What torch's CPU allocator raises (a RuntimeError) when a tensor does not fit in memory.
+CPU_ALLOCATOR_FAILURE = "can't allocate memory"
+
+
+def _out_of_memory(error) -> bool:
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or CPU_ALLOCATOR_FAILURE in str(error)
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def _run(parser, job):
     """Runs job(start) — start(device) joins the process group — and turns bad input into
-    `prog: error: ...` with exit status 2, a checkpoint that cannot be written into the same line with exit
-    status 1; the process group is left cleanly either way."""
+    `prog: error: ...` with exit status 2; a checkpoint that cannot be written, a diverged training or memory
+    that runs out into the same line with exit status 1; the process group is left cleanly either way."""
     started = []
 
     def start(device):
@@ -141,8 +153,12 @@ def _run(parser, job):
         return job(start)
     except (ValueError, FileNotFoundError) as error:
         status, message = 2, str(error)
-    except checkpoint.CheckpointWriteError as error:
+    except (checkpoint.CheckpointWriteError, TrainingDiverged) as error:
         status, message = 1, str(error)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(error):
+            raise
+        status, message = 1, f"out of memory ({_first_line(error)}); a smaller batch, evaluation or model may fit"
     finally:
         # The failed job's objects (its DistributedDataParallel model among them) go before the process group
         # they use: left for the interpreter's exit, they outlived it and could abort the process there.
@@ -182,8 +198,8 @@ def train_main(argv=None):
         if env.is_main:
             metrics = result.evaluations[-1][1]
             print(
-                f"step {result.step}: validation loss {metrics['val_loss']:.4f}, perplexity "
-                f"{metrics['val_ppl']:.2f}"
+                f"step {result.step}: validation loss {format_metric(metrics['val_loss'])}, perplexity "
+                f"{format_metric(metrics['val_ppl'], 2)}"
             )
         return 0
 

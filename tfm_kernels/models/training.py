@@ -114,6 +114,10 @@ class TrainConfig:
                              "folder to save in)")
 
 
+class TrainingDiverged(ArithmeticError):
+    """A loss of the run became NaN or infinite; the message names it, the step and the learning rate."""
+
+
 @dataclass
 class TrainResult:
     """What a run leaves: the trained model (unwrapped), the steps done, and (step, value) histories."""
@@ -296,11 +300,23 @@ class Trainer:
             metrics = self.evaluate(self.module)
         self.model.train()
         result.evaluations.append((self.step, metrics))
-        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        shown = ", ".join(f"{name} {format_metric(value)}" for name, value in metrics.items())
         progress.message(f"step {self.step}: {shown}")
 
+    def _check_finite(self, name, value, lr, progress):
+        """TrainingDiverged where a loss read at this step is NaN or infinite (before it could be saved)."""
+        if not math.isfinite(value):
+            progress.close()
+            kept = (f"; the checkpoint in {self.config.checkpoint_dir!r} was saved before step {self.step}"
+                    if self.config.checkpoint_dir and os.path.exists(ckpt.checkpoint_path(self.config.checkpoint_dir))
+                    else "")
+            raise TrainingDiverged(f"training diverged: the {name} is {value} at step {self.step} (learning rate "
+                                   f"{lr:.3g}); a lower learning rate or a longer warm-up may train{kept}")
+
     def run(self) -> TrainResult:
-        """Trains from the current step to config.steps; evaluates, logs and saves on the way."""
+        """Trains from the current step to config.steps; evaluates, logs and saves on the way. Raises
+        TrainingDiverged where the training loss (read every log_interval steps and before each save) or the
+        language model's validation loss is NaN or infinite."""
         config = self.config
         result = TrainResult(model=self.module, step=self.step)
         progress = ProgressLine(config.steps, enabled=config.progress and self.env.is_main)
@@ -320,18 +336,24 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             progress.count_tokens(self.tokens_per_step)
-            if self.step % config.log_interval == 0 or self.step == config.steps:
+            logging = self.step % config.log_interval == 0 or self.step == config.steps
+            saving = config.checkpoint_dir and (
+                self.step == config.steps
+                or (config.checkpoint_interval and self.step % config.checkpoint_interval == 0)
+            )
+            if logging or saving:  # the loss is read (a device sync) only here, and checked before a save
                 loss_value = (
                     distributed.all_reduce_sum(loss.detach().float(), self.env).item() / self.env.world_size
                 )
-                result.train_losses.append((self.step, loss_value))
-                progress.update(self.step, loss_value, step_lr)
+                self._check_finite("training loss", loss_value, step_lr, progress)
+                if logging:
+                    result.train_losses.append((self.step, loss_value))
+                    progress.update(self.step, loss_value, step_lr)
             if self.step % config.eval_interval == 0 or self.step == config.steps:
                 self._evaluate(progress, result)
-            if config.checkpoint_dir and (
-                self.step == config.steps
-                or (config.checkpoint_interval and self.step % config.checkpoint_interval == 0)
-            ):
+                if "val_loss" in result.evaluations[-1][1]:
+                    self._check_finite("validation loss", result.evaluations[-1][1]["val_loss"], step_lr, progress)
+            if saving:
                 self.save()
         if not result.evaluations or result.evaluations[-1][0] != self.step:
             self._evaluate(progress, result)  # a resumed run with no steps left still reports where it stands
@@ -447,6 +469,12 @@ def _check_checkpoint_dir(config: TrainConfig):
 def _with_default_lr(config: TrainConfig, kind):
     """config with lr None replaced by the trainer's DEFAULT_LR."""
     return config if config.lr is not None else dataclasses.replace(config, lr=DEFAULT_LR[kind])
+
+
+def format_metric(value, digits=4):
+    """A metric for a log line: `digits` decimals, or in exponent notation past a million (a perplexity
+    of 1e160 would otherwise print 160 digits)."""
+    return f"{value:.{digits}f}" if abs(value) < 1e6 else f"{value:.{digits}e}"
 
 
 def _perplexity(loss):
