@@ -495,6 +495,10 @@ def test_plot_with_nothing_to_draw_says_so_and_makes_no_folder(tmp_path, monkeyp
     (["--suite", ""], r"--suite: expected names among .*; got none"),
     (["--quick", "--full"], r"argument --full: not allowed with argument --quick"),
     (["--run", "0"], r"--run picks a run of a --replay record; got no --replay"),
+    (["--budget", "-5"], r"--budget: expected seconds >= 0 \(0: none\); got -5.0"),
+    (["--budget", "nan"], r"--budget: expected seconds >= 0 \(0: none\); got nan"),
+    (["--suite", "attention", "--mlp-shapes", "nope"],
+     r"--mlp-shapes picks the shapes of the mlp suite, which --suite attention leaves out"),
 ])
 def test_bad_suites_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -503,14 +507,16 @@ def test_bad_suites_are_refused_before_anything_runs(argv, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_unknown_mlp_shape_is_refused_before_the_self_check(tmp_path, monkeypatch):
+def test_unknown_mlp_shape_is_refused_before_the_self_check(tmp_path, monkeypatch, capsys):
     """An unknown name stops the run before the self-check, and leaves no empty results folder behind (the
     default --json's folder is made only when the record is written)."""
     monkeypatch.setattr(cli, "self_check", lambda device, dtype: pytest.fail("the self-check ran first"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"--mlp-shapes: unknown \['nope'\]"):
+    with pytest.raises(SystemExit, match=r"--mlp-shapes: unknown \['nope'\]") as stop:
         cli.main(["--quick", "--device", "cpu", "--mlp-shapes", "nope"])
     assert list(tmp_path.iterdir()) == []
+    assert stop.value.code == 2  # as argparse's errors, and in its form
+    assert capsys.readouterr().err.startswith("python -m tfm_kernels bench: error: --mlp-shapes: unknown ['nope']")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU only")
@@ -589,6 +595,23 @@ def test_replay_of_a_record_with_a_mistyped_field_names_it(tmp_path, field, valu
     with pytest.raises(SystemExit, match=rf"^--replay: {re.escape(str(record))} line 1 \(run -1\): the record has "
                                          rf"{message}"):
         cli.main(["--replay", str(record)])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda run: {**run, "commit": 5}, r"commit \(expected text; got 5\)"),
+    (lambda run: {**run, "rows": [{**run["rows"][0], "shape": {}}]},
+     r"rows\[0\]\.shape \(expected causal, head_dim, seq in an ok attention row, seq a number; got \{\}\)"),
+], ids=["commit-a-number", "attention-shape-empty"])
+def test_replay_of_a_record_with_a_field_the_title_or_plots_cannot_read_names_it(tmp_path, change, message):
+    """A commit that is not text failed in the title's slicing, an ok attention row without its shape's keys in
+    the plots (read only with --plot), each with a traceback."""
+    row = {**suite._empty_row(_case(), suite.Provider("p", True, None)), "status": "ok", "median_ms": 1.0,
+           "p20_ms": 1.0, "p80_ms": 1.0, "value": 1.0, "ratio": 1.0, "suite": "attention"}
+    record = tmp_path / "r.jsonl"
+    record.write_text(json.dumps(change({**report.environment("cpu"), "rows": [row]})) + "\n")
+    with pytest.raises(SystemExit, match=rf"^--replay: {re.escape(str(record))} line 1 \(run -1\): the record has "
+                                         rf"{message}"):
+        cli.main(["--replay", str(record), "--plot", str(tmp_path / "plots")])
 
 
 def test_replay_of_a_file_that_is_not_text_names_it(tmp_path):

@@ -10,6 +10,7 @@ installed package)."""
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -31,6 +32,21 @@ DEFAULT_LM_PRESET = "gpt2-small"  # the model suite's language model on a GPU
 # The default GPU run stays under 3 minutes: measurements start within this budget (a compile begun near its
 # end may run on for tens of seconds); what is left shows as "not run" rows.
 GPU_BUDGET_S = 140.0
+
+
+PROG = "python -m tfm_kernels bench"
+
+
+class BadInput(SystemExit):
+    """Input found wrong after the arguments were parsed (a shape name, a record): main prints it as argparse
+    prints its errors, `prog: error: message`, and the process exits with argparse's status 2."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
 
 
 class Progress:
@@ -58,7 +74,7 @@ def _interrupt(signum, frame):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m tfm_kernels bench",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -129,6 +145,8 @@ def parse_args(argv):
         help="with --replay: which run of the record, counted from 0 (default -1: the last; -2 the one before)",
     )
     args = parser.parse_args(argv)
+    if args.budget is not None and not 0 <= args.budget < math.inf:
+        parser.error(f"--budget: expected seconds >= 0 (0: none); got {args.budget}")
     if args.run is not None and not args.replay:
         parser.error("--run picks a run of a --replay record; got no --replay")
     if args.suite is not None:
@@ -136,6 +154,8 @@ def parse_args(argv):
         unknown = sorted(set(args.suite) - set(SUITES))
         if unknown or not args.suite:
             parser.error(f"--suite: expected names among {list(SUITES)}; got {unknown or 'none'}")
+    if args.mlp_shapes is not None and args.suite is not None and "mlp" not in args.suite:
+        parser.error(f"--mlp-shapes picks the shapes of the mlp suite, which --suite {','.join(args.suite)} leaves out")
     if args.plot and report.matplotlib_missing():
         parser.error(report.matplotlib_missing())
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -169,7 +189,7 @@ def _pick_mlp_shapes(shapes, names):
     known = {s.model: s for s in shapes}
     missing = [n for n in wanted if n not in known]
     if missing or not wanted:
-        raise SystemExit(f"--mlp-shapes: unknown {missing or 'none'}; known: {sorted(known)}")
+        raise BadInput(f"--mlp-shapes: unknown {missing or 'none'}; known: {sorted(known)}")
     return [known[n] for n in wanted]
 
 
@@ -207,7 +227,7 @@ def gpu_cases(args, suites, device):
 
 def cpu_cases(args, suites, device):
     if args.lm_presets is not None:
-        raise SystemExit("--lm-presets: the language-model rows are timed on a GPU only; the CPU model table times "
+        raise BadInput("--lm-presets: the language-model rows are timed on a GPU only; the CPU model table times "
                          "an encoder")
     attention_shapes = configs.CPU_QUICK_ATTENTION_SHAPES if args.quick else configs.CPU_ATTENTION_SHAPES
     mlp_shapes = configs.CPU_QUICK_MLP_SHAPES if args.quick else configs.CPU_MLP_SHAPES
@@ -254,46 +274,65 @@ def _title(env, seconds=None) -> str:
     )
 
 
-def _load_run(record_path, index) -> dict:
-    """Run `index` (Python indexing) of the JSON Lines record at record_path, with every field the table and
-    plots read; a clear error naming --replay, the file, the line and what is wrong otherwise."""
+def _load_run(record_path, index, plots) -> dict:
+    """Run `index` (Python indexing) of the JSON Lines record at record_path, with every field the table (and
+    the plots, where `plots`) read; a clear error naming --replay, the file, the line and what is wrong
+    otherwise."""
     try:
         lines = [(number, line) for number, line in enumerate(Path(record_path).read_text().splitlines(), 1)
                  if line.strip()]
     except OSError as error:
-        raise SystemExit(f"--replay: cannot read {record_path}: {error.strerror}") from None
+        raise BadInput(f"--replay: cannot read {record_path}: {error.strerror}") from None
     except UnicodeDecodeError as error:
-        raise SystemExit(f"--replay: {record_path} is not a JSON Lines record (not UTF-8 text: {error})") from None
+        raise BadInput(f"--replay: {record_path} is not a JSON Lines record (not UTF-8 text: {error})") from None
     if not -len(lines) <= index < len(lines):
-        raise SystemExit(f"--run {index}: {record_path} holds {len(lines)} run(s)")
+        raise BadInput(f"--run {index}: {record_path} holds {len(lines)} run(s)")
     number, line = lines[index]
     where = f"--replay: {record_path} line {number} (run {index})"
     try:
         run = json.loads(line)
     except json.JSONDecodeError as error:
-        raise SystemExit(f"{where}: expected a JSON record of a run; got invalid JSON ({error})") from None
+        raise BadInput(f"{where}: expected a JSON record of a run; got invalid JSON ({error})") from None
     if not isinstance(run, dict) or not isinstance(run.get("rows", []), list):
-        raise SystemExit(f"{where}: expected a JSON object with a list of rows; got {line[:80]!r}")
+        raise BadInput(f"{where}: expected a JSON object with a list of rows; got {line[:80]!r}")
     missing = [field for field in RECORD_FIELDS if field not in run]
     missing += [f"rows[{i}].{field}" for i, row in enumerate(run.get("rows", []))
                 for field in report.ROW_FIELDS if not isinstance(row, dict) or field not in row]
     if missing:
-        raise SystemExit(f"{where}: the record lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    wrong = [f"rows[{i}].{problem}" for i, row in enumerate(run["rows"]) for problem in _row_type_problems(row)]
+        raise BadInput(f"{where}: the record lacks {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    wrong = [f"{field} (expected text; got {run[field]!r})" for field in RECORD_FIELDS
+             if field != "rows" and not isinstance(run[field], str)]
+    wrong += [f"rows[{i}].{problem}" for i, row in enumerate(run["rows"]) for problem in _row_type_problems(row)]
+    if plots and not wrong:
+        wrong = [f"rows[{i}].{problem}" for i, row in enumerate(run["rows"]) for problem in _plot_problems(row)]
     if wrong:
-        raise SystemExit(f"{where}: the record has {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
+        raise BadInput(f"{where}: the record has {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
     return run
 
 
 _ROW_TEXT_FIELDS = ("suite", "config", "mode", "provider", "unit", "status", "reason")
 _ROW_NUMBER_FIELDS = ("median_ms", "p20_ms", "p80_ms", "value", "peak_mib", "ratio", "host_ms")  # or None
 _ROW_OK_NUMBER_FIELDS = ("median_ms", "p20_ms", "p80_ms", "value")  # what an "ok" row's table cells print
+_ATTENTION_PLOT_KEYS = {"head_dim", "causal", "seq"}  # what the plots read of an ok attention row's shape
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plot_problems(row) -> list[str]:
+    """What the plots cannot read of a replayed row (its type problems aside): the shape of an ok attention row."""
+    shape = row["shape"]
+    if row["suite"] != "attention" or row["status"] != "ok" or not isinstance(shape, dict):
+        return []
+    if _ATTENTION_PLOT_KEYS <= shape.keys() and _is_number(shape["seq"]):
+        return []
+    return [f"shape (expected {', '.join(sorted(_ATTENTION_PLOT_KEYS))} in an ok attention row, seq a number; "
+            f"got {shape!r})"]
 
 
 def _row_type_problems(row) -> list[str]:
     """What in a replayed row the table and plots cannot print: "field (expected ...; got ...)" each."""
-    def is_number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     problems = [f"{field} (expected text; got {row[field]!r})" for field in _ROW_TEXT_FIELDS
                 if not isinstance(row[field], str)]
@@ -302,13 +341,13 @@ def _row_type_problems(row) -> list[str]:
     if not isinstance(row["shape"], dict):
         problems.append(f"shape (expected an object; got {row['shape']!r})")
     problems += [f"{field} (expected a number or null; got {row[field]!r})" for field in _ROW_NUMBER_FIELDS
-                 if row.get(field) is not None and not is_number(row[field])]
+                 if row.get(field) is not None and not _is_number(row[field])]
     if not isinstance(row.get("tiles", ""), str):  # older records lack it
         problems.append(f"tiles (expected text; got {row['tiles']!r})")
     if row["status"] == "ok":
         problems += [f"{field} (expected a number in an ok row; got {row[field]!r})" for field in _ROW_OK_NUMBER_FIELDS
-                     if not is_number(row[field])]
-    if is_number(row["ratio"]) and not row["ratio"] > 0:  # the summary takes its logarithm
+                     if not _is_number(row[field])]
+    if _is_number(row["ratio"]) and not row["ratio"] > 0:  # the summary takes its logarithm
         problems.append(f"ratio (expected a number > 0 or null; got {row['ratio']!r})")
     return problems
 
@@ -342,7 +381,7 @@ def _plot(rows, plot_dir, card, source) -> bool:
 def replay(record_path, index, plot_dir) -> int:
     """Prints the table of run `index` (Python indexing) recorded in record_path and draws its plots into
     plot_dir. Returns 1 if the plots could not be written, else 0."""
-    run = _load_run(record_path, index)
+    run = _load_run(record_path, index, plots=bool(plot_dir))
     print(_title(run) + "\n")
     print(report.markdown_table(run["rows"]))
     plotted = not plot_dir or _plot(run["rows"], plot_dir, run["card"], f"run {index} of {record_path}")
@@ -353,7 +392,14 @@ def main(argv=None) -> int:
     """Runs the benchmark (and, without a GPU, the self-check). Returns 1 if a check failed, the self-check
     could check no operator, one of our providers raised an error, the run stopped early or its record or plots
     could not be written, else 0."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(parse_args(sys.argv[1:] if argv is None else argv))
+    except BadInput as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise
+
+
+def _main(args) -> int:
     if args.replay:
         return replay(args.replay, -1 if args.run is None else args.run, args.plot)
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
