@@ -973,6 +973,9 @@ def test_unavailable_device_is_refused_naming_the_flag(lm_checkpoint, capsys, mo
         distributed.resolve_device("cuda:3")
     with pytest.raises(ValueError, match="--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'meta'"):
         distributed.resolve_device("meta")
+    with pytest.raises(ValueError, match="--device 'cpu:1': the CPU is one device, 'cpu'"):
+        distributed.resolve_device("cpu:1")
+    assert distributed.resolve_device("cpu:0") == torch.device("cpu", 0)
 
 
 @pytest.mark.parametrize("environment, message", [

@@ -43,6 +43,8 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from error
     if resolved.type == "meta":  # holds shapes, not values
         raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if resolved.type == "cpu" and resolved.index not in (None, 0):  # torch takes any index and ignores it
+        raise ValueError(f"--device {device!r}: the CPU is one device, 'cpu'")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r}: CUDA is not available")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
