@@ -271,13 +271,75 @@ def test_decoding_rejects_inputs_on_another_device_than_the_model():
             decode(seq2seq, src, 3, src_lengths=torch.tensor([5], device="meta"))
 
 
+def test_top_k_samples_exactly_k_tokens_where_logits_tie():
+    """top_k keeps k tokens: logits tied with the k-th largest are not all kept (every token was kept where all
+    logits were equal, a uniform draw over the vocabulary for top_k=1)."""
+    logits = torch.zeros(4000, 7)
+    generator = torch.Generator().manual_seed(0)
+    for top_k in (1, 3):
+        sampled = generation._next_token(logits, False, 1.0, top_k, generator)
+        assert sampled.unique().numel() == top_k, sampled.unique()
+
+
+def test_generate_never_returns_the_prompt_tensor_itself(lm):
+    """With max_new_tokens=0 the result was the caller's prompt: writing to one changed the other."""
+    prompt = torch.randint(0, 256, (2, 3))
+    tokens = generate(lm, prompt, 0)
+    assert torch.equal(tokens, prompt) and tokens.data_ptr() != prompt.data_ptr()
+
+
+def test_decoding_refuses_a_model_that_would_decode_at_random_or_is_not_a_model():
+    """A model in training mode with dropout decoded with dropout on, silently; another object than the entry
+    point's model failed with an AttributeError inside generation."""
+    lm = TransformerLM(LMConfig.preset("tiny", context_length=16, dropout=0.1))
+    seq2seq = EncoderDecoderTransformer(Seq2SeqConfig.preset("tiny", max_length=16, dropout=0.1))
+    ids = torch.randint(97, 123, (1, 3))
+    message = "model is in training mode with dropout 0.1: decoding would be random; call model.eval\\(\\) first"
+    with pytest.raises(ValueError, match=message):
+        generate(lm, ids, 2)
+    for decode in (greedy_decode, beam_search):
+        with pytest.raises(ValueError, match=message):
+            decode(seq2seq, ids, 3)
+    assert generate(lm.eval(), ids, 2).shape == (1, 5)
+    without_dropout = TransformerLM(LMConfig.preset("tiny", context_length=16))  # training mode changes nothing
+    assert torch.equal(generate(without_dropout, ids, 2, greedy=True),
+                       generate(without_dropout.eval(), ids, 2, greedy=True))
+    with pytest.raises(ValueError, match="model must be a TransformerLM; got EncoderDecoderTransformer"):
+        generate(seq2seq, ids, 2)
+    for decode in (greedy_decode, beam_search):
+        with pytest.raises(ValueError, match="model must be a EncoderDecoderTransformer; got TransformerLM"):
+            decode(lm, ids, 3)
+
+
+def test_decoding_refuses_ids_that_are_not_a_dense_tensor_and_a_model_without_values(lm, seq2seq):
+    """Sparse and nested ids, and a model and ids on the meta device, failed deep in torch (aminmax has no
+    sparse kernel; nested tensors have no sizes; .item() of a meta tensor)."""
+    ids = torch.randint(97, 123, (2, 3))
+    bad = [(ids.to_sparse(), "a torch.sparse_coo tensor of torch.int64"),
+           (torch.nested.nested_tensor([ids[0], ids[1, :2]], layout=torch.jagged), "a nested tensor of torch.int64")]
+    for bad_ids, got in bad:
+        with pytest.raises(ValueError, match=f"prompt must be a dense \\(batch, length\\) int64 tensor; got {got}"):
+            generate(lm, bad_ids, 2)
+        for decode in (greedy_decode, beam_search):
+            with pytest.raises(ValueError, match=f"src must be a dense \\(batch, length\\) int64 tensor; got {got}"):
+                decode(seq2seq, bad_ids, 3)
+    message = "model's parameters are on the meta device \\(shapes without values\\); load or materialise"
+    with pytest.raises(ValueError, match=message):
+        generate(copy.deepcopy(lm).to("meta"), ids.to("meta"), 2)
+    for decode in (greedy_decode, beam_search):
+        with pytest.raises(ValueError, match=message):
+            decode(copy.deepcopy(seq2seq).to("meta"), ids.to("meta"), 3)
+
+
 def test_seq2seq_decoding_rejects_bad_arguments(seq2seq):
-    with pytest.raises(ValueError, match="src must be a \\(batch, length\\) int64 tensor"):
+    with pytest.raises(ValueError, match="src must be a dense \\(batch, length\\) int64 tensor; got \\(3,\\)"):
         greedy_decode(seq2seq, torch.zeros(3, dtype=torch.int64), 5)
     with pytest.raises(ValueError, match="max_length 65 exceeds the model's max_length 64"):
         greedy_decode(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 65)
-    with pytest.raises(ValueError, match="beam_size must be an int >= 1; got 0"):
-        beam_search(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 5, beam_size=0)
+    # More beams than tokens (up to an allocation failure) held nothing but -inf hypotheses.
+    for beam_size in (0, 260, 2.0):
+        with pytest.raises(ValueError, match=f"beam_size must be an int in \\[1, vocab_size=259\\]; got {beam_size}"):
+            beam_search(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 5, beam_size=beam_size)
     for decode in (greedy_decode, beam_search):
         with pytest.raises(TypeError, match="use_cache must be a bool; got str"):
             decode(seq2seq, torch.zeros(1, 3, dtype=torch.int64), 5, use_cache="no")
@@ -329,6 +391,30 @@ def test_cache_rejects_steps_unlike_its_first_and_bad_sizes():
     for max_length in (0, -3, 2.0):
         with pytest.raises(ValueError, match=f"KVCache max_length must be an int >= 1; got {max_length}"):
             model.new_cache(max_length)
+
+
+def test_cache_refuses_advances_and_reorders_it_cannot_hold():
+    """advance(-1) left a length that made the next step's views silently empty, advance past max_length was
+    accepted; reorder rows outside the batch failed in index_select with torch's message (on a GPU, a
+    device-side assert)."""
+    cache = KVCache(n_layers=1, max_length=4)
+    cache.update(0, torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8))
+    for n in (-1, 5, 1.0):
+        with pytest.raises(ValueError, match=f"KVCache advance n must be an int in \\[0, 4\\] .*; got {n}"):
+            cache.advance(n)
+    cache.advance(3)
+    with pytest.raises(ValueError, match=r"advance n must be an int in \[0, 1\] \(max_length 4 - 3 cached\); got 2"):
+        cache.advance(2)
+    for indices, message in [(torch.tensor([0, 2]), "must be rows in \\[0, 2\\); got 0 to 2"),
+                             (torch.tensor([-1]), "must be rows in \\[0, 2\\); got -1 to -1"),
+                             (torch.tensor([0.0]), "must be a 1-D int64 or int32 tensor; got torch.Size\\(\\[1\\]\\) "
+                                                   "torch.float32"),
+                             ([0, 1], "must be a 1-D int64 or int32 tensor; got list"),
+                             (torch.tensor([0], device="meta"), "must be on the cache's device cpu; got meta")]:
+        with pytest.raises(ValueError, match=f"KVCache reorder indices {message}"):
+            cache.reorder(indices)
+    cache.reorder(torch.tensor([1, 1, 0], dtype=torch.int32))
+    assert cache.keys.shape[1] == 3 and cache.length == 3
 
 
 def test_beam_search_takes_a_numpy_length_penalty(seq2seq):

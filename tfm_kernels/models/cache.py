@@ -72,12 +72,16 @@ class KVCache:
 
     def advance(self, n: int):
         """Marks n more positions as cached (after every layer has written them)."""
+        if not is_int(n) or not 0 <= n <= self.max_length - self.length:
+            raise ValueError(f"KVCache advance n must be an int in [0, {self.max_length - self.length}] (max_length "
+                             f"{self.max_length} - {self.length} cached); got {n!r}")
         self.length += n
 
     def reorder(self, indices: torch.Tensor):
         """Keeps batch rows `indices` (B',) in order: beam search follows each surviving beam's parent. The rows
         are gathered into a second pair of buffers, kept for the next reorder, and only the cached positions are
         copied: a reorder costs what has been decoded, not the capacity."""
+        self._check_indices(indices)
         if self.keys is None:
             return
         if self._spare is None or self._spare[0].shape[1] != indices.shape[0]:
@@ -87,3 +91,22 @@ class KVCache:
         for spare, buffer in zip(self._spare, (self.keys, self.values)):
             spare[:, :, :, cached] = buffer[:, :, :, cached].index_select(1, indices)
         self._spare, (self.keys, self.values) = (self.keys, self.values), self._spare
+
+    def _check_indices(self, indices):
+        """ValueError unless `indices` is a 1-D integer tensor of rows the cache holds, on its device (index_select
+        would raise torch's message naming neither the cache nor the argument, or, on the GPU, a device-side
+        assert that ends the process's CUDA context)."""
+        if (not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64,
+                                                                                                 torch.int32)):
+            raise ValueError(f"KVCache reorder indices must be a 1-D int64 or int32 tensor; got "
+                             f"{getattr(indices, 'shape', type(indices).__name__)} {getattr(indices, 'dtype', '')}")
+        if self.keys is None:
+            return
+        if indices.device != self.keys.device:
+            raise ValueError(f"KVCache reorder indices must be on the cache's device {self.keys.device}; got "
+                             f"{indices.device}")
+        rows = self.keys.shape[1]
+        if indices.numel():
+            low, high = (bound.item() for bound in torch.aminmax(indices))
+            if low < 0 or high >= rows:
+                raise ValueError(f"KVCache reorder indices must be rows in [0, {rows}); got {low} to {high}")

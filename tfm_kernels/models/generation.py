@@ -19,6 +19,32 @@ def _check_count(name, value, minimum=1):
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
+def _check_model(model, kind):
+    """ValueError unless `model` is a `kind`, in eval mode where it has dropout (decoding would be random
+    otherwise, with nothing to say so)."""
+    if not isinstance(model, kind):
+        raise ValueError(f"model must be a {kind.__name__}; got {type(model).__name__}")
+    if model.training and model.config.dropout > 0:
+        raise ValueError(f"model is in training mode with dropout {model.config.dropout}: decoding would be "
+                         f"random; call model.eval() first")
+
+
+def _check_id_tensor(name, ids):
+    """ValueError naming `name` unless `ids` is a dense (batch, length) int64 tensor."""
+    if (isinstance(ids, torch.Tensor) and not ids.is_nested and ids.layout == torch.strided and ids.dim() == 2
+            and ids.dtype == torch.int64):
+        return
+    if not isinstance(ids, torch.Tensor):
+        got = type(ids).__name__
+    elif ids.is_nested:
+        got = f"a nested tensor of {ids.dtype}"
+    elif ids.layout != torch.strided:
+        got = f"a {ids.layout} tensor of {ids.dtype}"
+    else:
+        got = f"{tuple(ids.shape)} {ids.dtype}"
+    raise ValueError(f"{name} must be a dense (batch, length) int64 tensor; got {got}")
+
+
 def _check_token_ids(name, ids, vocab_size):
     """ValueError naming `name` unless every id of `ids` is in [0, vocab_size)."""
     if ids.numel():
@@ -30,10 +56,13 @@ def _check_token_ids(name, ids, vocab_size):
 
 def _check_device(name, tensor, model):
     """ValueError naming `name` unless `tensor` is on the model's device (the embedding lookup would fail with
-    torch's message, naming neither the argument nor the devices' owners)."""
+    torch's message, naming neither the argument nor the devices' owners), and the device not meta."""
     device = next(model.parameters()).device
     if tensor.device != device:
         raise ValueError(f"{name} must be on the model's device {device}; got {tensor.device}")
+    if device.type == "meta":
+        raise ValueError("model's parameters are on the meta device (shapes without values); load or "
+                         "materialise its weights first")
 
 
 def _next_token(logits, greedy, temperature, top_k, generator):
@@ -48,8 +77,9 @@ def _next_token(logits, greedy, temperature, top_k, generator):
     logits = logits.double()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), <= 0
     if top_k is not None and top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        # Exactly top_k tokens stay, also where several tie with the k-th largest logit (topk picks among them).
+        kept, kept_ids = torch.topk(logits, top_k, dim=-1)  # (B, top_k)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, kept_ids, kept)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
 
@@ -69,7 +99,7 @@ def generate(
     """Continues each prompt row by `max_new_tokens` tokens.
 
     Args:
-        model: a TransformerLM (put in eval mode by the caller if it has dropout).
+        model: a TransformerLM, in eval mode if it has dropout.
         prompt: (B, T) int64 token ids in [0, vocab_size), T >= 1; T + max_new_tokens must fit the context
             length.
         greedy: take the most likely token; otherwise sample from softmax(logits / temperature) over the
@@ -81,11 +111,8 @@ def generate(
     Returns:
         (B, T + max_new_tokens) int64: the prompt followed by the generated tokens.
     """
-    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.int64:
-        raise ValueError(
-            f"prompt must be a (batch, length) int64 tensor; got "
-            f"{getattr(prompt, 'shape', type(prompt).__name__)} {getattr(prompt, 'dtype', '')}"
-        )
+    _check_model(model, TransformerLM)
+    _check_id_tensor("prompt", prompt)
     if prompt.shape[1] == 0:
         raise ValueError("prompt must hold at least one token; got length 0")
     _check_device("prompt", prompt, model)
@@ -110,7 +137,7 @@ def generate(
     if top_k is not None:
         _check_count("top_k", top_k)
 
-    tokens = prompt
+    tokens = prompt.clone()  # returned as it is when max_new_tokens is 0: never the caller's tensor
     cache = model.new_cache(prompt.shape[1] + max_new_tokens) if use_cache else None
     step_input = prompt
     for _ in range(max_new_tokens):
@@ -150,11 +177,8 @@ class _Decoder:
 
 
 def _check_source(model, src, max_length, src_lengths):
-    if not isinstance(src, torch.Tensor) or src.dim() != 2 or src.dtype != torch.int64:
-        raise ValueError(
-            f"src must be a (batch, length) int64 tensor; got "
-            f"{getattr(src, 'shape', type(src).__name__)} {getattr(src, 'dtype', '')}"
-        )
+    _check_model(model, EncoderDecoderTransformer)
+    _check_id_tensor("src", src)
     if src.shape[1] > model.config.max_length:
         raise ValueError(
             f"src length {src.shape[1]} exceeds the model's max_length {model.config.max_length}"
@@ -226,7 +250,10 @@ def beam_search(
     log-probabilities).
     """
     _check_source(model, src, max_length, src_lengths)
-    _check_count("beam_size", beam_size)
+    vocab_size = model.config.vocab_size
+    if not is_int(beam_size) or not 1 <= beam_size <= vocab_size:
+        # More beams than tokens hold nothing but -inf hypotheses at the first step, and cost memory throughout.
+        raise ValueError(f"beam_size must be an int in [1, vocab_size={vocab_size}]; got {beam_size!r}")
     check_flags(use_cache=use_cache)
     if not is_real(alpha) or not (math.isfinite(alpha) and alpha >= 0):  # is_real: NumPy scalars too, as temperature
         raise ValueError(f"alpha must be a finite number >= 0; got {alpha!r}")
