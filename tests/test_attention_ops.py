@@ -817,3 +817,23 @@ def test_gpu_batch_offsets_beyond_32_bits():
     for t in (q, k, v):
         t.copy_(torch.randn(B, H, L, E, device="cuda"))
     check_against_oracle("triton", q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_flop_counter_counts_the_products_as_torch_counts_sdpa(backend):
+    """FlopCounterMode counted 0 for the operators (no formula): an MFU estimate left attention out. The count is
+    torch's own formula for its flash SDPA ops (every query row against every key; the backward recomputes the
+    scores), GQA counting the query heads."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    q, k, v = rand(2, 4, 6, 8), rand(2, 2, 9, 8), rand(2, 2, 9, 5)
+    require(backend, q, k, v)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    with FlopCounterMode(display=False) as counter:
+        sdpa(backend, *inputs, is_causal=True, enable_gqa=True).sum().backward()
+    forward, backward = OPS[backend]
+    counts = {str(op).removeprefix("tfm_kernels."): n for op, n in counter.get_flop_counts()["Global"].items()}
+    expanded = [t.repeat_interleave(2, dim=1).shape for t in (k, v)]  # torch's formula of 2.11 takes equal heads
+    assert counts == {forward: sdpa_flop_count(q.shape, *expanded),
+                      backward: sdpa_backward_flop_count((2, 4, 6, 5), q.shape, *expanded)}
+    assert counts[forward] == 2 * 2 * 4 * 6 * 9 * (8 + 5)

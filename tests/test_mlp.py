@@ -1524,3 +1524,32 @@ def test_gpu_compile_fullgraph(backend):
 
     compiled = torch.compile(block, fullgraph=True)
     torch.testing.assert_close(compiled(x, w1, b1, w2, b2), block(x, w1, b1, w2, b2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_flop_counter_counts_what_torch_counts_for_the_same_layers(backend):
+    """FlopCounterMode counted 0 for the operators (no formula); now each counts its products as torch counts
+    the linear layers it fuses, forward and backward, a frozen weight's product left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn().sum().backward()
+        return counter.get_total_flops()
+
+    x = torch.randn(5, 8, requires_grad=True)
+    w1, b1, w2 = (torch.randn(*shape, requires_grad=True) for shape in ((12, 8), (12,), (6, 12)))
+    gate_up = torch.randn(12, 8)  # frozen
+    require(backend, x, w1)
+    cases = {
+        "fused_linear": (lambda: tfm_kernels.fused_linear(x, w1, b1, backend=backend),
+                         lambda: F.gelu(F.linear(x, w1, b1))),
+        "gated_linear": (lambda: tfm_kernels.gated_linear(x, gate_up, backend=backend),
+                         lambda: F.silu(F.linear(x, gate_up[:6])) * F.linear(x, gate_up[6:])),
+        "mlp": (lambda: tfm_kernels.mlp(x, w1, b1, w2, None, backend=backend),
+                lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2)),
+        "mlp, first layer frozen": (lambda: tfm_kernels.mlp(x, w1.detach(), None, w2, None, backend=backend),
+                                    lambda: F.linear(F.gelu(F.linear(x, w1.detach())), w2)),
+    }
+    for name, (ours, theirs) in cases.items():
+        assert count(ours) == count(theirs) > 0, name

@@ -20,7 +20,7 @@ import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
 from torch.autograd import forward_ad
 
-from . import batching, op_checks, reference
+from . import batching, flops, op_checks, reference
 from .layout import empty_heads_inner, last_dim_contiguous
 
 
@@ -372,6 +372,8 @@ def _register_autograd(forward_name, backward_name, gradients, setup_context):
     backward = _twice_differentiable(gradients)
     _register_autograd_kernel(forward_name, backward, setup_context)
     _register_first_derivative_op(backward_name)
+    flops.register(forward_name)
+    flops.register(backward_name)
     forward_op = getattr(torch.ops.tfm_kernels, forward_name)
     transformed = _function(f"{forward_name}_function", forward_op, setup_context, backward, generate_vmap_rule=True)
     kernel = KERNELS[forward_name]
