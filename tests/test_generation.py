@@ -306,6 +306,10 @@ def test_decoding_refuses_a_model_that_would_decode_at_random_or_is_not_a_model(
                        generate(without_dropout.eval(), ids, 2, greedy=True))
     with pytest.raises(ValueError, match="model must be a TransformerLM; got EncoderDecoderTransformer"):
         generate(seq2seq, ids, 2)
+    with pytest.raises(ValueError, match="model must be a TransformerLM; got EncoderDecoderTransformer"):
+        generate(torch.compile(seq2seq), ids, 2)
+    compiled = torch.compile(without_dropout.eval())  # decodes as the module it wraps (not run: that compiles)
+    generation._check_model(compiled, TransformerLM)
     for decode in (greedy_decode, beam_search):
         with pytest.raises(ValueError, match="model must be a EncoderDecoderTransformer; got TransformerLM"):
             decode(lm, ids, 3)

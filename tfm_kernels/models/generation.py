@@ -20,8 +20,9 @@ def _check_count(name, value, minimum=1):
 
 
 def _check_model(model, kind):
-    """ValueError unless `model` is a `kind`, in eval mode where it has dropout (decoding would be random
-    otherwise, with nothing to say so)."""
+    """ValueError unless `model` is a `kind` (or torch.compile's wrapper of one), in eval mode where it has dropout
+    (decoding would be random otherwise, with nothing to say so)."""
+    model = getattr(model, "_orig_mod", model)  # the module a torch.compile'd one runs
     if not isinstance(model, kind):
         raise ValueError(f"model must be a {kind.__name__}; got {type(model).__name__}")
     if model.training and model.config.dropout > 0:
