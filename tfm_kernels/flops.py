@@ -2,10 +2,19 @@
 without a formula): the matrix products' 2 x m x n x k, as torch counts its SDPA and linear layers. Attention
 counts every query row against every key (causal masking included, as torch's count does); elementwise work
 (softmax, activations, dropout) counts nothing. The formulas receive the ops' arguments with tensors replaced by
-their shapes."""
+their shapes.
+
+The formulas register with torch.utils.flop_counter when it is imported: importing it imports triton, which
+importing the package must not do (the Triton interpreter's setup comes first, tfm_kernels/bench/interpreter.py).
+"""
+
+import importlib.abc
+import importlib.util
+import sys
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
+
+_FLOP_COUNTER = "torch.utils.flop_counter"
 
 
 def attention_forward_flops(q, k, v, *args, **kwargs) -> int:
@@ -57,6 +66,41 @@ _FORMULAS = {
 }
 
 
-def register(name):
-    """Registers op tfm_kernels::`name`'s formula (its name without the triton_ prefix names it)."""
+_PENDING = []  # op names whose formulas wait for torch.utils.flop_counter's import
+
+
+def _register_now(name):
+    from torch.utils.flop_counter import register_flop_formula
+
     register_flop_formula(getattr(torch.ops.tfm_kernels, name))(_FORMULAS[name.removeprefix("triton_")])
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when torch.utils.flop_counter is first imported, it has the module run as usual and
+    then registers the pending formulas; then it leaves sys.meta_path."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _FLOP_COUNTER:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        run_module = spec.loader.exec_module
+
+        def run_and_register(module):
+            run_module(module)
+            while _PENDING:
+                _register_now(_PENDING.pop(0))
+
+        spec.loader.exec_module = run_and_register
+        return spec
+
+
+def register(name):
+    """Registers op tfm_kernels::`name`'s formula (its name without the triton_ prefix names it), now if
+    torch.utils.flop_counter is imported, else when it is."""
+    if _FLOP_COUNTER in sys.modules:
+        _register_now(name)
+        return
+    if not _PENDING:
+        sys.meta_path.insert(0, _RegisterOnImport())
+    _PENDING.append(name)

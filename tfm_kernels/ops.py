@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch.autograd import forward_ad
 
 from . import batching, flops, op_checks, reference
@@ -92,12 +93,17 @@ KERNELS = {}  # op name -> the op's kernel (CPU and CUDA alike): Triton launcher
 DIFFERENTIABLE_FORWARD = {}  # forward op name -> callable with the op's arguments and outputs
 
 # Whether a torch.compile'd region under a torch.func transform may call the op (and its vmap rule). torch
-# 2.14's dynamo hands the transforms it cannot trace with the op (grad, vjp, jacrev) back to eager, where the
-# Function runs. Before 2.14 (seen on 2.11) dynamo traces grad into the op's registered autograd, which functorch
-# refuses; it cannot trace the Function under vmap; and it traces the Function's backward without grad mode, so
-# that an outer grad would take the inner gradients as constants (zeros). There the region breaks the graph, and
-# dynamo runs the transform eagerly.
+# 2.14's dynamo traces grad, vjp and jacrev into the op's Autograd kernel, which records the call under the
+# transform itself (_recorded_under_transforms). Before 2.14 (seen on 2.11) dynamo cannot trace the Function under
+# vmap, and it traces the Function's backward without grad mode, so that an outer grad would take the inner
+# gradients as constants (zeros). There the region breaks the graph, and dynamo runs the transform eagerly.
 _COMPILED_TRANSFORMS_CALL_THE_OP = torch.torch_version.TorchVersion(torch.__version__) >= "2.14.0.dev0"
+
+
+def _differentiating_transform_active() -> bool:
+    """Whether a torch.func transform other than vmap (grad, vjp, jacrev) is active."""
+    return torch._C._are_functorch_transforms_active() and any(
+        level.key() != TransformType.Vmap for level in get_interpreter_stack())
 
 
 def _takes_function() -> bool:
@@ -110,7 +116,7 @@ def _takes_function() -> bool:
         if _COMPILED_TRANSFORMS_CALL_THE_OP:
             return False
         torch._dynamo.graph_break()
-    return any(level.key() != TransformType.Vmap for level in get_interpreter_stack())
+    return _differentiating_transform_active()
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -334,12 +340,53 @@ def _has_tangent(a) -> bool:
     return isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None
 
 
+def _recorded_under_transforms(op, backward, setup_context):
+    """apply(keyset, *args): the op's outputs recorded by autograd, for a call that reaches the op's Autograd
+    kernel under a torch.func transform (a direct call, or a program recorded by torch.export or torch.jit.trace):
+    functorch refuses the Function torch registers (no separate setup_context). There the transform's level
+    already holds the call and the inputs wrap that level's tensors, which autograd records as it records torch's
+    own ops; so this Function records them itself, as functorch's single-level Functions do."""
+
+    def forward(*args_and_dispatch):
+        *args, keyset, lower_grad_mode = args_and_dispatch
+        # apply() runs forward without grad; the transforms below this level record as they were entered.
+        with torch._C._AutoDispatchBelowAutograd(), torch.set_grad_enabled(lower_grad_mode):
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    def setup_context_of_args(ctx, inputs, output):
+        if setup_context is not None:
+            setup_context(ctx, inputs[:-2], output)
+
+    def backward_of_args(ctx, *grads):
+        needs_input_grad = ctx.needs_input_grad
+        ctx.needs_input_grad = needs_input_grad[:-2]
+        try:
+            return (*backward(ctx, *grads), None, None)
+        finally:
+            ctx.needs_input_grad = needs_input_grad
+
+    recorded = type(f"{op._opname}_under_transforms", (torch.autograd.function._SingleLevelFunction,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context_of_args),
+        "backward": staticmethod(backward_of_args)})
+
+    def apply(keyset, *args):
+        interpreter = retrieve_current_functorch_interpreter()
+        lower_grad_mode = (interpreter.prev_grad_mode() if interpreter.key() == TransformType.Grad
+                           else torch.is_grad_enabled())
+        with torch._functorch.utils.enable_single_level_autograd_function():
+            return recorded.apply(*args, keyset, lower_grad_mode)
+
+    return apply
+
+
 def _register_autograd_kernel(name, backward, setup_context=None):
     """Registers op `name`'s Autograd kernel: torch's, as torch.library.register_autograd(backward, setup_context)
     makes it, except that it refuses an input with a forward-mode tangent, which torch's would run past and drop
-    (a silent zero tangent)."""
+    (a silent zero tangent), and that under a torch.func transform it records the call itself."""
+    op = getattr(torch.ops.tfm_kernels, name).default
     info = torch._library.autograd.Info(backward, setup_context)
-    autograd_kernel = torch._library.autograd.make_autograd_impl(getattr(torch.ops.tfm_kernels, name).default, info)
+    autograd_kernel = torch._library.autograd.make_autograd_impl(op, info)
+    under_transforms = _recorded_under_transforms(op, backward, setup_context)
 
     def kernel(keyset, *args):
         if forward_ad._current_level >= 0 and any(_has_tangent(a) for a in args):
@@ -347,6 +394,8 @@ def _register_autograd_kernel(name, backward, setup_context=None):
                 f"tfm_kernels::{name} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
                 f"forward_ad); tfm_kernels.scaled_dot_product_attention, fused_linear, gated_linear and mlp take "
                 f"their torch backend there")
+        if _differentiating_transform_active():
+            return under_transforms(keyset, *args)
         return autograd_kernel(keyset, *args)
 
     # A Triton op (torch.library.custom_op) has its own Autograd kernel, which this one replaces: torch before 2.14
