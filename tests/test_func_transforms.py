@@ -472,6 +472,9 @@ def test_compiled_transforms_equal_eager(backend, transform):
         torch._dynamo.reset()
         compiled = torch.compile(transformed, fullgraph=ops._COMPILED_TRANSFORMS_CALL_THE_OP)(inputs)
         eager = transformed(inputs)
+        if transform != "grad over grad":
+            torch.testing.assert_close(compiled, eager)
+            continue
         oracle = TRANSFORMS[transform](oracle_fn)(inputs.double())
         assert compiled.shape == eager.shape == oracle.shape and compiled.dtype == eager.dtype
         noise = RELATIVE_NOISE * max(1.0, oracle.abs().max().item())
