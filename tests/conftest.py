@@ -6,8 +6,13 @@ import torch
 
 from tfm_kernels.bench.interpreter import use_triton_interpreter_without_gpu
 
-# Without a GPU the Triton kernels run on CPU tensors under the interpreter, set up before triton is imported.
+# Without a GPU the Triton kernels run on CPU tensors under the interpreter, set up before triton is imported,
+# with dots summed as a GPU sums them, in one order whatever the block shapes (interpreter_dots.py).
 use_triton_interpreter_without_gpu()
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from interpreter_dots import model_gpu_dots
+
+    model_gpu_dots()
 # Autotuning would compile and time each kernel's whole config list for every test shape (thousands of
 # compiles on a GPU); tests run the first config that fits, and test_tuning.py checks every config by name.
 os.environ.setdefault("TFM_KERNELS_AUTOTUNE", "0")

@@ -83,6 +83,21 @@ def test_self_attention_masks(batch_first, batched, key_padding_mask, attn_mask,
     check_against_torch(reference, ours, inputs, self_attention_call(need_weights))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weights_with_float_masks_equal_torch(dtype):
+    """need_weights=True computes as torch does: the float mask goes into the score product and is rounded with
+    it once (torch's baddbmm), so seq-first inputs, projected as torch projects them, give torch's weights and
+    output bit for bit. Added to scores already rounded (as before), a bfloat16 output broke the tolerance rule
+    (0.26 against torch's 0.094)."""
+    reference, ours = make_pair(dtype=dtype)
+    x = 3 * seq_tensor(True, False, L, E).to(dtype)
+    masks = {"key_padding_mask": make_mask("float", (N, L)).to(dtype),
+             "attn_mask": make_mask("float", attn_mask_shape(True, True, L, L)).to(dtype)}
+    expected = reference(x, x, x, average_attn_weights=False, **masks)
+    for result, torch_result in zip(ours(x, x, x, average_attn_weights=False, **masks), expected):
+        assert torch.equal(result, torch_result)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("key_padding_mask", [None, "bool"])

@@ -10,8 +10,10 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -282,8 +284,9 @@ def _edit(field, *keys, value):
     (_edit("scheduler", "last_epoch", value="2"),
      r"scheduler\['last_epoch'\] is '2', where a value like 0 is expected"),
     (_edit("scheduler", "base_lrs", value=[]), r"scheduler\['base_lrs'\] is \[\]"),
+    (_edit("scheduler", "optimizer", value=1), r"scheduler holds 'optimizer', which this run's schedule does not"),
 ], ids=["moment-shape", "moment-list", "step-str", "state-int", "betas-length", "lr-str", "epoch-str",
-        "base-lrs-empty"])
+        "base-lrs-empty", "scheduler-key-unknown"])
 def test_resume_from_an_optimizer_or_schedule_state_that_would_fail_at_the_first_step(tmp_path, edit, message):
     """Torch's load_state_dict takes these hand edits, and the first step fails in a traceback; the resume
     refuses them instead, as the ValueError naming the checkpoint and the setting."""
@@ -483,7 +486,8 @@ def test_train_config_refuses_non_finite_and_out_of_range_floats(setting, value)
     ("decay_steps", 2.5, "a positive int or None"), ("decay_steps", True, "a positive int or None"),
     ("checkpoint_interval", True, "an int >= 0"), ("resume", "False", "a bool"), ("amp", 1, "a bool"),
     ("fsdp", "no", "a bool"), ("progress", None, "a bool"), ("overwrite", 0, "a bool"),
-    ("lr", "1e-3", "a finite number > 0 or None"), ("grad_clip", True, "a finite number >= 0"),
+    ("lr", "1e-3", re.escape("a number in (0, 3.403e+37] or None")),
+    ("lr", 10**38, re.escape("a number in (0, 3.403e+37] or None")), ("grad_clip", True, "a finite number >= 0"),
     ("checkpoint_dir", 3, re.escape("a non-empty path (str or os.PathLike) or None")),
     ("checkpoint_dir", "", re.escape("a non-empty path (str or os.PathLike) or None")),
     ("corpus", "", re.escape("a non-empty path (str or os.PathLike) or None")),
@@ -899,7 +903,8 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     (train_main, "--steps", "0", "an int >= 1"),
     (train_main, "--batch-size", "-1", "an int >= 1"),
     (train_main, "--context-length", "0", "an int >= 1"),
-    (train_main, "--lr", "nan", "a finite number > 0"),
+    (train_main, "--lr", "nan", "a finite number > 0 and <= 3.403e+37"),
+    (train_main, "--lr", "1e39", "a finite number > 0 and <= 3.403e+37"),
     (train_main, "--checkpoint-interval", "-1", "an int >= 0"),
     (train_main, "--seed", str(10**23), "an int in [0, 9223372036854775807]"),
     (train_copy_main, "--max-length", "x", "an int >= 1"),
@@ -928,6 +933,26 @@ def lm_checkpoint(tmp_path):
     train_lm(LMConfig.preset("tiny", **TINY), _quiet(steps=1, batch_size=2, eval_windows=2,
                                                      checkpoint_dir=str(tmp_path)))
     return str(tmp_path)
+
+
+def test_generate_from_a_damaged_checkpoint_is_one_line(lm_checkpoint, capsys):
+    """Bytes changed inside a weight tensor's record after torch.save (torch.load does not check the zip
+    archive's CRC-32s) are refused, where the changed weights were used silently."""
+    path = os.path.join(lm_checkpoint, checkpoint.CHECKPOINT_NAME)
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if info.filename.endswith("/data/0"))
+    data = bytearray(open(path, "rb").read())
+    # the record's bytes follow its local header: 30 bytes, then its name and extra field (lengths at 26 and 28)
+    name_length, extra_length = struct.unpack_from("<HH", data, record.header_offset + 26)
+    data[record.header_offset + 30 + name_length + extra_length] ^= 0x01  # one bit of the first tensor
+    with open(path, "wb") as file:
+        file.write(data)
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--checkpoint", lm_checkpoint, "--device", "cpu", "--max-new-tokens", "1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m tfm_kernels generate: error: checkpoint {path!r} is damaged: its record {record.filename!r} "
+        "fails its checksum")
 
 
 @pytest.mark.parametrize("prompt, message", [

@@ -45,14 +45,11 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
         else:
             scores = scores + mask.to(scores.dtype)
     scores = scores.masked_fill(~takes_part, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)  # (B, Hq, L, 1)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    weights = torch.exp(scores - row_max)
-    denom = weights.sum(dim=-1, keepdim=True)  # (B, Hq, L, 1)
-    empty = denom == 0
-    lse = torch.where(empty, torch.full_like(denom, float("inf")), (row_max + torch.log(denom)) / math.log(2))
-    lse = lse.squeeze(-1)
-    probs = weights / torch.where(empty, torch.ones_like(denom), denom)
+    lse = torch.logsumexp(scores.detach(), dim=-1)  # (B, Hq, L); -inf where no key takes part
+    empty = (lse == float("-inf")).unsqueeze(-1)  # (B, Hq, L, 1)
+    # softmax, whose own derivatives (first and second) round less than those of exp / sum composed
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    lse = torch.where(empty.squeeze(-1), float("inf"), lse / math.log(2))
     if dropout_p > 0.0:
         if keep_mask is None:
             keep_mask = dropout_keep_mask(seed, B * Hq, L, S, dropout_p, device=q.device,

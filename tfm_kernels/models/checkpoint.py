@@ -5,6 +5,7 @@ number generator states (Python, torch CPU and CUDA) of every process."""
 import contextlib
 import os
 import random
+import zipfile
 
 import torch
 
@@ -100,16 +101,32 @@ def save_checkpoint(path: str, payload: dict):
             os.remove(temporary)
 
 
+def _check_checksums(path: str):
+    """ValueError where a record of torch.save's zip archive fails its CRC-32 (torch.load does not check them,
+    and would read changed bytes as weights). A file that is no zip archive is left to torch.load."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"checkpoint {path!r} is damaged: {error}") from error
+    if damaged is not None:
+        raise ValueError(f"checkpoint {path!r} is damaged: its record {damaged!r} fails its checksum")
+
+
 def load_checkpoint(path: str, kind: str | None = None, config=None, map_location="cpu") -> dict:
     """Reads a checkpoint written by save_checkpoint.
 
-    Raises FileNotFoundError if there is none at `path`, and ValueError if it is not a checkpoint of this
-    package (naming the fields it lacks, if it has the format), is of another model `kind` ("lm" or "seq2seq"),
-    or was trained with a model configuration other than `config` (naming the fields that differ)."""
+    Raises FileNotFoundError if there is none at `path`, and ValueError if it is damaged (its bytes changed
+    since torch.save wrote them), not a checkpoint of this package (naming the fields it lacks, if it has the
+    format), is of another model `kind` ("lm" or "seq2seq"), or was trained with a model configuration other
+    than `config` (naming the fields that differ)."""
     if os.path.isdir(path):
         path = checkpoint_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
+    _check_checksums(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch's message advises loading untrusted files unsafely: not repeated here
@@ -165,11 +182,11 @@ def _check_settings(where, saved, fresh):
             raise TypeError(f"{where}[{name!r}] is {saved[name]!r}, where a value like {value!r} is expected")
 
 
-def check_restorable_state(optimizer_state, schedule_state, optimizer, scheduler):
-    """TypeError naming the setting where a checkpoint's optimizer or schedule state (torch's state dicts,
-    the optimizer's keyed by parameter index) holds what torch's load_state_dict takes but the first step
-    cannot use: a setting of another kind than this run's, a moment of another shape than its parameter, a
-    step count that is not a number. What load_state_dict itself refuses is left to it."""
+def check_restorable_state(optimizer_state, optimizer):
+    """TypeError naming the setting where a checkpoint's optimizer state (torch's state dict, keyed by parameter
+    index) holds what torch's load_state_dict takes but the first step cannot use: a setting of another kind
+    than this run's, a moment of another shape than its parameter, a step count that is not a number. What
+    load_state_dict itself refuses is left to it."""
     parameters = {}  # saved index -> parameter, paired as load_state_dict pairs them
     for index, (saved, group) in enumerate(zip(optimizer_state.get("param_groups", []), optimizer.param_groups)):
         _check_settings(f"optimizer param_groups[{index}]", saved,
@@ -188,7 +205,17 @@ def check_restorable_state(optimizer_state, schedule_state, optimizer, scheduler
                          else f"is of type {type(value).__name__}")
                 raise TypeError(f"{where}[{name!r}] {found}, where a tensor of its parameter's shape "
                                 f"{tuple(parameter.shape)} is expected")
-    _check_settings("scheduler", schedule_state, scheduler.state_dict())
+
+
+def check_restorable_schedule(schedule_state, scheduler):
+    """TypeError naming the setting where a checkpoint's schedule state holds what torch's load_state_dict takes
+    but the first step cannot use: a setting of another kind than this run's, or one this run's scheduler does
+    not have (load_state_dict sets every key as an attribute, so "optimizer" would replace the optimizer)."""
+    fresh = scheduler.state_dict()
+    _check_settings("scheduler", schedule_state, fresh)
+    unknown = sorted(map(repr, set(schedule_state) - set(fresh)))
+    if unknown:
+        raise TypeError(f"scheduler holds {', '.join(unknown)}, which this run's schedule does not have")
 
 
 def load_model(module: torch.nn.Module, checkpoint: dict, path: str):

@@ -17,7 +17,16 @@ from .config import LMConfig, Seq2SeqConfig
 from .generation import generate
 from .lm import TransformerLM
 from .tokenizer import ByteTokenizer
-from .training import DEFAULT_LR, SEED_LIMIT, TrainConfig, TrainingDiverged, format_metric, train_copy, train_lm
+from .training import (
+    DEFAULT_LR,
+    LR_LIMIT,
+    SEED_LIMIT,
+    TrainConfig,
+    TrainingDiverged,
+    format_metric,
+    train_copy,
+    train_lm,
+)
 
 DEFAULT_NEW_TOKENS = 200
 DEFAULT_TEMPERATURE = 0.8
@@ -40,15 +49,20 @@ def _int_at_least(minimum, maximum=None):
     return parse
 
 
-def _positive_number(text):
-    """An argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0; got {text!r}")
-    return value
+def _positive_number(maximum=math.inf):
+    """An argparse type: a finite float in (0, maximum]."""
+    expected = "a finite number > 0" + (f" and <= {maximum:.4g}" if math.isfinite(maximum) else "")
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and 0 < value <= maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
 
 
 POSITIVE = _int_at_least(1)
@@ -72,7 +86,8 @@ def _add_common_training_args(parser, config_class, default_steps, default_batch
         default=default_batch,
         help="global batch (sequences per step over all processes; default: %(default)s)",
     )
-    parser.add_argument("--lr", type=_positive_number, default=default_lr, help=f"{lr_help} (default: %(default)s)")
+    parser.add_argument("--lr", type=_positive_number(LR_LIMIT), default=default_lr,
+                        help=f"{lr_help} (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--checkpoint-dir", default=None, help="folder for checkpoint.pt (none: no checkpoint)"
@@ -236,7 +251,7 @@ def generate_main(argv=None):
         default=None,
         help=f"bytes to generate (default: {DEFAULT_NEW_TOKENS}, or what fits the context)",
     )
-    parser.add_argument("--temperature", type=_positive_number, default=None,
+    parser.add_argument("--temperature", type=_positive_number(), default=None,
                         help=f"sampling temperature (default {DEFAULT_TEMPERATURE})")
     parser.add_argument("--top-k", type=POSITIVE, default=None,
                         help="sample among the k most likely bytes (default: all)")

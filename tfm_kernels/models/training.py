@@ -29,6 +29,9 @@ from .tokenizer import ByteTokenizer
 # learned to copy more reliably than with the paper's 1.0 (0.98 vs 0.90-0.95 token accuracy after 400 steps of 32
 # strings, two seeds each).
 DEFAULT_LR = {"lm": 1e-3, "seq2seq": 0.5}
+# Adam's first step divides the rate by 1 - beta1 (0.1 in both trainers' optimizers) and applies it to float32
+# weights: a larger rate fails to convert there.
+LR_LIMIT = 0.1 * torch.finfo(torch.float32).max
 # Seeds are below 2**63: the runs seed torch with seed + rank + step, which must stay below 2**64.
 SEED_LIMIT = 2**63
 
@@ -87,7 +90,7 @@ class TrainConfig:
         if not is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"TrainConfig.seed must be an int in [0, 2**63); got {self.seed!r}")
         if self.lr is not None:
-            check_real(self, "lr", lambda value: math.isfinite(value) and value > 0, "a finite number > 0 or None")
+            check_real(self, "lr", lambda value: 0 < value <= LR_LIMIT, f"a number in (0, {LR_LIMIT:.4g}] or None")
         for name in ("grad_clip", "weight_decay"):
             check_real(self, name, lambda value: math.isfinite(value) and value >= 0, "a finite number >= 0")
         check_real(self, "min_lr_ratio", lambda value: 0 <= value <= 1, "a number in [0, 1]")
@@ -280,10 +283,10 @@ class Trainer:
                 options=StateDictOptions(full_state_dict=True),
             )
         else:
-            ckpt.check_restorable_state(checkpoint["optimizer"], checkpoint["scheduler"], self.optimizer,
-                                        self.scheduler)
+            ckpt.check_restorable_state(checkpoint["optimizer"], self.optimizer)
             ckpt.load_model(self.module, checkpoint, ckpt.checkpoint_path(self.config.checkpoint_dir))
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+        ckpt.check_restorable_schedule(checkpoint["scheduler"], self.scheduler)
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.step = checkpoint["step"]
         self.data_generator.set_state(checkpoint["data_generator"])

@@ -60,8 +60,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         unbatched), in the query dtype.
 
     need_weights=True (torch's default) is the slower path: like torch, it computes the weights with an
-    explicit softmax in torch ops, (N, H, L, S) in memory, and the output as weights @ v; the fused kernel
-    runs for need_weights=False (as the Transformer layers call it).
+    explicit softmax in torch ops, (N, H, L, S) in memory, and the output as weights @ v, with torch's
+    operations (seq-first inputs give torch's weights and output bit for bit); the fused kernel runs for
+    need_weights=False (as the Transformer layers call it).
 
     A query row in which every key is masked attends to nothing: attention output 0 (so attn_output is the
     out-projection bias), weights 0 and finite gradients, on both paths. torch gives NaN there with
@@ -256,14 +257,22 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _attention_weights(self, q, k, mask):
         """softmax(q k^T / sqrt(D) + mask) in torch ops: (N, H, L, S'); rows where no key takes part are 0."""
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, L, S')
-        if mask is None:
-            return torch.softmax(scores, dim=-1)
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
+        q = q * q.shape[-1] ** -0.5
+        if mask is not None and mask.dtype == q.dtype:
+            # the float mask added inside the product, so that the sum is rounded once (torch's baddbmm)
+            N, H, L, D = q.shape
+            S = k.shape[2]
+            scores = torch.baddbmm(mask.expand(N, H, L, S).reshape(N * H, L, S), q.reshape(N * H, L, D),
+                                   k.reshape(N * H, S, D).transpose(1, 2)).view(N, H, L, S)
         else:
-            scores = scores + mask
+            scores = q @ k.transpose(-2, -1)  # (N, H, L, S')
+            if mask is None:
+                return torch.softmax(scores, dim=-1)
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask  # a float32 mask on lower-precision scores promotes them
         # softmax of an all -inf row is NaN, and the NaN would reach the gradients through softmax's backward
         empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (N, H, L, 1)
         weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-        return weights.to(q.dtype)  # a float32 mask on lower-precision scores promoted them
+        return weights.to(q.dtype)
