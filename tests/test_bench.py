@@ -495,6 +495,7 @@ def test_plot_with_nothing_to_draw_says_so_and_makes_no_folder(tmp_path, monkeyp
     (["--suite", ""], r"--suite: expected names among .*; got none"),
     (["--quick", "--full"], r"argument --full: not allowed with argument --quick"),
     (["--run", "0"], r"--run picks a run of a --replay record; got no --replay"),
+    (["--replay", ""], r"--replay: expected the path of a JSON Lines record; got ''"),
     (["--budget", "-5"], r"--budget: expected seconds >= 0 \(0: none\); got -5.0"),
     (["--budget", "nan"], r"--budget: expected seconds >= 0 \(0: none\); got nan"),
     (["--suite", "attention", "--mlp-shapes", "nope"],
@@ -600,8 +601,16 @@ def test_replay_of_a_record_with_a_mistyped_field_names_it(tmp_path, field, valu
 @pytest.mark.parametrize("change, message", [
     (lambda run: {**run, "commit": 5}, r"commit \(expected text; got 5\)"),
     (lambda run: {**run, "rows": [{**run["rows"][0], "shape": {}}]},
-     r"rows\[0\]\.shape \(expected causal, head_dim, seq in an ok attention row, seq a number; got \{\}\)"),
-], ids=["commit-a-number", "attention-shape-empty"])
+     r"rows\[0\]\.shape \(expected causal, head_dim, seq in an ok attention row; got \{\}\)"),
+    (lambda run: {**run, "rows": [{**run["rows"][0], "shape": {"head_dim": 64, "causal": False, "seq": 0}}]},
+     r"rows\[0\]\.shape\.seq \(expected a number > 0; got 0\)"),
+    (lambda run: {**run, "rows": [{**run["rows"][0], "shape": {"head_dim": [64], "causal": "x", "seq": 8}}]},
+     r"rows\[0\]\.shape\.head_dim \(expected an int; got \[64\]\), rows\[0\]\.shape\.causal \(expected true or "
+     r"false; got 'x'\)"),
+    (lambda run: {**run, "rows": [{**run["rows"][0], "mode": "a/b",
+                                   "shape": {"head_dim": 64, "causal": False, "seq": 8}}]},
+     r"rows\[0\]\.mode \(expected a name such as fwd or fwd\+bwd; got 'a/b'\)"),
+], ids=["commit-a-number", "attention-shape-empty", "seq-zero", "head-dim-list-causal-text", "mode-a-path"])
 def test_replay_of_a_record_with_a_field_the_title_or_plots_cannot_read_names_it(tmp_path, change, message):
     """A commit that is not text failed in the title's slicing, an ok attention row without its shape's keys in
     the plots (read only with --plot), each with a traceback."""
@@ -716,6 +725,18 @@ def test_interpreter_setup_comes_before_any_triton_import():
                             env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=pathlib.Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]", "0" if torch.cuda.is_available() else "1"]
+
+
+def test_sigterm_during_the_self_check_ends_the_command_as_ctrl_c_does():
+    """SIGTERM (a `timeout` cap) in the self-check ends the command with "interrupted" and status 130, as Ctrl-C
+    does; it killed the process without a word while the handler was set only for the timing."""
+    probe = ("import os, signal, sys; from tfm_kernels.bench import cli; from tfm_kernels.__main__ import main; "
+             "cli.self_check = lambda device, dtype: os.kill(os.getpid(), signal.SIGTERM); "
+             "sys.exit(main(['bench', '--quick', '--device', 'cpu', '--suite', 'mlp', '--json', '']))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                            cwd=pathlib.Path(__file__).parents[1])
+    assert result.returncode == 130, (result.returncode, result.stderr)
+    assert result.stderr.splitlines()[-1] == "python -m tfm_kernels bench: interrupted"
 
 
 def test_model_suite_times_our_language_model_and_its_torch_peer():

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -147,6 +148,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.budget is not None and not 0 <= args.budget < math.inf:
         parser.error(f"--budget: expected seconds >= 0 (0: none); got {args.budget}")
+    if args.replay == "":
+        parser.error("--replay: expected the path of a JSON Lines record; got ''")
     if args.run is not None and not args.replay:
         parser.error("--run picks a run of a --replay record; got no --replay")
     if args.suite is not None:
@@ -321,14 +324,26 @@ def _is_number(value):
 
 
 def _plot_problems(row) -> list[str]:
-    """What the plots cannot read of a replayed row (its type problems aside): the shape of an ok attention row."""
+    """What the plots cannot read of a replayed row (its type problems aside): an ok attention row without dropout
+    is a point at shape.seq (a number > 0: the axis is logarithmic) of the panel (shape.head_dim an int,
+    shape.causal a bool, mode a name that becomes part of the file name)."""
     shape = row["shape"]
-    if row["suite"] != "attention" or row["status"] != "ok" or not isinstance(shape, dict):
+    if row["suite"] != "attention" or row["status"] != "ok" or not isinstance(shape, dict) or shape.get("dropout"):
         return []
-    if _ATTENTION_PLOT_KEYS <= shape.keys() and _is_number(shape["seq"]):
-        return []
-    return [f"shape (expected {', '.join(sorted(_ATTENTION_PLOT_KEYS))} in an ok attention row, seq a number; "
-            f"got {shape!r})"]
+    if not _ATTENTION_PLOT_KEYS <= shape.keys():
+        return [f"shape (expected {', '.join(sorted(_ATTENTION_PLOT_KEYS))} in an ok attention row; got {shape!r})"]
+    problems = []
+    if not isinstance(shape["head_dim"], int) or isinstance(shape["head_dim"], bool):
+        problems.append(f"shape.head_dim (expected an int; got {shape['head_dim']!r})")
+    if not isinstance(shape["causal"], bool):
+        problems.append(f"shape.causal (expected true or false; got {shape['causal']!r})")
+    if not (_is_number(shape["seq"]) and shape["seq"] > 0):
+        problems.append(f"shape.seq (expected a number > 0; got {shape['seq']!r})")
+    if not _is_number(shape.get("batch", 1)):
+        problems.append(f"shape.batch (expected a number; got {shape['batch']!r})")
+    if not re.fullmatch(r"[\w+]+", row["mode"]):
+        problems.append(f"mode (expected a name such as fwd or fwd+bwd; got {row['mode']!r})")
+    return problems
 
 
 def _row_type_problems(row) -> list[str]:
@@ -410,15 +425,16 @@ def _main(args) -> int:
     torch.manual_seed(0)
     cases = gpu_cases(args, suites, device) if on_gpu else cpu_cases(args, suites, device)  # names checked first
 
-    checks = None
-    if not on_gpu or args.self_check:
-        checks = self_check(device, torch.float16 if on_gpu else torch.float32)
-        print_checks(checks)
-        print()
-
-    warmup_ms, rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` stops the run; the table still prints
+    # SIGTERM (`timeout`) as Ctrl-C: during the self-check it ends the command with "interrupted"; during the
+    # timing it stops the run, and the table of what was measured still prints
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        checks = None
+        if not on_gpu or args.self_check:
+            checks = self_check(device, torch.float16 if on_gpu else torch.float32)
+            print_checks(checks)
+            print()
+        warmup_ms, rep_ms = (10.0, 40.0) if args.quick else (25.0, 100.0)
         budget = args.budget if args.budget is not None else GPU_BUDGET_S if on_gpu and not args.full else 0.0
         rows = run_cases(cases, Progress(), warmup_ms, rep_ms, budget)
     finally:
