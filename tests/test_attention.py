@@ -10,6 +10,7 @@ from tolerance import assert_within_tolerance, poisoned_memory
 
 import tfm_kernels
 from tfm_kernels import attention, backends, ops, reference, rng
+from tfm_kernels.tolerance import tolerance_failure
 
 CPU_BACKENDS = ["triton", "cpu"]
 GPU_BACKENDS = ["triton", "cuda"]
@@ -43,10 +44,12 @@ def require(backend, q, k, v, mask=None, **kwargs):
         pytest.skip("; ".join(environment))
 
 
-def check_against_oracle(backend, q, k, v, attend=plain_torch, unchecked=(), **kwargs):
+def check_against_oracle(backend, q, k, v, attend=plain_torch, unchecked=(), output_read_back=(), **kwargs):
     """Output and dq, dk, dv of `backend` against the float64 oracle, with torch in q's dtype as baseline: both
     from `attend`, plain_torch or torch's own SDPA for inputs that plain_torch does not normalise. `unchecked`
-    names results left to the caller."""
+    names results left to the caller; `output_read_back` names gradients that a draw is known to take past the
+    rule by the backward reading the output back in its dtype (README): where only they break it, the test is an
+    expected failure that names their errors; every other result is checked as usual."""
     require(backend, q, k, v, **kwargs)
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     with poisoned_memory(q.device):
@@ -63,9 +66,15 @@ def check_against_oracle(backend, q, k, v, attend=plain_torch, unchecked=(), **k
 
     baseline = run_torch(q.dtype, attend)
     oracle = run_torch(torch.float64, attend)
+    read_back_failures = []
     for name, result, base, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), baseline, oracle):
-        if name not in unchecked:
+        if name in output_read_back:
+            failure = tolerance_failure(f"{backend} {name}", result, base, ref)
+            read_back_failures += [failure] if failure else []
+        elif name not in unchecked:
             assert_within_tolerance(f"{backend} {name}", result, base, ref)
+    if read_back_failures:
+        pytest.xfail("the output read back in its dtype (README): " + "; ".join(read_back_failures))
     return out
 
 
@@ -90,15 +99,14 @@ CPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_shapes_dtypes_causal(backend, dtype, shape, is_causal, request):
-    if (backend, dtype, shape, is_causal) == ("triton", torch.float16, (1, 2, 2, 3, 5, 1, 3), True):
-        # 1 draw in 30 of this shape; the cpu backend's dk is 1.214e-03 on the same inputs, just within the rule
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "float16 dk 1.275e-03 against 2 x torch's 3.595e-04 + noise 4.9e-04: the backward reads the output back "
-            "in float16 (rowsum(dO * O), README); with that output in float32 the same arithmetic is 8.9e-05 off")))
+def test_shapes_dtypes_causal(backend, dtype, shape, is_causal):
     B, Hq, Hk, L, S, E, Ev = shape
     q, k, v = rand(B, Hq, L, E, dtype=dtype), rand(B, Hk, S, E, dtype=dtype), rand(B, Hk, S, Ev, dtype=dtype)
-    check_against_oracle(backend, q, k, v, is_causal=is_causal, enable_gqa=Hq != Hk)
+    # This draw's float16 dk on the interpreter (1.275e-03 against 2 x torch's 3.595e-04 + noise 4.9e-04 with
+    # torch 2.14; within the rule with torch 2.11) is what reading O back costs: 8.9e-05 with O in float32.
+    read_back = ("dk",) if (backend, dtype, shape, is_causal) == (
+        "triton", torch.float16, (1, 2, 2, 3, 5, 1, 3), True) else ()
+    check_against_oracle(backend, q, k, v, is_causal=is_causal, enable_gqa=Hq != Hk, output_read_back=read_back)
 
 
 def masks(B, H, L, S, dtype):
