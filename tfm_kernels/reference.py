@@ -8,6 +8,14 @@ import torch
 from .rng import dropout_keep_mask, dropout_keep_scale
 
 
+def softmax_of_rows(scores):
+    """softmax over the last dim, 0 in rows whose every score is -inf (torch's softmax gives NaN there, and the
+    NaN would reach the gradients through its backward). torch's softmax rather than exp / sum composed: its
+    first and second derivatives round less."""
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+
+
 def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=False, scale=None, seed=None,
               keep_mask=None, upcast=False, query_offset=0):
     """Attention in plain torch ops, differentiable, computed in the inputs' dtype, or with `upcast` in float32
@@ -46,10 +54,8 @@ def attention(q, k, v, mask=None, key_lengths=None, dropout_p=0.0, is_causal=Fal
             scores = scores + mask.to(scores.dtype)
     scores = scores.masked_fill(~takes_part, float("-inf"))
     lse = torch.logsumexp(scores.detach(), dim=-1)  # (B, Hq, L); -inf where no key takes part
-    empty = (lse == float("-inf")).unsqueeze(-1)  # (B, Hq, L, 1)
-    # softmax, whose own derivatives (first and second) round less than those of exp / sum composed
-    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    lse = torch.where(empty.squeeze(-1), float("inf"), lse / math.log(2))
+    lse = torch.where(lse == float("-inf"), float("inf"), lse / math.log(2))
+    probs = softmax_of_rows(scores)
     if dropout_p > 0.0:
         if keep_mask is None:
             keep_mask = dropout_keep_mask(seed, B * Hq, L, S, dropout_p, device=q.device,

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import attention as _attention
 from ..backends import check_backend
+from ..reference import softmax_of_rows
 from .torchscript import refuse_torchscript
 
 
@@ -272,7 +273,4 @@ class MultiheadAttention(nn.MultiheadAttention):
                 scores = scores.masked_fill(~mask, float("-inf"))
             else:
                 scores = scores + mask  # a float32 mask on lower-precision scores promotes them
-        # softmax of an all -inf row is NaN, and the NaN would reach the gradients through softmax's backward
-        empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (N, H, L, 1)
-        weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-        return weights.to(q.dtype)
+        return softmax_of_rows(scores).to(q.dtype)
