@@ -181,6 +181,15 @@ def test_gelu_tanh_negative_tail(harness, tmp_path, gated):
     check_epilogue(harness, tmp_path, torch.float32, "gelu_tanh", gated, 64, 33, bias=False, z_range=(-4.0, -2.5))
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
+def test_gelu_tanh_gradient_at_huge_pre_activations(harness, tmp_path, gated):
+    """|z| >= 1.85e19, where z * z overflows float32 and tanh-GELU's slope is 0: dz is grad_out (z > 0) or 0
+    (z < 0), as the float64 oracle has it, not 0 * inf = NaN."""
+    torch.manual_seed(gated)
+    check_epilogue(harness, tmp_path, torch.float32, "gelu_tanh", gated, 4, 33, bias=False,
+                   values_at=[((0, 1), 1e20), ((1, 2), -1e20), ((2, 3), 1e30), ((3, 4), -2e19)])
+
+
 def test_gated_relu_gradient_is_zero_below_an_infinite_up(harness, tmp_path):
     """relu's backward selects 0 where the gate is <= 0, as torch's does, even where the gradient reaching it,
     dh * u, is infinite: no inf * 0 = NaN in the gate's dz."""

@@ -72,7 +72,9 @@ TFM_HOST_DEVICE float activation_backward(float grad, float z) {
   } else if constexpr (A == Activation::kGeluTanh) {
     float slope;
     const float s = gelu_tanh_sigmoid(z, &slope);
-    return grad * (s + 2.0f * z * slope * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * z * z));
+    // where the slope underflows to 0 the term is 0, though z * z may overflow (|z| >= 1.85e19)
+    const float du = 2.0f * z * slope * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * z * z);
+    return grad * (s + (slope == 0.0f ? 0.0f : du));
   } else if constexpr (A == Activation::kRelu) {
     return z <= 0.0f ? 0.0f : grad;
   } else if constexpr (A == Activation::kSilu) {

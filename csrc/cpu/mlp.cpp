@@ -61,11 +61,13 @@ Tensor activate(const Tensor& z, Activation activation) {
   }
 }
 
-// grad * act'(z) for float tensors grad and z of one shape.
+// grad * act'(z) for float tensors grad and z of one shape. tanh-GELU's derivative is exactly 1 or 0 in float
+// beyond |z| = 1e10; clamped there, z * z in torch's formula cannot overflow into 0 * inf = NaN (|z| >= 1.85e19).
 Tensor activation_backward(const Tensor& grad, const Tensor& z, Activation activation) {
+  constexpr double kGeluTanhFlat = 1e10;
   switch (activation) {
     case Activation::kGelu: return at::gelu_backward(grad, z, "none");
-    case Activation::kGeluTanh: return at::gelu_backward(grad, z, "tanh");
+    case Activation::kGeluTanh: return at::gelu_backward(grad, z.clamp(-kGeluTanhFlat, kGeluTanhFlat), "tanh");
     case Activation::kRelu: return at::threshold_backward(grad, z, 0);
     case Activation::kSilu: return at::silu_backward(grad, z);
     default: return grad;
