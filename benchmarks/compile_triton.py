@@ -204,7 +204,7 @@ def mlp_kernel(args):
                     INPUT_PRECISION=dot_precision(TORCH_DTYPES[args.dtype]), A_T=False, B_T=True)
     aligned = {"M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_pm", "gate_offset"}
     dtype = TORCH_DTYPES[args.dtype]
-    estimate_args = {"a_ptr": torch.empty(0, dtype=dtype), "GATED": args.gated}
+    estimate_args = {"a_ptr": torch.empty(0, dtype=dtype), **features}
     launched = _launched_configs(mlp._GEMM, estimate_args, args.arch,
                                  {name: torch.empty(16, 16, dtype=dtype) for name in ("a_desc", "b_desc")})
     fallback = [] if mlp._GEMM.fallback is None else [mlp._GEMM.fallback]

@@ -4,11 +4,11 @@ memory.
 
 The launchers choose configs by a shared-memory estimate (tfm_kernels/triton/attention.py, mlp.py) less a
 margin; a config that passes the estimate but compiles to more than the device has would raise OutOfResources
-on the GPU. The cases are those whose compiled kernels came closest to each target's limit in the sweep over
-dtypes, head dims and features recorded in benchmarks/RESULTS.md, and one with TF32 dots, the only path that
+on the GPU. The cases are those whose compiled kernels or estimates came closest to each target's limit among
+the dtypes, head dims and features measured (benchmarks/RESULTS.md), TF32 dots among them, the only path that
 traces their operand rounding (the interpreter leaves it out). One more test reads the float32 backward's
-compiled dots (tests/fma_chain_probe.py). The compiler runs in a subprocess, since
-this test session runs Triton under the interpreter (tests/conftest.py)."""
+compiled dots (tests/fma_chain_probe.py). The compiler runs in a subprocess, since this test session runs
+Triton under the interpreter (tests/conftest.py)."""
 
 import json
 import os
@@ -22,12 +22,12 @@ ROOT = pathlib.Path(__file__).parents[1]
 SCRIPT = ROOT / "benchmarks" / "compile_triton.py"
 EVERY_FEATURE = ["--mask", "additive", "--causal", "--key-lengths", "--dropout"]
 CASES = {
-    # attention forward 128x128: 229376 of 232448 bytes
-    "sm90-fp32-d64-forward": ["--arch", "90", "--dtype", "fp32", "--head-dim", "64", "--kernel", "forward",
-                              *EVERY_FEATURE],
-    # attention dK/dV 64x128 and dQ 128x64: 164352 and 163840 of 166912 bytes
-    "sm80-fp32-d64-backward": ["--arch", "80", "--dtype", "fp32", "--head-dim", "64", "--kernel", "dk_dv",
-                               "--kernel", "dq", *EVERY_FEATURE],
+    # float32 without TF32 runs the fallbacks (no tensor cores); at the largest head dim on 99 KiB, dK/dV 16x32
+    # takes 100352 of 101376 bytes, the forward 32x32 69632
+    "sm86-fp32-d256-attention": ["--arch", "86", "--dtype", "fp32", "--head-dim", "256", *EVERY_FEATURE],
+    # TF32 attention at d128 on sm_80: forward and dQ 64x32 estimated at the whole 166912 bytes, compiled to
+    # 81920 and 114688
+    "sm80-tf32-d128-attention": ["--arch", "80", "--dtype", "fp32", "--tf32", "--head-dim", "128", *EVERY_FEATURE],
     # attention dK/dV at the largest head dim, where the margin covers layout-conversion scratch
     "sm90-bf16-d256-attention": ["--arch", "90", "--dtype", "bf16", "--head-dim", "256", *EVERY_FEATURE],
     # float32 with TF32 dots, operands rounded to TF32 in registers first (precision.dot): GEMM 128x128x32 and
@@ -38,12 +38,12 @@ CASES = {
     # the gated GEMM, two weight tiles per stage, TMA barriers beyond the estimate
     "sm90-bf16-gated-mlp": ["--mlp", "--arch", "90", "--dtype", "bf16", "--activation", "gelu_tanh", "--gated",
                             "--dropout", "--bias"],
-    # float32 attention on 99 KiB, where its score tiles outweigh the small head dim's tiles: d16 forward 64x64
-    # (69632 of 101376 bytes); d32 dK/dV 32x128 (73984) and dQ 64x64 (98304). Before the estimate counted the
-    # score tiles, forward 128x64 (122880), dK/dV 64x128 (115200) and dQ 128x64 (114688) ran
-    "sm86-fp32-d16-forward": ["--arch", "86", "--dtype", "fp32", "--head-dim", "16", "--kernel", "forward",
-                              *EVERY_FEATURE],
-    "sm86-fp32-d32-backward": ["--arch", "86", "--dtype", "fp32", "--head-dim", "32", "--kernel", "dk_dv",
+    # TF32 attention on 99 KiB, where its mask tiles outweigh the small head dim's tiles: d16 forward 64x64
+    # (61440 of 101376 bytes); d32 dK/dV 32x128 (65792) and dQ 64x32 (36864). Forward 128x64 at d16, which
+    # the estimate without mask tiles admitted, compiles to 106496
+    "sm86-tf32-d16-forward": ["--arch", "86", "--dtype", "fp32", "--tf32", "--head-dim", "16", "--kernel",
+                              "forward", *EVERY_FEATURE],
+    "sm86-tf32-d32-backward": ["--arch", "86", "--dtype", "fp32", "--tf32", "--head-dim", "32", "--kernel", "dk_dv",
                                "--kernel", "dq", *EVERY_FEATURE],
     # float32 gated on 99 KiB: no listed config's estimate fits, the fallback 64x64x32 runs (24576 bytes);
     # without it 128x128x32 in 4 stages ran, 147456 bytes: OutOfResources on an RTX 30xx/40xx, A10, L4

@@ -28,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tfm_kernels import rng
 from tfm_kernels.triton import attention, mlp, tuning
+from tfm_kernels.triton.precision import dot_precision
 
 KIB = 1024
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,9 +90,27 @@ def test_gemm_launches_within_every_device_budget(monkeypatch, limit):
     monkeypatch.setattr(mlp._GEMM, "fallback", fallback)
     for dtype, gated in itertools.product((torch.float16, torch.bfloat16, torch.float32), (False, True)):
         a = torch.empty(0, dtype=dtype)
-        args = {"a_ptr": a, "GATED": gated, "a_desc": a, "b_desc": a}  # no tensor descriptors: TMA unusable
+        args = {"a_ptr": a, "GATED": gated, "INPUT_PRECISION": dot_precision(dtype),
+                "a_desc": a, "b_desc": a}  # no tensor descriptors: TMA unusable
         config = mlp._GEMM.fitting(args, limit - mlp._GEMM.margin)[0]
         assert mlp._GEMM.shared_bytes(config, args) <= limit - mlp._GEMM.margin, (dtype, gated, config)
+
+
+def test_exact_float32_gated_gemm_runs_small_tiles(monkeypatch):
+    """The GPU config list on sm_90's budget: float32 gated with exact dots runs only 64x64x64, whose two
+    accumulators fit a thread's registers (128x128x32 and 64x128x64 compile to 32 registers and tens of KB of
+    spills); with TF32 dots the larger tiles still run."""
+    monkeypatch.setattr(mlp, "triton_interpreting", lambda: False)
+    configs, fallback = mlp._gemm_configs()
+    monkeypatch.setattr(mlp._GEMM, "configs", configs)
+    monkeypatch.setattr(mlp._GEMM, "fallback", fallback)
+    a = torch.empty(0, dtype=torch.float32)
+    args = {"a_ptr": a, "GATED": True, "a_desc": a, "b_desc": a}
+    budget = DEVICE_SHARED_MEMORY["sm90"] - mlp._GEMM.margin
+    exact = mlp._GEMM.fitting({**args, "INPUT_PRECISION": "ieee"}, budget)
+    assert [tuning.config_label(c) for c in exact] == ["64x64x64 w4 s4"]
+    tf32 = mlp._GEMM.fitting({**args, "INPUT_PRECISION": "tf32"}, budget)
+    assert [tuning.config_label(c) for c in tf32] == ["128x128x32 w4 s4", "64x64x64 w4 s4"]
 
 
 def test_launch_runs_the_first_config_that_fits():
@@ -123,6 +142,22 @@ def test_tma_persistent_gemm_config(monkeypatch, kind):
 ATTENTION_KERNELS = {"forward": attention._FORWARD, "dk_dv": attention._BACKWARD_KV, "dq": attention._BACKWARD_Q}
 ATTENTION_DESCRIPTORS = {"forward": attention.FORWARD_DESCRIPTORS, "dk_dv": attention.BACKWARD_KV_DESCRIPTORS,
                          "dq": attention.BACKWARD_Q_DESCRIPTORS}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_DESCRIPTORS))
+def test_exact_float32_attention_runs_the_fallback(name):
+    """A listed config that fits runs with TF32 dots; with exact float32 dots the fallback's small tiles run
+    instead (the listed ones compile to 32 registers and tens of KB of spills a thread)."""
+    descriptors = ATTENTION_DESCRIPTORS[name]
+    tuned = ATTENTION_KERNELS[name]
+    listed = attention._config(64, 32, 4, 2, descriptors)
+    kernel = tuning.TunedKernel(tuned.kernel, [listed], tuned.key, tuned.shared_bytes, min_work=0, probe="Q",
+                                fallback=tuned.fallback, usable=tuned.usable)
+    q = torch.empty(0, dtype=torch.float32)
+    args = {"Q": q, "BLOCK_D": 64, "BLOCK_DV": 64, "MASK_KIND": attention.MASK_NONE, **dict.fromkeys(descriptors, q)}
+    budget = DEVICE_SHARED_MEMORY["sm90"]
+    assert kernel.fitting({**args, "DOT_PRECISION": "tf32"}, budget) == [listed]
+    assert kernel.fitting({**args, "DOT_PRECISION": "ieee"}, budget) == [tuned.fallback]
 
 
 @pytest.mark.parametrize("case", ["gqa_causal_lengths", "mask_dropout_d40", "packed_views", "nan_past_lengths"])

@@ -166,17 +166,15 @@ def _config_lists(hopper_configs, fallback, interpreter_config):
     return hopper_configs, fallback
 
 
-# Tile configs for Hopper (sm_90a), few so that autotuning compiles little. The first config that fits shared
-# memory is the default for problems too small to autotune; the fallback is used only where none fits (float32
-# at head dim 256). Register use by ptxas (Triton 3.8, sm_90a, bf16, head dim 128, no mask or dropout): forward
-# 128x64 with 8 warps 230 registers and no spills; dK/dV 32x128 255 registers, 4 bytes spilled; dQ 128x64 235,
-# none. With every feature on (additive mask, causal, dropout, key lengths) all configs reach 255 registers and
-# spill, in bytes stored: forward 128x64 1292, 128x128 1328, 64x64 1692, 64x32 28; dK/dV 32x128 456, 64x128
-# 1204, 64x64 896, 16x64 372; dQ 128x64 112, 64x64 384, 64x32 none. Forward 128x128 spills most at small head
-# dims (same features: 3476 at 16, 8244 at 40, 4568 at 64); head dim 40 (strides not multiples of 16 elements,
-# so no asynchronous copies) spills in every config but the smallest (forward 128x64 1500, 64x64 3272).
-# Float32 without TF32 ("ieee": no tensor cores) spills even without features at head dim 64: forward 128x64
-# 2896, 128x128 51476; dQ 128x64 32528, 64x64 32832, 64x32 852; dK/dV 32x128 976.
+# Tile configs for Hopper (sm_90a), few so that autotuning compiles little. The first config that fits shared memory is
+# the default for problems too small to autotune; the fallback is used where none fits (float32 with TF32 at head dim
+# 256) and for float32 without TF32 (_listed_configs_usable). Register use by ptxas (Triton 3.8, sm_90a, bf16, head dim
+# 128, no mask or dropout): forward 128x64 with 8 warps 230 registers and no spills; dK/dV 32x128 255 registers, 4 bytes
+# spilled; dQ 128x64 235, none. With every feature on (additive mask, causal, dropout, key lengths) all configs reach
+# 255 registers and spill, in bytes stored: forward 128x64 1292, 128x128 1328, 64x64 1692, 64x32 28; dK/dV 32x128 456,
+# 64x128 1204, 64x64 896, 16x64 372; dQ 128x64 112, 64x64 384, 64x32 none. Forward 128x128 spills most at small head
+# dims (same features: 3476 at 16, 8244 at 40, 4568 at 64); head dim 40 (strides not multiples of 16 elements, so no
+# asynchronous copies) spills in every config but the smallest (forward 128x64 1500, 64x64 3272).
 # The TMA configs read the streamed tiles through tensor descriptors where the device and layouts allow them
 # (autotuning decides whether they run).
 # Forward: BLOCK_M query rows resident (128 keeps the wgmma M dimension full), BLOCK_N keys streamed.
@@ -638,57 +636,59 @@ def _backward_q_kernel(Q, K, V, GradOut, KDesc, VDesc, Lse, Delta, GradQ, Mask, 
 # Launchers
 
 
-def _tile_shared_bytes(resident, streamed, resident_columns):
+def _tile_shared_bytes(resident, streamed):
     """Shared memory estimate of an attention kernel whose `resident` block stays while num_stages
     `streamed` blocks are pipelined past it.
 
     16-bit: element size x (E + Ev padded) x rows of those tiles, plus SHARED_MEMORY_MARGIN for the scratch
-    this leaves out (on sm_90 the tiles alone match the compiled size). Float32 also keeps score tiles in
-    shared memory, which do not shrink with the head dim: with a mask, num_stages - 1 pipelined mask tiles
-    (4 bytes a score when additive), and with IEEE dots (no tensor cores, on every GPU) the scores' layout
-    conversion into the second dot's operand (4 bytes a score). Without them forward 128x64 at d16 with every
-    feature was estimated 40960 B and compiled to 122880 B (Triton 3.8, sm_86: 99 KiB a block; TF32 106496 B).
-    IEEE dots are counted from their allocations instead: the `resident_columns` tiles of the resident rows
-    converted once, num_stages - 1 buffers of the streamed tiles with their rows' log-sum-exp and delta (8
-    bytes), the score tiles. That matches the compiled dK/dV and dQ and overcounts the forward by 8 bytes a
-    streamed row (sm_90, d64, every feature, forward 128x128: 230400 estimated, 229376 compiled, of 232448)."""
+    this leaves out (on sm_90 the tiles alone match the compiled size). Float32 with TF32 dots also keeps
+    num_stages - 1 pipelined mask tiles in shared memory (4 bytes a score when additive), which do not shrink
+    with the head dim. Float32 with exact dots runs the fallback, whatever the estimate
+    (_listed_configs_usable)."""
     def estimate(config, args):
         element = args["Q"].element_size()
         block_rows, block_stream = config.kwargs[resident], config.kwargs[streamed]
         rows = block_rows + max(config.num_stages, 1) * block_stream
-        tensor_core = element * (args["BLOCK_D"] + args["BLOCK_DV"]) * rows + SHARED_MEMORY_MARGIN
+        tiles = element * (args["BLOCK_D"] + args["BLOCK_DV"]) * rows + SHARED_MEMORY_MARGIN
         if element != 4:
-            return tensor_core
+            return tiles
         buffers = max(config.num_stages - 1, 1)
         mask_bytes = {MASK_NONE: 0, MASK_BOOL: 1, MASK_ADDITIVE: element}[args["MASK_KIND"]]
-        scores = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
-        if args["DOT_PRECISION"] != "ieee":  # TF32 tensor-core dots
-            return tensor_core + scores * mask_bytes * buffers
-        tiles = element * (sum(args[c] for c in resident_columns) * block_rows
-                           + (args["BLOCK_D"] + args["BLOCK_DV"] + 2) * block_stream * buffers)
-        # Never below the tensor-core rule, under which every config of the sweeps at d40-d256 fits.
-        return max(tensor_core, tiles + scores * (element + mask_bytes * buffers))
+        return tiles + config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] * mask_bytes * buffers
 
     return estimate
 
 
-def _tuned(kernel, configs, fallback, resident, streamed, resident_columns, descriptors):
+def _listed_configs_usable(descriptors):
+    """The `usable` predicate of an attention kernel's listed configs. Exact float32 dots ("ieee") run none of
+    them, only the fallback's small tiles: without tensor cores each dot unrolls into fused multiply-adds in
+    registers. With a mask, dropout, key lengths and causal, the larger listed configs compile to 32 registers
+    and 30-64 KB of spill stores a thread at head dim 64, and all but dK/dV 16x64 do at 128; the fallbacks
+    spill at most 48 bytes at 64 and 2.4 KB at 128 (ptxas, sm_90 and sm_80, benchmarks/RESULTS.md). TMA
+    configs need tensor descriptors (needs_descriptors)."""
+    has_descriptors = needs_descriptors(*descriptors)
+
+    def usable(config, args):
+        return args["DOT_PRECISION"] != "ieee" and has_descriptors(config, args)
+
+    return usable
+
+
+def _tuned(kernel, configs, fallback, resident, streamed, descriptors):
     """The kernel's TunedKernel. Its key adds the layout flags of its tensor descriptors (`descriptors`) to
     AUTOTUNE_KEY: the tiles that pay differ between heads-inner and (B, H, N, D) memory. The estimate includes
     its margin (_tile_shared_bytes), so the budget is the device's whole limit."""
     key = AUTOTUNE_KEY + [heads_inner for _, _, heads_inner in descriptors.values()]
-    return TunedKernel(kernel, configs, key, _tile_shared_bytes(resident, streamed, resident_columns),
+    return TunedKernel(kernel, configs, key, _tile_shared_bytes(resident, streamed),
                        min_work=AUTOTUNE_MIN_WORK, probe="Q", fallback=fallback,
-                       usable=needs_descriptors(*descriptors), size_class=_sequence_class)
+                       usable=_listed_configs_usable(descriptors), size_class=_sequence_class)
 
 
-# Resident tiles that feed a dot: forward Q; dK/dV K and V; dQ Q and dO.
-_FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N", ("BLOCK_D",),
-                  FORWARD_DESCRIPTORS)
+_FORWARD = _tuned(_forward_kernel, FORWARD_CONFIGS, FORWARD_FALLBACK, "BLOCK_M", "BLOCK_N", FORWARD_DESCRIPTORS)
 _BACKWARD_KV = _tuned(_backward_kv_kernel, BACKWARD_KV_CONFIGS, BACKWARD_KV_FALLBACK, "BLOCK_N", "BLOCK_M",
-                      ("BLOCK_D", "BLOCK_DV"), BACKWARD_KV_DESCRIPTORS)
+                      BACKWARD_KV_DESCRIPTORS)
 _BACKWARD_Q = _tuned(_backward_q_kernel, BACKWARD_Q_CONFIGS, BACKWARD_Q_FALLBACK, "BLOCK_M", "BLOCK_N",
-                     ("BLOCK_D", "BLOCK_DV"), BACKWARD_Q_DESCRIPTORS)
+                     BACKWARD_Q_DESCRIPTORS)
 # The kernels with config lists, by the name the benchmark table gives their tiles.
 TUNED_KERNELS = {"fwd": _FORWARD, "dk/dv": _BACKWARD_KV, "dq": _BACKWARD_Q}
 _DELTA = ReplayedLaunches(_backward_delta_kernel)

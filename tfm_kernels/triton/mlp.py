@@ -71,9 +71,8 @@ def _gemm_configs():
     # ptxas (Triton 3.8, sm_90a, bf16), plain GEMM: 106-239 registers, no spills, in every config and layout.
     # The gated GELU-tanh epilogue with dropout (two accumulators plus a Philox tile) spills, in bytes:
     # 128x256x64 3372 (and 240 KiB of shared memory: pruned), 128x128x64 244, 256x128x64 2288,
-    # 128x128x32 2676, 64x128x64 none, 64x64x64 none (TMA 128x128x64 196, 64x128x64 200). Float32 (IEEE
-    # products, no tensor cores) spills tens of KB in every config but 64x64x64; autotuning measures it rather
-    # than these lists excluding it.
+    # 128x128x32 2676, 64x128x64 none, 64x64x64 none (TMA 128x128x64 196, 64x128x64 200). Float32 gated
+    # without TF32 runs only the smaller tiles (_gemm_usable).
     # The first config is the default below AUTOTUNE_MIN_WORK: 128x128x64 keeps a bias + GELU epilogue free
     # of spills (175 registers), where 128x256x64 spills 100 bytes.
     shapes = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
@@ -332,12 +331,30 @@ def _gemm_size_class(args):
 
 
 _GEMM_CONFIGS, _GEMM_FALLBACK = _gemm_configs()
+# Exact float32 dots ("ieee", no tensor cores) unroll into fused multiply-adds in registers. The gated GEMM's two
+# accumulators past this many elements a thread compile to 32 registers and 27-80 KB of spill stores (ptxas,
+# sm_90, gated GELU-tanh + dropout + bias: 128x128x32 40164 bytes, 64x128x64 32056); 64x64x64 and the fallback
+# 64x64x32 spill none. The plain GEMM spills at most 1.8 KB in any config.
+FMA_GATED_ACCUMULATOR_ELEMENTS = 64
+_gemm_has_descriptors = needs_descriptors("a_desc", "b_desc")
+
+
+def _gemm_usable(config, args):
+    """Whether a listed config may run: TMA ones where the launch has tensor descriptors, and for exact float32
+    gated GEMMs those within FMA_GATED_ACCUMULATOR_ELEMENTS a thread."""
+    kw = config.kwargs
+    if args["INPUT_PRECISION"] == "ieee" and args["GATED"]:
+        if 2 * kw["BLOCK_M"] * kw["BLOCK_N"] > FMA_GATED_ACCUMULATOR_ELEMENTS * 32 * config.num_warps:
+            return False
+    return _gemm_has_descriptors(config, args)
+
+
 _GRAD_PREACT = ReplayedLaunches(_grad_preact_kernel)
 # The key names every constexpr but the tile's: the epilogue changes a config's registers and so its speed.
 _GEMM = TunedKernel(_gemm_kernel, _GEMM_CONFIGS, ["HAS_BIAS", "ACTIVATION", "STORE_PREACT", "DROPOUT", "GATED",
                                                  "INPUT_PRECISION", "A_T", "B_T"],
                     _shared_memory_bytes, min_work=AUTOTUNE_MIN_WORK, probe="a_ptr", fallback=_GEMM_FALLBACK,
-                    usable=needs_descriptors("a_desc", "b_desc"), size_class=_gemm_size_class)
+                    usable=_gemm_usable, size_class=_gemm_size_class)
 TUNED_KERNELS = {"gemm": _GEMM}  # as attention's: by the name the benchmark table gives their tiles
 # Programs of a persistent (TMA) launch off the GPU, where there are no SMs to count: few, so that the
 # interpreter's programs each take several tiles.
