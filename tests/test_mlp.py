@@ -143,12 +143,15 @@ def test_gelu_tanh_negative_tail(backend, kind):
 def test_gelu_tanh_gradient_at_huge_pre_activations(backend, kind):
     """|z| >= 1.85e19, where z * z overflows float32 and tanh-GELU's slope is 0: the gradient is grad (z > 0) or
     0 (z < 0), as the float64 oracle has it, not 0 * inf = NaN (torch's float32 backward gives NaN there). The
-    gate's weight 1e20 makes the pre-activations huge while every gradient stays finite."""
+    gate's weight 1e20 makes the pre-activations huge while every gradient stays finite. An infinite z gives
+    NaN, as the oracle's inf * 0 does."""
     torch.manual_seed(0)
     a = torch.tensor([1.0, -1.0, 0.2, -0.2, 1e-7, -1e-7, 2e-19, -2e-19, 1.5e-20, -5e-21])  # z = 1e20 a
     x = torch.stack([a, torch.ones_like(a)], dim=1)  # (10, 2): rows [a, 1]
     weight = torch.tensor([[1e20, 0.0], [0.0, 1.0]] if kind == "gated" else [[1e20, 0.0]])  # g = z, u = 1
     check_against_oracle(kind, backend, x, weight, activation="gelu_tanh")
+    x_infinite = torch.tensor([[float("inf"), 1.0], [-float("inf"), 1.0], [0.5, 1.0]])  # z = +-inf: NaN, as the oracle
+    check_against_oracle(kind, backend, x_infinite, weight, activation="gelu_tanh")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -184,10 +184,11 @@ def test_gelu_tanh_negative_tail(harness, tmp_path, gated):
 @pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
 def test_gelu_tanh_gradient_at_huge_pre_activations(harness, tmp_path, gated):
     """|z| >= 1.85e19, where z * z overflows float32 and tanh-GELU's slope is 0: dz is grad_out (z > 0) or 0
-    (z < 0), as the float64 oracle has it, not 0 * inf = NaN."""
+    (z < 0), as the float64 oracle has it, not 0 * inf = NaN; an infinite z gives NaN, as the oracle does."""
     torch.manual_seed(gated)
     check_epilogue(harness, tmp_path, torch.float32, "gelu_tanh", gated, 4, 33, bias=False,
-                   values_at=[((0, 1), 1e20), ((1, 2), -1e20), ((2, 3), 1e30), ((3, 4), -2e19)])
+                   values_at=[((0, 1), 1e20), ((1, 2), -1e20), ((2, 3), 1e30), ((3, 4), -2e19),
+                              ((0, 5), float("inf")), ((1, 6), -float("inf"))])
 
 
 def test_gated_relu_gradient_is_zero_below_an_infinite_up(harness, tmp_path):

@@ -72,9 +72,10 @@ TFM_HOST_DEVICE float activation_backward(float grad, float z) {
   } else if constexpr (A == Activation::kGeluTanh) {
     float slope;
     const float s = gelu_tanh_sigmoid(z, &slope);
-    // where the slope underflows to 0 the term is 0, though z * z may overflow (|z| >= 1.85e19)
-    const float du = 2.0f * z * slope * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * z * z);
-    return grad * (s + (slope == 0.0f ? 0.0f : du));
+    // z * z capped where the slope is long 0: it overflows from |z| = 1.85e19 on, and 0 * inf is NaN where the
+    // float64 reference has a number (an infinite z still gives inf * 0 = NaN, as the reference does)
+    const float z2 = fminf(z * z, 1e20f);
+    return grad * (s + 2.0f * z * slope * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * z2));
   } else if constexpr (A == Activation::kRelu) {
     return z <= 0.0f ? 0.0f : grad;
   } else if constexpr (A == Activation::kSilu) {

@@ -61,13 +61,15 @@ Tensor activate(const Tensor& z, Activation activation) {
   }
 }
 
-// grad * act'(z) for float tensors grad and z of one shape. tanh-GELU's derivative is exactly 1 or 0 in float
-// beyond |z| = 1e10; clamped there, z * z in torch's formula cannot overflow into 0 * inf = NaN (|z| >= 1.85e19).
+// grad * act'(z) for float tensors grad and z of one shape. torch's tanh-GELU derivative overflows z * z into
+// 0 * inf = NaN from |z| = 1.85e19 on, where the float64 reference has 1 or 0: z goes in clamped to +-1e10,
+// where the float32 derivative is already exactly 1 or 0, and an infinite z stays NaN (z - z), as the reference.
 Tensor activation_backward(const Tensor& grad, const Tensor& z, Activation activation) {
   constexpr double kGeluTanhFlat = 1e10;
   switch (activation) {
     case Activation::kGelu: return at::gelu_backward(grad, z, "none");
-    case Activation::kGeluTanh: return at::gelu_backward(grad, z.clamp(-kGeluTanhFlat, kGeluTanhFlat), "tanh");
+    case Activation::kGeluTanh:
+      return at::gelu_backward(grad, z.clamp(-kGeluTanhFlat, kGeluTanhFlat) + (z - z), "tanh");
     case Activation::kRelu: return at::threshold_backward(grad, z, 0);
     case Activation::kSilu: return at::silu_backward(grad, z);
     default: return grad;

@@ -157,9 +157,10 @@ def _activation_backward(grad, z, ACTIVATION: tl.constexpr):
         return grad * (0.5 * (1.0 + tl.erf(z * inv_sqrt2())) + z * tl.exp(-0.5 * z * z) * inv_sqrt_2pi())
     elif ACTIVATION == 2:
         s, slope = _gelu_tanh_sigmoid(z)
-        # where the slope underflows to 0 the term is 0, though z * z may overflow (|z| >= 1.85e19)
-        du = 2.0 * z * slope * (1.0 + z * z * gelu_tanh_cubic() * 3.0) * sqrt_2_over_pi()
-        return grad * (s + tl.where(slope == 0.0, 0.0, du))
+        # z * z capped where the slope is long 0: it overflows from |z| = 1.85e19 on, and 0 * inf is NaN where the
+        # float64 reference has a number (an infinite z still gives inf * 0 = NaN, as the reference does)
+        z2 = tl.minimum(z * z, 1e20)
+        return grad * (s + 2.0 * z * slope * (1.0 + z2 * gelu_tanh_cubic() * 3.0) * sqrt_2_over_pi())
     elif ACTIVATION == 3:
         return tl.where(z <= 0.0, 0.0, grad)
     elif ACTIVATION == 4:
