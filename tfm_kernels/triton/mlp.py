@@ -344,10 +344,9 @@ def _gemm_usable(config, args):
     """Whether a listed config may run: TMA ones where the launch has tensor descriptors, and for exact float32
     gated GEMMs those within FMA_GATED_ACCUMULATOR_ELEMENTS a thread."""
     kw = config.kwargs
-    if args["INPUT_PRECISION"] == "ieee" and args["GATED"]:
-        if 2 * kw["BLOCK_M"] * kw["BLOCK_N"] > FMA_GATED_ACCUMULATOR_ELEMENTS * 32 * config.num_warps:
-            return False
-    return _gemm_has_descriptors(config, args)
+    accumulators_spill = (args["INPUT_PRECISION"] == "ieee" and args["GATED"] and 2 * kw["BLOCK_M"] * kw["BLOCK_N"]
+                          > FMA_GATED_ACCUMULATOR_ELEMENTS * 32 * config.num_warps)
+    return not accumulators_spill and _gemm_has_descriptors(config, args)
 
 
 _GRAD_PREACT = ReplayedLaunches(_grad_preact_kernel)
