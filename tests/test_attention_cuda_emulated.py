@@ -106,12 +106,17 @@ CASES = [
 ]
 
 
-def check_against_oracle(harness, tmp_path, case, fused_dq, nan_at=(), mixed=False):
+def check_against_oracle(harness, tmp_path, case, fused_dq, nan_at=(), mixed=False, jump_at=None):
     """The emulated kernels' out, dq, dk, dv and lse against the float64 oracle; nan_at: (tensor name, index)
-    pairs where q, k or v get a NaN, whose NaN the results must carry exactly where the oracle's do."""
+    pairs where q, k or v get a NaN, whose NaN the results must carry exactly where the oracle's do; jump_at: a
+    key from which on every other query row's scores are about 16 higher (natural units)."""
     B, Hq, Hk, L, S, D, dtype, is_causal, lengths, dropout_p, packed, deferred = case
     torch.manual_seed(L * 1000 + S)
     q, k, v = (torch.randn(B, h, n, D, dtype=dtype) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+    if jump_at is not None:
+        lift = (16 * D**0.5) ** 0.5  # lift * lift * scale = 16
+        q[:, :, ::2, 0] += lift
+        k[:, :, jump_at:, 0] += lift
     for name, index in nan_at:
         {"q": q, "k": k, "v": v}[name][index] = float("nan")
     grad_out = torch.randn(B, Hq, L, D, dtype=dtype)
@@ -149,6 +154,18 @@ def test_emulated_kernels_read_each_tensor_by_its_own_strides(harness, tmp_path,
     tensor's strides separately, and the kernels must not read one tensor by another's (each backward once,
     with head dims 64 and 128)."""
     check_against_oracle(harness, tmp_path, case, backward == "fused_dq", mixed=True)
+
+
+JUMP_CASES = [((1, 2, 1, 70, 200, 64, torch.float16, False, None, 0.1, False, True), 130),
+              ((1, 2, 2, 64, 150, 128, torch.bfloat16, False, [140], 0.0, True, True), 100)]
+
+
+@pytest.mark.parametrize("case,jump_at", JUMP_CASES, ids=["D64", "D128"])
+def test_emulated_forward_rescales_where_a_row_max_jumps(harness, tmp_path, case, jump_at):
+    """Every other query row meets much larger scores at a late key block (23 in base 2, past the forward's
+    kStaleMaxSlack of 8): the warps holding those rows rescale there, their other rows with them, while on the
+    blocks before and after it they take the weights from a max that did not move (forward_kernel.cuh)."""
+    check_against_oracle(harness, tmp_path, case, True, jump_at=jump_at)
 
 
 # Every key these cases hold takes part in every row. Where a mask hides keys from a NaN row, the oracle's

@@ -105,7 +105,7 @@ inline void flush_denormals_as_the_device() {
 
 // The warp-collective operations. Lanes of one warp that reach different ones would pair up on the same warp
 // barrier and read each other's operands as their own; on a GPU that is undefined behaviour.
-enum class Collective : uint64_t { kShuffle = 1, kShuffleXor, kLdmatrix, kMma };
+enum class Collective : uint64_t { kShuffle = 1, kShuffleXor, kVote, kLdmatrix, kMma };
 
 // The first barrier of a collective: publishes this lane's operation (exchange word 6) and checks, once every
 // lane has arrived, that the whole warp runs the same one.
@@ -171,4 +171,15 @@ T __shfl_sync(unsigned mask, T x, int src_lane) {
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T x, int offset) {
   return emu::shuffle(mask, x, emu::lane() ^ offset, emu::Collective::kShuffleXor);
+}
+
+inline bool __any_sync(unsigned mask, bool pred) {
+  EMU_CHECK(mask == 0xffffffffu, "vote with a partial mask");
+  auto& slots = emu::block->exchange[emu::warp()];
+  slots[emu::lane()][0] = pred;
+  emu::collective_sync(emu::Collective::kVote);
+  bool any = false;
+  for (int other = 0; other < 32; ++other) any = any || slots[other][0] != 0;
+  emu::warp_sync();
+  return any;
 }

@@ -107,9 +107,17 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
   const int m_blocks = n_start < keys ? max(0, ceil_div(L, kBlockM) - m_first) : 0;
   const int steps = group * m_blocks;  // (query head in the group, query block) pairs, head-major
 
-  auto load_step = [&](int step, int stage) {
-    const int h = hk * group + step / m_blocks;
-    const int m_start = (m_first + step % m_blocks) * kBlockM;
+  // A step's query head and query block, advanced one step at a time (no division by m_blocks in the loop).
+  struct Step {
+    int h;
+    int m_block;
+  };
+  const auto following = [&](Step s) {
+    return s.m_block + 1 < m_first + m_blocks ? Step{s.h, s.m_block + 1} : Step{s.h + 1, m_first};
+  };
+  auto load_step = [&](Step s, int stage) {
+    const int h = s.h;
+    const int m_start = s.m_block * kBlockM;
     const T* q = row_pointer<T>(params.q, params.q_strides, b, h, m_start);
     const T* grad_out = row_pointer<T>(params.grad_out, params.grad_out_strides, b, h, m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sQ + stage * kBlockM * kStride, q, params.q_strides.row,
@@ -130,7 +138,7 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
     const T* v = row_pointer<T>(params.v, params.v_strides, b, hk, n_start);
     load_tile_async<kBlockN, D, kStride, kThreads>(sK, k, params.k_strides.row, keys - n_start);
     load_tile_async<kBlockN, D, kStride, kThreads>(sV, v, params.v_strides.row, keys - n_start);
-    load_step(0, 0);
+    load_step(Step{hk * group, m_first}, 0);
   }
   cuda::cp_async_commit();
 
@@ -143,12 +151,13 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
   zero(dk_acc);
   zero(dv_acc);
 
-  for (int step = 0; step < steps; ++step) {
+  Step current{hk * group, m_first};
+  for (int step = 0; step < steps; ++step, current = following(current)) {
     const int stage = step % 2;
-    cuda::cp_async_pipeline_step(step, steps, load_step);
+    cuda::cp_async_pipeline_step(step, steps, [&](int, int next_stage) { load_step(following(current), next_stage); });
 
-    const int h = hk * group + step / m_blocks;
-    const int m_start = (m_first + step % m_blocks) * kBlockM;
+    const int h = current.h;
+    const int m_start = current.m_block * kBlockM;
     const uint64_t z = static_cast<uint64_t>(b) * params.heads_q + h;
     const T* sQ_stage = sQ + stage * kBlockM * kStride;
     const T* sdO_stage = sdO + stage * kBlockM * kStride;

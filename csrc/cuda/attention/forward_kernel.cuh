@@ -5,13 +5,13 @@
 // Work split: grid (ceil(L / kBlockM), Hq, B); block = 4 warps; warp w owns the kMTiles row tiles of 16 query
 // rows from 16 kMTiles w of the block's kBlockM-row tile (kernel_traits.h: two at head dims up to 128, sharing
 // every K and V fragment). Per key block of kBlockN rows: S = Q K^T (mma.m16n8k16, fp32 accumulate), scaled
-// into base 2, masked (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles),
-// P = exp2(S - m), optional dropout of P (Philox, common/philox.h), O += P V. K/V tiles go through a two-stage cp.async
-// pipeline: block j+1 is in flight while block j is multiplied. Causal blocks skip key blocks entirely above
-// the diagonal; only blocks crossing the diagonal or the key length pay for masking.
+// into base 2, masked (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles; the
+// output is rescaled only when a row's max grows by more than kStaleMaxSlack), P = exp2(S - m), optional
+// dropout of P (Philox, common/philox.h), O += P V. K/V tiles go through a two-stage cp.async pipeline: block
+// j+1 is in flight while block j is multiplied. Causal blocks skip key blocks entirely above the diagonal; only
+// blocks crossing the diagonal or the key length pay for masking.
 //
-// Rows with no key (key length 0) get out = 0 and lse = +inf; the running max uses 0 in place of -inf, so
-// exp2 never sees (-inf) - (-inf).
+// Rows with no key (key length 0) get out = 0 and lse = +inf.
 //
 // Test: python -m pytest tests/test_attention_cuda.py -m gpu (against the float64 oracle);
 // compute-sanitizer --tool memcheck python benchmarks/sanitize_attention.py.
@@ -26,6 +26,13 @@
 #include "cuda/common/reductions.cuh"
 
 namespace tfm_kernels::attention {
+
+// How far (base 2) a row's max may grow past the max its weights are taken relative to before the warp rescales:
+// weights stay below 2^8, far from float32's range, and bfloat16/float16 round them to the same relative precision.
+constexpr float kStaleMaxSlack = 8.0f;
+
+// A row max to subtract from the scores: 0 while the row has no key (max -inf), so exp2 never sees -inf - -inf.
+__device__ __forceinline__ float finite_max(float row_max) { return row_max == -INFINITY ? 0.0f : row_max; }
 
 template <int D, typename T>
 __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_kernel(const ForwardParams params) {
@@ -63,7 +70,8 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
   const T* sQ_warp = sQ + (row0 - m_start) * kStride;
 
   float o_acc[kMTiles][D / 8][4];
-  // Per row tile and lane: rows + lane/4 (index 0) and + lane/4 + 8 (index 1); max in base-2 scaled units.
+  // Per row tile and lane: rows + lane/4 (index 0) and + lane/4 + 8 (index 1). row_max: the max (base-2 scaled
+  // units) the row's weights are taken relative to, at most kStaleMaxSlack below the row's true max.
   float row_max[kMTiles][2];
   float row_sum[kMTiles][2];  // this lane's partial sums; reduced over the quad at the end
 #pragma unroll
@@ -85,37 +93,57 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
     // tiles' accumulators, spills (ptxas, kernel_traits.h)
     gemm_smem_nt<T, kBlockN, D, kStride, kMTiles, 1>(s, sQ_warp, kv.k_tile(stage), lane);
 
+    // block_max: each row's true max over the keys so far. row_max moves only when some row of the warp grows
+    // past it by more than kStaleMaxSlack: then every row of the warp moves to its true max and the output and
+    // sum are rescaled. Otherwise (most key blocks, once the first have set the max) the rescale's kMTiles D / 2
+    // multiplies per lane are skipped; out and lse do not depend on the base the weights are taken from.
+    float block_max[kMTiles][2];
+    bool moves = false;
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
-      const int tile_row0 = row0 + m * kRowsPerWarp;
-      scale_and_mask_scores(s[m], params, kv.keys, m_start, tile_row0, n_start, lane);
+      scale_and_mask_scores(s[m], params, kv.keys, m_start, row0 + m * kRowsPerWarp, n_start, lane);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float block_max = row_max[m][r];
+        float lane_max = row_max[m][r];
 #pragma unroll
-        for (int t = 0; t < kBlockN / 8; ++t) block_max = fmaxf(block_max, fmaxf(s[m][t][2 * r], s[m][t][2 * r + 1]));
-        const float new_max = cuda::quad_max(block_max);
-        const float safe_max = new_max == -INFINITY ? 0.0f : new_max;  // all masked so far: every p is 0
-        const float correction = exp2f(row_max[m][r] - safe_max);       // exp2(-inf) = 0 on the first block
-        row_max[m][r] = new_max;
-        row_sum[m][r] *= correction;
+        for (int t = 0; t < kBlockN / 8; ++t) lane_max = fmaxf(lane_max, fmaxf(s[m][t][2 * r], s[m][t][2 * r + 1]));
+        block_max[m][r] = cuda::quad_max(lane_max);
+        moves |= block_max[m][r] > row_max[m][r] + kStaleMaxSlack;  // -inf > -inf: still no key
+      }
+    }
+    if (cuda::warp_any(moves)) {
 #pragma unroll
-        for (int t = 0; t < D / 8; ++t) {
-          o_acc[m][t][2 * r] *= correction;
-          o_acc[m][t][2 * r + 1] *= correction;
+      for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float correction = exp2f(row_max[m][r] - finite_max(block_max[m][r]));  // exp2(-inf) = 0 at first
+          row_max[m][r] = block_max[m][r];
+          row_sum[m][r] *= correction;
+#pragma unroll
+          for (int t = 0; t < D / 8; ++t) {
+            o_acc[m][t][2 * r] *= correction;
+            o_acc[m][t][2 * r + 1] *= correction;
+          }
         }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float base = finite_max(row_max[m][r]);
 #pragma unroll
         for (int t = 0; t < kBlockN / 8; ++t) {
 #pragma unroll
           for (int e = 2 * r; e < 2 * r + 2; ++e) {
-            s[m][t][e] = exp2f(s[m][t][e] - safe_max);
+            s[m][t][e] = exp2f(s[m][t][e] - base);
             row_sum[m][r] += s[m][t][e];
           }
         }
       }
       // The normaliser sums every weight; dropout zeroes some of them in the product with V only.
       if (params.dropout) {
-        apply_keep_bits(s[m], dropout_keep_bits<kBlockN / 8, false>(seed, z, tile_row0, n_start, lane,
+        apply_keep_bits(s[m], dropout_keep_bits<kBlockN / 8, false>(seed, z, row0 + m * kRowsPerWarp, n_start, lane,
                                                                     params.dropout_threshold), 1.0f);
       }
     }

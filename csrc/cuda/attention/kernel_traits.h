@@ -6,19 +6,20 @@
 // Resource report (nvcc 13.0 -O3 --use_fast_math -lineinfo, -Xptxas=-v, bf16; no static shared memory, no
 // spills):
 //   kernel (threads)       D    registers sm_80 / sm_90a   dynamic shared memory   blocks per SM (regs, smem)
-//   forward (128)          64   250 / 250                  55296 B                 2 (registers)
-//   forward (128)          128  236 / 242                  69632 B                 2 (registers)
+//   forward (128)          64   219 / 220                  55296 B                 2 (registers)
+//   forward (128)          128  245 / 242                  69632 B                 2 (registers)
 //   backward delta (128)   64   22 / 22                    0
 //   backward delta (128)   128  35 / 34                    0
-//   backward dk/dv (256)   64   231 / 233                  74752 B                 1 (registers)
-//   backward dk/dv (256)   128  232 / 232                  104960 B                1 (registers)
-//   dk/dv + fused dQ (256) 64   245 / 247                  93184 B                 1 (registers)
-//   dk/dv + fused dQ (256) 128  240 / 250                  115200 B                1 (registers)
-//   backward dq (128)      64   168 / 168                  55296 B                 3 (registers)
-//   backward dq (128)      128  241 / 245                  104448 B                2 on H100, 1 on A100 (smem)
-//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: forward 168 (30720 B), dq 164, dk/dv 185 (256 threads;
-//   fused dQ 178, 60416 B); D = 96: forward 220 (53248 B), dq 204, dk/dv 208 (128 threads; fused 215); D = 256:
-//   forward 254 (101376 B), dq 253 (135168 B), dk/dv 243 (256 threads, 135680 B; fused 251, 140800 B).
+//   backward dk/dv (256)   64   203 / 230                  74752 B                 1 (registers)
+//   backward dk/dv (256)   128  229 / 233                  104960 B                1 (registers)
+//   dk/dv + fused dQ (256) 64   216 / 235                  93184 B                 1 (registers)
+//   dk/dv + fused dQ (256) 128  230 / 241                  115200 B                1 (registers)
+//   backward dq (128)      64   214 / 168                  55296 B                 2 on A100, 3 on H100 (registers)
+//   backward dq (128)      128  219 / 222                  104448 B                2 on H100, 1 on A100 (smem)
+//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: forward 167 (30720 B), dq 158, dk/dv 181 (256 threads;
+//   fused dQ 204, 60416 B); D = 96: forward 222 (53248 B), dq 204, dk/dv 202 (128 threads; fused 208); D = 256:
+//   forward 250 (101376 B), dq 245 (135168 B), dk/dv 233 (256 threads, 135680 B; fused 244, 140800 B). On sm_80
+//   the forward spills at D = 96 (255 registers, 16 bytes) and D = 256 (255, 32 bytes).
 // 8 to 12 warps per SM, bound by registers; A100's smaller shared memory halves the d128 dq.
 // Two row tiles per forward warp (ForwardTraits) took the forward from 146 / 188 registers at d64 / d128 (sm_90a,
 // these flags; 64-row blocks, 3 and 2 per SM, 1 at d128 on A100) to 250 / 242: 2 blocks of 128 rows per SM.

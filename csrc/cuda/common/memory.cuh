@@ -82,22 +82,41 @@ __device__ __forceinline__ void cp_async_pipeline_step(int step, int steps, Load
 // Issues cp.async copies of a (kRows x kCols) tile of 16-bit elements, rows `row_stride` elements apart in
 // global memory, into shared memory rows kSmemStride elements apart. Rows >= valid_rows are zero-filled and
 // never read. Needs 16-byte aligned rows: gmem and row_stride multiples of 8 elements (checked by the host).
-// Consecutive threads take consecutive 16-byte chunks of a row, so each warp's reads are coalesced.
+// Consecutive threads take consecutive 16-byte chunks of a row, so each warp's reads are coalesced. Where the
+// threads cover whole rows per step (every head dim but 96), a thread's rows are kRowsPerStep apart, so its
+// source address advances by one 64-bit add per step: the kernels' main loops call this for every key block,
+// and a multiply per chunk there took about 20 instructions per copy (sm_90a SASS, the forward at head dim 128).
 template <int kRows, int kCols, int kSmemStride, int kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int valid_rows) {
   constexpr int kChunksPerRow = kCols * int(sizeof(T)) / 16;
   constexpr int kElemsPerChunk = 16 / int(sizeof(T));
   static_assert(kCols * sizeof(T) % 16 == 0, "tile rows must be whole 16-byte chunks");
   constexpr int kChunks = kRows * kChunksPerRow;
+  constexpr int kSteps = (kChunks + kThreads - 1) / kThreads;
+  if constexpr (kThreads % kChunksPerRow == 0) {
+    constexpr int kRowsPerStep = kThreads / kChunksPerRow;
+    const int row = int(threadIdx.x) / kChunksPerRow;
+    const int col = (int(threadIdx.x) % kChunksPerRow) * kElemsPerChunk;
+    const T* src = gmem + row * row_stride + col;
+    const int64_t step_stride = kRowsPerStep * row_stride;
 #pragma unroll
-  for (int step = 0; step < (kChunks + kThreads - 1) / kThreads; ++step) {
-    const int chunk = step * kThreads + int(threadIdx.x);
-    if (kChunks % kThreads != 0 && chunk >= kChunks) break;
-    const int row = chunk / kChunksPerRow;
-    const int col = (chunk % kChunksPerRow) * kElemsPerChunk;
-    const bool valid = row < valid_rows;
-    const T* src = valid ? gmem + row * row_stride + col : gmem;  // an address is needed even when unread
-    cp_async_16(smem + row * kSmemStride + col, src, valid);
+    for (int step = 0; step < kSteps; ++step) {
+      const int r = row + step * kRowsPerStep;
+      if (kRows % kRowsPerStep != 0 && r >= kRows) break;
+      const bool valid = r < valid_rows;
+      cp_async_16(smem + r * kSmemStride + col, valid ? src : gmem, valid);  // an address is needed even unread
+      src += step_stride;
+    }
+  } else {
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int chunk = step * kThreads + int(threadIdx.x);
+      if (kChunks % kThreads != 0 && chunk >= kChunks) break;
+      const int row = chunk / kChunksPerRow;
+      const int col = (chunk % kChunksPerRow) * kElemsPerChunk;
+      const bool valid = row < valid_rows;
+      cp_async_16(smem + row * kSmemStride + col, valid ? gmem + row * row_stride + col : gmem, valid);
+    }
   }
 }
 

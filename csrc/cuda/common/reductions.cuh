@@ -17,6 +17,9 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(kFullWarpMask, x, 2);
 }
 
+// Whether `pred` holds in any lane of the warp (every lane must call it).
+__device__ __forceinline__ bool warp_any(bool pred) { return __any_sync(kFullWarpMask, pred); }
+
 // Sum over aligned groups of kWidth lanes (kWidth a power of two <= 32).
 template <int kWidth>
 __device__ __forceinline__ float group_sum(float x) {
