@@ -7,9 +7,10 @@
 // every K and V fragment). Per key block of kBlockN rows: S = Q K^T (mma.m16n8k16, fp32 accumulate), scaled
 // into base 2, masked (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles; the
 // output is rescaled only when a row's max grows by more than kStaleMaxSlack), P = exp2(S - m), optional
-// dropout of P (Philox, common/philox.h), O += P V. K/V tiles go through a two-stage cp.async pipeline: block
-// j+1 is in flight while block j is multiplied. Causal blocks skip key blocks entirely above the diagonal; only
-// blocks crossing the diagonal or the key length pay for masking.
+// dropout of P (Philox, common/philox.h), O += P V. K/V tiles arrive by cp.async, either both of block j+1
+// while block j is multiplied (two stages) or, with kSplitKV, V of block j during Q K^T and K of block j+1
+// during P V (kernel_traits.h). Causal blocks skip key blocks entirely above the diagonal; only blocks crossing
+// the diagonal or the key length pay for masking.
 //
 // Rows with no key (key length 0) get out = 0 and lse = +inf.
 //
@@ -59,7 +60,11 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
   if (kv.count > 0) {  // with no key block the loop below never waits, so nothing may be in flight
     const T* q = row_pointer<T>(params.q, params.q_strides, b, h, m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sQ, q, params.q_strides.row, L - m_start);
-    kv.load(0, 0);
+    if constexpr (Traits::kSplitKV) {
+      kv.load_k(0, 0);
+    } else {
+      kv.load(0, 0);
+    }
   }
   cuda::cp_async_commit();
 
@@ -82,8 +87,16 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
   }
 
   for (int n_block = 0; n_block < kv.count; ++n_block) {
-    const int stage = n_block % 2;
-    cuda::cp_async_pipeline_step(n_block, kv.count, [&](int next, int next_stage) { kv.load(next, next_stage); });
+    const int stage = n_block % Traits::kStages;
+    if constexpr (Traits::kSplitKV) {
+      // K of this block has landed, and every warp is done with the V tile (the last block's P V): refill it.
+      cuda::cp_async_wait<0>();
+      __syncthreads();
+      kv.load_v(n_block, 0);
+      cuda::cp_async_commit();
+    } else {
+      cuda::cp_async_pipeline_step(n_block, kv.count, [&](int next, int next_stage) { kv.load(next, next_stage); });
+    }
 
     const int n_start = n_block * kBlockN;
     float s[kMTiles][kBlockN / 8][4];
@@ -148,8 +161,15 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
       }
     }
 
+    if constexpr (Traits::kSplitKV) {
+      // V of this block has landed, and every warp is done with the K tile: the next block's K goes in.
+      cuda::cp_async_wait<0>();
+      __syncthreads();
+      if (n_block + 1 < kv.count) kv.load_k(n_block + 1, 0);
+      cuda::cp_async_commit();
+    }
     gemm_reg_nn<T, D, kBlockN, kStride>(o_acc, s, kv.v_tile(stage), lane);
-    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+    if constexpr (!Traits::kSplitKV) __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
   float* lse = params.lse + (static_cast<int64_t>(b) * params.heads_q + h) * L;

@@ -7,7 +7,7 @@
 // spills):
 //   kernel (threads)       D    registers sm_80 / sm_90a   dynamic shared memory   blocks per SM (regs, smem)
 //   forward (128)          64   219 / 220                  55296 B                 2 (registers)
-//   forward (128)          128  245 / 242                  69632 B                 2 (registers)
+//   forward (128)          128  255 / 255                  69632 B                 2 (registers)
 //   backward delta (128)   64   22 / 22                    0
 //   backward delta (128)   128  35 / 34                    0
 //   backward dk/dv (256)   64   203 / 230                  74752 B                 1 (registers)
@@ -39,12 +39,19 @@ constexpr int smem_stride() {
 }
 
 // Forward: a block owns kBlockM query rows (4 warps x kMTiles row tiles of 16) and streams key/value blocks of
-// kBlockN rows through a two-stage shared-memory pipeline. Each K and V fragment a warp loads from shared memory
-// serves its kMTiles row tiles, and each K/V block loaded into shared memory serves kBlockM rows: with two row
-// tiles (kBlockM = 128) both costs are half those of one. Per thread the output accumulator holds kMTiles x 16 x
-// D fp32 / 32 lanes = kMTiles D / 2 registers and the score tile kMTiles kBlockN / 2: kBlockN = 32 above D = 64
-// keeps both under 255 registers without spills (at D = 128, kBlockN = 64 spilled 64-168 bytes), and at D = 256
-// one row tile does.
+// kBlockN rows through shared memory. Each K and V fragment a warp loads from shared memory serves its kMTiles
+// row tiles, and each K/V block loaded into shared memory serves kBlockM rows: with two row tiles (kBlockM = 128)
+// both costs are half those of one. Per thread the output accumulator holds kMTiles x 16 x D fp32 / 32 lanes =
+// kMTiles D / 2 registers and the score tile kMTiles kBlockN / 2; at D = 256 one row tile keeps them in 255.
+// Two ways to stream the keys:
+//  - kSplitKV = false (two stages): K and V of block j + 1 are in flight while block j is multiplied, so a copy
+//    has a whole iteration to land. At D = 64: 64 keys a block.
+//  - kSplitKV = true (one K tile, one V tile): V of block j is in flight while Q K^T of block j is multiplied,
+//    and K of block j + 1 while P V of block j is. At D = 128 this holds 64 keys a block in the shared memory of
+//    32 double-buffered (69632 B: 2 blocks per SM on A100 as on H100) and, with the same 2 barriers a block,
+//    takes half as many barriers and rescale checks per key; each half of an iteration (128 mma a warp) covers
+//    the copy's latency. 32 keys double-buffered issued 4.63 instructions per mma, 64 keys split 3.97 (sm_90a
+//    SASS, benchmarks/RESULTS.md); 64 keys double-buffered would need 104448 B (1 block per SM on A100).
 template <int D>
 struct ForwardTraits {
   static constexpr int kHeadDim = D;
@@ -52,9 +59,10 @@ struct ForwardTraits {
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kMTiles = D <= 128 ? 2 : 1;
   static constexpr int kBlockM = kWarps * kMTiles * kRowsPerWarp;
-  static constexpr int kBlockN = D <= 64 ? 64 : 32;
+  static constexpr bool kSplitKV = D == 128;
+  static constexpr int kBlockN = D <= 64 || kSplitKV ? 64 : 32;
   static constexpr int kSmemStride = smem_stride<D>();
-  static constexpr int kStages = 2;
+  static constexpr int kStages = kSplitKV ? 1 : 2;
   // Q tile, then kStages x (K tile, V tile).
   static constexpr int kSmemElems = kBlockM * kSmemStride + kStages * 2 * kBlockN * kSmemStride;
   static_assert(D % 16 == 0 && kBlockN % 16 == 0, "mma k-steps are 16 wide");

@@ -310,8 +310,9 @@ __device__ __forceinline__ int keys_taking_part(const int32_t* key_lengths, int 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // The key/value side of a kernel that owns kBlockM query rows (forward, dq): which key blocks the rows see
-// (none past the key length, none wholly above the causal diagonal) and their loads into a two-stage
-// shared-memory ring of K and V tiles, (2, kBlockN, kStride) each.
+// (none past the key length, none wholly above the causal diagonal) and their loads into a shared-memory ring
+// of K and V tiles, (stages, kBlockN, kStride) each: both of a block at once, or each on its own (the split
+// forward).
 template <int D, int kBlockM, int kBlockN, int kStride, int kThreads, typename T>
 struct KeyValueBlocks {
   const T* k;
@@ -334,8 +335,15 @@ struct KeyValueBlocks {
   }
 
   __device__ __forceinline__ void load(int n_block, int stage) const {
+    load_k(n_block, stage);
+    load_v(n_block, stage);
+  }
+  __device__ __forceinline__ void load_k(int n_block, int stage) const {
     const int n_start = n_block * kBlockN;
     load_tile_async<kBlockN, D, kStride, kThreads>(k_tile(stage), k + n_start * k_row, k_row, keys - n_start);
+  }
+  __device__ __forceinline__ void load_v(int n_block, int stage) const {
+    const int n_start = n_block * kBlockN;
     load_tile_async<kBlockN, D, kStride, kThreads>(v_tile(stage), v + n_start * v_row, v_row, keys - n_start);
   }
   __device__ __forceinline__ T* k_tile(int stage) const { return sK + stage * kBlockN * kStride; }
