@@ -21,7 +21,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 // Shared memory: an `extern __shared__` array (the attention kernels' dynamic allocation) is defined by the
 // harness. A statically sized `__shared__` array must be one object for the whole block, so a harness whose
 // kernels declare one defines EMU_STATIC_SHARED: the array becomes a function-local static, one per kernel

@@ -11,14 +11,14 @@
 //   backward delta (128)   64   22 / 22                    0
 //   backward delta (128)   128  35 / 34                    0
 //   backward dk/dv (256)   64   203 / 230                  74752 B                 1 (registers)
-//   backward dk/dv (256)   128  229 / 233                  104960 B                1 (registers)
+//   backward dk/dv (256)   128  229 / 233                  122624 B                1 (registers)
 //   dk/dv + fused dQ (256) 64   216 / 235                  93184 B                 1 (registers)
-//   dk/dv + fused dQ (256) 128  230 / 241                  115200 B                1 (registers)
-//   backward dq (128)      64   214 / 168                  55296 B                 2 on A100, 3 on H100 (registers)
-//   backward dq (128)      128  219 / 222                  104448 B                2 on H100, 1 on A100 (smem)
-//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: forward 167 (30720 B), dq 158, dk/dv 181 (256 threads;
-//   fused dQ 204, 60416 B); D = 96: forward 222 (53248 B), dq 204, dk/dv 202 (128 threads; fused 208); D = 256:
-//   forward 250 (101376 B), dq 245 (135168 B), dk/dv 233 (256 threads, 135680 B; fused 244, 140800 B). On sm_80
+//   dk/dv + fused dQ (256) 128  230 / 241                  132864 B                1 (registers)
+//   backward dq (128)      64   165 / 168                  55296 B                 3 (registers)
+//   backward dq (128)      128  219 / 223                  104448 B                2 on H100, 1 on A100 (smem)
+//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: forward 167 (30720 B), dq 168, dk/dv 181 (256 threads;
+//   fused dQ 204, 60416 B); D = 96: forward 222 (53248 B), dq 225, dk/dv 202 (128 threads; fused 208); D = 256:
+//   forward 250 (101376 B), dq 247 (135168 B), dk/dv 233 (256 threads, 135680 B; fused 244, 140800 B). On sm_80
 //   the forward spills at D = 96 (255 registers, 16 bytes) and D = 256 (255, 32 bytes).
 // 8 to 12 warps per SM, bound by registers; A100's smaller shared memory halves the d128 dq.
 // Two row tiles per forward warp (ForwardTraits) took the forward from 146 / 188 registers at d64 / d128 (sm_90a,
@@ -88,7 +88,11 @@ struct BackwardKVTraits {
   static constexpr int kBlockM = D <= 64 ? 64 : 32;
   static constexpr int kAccCols = D / kDSplit;  // columns of dK and dV one warp accumulates
   static constexpr int kSmemStride = smem_stride<D>();
-  static constexpr int kStages = 2;
+  // Three stages of Q, dO, lse and delta at D = 128 take the step's closing barrier away (cp_async_pipeline_step:
+  // 2 a step left, the fused dQ's included), which here stalls all 8 warps of the SM's only block; they cost
+  // 17664 bytes more (132864 B fused, within A100's 163 KiB). At D = 64 they would put the fused pass (112128 B)
+  // past the 99 KiB of sm_86 and sm_89, which run that head dim now; at D = 256 past A100's.
+  static constexpr int kStages = D == 128 ? 3 : 2;
   // K tile, V tile, then kStages x (Q tile, dO tile), then kStages x (lse, delta) float vectors.
   static constexpr int kSmemElems = 2 * kBlockN * kSmemStride + kStages * 2 * kBlockM * kSmemStride;
   static constexpr int kSmemFloats = kStages * 2 * kBlockM;

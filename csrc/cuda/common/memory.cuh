@@ -62,15 +62,17 @@ __device__ __forceinline__ void store_shared_b32(void* smem, uint32_t value) {
 // gmem += value in global memory, atomically (a reduction: no value is returned).
 __device__ __forceinline__ void atomic_add_global(float* gmem, float value) { atomicAdd(gmem, value); }
 
-// The top of iteration `step` (of `steps`) of a two-stage cp.async ring, run by the whole thread block: issues
-// the copies of step + 1 into the other stage (load_next(step + 1, stage)), waits for this thread's copies of
-// `step` and then for every thread's, so all warps can read the stage. The caller ends each iteration with
-// __syncthreads(), so the stage refilled here is no longer being read. Loads of step 0 are issued and
-// committed before the loop.
-template <typename LoadNext>
+// The top of iteration `step` (of `steps`) of a kStages-stage cp.async ring, run by the whole thread block:
+// issues the copies of step + 1 into its stage (load_next(step + 1, (step + 1) % kStages)), waits for this
+// thread's copies of `step` and then for every thread's, so all warps can read the stage. The stage refilled
+// here was last read at step + 1 - kStages: with two stages the caller ends each iteration with __syncthreads(),
+// so that no warp still reads it; with three, this barrier of the previous step did (no warp passes it before
+// every warp is done with the step before it). Loads of step 0 are issued and committed before the loop.
+template <int kStages = 2, typename LoadNext>
 __device__ __forceinline__ void cp_async_pipeline_step(int step, int steps, LoadNext&& load_next) {
+  static_assert(kStages == 2 || kStages == 3, "one barrier a step protects the ring of three stages");
   if (step + 1 < steps) {
-    load_next(step + 1, (step + 1) % 2);
+    load_next(step + 1, (step + 1) % kStages);
     cp_async_commit();
     cp_async_wait<1>();
   } else {
