@@ -8,8 +8,8 @@
 // into base 2, masked (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles; the
 // output is rescaled only when a row's max grows by more than kStaleMaxSlack), P = exp2(S - m), optional
 // dropout of P (Philox, common/philox.h), O += P V. K/V tiles arrive by cp.async, either both of block j+1
-// while block j is multiplied (two stages) or, with kSplitKV, V of block j during Q K^T and K of block j+1
-// during P V (kernel_traits.h). Causal blocks skip key blocks entirely above the diagonal; only blocks crossing
+// while block j is multiplied (three stages and one barrier a block, or two and two) or, with kSplitKV, V of
+// block j during Q K^T and K of block j+1 during P V (two barriers a block; kernel_traits.h). Causal blocks skip key blocks entirely above the diagonal; only blocks crossing
 // the diagonal or the key length pay for masking.
 //
 // Rows with no key (key length 0) get out = 0 and lse = +inf.
@@ -95,7 +95,8 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
       kv.load_v(n_block, 0);
       cuda::cp_async_commit();
     } else {
-      cuda::cp_async_pipeline_step(n_block, kv.count, [&](int next, int next_stage) { kv.load(next, next_stage); });
+      cuda::cp_async_pipeline_step<Traits::kStages>(n_block, kv.count,
+                                                    [&](int next, int next_stage) { kv.load(next, next_stage); });
     }
 
     const int n_start = n_block * kBlockN;
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
       cuda::cp_async_commit();
     }
     gemm_reg_nn<T, D, kBlockN, kStride>(o_acc, s, kv.v_tile(stage), lane);
-    if constexpr (!Traits::kSplitKV) __syncthreads();  // every warp is done with this stage before it is refilled
+    if constexpr (Traits::kStages == 2) __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
   float* lse = params.lse + (static_cast<int64_t>(b) * params.heads_q + h) * L;

@@ -6,7 +6,7 @@
 // Resource report (nvcc 13.0 -O3 --use_fast_math -lineinfo, -Xptxas=-v, bf16; no static shared memory, no
 // spills):
 //   kernel (threads)       D    registers sm_80 / sm_90a   dynamic shared memory   blocks per SM (regs, smem)
-//   forward (128)          64   219 / 220                  55296 B                 2 (registers)
+//   forward (128)          64   219 / 220                  73728 B                 2 (registers)
 //   forward (128)          128  255 / 255                  69632 B                 2 (registers)
 //   backward delta (128)   64   22 / 22                    0
 //   backward delta (128)   128  35 / 34                    0
@@ -16,10 +16,10 @@
 //   dk/dv + fused dQ (256) 128  230 / 241                  132864 B                1 (registers)
 //   backward dq (128)      64   165 / 168                  55296 B                 3 (registers)
 //   backward dq (128)      128  219 / 223                  104448 B                2 on H100, 1 on A100 (smem)
-//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: forward 167 (30720 B), dq 168, dk/dv 181 (256 threads;
-//   fused dQ 204, 60416 B); D = 96: forward 222 (53248 B), dq 225, dk/dv 202 (128 threads; fused 208); D = 256:
+//   Behind TFM_KERNELS_HEAD_DIMS (sm_90a): D = 32: forward 167 (40960 B), dq 168, dk/dv 181 (256 threads;
+//   fused dQ 204, 60416 B); D = 96: forward 223 (66560 B), dq 225, dk/dv 202 (128 threads; fused 208); D = 256:
 //   forward 250 (101376 B), dq 247 (135168 B), dk/dv 233 (256 threads, 135680 B; fused 244, 140800 B). On sm_80
-//   the forward spills at D = 96 (255 registers, 16 bytes) and D = 256 (255, 32 bytes).
+//   the forward spills at D = 256 (255 registers, 32 bytes).
 // 8 to 12 warps per SM, bound by registers; A100's smaller shared memory halves the d128 dq.
 // Two row tiles per forward warp (ForwardTraits) took the forward from 146 / 188 registers at d64 / d128 (sm_90a,
 // these flags; 64-row blocks, 3 and 2 per SM, 1 at d128 on A100) to 250 / 242: 2 blocks of 128 rows per SM.
@@ -44,8 +44,11 @@ constexpr int smem_stride() {
 // both costs are half those of one. Per thread the output accumulator holds kMTiles x 16 x D fp32 / 32 lanes =
 // kMTiles D / 2 registers and the score tile kMTiles kBlockN / 2; at D = 256 one row tile keeps them in 255.
 // Two ways to stream the keys:
-//  - kSplitKV = false (two stages): K and V of block j + 1 are in flight while block j is multiplied, so a copy
-//    has a whole iteration to land. At D = 64: 64 keys a block.
+//  - kSplitKV = false: K and V of block j + 1 are in flight while block j is multiplied, so a copy has a whole
+//    iteration to land. Three stages let one barrier a block do (cp_async_pipeline_step), where two need a
+//    second one before a stage is refilled. At D = 64: 64 keys a block, 73728 B (2 blocks per SM on A100 and
+//    H100; within the 93184 B the head dim's backward needs, so no device loses the head dim). At D = 256 a
+//    third stage (135168 B) would leave H100 one block per SM: two stages.
 //  - kSplitKV = true (one K tile, one V tile): V of block j is in flight while Q K^T of block j is multiplied,
 //    and K of block j + 1 while P V of block j is. At D = 128 this holds 64 keys a block in the shared memory of
 //    32 double-buffered (69632 B: 2 blocks per SM on A100 as on H100) and, with the same 2 barriers a block,
@@ -62,7 +65,7 @@ struct ForwardTraits {
   static constexpr bool kSplitKV = D == 128;
   static constexpr int kBlockN = D <= 64 || kSplitKV ? 64 : 32;
   static constexpr int kSmemStride = smem_stride<D>();
-  static constexpr int kStages = kSplitKV ? 1 : 2;
+  static constexpr int kStages = kSplitKV ? 1 : D <= 96 ? 3 : 2;
   // Q tile, then kStages x (K tile, V tile).
   static constexpr int kSmemElems = kBlockM * kSmemStride + kStages * 2 * kBlockN * kSmemStride;
   static_assert(D % 16 == 0 && kBlockN % 16 == 0, "mma k-steps are 16 wide");
