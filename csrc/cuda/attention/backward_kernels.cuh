@@ -12,7 +12,7 @@
 //                       S^T = K Q^T, P^T = exp2(S^T scale_log2 - lse log2 e), dP^T = V dO^T,
 //                       dV += P~^T dO, dS^T = P^T (dP~^T - delta), dK += dS^T Q; dK *= scale,
 //                     where P~ = P keep / (1 - p) and dP~ = dP keep / (1 - p) under dropout.
-//                     Q, dO, lse, delta tiles double-buffered by cp.async across (head, query block) steps.
+//                     Q, dO, lse, delta tiles in a cp.async ring across (head, query block) steps.
 //                     Fused dQ: dS^T goes to shared memory; warp w adds scale dS K for 16 query rows and
 //                     D / (warps / (kBlockM / 16)) columns (kernel_traits.h) to the float32 sum with atomics.
 //   3. dq kernel:     for one block of 64 query rows, loop over key    grid (ceil(L / 64), Hq, B), 4 warps,

@@ -1,7 +1,7 @@
 // Shared-memory staging primitives for sm_80+: asynchronous global->shared copies (cp.async) with
-// zero-fill of out-of-bounds rows, a two-stage pipeline step, ldmatrix fragment loads, 32-bit shared stores,
-// float atomic adds to global memory, and a tiled copy of a (rows x cols) block of 16-bit elements into a
-// padded shared-memory tile. Every helper is called by a whole thread block (tiles)
+// zero-fill of out-of-bounds rows, a pipeline step of a two- or three-stage ring, ldmatrix fragment loads,
+// 32-bit shared stores, float atomic adds to global memory, and a tiled copy of a (rows x cols) block of
+// 16-bit elements into a padded shared-memory tile. Every helper is called by a whole thread block (tiles)
 // or a whole warp (ldmatrix). Tested through the attention kernels (tests/test_attention_cuda.py).
 #pragma once
 #include <cstdint>
