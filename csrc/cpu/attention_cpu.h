@@ -93,7 +93,8 @@ void prepare_score_row(const AttentionProblem& problem, float* scores, int64_t n
                        int64_t h, int64_t i, int64_t j0);
 
 // Forward. q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) float32 views with contiguous rows; writes
-// out (B, Hq, L, Ev) float32 view and lse (B, Hq, L) contiguous float32 (base-2 log of the sum of exp; +inf for empty rows).
+// out (B, Hq, L, Ev) float32 view and lse (B, Hq, L) contiguous float32 (base-2 log of the sum of exp; +inf for
+// empty rows).
 void attention_forward_kernel(const AttentionProblem& problem, const at::Tensor& q, const at::Tensor& k,
                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 

@@ -2,8 +2,8 @@
 // or, deferred, only at the cp.async.wait_group that retires its group (the latest the hardware may), with
 // every write logged for race checks; ldmatrix x4 (.trans) per the PTX layout: lanes 8i..8i+7 give the row
 // addresses of matrix i; register i of lane t gets row t/4, columns 2(t%4), 2(t%4)+1 of matrix i (transposed:
-// rows 2(t%4), 2(t%4)+1 of column t/4); logged shared stores; float atomic adds. The test prepends this to the rest of memory.cuh (pipeline step, tile
-// loads), so those run unchanged.
+// rows 2(t%4), 2(t%4)+1 of column t/4); logged shared stores; float atomic adds. The test prepends this to the
+// rest of memory.cuh (pipeline step, tile loads), so those run unchanged.
 #pragma once
 #include <atomic>
 #include <deque>

@@ -2,14 +2,14 @@
 // base-2 log of the sum of exp of each row's scaled scores (lse), FlashAttention-2 style: one pass over the keys
 // with an online softmax in registers, nothing of size L x S in memory.
 //
-// Work split: grid (ceil(L / kBlockM), Hq, B); block = 4 warps; warp w owns the kMTiles row tiles of 16 query
-// rows from 16 kMTiles w of the block's kBlockM-row tile (kernel_traits.h: two at head dims up to 128, sharing
-// every K and V fragment). Per key block of kBlockN rows: S = Q K^T (mma.m16n8k16, fp32 accumulate), scaled
-// into base 2, masked (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles; the
-// output is rescaled only when a row's max grows by more than kStaleMaxSlack), P = exp2(S - m), optional
-// dropout of P (Philox, common/philox.h), O += P V. K/V tiles arrive by cp.async, either both of block j+1
-// while block j is multiplied (three stages and one barrier a block, or two and two) or, with kSplitKV, V of
-// block j during Q K^T and K of block j+1 during P V (two barriers a block; kernel_traits.h). Causal blocks skip key blocks entirely above the diagonal; only blocks crossing
+// Work split: grid (ceil(L / kBlockM), Hq, B); block = 4 warps; warp w owns the kMTiles row tiles of 16 query rows
+// from 16 kMTiles w of the block's kBlockM-row tile (kernel_traits.h: two at head dims up to 128, sharing every K and
+// V fragment). Per key block of kBlockN rows: S = Q K^T (mma.m16n8k16, fp32 accumulate), scaled into base 2, masked
+// (keys >= key length, causal j > i) to -inf, online max/sum update (quad shuffles; the output is rescaled only when a
+// row's max grows by more than kStaleMaxSlack), P = exp2(S - m), optional dropout of P (Philox, common/philox.h),
+// O += P V. K/V tiles arrive by cp.async, either both of block j+1 while block j is multiplied (three stages and one
+// barrier a block, or two and two) or, with kSplitKV, V of block j during Q K^T and K of block j+1 during P V (two
+// barriers a block; kernel_traits.h). Causal blocks skip key blocks entirely above the diagonal; only blocks crossing
 // the diagonal or the key length pay for masking.
 //
 // Rows with no key (key length 0) get out = 0 and lse = +inf.

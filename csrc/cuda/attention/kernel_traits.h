@@ -71,15 +71,15 @@ struct ForwardTraits {
   static_assert(D % 16 == 0 && kBlockN % 16 == 0, "mma k-steps are 16 wide");
 };
 
-// Backward dk/dv: a block owns kBlockN keys of one key/value head (kKeyGroups key groups of 16, one per warp)
-// and loops over every query block of every query head sharing that key/value head, with Q, dO, lse and delta
-// tiles in a cp.async ring of kStages stages. Each Q and dO tile loaded serves the block's kBlockN keys, and the fused dQ adds one
-// product per (key block, query block): 8 key groups (128 keys) halve both next to 4, where the fused dQ
-// product still splits D into whole 16-column slices over the 8 warps (D = 32, 64, 128). dK and dV stay in
-// registers: 2 x 16 x D fp32 / 32 lanes = D registers per thread for the part of D a warp owns. At D = 256
-// that is too many, so 8 warps split D in two halves (kDSplit = 2): both warps of a pair recompute the same
-// S^T and dP^T, and each accumulates its half of dK and dV. kBlockM shrinks with D because S^T and dP^T tiles
-// cost kBlockM / 2 registers each.
+// Backward dk/dv: a block owns kBlockN keys of one key/value head (kKeyGroups key groups of 16, one per warp) and
+// loops over every query block of every query head sharing that key/value head, with Q, dO, lse and delta tiles in a
+// cp.async ring of kStages stages. Each Q and dO tile loaded serves the block's kBlockN keys, and the fused dQ adds
+// one product per (key block, query block): 8 key groups (128 keys) halve both next to 4, where the fused dQ product
+// still splits D into whole 16-column slices over the 8 warps (D = 32, 64, 128). dK and dV stay in registers:
+// 2 x 16 x D fp32 / 32 lanes = D registers per thread for the part of D a warp owns. At D = 256 that is too many, so 8
+// warps split D in two halves (kDSplit = 2): both warps of a pair recompute the same S^T and dP^T, and each
+// accumulates its half of dK and dV. kBlockM shrinks with D because S^T and dP^T tiles cost kBlockM / 2 registers
+// each.
 template <int D>
 struct BackwardKVTraits {
   static constexpr int kHeadDim = D;

@@ -1,5 +1,6 @@
 // Tensor-core matrix multiply-accumulate for sm_80+: mma.sync.aligned.m16n8k16 with fp16 or bf16 inputs and
-// fp32 accumulators, packing of two floats into (and out of) one 32-bit register, and conversions between the accumulator (C) and input (A) fragment layouts.
+// fp32 accumulators, packing of two floats into (and out of) one 32-bit register, and conversions between the
+// accumulator (C) and input (A) fragment layouts.
 //
 // Fragment layouts (g = lane / 4, c = lane % 4; each .b32 register holds two 16-bit values, the lower column
 // or row index in the lower half):
