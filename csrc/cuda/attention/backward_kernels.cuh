@@ -116,15 +116,14 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
     return s.m_block + 1 < m_first + m_blocks ? Step{s.h, s.m_block + 1} : Step{s.h + 1, m_first};
   };
   auto load_step = [&](Step s, int stage) {
-    const int h = s.h;
     const int m_start = s.m_block * kBlockM;
-    const T* q = row_pointer<T>(params.q, params.q_strides, b, h, m_start);
-    const T* grad_out = row_pointer<T>(params.grad_out, params.grad_out_strides, b, h, m_start);
+    const T* q = row_pointer<T>(params.q, params.q_strides, b, s.h, m_start);
+    const T* grad_out = row_pointer<T>(params.grad_out, params.grad_out_strides, b, s.h, m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sQ + stage * kBlockM * kStride, q, params.q_strides.row,
                                                    L - m_start);
     load_tile_async<kBlockM, D, kStride, kThreads>(sdO + stage * kBlockM * kStride, grad_out,
                                                    params.grad_out_strides.row, L - m_start);
-    const int64_t row_base = (static_cast<int64_t>(b) * params.heads_q + h) * L;
+    const int64_t row_base = (static_cast<int64_t>(b) * params.heads_q + s.h) * L;
     const int i = threadIdx.x;
     if (i < kBlockM) {
       const bool valid = m_start + i < L;  // rows past L read 0; the mask drops them
@@ -213,8 +212,7 @@ __global__ void __launch_bounds__(BackwardKVTraits<D>::kThreads)
       add_tile_atomic(dq_part, grad_q + dq_col, params.grad_q_accum_strides.row, L - m_start - dq_row, params.scale,
                       lane);
     }
-    // Two stages: every warp is done with this stage (and the dS^T tile) before the next step refills it.
-    if constexpr (Traits::kStages == 2) __syncthreads();
+    cuda::cp_async_ring_end<Traits::kStages>();  // with two stages this also frees the dS^T tile for the next step
   }
 
   const int warp_rows = params.kv_len - key0;  // keys past the key length are written as 0
@@ -280,8 +278,9 @@ __global__ void __launch_bounds__(BackwardQTraits<D>::kThreads, D <= 64 ? 3 : 1)
   zero(dq_acc);
 
   for (int n_block = 0; n_block < kv.count; ++n_block) {
-    const int stage = n_block % 2;
-    cuda::cp_async_pipeline_step(n_block, kv.count, [&](int next, int next_stage) { kv.load(next, next_stage); });
+    const int stage = n_block % Traits::kStages;
+    cuda::cp_async_pipeline_step<Traits::kStages>(n_block, kv.count,
+                                                  [&](int next, int next_stage) { kv.load(next, next_stage); });
 
     const int n_start = n_block * kBlockN;
     const T* sK_stage = kv.k_tile(stage);
@@ -306,7 +305,7 @@ __global__ void __launch_bounds__(BackwardQTraits<D>::kThreads, D <= 64 ? 3 : 1)
                           [&](float& x, float& dp_x, int, int, int half) { x = x * (dp_x - delta[half]); });
 
     gemm_reg_nn<T, D, kBlockN, kStride>(dq_acc, p, sK_stage, lane);
-    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+    cuda::cp_async_ring_end<Traits::kStages>();
   }
 
   T* grad_q = row_pointer<T>(params.grad_q, params.grad_q_strides, b, h, row0);

@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads) attention_forward_
       cuda::cp_async_commit();
     }
     gemm_reg_nn<T, D, kBlockN, kStride>(o_acc, s, kv.v_tile(stage), lane);
-    if constexpr (Traits::kStages == 2) __syncthreads();  // every warp is done with this stage before it is refilled
+    if constexpr (!Traits::kSplitKV) cuda::cp_async_ring_end<Traits::kStages>();
   }
 
   float* lse = params.lse + (static_cast<int64_t>(b) * params.heads_q + h) * L;

@@ -65,12 +65,12 @@ __device__ __forceinline__ void atomic_add_global(float* gmem, float value) { at
 // The top of iteration `step` (of `steps`) of a kStages-stage cp.async ring, run by the whole thread block:
 // issues the copies of step + 1 into its stage (load_next(step + 1, (step + 1) % kStages)), waits for this
 // thread's copies of `step` and then for every thread's, so all warps can read the stage. The stage refilled
-// here was last read at step + 1 - kStages: with two stages the caller ends each iteration with __syncthreads(),
-// so that no warp still reads it; with three, this barrier of the previous step did (no warp passes it before
-// every warp is done with the step before it). Loads of step 0 are issued and committed before the loop.
-template <int kStages = 2, typename LoadNext>
+// here was last read at step + 1 - kStages: with two stages the caller ends each iteration with
+// cp_async_ring_end, so that no warp still reads it; with three, this barrier of the previous step did (no warp
+// passes it before every warp is done with the step before it). Loads of step 0 are issued and committed before the loop.
+template <int kStages, typename LoadNext>
 __device__ __forceinline__ void cp_async_pipeline_step(int step, int steps, LoadNext&& load_next) {
-  static_assert(kStages == 2 || kStages == 3, "one barrier a step protects the ring of three stages");
+  static_assert(kStages == 2 || kStages == 3, "a ring of two stages (closed by cp_async_ring_end) or three");
   if (step + 1 < steps) {
     load_next(step + 1, (step + 1) % kStages);
     cp_async_commit();
@@ -79,6 +79,14 @@ __device__ __forceinline__ void cp_async_pipeline_step(int step, int steps, Load
     cp_async_wait<0>();
   }
   __syncthreads();
+}
+
+// The end of an iteration of a kStages-stage ring (cp_async_pipeline_step), run by the whole thread block: with
+// two stages every warp must be done with this iteration's stage before the next step refills it; with three the
+// next step's own barrier orders that, and nothing is needed here.
+template <int kStages>
+__device__ __forceinline__ void cp_async_ring_end() {
+  if constexpr (kStages == 2) __syncthreads();
 }
 
 // Issues cp.async copies of a (kRows x kCols) tile of 16-bit elements, rows `row_stride` elements apart in
